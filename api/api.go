@@ -1,0 +1,244 @@
+// Package api is Conveyor's HTTP transport: routes, request decoding and
+// validation, errors mapped to statuses, and cache-aside reads. It never
+// writes read models: it stores upload bytes, publishes one event through
+// the Publisher interface, and answers 202.
+//
+// api must not import handlers or projector, nor Redis Streams or
+// Watermill (that is bus's job).
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/conveyor/conveyor/blob"
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/cache"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/idem"
+	"github.com/conveyor/conveyor/store"
+)
+
+// Publisher publishes events. *bus.Publisher implements it.
+type Publisher interface {
+	PublishEvent(ctx context.Context, ev events.Event, opts ...bus.PublishOption) (string, error)
+	PublishBatch(ctx context.Context, evs []events.Event, opts [][]bus.PublishOption) []bus.PublishResult
+}
+
+// Reader reads the read models. *store.Store implements it.
+type Reader interface {
+	Document(ctx context.Context, id string) (store.Document, error)
+	Email(ctx context.Context, id string) (store.Email, error)
+}
+
+// Check is one readiness check: nil means ready.
+type Check func(ctx context.Context) error
+
+// Config configures the API.
+type Config struct {
+	// Publisher publishes accepted work. Required.
+	Publisher Publisher
+	// Blobs stores uploads. Required.
+	Blobs blob.Store
+	// Reader reads the read models. Required.
+	Reader Reader
+	// Cache serves reads cache-aside. Required.
+	Cache *cache.Client
+	// Idem keeps Idempotency-Key records and accepted markers. Required.
+	Idem *idem.Store
+	// CacheTTL defaults to 60s.
+	CacheTTL time.Duration
+	// MaxUploadBytes bounds an upload's file. Defaults to 32 MiB.
+	MaxUploadBytes int64
+	// MaxJSONBytes bounds JSON bodies. Defaults to 1 MiB.
+	MaxJSONBytes int64
+	// MaxBatch bounds events per batch request. Defaults to 1000.
+	MaxBatch int
+	// Checks are run by /readyz, by name.
+	Checks map[string]Check
+	// Registry collects metrics for /metrics; nil means a new one.
+	Registry *prometheus.Registry
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.CacheTTL == 0 {
+		c.CacheTTL = 60 * time.Second
+	}
+	if c.MaxUploadBytes == 0 {
+		c.MaxUploadBytes = 32 << 20
+	}
+	if c.MaxJSONBytes == 0 {
+		c.MaxJSONBytes = 1 << 20
+	}
+	if c.MaxBatch == 0 {
+		c.MaxBatch = 1000
+	}
+	if c.Registry == nil {
+		c.Registry = prometheus.NewRegistry()
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Validate reports every configuration problem at once.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Publisher == nil {
+		errs = append(errs, errors.New("api: Publisher is required"))
+	}
+	if c.Blobs == nil {
+		errs = append(errs, errors.New("api: Blobs is required"))
+	}
+	if c.Reader == nil {
+		errs = append(errs, errors.New("api: Reader is required"))
+	}
+	if c.Cache == nil {
+		errs = append(errs, errors.New("api: Cache is required"))
+	}
+	if c.Idem == nil {
+		errs = append(errs, errors.New("api: Idem is required"))
+	}
+	return errors.Join(errs...)
+}
+
+// API serves Conveyor's HTTP API v1.
+type API struct {
+	cfg     Config
+	log     *slog.Logger
+	metrics *httpMetrics
+}
+
+// New returns an API.
+func New(cfg Config) (*API, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &API{cfg: cfg, log: cfg.Logger, metrics: newHTTPMetrics(cfg.Registry)}, nil
+}
+
+// Handler returns the routes of the API.
+func (a *API) Handler() http.Handler {
+	mux := http.NewServeMux()
+	a.route(mux, "POST /v1/documents", a.postDocument)
+	a.route(mux, "GET /v1/documents/{doc_id}", a.getDocument)
+	a.route(mux, "POST /v1/emails", a.postEmail)
+	a.route(mux, "GET /v1/emails/{email_id}", a.getEmail)
+	a.route(mux, "POST /v1/events", a.postEvent)
+	a.route(mux, "POST /v1/events/batch", a.postEventBatch)
+	Ops(mux, a.cfg.Checks, a.cfg.Registry)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "not_found", "no such endpoint: "+r.Method+" "+r.URL.Path)
+	})
+	return a.recoverer(mux)
+}
+
+// Ops adds the operational endpoints every role serves: /healthz
+// (liveness, no dependencies), /readyz (dependencies; status words only) and
+// /metrics.
+func Ops(mux *http.ServeMux, checks map[string]Check, reg *prometheus.Registry) {
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		status, body := Readiness(r.Context(), checks)
+		writeJSON(w, status, body)
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+}
+
+// ReadinessBody is the /readyz response.
+type ReadinessBody struct {
+	Status string            `json:"status"`
+	Checks map[string]string `json:"checks,omitempty"`
+}
+
+// Readiness runs the checks concurrently, each with a short timeout. The
+// body says "ok" or "down" per check and never carries error text: it may
+// be public, and the logs have the details.
+func Readiness(ctx context.Context, checks map[string]Check) (int, ReadinessBody) {
+	type result struct {
+		name string
+		err  error
+	}
+	results := make(chan result, len(checks))
+	for name, check := range checks {
+		go func() {
+			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			results <- result{name, check(cctx)}
+		}()
+	}
+	body := ReadinessBody{Status: "ready", Checks: map[string]string{}}
+	status := http.StatusOK
+	for range checks {
+		r := <-results
+		body.Checks[r.name] = "ok"
+		if r.err != nil {
+			body.Checks[r.name] = "down"
+			body.Status = "unavailable"
+			status = http.StatusServiceUnavailable
+			slog.Default().Warn("readiness check failed", "check", r.name, "error", r.err)
+		}
+	}
+	return status, body
+}
+
+func (a *API) route(mux *http.ServeMux, pattern string, h http.HandlerFunc) {
+	mux.Handle(pattern, a.metrics.wrap(pattern, h))
+}
+
+func (a *API) recoverer(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if p := recover(); p != nil {
+				if p == http.ErrAbortHandler {
+					panic(p)
+				}
+				a.log.Error("panic serving request", "method", r.Method, "path", r.URL.Path, "panic", p)
+				writeError(w, http.StatusInternalServerError, "internal", "internal error")
+			}
+		}()
+		if tp := r.Header.Get("traceparent"); tp != "" {
+			r = r.WithContext(bus.WithTraceparent(r.Context(), tp))
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// errorBody is the shape of every error response.
+type errorBody struct {
+	Error errorDetail `json:"error"`
+}
+
+type errorDetail struct {
+	Code    string              `json:"code"`
+	Message string              `json:"message"`
+	Fields  []events.FieldError `json:"fields,omitempty"`
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg string) {
+	writeJSON(w, status, errorBody{Error: errorDetail{Code: code, Message: msg}})
+}
+
+func writeValidation(w http.ResponseWriter, ve *events.ValidationError) {
+	writeJSON(w, http.StatusUnprocessableEntity, errorBody{Error: errorDetail{
+		Code: "validation_failed", Message: ve.Error(), Fields: ve.Fields,
+	}})
+}

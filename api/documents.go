@@ -1,0 +1,335 @@
+package api
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"path"
+	"strings"
+	"time"
+	"unicode"
+
+	"github.com/conveyor/conveyor/blob"
+	"github.com/conveyor/conveyor/cache"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/store"
+)
+
+// DocumentView is the JSON of a document. Fields not known yet are null.
+type DocumentView struct {
+	DocID       string     `json:"doc_id"`
+	Status      string     `json:"status"`
+	Filename    *string    `json:"filename"`
+	Size        *int64     `json:"size"`
+	ContentType *string    `json:"content_type"`
+	SHA256      *string    `json:"sha256"`
+	Words       *int64     `json:"words"`
+	Lines       *int64     `json:"lines"`
+	Summary     *string    `json:"summary"`
+	Error       *string    `json:"error"`
+	UploadedAt  *time.Time `json:"uploaded_at"`
+	ProcessedAt *time.Time `json:"processed_at"`
+}
+
+func documentView(d store.Document) DocumentView {
+	return DocumentView{
+		DocID:       d.DocID,
+		Status:      d.Status,
+		Filename:    nullStr(d.Filename.String, d.Filename.Valid),
+		Size:        nullInt(d.Size.Int64, d.Size.Valid),
+		ContentType: nullStr(d.ContentType.String, d.ContentType.Valid),
+		SHA256:      nullStr(d.SHA256.String, d.SHA256.Valid),
+		Words:       nullInt(d.Words.Int64, d.Words.Valid),
+		Lines:       nullInt(d.Lines.Int64, d.Lines.Valid),
+		Summary:     nullStr(d.Summary.String, d.Summary.Valid),
+		Error:       nullStr(d.Error.String, d.Error.Valid),
+		UploadedAt:  nullTime(d.UploadedAt.Time, d.UploadedAt.Valid),
+		ProcessedAt: nullTime(d.ProcessedAt.Time, d.ProcessedAt.Valid),
+	}
+}
+
+func nullStr(s string, ok bool) *string {
+	if !ok {
+		return nil
+	}
+	return &s
+}
+
+func nullInt(n int64, ok bool) *int64 {
+	if !ok {
+		return nil
+	}
+	return &n
+}
+
+func nullTime(t time.Time, ok bool) *time.Time {
+	if !ok {
+		return nil
+	}
+	t = t.UTC()
+	return &t
+}
+
+type acceptedDocument struct {
+	DocID  string `json:"doc_id"`
+	Status string `json:"status"`
+}
+
+// acceptedTTL is how long the api remembers what it accepted, so a read
+// right after the 202 answers "processing" before the projector catches up.
+const acceptedTTL = time.Hour
+
+func acceptedDocKey(id string) string   { return "accepted:document:" + id }
+func acceptedEmailKey(id string) string { return "accepted:email:" + id }
+
+// multipartSlack allows for multipart headers and small fields around the
+// file.
+const multipartSlack = 64 << 10
+
+func (a *API) postDocument(w http.ResponseWriter, r *http.Request) {
+	mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if err != nil || mt != "multipart/form-data" {
+		writeError(w, http.StatusUnsupportedMediaType, "unsupported_media_type",
+			"upload a document as multipart/form-data with a field named file")
+		return
+	}
+	if r.ContentLength > a.cfg.MaxUploadBytes+multipartSlack {
+		writeError(w, http.StatusRequestEntityTooLarge, "too_large",
+			fmt.Sprintf("the document exceeds the limit of %d bytes", a.cfg.MaxUploadBytes))
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, a.cfg.MaxUploadBytes+multipartSlack)
+	a.idempotent(w, r, "upload", "", func() (int, any) { return a.upload(r) })
+}
+
+// upload streams the file part into blob storage and publishes
+// document.uploaded. It returns the response to send.
+func (a *API) upload(r *http.Request) (int, any) {
+	ctx := r.Context()
+	mr, err := r.MultipartReader()
+	if err != nil {
+		return errResp(http.StatusUnsupportedMediaType, "unsupported_media_type", "the body is not multipart/form-data: "+err.Error())
+	}
+	var (
+		info     blob.Info
+		haveFile bool
+		filename string
+		declared string
+		notify   string
+	)
+	// On any failure after the bytes were stored, remove them again
+	// (unless identical bytes were there before: another document uses
+	// them).
+	cleanup := func() {
+		if haveFile && info.Created {
+			if err := a.cfg.Blobs.Delete(context.WithoutCancel(ctx), info.Key); err != nil {
+				a.log.Error("remove bytes of a refused upload", "blob_key", info.Key, "error", err)
+			}
+		}
+	}
+	for {
+		part, err := mr.NextPart()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			cleanup()
+			return uploadReadError(err, a.cfg.MaxUploadBytes)
+		}
+		switch part.FormName() {
+		case "file":
+			if haveFile {
+				part.Close()
+				cleanup()
+				return errResp(http.StatusBadRequest, "bad_request", "send exactly one field named file")
+			}
+			info, err = a.cfg.Blobs.Put(ctx, part, a.cfg.MaxUploadBytes)
+			part.Close()
+			if err != nil {
+				return uploadReadError(err, a.cfg.MaxUploadBytes)
+			}
+			haveFile = true
+			filename = cleanFilename(part.FileName())
+			declared = part.Header.Get("Content-Type")
+		case "notify":
+			b, err := io.ReadAll(io.LimitReader(part, 1025))
+			part.Close()
+			if err != nil {
+				cleanup()
+				return uploadReadError(err, a.cfg.MaxUploadBytes)
+			}
+			if len(b) > 1024 {
+				cleanup()
+				return validationResp("notify", "must be an email address of at most 1024 bytes")
+			}
+			notify = strings.TrimSpace(string(b))
+		default:
+			_, _ = io.Copy(io.Discard, part)
+			part.Close()
+		}
+	}
+	if !haveFile {
+		return errResp(http.StatusBadRequest, "missing_file", "the multipart body has no field named file")
+	}
+	if notify != "" {
+		addr, err := events.ParseAddress(notify)
+		if err != nil {
+			cleanup()
+			return validationResp("notify", err.Error())
+		}
+		notify = addr.String()
+	}
+	if mt, _, err := mime.ParseMediaType(declared); err == nil {
+		declared = mt
+	} else {
+		declared = ""
+	}
+	ev := &events.DocumentUploaded{
+		DocID:               events.NewID(),
+		Filename:            filename,
+		Size:                info.Size,
+		SHA256:              info.SHA256,
+		BlobKey:             info.Key,
+		DeclaredContentType: declared,
+		Notify:              notify,
+		UploadedAt:          time.Now().UTC(),
+	}
+	view := DocumentView{
+		DocID: ev.DocID, Status: store.DocumentProcessing, Filename: &ev.Filename, Size: &ev.Size,
+		SHA256: &ev.SHA256, UploadedAt: &ev.UploadedAt,
+	}
+	if status, body, ok := a.accept(ctx, acceptedDocKey(ev.DocID), view, ev); !ok {
+		cleanup()
+		return status, body
+	}
+	return http.StatusAccepted, acceptedDocument{DocID: ev.DocID, Status: store.DocumentProcessing}
+}
+
+// accept remembers the initial view of accepted work, then publishes its
+// event. The view answers reads until the projector has written the row;
+// it is written first so that no read can miss both.
+func (a *API) accept(ctx context.Context, key string, view any, ev events.Event) (int, any, bool) {
+	raw, err := json.Marshal(view)
+	if err != nil {
+		return http.StatusInternalServerError, errBody("internal", "internal error"), false
+	}
+	if err := a.cfg.Idem.Put(ctx, key, string(raw), acceptedTTL); err != nil {
+		a.log.Error("record accepted work", "error", err)
+		return http.StatusServiceUnavailable, errBody("unavailable", "cannot accept work right now; retry later"), false
+	}
+	if _, err := a.cfg.Publisher.PublishEvent(ctx, ev); err != nil {
+		a.log.Error("publish accepted work", "event_type", ev.EventType(), "error", err)
+		if derr := a.cfg.Idem.Delete(context.WithoutCancel(ctx), key); derr != nil {
+			a.log.Error("forget refused work", "error", derr)
+		}
+		return http.StatusServiceUnavailable, errBody("unavailable", "cannot accept work right now; retry later"), false
+	}
+	return 0, nil, true
+}
+
+func uploadReadError(err error, limit int64) (int, any) {
+	var mbe *http.MaxBytesError
+	if errors.Is(err, blob.ErrTooLarge) || errors.As(err, &mbe) {
+		return errResp(http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("the document exceeds the limit of %d bytes", limit))
+	}
+	if errors.Is(err, context.Canceled) {
+		return errResp(499, "client_closed", "the client went away")
+	}
+	var perr interface{ Timeout() bool }
+	if errors.As(err, &perr) && perr.Timeout() {
+		return errResp(http.StatusRequestTimeout, "timeout", "the upload took too long")
+	}
+	if errors.Is(err, io.ErrUnexpectedEOF) || strings.Contains(err.Error(), "multipart") {
+		return errResp(http.StatusBadRequest, "bad_multipart", "the multipart body is malformed: "+err.Error())
+	}
+	return errResp(http.StatusServiceUnavailable, "unavailable", "cannot store the document right now; retry later")
+}
+
+// cleanFilename keeps the base name, without control characters, at most
+// 255 bytes.
+func cleanFilename(name string) string {
+	name = path.Base(strings.ReplaceAll(name, `\`, "/"))
+	name = strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return -1
+		}
+		return r
+	}, name)
+	if name == "." || name == "/" {
+		name = ""
+	}
+	for len(name) > events.MaxFilenameBytes {
+		_, size := lastRune(name)
+		name = name[:len(name)-size]
+	}
+	return name
+}
+
+func lastRune(s string) (rune, int) {
+	r := []rune(s)
+	last := r[len(r)-1]
+	return last, len(string(last))
+}
+
+func (a *API) getDocument(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("doc_id")
+	if !events.IsUUID(id) {
+		writeError(w, http.StatusBadRequest, "malformed_id", "doc_id must be a UUID")
+		return
+	}
+	view, err := cache.Fetch(r.Context(), a.cfg.Cache, store.DocumentKey(id), a.cfg.CacheTTL,
+		func(ctx context.Context) (DocumentView, error) {
+			d, err := a.cfg.Reader.Document(ctx, id)
+			if err != nil {
+				return DocumentView{}, err
+			}
+			return documentView(d), nil
+		})
+	a.respondRead(w, r, err, view, acceptedDocKey(id), "document")
+}
+
+// respondRead answers a read: the row, else what the api itself accepted
+// but the projector has not written yet, else 404.
+func (a *API) respondRead(w http.ResponseWriter, r *http.Request, err error, view any, acceptedKey, what string) {
+	switch {
+	case err == nil:
+		writeJSON(w, http.StatusOK, view)
+	case errors.Is(err, store.ErrNotFound):
+		raw, ok, aerr := a.cfg.Idem.Get(r.Context(), acceptedKey)
+		if aerr != nil {
+			a.log.Warn("read accepted marker", "error", aerr)
+		}
+		if ok {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusOK)
+			_, _ = io.WriteString(w, raw)
+			return
+		}
+		writeError(w, http.StatusNotFound, "not_found", "no "+what+" with this id")
+	default:
+		a.log.Error("read "+what, "error", err)
+		writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot read right now; retry later")
+	}
+}
+
+func errBody(code, msg string) errorBody {
+	return errorBody{Error: errorDetail{Code: code, Message: msg}}
+}
+
+func errResp(status int, code, msg string) (int, any) { return status, errBody(code, msg) }
+
+func validationResp(field, msg string) (int, any) {
+	ve := &events.ValidationError{Fields: []events.FieldError{{Field: field, Message: msg}}}
+	return http.StatusUnprocessableEntity, errorBody{Error: errorDetail{Code: "validation_failed", Message: ve.Error(), Fields: ve.Fields}}
+}
+
+func fingerprint(b []byte) string {
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:])
+}

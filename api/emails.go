@@ -1,0 +1,234 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/conveyor/conveyor/cache"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/idem"
+	"github.com/conveyor/conveyor/store"
+)
+
+// EmailView is the JSON of an email.
+type EmailView struct {
+	EmailID   string     `json:"email_id"`
+	Status    string     `json:"status"`
+	To        *string    `json:"to"`
+	Subject   *string    `json:"subject"`
+	DocID     *string    `json:"doc_id"`
+	Attempts  int        `json:"attempts"`
+	SendAt    *time.Time `json:"send_at"`
+	SentAt    *time.Time `json:"sent_at"`
+	FailedAt  *time.Time `json:"failed_at"`
+	Error     *string    `json:"error"`
+	MessageID *string    `json:"message_id"`
+}
+
+func emailView(e store.Email) EmailView {
+	return EmailView{
+		EmailID:   e.EmailID,
+		Status:    e.Status,
+		To:        nullStr(e.Recipient.String, e.Recipient.Valid),
+		Subject:   nullStr(e.Subject.String, e.Subject.Valid),
+		DocID:     nullStr(e.DocID.String, e.DocID.Valid),
+		Attempts:  e.Attempts,
+		SendAt:    nullTime(e.SendAt.Time, e.SendAt.Valid),
+		SentAt:    nullTime(e.SentAt.Time, e.SentAt.Valid),
+		FailedAt:  nullTime(e.FailedAt.Time, e.FailedAt.Valid),
+		Error:     nullStr(e.Error.String, e.Error.Valid),
+		MessageID: nullStr(e.MessageID.String, e.MessageID.Valid),
+	}
+}
+
+type emailRequest struct {
+	To      string `json:"to"`
+	Subject string `json:"subject"`
+	Body    string `json:"body"`
+}
+
+type acceptedEmail struct {
+	EmailID string `json:"email_id"`
+	Status  string `json:"status"`
+}
+
+func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
+	body, ok := a.readJSONBody(w, r)
+	if !ok {
+		return
+	}
+	a.idempotent(w, r, "email", fingerprint(body), func() (int, any) {
+		var req emailRequest
+		if status, resp, ok := decodeStrict(body, &req); !ok {
+			return status, resp
+		}
+		ev := &events.EmailRequested{
+			EmailID:     events.NewID(),
+			To:          strings.TrimSpace(req.To),
+			Subject:     req.Subject,
+			Body:        req.Body,
+			RequestedAt: time.Now().UTC(),
+		}
+		if err := ev.Validate(); err != nil {
+			var ve *events.ValidationError
+			if errors.As(err, &ve) {
+				return http.StatusUnprocessableEntity, errorBody{Error: errorDetail{Code: "validation_failed", Message: ve.Error(), Fields: ve.Fields}}
+			}
+			return errResp(http.StatusUnprocessableEntity, "validation_failed", err.Error())
+		}
+		view := EmailView{EmailID: ev.EmailID, Status: store.EmailQueued, To: &ev.To, Subject: &ev.Subject}
+		if status, resp, ok := a.accept(r.Context(), acceptedEmailKey(ev.EmailID), view, ev); !ok {
+			return status, resp
+		}
+		return http.StatusAccepted, acceptedEmail{EmailID: ev.EmailID, Status: store.EmailQueued}
+	})
+}
+
+func (a *API) getEmail(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("email_id")
+	if !events.IsUUID(id) {
+		writeError(w, http.StatusBadRequest, "malformed_id", "email_id must be a UUID")
+		return
+	}
+	view, err := cache.Fetch(r.Context(), a.cfg.Cache, store.EmailKey(id), a.cfg.CacheTTL,
+		func(ctx context.Context) (EmailView, error) {
+			e, err := a.cfg.Reader.Email(ctx, id)
+			if err != nil {
+				return EmailView{}, err
+			}
+			return emailView(e), nil
+		})
+	a.respondRead(w, r, err, view, acceptedEmailKey(id), "email")
+}
+
+// readJSONBody checks the content type and reads a bounded JSON body,
+// answering the error itself when it returns false.
+func (a *API) readJSONBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil || mt != "application/json" {
+			writeError(w, http.StatusUnsupportedMediaType, "unsupported_media_type", "send application/json")
+			return nil, false
+		}
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, a.cfg.MaxJSONBytes))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			writeError(w, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("the JSON body exceeds %d bytes", a.cfg.MaxJSONBytes))
+			return nil, false
+		}
+		writeError(w, http.StatusBadRequest, "bad_request", "cannot read the body")
+		return nil, false
+	}
+	return body, true
+}
+
+// decodeStrict decodes one JSON object with no unknown fields.
+func decodeStrict(body []byte, v any) (int, any, bool) {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var te *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &te):
+			st, resp := validationResp(te.Field, "has the wrong JSON type: want "+te.Type.String())
+			return st, resp, false
+		case strings.HasPrefix(err.Error(), "json: unknown field "):
+			field := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
+			st, resp := validationResp(field, "is not a known field")
+			return st, resp, false
+		default:
+			st, resp := errResp(http.StatusBadRequest, "malformed_json", "the body is not valid JSON: "+err.Error())
+			return st, resp, false
+		}
+	}
+	if dec.More() {
+		st, resp := errResp(http.StatusBadRequest, "malformed_json", "the body must hold one JSON object")
+		return st, resp, false
+	}
+	return 0, nil, true
+}
+
+// idempotent runs op at most once per Idempotency-Key header value. The
+// first request runs op; its response is stored (if 2xx) and replayed to
+// later requests with the same key. A request arriving while the first
+// still runs gets 409; a key reused with a different request gets 422.
+// Without the header, op just runs.
+func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp string, op func() (int, any)) {
+	key := r.Header.Get("Idempotency-Key")
+	if key == "" {
+		status, body := op()
+		writeJSON(w, status, body)
+		return
+	}
+	if len(key) > 255 {
+		writeError(w, http.StatusBadRequest, "bad_idempotency_key", "Idempotency-Key must be at most 255 characters")
+		return
+	}
+	rkey := "key:" + scope + ":" + key
+	rec, claimed, err := a.cfg.Idem.Claim(r.Context(), rkey, fp, 5*time.Minute)
+	if err != nil {
+		a.log.Error("claim idempotency key", "error", err)
+		writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
+		return
+	}
+	if !claimed {
+		switch {
+		case rec.Fingerprint != fp:
+			writeError(w, http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
+		case !rec.Done:
+			writeError(w, http.StatusConflict, "request_in_progress", "a request with this Idempotency-Key is still in progress")
+		default:
+			w.Header().Set("Idempotent-Replayed", "true")
+			w.Header().Set("Content-Type", "application/json")
+			if loc := locationOf(rec.Body); loc != "" {
+				w.Header().Set("Location", loc)
+			}
+			w.WriteHeader(rec.Status)
+			_, _ = w.Write(rec.Body)
+		}
+		return
+	}
+	status, body := op()
+	raw, _ := json.Marshal(body)
+	if status >= 200 && status < 300 {
+		if err := a.cfg.Idem.Complete(context.WithoutCancel(r.Context()), rkey, idem.Record{Fingerprint: fp, Status: status, Body: raw}); err != nil {
+			a.log.Error("store idempotent response", "error", err)
+		}
+	} else if err := a.cfg.Idem.Release(context.WithoutCancel(r.Context()), rkey); err != nil {
+		a.log.Error("release idempotency key", "error", err)
+	}
+	if loc := locationOf(raw); loc != "" {
+		w.Header().Set("Location", loc)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(raw, '\n'))
+}
+
+// locationOf derives the Location header of an accepted resource.
+func locationOf(body []byte) string {
+	var ids struct {
+		DocID   string `json:"doc_id"`
+		EmailID string `json:"email_id"`
+	}
+	if json.Unmarshal(body, &ids) != nil {
+		return ""
+	}
+	switch {
+	case ids.DocID != "":
+		return "/v1/documents/" + ids.DocID
+	case ids.EmailID != "":
+		return "/v1/emails/" + ids.EmailID
+	}
+	return ""
+}

@@ -1,0 +1,239 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+)
+
+// externalTypes are the event types other services may publish over HTTP.
+// The others are facts only Conveyor's own roles establish.
+var externalTypes = map[string]bool{
+	events.TypeEmailRequested: true,
+}
+
+type eventRequest struct {
+	Type string          `json:"type"`
+	ID   string          `json:"id,omitempty"`
+	Data json.RawMessage `json:"data"`
+}
+
+type acceptedEvent struct {
+	EventID   string `json:"event_id"`
+	Duplicate bool   `json:"duplicate,omitempty"`
+}
+
+func eventSeenKey(id string) string { return "event:" + id }
+
+// parseEvent checks one upstream event; it returns the response on failure.
+func parseEvent(req eventRequest) (events.Event, string, int, any) {
+	if req.Type == "" {
+		st, body := validationResp("type", "is required")
+		return nil, "", st, body
+	}
+	if !externalTypes[req.Type] {
+		if _, known := events.Lookup(req.Type, events.LatestVersion(req.Type)); known {
+			st, body := errResp(http.StatusBadRequest, "event_type_not_accepted",
+				fmt.Sprintf("event type %q is published by Conveyor itself, not accepted from outside", req.Type))
+			return nil, "", st, body
+		}
+		st, body := errResp(http.StatusBadRequest, "unknown_event_type", fmt.Sprintf("unknown event type %q", req.Type))
+		return nil, "", st, body
+	}
+	if req.ID != "" && !events.IsUUID(req.ID) {
+		st, body := validationResp("id", "must be a UUID")
+		return nil, "", st, body
+	}
+	if len(req.Data) == 0 {
+		st, body := validationResp("data", "is required")
+		return nil, "", st, body
+	}
+	ev, err := events.Decode(req.Type, 0, req.Data)
+	if err != nil {
+		var ve *events.ValidationError
+		if errors.As(err, &ve) {
+			for i := range ve.Fields {
+				ve.Fields[i].Field = "data." + ve.Fields[i].Field
+			}
+			return nil, "", http.StatusUnprocessableEntity, errorBody{Error: errorDetail{Code: "validation_failed", Message: ve.Error(), Fields: ve.Fields}}
+		}
+		st, body := errResp(http.StatusBadRequest, "bad_event", err.Error())
+		return nil, "", st, body
+	}
+	id := req.ID
+	if id == "" {
+		id = events.NewID()
+	}
+	return ev, id, 0, nil
+}
+
+func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
+	body, ok := a.readJSONBody(w, r)
+	if !ok {
+		return
+	}
+	var req eventRequest
+	if status, resp, ok := decodeStrict(body, &req); !ok {
+		writeJSON(w, status, resp)
+		return
+	}
+	ev, id, status, resp := parseEvent(req)
+	if ev == nil {
+		writeJSON(w, status, resp)
+		return
+	}
+	ctx := r.Context()
+	if req.ID != "" {
+		// A repeated id publishes nothing new: the first request to mark
+		// the id publishes; the mark is dropped again if that fails.
+		fresh, err := a.cfg.Idem.Set(ctx, eventSeenKey(id), "1")
+		if err != nil {
+			a.log.Error("mark event id", "error", err)
+			writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept events right now; retry later")
+			return
+		}
+		if !fresh {
+			writeJSON(w, http.StatusAccepted, acceptedEvent{EventID: id, Duplicate: true})
+			return
+		}
+	}
+	if _, err := a.cfg.Publisher.PublishEvent(ctx, ev, bus.WithID(id)); err != nil {
+		a.log.Error("publish event", "event_type", req.Type, "error", err)
+		if req.ID != "" {
+			if derr := a.cfg.Idem.Delete(context.WithoutCancel(ctx), eventSeenKey(id)); derr != nil {
+				a.log.Error("unmark event id", "error", derr)
+			}
+		}
+		writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept events right now; retry later")
+		return
+	}
+	writeJSON(w, http.StatusAccepted, acceptedEvent{EventID: id})
+}
+
+type batchRequest struct {
+	Events []eventRequest `json:"events"`
+}
+
+// BatchResult is the outcome of one event of a batch.
+type BatchResult struct {
+	EventID string       `json:"event_id,omitempty"`
+	Status  int          `json:"status"`
+	Error   *errorDetail `json:"error,omitempty"`
+}
+
+type batchResponse struct {
+	Accepted int           `json:"accepted"`
+	Rejected int           `json:"rejected"`
+	Results  []BatchResult `json:"results"`
+}
+
+// postEventBatch accepts up to MaxBatch events at once. Each event stands
+// alone: every result with status 202 is durable, the others were not
+// published (and may be sent again).
+func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
+	body, ok := a.readJSONBody(w, r)
+	if !ok {
+		return
+	}
+	var req batchRequest
+	if status, resp, ok := decodeStrict(body, &req); !ok {
+		writeJSON(w, status, resp)
+		return
+	}
+	if len(req.Events) == 0 {
+		st, b := validationResp("events", "must hold at least one event")
+		writeJSON(w, st, b)
+		return
+	}
+	if len(req.Events) > a.cfg.MaxBatch {
+		st, b := validationResp("events", fmt.Sprintf("must hold at most %d events", a.cfg.MaxBatch))
+		writeJSON(w, st, b)
+		return
+	}
+	ctx := r.Context()
+	results := make([]BatchResult, len(req.Events))
+	var pubEvs []events.Event
+	var pubOpts [][]bus.PublishOption
+	var pubIdx []int
+	var marked []int
+	for i, er := range req.Events {
+		ev, id, status, resp := parseEvent(er)
+		if ev == nil {
+			eb := resp.(errorBody)
+			results[i] = BatchResult{EventID: er.ID, Status: status, Error: &eb.Error}
+			continue
+		}
+		results[i] = BatchResult{EventID: id, Status: http.StatusAccepted}
+		if er.ID != "" {
+			marked = append(marked, i)
+		}
+		pubEvs = append(pubEvs, ev)
+		pubOpts = append(pubOpts, []bus.PublishOption{bus.WithID(id)})
+		pubIdx = append(pubIdx, i)
+	}
+	// Client-chosen ids are marked first, so a repeated id is published
+	// once, even across batches.
+	if len(marked) > 0 {
+		keys := make([]string, len(marked))
+		for j, i := range marked {
+			keys[j] = eventSeenKey(results[i].EventID)
+		}
+		fresh, err := a.cfg.Idem.SetMany(ctx, keys, "1")
+		if err != nil {
+			a.log.Error("mark event ids", "error", err)
+			writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept events right now; retry later")
+			return
+		}
+		skip := map[int]bool{}
+		for j, i := range marked {
+			if !fresh[j] {
+				skip[i] = true
+			}
+		}
+		// A duplicate within this batch is marked by its first copy.
+		seen := map[string]bool{}
+		var evs []events.Event
+		var opts [][]bus.PublishOption
+		var idx []int
+		for k, i := range pubIdx {
+			id := results[i].EventID
+			if skip[i] || (req.Events[i].ID != "" && seen[id]) {
+				continue
+			}
+			seen[id] = true
+			evs, opts, idx = append(evs, pubEvs[k]), append(opts, pubOpts[k]), append(idx, i)
+		}
+		pubEvs, pubOpts, pubIdx = evs, opts, idx
+	}
+	var unmark []string
+	for k, res := range a.cfg.Publisher.PublishBatch(ctx, pubEvs, pubOpts) {
+		i := pubIdx[k]
+		if res.Err != nil {
+			a.log.Error("publish event of a batch", "error", res.Err)
+			results[i].Status = http.StatusServiceUnavailable
+			results[i].Error = &errorDetail{Code: "unavailable", Message: "not published; send it again"}
+			if req.Events[i].ID != "" {
+				unmark = append(unmark, eventSeenKey(results[i].EventID))
+			}
+		}
+	}
+	if len(unmark) > 0 {
+		if err := a.cfg.Idem.Delete(context.WithoutCancel(ctx), unmark...); err != nil {
+			a.log.Error("unmark event ids", "error", err)
+		}
+	}
+	resp := batchResponse{Results: results}
+	for _, res := range results {
+		if res.Status == http.StatusAccepted {
+			resp.Accepted++
+		} else {
+			resp.Rejected++
+		}
+	}
+	writeJSON(w, http.StatusOK, resp)
+}

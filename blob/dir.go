@@ -1,0 +1,328 @@
+package blob
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+const (
+	// copyBufferSize bounds the memory one Put uses, whatever the upload size.
+	copyBufferSize = 64 << 10
+	// tempPrefix marks the files Put creates, so that the start-up sweep
+	// only ever removes its own leftovers.
+	tempPrefix = "put-"
+	// tempDirName is a sibling of the fan-out directories. It cannot clash
+	// with them: their names are two hex characters.
+	tempDirName = "tmp"
+)
+
+// DirConfig configures a Dir.
+type DirConfig struct {
+	// Dir is the root directory of the store. It is created if missing.
+	// Required.
+	Dir string
+	// TempMaxAge is the age after which a temp file left in Dir/tmp by an
+	// interrupted Put is removed when the store is opened. A Put in progress
+	// keeps its file's modification time fresh, so a live upload is only at
+	// risk if it stalls for this long. Defaults to 1h.
+	TempMaxAge time.Duration
+}
+
+func (c *DirConfig) setDefaults() {
+	if c.TempMaxAge == 0 {
+		c.TempMaxAge = time.Hour
+	}
+}
+
+// Validate reports every problem with the config at once.
+func (c DirConfig) Validate() error {
+	var errs []error
+	if c.Dir == "" {
+		errs = append(errs, errors.New("dir is required"))
+	}
+	if c.TempMaxAge < 0 {
+		errs = append(errs, fmt.Errorf("temp max age must not be negative, got %s", c.TempMaxAge))
+	}
+	return errors.Join(errs...)
+}
+
+// Dir is a Store in a local directory, content-addressed by SHA-256.
+//
+// A blob with key k lives at Dir/k[0:2]/k[2:4]/k; the two fan-out levels
+// keep directories small. Put writes to a temp file in Dir/tmp, on the same
+// file system as the final path, and publishes it with a hard link, so the
+// final name only ever holds complete, fsynced bytes. Several processes may
+// share one Dir (replicas on one volume): every step is safe against
+// concurrent writers of the same key.
+type Dir struct {
+	root string
+	tmp  string
+}
+
+var _ Store = (*Dir)(nil)
+
+// NewDir validates cfg, creates cfg.Dir and cfg.Dir/tmp (mode 0o755) if
+// they are missing, and removes temp files older than cfg.TempMaxAge left
+// behind by Puts that were interrupted by a crash.
+func NewDir(cfg DirConfig) (*Dir, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("blob dir config: %w", err)
+	}
+	d := &Dir{root: filepath.Clean(cfg.Dir)}
+	d.tmp = filepath.Join(d.root, tempDirName)
+	if err := os.MkdirAll(d.tmp, 0o755); err != nil {
+		return nil, fmt.Errorf("create blob dir: %w", err)
+	}
+	if err := d.removeStaleTemps(time.Now().Add(-cfg.TempMaxAge)); err != nil {
+		return nil, fmt.Errorf("remove stale blob temp files: %w", err)
+	}
+	return d, nil
+}
+
+// removeStaleTemps removes the temp files last modified before cutoff.
+func (d *Dir) removeStaleTemps(cutoff time.Time) error {
+	entries, err := os.ReadDir(d.tmp)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range entries {
+		if !e.Type().IsRegular() || !strings.HasPrefix(e.Name(), tempPrefix) {
+			continue
+		}
+		fi, err := e.Info()
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // another replica swept it first
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if !fi.ModTime().Before(cutoff) {
+			continue
+		}
+		if err := os.Remove(filepath.Join(d.tmp, e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Put streams r into the directory. See Store.Put.
+func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error) {
+	if maxBytes <= 0 {
+		return Info{}, fmt.Errorf("put blob: max bytes must be positive, got %d", maxBytes)
+	}
+	if err := ctx.Err(); err != nil {
+		return Info{}, fmt.Errorf("put blob: %w", err)
+	}
+
+	tmp, err := os.CreateTemp(d.tmp, tempPrefix+"*")
+	if err != nil {
+		return Info{}, fmt.Errorf("put blob: create temp file: %w", err)
+	}
+	closed := false
+	defer func() {
+		if !closed {
+			_ = tmp.Close() // the write already failed; that error is the one returned
+		}
+		// The temp name goes on every path. After a successful publish the
+		// bytes live on under the final name (a hard link to the same
+		// inode). If this removal fails, the start-up sweep removes the
+		// file later; the Put itself is still correct, so it is not failed.
+		_ = os.Remove(tmp.Name())
+	}()
+
+	sum, size, err := copyHashed(ctx, tmp, r, maxBytes)
+	if err != nil {
+		return Info{}, fmt.Errorf("put blob: %w", err)
+	}
+	info := Info{Key: sum, SHA256: sum, Size: size}
+	final := d.path(sum)
+
+	// Identical bytes are already stored: skip the fsync, which is the
+	// expensive part of a large Put. The link below still settles races.
+	if _, err := os.Lstat(final); err == nil {
+		return info, nil
+	}
+
+	// Stored files are never modified; 0o644 lets other users (a backup
+	// job, a debugging operator) read them, as the 0o755 directories do.
+	if err := tmp.Chmod(0o644); err != nil {
+		return Info{}, fmt.Errorf("put blob %s: chmod temp file: %w", sum, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		return Info{}, fmt.Errorf("put blob %s: sync temp file: %w", sum, err)
+	}
+	closed = true
+	if err := tmp.Close(); err != nil {
+		return Info{}, fmt.Errorf("put blob %s: close temp file: %w", sum, err)
+	}
+	if err := d.makeFanOut(sum); err != nil {
+		return Info{}, fmt.Errorf("put blob %s: %w", sum, err)
+	}
+
+	// A hard link, unlike a rename, fails if the final name exists. That
+	// makes publishing a create-if-absent step that is atomic across
+	// goroutines and processes, so exactly one concurrent Put of the same
+	// bytes reports Created; a rename would silently replace the file and
+	// let every writer claim it.
+	err = os.Link(tmp.Name(), final)
+	switch {
+	case errors.Is(err, fs.ErrExist):
+		return info, nil
+	case err != nil:
+		return Info{}, fmt.Errorf("put blob %s: publish: %w", sum, err)
+	}
+	// Make the new directory entry durable before the caller reports the
+	// upload as accepted.
+	syncDir(filepath.Dir(final))
+	info.Created = true
+	return info, nil
+}
+
+// copyHashed copies at most maxBytes from r into w and returns the hex
+// SHA-256 and the size of what it copied. It returns ErrTooLarge if r holds
+// more than maxBytes, and ctx's error if ctx ends during the copy.
+func copyHashed(ctx context.Context, w io.Writer, r io.Reader, maxBytes int64) (string, int64, error) {
+	// Reading one byte past the limit is how an oversized upload is told
+	// apart from one of exactly maxBytes, without reading the rest of it.
+	limit := maxBytes
+	if limit < math.MaxInt64 {
+		limit++
+	}
+	h := sha256.New()
+	// Neither the ctx-aware reader nor the MultiWriter implements
+	// WriterTo/ReaderFrom, so CopyBuffer really uses this fixed buffer.
+	buf := make([]byte, copyBufferSize)
+	n, err := io.CopyBuffer(io.MultiWriter(w, h), contextReader(ctx, io.LimitReader(r, limit)), buf)
+	if err != nil {
+		return "", 0, err
+	}
+	if n > maxBytes {
+		return "", 0, fmt.Errorf("%w: more than %d bytes", ErrTooLarge, maxBytes)
+	}
+	return hex.EncodeToString(h.Sum(nil)), n, nil
+}
+
+// readerFunc adapts a function to io.Reader.
+type readerFunc func(p []byte) (int, error)
+
+func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
+
+// contextReader returns a reader that fails with ctx's error once ctx is
+// done. It checks between reads: a Read already blocked in r is not
+// interrupted, but a client that stops sending is caught at the next chunk,
+// and an HTTP request body unblocks by itself when its connection closes.
+func contextReader(ctx context.Context, r io.Reader) io.Reader {
+	return readerFunc(func(p []byte) (int, error) {
+		if err := ctx.Err(); err != nil {
+			return 0, err
+		}
+		return r.Read(p)
+	})
+}
+
+// makeFanOut creates the two fan-out directories for key. Each directory
+// it creates is made durable in its parent, so a crash cannot lose a
+// published blob together with a directory entry above it.
+func (d *Dir) makeFanOut(key string) error {
+	parent := d.root
+	for _, name := range []string{key[0:2], key[2:4]} {
+		p := filepath.Join(parent, name)
+		err := os.Mkdir(p, 0o755)
+		switch {
+		case err == nil:
+			syncDir(parent)
+		case !errors.Is(err, fs.ErrExist):
+			return fmt.Errorf("create fan-out dir: %w", err)
+		}
+		parent = p
+	}
+	return nil
+}
+
+// syncDir fsyncs a directory so that entries added to it survive a crash.
+// It is best effort: some platforms and file systems cannot fsync a
+// directory, and the file's own bytes are already synced by then.
+func syncDir(dir string) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return
+	}
+	_ = f.Sync()
+	_ = f.Close()
+}
+
+// Open returns the stored bytes under key. See Store.Open.
+func (d *Dir) Open(ctx context.Context, key string) (io.ReadCloser, error) {
+	if err := d.check(ctx, key); err != nil {
+		return nil, fmt.Errorf("open blob: %w", err)
+	}
+	f, err := os.Open(d.path(key))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("open blob %s: %w", key, ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open blob %s: %w", key, err)
+	}
+	return f, nil
+}
+
+// Stat returns the key and size of the bytes under key. See Store.Stat.
+func (d *Dir) Stat(ctx context.Context, key string) (Info, error) {
+	if err := d.check(ctx, key); err != nil {
+		return Info{}, fmt.Errorf("stat blob: %w", err)
+	}
+	fi, err := os.Stat(d.path(key))
+	if errors.Is(err, fs.ErrNotExist) {
+		return Info{}, fmt.Errorf("stat blob %s: %w", key, ErrNotFound)
+	}
+	if err != nil {
+		return Info{}, fmt.Errorf("stat blob %s: %w", key, err)
+	}
+	return Info{Key: key, SHA256: key, Size: fi.Size()}, nil
+}
+
+// Delete removes the bytes under key. See Store.Delete.
+//
+// The fan-out directories are kept even when they become empty: removing
+// one could race with a concurrent Put that has just created it and is
+// about to link into it. There are at most 65,536 of them.
+func (d *Dir) Delete(ctx context.Context, key string) error {
+	if err := d.check(ctx, key); err != nil {
+		return fmt.Errorf("delete blob: %w", err)
+	}
+	if err := os.Remove(d.path(key)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("delete blob %s: %w", key, err)
+	}
+	return nil
+}
+
+// check returns ctx's error, or ErrInvalidKey if key is not a content
+// address. Open, Stat and Delete call it before touching the file system.
+func (d *Dir) check(ctx context.Context, key string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if !validKey(key) {
+		return fmt.Errorf("%w: %q", ErrInvalidKey, key)
+	}
+	return nil
+}
+
+// path returns the final path of key, which must be valid.
+func (d *Dir) path(key string) string {
+	return filepath.Join(d.root, key[0:2], key[2:4], key)
+}

@@ -1,0 +1,579 @@
+package blob
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"io"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// emptySHA256 is the SHA-256 of no bytes at all.
+const emptySHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+func newTestDir(t *testing.T) (*Dir, string) {
+	t.Helper()
+	root := t.TempDir()
+	d, err := NewDir(DirConfig{Dir: root})
+	if err != nil {
+		t.Fatalf("NewDir: %v", err)
+	}
+	return d, root
+}
+
+func sha256Hex(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}
+
+// storedFiles lists every regular file under root, temp files included,
+// relative to root.
+func storedFiles(t *testing.T, root string) []string {
+	t.Helper()
+	var files []string
+	err := filepath.WalkDir(root, func(p string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if e.Type().IsRegular() {
+			rel, err := filepath.Rel(root, p)
+			if err != nil {
+				return err
+			}
+			files = append(files, filepath.ToSlash(rel))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("walk %s: %v", root, err)
+	}
+	return files
+}
+
+func assertNothingStored(t *testing.T, root string) {
+	t.Helper()
+	if files := storedFiles(t, root); len(files) != 0 {
+		t.Errorf("files left behind: %v", files)
+	}
+}
+
+func readAll(t *testing.T, d *Dir, key string) []byte {
+	t.Helper()
+	rc, err := d.Open(t.Context(), key)
+	if err != nil {
+		t.Fatalf("Open(%s): %v", key, err)
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatalf("read %s: %v", key, err)
+	}
+	return b
+}
+
+func TestDirRoundTrip(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		data []byte
+	}{
+		{name: "empty", data: nil},
+		{name: "one byte", data: []byte("x")},
+		{name: "text", data: []byte("hello, conveyor\n")},
+		{name: "several copy buffers", data: bytes.Repeat([]byte("0123456789abcdef"), 3*copyBufferSize/16+7)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			ctx := t.Context()
+			d, root := newTestDir(t)
+			want := sha256Hex(tt.data)
+
+			info, err := d.Put(ctx, bytes.NewReader(tt.data), 1<<30)
+			if err != nil {
+				t.Fatalf("Put: %v", err)
+			}
+			wantInfo := Info{Key: want, SHA256: want, Size: int64(len(tt.data)), Created: true}
+			if info != wantInfo {
+				t.Fatalf("Put = %+v, want %+v", info, wantInfo)
+			}
+			if tt.data == nil && info.Key != emptySHA256 {
+				t.Errorf("empty key = %s, want %s", info.Key, emptySHA256)
+			}
+			if files, want := storedFiles(t, root), []string{want[0:2] + "/" + want[2:4] + "/" + want}; !slices.Equal(files, want) {
+				t.Errorf("files = %v, want %v", files, want)
+			}
+
+			if got := readAll(t, d, info.Key); !bytes.Equal(got, tt.data) {
+				t.Errorf("Open read %d bytes, want %d bytes as put", len(got), len(tt.data))
+			}
+			st, err := d.Stat(ctx, info.Key)
+			if err != nil {
+				t.Fatalf("Stat: %v", err)
+			}
+			if wantStat := (Info{Key: want, SHA256: want, Size: int64(len(tt.data))}); st != wantStat {
+				t.Errorf("Stat = %+v, want %+v", st, wantStat)
+			}
+
+			if err := d.Delete(ctx, info.Key); err != nil {
+				t.Fatalf("Delete: %v", err)
+			}
+			if _, err := d.Open(ctx, info.Key); !errors.Is(err, ErrNotFound) {
+				t.Errorf("Open after Delete: err = %v, want ErrNotFound", err)
+			}
+			if _, err := d.Stat(ctx, info.Key); !errors.Is(err, ErrNotFound) {
+				t.Errorf("Stat after Delete: err = %v, want ErrNotFound", err)
+			}
+			if err := d.Delete(ctx, info.Key); err != nil {
+				t.Errorf("second Delete: %v, want nil", err)
+			}
+			assertNothingStored(t, root)
+		})
+	}
+}
+
+func TestDirPutDedup(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		data string
+	}{
+		{name: "empty", data: ""},
+		{name: "text", data: "same bytes twice"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			ctx := t.Context()
+			d, root := newTestDir(t)
+
+			first, err := d.Put(ctx, strings.NewReader(tt.data), 1<<20)
+			if err != nil {
+				t.Fatalf("first Put: %v", err)
+			}
+			second, err := d.Put(ctx, strings.NewReader(tt.data), 1<<20)
+			if err != nil {
+				t.Fatalf("second Put: %v", err)
+			}
+			if !first.Created || second.Created {
+				t.Errorf("Created = %v then %v, want true then false", first.Created, second.Created)
+			}
+			if second.Key != first.Key || second.Size != first.Size {
+				t.Errorf("second Put = %+v, want key and size of %+v", second, first)
+			}
+			if files := storedFiles(t, root); len(files) != 1 {
+				t.Errorf("files = %v, want only the blob", files)
+			}
+		})
+	}
+}
+
+func TestDirPutMaxBytes(t *testing.T) {
+	t.Parallel()
+	const limit = 1000
+	tests := []struct {
+		name     string
+		size     int
+		maxBytes int64
+		wantErr  error
+	}{
+		{name: "exactly max bytes", size: limit, maxBytes: limit},
+		{name: "one below max bytes", size: limit - 1, maxBytes: limit},
+		{name: "one over max bytes", size: limit + 1, maxBytes: limit, wantErr: ErrTooLarge},
+		{name: "far over max bytes", size: 10 * copyBufferSize, maxBytes: limit, wantErr: ErrTooLarge},
+		{name: "one byte allowed, two given", size: 2, maxBytes: 1, wantErr: ErrTooLarge},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			d, root := newTestDir(t)
+			data := bytes.Repeat([]byte{'a'}, tt.size)
+
+			info, err := d.Put(t.Context(), bytes.NewReader(data), tt.maxBytes)
+			if tt.wantErr != nil {
+				if !errors.Is(err, tt.wantErr) {
+					t.Fatalf("Put: err = %v, want %v", err, tt.wantErr)
+				}
+				assertNothingStored(t, root)
+				return
+			}
+			if err != nil {
+				t.Fatalf("Put: %v", err)
+			}
+			if info.Size != int64(tt.size) || info.Key != sha256Hex(data) {
+				t.Errorf("Put = %+v, want size %d and key %s", info, tt.size, sha256Hex(data))
+			}
+		})
+	}
+}
+
+func TestDirPutRejectsNonPositiveMaxBytes(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name     string
+		maxBytes int64
+	}{
+		{name: "zero", maxBytes: 0},
+		{name: "negative", maxBytes: -1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			d, root := newTestDir(t)
+			if _, err := d.Put(t.Context(), strings.NewReader(""), tt.maxBytes); err == nil {
+				t.Fatal("Put: err = nil, want an error")
+			}
+			assertNothingStored(t, root)
+		})
+	}
+}
+
+var errReader = errors.New("reader broke")
+
+// failingReader yields n bytes, then fails.
+type failingReader struct {
+	n int
+}
+
+func (r *failingReader) Read(p []byte) (int, error) {
+	if r.n == 0 {
+		return 0, errReader
+	}
+	p = p[:min(len(p), r.n)]
+	for i := range p {
+		p[i] = 'f'
+	}
+	r.n -= len(p)
+	return len(p), nil
+}
+
+func TestDirPutReaderError(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		n    int
+	}{
+		{name: "at once", n: 0},
+		{name: "half way through the first buffer", n: copyBufferSize / 2},
+		{name: "after several buffers", n: 3*copyBufferSize + 5},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			d, root := newTestDir(t)
+			_, err := d.Put(t.Context(), &failingReader{n: tt.n}, 1<<30)
+			if !errors.Is(err, errReader) {
+				t.Fatalf("Put: err = %v, want %v", err, errReader)
+			}
+			assertNothingStored(t, root)
+		})
+	}
+}
+
+// slowReader yields a small chunk per Read, forever, after a short pause.
+// onRead, if set, is called before each Read with the count of reads so far.
+type slowReader struct {
+	reads  int
+	onRead func(reads int)
+}
+
+func (r *slowReader) Read(p []byte) (int, error) {
+	if r.onRead != nil {
+		r.onRead(r.reads)
+	}
+	r.reads++
+	time.Sleep(time.Millisecond)
+	p = p[:min(len(p), 512)]
+	for i := range p {
+		p[i] = 's'
+	}
+	return len(p), nil
+}
+
+func TestDirPutContextDone(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		// start returns the context for Put and the reader to feed it.
+		start   func(t *testing.T) (context.Context, io.Reader)
+		wantErr error
+	}{
+		{
+			name: "cancelled during the copy",
+			start: func(t *testing.T) (context.Context, io.Reader) {
+				ctx, cancel := context.WithCancel(t.Context())
+				t.Cleanup(cancel)
+				return ctx, &slowReader{onRead: func(reads int) {
+					if reads == 10 {
+						cancel()
+					}
+				}}
+			},
+			wantErr: context.Canceled,
+		},
+		{
+			name: "deadline passes during the copy",
+			start: func(t *testing.T) (context.Context, io.Reader) {
+				ctx, cancel := context.WithTimeout(t.Context(), 20*time.Millisecond)
+				t.Cleanup(cancel)
+				return ctx, &slowReader{}
+			},
+			wantErr: context.DeadlineExceeded,
+		},
+		{
+			name: "cancelled before the call",
+			start: func(t *testing.T) (context.Context, io.Reader) {
+				ctx, cancel := context.WithCancel(t.Context())
+				cancel()
+				return ctx, &slowReader{}
+			},
+			wantErr: context.Canceled,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			d, root := newTestDir(t)
+			ctx, r := tt.start(t)
+			_, err := d.Put(ctx, r, 1<<40)
+			if !errors.Is(err, tt.wantErr) {
+				t.Fatalf("Put: err = %v, want %v", err, tt.wantErr)
+			}
+			assertNothingStored(t, root)
+		})
+	}
+}
+
+func TestDirInvalidKey(t *testing.T) {
+	t.Parallel()
+	valid := sha256Hex([]byte("x"))
+	tests := []struct {
+		name string
+		key  string
+	}{
+		{name: "path traversal", key: "../etc/passwd"},
+		{name: "path traversal padded to 64", key: "../../" + valid[6:]},
+		{name: "uppercase hex", key: strings.ToUpper(valid)},
+		{name: "short", key: valid[:63]},
+		{name: "long", key: valid + "0"},
+		{name: "empty", key: ""},
+		{name: "not hex", key: "g" + valid[1:]},
+		{name: "temp dir", key: "tmp"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			ctx := t.Context()
+			d, _ := newTestDir(t)
+			if _, err := d.Open(ctx, tt.key); !errors.Is(err, ErrInvalidKey) {
+				t.Errorf("Open: err = %v, want ErrInvalidKey", err)
+			}
+			if _, err := d.Stat(ctx, tt.key); !errors.Is(err, ErrInvalidKey) {
+				t.Errorf("Stat: err = %v, want ErrInvalidKey", err)
+			}
+			if err := d.Delete(ctx, tt.key); !errors.Is(err, ErrInvalidKey) {
+				t.Errorf("Delete: err = %v, want ErrInvalidKey", err)
+			}
+		})
+	}
+}
+
+func TestDirConcurrentPutSameBytes(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name       string
+		goroutines int
+		data       []byte
+	}{
+		{name: "small", goroutines: 8, data: []byte("raced bytes")},
+		{name: "several copy buffers", goroutines: 8, data: bytes.Repeat([]byte("race"), copyBufferSize)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			ctx := t.Context()
+			d, root := newTestDir(t)
+
+			infos := make([]Info, tt.goroutines)
+			errs := make([]error, tt.goroutines)
+			start := make(chan struct{})
+			var wg sync.WaitGroup
+			for i := range tt.goroutines {
+				wg.Go(func() {
+					<-start // line the Puts up so they really overlap
+					infos[i], errs[i] = d.Put(ctx, bytes.NewReader(tt.data), 1<<30)
+				})
+			}
+			close(start)
+			wg.Wait()
+
+			want := sha256Hex(tt.data)
+			created := 0
+			for i := range tt.goroutines {
+				if errs[i] != nil {
+					t.Errorf("Put %d: %v", i, errs[i])
+					continue
+				}
+				if infos[i].Key != want {
+					t.Errorf("Put %d key = %s, want %s", i, infos[i].Key, want)
+				}
+				if infos[i].Created {
+					created++
+				}
+			}
+			if created != 1 {
+				t.Errorf("%d Puts reported Created, want exactly 1", created)
+			}
+			if got := readAll(t, d, want); !bytes.Equal(got, tt.data) {
+				t.Errorf("stored %d bytes differ from the %d put", len(got), len(tt.data))
+			}
+			if files := storedFiles(t, root); len(files) != 1 {
+				t.Errorf("files = %v, want only the blob", files)
+			}
+		})
+	}
+}
+
+// TestDirPutStreams checks that Put does not hold an upload in memory. It
+// does not call t.Parallel: the allocation counters are process-wide, and
+// parallel tests only start once the sequential ones are done.
+func TestDirPutStreams(t *testing.T) {
+	if testing.Short() {
+		t.Skip("writes 200 MiB; skipped with -short")
+	}
+	const (
+		size = 200 << 20
+		// allowed is a generous bound on what one Put may allocate: the
+		// 64 KiB copy buffer, the hasher, the file handle and its paths.
+		allowed = 4 << 20
+	)
+	ctx := t.Context()
+	d, _ := newTestDir(t)
+	source := func() io.Reader {
+		return io.LimitReader(rand.NewChaCha8([32]byte{'b', 'l', 'o', 'b'}), size)
+	}
+	h := sha256.New()
+	if _, err := io.Copy(h, source()); err != nil {
+		t.Fatalf("hash source: %v", err)
+	}
+	want := hex.EncodeToString(h.Sum(nil))
+	r := source()
+
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	info, err := d.Put(ctx, r, size)
+	runtime.ReadMemStats(&after)
+	if err != nil {
+		t.Fatalf("Put: %v", err)
+	}
+
+	if info.Size != size || info.Key != want {
+		t.Errorf("Put = %+v, want size %d and key %s", info, size, want)
+	}
+	allocated := after.TotalAlloc - before.TotalAlloc
+	t.Logf("Put of %d MiB allocated %d KiB; heap in use %d KiB before, %d KiB after",
+		size>>20, allocated>>10, before.HeapInuse>>10, after.HeapInuse>>10)
+	if allocated > allowed {
+		t.Errorf("Put allocated %d bytes for a %d byte upload, want at most %d", allocated, size, allowed)
+	}
+}
+
+func TestNewDir(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		cfg     func(root string) DirConfig
+		wantErr bool
+	}{
+		{name: "defaults", cfg: func(root string) DirConfig { return DirConfig{Dir: root} }},
+		{name: "nested, missing dir is created", cfg: func(root string) DirConfig {
+			return DirConfig{Dir: filepath.Join(root, "a", "b")}
+		}},
+		{name: "dir missing", cfg: func(string) DirConfig { return DirConfig{} }, wantErr: true},
+		{name: "negative temp max age", cfg: func(root string) DirConfig {
+			return DirConfig{Dir: root, TempMaxAge: -time.Second}
+		}, wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			cfg := tt.cfg(t.TempDir())
+			_, err := NewDir(cfg)
+			if tt.wantErr {
+				if err == nil {
+					t.Fatal("NewDir: err = nil, want an error")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("NewDir: %v", err)
+			}
+			if fi, err := os.Stat(filepath.Join(cfg.Dir, tempDirName)); err != nil || !fi.IsDir() {
+				t.Errorf("temp dir not created: %v", err)
+			}
+		})
+	}
+}
+
+func TestDirConfigValidateReportsEveryProblem(t *testing.T) {
+	t.Parallel()
+	err := DirConfig{TempMaxAge: -time.Second}.Validate()
+	if err == nil {
+		t.Fatal("Validate: err = nil, want an error")
+	}
+	for _, want := range []string{"dir", "temp max age"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("Validate: %q does not mention %q", err, want)
+		}
+	}
+}
+
+func TestNewDirRemovesStaleTempFiles(t *testing.T) {
+	t.Parallel()
+	old := time.Now().Add(-2 * time.Hour)
+	tests := []struct {
+		name     string
+		file     string
+		modTime  time.Time
+		wantKept bool
+	}{
+		{name: "stale temp file", file: tempPrefix + "1", modTime: old},
+		{name: "fresh temp file, maybe a Put in progress", file: tempPrefix + "2", modTime: time.Now(), wantKept: true},
+		{name: "stale file that Put did not create", file: "operator-notes", modTime: old, wantKept: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			root := t.TempDir()
+			p := filepath.Join(root, tempDirName, tt.file)
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(p, []byte("partial"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chtimes(p, tt.modTime, tt.modTime); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := NewDir(DirConfig{Dir: root, TempMaxAge: time.Hour}); err != nil {
+				t.Fatalf("NewDir: %v", err)
+			}
+			_, err := os.Stat(p)
+			if kept := err == nil; kept != tt.wantKept {
+				t.Errorf("file kept = %v, want %v (stat: %v)", kept, tt.wantKept, err)
+			}
+		})
+	}
+}

@@ -1,0 +1,104 @@
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"regexp"
+	"strconv"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+
+	"github.com/conveyor/conveyor/events"
+)
+
+type ctxKey int
+
+const (
+	envelopeKey ctxKey = iota
+	traceparentKey
+	attemptsKey
+)
+
+// EnvelopeFrom returns the envelope of the event being handled, if ctx
+// belongs to a handler call.
+func EnvelopeFrom(ctx context.Context) (events.Envelope, bool) {
+	env, ok := ctx.Value(envelopeKey).(events.Envelope)
+	return env, ok
+}
+
+// WithEnvelope returns ctx carrying env, as a handler's context does. Tests
+// of handlers use it to call them as the router would.
+func WithEnvelope(ctx context.Context, env events.Envelope) context.Context {
+	return context.WithValue(ctx, envelopeKey, env)
+}
+
+var traceparentRE = regexp.MustCompile(`^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$`)
+
+// WithTraceparent returns ctx carrying a W3C traceparent (for example from
+// an incoming HTTP request), which events published with ctx record. An
+// invalid value is ignored.
+func WithTraceparent(ctx context.Context, tp string) context.Context {
+	if !traceparentRE.MatchString(tp) {
+		return ctx
+	}
+	return context.WithValue(ctx, traceparentKey, tp)
+}
+
+func traceparentFrom(ctx context.Context) string {
+	tp, _ := ctx.Value(traceparentKey).(string)
+	return tp
+}
+
+// attempts is what a handler may know about its retry budget.
+type attempts struct{ attempt, max int }
+
+// IsLastAttempt reports whether a failure of the current handler call will
+// not be retried. Handlers use it to publish a final failure event (for
+// example email.failed) instead of leaving it to the dead-letter stream.
+func IsLastAttempt(ctx context.Context) bool {
+	a, ok := ctx.Value(attemptsKey).(attempts)
+	return ok && a.max > 0 && a.attempt >= a.max
+}
+
+// Attempt returns the delivery attempt of the event being handled (1 for the
+// first), or 0 outside a handler.
+func Attempt(ctx context.Context) int {
+	a, _ := ctx.Value(attemptsKey).(attempts)
+	return a.attempt
+}
+
+// envelopeOf reads the envelope out of a message. fallbackType is used when
+// the publisher set no event_type (a plain Watermill publisher): the stream
+// names the type.
+func envelopeOf(msg *message.Message, fallbackType string) events.Envelope {
+	md := msg.Metadata
+	env := events.Envelope{
+		ID:            msg.UUID,
+		Type:          md.Get(MetaEventType),
+		CorrelationID: md.Get(MetaCorrelationID),
+		CausationID:   md.Get(MetaCausationID),
+		Source:        md.Get(MetaSource),
+		Traceparent:   md.Get(MetaTraceparent),
+		Attempt:       attemptOf(msg),
+	}
+	if env.Type == "" {
+		env.Type = fallbackType
+	}
+	if v, err := strconv.Atoi(md.Get(MetaEventVersion)); err == nil {
+		env.Version = v
+	}
+	if t, err := time.Parse(time.RFC3339Nano, md.Get(MetaOccurredAt)); err == nil {
+		env.OccurredAt = t
+	}
+	return env
+}
+
+func attemptOf(msg *message.Message) int {
+	if n, err := strconv.Atoi(msg.Metadata.Get(MetaAttempt)); err == nil && n > 0 {
+		return n
+	}
+	return 1
+}
+
+func marshalJSON(v any) ([]byte, error) { return json.Marshal(v) }

@@ -1,0 +1,278 @@
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// Fields of a dead-letter entry besides the original entry's fields.
+const (
+	dlqStream        = "dlq_stream"
+	dlqEntryID       = "dlq_entry_id"
+	dlqGroup         = "dlq_group"
+	dlqConsumer      = "dlq_consumer"
+	dlqError         = "dlq_error"
+	dlqAttempts      = "dlq_attempts"
+	dlqFirstFailedAt = "dlq_first_failed_at"
+	dlqLastFailedAt  = "dlq_last_failed_at"
+	// dlqRaw holds, as JSON, every field of an entry that could not be
+	// decoded, exactly as it was.
+	dlqRaw = "dlq_raw"
+)
+
+// DeadLetter is one entry of a group's dead-letter stream.
+type DeadLetter struct {
+	// ID is the entry id in the dead-letter stream.
+	ID string `json:"id"`
+	// Group is the consumer group that gave up.
+	Group string `json:"group"`
+	// Stream and EntryID locate the original entry.
+	Stream  string `json:"stream"`
+	EntryID string `json:"entry_id"`
+	// EventID and EventType come from the original message, if it decoded.
+	EventID   string            `json:"event_id,omitempty"`
+	EventType string            `json:"event_type,omitempty"`
+	Metadata  map[string]string `json:"metadata,omitempty"`
+	Payload   string            `json:"payload,omitempty"`
+	// Raw holds the fields of an entry that could not be decoded.
+	Raw           map[string]string `json:"raw,omitempty"`
+	Error         string            `json:"error"`
+	Attempts      int               `json:"attempts"`
+	FirstFailedAt time.Time         `json:"first_failed_at,omitzero"`
+	LastFailedAt  time.Time         `json:"last_failed_at"`
+	Consumer      string            `json:"consumer"`
+}
+
+// DeadLetters gives operators the dead-letter streams: list, inspect,
+// replay and purge.
+type DeadLetters struct {
+	rdb redis.UniversalClient
+}
+
+// NewDeadLetters returns a DeadLetters on rdb (which it never closes).
+func NewDeadLetters(rdb redis.UniversalClient) *DeadLetters { return &DeadLetters{rdb: rdb} }
+
+// ErrDeadLetterNotFound is returned for an unknown dead-letter id.
+var ErrDeadLetterNotFound = errors.New("dead letter not found")
+
+// Count returns the number of dead letters of group.
+func (d *DeadLetters) Count(ctx context.Context, group string) (int64, error) {
+	n, err := d.rdb.XLen(ctx, DeadLetterStream(group)).Result()
+	if err != nil {
+		return 0, fmt.Errorf("count dead letters of %s: %w", group, err)
+	}
+	return n, nil
+}
+
+// List returns up to limit dead letters of group, oldest first, starting
+// after the id after ("" for the start).
+func (d *DeadLetters) List(ctx context.Context, group, after string, limit int64) ([]DeadLetter, error) {
+	start := "-"
+	if after != "" {
+		start = "(" + after
+	}
+	xs, err := d.rdb.XRangeN(ctx, DeadLetterStream(group), start, "+", limit).Result()
+	if err != nil {
+		return nil, fmt.Errorf("list dead letters of %s: %w", group, err)
+	}
+	out := make([]DeadLetter, 0, len(xs))
+	for _, x := range xs {
+		out = append(out, parseDeadLetter(group, x))
+	}
+	return out, nil
+}
+
+// Get returns one dead letter.
+func (d *DeadLetters) Get(ctx context.Context, group, id string) (DeadLetter, error) {
+	xs, err := d.rdb.XRange(ctx, DeadLetterStream(group), id, id).Result()
+	if err != nil {
+		return DeadLetter{}, fmt.Errorf("get dead letter %s of %s: %w", id, group, err)
+	}
+	if len(xs) == 0 {
+		return DeadLetter{}, fmt.Errorf("%w: %s in group %s", ErrDeadLetterNotFound, id, group)
+	}
+	return parseDeadLetter(group, xs[0]), nil
+}
+
+// Replay puts dead letters back to work for their group only: each is added
+// to the group's retry stream with a fresh attempt count, then removed from
+// the dead-letter stream. ids empty means all. It returns how many it
+// replayed.
+func (d *DeadLetters) Replay(ctx context.Context, group string, ids ...string) (int, error) {
+	return d.each(ctx, group, ids, func(x redis.XMessage) error {
+		fields, stream, err := replayFields(x)
+		if err != nil {
+			return err
+		}
+		pipe := d.rdb.Pipeline()
+		pipe.XGroupCreateMkStream(ctx, RetryStream(stream, group), group, "0")
+		add := pipe.XAdd(ctx, &redis.XAddArgs{Stream: RetryStream(stream, group), Values: fields})
+		if _, err := pipe.Exec(ctx); err != nil && add.Err() != nil {
+			return fmt.Errorf("replay %s: %w", x.ID, add.Err())
+		}
+		if err := d.rdb.XDel(ctx, DeadLetterStream(group), x.ID).Err(); err != nil {
+			return fmt.Errorf("remove replayed %s: %w", x.ID, err)
+		}
+		return nil
+	})
+}
+
+// Purge deletes dead letters; ids empty means all. It returns how many it
+// deleted.
+func (d *DeadLetters) Purge(ctx context.Context, group string, ids ...string) (int, error) {
+	if len(ids) == 0 {
+		n, err := d.rdb.XLen(ctx, DeadLetterStream(group)).Result()
+		if err != nil {
+			return 0, fmt.Errorf("purge dead letters of %s: %w", group, err)
+		}
+		if err := d.rdb.Del(ctx, DeadLetterStream(group)).Err(); err != nil {
+			return 0, fmt.Errorf("purge dead letters of %s: %w", group, err)
+		}
+		return int(n), nil
+	}
+	n, err := d.rdb.XDel(ctx, DeadLetterStream(group), ids...).Result()
+	if err != nil {
+		return 0, fmt.Errorf("purge dead letters of %s: %w", group, err)
+	}
+	return int(n), nil
+}
+
+// each calls fn for the listed dead letters, or for all of them, in pages.
+func (d *DeadLetters) each(ctx context.Context, group string, ids []string, fn func(redis.XMessage) error) (int, error) {
+	done := 0
+	if len(ids) > 0 {
+		for _, id := range ids {
+			xs, err := d.rdb.XRange(ctx, DeadLetterStream(group), id, id).Result()
+			if err != nil {
+				return done, fmt.Errorf("read dead letter %s: %w", id, err)
+			}
+			if len(xs) == 0 {
+				return done, fmt.Errorf("%w: %s in group %s", ErrDeadLetterNotFound, id, group)
+			}
+			if err := fn(xs[0]); err != nil {
+				return done, err
+			}
+			done++
+		}
+		return done, nil
+	}
+	start := "-"
+	for {
+		xs, err := d.rdb.XRangeN(ctx, DeadLetterStream(group), start, "+", 500).Result()
+		if err != nil {
+			return done, fmt.Errorf("read dead letters of %s: %w", group, err)
+		}
+		if len(xs) == 0 {
+			return done, nil
+		}
+		for _, x := range xs {
+			if err := fn(x); err != nil {
+				return done, err
+			}
+			done++
+		}
+		start = "(" + xs[len(xs)-1].ID
+	}
+}
+
+func str(v any) string {
+	s, _ := v.(string)
+	return s
+}
+
+func parseDeadLetter(group string, x redis.XMessage) DeadLetter {
+	v := x.Values
+	dl := DeadLetter{
+		ID:       x.ID,
+		Group:    group,
+		Stream:   str(v[dlqStream]),
+		EntryID:  str(v[dlqEntryID]),
+		EventID:  str(v[fieldUUID]),
+		Payload:  str(v[fieldPayload]),
+		Error:    str(v[dlqError]),
+		Consumer: str(v[dlqConsumer]),
+	}
+	dl.Attempts, _ = strconv.Atoi(str(v[dlqAttempts]))
+	dl.FirstFailedAt, _ = time.Parse(time.RFC3339Nano, str(v[dlqFirstFailedAt]))
+	dl.LastFailedAt, _ = time.Parse(time.RFC3339Nano, str(v[dlqLastFailedAt]))
+	if dl.FirstFailedAt.IsZero() {
+		dl.FirstFailedAt = dl.LastFailedAt
+	}
+	if md := str(v[fieldMetadata]); md != "" {
+		m := map[string]string{}
+		if msgpack.Unmarshal([]byte(md), &m) == nil {
+			dl.Metadata = m
+			dl.EventType = m[MetaEventType]
+		}
+	}
+	if raw := str(v[dlqRaw]); raw != "" {
+		m := map[string]string{}
+		if json.Unmarshal([]byte(raw), &m) == nil {
+			dl.Raw = m
+		}
+	}
+	return dl
+}
+
+// replayFields rebuilds the original entry of a dead letter, with the
+// attempt count and failure history removed so it gets a full retry budget.
+func replayFields(x redis.XMessage) ([]any, string, error) {
+	stream := str(x.Values[dlqStream])
+	if stream == "" {
+		return nil, "", fmt.Errorf("dead letter %s names no stream", x.ID)
+	}
+	if raw := str(x.Values[dlqRaw]); raw != "" {
+		m := map[string]string{}
+		if err := json.Unmarshal([]byte(raw), &m); err != nil {
+			return nil, "", fmt.Errorf("dead letter %s: raw fields: %w", x.ID, err)
+		}
+		fields := make([]any, 0, 2*len(m))
+		for k, v := range m {
+			fields = append(fields, k, v)
+		}
+		if len(fields) == 0 {
+			fields = append(fields, "empty", "")
+		}
+		return fields, stream, nil
+	}
+	md := map[string]string{}
+	if s := str(x.Values[fieldMetadata]); s != "" {
+		if err := msgpack.Unmarshal([]byte(s), &md); err != nil {
+			return nil, "", fmt.Errorf("dead letter %s: metadata: %w", x.ID, err)
+		}
+	}
+	for _, k := range []string{MetaAttempt, MetaFirstFailedAt, MetaLastError} {
+		delete(md, k)
+	}
+	mdb, err := msgpack.Marshal(md)
+	if err != nil {
+		return nil, "", err
+	}
+	return []any{
+		fieldUUID, str(x.Values[fieldUUID]),
+		fieldMetadata, mdb,
+		fieldPayload, str(x.Values[fieldPayload]),
+		fieldOrigin, "dlq/" + x.ID,
+	}, stream, nil
+}
+
+// Groups lists the consumer groups that have a dead-letter stream.
+func (d *DeadLetters) Groups(ctx context.Context) ([]string, error) {
+	var out []string
+	iter := d.rdb.Scan(ctx, 0, DeadLetterStream("*"), 100).Iterator()
+	for iter.Next(ctx) {
+		out = append(out, strings.TrimPrefix(iter.Val(), DeadLetterStream("")))
+	}
+	if err := iter.Err(); err != nil {
+		return nil, fmt.Errorf("list dead-letter streams: %w", err)
+	}
+	return out, nil
+}

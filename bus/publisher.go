@@ -1,0 +1,369 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/conveyor/conveyor/events"
+)
+
+// PublisherConfig configures a Publisher.
+type PublisherConfig struct {
+	// Client is the Redis holding the streams. Required. Close never closes
+	// it: its owner does.
+	Client redis.UniversalClient
+	// Source names the publishing program in the envelope. Defaults to
+	// "conveyor".
+	Source string
+	// StreamPrefix is put before every event type to name its stream.
+	// Defaults to "" (the stream is the wire name). Tests use it to isolate
+	// themselves.
+	StreamPrefix string
+	// MaxBatch bounds how many concurrent publishes go into one pipelined
+	// round trip. Defaults to 512.
+	MaxBatch int
+	// Pipelines is how many pipelined round trips may be in flight at once.
+	// Defaults to 4.
+	Pipelines int
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// Metrics, if set, counts publishes.
+	Metrics *Metrics
+}
+
+func (c *PublisherConfig) setDefaults() {
+	if c.Source == "" {
+		c.Source = "conveyor"
+	}
+	if c.MaxBatch == 0 {
+		c.MaxBatch = 512
+	}
+	if c.Pipelines == 0 {
+		c.Pipelines = 4
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Validate reports every configuration problem at once.
+func (c *PublisherConfig) Validate() error {
+	var errs []error
+	if c.Client == nil {
+		errs = append(errs, errors.New("publisher: Client is required"))
+	}
+	if c.MaxBatch < 1 {
+		errs = append(errs, errors.New("publisher: MaxBatch must be at least 1"))
+	}
+	if c.Pipelines < 1 {
+		errs = append(errs, errors.New("publisher: Pipelines must be at least 1"))
+	}
+	return errors.Join(errs...)
+}
+
+// Publisher appends events to their streams. Concurrent publishes are
+// coalesced into pipelined XADDs: while one round trip is in flight, the
+// next requests queue and leave together, so batching adds no timer delay
+// and a lone publish goes out at once.
+//
+// A publish returns only after Redis acknowledged the XADD: accepted means
+// written (with the durability of the Redis AOF setting).
+type Publisher struct {
+	cfg     PublisherConfig
+	reqs    chan *pubReq
+	closed  chan struct{}
+	once    sync.Once
+	workers sync.WaitGroup
+	// mu orders submits before Close: a request is either queued while the
+	// workers still run, or refused.
+	mu       sync.RWMutex
+	isClosed bool
+}
+
+type pubReq struct {
+	ctx    context.Context
+	stream string
+	fields []any
+	id     string // resulting entry id
+	err    error
+	done   chan struct{}
+}
+
+var pubReqPool = sync.Pool{New: func() any { return &pubReq{done: make(chan struct{}, 1)} }}
+
+// NewPublisher starts a Publisher.
+func NewPublisher(cfg PublisherConfig) (*Publisher, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	p := &Publisher{cfg: cfg, reqs: make(chan *pubReq, cfg.MaxBatch*cfg.Pipelines), closed: make(chan struct{})}
+	for i := 0; i < cfg.Pipelines; i++ {
+		p.workers.Add(1)
+		go p.work()
+	}
+	return p, nil
+}
+
+// ErrPublisherClosed is returned by publishes after Close.
+var ErrPublisherClosed = errors.New("publisher closed")
+
+// Stream returns the stream name for an event type.
+func (p *Publisher) Stream(eventType string) string { return p.cfg.StreamPrefix + eventType }
+
+// Publish implements message.Publisher: it appends msgs to the stream topic
+// and returns when all are written.
+func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
+	reqs := make([]*pubReq, 0, len(msgs))
+	var firstErr error
+	for _, msg := range msgs {
+		fields, err := marshalFields(msg)
+		if err != nil {
+			firstErr = fmt.Errorf("publish %s to %s: %w", msg.UUID, topic, err)
+			break
+		}
+		r, err := p.submit(msg.Context(), topic, fields)
+		if err != nil {
+			firstErr = fmt.Errorf("publish %s to %s: %w", msg.UUID, topic, err)
+			break
+		}
+		reqs = append(reqs, r)
+	}
+	for i, r := range reqs {
+		<-r.done
+		if r.err != nil && firstErr == nil {
+			firstErr = fmt.Errorf("publish %s to %s: %w", msgs[i].UUID, topic, r.err)
+		}
+		pubReqPool.Put(r)
+	}
+	return firstErr
+}
+
+func (p *Publisher) submit(ctx context.Context, stream string, fields []any) (*pubReq, error) {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if p.isClosed {
+		return nil, ErrPublisherClosed
+	}
+	r := pubReqPool.Get().(*pubReq)
+	r.ctx, r.stream, r.fields, r.id, r.err = ctx, stream, fields, "", nil
+	select {
+	case p.reqs <- r:
+		return r, nil
+	case <-ctx.Done():
+		pubReqPool.Put(r)
+		return nil, ctx.Err()
+	}
+}
+
+func (p *Publisher) work() {
+	defer p.workers.Done()
+	batch := make([]*pubReq, 0, p.cfg.MaxBatch)
+	cmds := make([]*redis.StringCmd, 0, p.cfg.MaxBatch)
+	for {
+		batch = batch[:0]
+		select {
+		case r := <-p.reqs:
+			batch = append(batch, r)
+		case <-p.closed:
+			// Close waits for senders to stop, so draining now finishes
+			// every accepted request.
+			for {
+				select {
+				case r := <-p.reqs:
+					p.flush(append(batch[:0], r), cmds)
+				default:
+					return
+				}
+			}
+		}
+	fill:
+		for len(batch) < p.cfg.MaxBatch {
+			select {
+			case r := <-p.reqs:
+				batch = append(batch, r)
+			default:
+				break fill
+			}
+		}
+		p.flush(batch, cmds)
+	}
+}
+
+func (p *Publisher) flush(batch []*pubReq, cmds []*redis.StringCmd) {
+	cmds = cmds[:0]
+	pipe := p.cfg.Client.Pipeline()
+	live := batch[:0:0]
+	for _, r := range batch {
+		if err := r.ctx.Err(); err != nil {
+			r.err = err
+			r.done <- struct{}{}
+			continue
+		}
+		live = append(live, r)
+		cmds = append(cmds, pipe.XAdd(context.Background(), &redis.XAddArgs{Stream: r.stream, Values: r.fields}))
+	}
+	if len(live) == 0 {
+		return
+	}
+	// The pipeline is not bound to any one request's context: once sent,
+	// an XADD may have happened, and the caller must learn its outcome.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	_, _ = pipe.Exec(ctx)
+	cancel()
+	for i, r := range live {
+		r.id, r.err = cmds[i].Result()
+		if p.cfg.Metrics != nil {
+			p.cfg.Metrics.published(r.stream, r.err)
+		}
+		r.done <- struct{}{}
+	}
+}
+
+// Close stops the publisher after in-flight publishes finished. It does not
+// close the Redis client.
+func (p *Publisher) Close() error {
+	p.once.Do(func() {
+		p.mu.Lock()
+		p.isClosed = true
+		p.mu.Unlock()
+		close(p.closed)
+		p.workers.Wait()
+	})
+	return nil
+}
+
+// PublishOption adjusts one publish.
+type PublishOption func(*publishOptions)
+
+type publishOptions struct {
+	id            string
+	correlationID string
+	occurredAt    time.Time
+}
+
+// WithID sets the event id instead of a new UUIDv7; use events.DerivedID for
+// follow-up events so a redelivered cause republishes the same id.
+func WithID(id string) PublishOption { return func(o *publishOptions) { o.id = id } }
+
+// WithCorrelationID sets the correlation id (default: the one of the event
+// being handled, else the new event's own id).
+func WithCorrelationID(id string) PublishOption {
+	return func(o *publishOptions) { o.correlationID = id }
+}
+
+// WithOccurredAt sets when the fact happened (default: now).
+func WithOccurredAt(t time.Time) PublishOption { return func(o *publishOptions) { o.occurredAt = t } }
+
+// NewMessage builds the Watermill message for ev with the full envelope. If
+// ctx carries the envelope of an event being handled, the new event records
+// it as its cause and shares its correlation id.
+func (p *Publisher) NewMessage(ctx context.Context, ev events.Event, opts ...PublishOption) (*message.Message, error) {
+	var o publishOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.id == "" {
+		o.id = events.NewID()
+	}
+	if o.occurredAt.IsZero() {
+		o.occurredAt = time.Now()
+	}
+	payload, err := marshalJSON(ev)
+	if err != nil {
+		return nil, fmt.Errorf("marshal %s: %w", ev.EventType(), err)
+	}
+	msg := message.NewMessage(o.id, payload)
+	md := msg.Metadata
+	md[MetaEventID] = o.id
+	md[MetaEventType] = ev.EventType()
+	md[MetaEventVersion] = strconv.Itoa(ev.EventVersion())
+	md[MetaOccurredAt] = o.occurredAt.UTC().Format(time.RFC3339Nano)
+	md[MetaSource] = p.cfg.Source
+	cause, hasCause := EnvelopeFrom(ctx)
+	switch {
+	case o.correlationID != "":
+		md[MetaCorrelationID] = o.correlationID
+	case hasCause && cause.CorrelationID != "":
+		md[MetaCorrelationID] = cause.CorrelationID
+	default:
+		md[MetaCorrelationID] = o.id
+	}
+	if hasCause {
+		md[MetaCausationID] = cause.ID
+		if cause.Traceparent != "" {
+			md[MetaTraceparent] = cause.Traceparent
+		}
+	}
+	if tp := traceparentFrom(ctx); tp != "" {
+		md[MetaTraceparent] = tp
+	}
+	return msg, nil
+}
+
+// PublishEvent validates ev and appends it to its stream. It returns the
+// event id once Redis has acknowledged the write.
+func (p *Publisher) PublishEvent(ctx context.Context, ev events.Event, opts ...PublishOption) (string, error) {
+	if err := ev.Validate(); err != nil {
+		return "", fmt.Errorf("publish %s: %w", ev.EventType(), err)
+	}
+	msg, err := p.NewMessage(ctx, ev, opts...)
+	if err != nil {
+		return "", err
+	}
+	msg.SetContext(ctx)
+	if err := p.Publish(p.Stream(ev.EventType()), msg); err != nil {
+		return "", err
+	}
+	return msg.UUID, nil
+}
+
+// PublishResult is the outcome of one event of PublishBatch.
+type PublishResult struct {
+	ID  string
+	Err error
+}
+
+// PublishBatch appends many events at once, each independently: every
+// result with a nil Err is durable, the others were not written.
+func (p *Publisher) PublishBatch(ctx context.Context, evs []events.Event, opts [][]PublishOption) []PublishResult {
+	res := make([]PublishResult, len(evs))
+	reqs := make([]*pubReq, len(evs))
+	for i, ev := range evs {
+		var o []PublishOption
+		if i < len(opts) {
+			o = opts[i]
+		}
+		msg, err := p.NewMessage(ctx, ev, o...)
+		if err != nil {
+			res[i].Err = err
+			continue
+		}
+		res[i].ID = msg.UUID
+		fields, err := marshalFields(msg)
+		if err != nil {
+			res[i].Err = err
+			continue
+		}
+		if reqs[i], err = p.submit(ctx, p.Stream(ev.EventType()), fields); err != nil {
+			res[i].Err = err
+		}
+	}
+	for i, r := range reqs {
+		if r == nil {
+			continue
+		}
+		<-r.done
+		res[i].Err = r.err
+		pubReqPool.Put(r)
+	}
+	return res
+}

@@ -1,0 +1,1134 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/redis/go-redis/v9"
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// SubscriberConfig configures a Subscriber: one consumer of one consumer
+// group, on any number of streams.
+type SubscriberConfig struct {
+	// Client is the Redis holding the streams. Required. Close never closes
+	// it: its owner does.
+	Client redis.UniversalClient
+	// ConsumerGroup names the group. Required. A group is named after its
+	// handler and never renamed: a new name is a new group that replays the
+	// stream.
+	ConsumerGroup string
+	// Consumer names this consumer within the group. Required; it must be
+	// unique per replica and stable across restarts of that replica (see
+	// ConsumerName), so a restarted replica finds its own pending entries.
+	Consumer string
+	// BatchSize is the COUNT of each XREADGROUP. Defaults to 100.
+	BatchSize int
+	// MaxInFlight bounds how many messages of all this subscriber's
+	// subscriptions are handed out and not yet acked or nacked. It is the
+	// concurrency of the handler. Defaults to 64.
+	MaxInFlight int
+	// BlockTime is how long one XREADGROUP waits for new entries. It bounds
+	// how long Close waits for a reader. Defaults to 1s.
+	BlockTime time.Duration
+	// ClaimMinIdle is how long an entry of another consumer must be idle
+	// before this one claims it: the time to recover the work of a crashed
+	// replica. Live consumers refresh their entries every
+	// HeartbeatInterval, so a slow job is never stolen. Defaults to 10s.
+	ClaimMinIdle time.Duration
+	// ClaimInterval is how often idle entries are looked for. Defaults to
+	// ClaimMinIdle/2.
+	ClaimInterval time.Duration
+	// HeartbeatInterval is how often entries still being worked on are
+	// re-claimed by their own consumer to reset their idle time. Defaults
+	// to ClaimMinIdle/3.
+	HeartbeatInterval time.Duration
+	// Retry is the retry policy for nacked messages.
+	Retry RetryPolicy
+	// MaxDeliveries dead-letters an entry that was delivered this many
+	// times without ever being acked or nacked: a message that crashes or
+	// hangs its consumer. Defaults to 10.
+	MaxDeliveries int
+	// DrainTimeout is how long Close waits for handed-out messages to be
+	// acked or nacked before it hands them back (leaves them pending, to be
+	// re-read on restart or claimed by another replica). Defaults to 20s.
+	DrainTimeout time.Duration
+	// DeadLetterMaxLen caps each dead-letter stream (approximately).
+	// Defaults to 100000.
+	DeadLetterMaxLen int64
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// Metrics, if set, counts outcomes.
+	Metrics *Metrics
+}
+
+func (c *SubscriberConfig) setDefaults() {
+	if c.BatchSize == 0 {
+		c.BatchSize = 100
+	}
+	if c.MaxInFlight == 0 {
+		c.MaxInFlight = 64
+	}
+	if c.BlockTime == 0 {
+		c.BlockTime = time.Second
+	}
+	if c.ClaimMinIdle == 0 {
+		c.ClaimMinIdle = 10 * time.Second
+	}
+	if c.ClaimInterval == 0 {
+		c.ClaimInterval = c.ClaimMinIdle / 2
+	}
+	if c.HeartbeatInterval == 0 {
+		c.HeartbeatInterval = c.ClaimMinIdle / 3
+	}
+	c.Retry.setDefaults()
+	if c.MaxDeliveries == 0 {
+		c.MaxDeliveries = 10
+	}
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = 20 * time.Second
+	}
+	if c.DeadLetterMaxLen == 0 {
+		c.DeadLetterMaxLen = 100_000
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Validate reports every configuration problem at once.
+func (c *SubscriberConfig) Validate() error {
+	var errs []error
+	if c.Client == nil {
+		errs = append(errs, errors.New("subscriber: Client is required"))
+	}
+	if c.ConsumerGroup == "" {
+		errs = append(errs, errors.New("subscriber: ConsumerGroup is required"))
+	}
+	if c.Consumer == "" {
+		errs = append(errs, errors.New("subscriber: Consumer is required"))
+	}
+	if c.BatchSize < 1 || c.MaxInFlight < 1 {
+		errs = append(errs, errors.New("subscriber: BatchSize and MaxInFlight must be at least 1"))
+	}
+	if c.BlockTime < time.Millisecond {
+		errs = append(errs, errors.New("subscriber: BlockTime must be at least 1ms"))
+	}
+	if c.HeartbeatInterval >= c.ClaimMinIdle {
+		errs = append(errs, errors.New("subscriber: HeartbeatInterval must be shorter than ClaimMinIdle, or live jobs get stolen"))
+	}
+	if c.ClaimInterval <= 0 || c.HeartbeatInterval <= 0 {
+		errs = append(errs, errors.New("subscriber: ClaimInterval and HeartbeatInterval must be positive"))
+	}
+	if c.MaxDeliveries < 1 {
+		errs = append(errs, errors.New("subscriber: MaxDeliveries must be at least 1"))
+	}
+	if err := c.Retry.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// Subscriber implements Watermill's message.Subscriber on Redis Streams
+// consumer groups, with the delivery guarantees of ARCHITECTURE.md §3.
+//
+// Each Subscribe reads one stream and the group's retry stream of it in
+// batches; at most MaxInFlight messages are out at once; acks are collected
+// and sent in pipelined batches. A nacked message is acked on its stream and
+// re-added, with its attempt count, to a sorted set from which it is moved
+// to the group's retry stream when due; after the last attempt, or at once
+// for a permanent error, it goes to the group's dead-letter stream. An entry
+// that cannot be decoded is dead-lettered without stopping anything.
+type Subscriber struct {
+	cfg SubscriberConfig
+	log *slog.Logger
+
+	// slots is the in-flight window: a send takes a slot, a receive frees
+	// one.
+	slots chan struct{}
+
+	mu       sync.Mutex
+	inflight map[string]*delivery // by stream + "\x00" + entry id
+	closed   bool
+
+	closing    chan struct{} // closed when Close starts: stop reading
+	hardCtx    context.Context
+	hardCancel context.CancelFunc // cancelled when the drain time is over
+	stopWork   chan struct{}      // closed last: ack/nack/heartbeat loops end
+
+	acks  chan *delivery
+	nacks chan *delivery
+
+	readers     sync.WaitGroup
+	workers     sync.WaitGroup
+	outstanding sync.WaitGroup // deliveries not yet finished
+
+	lastErr atomic.Pointer[error]
+	closeMu sync.Mutex
+}
+
+// delivery is one handed-out entry.
+type delivery struct {
+	sub     *subscription
+	stream  string
+	id      string
+	msg     *message.Message
+	attempt int
+	cancel  context.CancelFunc
+	beat    atomic.Int64 // unix nanos of the last heartbeat
+	done    atomic.Bool
+
+	// failure is recorded by the handler wrapper before it nacks.
+	failMu  sync.Mutex
+	failure error
+}
+
+// fail records why a message is about to be nacked.
+func (d *delivery) fail(err error) {
+	d.failMu.Lock()
+	d.failure = err
+	d.failMu.Unlock()
+}
+
+func (d *delivery) failureErr() error {
+	d.failMu.Lock()
+	defer d.failMu.Unlock()
+	return d.failure
+}
+
+type deliveryKey struct{}
+
+// deliveryFrom returns the delivery of a message handed out by a Subscriber.
+func deliveryFrom(ctx context.Context) *delivery {
+	d, _ := ctx.Value(deliveryKey{}).(*delivery)
+	return d
+}
+
+// RecordFailure tells the subscriber why msg is about to be nacked, so the
+// retry and the dead letter carry the error and a permanent error skips the
+// retries. Handlers registered through the Router never call it themselves.
+func RecordFailure(msg *message.Message, err error) {
+	if d := deliveryFrom(msg.Context()); d != nil {
+		d.fail(err)
+	}
+}
+
+// NewSubscriber returns a Subscriber. It starts its ack, nack and heartbeat
+// loops at once; Subscribe starts reading.
+func NewSubscriber(cfg SubscriberConfig) (*Subscriber, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	s := &Subscriber{
+		cfg:      cfg,
+		log:      cfg.Logger.With("consumer_group", cfg.ConsumerGroup, "consumer", cfg.Consumer),
+		slots:    make(chan struct{}, cfg.MaxInFlight),
+		inflight: make(map[string]*delivery),
+		closing:  make(chan struct{}),
+		stopWork: make(chan struct{}),
+		acks:     make(chan *delivery, cfg.MaxInFlight),
+		nacks:    make(chan *delivery, cfg.MaxInFlight),
+	}
+	s.hardCtx, s.hardCancel = context.WithCancel(context.Background())
+	s.workers.Add(3)
+	go s.ackLoop()
+	go s.nackLoop()
+	go s.heartbeatLoop()
+	return s, nil
+}
+
+// Err returns the last Redis error seen by the subscriber, or nil once a
+// later command succeeded. Readiness checks use it.
+func (s *Subscriber) Err() error {
+	if p := s.lastErr.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+func (s *Subscriber) setErr(err error) {
+	if err == nil {
+		if s.lastErr.Load() != nil {
+			s.lastErr.Store(nil)
+		}
+		return
+	}
+	s.lastErr.Store(&err)
+}
+
+// subscription is one Subscribe call.
+type subscription struct {
+	s       *Subscriber
+	topic   string
+	retry   string // the group's retry stream of topic
+	delayed string // the group's retry sorted set of topic
+	out     chan *message.Message
+	stop    chan struct{} // closed when this subscription must stop reading
+	ctx     context.Context
+	wake    chan struct{} // pokes the retry mover
+	cursors map[string]string
+}
+
+// Subscribe starts reading topic (a stream) as this subscriber's consumer
+// group. The channel closes when ctx is cancelled or the subscriber closes;
+// messages handed out before keep being acked or nacked until Close.
+func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, errors.New("subscriber closed")
+	}
+	s.readers.Add(2)
+	s.mu.Unlock()
+
+	sub := &subscription{
+		s:       s,
+		topic:   topic,
+		retry:   RetryStream(topic, s.cfg.ConsumerGroup),
+		delayed: RetrySet(topic, s.cfg.ConsumerGroup),
+		out:     make(chan *message.Message),
+		stop:    make(chan struct{}),
+		ctx:     ctx,
+		wake:    make(chan struct{}, 1),
+		cursors: map[string]string{},
+	}
+	if err := sub.ensureGroups(ctx); err != nil {
+		s.readers.Add(-2)
+		return nil, err
+	}
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-s.closing:
+		}
+		close(sub.stop)
+	}()
+	go sub.read()
+	go sub.moveDue()
+	return sub.out, nil
+}
+
+// SubscribeInitialize creates the consumer group on topic (Watermill's
+// message.SubscribeInitializer).
+func (s *Subscriber) SubscribeInitialize(topic string) error {
+	sub := &subscription{s: s, topic: topic, retry: RetryStream(topic, s.cfg.ConsumerGroup)}
+	return sub.ensureGroups(context.Background())
+}
+
+// ensureGroups creates the group on the stream and on its retry stream,
+// starting from the beginning: entries added before the group existed are
+// work too.
+func (sub *subscription) ensureGroups(ctx context.Context) error {
+	for _, stream := range []string{sub.topic, sub.retry} {
+		err := sub.s.cfg.Client.XGroupCreateMkStream(ctx, stream, sub.s.cfg.ConsumerGroup, "0").Err()
+		if err != nil && !isBusyGroup(err) {
+			return fmt.Errorf("create group %s on %s: %w", sub.s.cfg.ConsumerGroup, stream, err)
+		}
+	}
+	return nil
+}
+
+// acquire takes at least one and at most n window slots, blocking for the
+// first. It returns 0 when the subscription stops.
+func (sub *subscription) acquire(n int) int {
+	select {
+	case sub.s.slots <- struct{}{}:
+	case <-sub.stop:
+		return 0
+	}
+	got := 1
+	for got < n {
+		select {
+		case sub.s.slots <- struct{}{}:
+			got++
+		default:
+			return got
+		}
+	}
+	return got
+}
+
+func (s *Subscriber) release(n int) {
+	for i := 0; i < n; i++ {
+		<-s.slots
+	}
+}
+
+// read is the subscription's loop: its own pending entries first, then new
+// entries, with a claim of idle entries every ClaimInterval.
+func (sub *subscription) read() {
+	s := sub.s
+	defer s.readers.Done()
+	defer close(sub.out)
+
+	ctx, cancel := context.WithCancel(context.WithoutCancel(sub.ctx))
+	defer cancel()
+	go func() {
+		<-sub.stop
+		cancel()
+	}()
+
+	backoff := newBackoff(50*time.Millisecond, 5*time.Second)
+	// Own pending entries: what this consumer held when it last stopped.
+	for !sub.stopped() {
+		n, err := sub.readPending(ctx)
+		if err == nil && n == 0 {
+			break
+		}
+		if err != nil && !sub.stopped() {
+			sub.readError(ctx, err, backoff)
+		}
+	}
+	lastClaim := time.Time{}
+	for !sub.stopped() {
+		if time.Since(lastClaim) >= s.cfg.ClaimInterval {
+			lastClaim = time.Now()
+			if err := sub.claimIdle(ctx); err != nil && !sub.stopped() {
+				s.log.Warn("claim idle entries", "stream", sub.topic, "error", err)
+			}
+		}
+		n := sub.acquire(s.cfg.BatchSize)
+		if n == 0 {
+			return
+		}
+		block := s.cfg.BlockTime
+		if until := time.Until(lastClaim.Add(s.cfg.ClaimInterval)); until < block {
+			block = max(until, time.Millisecond)
+		}
+		res, err := s.cfg.Client.XReadGroup(ctx, &redis.XReadGroupArgs{
+			Group:    s.cfg.ConsumerGroup,
+			Consumer: s.cfg.Consumer,
+			Streams:  []string{sub.topic, sub.retry, ">", ">"},
+			Count:    int64(n),
+			Block:    block,
+		}).Result()
+		if err != nil {
+			s.release(n)
+			if errors.Is(err, redis.Nil) {
+				s.setErr(nil)
+				continue
+			}
+			if sub.stopped() {
+				return
+			}
+			sub.readError(ctx, err, backoff)
+			continue
+		}
+		s.setErr(nil)
+		backoff.reset()
+		sub.deliverAll(ctx, res, n, nil)
+	}
+}
+
+func (sub *subscription) stopped() bool {
+	select {
+	case <-sub.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// readError handles a failed read: a lost group is re-created, anything else
+// is waited out with backoff. Nothing here ends the subscription: Redis
+// outages are ridden out.
+func (sub *subscription) readError(ctx context.Context, err error, b *backoff) {
+	s := sub.s
+	s.setErr(err)
+	if isNoGroup(err) {
+		s.log.Error("consumer group or stream is gone (Redis restarted empty or was flushed?); re-creating it from the start of the stream",
+			"stream", sub.topic, "error", err)
+		if err := sub.ensureGroups(ctx); err != nil {
+			s.log.Error("re-create consumer group", "stream", sub.topic, "error", err)
+		}
+	} else {
+		s.log.Warn("read stream; retrying", "stream", sub.topic, "error", err, "retry_in", b.peek())
+	}
+	b.sleep(sub.stop)
+}
+
+// readPending re-reads this consumer's own pending entries (history read
+// with id 0) and hands them out again. It returns how many it found.
+func (sub *subscription) readPending(ctx context.Context) (int, error) {
+	s := sub.s
+	n := sub.acquire(s.cfg.BatchSize)
+	if n == 0 {
+		return 0, nil
+	}
+	start := func(stream string) string {
+		if c, ok := sub.cursors["pending:"+stream]; ok {
+			return c
+		}
+		return "0"
+	}
+	res, err := s.cfg.Client.XReadGroup(ctx, &redis.XReadGroupArgs{
+		Group:    s.cfg.ConsumerGroup,
+		Consumer: s.cfg.Consumer,
+		Streams:  []string{sub.topic, sub.retry, start(sub.topic), start(sub.retry)},
+		Count:    int64(n),
+		Block:    -1, // a history read never blocks; -1 leaves BLOCK out
+	}).Result()
+	if err != nil && !errors.Is(err, redis.Nil) {
+		s.release(n)
+		return 0, err
+	}
+	total := 0
+	for _, st := range res {
+		total += len(st.Messages)
+		if len(st.Messages) > 0 {
+			sub.cursors["pending:"+st.Stream] = st.Messages[len(st.Messages)-1].ID
+		}
+	}
+	if total == 0 {
+		s.release(n)
+		return 0, nil
+	}
+	counts, err := sub.deliveryCounts(ctx, res)
+	if err != nil {
+		s.release(n)
+		return 0, err
+	}
+	sub.deliverAll(ctx, res, n, counts)
+	return total, nil
+}
+
+// deliveryCounts looks up how often each entry of res was delivered.
+func (sub *subscription) deliveryCounts(ctx context.Context, res []redis.XStream) (map[string]int64, error) {
+	s := sub.s
+	counts := map[string]int64{}
+	for _, st := range res {
+		if len(st.Messages) == 0 {
+			continue
+		}
+		pend, err := s.cfg.Client.XPendingExt(ctx, &redis.XPendingExtArgs{
+			Stream:   st.Stream,
+			Group:    s.cfg.ConsumerGroup,
+			Start:    st.Messages[0].ID,
+			End:      st.Messages[len(st.Messages)-1].ID,
+			Count:    int64(len(st.Messages)) * 2,
+			Consumer: s.cfg.Consumer,
+		}).Result()
+		if err != nil {
+			return nil, fmt.Errorf("pending of %s: %w", st.Stream, err)
+		}
+		for _, p := range pend {
+			counts[st.Stream+"\x00"+p.ID] = p.RetryCount
+		}
+	}
+	return counts, nil
+}
+
+// claimIdle takes over entries that other (presumably dead) consumers have
+// left idle for ClaimMinIdle, on the stream and on the retry stream.
+func (sub *subscription) claimIdle(ctx context.Context) error {
+	s := sub.s
+	for _, stream := range []string{sub.topic, sub.retry} {
+		n := 0
+		for n < s.cfg.BatchSize {
+			select {
+			case s.slots <- struct{}{}:
+				n++
+				continue
+			default:
+			}
+			break
+		}
+		if n == 0 {
+			return nil
+		}
+		start := sub.cursors["claim:"+stream]
+		if start == "" {
+			start = "0-0"
+		}
+		msgs, next, err := s.cfg.Client.XAutoClaim(ctx, &redis.XAutoClaimArgs{
+			Stream:   stream,
+			Group:    s.cfg.ConsumerGroup,
+			Consumer: s.cfg.Consumer,
+			MinIdle:  s.cfg.ClaimMinIdle,
+			Start:    start,
+			Count:    int64(n),
+		}).Result()
+		if err != nil {
+			s.release(n)
+			if isNoGroup(err) {
+				return nil // the read loop re-creates the group
+			}
+			return fmt.Errorf("xautoclaim %s: %w", stream, err)
+		}
+		sub.cursors["claim:"+stream] = next
+		if len(msgs) == 0 {
+			s.release(n)
+			continue
+		}
+		s.log.Info("claimed idle entries of another consumer", "stream", stream, "count", len(msgs))
+		if s.cfg.Metrics != nil {
+			s.cfg.Metrics.claimed(s.cfg.ConsumerGroup, len(msgs))
+		}
+		res := []redis.XStream{{Stream: stream, Messages: msgs}}
+		counts, err := sub.deliveryCounts(ctx, res)
+		if err != nil {
+			// Deliver anyway: the crash-loop guard applies next time.
+			s.log.Warn("delivery counts of claimed entries", "stream", stream, "error", err)
+		}
+		sub.deliverAll(ctx, res, n, counts)
+	}
+	return nil
+}
+
+// deliverAll hands out the entries of res. slots window slots are already
+// held; more are acquired when res has more entries, fewer are released.
+func (sub *subscription) deliverAll(ctx context.Context, res []redis.XStream, slots int, counts map[string]int64) {
+	s := sub.s
+	for _, st := range res {
+		for _, xm := range st.Messages {
+			if slots == 0 {
+				if sub.acquire(1) == 0 {
+					return // stopping: the rest stays pending and comes back
+				}
+				slots = 1
+			}
+			slots--
+			sub.deliverOne(ctx, st.Stream, xm, counts)
+		}
+	}
+	s.release(slots)
+}
+
+// deliverOne hands out one entry whose window slot is held.
+func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis.XMessage, counts map[string]int64) {
+	s := sub.s
+	key := stream + "\x00" + xm.ID
+	if xm.Values == nil {
+		// A pending entry whose data was deleted from the stream: nothing
+		// to deliver, only the pending record to drop.
+		s.cfg.Client.XAck(ctx, stream, s.cfg.ConsumerGroup, xm.ID)
+		s.release(1)
+		return
+	}
+	s.mu.Lock()
+	if _, dup := s.inflight[key]; dup {
+		// Already being worked on here (claimed back from ourselves).
+		s.mu.Unlock()
+		s.release(1)
+		return
+	}
+	s.mu.Unlock()
+
+	msg, err := unmarshalFields(xm.Values)
+	if err != nil {
+		sub.deadLetterRaw(ctx, stream, xm, err.Error(), 0)
+		s.release(1)
+		return
+	}
+	if c := counts[key]; c > int64(s.cfg.MaxDeliveries) {
+		sub.deadLetter(ctx, stream, xm.ID, msg, fmt.Sprintf(
+			"delivered %d times without being acknowledged: its consumer probably crashes or hangs on it", c),
+			attemptOf(msg))
+		s.release(1)
+		return
+	}
+
+	msgCtx, cancel := context.WithCancel(context.WithoutCancel(sub.ctx))
+	d := &delivery{sub: sub, stream: stream, id: xm.ID, msg: msg, attempt: attemptOf(msg), cancel: cancel}
+	d.beat.Store(time.Now().UnixNano())
+	msg.SetContext(context.WithValue(msgCtx, deliveryKey{}, d))
+
+	s.mu.Lock()
+	s.inflight[key] = d
+	s.outstanding.Add(1)
+	s.mu.Unlock()
+
+	select {
+	case sub.out <- msg:
+	case <-sub.stop:
+		// Not handed out: it stays pending for this consumer and comes back
+		// at the next start, or to another replica after ClaimMinIdle.
+		s.finish(d, outcomeHandedBack)
+		return
+	}
+	if s.cfg.Metrics != nil {
+		s.cfg.Metrics.delivered(s.cfg.ConsumerGroup)
+	}
+	go func() {
+		select {
+		case <-msg.Acked():
+			s.acks <- d
+		case <-msg.Nacked():
+			s.nacks <- d
+		case <-s.hardCtx.Done():
+			s.finish(d, outcomeHandedBack)
+		}
+	}()
+}
+
+type outcome string
+
+const (
+	outcomeAcked        outcome = "acked"
+	outcomeRetried      outcome = "retried"
+	outcomeDeadLettered outcome = "dead_lettered"
+	outcomeHandedBack   outcome = "handed_back"
+)
+
+// finish ends a delivery exactly once.
+func (s *Subscriber) finish(d *delivery, o outcome) {
+	if !d.done.CompareAndSwap(false, true) {
+		return
+	}
+	s.mu.Lock()
+	delete(s.inflight, d.stream+"\x00"+d.id)
+	s.mu.Unlock()
+	d.cancel()
+	s.release(1)
+	if s.cfg.Metrics != nil {
+		s.cfg.Metrics.finished(s.cfg.ConsumerGroup, o)
+	}
+	s.outstanding.Done()
+}
+
+// ackLoop sends acks in pipelined batches: while one batch is in flight,
+// the next accumulates.
+func (s *Subscriber) ackLoop() {
+	defer s.workers.Done()
+	batch := make([]*delivery, 0, 1024)
+	for {
+		batch = batch[:0]
+		select {
+		case d := <-s.acks:
+			batch = append(batch, d)
+		case <-s.stopWork:
+			return
+		}
+	fill:
+		for len(batch) < cap(batch) {
+			select {
+			case d := <-s.acks:
+				batch = append(batch, d)
+			default:
+				break fill
+			}
+		}
+		s.flushAcks(batch)
+	}
+}
+
+func (s *Subscriber) flushAcks(batch []*delivery) {
+	byStream := map[string][]string{}
+	for _, d := range batch {
+		byStream[d.stream] = append(byStream[d.stream], d.id)
+	}
+	b := newBackoff(20*time.Millisecond, 2*time.Second)
+	for {
+		pipe := s.cfg.Client.Pipeline()
+		for stream, ids := range byStream {
+			pipe.XAck(context.Background(), stream, s.cfg.ConsumerGroup, ids...)
+			if isRetryStream(stream) {
+				// Retry entries belong to this group alone: delete them
+				// once done so the retry stream stays small.
+				pipe.XDel(context.Background(), stream, ids...)
+			}
+		}
+		cmds, err := pipe.Exec(context.Background())
+		if err == nil || onlyNoGroup(cmds) {
+			s.setErr(nil)
+			break
+		}
+		s.setErr(err)
+		if s.hardCtx.Err() != nil {
+			s.log.Error("acks could not be written before shutdown; those entries will be delivered again",
+				"count", len(batch), "error", err)
+			break
+		}
+		s.log.Warn("write acks; retrying", "count", len(batch), "error", err)
+		b.sleep(nil)
+	}
+	for _, d := range batch {
+		s.finish(d, outcomeAcked)
+	}
+}
+
+func onlyNoGroup(cmds []redis.Cmder) bool {
+	for _, c := range cmds {
+		if err := c.Err(); err != nil && !isNoGroup(err) {
+			return false
+		}
+	}
+	return true
+}
+
+func isRetryStream(stream string) bool {
+	return len(stream) > 6 && stream[len(stream)-6:] == ":retry"
+}
+
+// nackLoop schedules retries and writes dead letters.
+func (s *Subscriber) nackLoop() {
+	defer s.workers.Done()
+	for {
+		select {
+		case d := <-s.nacks:
+			s.handleNack(d)
+		case <-s.stopWork:
+			return
+		}
+	}
+}
+
+func (s *Subscriber) handleNack(d *delivery) {
+	reason := "nacked without a recorded error"
+	failure := d.failureErr()
+	if failure != nil {
+		reason = failure.Error()
+	}
+	b := newBackoff(20*time.Millisecond, 2*time.Second)
+	for {
+		var err error
+		var o outcome
+		if IsPermanent(failure) || d.attempt >= s.cfg.Retry.MaxAttempts {
+			err = d.sub.deadLetter(context.Background(), d.stream, d.id, d.msg, reason, d.attempt)
+			o = outcomeDeadLettered
+		} else {
+			err = d.sub.scheduleRetry(context.Background(), d, reason)
+			o = outcomeRetried
+		}
+		if err == nil {
+			s.finish(d, o)
+			return
+		}
+		s.setErr(err)
+		if s.hardCtx.Err() != nil {
+			s.log.Error("nack could not be written before shutdown; the entry will be delivered again",
+				"stream", d.stream, "entry_id", d.id, "error", err)
+			s.finish(d, outcomeHandedBack)
+			return
+		}
+		s.log.Warn("write nack; retrying", "stream", d.stream, "entry_id", d.id, "error", err)
+		b.sleep(nil)
+	}
+}
+
+const maxErrorText = 1000
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
+// scheduleRetry acks the entry and, in the same MULTI, stores its next
+// attempt in the retry set (or straight in the retry stream when there is
+// no delay). Both keys share the stream's hash slot.
+func (sub *subscription) scheduleRetry(ctx context.Context, d *delivery, reason string) error {
+	s := sub.s
+	now := time.Now()
+	md := make(map[string]string, len(d.msg.Metadata)+3)
+	for k, v := range d.msg.Metadata {
+		md[k] = v
+	}
+	md[MetaAttempt] = strconv.Itoa(d.attempt + 1)
+	if md[MetaFirstFailedAt] == "" {
+		md[MetaFirstFailedAt] = now.UTC().Format(time.RFC3339Nano)
+	}
+	md[MetaLastError] = truncate(reason, maxErrorText)
+	mdb, err := msgpack.Marshal(md)
+	if err != nil {
+		return fmt.Errorf("marshal metadata: %w", err)
+	}
+	fields := []string{
+		fieldUUID, d.msg.UUID,
+		fieldMetadata, string(mdb),
+		fieldPayload, string(d.msg.Payload),
+		fieldOrigin, d.stream + "/" + d.id,
+	}
+	delay := s.cfg.Retry.Backoff(d.attempt)
+	pipe := s.cfg.Client.TxPipeline()
+	if delay <= 0 {
+		pipe.XAdd(ctx, &redis.XAddArgs{Stream: sub.retry, Values: fields})
+	} else {
+		member, err := msgpack.Marshal(fields)
+		if err != nil {
+			return fmt.Errorf("marshal retry: %w", err)
+		}
+		pipe.ZAdd(ctx, sub.delayed, redis.Z{Score: float64(now.Add(delay).UnixMilli()), Member: member})
+	}
+	pipe.XAck(ctx, d.stream, s.cfg.ConsumerGroup, d.id)
+	if d.stream == sub.retry {
+		pipe.XDel(ctx, d.stream, d.id)
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return fmt.Errorf("schedule retry of %s/%s: %w", d.stream, d.id, err)
+	}
+	s.setErr(nil)
+	s.log.Debug("message will be retried", "stream", sub.topic, "entry_id", d.id, "event_id", d.msg.UUID,
+		"attempt", d.attempt, "retry_in", delay, "error", reason)
+	select {
+	case sub.wake <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// deadLetter moves a decoded message to the group's dead-letter stream and
+// acks it.
+func (sub *subscription) deadLetter(ctx context.Context, stream, id string, msg *message.Message, reason string, attempts int) error {
+	md, _ := msgpack.Marshal(map[string]string(msg.Metadata))
+	return sub.writeDeadLetter(ctx, stream, id, []any{
+		fieldUUID, msg.UUID,
+		fieldMetadata, md,
+		fieldPayload, []byte(msg.Payload),
+		dlqFirstFailedAt, msg.Metadata.Get(MetaFirstFailedAt),
+	}, reason, attempts)
+}
+
+// deadLetterRaw moves an entry that could not be decoded, with all its
+// fields as they were.
+func (sub *subscription) deadLetterRaw(ctx context.Context, stream string, xm redis.XMessage, reason string, attempts int) {
+	raw, _ := marshalJSON(xm.Values)
+	err := sub.writeDeadLetter(ctx, stream, xm.ID, []any{dlqRaw, raw}, reason, attempts)
+	if err != nil {
+		// It stays pending; the claim loop brings it back to try again.
+		sub.s.log.Error("dead-letter undecodable entry", "stream", stream, "entry_id", xm.ID, "error", err)
+	}
+}
+
+func (sub *subscription) writeDeadLetter(ctx context.Context, stream, id string, fields []any, reason string, attempts int) error {
+	s := sub.s
+	origin := stream
+	if stream == sub.retry {
+		origin = sub.topic
+	}
+	now := time.Now().UTC().Format(time.RFC3339Nano)
+	fields = append(fields,
+		dlqStream, origin,
+		dlqEntryID, id,
+		dlqGroup, s.cfg.ConsumerGroup,
+		dlqConsumer, s.cfg.Consumer,
+		dlqError, truncate(reason, maxErrorText),
+		dlqAttempts, strconv.Itoa(attempts),
+		dlqLastFailedAt, now,
+	)
+	pipe := s.cfg.Client.Pipeline()
+	pipe.XAdd(ctx, &redis.XAddArgs{
+		Stream: DeadLetterStream(s.cfg.ConsumerGroup),
+		MaxLen: s.cfg.DeadLetterMaxLen,
+		Approx: true,
+		Values: fields,
+	})
+	pipe.XAck(ctx, stream, s.cfg.ConsumerGroup, id)
+	if stream == sub.retry {
+		pipe.XDel(ctx, stream, id)
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return fmt.Errorf("dead-letter %s/%s: %w", stream, id, err)
+	}
+	s.log.Error("message dead-lettered", "stream", origin, "entry_id", id, "attempts", attempts, "error", reason)
+	return nil
+}
+
+// moveDueScript moves due members of a retry (or delay) set into a stream,
+// atomically, so that with several replicas each is moved exactly once.
+// KEYS[1] = sorted set, KEYS[2] = stream; ARGV[1] = now (ms), ARGV[2] = limit.
+// Returns {moved, next due score or -1}.
+var moveDueScript = redis.NewScript(`
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, m in ipairs(due) do
+  local f = cmsgpack.unpack(m)
+  redis.call('XADD', KEYS[2], '*', unpack(f))
+  redis.call('ZREM', KEYS[1], m)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if nxt[2] then return {#due, nxt[2]} end
+return {#due, '-1'}
+`)
+
+// moveDueTo runs moveDueScript once; it returns how many moved and when the
+// next one is due (zero time if none).
+func moveDueTo(ctx context.Context, rdb redis.Scripter, set, stream string, limit int) (int, time.Time, error) {
+	res, err := moveDueScript.Run(ctx, rdb, []string{set, stream}, time.Now().UnixMilli(), limit).Slice()
+	if err != nil {
+		return 0, time.Time{}, err
+	}
+	moved, _ := res[0].(int64)
+	var next time.Time
+	if s, ok := res[1].(string); ok && s != "-1" {
+		if f, err := strconv.ParseFloat(s, 64); err == nil {
+			next = time.UnixMilli(int64(f))
+		}
+	}
+	return int(moved), next, nil
+}
+
+// moveDue moves this group's due retries of the topic into its retry
+// stream. It sleeps until the next is due (at most a second, so retries
+// scheduled by other replicas are seen), or until woken by a new retry.
+func (sub *subscription) moveDue() {
+	s := sub.s
+	defer s.readers.Done()
+	b := newBackoff(100*time.Millisecond, 5*time.Second)
+	for {
+		wait := time.Second
+		moved, next, err := moveDueTo(context.Background(), s.cfg.Client, sub.delayed, sub.retry, 500)
+		switch {
+		case err != nil:
+			s.setErr(err)
+			wait = b.next()
+		case moved == 500:
+			wait = 0
+		case !next.IsZero():
+			b.reset()
+			wait = min(max(time.Until(next), time.Millisecond), time.Second)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-sub.stop:
+			t.Stop()
+			return
+		case <-sub.wake:
+			t.Stop()
+		case <-t.C:
+		}
+	}
+}
+
+// heartbeatScript re-claims entries still owned by this consumer, resetting
+// their idle time so no other replica claims a job that is merely slow. An
+// entry another consumer already took is left alone.
+// KEYS[1] = stream; ARGV[1] = group, ARGV[2] = consumer, ARGV[3..] = ids.
+var heartbeatScript = redis.NewScript(`
+local kept = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
+`)
+
+func (s *Subscriber) heartbeatLoop() {
+	defer s.workers.Done()
+	t := time.NewTicker(s.cfg.HeartbeatInterval / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopWork:
+			return
+		case <-t.C:
+			s.heartbeat()
+		}
+	}
+}
+
+func (s *Subscriber) heartbeat() {
+	cutoff := time.Now().Add(-s.cfg.HeartbeatInterval).UnixNano()
+	byStream := map[string][]*delivery{}
+	s.mu.Lock()
+	for _, d := range s.inflight {
+		if d.beat.Load() < cutoff {
+			byStream[d.stream] = append(byStream[d.stream], d)
+		}
+	}
+	s.mu.Unlock()
+	for stream, ds := range byStream {
+		args := make([]any, 0, len(ds)+2)
+		args = append(args, s.cfg.ConsumerGroup, s.cfg.Consumer)
+		for _, d := range ds {
+			args = append(args, d.id)
+		}
+		kept, err := heartbeatScript.Run(context.Background(), s.cfg.Client, []string{stream}, args...).Int()
+		if err != nil {
+			s.log.Warn("heartbeat of in-flight entries", "stream", stream, "error", err)
+			continue
+		}
+		now := time.Now().UnixNano()
+		for _, d := range ds {
+			d.beat.Store(now)
+		}
+		if kept < len(ds) {
+			s.log.Warn("in-flight entries were claimed by another consumer while still being worked on; raise ClaimMinIdle if this repeats",
+				"stream", stream, "lost", len(ds)-kept)
+		}
+	}
+}
+
+// Close stops reading, waits up to DrainTimeout for handed-out messages to
+// be acked or nacked, hands back the rest, flushes every ack, and returns.
+// It does not close the Redis client. Close is safe to call more than once.
+func (s *Subscriber) Close() error {
+	s.closeMu.Lock()
+	defer s.closeMu.Unlock()
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.mu.Unlock()
+
+	close(s.closing)
+	s.readers.Wait()
+
+	drained := make(chan struct{})
+	go func() {
+		s.outstanding.Wait()
+		close(drained)
+	}()
+	t := time.NewTimer(s.cfg.DrainTimeout)
+	select {
+	case <-drained:
+		t.Stop()
+	case <-t.C:
+		s.mu.Lock()
+		n := len(s.inflight)
+		s.mu.Unlock()
+		s.log.Warn("drain timeout: handing back messages still being worked on", "count", n)
+	}
+	// Cancels the contexts of handlers still running and hands their
+	// entries back; acks and nacks received until now are flushed first by
+	// the loops, which finish their current batch.
+	s.hardCancel()
+	s.mu.Lock()
+	for _, d := range s.inflight {
+		d.cancel()
+	}
+	s.mu.Unlock()
+	<-drained
+	close(s.stopWork)
+	s.workers.Wait()
+	return nil
+}
+
+// backoff is a small exponential backoff for retrying Redis commands.
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func newBackoff(minD, maxD time.Duration) *backoff { return &backoff{min: minD, max: maxD, cur: minD} }
+
+func (b *backoff) reset()              { b.cur = b.min }
+func (b *backoff) peek() time.Duration { return b.cur }
+
+func (b *backoff) next() time.Duration {
+	d := b.cur
+	b.cur = min(b.cur*2, b.max)
+	return d
+}
+
+// sleep waits for the next backoff step or until stop closes.
+func (b *backoff) sleep(stop <-chan struct{}) {
+	t := time.NewTimer(b.next())
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-stop:
+	}
+}

@@ -1,0 +1,504 @@
+package bus_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill-redisstream/pkg/redisstream"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/internal/testenv"
+)
+
+// fixture is one test's topic, group and Redis.
+type fixture struct {
+	t     *testing.T
+	rdb   *redis.Client
+	topic string
+	group string
+	pub   *bus.Publisher
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	rdb := testenv.Redis(t)
+	prefix := testenv.Prefix(t)
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	return &fixture{t: t, rdb: rdb, topic: prefix + "topic", group: prefix + "g", pub: pub}
+}
+
+func (f *fixture) subscriber(consumer string, mod func(*bus.SubscriberConfig)) *bus.Subscriber {
+	f.t.Helper()
+	cfg := bus.SubscriberConfig{
+		Client:        f.rdb,
+		ConsumerGroup: f.group,
+		Consumer:      consumer,
+		BlockTime:     50 * time.Millisecond,
+		ClaimMinIdle:  time.Second,
+		Retry:         bus.RetryPolicy{MaxAttempts: 3, MinBackoff: 20 * time.Millisecond, MaxBackoff: 50 * time.Millisecond},
+		DrainTimeout:  2 * time.Second,
+		Logger:        testLogger(),
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	s, err := bus.NewSubscriber(cfg)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+func (f *fixture) publish(n int) []string {
+	f.t.Helper()
+	ids := make([]string, n)
+	for i := range ids {
+		msg := message.NewMessage(watermill.NewUUID(), []byte(strconv.Itoa(i)))
+		if err := f.pub.Publish(f.topic, msg); err != nil {
+			f.t.Fatal(err)
+		}
+		ids[i] = msg.UUID
+	}
+	return ids
+}
+
+func (f *fixture) subscribe(s *bus.Subscriber) <-chan *message.Message {
+	f.t.Helper()
+	ch, err := s.Subscribe(f.t.Context(), f.topic)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return ch
+}
+
+// receive reads one message or fails after a generous bound (a liveness
+// bound, not a timing assertion).
+func receive(t *testing.T, ch <-chan *message.Message) *message.Message {
+	t.Helper()
+	select {
+	case m, ok := <-ch:
+		if !ok {
+			t.Fatal("channel closed")
+		}
+		return m
+	case <-time.After(30 * time.Second):
+		t.Fatal("no message within 30s")
+	}
+	return nil
+}
+
+// eventually polls cond until it holds or 30s pass.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within 30s: %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func pendingCount(t *testing.T, rdb *redis.Client, stream, group string) int64 {
+	t.Helper()
+	p, err := rdb.XPending(context.Background(), stream, group).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p.Count
+}
+
+func TestWireFormatCompatibleWithWatermillRedisstream(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	// Published by the stock watermill-redisstream publisher...
+	stock, err := redisstream.NewPublisher(redisstream.PublisherConfig{Client: f.rdb}, watermill.NopLogger{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := message.NewMessage(watermill.NewUUID(), []byte(`{"x":1}`))
+	in.Metadata.Set("event_type", "thing.happened")
+	in.Metadata.Set("correlation_id", "c-1")
+	if err := stock.Publish(f.topic, in); err != nil {
+		t.Fatal(err)
+	}
+	// ...is read by ours.
+	ch := f.subscribe(f.subscriber("c1", nil))
+	got := receive(t, ch)
+	got.Ack()
+	if got.UUID != in.UUID || string(got.Payload) != string(in.Payload) ||
+		got.Metadata.Get("event_type") != "thing.happened" || got.Metadata.Get("correlation_id") != "c-1" {
+		t.Fatalf("stock → ours: got %s %q %v", got.UUID, got.Payload, got.Metadata)
+	}
+
+	// Published by ours is decoded by the stock unmarshaller.
+	out := message.NewMessage(watermill.NewUUID(), []byte("payload"))
+	out.Metadata.Set("k", "v")
+	if err := f.pub.Publish(f.topic+"-2", out); err != nil {
+		t.Fatal(err)
+	}
+	xs, err := f.rdb.XRange(t.Context(), f.topic+"-2", "-", "+").Result()
+	if err != nil || len(xs) != 1 {
+		t.Fatalf("xrange: %v %v", xs, err)
+	}
+	dec, err := redisstream.DefaultMarshallerUnmarshaller{}.Unmarshal(xs[0].Values)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dec.UUID != out.UUID || string(dec.Payload) != "payload" || dec.Metadata.Get("k") != "v" {
+		t.Fatalf("ours → stock: got %s %q %v", dec.UUID, dec.Payload, dec.Metadata)
+	}
+}
+
+// A message that keeps failing is retried with backoff through the retry
+// set while the messages behind it are processed, then dead-lettered with
+// its error and attempt count.
+func TestFailingMessageRetriesWithoutBlockingThenDeadLetters(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ch := f.subscribe(f.subscriber("c1", func(c *bus.SubscriberConfig) { c.MaxInFlight = 4 }))
+	ids := f.publish(20)
+	poison := ids[0]
+
+	okSeen := map[string]bool{}
+	var attempts []string
+	for len(okSeen) < 19 || len(attempts) < 3 {
+		m := receive(t, ch)
+		if m.UUID == poison {
+			attempts = append(attempts, m.Metadata.Get(bus.MetaAttempt))
+			bus.RecordFailure(m, errors.New("boom"))
+			m.Nack()
+			continue
+		}
+		okSeen[m.UUID] = true
+		m.Ack()
+	}
+	if fmt.Sprint(attempts) != "[ 2 3]" {
+		t.Fatalf("attempt metadata = %q, want first attempt unset, then 2 and 3", attempts)
+	}
+	dl := bus.NewDeadLetters(f.rdb)
+	eventually(t, "poison message dead-lettered", func() bool {
+		n, _ := dl.Count(t.Context(), f.group)
+		return n == 1
+	})
+	list, err := dl.List(t.Context(), f.group, "", 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := list[0]
+	if d.EventID != poison || d.Error != "boom" || d.Attempts != 3 || d.Stream != f.topic || d.FirstFailedAt.IsZero() {
+		t.Fatalf("dead letter = %+v", d)
+	}
+	eventually(t, "nothing pending", func() bool {
+		return pendingCount(t, f.rdb, f.topic, f.group) == 0 &&
+			pendingCount(t, f.rdb, bus.RetryStream(f.topic, f.group), f.group) == 0
+	})
+}
+
+func TestPermanentErrorDeadLettersAtOnce(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ch := f.subscribe(f.subscriber("c1", nil))
+	id := f.publish(1)[0]
+	m := receive(t, ch)
+	bus.RecordFailure(m, bus.Permanent(errors.New("bad input")))
+	m.Nack()
+	dl := bus.NewDeadLetters(f.rdb)
+	eventually(t, "dead-lettered", func() bool { n, _ := dl.Count(t.Context(), f.group); return n == 1 })
+	list, _ := dl.List(t.Context(), f.group, "", 1)
+	if list[0].EventID != id || list[0].Attempts != 1 {
+		t.Fatalf("dead letter = %+v", list[0])
+	}
+	select {
+	case m := <-ch:
+		t.Fatalf("permanent failure was redelivered: %s", m.UUID)
+	case <-time.After(300 * time.Millisecond):
+	}
+}
+
+// Entries that cannot be decoded go to the dead-letter stream with all
+// their fields, and the entries behind them still arrive.
+func TestUndecodableEntriesAreDeadLetteredAndDoNotStall(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ch := f.subscribe(f.subscriber("c1", nil))
+	ctx := t.Context()
+	garbage := []map[string]any{
+		{"foo": "bar"},
+		{"_watermill_message_uuid": "x", "metadata": "\xff\x00garbage"},
+		{"_watermill_message_uuid": ""},
+	}
+	for _, g := range garbage {
+		if err := f.rdb.XAdd(ctx, &redis.XAddArgs{Stream: f.topic, Values: g}).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ids := f.publish(5)
+	for range ids {
+		receive(t, ch).Ack()
+	}
+	dl := bus.NewDeadLetters(f.rdb)
+	eventually(t, "3 dead letters", func() bool { n, _ := dl.Count(ctx, f.group); return n == 3 })
+	list, _ := dl.List(ctx, f.group, "", 10)
+	if list[0].Raw["foo"] != "bar" || list[0].Error == "" {
+		t.Fatalf("first dead letter = %+v", list[0])
+	}
+	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
+}
+
+// Entries a crashed consumer held are claimed by a live one after
+// ClaimMinIdle, not after minutes.
+func TestEntriesOfADeadConsumerAreClaimed(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	if err := f.rdb.XGroupCreateMkStream(ctx, f.topic, f.group, "0").Err(); err != nil {
+		t.Fatal(err)
+	}
+	ids := f.publish(10)
+	// "dead" reads everything and never acks: a kill -9 after the read.
+	if err := f.rdb.XReadGroup(ctx, &redis.XReadGroupArgs{Group: f.group, Consumer: "dead", Streams: []string{f.topic, ">"}, Count: 100}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	ch := f.subscribe(f.subscriber("alive", nil))
+	got := map[string]bool{}
+	for len(got) < len(ids) {
+		m := receive(t, ch)
+		got[m.UUID] = true
+		m.Ack()
+	}
+	t.Logf("recovered %d entries of a dead consumer in %s (ClaimMinIdle 1s)", len(ids), time.Since(start))
+	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
+}
+
+// A restarted consumer (same name) re-reads its own pending entries at once.
+func TestRestartedConsumerRereadsItsPendingEntries(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ids := f.publish(3)
+	s1 := f.subscriber("stable", func(c *bus.SubscriberConfig) {
+		c.DrainTimeout = 100 * time.Millisecond
+		c.ClaimMinIdle = time.Hour
+		c.HeartbeatInterval = time.Minute
+	})
+	ch := f.subscribe(s1)
+	held := receive(t, ch) // handed out, never acked
+	if err := s1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if held.Context().Err() == nil {
+		t.Fatal("message context not cancelled by Close after the drain timeout")
+	}
+	// ClaimMinIdle is an hour: only the own-pending read can bring it back.
+	ch2 := f.subscribe(f.subscriber("stable", func(c *bus.SubscriberConfig) { c.ClaimMinIdle = time.Hour; c.HeartbeatInterval = time.Minute }))
+	got := map[string]bool{}
+	for len(got) < len(ids) {
+		m := receive(t, ch2)
+		got[m.UUID] = true
+		m.Ack()
+	}
+	if !got[held.UUID] {
+		t.Fatal("held message not redelivered")
+	}
+}
+
+// A job slower than ClaimMinIdle is kept by heartbeats: another live
+// consumer never gets it, so it runs once.
+func TestHeartbeatKeepsSlowJobFromBeingStolen(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	fast := func(c *bus.SubscriberConfig) {
+		c.ClaimMinIdle = 600 * time.Millisecond
+		c.ClaimInterval = 100 * time.Millisecond
+	}
+	a := f.subscribe(f.subscriber("a", fast))
+	f.publish(1)
+	m := receive(t, a)
+	b := f.subscribe(f.subscriber("b", fast))
+	select {
+	case stolen := <-b:
+		t.Fatalf("slow job stolen by b: %s", stolen.UUID)
+	case <-time.After(3 * time.Second): // five times ClaimMinIdle
+	}
+	m.Ack()
+	eventually(t, "acked", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
+}
+
+// An entry whose consumer crashes every time (delivered over and over,
+// never acked) is dead-lettered instead of crashing replicas forever.
+func TestCrashLoopingEntryIsDeadLettered(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	if err := f.rdb.XGroupCreateMkStream(ctx, f.topic, f.group, "0").Err(); err != nil {
+		t.Fatal(err)
+	}
+	id := f.publish(1)[0]
+	// Three consumers take it in turn and "crash".
+	xs, err := f.rdb.XReadGroup(ctx, &redis.XReadGroupArgs{Group: f.group, Consumer: "crash-0", Streams: []string{f.topic, ">"}}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry := xs[0].Messages[0].ID
+	for i := 1; i < 3; i++ {
+		if err := f.rdb.XClaim(ctx, &redis.XClaimArgs{Stream: f.topic, Group: f.group, Consumer: fmt.Sprintf("crash-%d", i), Messages: []string{entry}}).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ch := f.subscribe(f.subscriber("alive", func(c *bus.SubscriberConfig) { c.MaxDeliveries = 3 }))
+	dl := bus.NewDeadLetters(f.rdb)
+	eventually(t, "crash-looping entry dead-lettered", func() bool { n, _ := dl.Count(ctx, f.group); return n == 1 })
+	list, _ := dl.List(ctx, f.group, "", 1)
+	if list[0].EventID != id {
+		t.Fatalf("dead letter = %+v", list[0])
+	}
+	select {
+	case m := <-ch:
+		t.Fatalf("crash-looping entry delivered: %s", m.UUID)
+	case <-time.After(200 * time.Millisecond):
+	}
+}
+
+// A lost group (Redis restarted empty, or deleted) is re-created and
+// consumption goes on.
+func TestLostGroupIsRecreated(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	ch := f.subscribe(f.subscriber("c1", nil))
+	f.publish(1)
+	receive(t, ch).Ack()
+	if err := f.rdb.Del(ctx, f.topic, bus.RetryStream(f.topic, f.group)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "group re-created", func() bool {
+		groups, err := f.rdb.XInfoGroups(ctx, f.topic).Result()
+		return err == nil && len(groups) == 1
+	})
+	ids := f.publish(2)
+	got := map[string]bool{}
+	for len(got) < 2 {
+		m := receive(t, ch)
+		got[m.UUID] = true
+		m.Ack()
+	}
+	if !got[ids[0]] || !got[ids[1]] {
+		t.Fatalf("got %v, want %v", got, ids)
+	}
+}
+
+// Close lets a running handler finish, flushes its ack, and only then
+// returns: nothing is left pending and nothing is redelivered.
+func TestCloseWaitsForRunningHandlersAndFlushesAcks(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	s := f.subscriber("c1", func(c *bus.SubscriberConfig) { c.MaxInFlight = 8 })
+	ch := f.subscribe(s)
+	f.publish(8)
+	var msgs []*message.Message
+	for i := 0; i < 8; i++ {
+		msgs = append(msgs, receive(t, ch))
+	}
+	var acked atomic.Int32
+	var wg sync.WaitGroup
+	for _, m := range msgs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(300 * time.Millisecond) // still working when Close starts
+			if m.Context().Err() != nil {
+				t.Error("handler context cancelled before the drain timeout")
+			}
+			m.Ack()
+			acked.Add(1)
+		}()
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	if acked.Load() != 8 {
+		t.Fatalf("acked %d", acked.Load())
+	}
+	if n := pendingCount(t, f.rdb, f.topic, f.group); n != 0 {
+		t.Fatalf("%d entries still pending after Close: acks were dropped", n)
+	}
+}
+
+func TestDeadLetterReplayAndPurge(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	var fail atomic.Bool
+	fail.Store(true)
+	ch := f.subscribe(f.subscriber("c1", nil))
+	ids := f.publish(3)
+	dl := bus.NewDeadLetters(f.rdb)
+	go func() {
+		for m := range ch {
+			if fail.Load() {
+				bus.RecordFailure(m, bus.Permanent(errors.New("not yet")))
+				m.Nack()
+			} else {
+				m.Ack()
+			}
+		}
+	}()
+	eventually(t, "3 dead letters", func() bool { n, _ := dl.Count(ctx, f.group); return n == 3 })
+	list, err := dl.List(ctx, f.group, "", 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	one, err := dl.Get(ctx, f.group, list[0].ID)
+	if err != nil || one.EventID != ids[0] {
+		t.Fatalf("get: %+v %v", one, err)
+	}
+	if _, err := dl.Get(ctx, f.group, "0-1"); !errors.Is(err, bus.ErrDeadLetterNotFound) {
+		t.Fatalf("get unknown: %v", err)
+	}
+	groups, err := dl.Groups(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, g := range groups {
+		found = found || g == f.group
+	}
+	if !found {
+		t.Fatalf("Groups() = %v lacks %s", groups, f.group)
+	}
+
+	fail.Store(false)
+	n, err := dl.Replay(ctx, f.group, list[0].ID, list[1].ID)
+	if err != nil || n != 2 {
+		t.Fatalf("replay: %d %v", n, err)
+	}
+	eventually(t, "replayed entries processed", func() bool {
+		return pendingCount(t, f.rdb, bus.RetryStream(f.topic, f.group), f.group) == 0 && func() bool {
+			n, _ := dl.Count(ctx, f.group)
+			return n == 1
+		}()
+	})
+	n, err = dl.Purge(ctx, f.group)
+	if err != nil || n != 1 {
+		t.Fatalf("purge: %d %v", n, err)
+	}
+	if c, _ := dl.Count(ctx, f.group); c != 0 {
+		t.Fatalf("%d dead letters left after purge", c)
+	}
+}

@@ -1,0 +1,254 @@
+// Package cache is the Redis cache in front of the API's reads, and the cache
+// of LLM responses.
+//
+// The cache may live on its own Redis with an LRU eviction policy, so nothing
+// stored here is ever required for correctness: every value can be evicted or
+// lost at any moment, and [Fetch] treats an unreachable Redis as a miss and
+// serves from the database. Redis's "no such key" (redis.Nil) never leaves
+// this package; it becomes [ErrMiss].
+//
+// Invalidation is guarded against the stale-set race by a per-key version
+// (see [Client.Invalidate] and [Fetch]), so that a reader which loaded a row
+// before the projector committed a newer one cannot put the old row back into
+// the cache after the projector invalidated it.
+//
+// Package cache must not import other project packages: the API and the
+// projector depend on it, not the other way round.
+package cache
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"golang.org/x/sync/singleflight"
+)
+
+// ErrMiss is returned by [Client.Get] when the key is not in the cache.
+var ErrMiss = errors.New("cache: miss")
+
+const (
+	defaultPrefix = "cache:"
+	defaultTTL    = 60 * time.Second
+	defaultJitter = 0.1
+
+	// versionTTL is how long a version key outlives its last invalidation.
+	// The guard only needs a version to survive the longest load (a load
+	// that straddles an invalidation must still see the new version when it
+	// tries to store), so a day is far more than enough, while versions of
+	// keys that are no longer invalidated disappear on their own.
+	versionTTL = 24 * time.Hour
+)
+
+// Config configures a [Client].
+type Config struct {
+	// Redis is the connection to the cache's Redis (a plain client or a
+	// Cluster client). Required. The Client never closes it: its owner does.
+	// Give it short dial and read timeouts and few retries (MaxRetries,
+	// DialerRetries): a slow or unreachable cache should fall back to the
+	// database quickly, not hold up the request.
+	Redis redis.UniversalClient
+
+	// Prefix is put in front of every key, so that the cache can share a
+	// Redis with other data. It must not contain '{' or '}', which would
+	// change the Redis Cluster hash tag. Defaults to "cache:".
+	Prefix string
+
+	// TTL is the time to live of a value stored with a TTL of zero or less.
+	// Defaults to 60s.
+	TTL time.Duration
+
+	// Jitter is the fraction of the TTL added at random (between 0 and
+	// Jitter×TTL) to every expiry, so that values cached together do not
+	// expire together and stampede the database from every replica at once
+	// (singleflight only protects one process). Must be in [0, 1]. Zero
+	// means the default, 0.1: jitter cannot be switched off.
+	Jitter float64
+
+	// Logger receives the warnings of a degraded cache (Redis unreachable,
+	// undecodable values). Defaults to slog.Default().
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.Prefix == "" {
+		c.Prefix = defaultPrefix
+	}
+	if c.TTL == 0 {
+		c.TTL = defaultTTL
+	}
+	if c.Jitter == 0 {
+		c.Jitter = defaultJitter
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Validate reports every problem with the configuration at once.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Redis == nil {
+		errs = append(errs, errors.New("cache: Redis is required"))
+	}
+	if strings.ContainsAny(c.Prefix, "{}") {
+		errs = append(errs, fmt.Errorf("cache: Prefix %q must not contain '{' or '}'", c.Prefix))
+	}
+	if c.TTL < 0 {
+		errs = append(errs, fmt.Errorf("cache: TTL %s must not be negative", c.TTL))
+	}
+	// Written so that NaN fails too.
+	if !(c.Jitter >= 0 && c.Jitter <= 1) {
+		errs = append(errs, fmt.Errorf("cache: Jitter %v must be in [0, 1]", c.Jitter))
+	}
+	return errors.Join(errs...)
+}
+
+// Client is a JSON cache on Redis. It is safe for concurrent use.
+//
+// The value of key k is stored at <Prefix>{k} and its version (see
+// [Client.Invalidate]) at <Prefix>{k}:v; the braces are a Redis Cluster
+// hash tag that keeps both in one slot. Keys must therefore be non-empty and
+// must not contain '}'; methods given such a key return an error.
+type Client struct {
+	rdb     redis.UniversalClient
+	prefix  string
+	ttl     time.Duration
+	jitter  float64
+	logger  *slog.Logger
+	flights singleflight.Group
+
+	// failing records, per kind of failure, whether the last attempt failed,
+	// so that an outage logs one warning rather than one per request.
+	failing [numFailures]atomic.Bool
+}
+
+// New returns a Client for cfg, after applying defaults and validating it.
+func New(cfg Config) (*Client, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &Client{
+		rdb:    cfg.Redis,
+		prefix: cfg.Prefix,
+		ttl:    cfg.TTL,
+		jitter: cfg.Jitter,
+		logger: cfg.Logger,
+	}, nil
+}
+
+// Get decodes the JSON value cached under key into dst. It returns [ErrMiss]
+// if the key is not cached. Unlike [Fetch], it does not hide a failing
+// Redis: it returns the error, and its caller decides what to do.
+func (c *Client) Get(ctx context.Context, key string, dst any) error {
+	if err := checkKey(key); err != nil {
+		return err
+	}
+	raw, err := c.rdb.Get(ctx, c.valueKey(key)).Bytes()
+	if errors.Is(err, redis.Nil) {
+		return ErrMiss
+	}
+	if err != nil {
+		return fmt.Errorf("cache: get %q: %w", key, err)
+	}
+	if err := json.Unmarshal(raw, dst); err != nil {
+		return fmt.Errorf("cache: decode %q: %w", key, err)
+	}
+	return nil
+}
+
+// Set caches v as JSON under key for ttl plus jitter; a ttl of zero or less
+// means the configured TTL.
+//
+// Set writes unconditionally, outside the stale-set guard: use it for values
+// known to be current (for instance right after a commit). A read that loads
+// from the database should go through [Fetch], which refuses to store what
+// an invalidation made stale while it was loading.
+func (c *Client) Set(ctx context.Context, key string, v any, ttl time.Duration) error {
+	if err := checkKey(key); err != nil {
+		return err
+	}
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("cache: encode %q: %w", key, err)
+	}
+	if err := c.rdb.Set(ctx, c.valueKey(key), raw, c.expiry(ttl)).Err(); err != nil {
+		return fmt.Errorf("cache: set %q: %w", key, err)
+	}
+	return nil
+}
+
+// Invalidate removes keys from the cache, in one pipelined round trip, and
+// makes any [Fetch] that was loading one of them before the call refuse to
+// store what it loaded. Call it after the change that made the keys stale is
+// committed: an invalidation before the commit lets a reader cache the old
+// row again.
+//
+// For each key it increments the key's version (and pushes back the
+// version's expiry) and only then deletes the value. The order matters: a
+// guarded store that lands between the two commands sees the new version and
+// is refused; one that lands before both is deleted.
+func (c *Client) Invalidate(ctx context.Context, keys ...string) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	for _, key := range keys {
+		if err := checkKey(key); err != nil {
+			return err
+		}
+	}
+	// A plain pipeline, not MULTI: the keys may live in different Cluster
+	// slots, and the per-key order above is all the guard needs.
+	pipe := c.rdb.Pipeline()
+	for _, key := range keys {
+		pipe.Incr(ctx, c.versionKey(key))
+		pipe.PExpire(ctx, c.versionKey(key), versionTTL)
+		pipe.Del(ctx, c.valueKey(key))
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return fmt.Errorf("cache: invalidate %d keys: %w", len(keys), err)
+	}
+	// Callers in this process that arrive from now on must not join a load
+	// that began before the invalidation: they start a new one, which reads
+	// the new version. (Callers already waiting still get the older result;
+	// the guard keeps it out of the cache.)
+	for _, key := range keys {
+		c.flights.Forget(key)
+	}
+	return nil
+}
+
+// valueKey and versionKey put the caller's key in braces, a Redis Cluster
+// hash tag, so that a value and its version always share a slot and one Lua
+// script may touch both.
+func (c *Client) valueKey(key string) string   { return c.prefix + "{" + key + "}" }
+func (c *Client) versionKey(key string) string { return c.prefix + "{" + key + "}:v" }
+
+// checkKey rejects keys that would break the shared hash tag: with an empty
+// key ("{}") Redis hashes the whole name, and a '}' would end the tag early.
+func checkKey(key string) error {
+	if key == "" || strings.Contains(key, "}") {
+		return fmt.Errorf("cache: invalid key %q: it must be non-empty and must not contain '}'", key)
+	}
+	return nil
+}
+
+// expiry returns ttl (or the default TTL if ttl <= 0) plus a random jitter
+// in [0, Jitter×ttl].
+func (c *Client) expiry(ttl time.Duration) time.Duration {
+	if ttl <= 0 {
+		ttl = c.ttl
+	}
+	if spread := time.Duration(float64(ttl) * c.jitter); spread > 0 {
+		ttl += rand.N(spread + 1)
+	}
+	return ttl
+}

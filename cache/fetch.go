@@ -1,0 +1,263 @@
+package cache
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// ErrNotCacheable, returned (possibly wrapped) by the load function given to
+// [Fetch] together with a valid value, makes Fetch return that value with a
+// nil error, without storing it. Use it for answers that are right for this
+// request but must not be remembered, such as an empty LLM response.
+var ErrNotCacheable = errors.New("cache: not cacheable")
+
+// setIfVersion stores a value only if the key's version is still the one
+// read before the load. KEYS[1] is the value key and KEYS[2] its version key
+// (one slot, thanks to the hash tag). ARGV[1] is the version read before the
+// load, "" if there was none (INCR never produces ""), ARGV[2] the value and
+// ARGV[3] the expiry in milliseconds. It returns 1 if it stored the value.
+var setIfVersion = redis.NewScript(`
+local v = redis.call('GET', KEYS[2])
+if v == false then v = '' end
+if v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+`)
+
+// Fetch is the cache-aside read, the Go form of a caching decorator. On a hit
+// it decodes and returns the cached value. On a miss it calls load, stores
+// the result for ttl plus jitter (ttl <= 0 means the configured TTL) unless
+// the key was invalidated meanwhile, and returns it.
+//
+// Concurrent misses of one key in one process share a single call of load
+// (singleflight), so a popular key that expires costs the database one query
+// per process, not one per request. The shared work reads the cache once
+// more before loading, so a caller that missed just as another load finished
+// gets that result instead of loading again. Each caller gets its own copy,
+// decoded from the JSON that is stored, so callers never share mutable values
+// and a miss returns exactly what the next hit will. The shared load runs
+// detached from the cancellation of the caller that started it, so that one
+// client going away does not fail the others, but it keeps that caller's
+// deadline; every caller still stops waiting when its own ctx is done.
+//
+// Errors from load are returned as they are and never cached; the next Fetch
+// calls load again. A load that returns [ErrNotCacheable] with its value gets
+// that value returned and not stored. A panic in load becomes an error for
+// every caller sharing it (singleflight would otherwise crash the process).
+//
+// Fetch never fails because of the cache: if Redis cannot be read or
+// written, or holds a value that does not decode into T, Fetch serves from
+// load, logs a warning the first time this kind of failure occurs (then at
+// debug level until it recovers), and leaves the cache alone. A cache outage
+// therefore degrades to the database instead of becoming an API outage.
+//
+// # The stale-set guard
+//
+// Without a guard, this interleaving leaves a stale value for a whole TTL:
+// a reader misses and loads the old row; the projector commits the new row
+// and invalidates the key; the reader then stores the old row. To prevent it,
+// every key has a version, which [Client.Invalidate] increments. Before
+// calling load, Fetch reads the version (in the same round trip as its second
+// look at the value); after load, it stores the value only if the version is
+// unchanged, atomically, in a Lua script over the two keys, which share a
+// slot. An invalidation that lands anywhere between the read and the store
+// therefore makes the store a no-op, and the next Fetch loads the new row.
+//
+// The guard rests on these assumptions:
+//   - load reads its data after Fetch read the version, which holds because
+//     Fetch calls load only after that read;
+//   - the writer invalidates after its commit is visible to readers;
+//   - a version key is not lost while a load is running: it outlives its last
+//     invalidation by a day, far longer than any load, but an LRU eviction of
+//     a version key created by that very invalidation, or a Redis failover
+//     that loses the increment, could still let one stale value in, for at
+//     most one TTL (the TTL is the final bound on staleness, as it is when an
+//     invalidation fails outright);
+//   - writers that use [Client.Set] bypass the guard.
+//
+// Callers in other processes, or callers that joined a load before an
+// invalidation, may still receive the value loaded before it: the guard keeps
+// stale values out of the cache, it does not make reads linearizable.
+func Fetch[T any](ctx context.Context, c *Client, key string, ttl time.Duration, load func(ctx context.Context) (T, error)) (T, error) {
+	var zero T
+	if err := checkKey(key); err != nil {
+		return zero, err
+	}
+
+	raw, err := c.rdb.Get(ctx, c.valueKey(key)).Bytes()
+	cacheUp := true
+	switch {
+	case err == nil:
+		v, err := decode[T](raw)
+		if err == nil {
+			c.recovered(ctx, failRead)
+			return v, nil
+		}
+		// Treat it as a miss: the load below overwrites the bad value.
+		c.failed(ctx, failDecode, key, err)
+	case errors.Is(err, redis.Nil):
+		c.recovered(ctx, failRead)
+	case ctx.Err() != nil:
+		return zero, ctx.Err()
+	default:
+		// Do not try Redis again in this call: go straight to load.
+		c.failed(ctx, failRead, key, err)
+		cacheUp = false
+	}
+
+	flight := c.flights.DoChan(key, func() (any, error) {
+		usable := func(raw []byte) bool {
+			_, err := decode[T](raw)
+			return err == nil
+		}
+		return c.fill(ctx, key, ttl, cacheUp, usable, func(ctx context.Context) (any, error) {
+			return load(ctx)
+		})
+	})
+	select {
+	case <-ctx.Done():
+		return zero, ctx.Err()
+	case res := <-flight:
+		if res.Err != nil {
+			return zero, res.Err
+		}
+		v, err := decode[T](res.Val.([]byte))
+		if err != nil {
+			// Only a type whose JSON methods do not round trip gets here.
+			return zero, fmt.Errorf("cache: decode %q: %w", key, err)
+		}
+		return v, nil
+	}
+}
+
+// fill is the work that one flight of [Fetch] shares among its callers. If
+// cacheUp, it reads the value and its version; it returns the value if it is
+// there by now and usable. Otherwise it calls load and, if it read the
+// version, stores the result under the stale-set guard. It returns the
+// result as JSON.
+func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheUp bool, usable func([]byte) bool, load func(context.Context) (any, error)) (raw []byte, err error) {
+	ctx, cancel := detach(ctx)
+	defer cancel()
+	defer func() {
+		// DoChan runs fill on its own goroutine and re-panics there, where no
+		// HTTP server can recover it; an error keeps a bad request local.
+		if r := recover(); r != nil {
+			c.logger.ErrorContext(ctx, "cache load panicked", "key", key, "panic", r, "stack", string(debug.Stack()))
+			raw, err = nil, fmt.Errorf("cache: load %q panicked: %v", key, r)
+		}
+	}()
+
+	// The version must be read before load runs; the value comes along in
+	// the same round trip (both keys share a slot), in case a flight that
+	// ended just before this one stored it.
+	var version string
+	versionKnown := false
+	if cacheUp {
+		vals, err := c.rdb.MGet(ctx, c.valueKey(key), c.versionKey(key)).Result()
+		if err != nil {
+			// Without a version the store cannot be guarded, so it is skipped.
+			c.failed(ctx, failRead, key, err)
+		} else {
+			if cached, ok := vals[0].(string); ok && usable([]byte(cached)) {
+				return []byte(cached), nil
+			}
+			version, _ = vals[1].(string) // no version yet reads as ""
+			versionKnown = true
+		}
+	}
+
+	v, err := load(ctx)
+	store := versionKnown
+	if err != nil {
+		if !errors.Is(err, ErrNotCacheable) {
+			return nil, err
+		}
+		store = false
+	}
+	raw, err = json.Marshal(v)
+	if err != nil {
+		return nil, fmt.Errorf("cache: encode %q: %w", key, err)
+	}
+	if !store {
+		return raw, nil
+	}
+	keys := []string{c.valueKey(key), c.versionKey(key)}
+	stored, err := setIfVersion.Run(ctx, c.rdb, keys, version, raw, max(1, c.expiry(ttl).Milliseconds())).Int()
+	switch {
+	case err != nil:
+		c.failed(ctx, failStore, key, err)
+	case stored == 0:
+		c.recovered(ctx, failStore)
+		c.logger.DebugContext(ctx, "cache store skipped: key invalidated during load", "key", key)
+	default:
+		c.recovered(ctx, failStore)
+	}
+	return raw, nil
+}
+
+func decode[T any](raw []byte) (T, error) {
+	var v T
+	err := json.Unmarshal(raw, &v)
+	return v, err
+}
+
+// detach returns a context that keeps ctx's values and deadline but not its
+// cancellation, for work shared by several callers.
+func detach(ctx context.Context) (context.Context, context.CancelFunc) {
+	detached := context.WithoutCancel(ctx)
+	if deadline, ok := ctx.Deadline(); ok {
+		return context.WithDeadline(detached, deadline)
+	}
+	return detached, func() {}
+}
+
+// failure is a kind of cache failure that Fetch absorbs.
+type failure int
+
+const (
+	failRead   failure = iota // reading a value or its version
+	failDecode                // a cached value that does not decode
+	failStore                 // the guarded store after a load
+	numFailures
+)
+
+func (f failure) String() string {
+	switch f {
+	case failRead:
+		return "read"
+	case failDecode:
+		return "decode"
+	case failStore:
+		return "store"
+	}
+	return fmt.Sprintf("failure(%d)", int(f))
+}
+
+// failed logs a failure that Fetch absorbed: a warning the first time, so an
+// operator learns that the cache is degraded, then at debug level, so an
+// outage does not log once per request.
+func (c *Client) failed(ctx context.Context, f failure, key string, err error) {
+	level := slog.LevelDebug
+	if ctx.Err() == nil && c.failing[f].CompareAndSwap(false, true) {
+		level = slog.LevelWarn
+	}
+	c.logger.Log(ctx, level, "cache degraded, serving from load", "failure", f.String(), "key", key, "error", err)
+}
+
+// recovered notes that an operation of kind f succeeded again, so that the
+// next outage warns again. A successful decode does not count: undecodable
+// values usually come from a type change across a deploy, and alternate with
+// good ones until they expire, so they warn only once per process.
+func (c *Client) recovered(ctx context.Context, f failure) {
+	// Load first: the common case, nothing failing, then costs no write.
+	if c.failing[f].Load() && c.failing[f].CompareAndSwap(true, false) {
+		c.logger.InfoContext(ctx, "cache recovered", "failure", f.String())
+	}
+}

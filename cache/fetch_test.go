@@ -1,0 +1,409 @@
+package cache_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/conveyor/conveyor/cache"
+	"github.com/conveyor/conveyor/internal/testenv"
+)
+
+func TestFetch(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name      string
+		cached    *document // set before the first Fetch
+		wantLoads int
+	}{
+		{name: "hit does not call load", cached: &document{ID: "d1", Status: "cached"}, wantLoads: 0},
+		{name: "miss calls load once and stores", cached: nil, wantLoads: 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			c := newClient(t, cache.Config{})
+			fromDB := document{ID: "d1", Status: "loaded"}
+			want := fromDB
+			if tt.cached != nil {
+				if err := c.Set(t.Context(), "doc:d1", tt.cached, 0); err != nil {
+					t.Fatalf("Set: %v", err)
+				}
+				want = *tt.cached
+			}
+			var loads atomic.Int32
+			load := func(context.Context) (document, error) {
+				loads.Add(1)
+				return fromDB, nil
+			}
+			// The second Fetch must be a hit either way.
+			for i := range 2 {
+				got, err := cache.Fetch(t.Context(), c, "doc:d1", 0, load)
+				if err != nil {
+					t.Fatalf("Fetch #%d: %v", i+1, err)
+				}
+				if got.ID != want.ID || got.Status != want.Status {
+					t.Errorf("Fetch #%d = %+v, want %+v", i+1, got, want)
+				}
+			}
+			if got := int(loads.Load()); got != tt.wantLoads {
+				t.Errorf("load called %d times, want %d", got, tt.wantLoads)
+			}
+			var stored document
+			if err := c.Get(t.Context(), "doc:d1", &stored); err != nil || stored.Status != want.Status {
+				t.Errorf("Get after Fetch = %+v, %v; want %+v stored", stored, err, want)
+			}
+		})
+	}
+}
+
+// TestFetchSingleflight starts 50 concurrent Fetches of one missing key and
+// holds the load until all 50 have missed the cache, as a go-redis hook on
+// the (real) connection observes. After missing, a caller either joins the
+// running load or, if it comes too late for it, starts a new flight whose
+// second look at the cache finds the stored value; so exactly one load is
+// deterministic, not a matter of timing.
+func TestFetchSingleflight(t *testing.T) {
+	t.Parallel()
+	const callers = 50
+
+	rdb := testenv.Redis(t) // a client of this test's own, so the hook sees only its commands
+	misses := &missCounter{}
+	rdb.AddHook(misses)
+	c := newClient(t, cache.Config{Redis: rdb})
+	misses.key.Store(c.ValueKey("hot"))
+
+	var loads atomic.Int32
+	load := func(ctx context.Context) (string, error) {
+		loads.Add(1)
+		select {
+		case <-misses.all(callers):
+			return "value", nil
+		case <-ctx.Done():
+			return "", ctx.Err()
+		}
+	}
+
+	var wg sync.WaitGroup
+	results := make([]string, callers)
+	errs := make([]error, callers)
+	for i := range callers {
+		wg.Go(func() {
+			results[i], errs[i] = cache.Fetch(t.Context(), c, "hot", 0, load)
+		})
+	}
+	wg.Wait()
+
+	for i := range callers {
+		if errs[i] != nil || results[i] != "value" {
+			t.Errorf("caller %d: Fetch = %q, %v; want %q", i, results[i], errs[i], "value")
+		}
+	}
+	if got := loads.Load(); got != 1 {
+		t.Errorf("load called %d times for %d concurrent misses, want 1", got, callers)
+	}
+}
+
+// missCounter is a go-redis hook that counts GETs of one key that found
+// nothing, and closes a channel when a given number is reached.
+type missCounter struct {
+	key  atomic.Value // string
+	mu   sync.Mutex
+	n    int
+	want int
+	done chan struct{}
+}
+
+// all returns a channel closed once n misses have been seen.
+func (m *missCounter) all(n int) <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.done == nil {
+		m.done = make(chan struct{})
+		m.want = n
+		m.check()
+	}
+	return m.done
+}
+
+func (m *missCounter) check() {
+	if m.done != nil && m.n >= m.want {
+		select {
+		case <-m.done:
+		default:
+			close(m.done)
+		}
+	}
+}
+
+func (m *missCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (m *missCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+func (m *missCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		args := cmd.Args()
+		if cmd.Name() == "get" && len(args) == 2 && args[1] == m.key.Load() && errors.Is(err, redis.Nil) {
+			m.mu.Lock()
+			m.n++
+			m.check()
+			m.mu.Unlock()
+		}
+		return err
+	}
+}
+
+func TestFetchLoadError(t *testing.T) {
+	t.Parallel()
+	errDB := errors.New("database unavailable")
+	tests := []struct {
+		name      string
+		err       error
+		wantErr   error
+		wantValue string
+	}{
+		{name: "error is returned", err: errDB, wantErr: errDB},
+		{name: "wrapped error is returned", err: fmt.Errorf("load doc: %w", errDB), wantErr: errDB},
+		{name: "not cacheable returns the value", err: cache.ErrNotCacheable, wantValue: "partial"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			c := newClient(t, cache.Config{})
+			var loads atomic.Int32
+			failing := func(context.Context) (string, error) {
+				loads.Add(1)
+				return "partial", tt.err
+			}
+			got, err := cache.Fetch(t.Context(), c, "k", 0, failing)
+			if !errors.Is(err, tt.wantErr) || got != tt.wantValue {
+				t.Fatalf("Fetch = %q, %v; want %q, %v", got, err, tt.wantValue, tt.wantErr)
+			}
+			// Nothing was cached: the next Fetch calls load again.
+			got, err = cache.Fetch(t.Context(), c, "k", 0, func(context.Context) (string, error) {
+				loads.Add(1)
+				return "fresh", nil
+			})
+			if err != nil || got != "fresh" {
+				t.Fatalf("second Fetch = %q, %v; want %q from load", got, err, "fresh")
+			}
+			if got := loads.Load(); got != 2 {
+				t.Errorf("load called %d times, want 2", got)
+			}
+		})
+	}
+}
+
+func TestFetchPanic(t *testing.T) {
+	t.Parallel()
+	c := newClient(t, cache.Config{})
+	_, err := cache.Fetch(t.Context(), c, "k", 0, func(context.Context) (string, error) {
+		panic("boom")
+	})
+	if err == nil {
+		t.Fatal("Fetch with a panicking load: no error")
+	}
+}
+
+func TestFetchUndecodableValue(t *testing.T) {
+	t.Parallel()
+	c := newClient(t, cache.Config{})
+	// A value cached with another type, as after a change across a deploy.
+	if err := c.Set(t.Context(), "k", "not a document", 0); err != nil {
+		t.Fatalf("Set: %v", err)
+	}
+	got, err := cache.Fetch(t.Context(), c, "k", 0, func(context.Context) (document, error) {
+		return document{ID: "d1"}, nil
+	})
+	if err != nil || got.ID != "d1" {
+		t.Fatalf("Fetch = %+v, %v; want the loaded document", got, err)
+	}
+	var stored document
+	if err := c.Get(t.Context(), "k", &stored); err != nil || stored.ID != "d1" {
+		t.Errorf("Get = %+v, %v; want the bad value replaced", stored, err)
+	}
+}
+
+// TestFetchStaleSetRace replays the stale-set race step by step: the load
+// reads the old row, then the row changes and the key is invalidated, and
+// only then does the load return the old row. The guard must keep it out of
+// the cache. The case without an invalidation shows that the value is
+// otherwise cached, so the test would fail if Fetch never stored anything.
+func TestFetchStaleSetRace(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name            string
+		invalidateFirst bool // the key already has a version
+		invalidate      bool // invalidate while the load is running
+		wantCached      string
+		wantLoads       int32
+	}{
+		{name: "invalidated during load", invalidate: true, wantCached: "", wantLoads: 2},
+		{name: "invalidated before and during load", invalidateFirst: true, invalidate: true, wantCached: "", wantLoads: 2},
+		{name: "no invalidation caches the value", invalidate: false, wantCached: "old", wantLoads: 1},
+		{name: "invalidated only before load caches the value", invalidateFirst: true, wantCached: "old", wantLoads: 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			c := newClient(t, cache.Config{})
+			ctx := t.Context()
+			if tt.invalidateFirst {
+				if err := c.Invalidate(ctx, "doc"); err != nil {
+					t.Fatalf("Invalidate: %v", err)
+				}
+			}
+
+			var (
+				mu    sync.Mutex
+				row   = "old" // the database
+				loads atomic.Int32
+			)
+			loaded := make(chan struct{})
+			proceed := make(chan struct{})
+			var releaseOnce sync.Once
+			release := func() { releaseOnce.Do(func() { close(proceed) }) }
+			t.Cleanup(release) // do not leave the load blocked if the test fails early
+			slowLoad := func(context.Context) (string, error) {
+				loads.Add(1)
+				mu.Lock()
+				v := row
+				mu.Unlock()
+				close(loaded)
+				<-proceed
+				return v, nil
+			}
+
+			done := make(chan error, 1)
+			go func() {
+				got, err := cache.Fetch(ctx, c, "doc", 0, slowLoad)
+				if err == nil && got != "old" {
+					err = fmt.Errorf("first Fetch = %q, want the %q it loaded", got, "old")
+				}
+				done <- err
+			}()
+
+			<-loaded
+			if tt.invalidate {
+				// The projector: commit the new row, then invalidate.
+				mu.Lock()
+				row = "new"
+				mu.Unlock()
+				if err := c.Invalidate(ctx, "doc"); err != nil {
+					t.Fatalf("Invalidate: %v", err)
+				}
+			}
+			release()
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+
+			var cached string
+			err := c.Get(ctx, "doc", &cached)
+			if tt.wantCached == "" {
+				if !errors.Is(err, cache.ErrMiss) {
+					t.Fatalf("cache holds %q, %v after the race; want a miss", cached, err)
+				}
+			} else if err != nil || cached != tt.wantCached {
+				t.Fatalf("cache holds %q, %v; want %q", cached, err, tt.wantCached)
+			}
+
+			// A later Fetch returns the current row.
+			got, err := cache.Fetch(ctx, c, "doc", 0, func(context.Context) (string, error) {
+				loads.Add(1)
+				mu.Lock()
+				defer mu.Unlock()
+				return row, nil
+			})
+			want := row
+			if !tt.invalidate {
+				want = "old"
+			}
+			if err != nil || got != want {
+				t.Errorf("later Fetch = %q, %v; want %q", got, err, want)
+			}
+			if got := loads.Load(); got != tt.wantLoads {
+				t.Errorf("load called %d times, want %d", got, tt.wantLoads)
+			}
+		})
+	}
+}
+
+// TestFetchRedisDown points the cache at a closed port: Fetch must serve
+// from load, warn once per kind of failure rather than once per call, while
+// Get, Set and Invalidate report the error to their callers.
+func TestFetchRedisDown(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	if err := ln.Close(); err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1, DialerRetries: 1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	logs := &levelCounter{}
+	c := newClient(t, cache.Config{Redis: rdb, Logger: slog.New(logs)})
+
+	for i := range 3 {
+		got, err := cache.Fetch(t.Context(), c, "k", 0, func(context.Context) (string, error) {
+			return "from database", nil
+		})
+		if err != nil || got != "from database" {
+			t.Fatalf("Fetch #%d = %q, %v; want the loaded value", i+1, got, err)
+		}
+	}
+	if got := logs.count(slog.LevelWarn); got != 1 {
+		t.Errorf("%d warnings for 3 failed reads, want 1", got)
+	}
+
+	var s string
+	if err := c.Get(t.Context(), "k", &s); err == nil || errors.Is(err, cache.ErrMiss) {
+		t.Errorf("Get = %v, want a connection error", err)
+	}
+	if err := c.Set(t.Context(), "k", "v", 0); err == nil {
+		t.Error("Set: no error, want a connection error")
+	}
+	if err := c.Invalidate(t.Context(), "k"); err == nil {
+		t.Error("Invalidate: no error, want a connection error")
+	}
+}
+
+// levelCounter is a slog.Handler that counts records per level.
+type levelCounter struct {
+	mu     sync.Mutex
+	counts map[slog.Level]int
+}
+
+func (h *levelCounter) Enabled(context.Context, slog.Level) bool { return true }
+
+func (h *levelCounter) Handle(_ context.Context, r slog.Record) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.counts == nil {
+		h.counts = map[slog.Level]int{}
+	}
+	h.counts[r.Level]++
+	return nil
+}
+
+func (h *levelCounter) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *levelCounter) WithGroup(string) slog.Handler      { return h }
+
+func (h *levelCounter) count(l slog.Level) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.counts[l]
+}

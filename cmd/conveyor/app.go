@@ -1,0 +1,335 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/redis/go-redis/v9"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/conveyor/conveyor/api"
+	"github.com/conveyor/conveyor/blob"
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/cache"
+	"github.com/conveyor/conveyor/config"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/handlers"
+	"github.com/conveyor/conveyor/idem"
+	"github.com/conveyor/conveyor/projector"
+	"github.com/conveyor/conveyor/store"
+)
+
+// topology is every consumer group and the streams it reads. Groups are
+// created ahead of time (by migrate and at every start) so that no group
+// misses events published before its handler first ran.
+func topology() map[string][]string {
+	return map[string][]string{
+		handlers.DocumentGroup: {events.TypeDocumentUploaded},
+		handlers.EmailGroup:    {events.TypeEmailRequested},
+		projector.Group:        events.Types(),
+	}
+}
+
+// app holds the connections and shared parts of a running process.
+type app struct {
+	cfg      config.Config
+	log      *slog.Logger
+	rdb      *redis.Client
+	cacheRdb *redis.Client
+	store    *store.Store
+	pub      *bus.Publisher
+	cache    *cache.Client
+	idem     *idem.Store
+	blobs    *blob.Dir
+	reg      *prometheus.Registry
+	metrics  *bus.Metrics
+	lease    *bus.ConsumerLease
+}
+
+type needs struct {
+	db, blobs, consumer bool
+}
+
+func newLogger(cfg config.Config, w *os.File) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	if cfg.LogFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+func redisClient(url string) (*redis.Client, error) {
+	opt, err := redis.ParseURL(url)
+	if err != nil {
+		return nil, fmt.Errorf("parse redis url: %w", err)
+	}
+	opt.PoolSize = max(opt.PoolSize, 128)
+	opt.MinIdleConns = 4
+	opt.DialTimeout = 3 * time.Second
+	return redis.NewClient(opt), nil
+}
+
+// waitFor retries check with backoff until it succeeds or ctx ends: at
+// start a dependency may still be coming up, and a process that exits on
+// that only crash-loops.
+func waitFor(ctx context.Context, log *slog.Logger, what string, check func(context.Context) error) error {
+	wait := 200 * time.Millisecond
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		err := check(cctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		log.Warn("waiting for "+what, "error", err, "retry_in", wait)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s not reachable: %w", what, err)
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, 5*time.Second)
+	}
+}
+
+func newApp(ctx context.Context, cfg config.Config, log *slog.Logger, n needs) (a *app, err error) {
+	required := []string{"REDIS_URL"}
+	if n.db {
+		required = append(required, "DATABASE_URL")
+	}
+	if err := cfg.Require(required...); err != nil {
+		return nil, err
+	}
+	a = &app{cfg: cfg, log: log, reg: prometheus.NewRegistry()}
+	defer func() {
+		if err != nil {
+			a.close()
+		}
+	}()
+	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	a.metrics = bus.NewMetrics(a.reg)
+
+	if a.rdb, err = redisClient(cfg.RedisURL); err != nil {
+		return a, err
+	}
+	a.cacheRdb = a.rdb
+	if cfg.CacheRedisURL != cfg.RedisURL {
+		if a.cacheRdb, err = redisClient(cfg.CacheRedisURL); err != nil {
+			return a, err
+		}
+	}
+	if err := waitFor(ctx, log, "redis", func(ctx context.Context) error { return a.rdb.Ping(ctx).Err() }); err != nil {
+		return a, err
+	}
+	if err := bus.EnsureGroups(ctx, a.rdb, topology()); err != nil {
+		return a, err
+	}
+	if a.pub, err = bus.NewPublisher(bus.PublisherConfig{Client: a.rdb, Source: "conveyor", Logger: log, Metrics: a.metrics}); err != nil {
+		return a, err
+	}
+	if a.cache, err = cache.New(cache.Config{Redis: a.cacheRdb, TTL: cfg.CacheTTL, Logger: log}); err != nil {
+		return a, err
+	}
+	if a.idem, err = idem.New(idem.Config{Redis: a.rdb}); err != nil {
+		return a, err
+	}
+	if n.db {
+		if a.store, err = store.Open(store.Config{URL: cfg.DatabaseURL}); err != nil {
+			return a, err
+		}
+		if err := waitFor(ctx, log, "postgres", a.store.Ping); err != nil {
+			return a, err
+		}
+	}
+	if n.blobs {
+		if a.blobs, err = blob.NewDir(blob.DirConfig{Dir: cfg.BlobDir}); err != nil {
+			return a, err
+		}
+	}
+	if n.consumer {
+		if a.lease, err = bus.LeaseConsumerName(ctx, a.rdb, cfg.ConsumerName, log); err != nil {
+			return a, err
+		}
+		log.Info("consumer name leased", "consumer", a.lease.Name())
+	}
+	return a, nil
+}
+
+// close releases everything, connections last.
+func (a *app) close() {
+	if a.pub != nil {
+		_ = a.pub.Close()
+	}
+	if a.lease != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		a.lease.Release(ctx)
+		cancel()
+	}
+	if a.store != nil {
+		_ = a.store.Close()
+	}
+	if a.cacheRdb != nil && a.cacheRdb != a.rdb {
+		_ = a.cacheRdb.Close()
+	}
+	if a.rdb != nil {
+		_ = a.rdb.Close()
+	}
+}
+
+func (a *app) checks(router *bus.Router) map[string]api.Check {
+	c := map[string]api.Check{
+		"redis": func(ctx context.Context) error { return a.rdb.Ping(ctx).Err() },
+	}
+	if a.cacheRdb != a.rdb {
+		c["cache_redis"] = func(ctx context.Context) error { return a.cacheRdb.Ping(ctx).Err() }
+	}
+	if a.store != nil {
+		c["postgres"] = a.store.Ping
+	}
+	if router != nil {
+		c["consumers"] = func(context.Context) error { return router.Err() }
+	}
+	return c
+}
+
+func (a *app) router(concurrency int) (*bus.Router, error) {
+	return bus.NewRouter(bus.RouterConfig{
+		Client:       a.rdb,
+		Consumer:     a.lease.Name(),
+		Concurrency:  concurrency,
+		ClaimMinIdle: a.cfg.ClaimMinIdle,
+		Retry: bus.RetryPolicy{
+			MaxAttempts: a.cfg.RetryMaxAttempts,
+			MinBackoff:  a.cfg.RetryMinBackoff,
+			MaxBackoff:  a.cfg.RetryMaxBackoff,
+		},
+		DrainTimeout: a.cfg.ShutdownTimeout,
+		Logger:       a.log,
+		Metrics:      a.metrics,
+	})
+}
+
+// newServer returns an http.Server with every timeout set: a slow or stuck
+// client must not hold a connection forever.
+func newServer(addr string, h http.Handler, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Addr:              addr,
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       5 * time.Minute, // a 32 MiB upload on a slow link
+		WriteTimeout:      5 * time.Minute,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+}
+
+// serve runs srv until ctx ends, then shuts it down gracefully: it stops
+// accepting and lets running requests finish within timeout.
+func serve(ctx context.Context, srv *http.Server, ln net.Listener, timeout time.Duration, log *slog.Logger) error {
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("http server stopped: %w", err)
+	case <-ctx.Done():
+	}
+	log.Info("shutting down http server", "addr", ln.Addr().String())
+	sctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		return fmt.Errorf("http shutdown: %w", err)
+	}
+	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// listen opens the role's HTTP listener early, so a port conflict fails the
+// start instead of a running process.
+func listen(addr string) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s (HTTP_ADDR): %w", addr, err)
+	}
+	return ln, nil
+}
+
+// opsHandler serves /healthz, /readyz and /metrics for roles without the API.
+func opsHandler(checks map[string]api.Check, reg *prometheus.Registry) http.Handler {
+	mux := http.NewServeMux()
+	api.Ops(mux, checks, reg)
+	return mux
+}
+
+// summarizer builds the configured summarizer, cached by the LLM cache.
+func (a *app) summarizer() (handlers.Summarizer, error) {
+	var s handlers.Summarizer = handlers.Extractive{}
+	if a.cfg.SummarizerURL != "" {
+		s = handlers.OpenAI{URL: a.cfg.SummarizerURL, ModelName: a.cfg.SummarizerModel, APIKey: a.cfg.SummarizerAPIKey}
+	}
+	llm, err := cache.NewLLM(cache.LLMConfig{Cache: a.cache})
+	if err != nil {
+		return nil, err
+	}
+	return handlers.Cached{Summarizer: s, LLM: llm}, nil
+}
+
+func (a *app) mailer() (handlers.Mailer, error) {
+	if a.cfg.SMTPURL == "" {
+		return handlers.Outbox{Dir: a.cfg.OutboxDir, Logger: a.log}, nil
+	}
+	return handlers.NewSMTP(handlers.SMTPConfig{URL: a.cfg.SMTPURL, Timeout: a.cfg.SMTPTimeout})
+}
+
+// registerHandlers adds the chosen handlers to router.
+func (a *app) registerHandlers(router *bus.Router, which map[string]bool) error {
+	if which["document"] {
+		sum, err := a.summarizer()
+		if err != nil {
+			return err
+		}
+		dp, err := handlers.NewDocumentProcessor(handlers.DocumentProcessorConfig{
+			Blobs: a.blobs, Publisher: a.pub, Summarizer: sum, MaxBytes: a.cfg.MaxUploadBytes, Logger: a.log,
+		})
+		if err != nil {
+			return err
+		}
+		if err := dp.Register(router); err != nil {
+			return err
+		}
+	}
+	if which["email"] {
+		m, err := a.mailer()
+		if err != nil {
+			return err
+		}
+		es, err := handlers.NewEmailSender(handlers.EmailSenderConfig{
+			Mailer: m, Marks: a.idem, Publisher: a.pub, From: a.cfg.SMTPFrom, Timeout: a.cfg.SMTPTimeout, Logger: a.log,
+		})
+		if err != nil {
+			return err
+		}
+		if err := es.Register(router); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// runRouterAndServer runs a consumer router and an HTTP server together;
+// either stopping by itself stops both.
+func runRouterAndServer(ctx context.Context, a *app, router *bus.Router, srv *http.Server, ln net.Listener) error {
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return router.Run(gctx) })
+	g.Go(func() error { return serve(gctx, srv, ln, a.cfg.ShutdownTimeout, a.log) })
+	return g.Wait()
+}

@@ -1,0 +1,234 @@
+// Command conveyor runs every role of Conveyor from one binary:
+//
+//	conveyor api | handler | projector | migrate | up | healthcheck | dlq | version
+//
+// Configuration comes from the environment (see `conveyor help`). Only this
+// package wires the other packages together.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/conveyor/conveyor/config"
+)
+
+// version is set at build time with -ldflags "-X main.version=…"; otherwise
+// the module version or VCS revision is used.
+var version = ""
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	os.Exit(run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
+}
+
+// command is one subcommand.
+type command struct {
+	name    string
+	summary string
+	// usage is the long help, printed after the synopsis.
+	usage string
+	// vars lists the environment variables the command reads.
+	vars []string
+	// flags adds the command's flags to fs.
+	flags func(fs *flag.FlagSet) any
+	run   func(ctx context.Context, env *environment, opts any, args []string) error
+}
+
+// environment is what a command runs with.
+type environment struct {
+	cfg    config.Config
+	getenv func(string) string
+	stdout io.Writer
+	stderr io.Writer
+}
+
+var allVars = []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "BLOB_DIR", "SMTP_URL", "SMTP_FROM",
+	"SMTP_TIMEOUT", "OUTBOX_DIR", "CONSUMER_NAME", "MAX_UPLOAD_BYTES", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT",
+	"SUMMARIZER_URL", "SUMMARIZER_MODEL", "SUMMARIZER_API_KEY", "RETRY_MAX_ATTEMPTS", "RETRY_BACKOFF_MIN",
+	"RETRY_BACKOFF_MAX", "CLAIM_MIN_IDLE", "SHUTDOWN_TIMEOUT"}
+
+func commands() []*command {
+	return []*command{
+		apiCommand(), handlerCommand(), projectorCommand(), migrateCommand(), upCommand(),
+		healthcheckCommand(), dlqCommand(), versionCommand(),
+	}
+}
+
+// errUsage marks an error caused by bad arguments: exit status 2.
+var errUsage = errors.New("usage")
+
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	cmds := commands()
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" || args[0] == "-help" {
+		if len(args) > 1 {
+			for _, c := range cmds {
+				if c.name == args[1] {
+					commandUsage(stdout, c, flagSet(c, io.Discard))
+					return 0
+				}
+			}
+		}
+		mainUsage(stdout, cmds)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	var cmd *command
+	for _, c := range cmds {
+		if c.name == args[0] {
+			cmd = c
+		}
+	}
+	if cmd == nil {
+		fmt.Fprintf(stderr, "conveyor: unknown command %q\n\n", args[0])
+		mainUsage(stderr, cmds)
+		return 2
+	}
+	fs := flagSet(cmd, stderr)
+	var opts any
+	if cmd.flags != nil {
+		opts = cmd.flags(fs)
+	}
+	if err := fs.Parse(args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	cfg, err := config.Load(getenv)
+	if err != nil {
+		fmt.Fprintf(stderr, "conveyor %s: invalid configuration:\n%s\n", cmd.name, indent(err.Error()))
+		return 2
+	}
+	env := &environment{cfg: cfg, getenv: getenv, stdout: stdout, stderr: stderr}
+	if err := cmd.run(ctx, env, opts, fs.Args()); err != nil {
+		if errors.Is(err, errUsage) {
+			fmt.Fprintf(stderr, "conveyor %s: %v\n", cmd.name, err)
+			return 2
+		}
+		fmt.Fprintf(stderr, "conveyor %s: %s\n", cmd.name, err)
+		return 1
+	}
+	return 0
+}
+
+func flagSet(c *command, out io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("conveyor "+c.name, flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.Usage = func() { commandUsage(out, c, fs) }
+	return fs
+}
+
+func indent(s string) string {
+	return "  " + strings.ReplaceAll(s, "\n", "\n  ")
+}
+
+func mainUsage(w io.Writer, cmds []*command) {
+	fmt.Fprint(w, `Conveyor runs background work: an HTTP API accepts uploads and events, publishes
+them to Redis Streams, handlers do the work, and a projector keeps Postgres read
+models and the Redis cache up to date.
+
+Usage:
+  conveyor <command> [flags]
+
+Commands:
+`)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, c := range cmds {
+		fmt.Fprintf(tw, "  %s\t%s\n", c.name, c.summary)
+	}
+	tw.Flush()
+	fmt.Fprint(w, "\nRun `conveyor <command> --help` for a command's flags and environment variables.\n\n")
+	printVars(w, allVars)
+}
+
+func commandUsage(w io.Writer, c *command, fs *flag.FlagSet) {
+	fmt.Fprintf(w, "conveyor %s: %s\n\n", c.name, c.summary)
+	if c.usage != "" {
+		fmt.Fprintln(w, strings.TrimSpace(c.usage))
+		fmt.Fprintln(w)
+	}
+	hasFlags := false
+	fs.VisitAll(func(*flag.Flag) { hasFlags = true })
+	if hasFlags {
+		fmt.Fprintln(w, "Flags:")
+		fs.SetOutput(w)
+		fs.PrintDefaults()
+		fmt.Fprintln(w)
+	}
+	if len(c.vars) > 0 {
+		printVars(w, c.vars)
+	}
+}
+
+func printVars(w io.Writer, names []string) {
+	byName := map[string]config.Var{}
+	for _, v := range config.Vars {
+		byName[v.Name] = v
+	}
+	fmt.Fprintln(w, "Environment variables (any X may be given as X_FILE, a file holding the value):")
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, n := range names {
+		v := byName[n]
+		def := v.Default
+		if def == "" {
+			def = "(unset)"
+		}
+		fmt.Fprintf(tw, "  %s\tdefault %s\n", n, def)
+		fmt.Fprintf(tw, "  \t%s\n", v.Help)
+	}
+	tw.Flush()
+}
+
+func versionString() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		if bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+			return bi.Main.Version
+		}
+		rev, dirty := "", false
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				rev = s.Value
+			case "vcs.modified":
+				dirty = s.Value == "true"
+			}
+		}
+		if len(rev) > 12 {
+			rev = rev[:12]
+		}
+		if rev != "" {
+			if dirty {
+				rev += "-dirty"
+			}
+			return "devel-" + rev
+		}
+	}
+	return "devel"
+}
+
+func versionCommand() *command {
+	return &command{
+		name:    "version",
+		summary: "print the version",
+		run: func(_ context.Context, env *environment, _ any, _ []string) error {
+			fmt.Fprintf(env.stdout, "conveyor %s\n", versionString())
+			return nil
+		},
+	}
+}

@@ -1,0 +1,147 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/conveyor/conveyor/embedded"
+)
+
+type upOpts struct {
+	dataDir *string
+}
+
+func upCommand() *command {
+	return &command{
+		name:    "up",
+		summary: "run the whole pipeline in one process (starts local Redis/PostgreSQL if unconfigured)",
+		usage: `Runs the api, every handler and the projector in one process, for a laptop.
+If REDIS_URL is unset it starts a local redis-server (AOF on) and if
+DATABASE_URL is unset a local PostgreSQL, both with their data under
+CONVEYOR_DATA_DIR (default ./.conveyor), reused on the next run. It applies
+migrations, prints the API URL, and on Ctrl-C stops everything it started.
+Uploaded bytes and outbox emails also live under CONVEYOR_DATA_DIR unless
+BLOB_DIR / OUTBOX_DIR are set.`,
+		vars: append([]string{"CONVEYOR_DATA_DIR"}, allVars...),
+		flags: func(fs *flag.FlagSet) any {
+			return &upOpts{dataDir: fs.String("data", "", "data folder (overrides CONVEYOR_DATA_DIR)")}
+		},
+		run: runUp,
+	}
+}
+
+func runUp(ctx context.Context, env *environment, o any, _ []string) error {
+	opts := o.(*upOpts)
+	cfg := env.cfg
+	if *opts.dataDir != "" {
+		cfg.DataDir = *opts.dataDir
+	}
+	if cfg.LogFormat == "json" && env.getenv("LOG_FORMAT") == "" {
+		cfg.LogFormat = "text" // a laptop: readable logs unless asked otherwise
+	}
+	log := newLogger(cfg, os.Stderr)
+	dataDir, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	if env.getenv("BLOB_DIR") == "" {
+		cfg.BlobDir = filepath.Join(dataDir, "blobs")
+	}
+	if env.getenv("OUTBOX_DIR") == "" {
+		cfg.OutboxDir = filepath.Join(dataDir, "outbox")
+	}
+	ln, err := listen(cfg.HTTPAddr)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+
+	// Servers started here are stopped here, after the pipeline stopped,
+	// even if ctx is already cancelled (Ctrl-C).
+	var stops []func()
+	defer func() {
+		for i := len(stops) - 1; i >= 0; i-- {
+			stops[i]()
+		}
+	}()
+	serverLog := log.With("component", "embedded")
+	if cfg.RedisURL == "" {
+		r, err := embedded.StartRedis(ctx, embedded.RedisConfig{Dir: filepath.Join(dataDir, "redis"), Logger: serverLog})
+		if err != nil {
+			return friendly(err, "redis-server")
+		}
+		stops = append(stops, func() { stopServer(log, "redis", r.Stop) })
+		cfg.RedisURL = r.URL()
+		if env.getenv("CACHE_REDIS_URL") == "" {
+			cfg.CacheRedisURL = cfg.RedisURL
+		}
+		log.Info("started local redis-server", "url", cfg.RedisURL, "data", filepath.Join(dataDir, "redis"))
+	}
+	if cfg.DatabaseURL == "" {
+		p, err := embedded.StartPostgres(ctx, embedded.PostgresConfig{Dir: filepath.Join(dataDir, "postgres"), Logger: serverLog})
+		if err != nil {
+			return friendly(err, "postgres")
+		}
+		stops = append(stops, func() { stopServer(log, "postgres", p.Stop) })
+		cfg.DatabaseURL = p.URL()
+		log.Info("started local PostgreSQL", "url", cfg.DatabaseURL, "data", filepath.Join(dataDir, "postgres"))
+	}
+
+	a, err := newApp(ctx, cfg, log, needs{db: true, blobs: true, consumer: true})
+	if err != nil {
+		return err
+	}
+	defer a.close()
+	if err := a.migrate(ctx, &environment{cfg: cfg, stdout: env.stdout}); err != nil {
+		return err
+	}
+	base := "http://" + displayAddr(ln.Addr())
+	fmt.Fprintf(env.stdout, `
+Conveyor is up: %[1]s
+  upload:   curl -F file=@README.md -F notify=you@example.com %[1]s/v1/documents
+  status:   curl %[1]s/v1/documents/<doc_id>
+  email:    curl -H 'Content-Type: application/json' -d '{"to":"you@example.com","subject":"Hi","body":"Hello"}' %[1]s/v1/emails
+  ready:    curl %[1]s/readyz
+Emails go to %[2]s unless SMTP_URL is set. Press Ctrl-C to stop.
+
+`, base, cfg.OutboxDir)
+	return runAll(ctx, a, ln)
+}
+
+func displayAddr(addr net.Addr) string {
+	host, port, err := net.SplitHostPort(addr.String())
+	if err != nil {
+		return addr.String()
+	}
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		host = "localhost"
+	}
+	return net.JoinHostPort(host, port)
+}
+
+func stopServer(log *slog.Logger, name string, stop func(context.Context) error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := stop(ctx); err != nil {
+		log.Error("stop local "+name, "error", err)
+		return
+	}
+	log.Info("stopped local " + name)
+}
+
+// friendly turns a missing server binary into install instructions; the
+// error already says how, without a stack trace.
+func friendly(err error, what string) error {
+	if errors.Is(err, embedded.ErrNotInstalled) {
+		return fmt.Errorf("%s is needed when %s is unset.\n%v\nOr point REDIS_URL and DATABASE_URL at running servers, or use `docker compose up` (see README.md)",
+			what, map[string]string{"redis-server": "REDIS_URL", "postgres": "DATABASE_URL"}[what], err)
+	}
+	return fmt.Errorf("start local %s: %w", what, err)
+}

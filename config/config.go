@@ -1,0 +1,252 @@
+// Package config reads Conveyor's configuration from the environment, once,
+// and validates it, reporting every problem together. It is the only reader
+// of the environment. Any variable X may instead be given as X_FILE, the
+// path of a file holding the value (for secrets mounted as files).
+//
+// config must not import other project packages.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Config is the whole configuration. Zero values never reach callers: Load
+// applies the documented defaults.
+type Config struct {
+	RedisURL         string
+	CacheRedisURL    string
+	DatabaseURL      string
+	HTTPAddr         string
+	BlobDir          string
+	SMTPURL          string
+	SMTPFrom         string
+	SMTPTimeout      time.Duration
+	OutboxDir        string
+	ConsumerName     string
+	MaxUploadBytes   int64
+	CacheTTL         time.Duration
+	LogLevel         slog.Level
+	LogFormat        string
+	SummarizerURL    string
+	SummarizerModel  string
+	SummarizerAPIKey string
+	RetryMaxAttempts int
+	RetryMinBackoff  time.Duration
+	RetryMaxBackoff  time.Duration
+	ClaimMinIdle     time.Duration
+	ShutdownTimeout  time.Duration
+	DataDir          string
+}
+
+// Var documents one environment variable.
+type Var struct {
+	Name    string
+	Default string
+	Help    string
+}
+
+// Vars lists every variable Conveyor reads, for --help and the README.
+var Vars = []Var{
+	{"REDIS_URL", "(conveyor up: a local redis-server)", "Redis for streams and idempotency records: redis://[:password@]host:port/db. Run it with AOF and maxmemory-policy noeviction."},
+	{"CACHE_REDIS_URL", "REDIS_URL", "Redis for the read cache; may be a separate instance with an LRU policy."},
+	{"DATABASE_URL", "(conveyor up: a local PostgreSQL)", "PostgreSQL for the read models: postgres://user:pass@host:5432/db?sslmode=disable."},
+	{"HTTP_ADDR", ":8080", "Listen address of the role's HTTP server (the API for `api`; /healthz, /readyz and /metrics for every role)."},
+	{"BLOB_DIR", "./data/blobs", "Directory of uploaded bytes, shared by api and handler replicas."},
+	{"SMTP_URL", "(none: emails go to OUTBOX_DIR)", "smtp://[user:pass@]host:port (STARTTLS if offered; ?tls=required|none) or smtps://host:port."},
+	{"SMTP_FROM", "Conveyor <conveyor@localhost>", "Sender address of emails."},
+	{"SMTP_TIMEOUT", "30s", "Timeout of one SMTP send, connection included."},
+	{"OUTBOX_DIR", "./data/outbox", "Where emails are written as .eml files when SMTP_URL is unset."},
+	{"CONSUMER_NAME", "hostname-N", "Consumer name of this replica in its consumer groups: unique per replica, stable across its restarts. By default the host name plus the lowest free index, leased in Redis."},
+	{"MAX_UPLOAD_BYTES", "33554432", "Largest accepted upload (32 MiB); larger uploads get 413 and nothing is kept."},
+	{"CACHE_TTL", "60s", "Time to live of cached reads (plus up to 10% jitter)."},
+	{"LOG_LEVEL", "info", "debug, info, warn or error."},
+	{"LOG_FORMAT", "json", "json or text."},
+	{"SUMMARIZER_URL", "(none: built-in extractive summarizer)", "Base URL of an OpenAI-compatible API (…/v1) used to summarize documents."},
+	{"SUMMARIZER_MODEL", "gpt-4o-mini", "Model name sent to SUMMARIZER_URL."},
+	{"SUMMARIZER_API_KEY", "", "Bearer token for SUMMARIZER_URL (use SUMMARIZER_API_KEY_FILE for a mounted secret)."},
+	{"RETRY_MAX_ATTEMPTS", "8", "Attempts per message, the first included, before it is dead-lettered."},
+	{"RETRY_BACKOFF_MIN", "1s", "Delay before the first retry; doubles per attempt, ±20% jitter."},
+	{"RETRY_BACKOFF_MAX", "10m", "Longest delay between retries."},
+	{"CLAIM_MIN_IDLE", "10s", "Idle time after which a dead consumer's messages are claimed by a live replica."},
+	{"SHUTDOWN_TIMEOUT", "20s", "How long a stopping process lets running requests and handlers finish. Keep the container stop grace period longer."},
+	{"CONVEYOR_DATA_DIR", "./.conveyor", "conveyor up only: where the local Redis and PostgreSQL keep their data."},
+}
+
+// Load reads the configuration through getenv (os.Getenv in production).
+func Load(getenv func(string) string) (Config, error) {
+	r := reader{getenv: getenv}
+	c := Config{
+		RedisURL:         r.str("REDIS_URL", ""),
+		DatabaseURL:      r.str("DATABASE_URL", ""),
+		HTTPAddr:         r.str("HTTP_ADDR", ":8080"),
+		BlobDir:          r.str("BLOB_DIR", "./data/blobs"),
+		SMTPURL:          r.str("SMTP_URL", ""),
+		SMTPFrom:         r.str("SMTP_FROM", "Conveyor <conveyor@localhost>"),
+		SMTPTimeout:      r.duration("SMTP_TIMEOUT", 30*time.Second),
+		OutboxDir:        r.str("OUTBOX_DIR", "./data/outbox"),
+		ConsumerName:     r.str("CONSUMER_NAME", ""),
+		MaxUploadBytes:   r.int64("MAX_UPLOAD_BYTES", 32<<20),
+		CacheTTL:         r.duration("CACHE_TTL", 60*time.Second),
+		LogFormat:        r.str("LOG_FORMAT", "json"),
+		SummarizerURL:    r.str("SUMMARIZER_URL", ""),
+		SummarizerModel:  r.str("SUMMARIZER_MODEL", "gpt-4o-mini"),
+		SummarizerAPIKey: r.str("SUMMARIZER_API_KEY", ""),
+		RetryMaxAttempts: int(r.int64("RETRY_MAX_ATTEMPTS", 8)),
+		RetryMinBackoff:  r.duration("RETRY_BACKOFF_MIN", time.Second),
+		RetryMaxBackoff:  r.duration("RETRY_BACKOFF_MAX", 10*time.Minute),
+		ClaimMinIdle:     r.duration("CLAIM_MIN_IDLE", 10*time.Second),
+		ShutdownTimeout:  r.duration("SHUTDOWN_TIMEOUT", 20*time.Second),
+		DataDir:          r.str("CONVEYOR_DATA_DIR", "./.conveyor"),
+	}
+	c.CacheRedisURL = r.str("CACHE_REDIS_URL", c.RedisURL)
+	switch lvl := strings.ToLower(r.str("LOG_LEVEL", "info")); lvl {
+	case "debug":
+		c.LogLevel = slog.LevelDebug
+	case "info":
+		c.LogLevel = slog.LevelInfo
+	case "warn", "warning":
+		c.LogLevel = slog.LevelWarn
+	case "error":
+		c.LogLevel = slog.LevelError
+	default:
+		r.fail("LOG_LEVEL", "must be debug, info, warn or error, not %q", lvl)
+	}
+	if c.LogFormat != "json" && c.LogFormat != "text" {
+		r.fail("LOG_FORMAT", "must be json or text, not %q", c.LogFormat)
+	}
+	r.url("REDIS_URL", c.RedisURL, "redis", "rediss")
+	r.url("CACHE_REDIS_URL", c.CacheRedisURL, "redis", "rediss")
+	r.url("DATABASE_URL", c.DatabaseURL, "postgres", "postgresql")
+	r.url("SMTP_URL", c.SMTPURL, "smtp", "smtps")
+	r.url("SUMMARIZER_URL", c.SummarizerURL, "http", "https")
+	if c.MaxUploadBytes < 1 {
+		r.fail("MAX_UPLOAD_BYTES", "must be positive")
+	}
+	if c.CacheTTL <= 0 {
+		r.fail("CACHE_TTL", "must be positive")
+	}
+	if c.RetryMaxAttempts < 1 {
+		r.fail("RETRY_MAX_ATTEMPTS", "must be at least 1")
+	}
+	if c.RetryMinBackoff < 0 || c.RetryMaxBackoff < c.RetryMinBackoff {
+		r.fail("RETRY_BACKOFF_MIN", "must be between 0 and RETRY_BACKOFF_MAX")
+	}
+	if c.ClaimMinIdle < time.Second {
+		r.fail("CLAIM_MIN_IDLE", "must be at least 1s")
+	}
+	if c.ShutdownTimeout <= 0 {
+		r.fail("SHUTDOWN_TIMEOUT", "must be positive")
+	}
+	if c.SMTPTimeout <= 0 {
+		r.fail("SMTP_TIMEOUT", "must be positive")
+	}
+	if strings.ContainsAny(c.ConsumerName, " \t\r\n") {
+		r.fail("CONSUMER_NAME", "must not contain white space")
+	}
+	return c, errors.Join(r.errs...)
+}
+
+// Require reports every listed variable that is empty in c.
+func (c Config) Require(names ...string) error {
+	values := map[string]string{
+		"REDIS_URL":    c.RedisURL,
+		"DATABASE_URL": c.DatabaseURL,
+		"BLOB_DIR":     c.BlobDir,
+	}
+	var errs []error
+	for _, n := range names {
+		if values[n] == "" {
+			errs = append(errs, fmt.Errorf("%s is required", n))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+type reader struct {
+	getenv func(string) string
+	errs   []error
+}
+
+func (r *reader) fail(name, format string, args ...any) {
+	r.errs = append(r.errs, fmt.Errorf("%s: "+format, append([]any{name}, args...)...))
+}
+
+// raw returns the value of name or, failing that, the contents of the file
+// named by name_FILE.
+func (r *reader) raw(name string) string {
+	v := r.getenv(name)
+	file := r.getenv(name + "_FILE")
+	if file == "" {
+		return v
+	}
+	if v != "" {
+		r.fail(name, "set both %s and %s_FILE; set one", name, name)
+		return v
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		r.fail(name+"_FILE", "%v", err)
+		return ""
+	}
+	return strings.TrimRight(string(b), "\r\n")
+}
+
+func (r *reader) str(name, def string) string {
+	if v := r.raw(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func (r *reader) duration(name string, def time.Duration) time.Duration {
+	v := r.raw(name)
+	if v == "" {
+		return def
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		r.fail(name, "must be a duration like 30s or 5m, not %q", v)
+		return def
+	}
+	return d
+}
+
+func (r *reader) int64(name string, def int64) int64 {
+	v := r.raw(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil {
+		r.fail(name, "must be an integer, not %q", v)
+		return def
+	}
+	return n
+}
+
+func (r *reader) url(name, v string, schemes ...string) {
+	if v == "" {
+		return
+	}
+	u, err := url.Parse(v)
+	if err != nil {
+		r.fail(name, "is not a URL: %v", err)
+		return
+	}
+	for _, s := range schemes {
+		if u.Scheme == s {
+			if u.Host == "" {
+				r.fail(name, "names no host")
+			}
+			return
+		}
+	}
+	r.fail(name, "scheme must be one of %s, not %q", strings.Join(schemes, ", "), u.Scheme)
+}

@@ -1,0 +1,110 @@
+package config_test
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/conveyor/conveyor/config"
+)
+
+func env(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+func TestDefaults(t *testing.T) {
+	t.Parallel()
+	c, err := config.Load(env(map[string]string{"REDIS_URL": "redis://127.0.0.1:6379/0"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.HTTPAddr != ":8080" || c.MaxUploadBytes != 32<<20 || c.CacheTTL != 60*time.Second {
+		t.Fatalf("defaults wrong: %+v", c)
+	}
+	if c.CacheRedisURL != c.RedisURL {
+		t.Fatalf("CACHE_REDIS_URL should default to REDIS_URL, got %q", c.CacheRedisURL)
+	}
+}
+
+func TestEveryProblemReportedTogether(t *testing.T) {
+	t.Parallel()
+	_, err := config.Load(env(map[string]string{
+		"REDIS_URL":        "http://x",
+		"DATABASE_URL":     "postgres://",
+		"MAX_UPLOAD_BYTES": "lots",
+		"CACHE_TTL":        "forever",
+		"LOG_LEVEL":        "loud",
+		"LOG_FORMAT":       "xml",
+		"SMTP_URL":         "ftp://mail",
+	}))
+	if err == nil {
+		t.Fatal("expected errors")
+	}
+	for _, name := range []string{"REDIS_URL", "DATABASE_URL", "MAX_UPLOAD_BYTES", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT", "SMTP_URL"} {
+		if !strings.Contains(err.Error(), name) {
+			t.Errorf("error does not name %s:\n%v", name, err)
+		}
+	}
+}
+
+func TestFileVariables(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	secret := filepath.Join(dir, "key")
+	if err := os.WriteFile(secret, []byte("s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name    string
+		env     map[string]string
+		want    string
+		wantErr string
+	}{
+		{name: "file", env: map[string]string{"SUMMARIZER_API_KEY_FILE": secret}, want: "s3cret"},
+		{name: "both", env: map[string]string{"SUMMARIZER_API_KEY_FILE": secret, "SUMMARIZER_API_KEY": "x"}, wantErr: "set one"},
+		{name: "missing file", env: map[string]string{"SUMMARIZER_API_KEY_FILE": filepath.Join(dir, "nope")}, wantErr: "SUMMARIZER_API_KEY_FILE"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			c, err := config.Load(env(tt.env))
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want it to mention %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.SummarizerAPIKey != tt.want {
+				t.Fatalf("got %q", c.SummarizerAPIKey)
+			}
+		})
+	}
+}
+
+func TestRequire(t *testing.T) {
+	t.Parallel()
+	c, err := config.Load(env(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = c.Require("REDIS_URL", "DATABASE_URL")
+	if err == nil || !strings.Contains(err.Error(), "REDIS_URL") || !strings.Contains(err.Error(), "DATABASE_URL") {
+		t.Fatalf("Require = %v", err)
+	}
+}
+
+func TestVarsAreDocumented(t *testing.T) {
+	t.Parallel()
+	seen := map[string]bool{}
+	for _, v := range config.Vars {
+		if v.Help == "" || seen[v.Name] {
+			t.Errorf("%s: missing help or listed twice", v.Name)
+		}
+		seen[v.Name] = true
+	}
+}

@@ -1,0 +1,206 @@
+package embedded
+
+import (
+	"context"
+	"database/sql"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// postgresDir returns a data folder that PostgreSQL can reach when the tests
+// run as root (t.TempDir is private to root), removed at cleanup.
+func postgresDir(t *testing.T) string {
+	t.Helper()
+	parent, err := os.MkdirTemp("", "embedded-postgres-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(parent) })
+	if err := os.Chmod(parent, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(parent, "data")
+}
+
+func openDB(t *testing.T, url string) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("postgres", url)
+	if err != nil {
+		t.Fatalf("open %s: %v", url, err)
+	}
+	t.Cleanup(func() { _ = db.Close() })
+	return db
+}
+
+func countRows(t *testing.T, url string) int {
+	t.Helper()
+	db := openDB(t, url)
+	var n int
+	if err := db.QueryRowContext(t.Context(), "SELECT count(*) FROM items").Scan(&n); err != nil {
+		t.Fatalf("count rows in %s: %v", url, err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestPostgresLifecycle(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	dir := postgresDir(t)
+	// Fsync stays on: the data must survive Kill below.
+	cfg := PostgresConfig{Dir: dir, Database: "app"}
+	p, err := StartPostgres(ctx, cfg)
+	if err != nil {
+		t.Fatalf("StartPostgres: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := p.Stop(context.Background()); err != nil {
+			t.Errorf("Stop: %v", err)
+		}
+	})
+	if !strings.HasPrefix(p.URL(), "postgres://postgres@127.0.0.1:") || !strings.HasSuffix(p.URL(), "/app?sslmode=disable") {
+		t.Errorf("URL() = %s", p.URL())
+	}
+
+	db := openDB(t, p.URL())
+	if _, err := db.ExecContext(ctx, "CREATE TABLE items (id int PRIMARY KEY)"); err != nil {
+		t.Fatalf("create table in the configured database: %v", err)
+	}
+	if _, err := db.ExecContext(ctx, "INSERT INTO items VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("CreateDatabase", func(t *testing.T) {
+		for range 2 { // the second call finds it and does nothing
+			if err := p.CreateDatabase(ctx, "other-db"); err != nil {
+				t.Fatalf("CreateDatabase: %v", err)
+			}
+		}
+		var name string
+		if err := openDB(t, p.URLFor("other-db")).QueryRowContext(ctx, "SELECT current_database()").Scan(&name); err != nil || name != "other-db" {
+			t.Fatalf("current_database() = %q, %v; want other-db", name, err)
+		}
+	})
+
+	t.Run("Stop and start again on the same folder", func(t *testing.T) {
+		pid, url := p.PID(), p.URL()
+		if err := p.Stop(ctx); err != nil {
+			t.Fatalf("Stop: %v", err)
+		}
+		assertGone(t, pid)
+		if err := p.Stop(ctx); err != nil {
+			t.Errorf("second Stop: %v, want nil", err)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "postmaster.pid")); !os.IsNotExist(err) {
+			t.Errorf("postmaster.pid after a clean stop: %v, want it removed", err)
+		}
+
+		p, err = StartPostgres(ctx, cfg)
+		if err != nil {
+			t.Fatalf("StartPostgres on the same folder: %v", err)
+		}
+		if p.URL() != url {
+			t.Errorf("URL() = %s, want the recorded %s", p.URL(), url)
+		}
+		if n := countRows(t, p.URL()); n != 1 {
+			t.Errorf("rows after restart = %d, want 1", n)
+		}
+	})
+
+	t.Run("Kill leaves a stale lock file and Restart recovers", func(t *testing.T) {
+		pid := p.PID()
+		if err := p.Kill(); err != nil {
+			t.Fatalf("Kill: %v", err)
+		}
+		assertGone(t, pid)
+		if _, err := os.Stat(filepath.Join(dir, "postmaster.pid")); err != nil {
+			t.Fatalf("postmaster.pid after Kill: %v, want the stale file left behind", err)
+		}
+		if err := p.Restart(ctx); err != nil {
+			t.Fatalf("Restart after Kill: %v", err)
+		}
+		if n := countRows(t, p.URL()); n != 1 {
+			t.Errorf("rows after Kill and Restart = %d, want 1", n)
+		}
+		pid = p.PID()
+		if err := p.Stop(ctx); err != nil {
+			t.Fatalf("Stop: %v", err)
+		}
+		assertGone(t, pid)
+	})
+}
+
+func TestPostgresFsyncOff(t *testing.T) {
+	t.Parallel()
+	p, err := StartPostgres(t.Context(), PostgresConfig{Dir: postgresDir(t), Fsync: off()})
+	if err != nil {
+		t.Fatalf("StartPostgres: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := p.Stop(context.Background()); err != nil {
+			t.Errorf("Stop: %v", err)
+		}
+	})
+	for setting, want := range map[string]string{"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "200"} {
+		var got string
+		if err := openDB(t, p.URL()).QueryRowContext(t.Context(), "SHOW "+setting).Scan(&got); err != nil || got != want {
+			t.Errorf("SHOW %s = %q, %v; want %q", setting, got, err, want)
+		}
+	}
+}
+
+func TestPostgresUnreachableFolder(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("only root runs PostgreSQL as another user")
+	}
+	t.Parallel()
+	private := t.TempDir() // mode 0700, owned by root
+	if err := os.Chmod(private, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	_, err := StartPostgres(t.Context(), PostgresConfig{Dir: filepath.Join(private, "data")})
+	t.Log(err)
+	if err == nil || !strings.Contains(err.Error(), "cannot enter "+private) {
+		t.Fatalf("StartPostgres under a private folder: %v, want an error naming %s", err, private)
+	}
+}
+
+func TestRemoveStalePID(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name       string
+		content    string
+		wantRemove bool
+	}{
+		{name: "dead pid", content: "2147483646\n/data\n", wantRemove: true},
+		{name: "garbage", content: "not a pid\n", wantRemove: true},
+		// Where process names are known (Linux), a live pid that is not a
+		// postgres was reused after a crash; elsewhere it is left to
+		// PostgreSQL to judge.
+		{name: "live non-postgres pid", content: "1\n", wantRemove: processName(1) != ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			path := filepath.Join(dir, "postmaster.pid")
+			if err := os.WriteFile(path, []byte(tt.content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := removeStalePID(dir); err != nil {
+				t.Fatalf("removeStalePID: %v", err)
+			}
+			_, err := os.Stat(path)
+			if removed := os.IsNotExist(err); removed != tt.wantRemove {
+				t.Errorf("removed = %v, want %v", removed, tt.wantRemove)
+			}
+		})
+	}
+}

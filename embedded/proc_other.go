@@ -1,0 +1,26 @@
+//go:build !linux
+
+package embedded
+
+import (
+	"errors"
+	"syscall"
+)
+
+// sysProcAttr puts the server in its own process group and runs it as cred
+// if that is not nil. Only Linux can tie the server's life to ours.
+func sysProcAttr(_ syscall.Signal, cred *syscall.Credential) *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true, Credential: cred}
+}
+
+// groupAlive reports whether any process is still in the process group
+// pgid. Without /proc, zombies cannot be told apart; the system's init
+// reaps them promptly outside containers.
+func groupAlive(pgid int) bool {
+	err := syscall.Kill(-pgid, 0)
+	return !errors.Is(err, syscall.ESRCH)
+}
+
+// processName returns "", because the command name of another process is
+// not available without /proc; callers then trust the pid alone.
+func processName(int) string { return "" }

@@ -1,0 +1,240 @@
+package events
+
+import (
+	"net/mail"
+	"strings"
+	"time"
+)
+
+// Limits on payload fields. They protect consumers and Postgres from
+// unbounded input that arrives from outside (HTTP or other services).
+const (
+	MaxFilenameBytes = 255
+	MaxSubjectBytes  = 998 // RFC 5322 line limit
+	MaxBodyBytes     = 1 << 20
+	MaxReasonBytes   = 2000
+	MaxSummaryBytes  = 2000
+)
+
+// DocumentUploaded says the api stored an upload's bytes and accepted it.
+type DocumentUploaded struct {
+	DocID    string `json:"doc_id"`
+	Filename string `json:"filename"`
+	Size     int64  `json:"size"`
+	SHA256   string `json:"sha256"`
+	// BlobKey addresses the bytes in blob storage.
+	BlobKey string `json:"blob_key"`
+	// DeclaredContentType is what the client claimed; informational only,
+	// the processor sniffs the real type from the bytes.
+	DeclaredContentType string `json:"declared_content_type,omitempty"`
+	// Notify is an email address to tell when processing ends.
+	Notify     string    `json:"notify,omitempty"`
+	UploadedAt time.Time `json:"uploaded_at"`
+}
+
+// EventType implements Event.
+func (*DocumentUploaded) EventType() string { return TypeDocumentUploaded }
+
+// EventVersion implements Event.
+func (*DocumentUploaded) EventVersion() int { return 1 }
+
+// Validate implements Event.
+func (e *DocumentUploaded) Validate() error {
+	var v validator
+	v.uuid("doc_id", e.DocID)
+	v.maxLen("filename", e.Filename, MaxFilenameBytes)
+	v.nonNegative("size", e.Size)
+	if v.required("sha256", e.SHA256) && !isHex(e.SHA256, 64) {
+		v.add("sha256", "must be 64 lowercase hex characters")
+	}
+	if v.required("blob_key", e.BlobKey) && !isHex(e.BlobKey, 64) {
+		v.add("blob_key", "must be 64 lowercase hex characters")
+	}
+	if e.Notify != "" {
+		if _, err := ParseAddress(e.Notify); err != nil {
+			v.add("notify", err.Error())
+		}
+	}
+	v.time("uploaded_at", e.UploadedAt)
+	return v.err()
+}
+
+// DocumentProcessed says a document was processed successfully.
+type DocumentProcessed struct {
+	DocID       string    `json:"doc_id"`
+	ContentType string    `json:"content_type"`
+	Words       int       `json:"words"`
+	Lines       int       `json:"lines"`
+	Summary     string    `json:"summary"`
+	ProcessedAt time.Time `json:"processed_at"`
+}
+
+// EventType implements Event.
+func (*DocumentProcessed) EventType() string { return TypeDocumentProcessed }
+
+// EventVersion implements Event.
+func (*DocumentProcessed) EventVersion() int { return 1 }
+
+// Validate implements Event.
+func (e *DocumentProcessed) Validate() error {
+	var v validator
+	v.uuid("doc_id", e.DocID)
+	v.required("content_type", e.ContentType)
+	v.nonNegative("words", int64(e.Words))
+	v.nonNegative("lines", int64(e.Lines))
+	v.maxLen("summary", e.Summary, MaxSummaryBytes)
+	v.time("processed_at", e.ProcessedAt)
+	return v.err()
+}
+
+// DocumentProcessingFailed says a document cannot be processed. It is a
+// final outcome: unsupported or corrupt input is not retried.
+type DocumentProcessingFailed struct {
+	DocID       string    `json:"doc_id"`
+	ContentType string    `json:"content_type,omitempty"`
+	Reason      string    `json:"reason"`
+	FailedAt    time.Time `json:"failed_at"`
+}
+
+// EventType implements Event.
+func (*DocumentProcessingFailed) EventType() string { return TypeDocumentProcessingFailed }
+
+// EventVersion implements Event.
+func (*DocumentProcessingFailed) EventVersion() int { return 1 }
+
+// Validate implements Event.
+func (e *DocumentProcessingFailed) Validate() error {
+	var v validator
+	v.uuid("doc_id", e.DocID)
+	v.required("reason", e.Reason)
+	v.maxLen("reason", e.Reason, MaxReasonBytes)
+	v.time("failed_at", e.FailedAt)
+	return v.err()
+}
+
+// EmailRequested asks for an email to be sent.
+type EmailRequested struct {
+	EmailID string `json:"email_id"`
+	To      string `json:"to"`
+	Subject string `json:"subject"`
+	Body    string `json:"body"`
+	// DocID is set when the email notifies about a document.
+	DocID       string    `json:"doc_id,omitempty"`
+	RequestedAt time.Time `json:"requested_at"`
+}
+
+// EventType implements Event.
+func (*EmailRequested) EventType() string { return TypeEmailRequested }
+
+// EventVersion implements Event.
+func (*EmailRequested) EventVersion() int { return 1 }
+
+// Validate implements Event.
+func (e *EmailRequested) Validate() error {
+	var v validator
+	v.uuid("email_id", e.EmailID)
+	if v.required("to", e.To) {
+		if _, err := ParseAddress(e.To); err != nil {
+			v.add("to", err.Error())
+		}
+	}
+	if v.required("subject", e.Subject) {
+		v.maxLen("subject", e.Subject, MaxSubjectBytes)
+		if strings.ContainsAny(e.Subject, "\r\n") {
+			v.add("subject", "must be a single line")
+		}
+	}
+	if v.required("body", e.Body) {
+		v.maxLen("body", e.Body, MaxBodyBytes)
+	}
+	if e.DocID != "" && !IsUUID(e.DocID) {
+		v.add("doc_id", "must be a UUID")
+	}
+	v.time("requested_at", e.RequestedAt)
+	return v.err()
+}
+
+// EmailSent says an email was handed to the mail server.
+type EmailSent struct {
+	EmailID   string    `json:"email_id"`
+	To        string    `json:"to"`
+	MessageID string    `json:"message_id,omitempty"`
+	Attempts  int       `json:"attempts"`
+	SentAt    time.Time `json:"sent_at"`
+}
+
+// EventType implements Event.
+func (*EmailSent) EventType() string { return TypeEmailSent }
+
+// EventVersion implements Event.
+func (*EmailSent) EventVersion() int { return 1 }
+
+// Validate implements Event.
+func (e *EmailSent) Validate() error {
+	var v validator
+	v.uuid("email_id", e.EmailID)
+	v.nonNegative("attempts", int64(e.Attempts))
+	v.time("sent_at", e.SentAt)
+	return v.err()
+}
+
+// EmailFailed says an email could not be sent and will not be retried.
+type EmailFailed struct {
+	EmailID  string    `json:"email_id"`
+	Reason   string    `json:"reason"`
+	Attempts int       `json:"attempts"`
+	FailedAt time.Time `json:"failed_at"`
+}
+
+// EventType implements Event.
+func (*EmailFailed) EventType() string { return TypeEmailFailed }
+
+// EventVersion implements Event.
+func (*EmailFailed) EventVersion() int { return 1 }
+
+// Validate implements Event.
+func (e *EmailFailed) Validate() error {
+	var v validator
+	v.uuid("email_id", e.EmailID)
+	v.required("reason", e.Reason)
+	v.maxLen("reason", e.Reason, MaxReasonBytes)
+	v.nonNegative("attempts", int64(e.Attempts))
+	v.time("failed_at", e.FailedAt)
+	return v.err()
+}
+
+// ParseAddress accepts one email address, optionally with a display name,
+// and returns its normalised form. Errors read well after a field name.
+func ParseAddress(s string) (*mail.Address, error) {
+	if strings.ContainsAny(s, "\r\n") {
+		return nil, errInvalidAddress
+	}
+	a, err := mail.ParseAddress(s)
+	if err != nil {
+		return nil, errInvalidAddress
+	}
+	at := strings.LastIndexByte(a.Address, '@')
+	if at < 1 || !strings.Contains(a.Address[at+1:], ".") && a.Address[at+1:] != "localhost" {
+		return nil, errInvalidAddress
+	}
+	return a, nil
+}
+
+type addressError struct{}
+
+func (addressError) Error() string { return "must be a valid email address" }
+
+var errInvalidAddress error = addressError{}
+
+func isHex(s string, n int) bool {
+	if len(s) != n {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,209 @@
+// Package handlers does Conveyor's work, one file per handler: a typed event
+// in, an error out (bus.Permanent for no retry). Each handler is one
+// consumer group; replicas of a handler share the group.
+//
+// Handlers never see Redis Streams or Watermill, never ack, never sleep to
+// retry. Every side effect is idempotent, keyed on the event or entity id,
+// because delivery is at-least-once. handlers must not import api, store or
+// projector.
+package handlers
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+	"unicode"
+
+	"github.com/conveyor/conveyor/blob"
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+)
+
+// DocumentGroup is the consumer group of the document processor.
+const DocumentGroup = "document-processor"
+
+// Publisher publishes follow-up events. *bus.Publisher implements it.
+type Publisher interface {
+	PublishEvent(ctx context.Context, ev events.Event, opts ...bus.PublishOption) (string, error)
+}
+
+// DocumentProcessorConfig configures a DocumentProcessor.
+type DocumentProcessorConfig struct {
+	// Blobs holds the uploaded bytes. Required.
+	Blobs blob.Store
+	// Publisher publishes the outcome. Required.
+	Publisher Publisher
+	// Summarizer writes summaries. Defaults to Extractive (uncached).
+	Summarizer Summarizer
+	// MaxBytes bounds the bytes read from one document. Defaults to 32 MiB.
+	MaxBytes int64
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// Now defaults to time.Now.
+	Now func() time.Time
+}
+
+// DocumentProcessor handles document.uploaded: it verifies the stored
+// bytes, sniffs their real type, extracts text, counts words and lines,
+// summarizes, and publishes document.processed or
+// document.processing_failed, plus email.requested if the upload asked for
+// a notification.
+type DocumentProcessor struct {
+	cfg DocumentProcessorConfig
+}
+
+// NewDocumentProcessor returns a DocumentProcessor.
+func NewDocumentProcessor(cfg DocumentProcessorConfig) (*DocumentProcessor, error) {
+	if cfg.Summarizer == nil {
+		cfg.Summarizer = Extractive{}
+	}
+	if cfg.MaxBytes == 0 {
+		cfg.MaxBytes = 32 << 20
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	var errs []error
+	if cfg.Blobs == nil {
+		errs = append(errs, errors.New("document processor: Blobs is required"))
+	}
+	if cfg.Publisher == nil {
+		errs = append(errs, errors.New("document processor: Publisher is required"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return &DocumentProcessor{cfg: cfg}, nil
+}
+
+// Register adds the handler to r.
+func (p *DocumentProcessor) Register(r *bus.Router, opts ...bus.HandlerOption) error {
+	return bus.Handle(r, DocumentGroup, p.Handle, opts...)
+}
+
+// Handle processes one upload. Outcome events get ids derived from the
+// upload event's id, so a redelivery republishes the same events and the
+// projector and email sender absorb the repeat.
+func (p *DocumentProcessor) Handle(ctx context.Context, ev *events.DocumentUploaded) error {
+	env, _ := bus.EnvelopeFrom(ctx)
+	parent := env.ID
+	if parent == "" {
+		parent = ev.DocID
+	}
+	data, err := p.read(ctx, ev)
+	var ex Extraction
+	if err == nil {
+		ex, err = Extract(data, ev.Filename)
+	}
+	var unproc errUnprocessable
+	switch {
+	case errors.As(err, &unproc):
+		return p.fail(ctx, parent, ev, ex.ContentType, unproc.reason)
+	case err != nil && bus.IsLastAttempt(ctx):
+		return p.fail(ctx, parent, ev, ex.ContentType, fmt.Sprintf("gave up after %d attempts: %v", bus.Attempt(ctx), err))
+	case err != nil:
+		return err
+	}
+	summary, err := p.cfg.Summarizer.Summarize(ctx, ex.Text)
+	if err != nil {
+		if bus.IsLastAttempt(ctx) {
+			return p.fail(ctx, parent, ev, ex.ContentType, fmt.Sprintf("summarizer failed %d times: %v", bus.Attempt(ctx), err))
+		}
+		return fmt.Errorf("summarize document %s: %w", ev.DocID, err)
+	}
+	done := &events.DocumentProcessed{
+		DocID:       ev.DocID,
+		ContentType: ex.ContentType,
+		Words:       ex.Words,
+		Lines:       ex.Lines,
+		Summary:     truncate(summary, events.MaxSummaryBytes-8),
+		ProcessedAt: p.cfg.Now().UTC(),
+	}
+	if _, err := p.cfg.Publisher.PublishEvent(ctx, done, bus.WithID(events.DerivedID(parent, "processed"))); err != nil {
+		return fmt.Errorf("publish document.processed for %s: %w", ev.DocID, err)
+	}
+	return p.notify(ctx, parent, ev, "processed",
+		fmt.Sprintf("Your document %q was processed: %d words, %d lines.\n\nSummary: %s\n", ev.Filename, ex.Words, ex.Lines, done.Summary))
+}
+
+// read returns the stored bytes after checking size and SHA-256.
+func (p *DocumentProcessor) read(ctx context.Context, ev *events.DocumentUploaded) ([]byte, error) {
+	if ev.Size > p.cfg.MaxBytes {
+		return nil, unprocessable("document of %d bytes exceeds the processing limit of %d bytes", ev.Size, p.cfg.MaxBytes)
+	}
+	rc, err := p.cfg.Blobs.Open(ctx, ev.BlobKey)
+	if errors.Is(err, blob.ErrNotFound) {
+		return nil, unprocessable("the stored bytes are missing")
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open blob of document %s: %w", ev.DocID, err)
+	}
+	defer rc.Close()
+	h := sha256.New()
+	data, err := io.ReadAll(io.TeeReader(io.LimitReader(rc, ev.Size+1), h))
+	if err != nil {
+		return nil, fmt.Errorf("read blob of document %s: %w", ev.DocID, err)
+	}
+	if int64(len(data)) != ev.Size {
+		return nil, unprocessable("stored size differs from the uploaded size %d", ev.Size)
+	}
+	if sum := hex.EncodeToString(h.Sum(nil)); sum != ev.SHA256 {
+		return nil, unprocessable("stored bytes fail the SHA-256 check (got %s, want %s)", sum, ev.SHA256)
+	}
+	return data, nil
+}
+
+func (p *DocumentProcessor) fail(ctx context.Context, parent string, ev *events.DocumentUploaded, contentType, reason string) error {
+	failed := &events.DocumentProcessingFailed{
+		DocID:       ev.DocID,
+		ContentType: contentType,
+		Reason:      truncate(reason, events.MaxReasonBytes-8),
+		FailedAt:    p.cfg.Now().UTC(),
+	}
+	if _, err := p.cfg.Publisher.PublishEvent(ctx, failed, bus.WithID(events.DerivedID(parent, "failed"))); err != nil {
+		return fmt.Errorf("publish document.processing_failed for %s: %w", ev.DocID, err)
+	}
+	p.cfg.Logger.InfoContext(ctx, "document cannot be processed", "doc_id", ev.DocID, "reason", reason)
+	return p.notify(ctx, parent, ev, "failed", fmt.Sprintf("Your document %q could not be processed: %s\n", ev.Filename, reason))
+}
+
+// notify requests the notification email, if the upload asked for one. Its
+// email id is derived from the upload event, so it is requested once however
+// often this runs.
+func (p *DocumentProcessor) notify(ctx context.Context, parent string, ev *events.DocumentUploaded, outcome, body string) error {
+	if ev.Notify == "" {
+		return nil
+	}
+	req := &events.EmailRequested{
+		EmailID:     events.DerivedID(parent, "notify-email"),
+		To:          ev.Notify,
+		Subject:     fmt.Sprintf("Document %s %s", oneLine(truncate(ev.Filename, 100)), outcome),
+		Body:        body,
+		DocID:       ev.DocID,
+		RequestedAt: p.cfg.Now().UTC(),
+	}
+	if _, err := p.cfg.Publisher.PublishEvent(ctx, req, bus.WithID(events.DerivedID(parent, "notify"))); err != nil {
+		return fmt.Errorf("publish email.requested for document %s: %w", ev.DocID, err)
+	}
+	return nil
+}
+
+// oneLine drops control characters, so text from outside cannot add mail
+// headers.
+func oneLine(s string) string {
+	return strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return -1
+		}
+		return r
+	}, s)
+}

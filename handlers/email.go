@@ -1,0 +1,173 @@
+package handlers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+)
+
+// EmailGroup is the consumer group of the email sender.
+const EmailGroup = "email-sender"
+
+// Marks records that an effect happened, keyed by id, with set-if-absent
+// semantics. The email sender marks a sent email so a redelivered request
+// does not send it again.
+type Marks interface {
+	// Get returns the value recorded for key, if any.
+	Get(ctx context.Context, key string) (string, bool, error)
+	// Set records value under key unless something is recorded already; it
+	// reports whether it recorded.
+	Set(ctx context.Context, key, value string) (bool, error)
+}
+
+// EmailSenderConfig configures an EmailSender.
+type EmailSenderConfig struct {
+	// Mailer sends. Required.
+	Mailer Mailer
+	// Marks remembers sent emails. Required.
+	Marks Marks
+	// Publisher publishes email.sent and email.failed. Required.
+	Publisher Publisher
+	// From is the sender address. Defaults to "Conveyor <conveyor@localhost>".
+	From string
+	// Timeout bounds one send. Defaults to 30s.
+	Timeout time.Duration
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// Now defaults to time.Now.
+	Now func() time.Time
+}
+
+// EmailSender handles email.requested: it sends the email once and
+// publishes email.sent, or email.failed when the server rejects it for good
+// or the retries are used up.
+type EmailSender struct {
+	cfg EmailSenderConfig
+}
+
+// NewEmailSender returns an EmailSender.
+func NewEmailSender(cfg EmailSenderConfig) (*EmailSender, error) {
+	if cfg.From == "" {
+		cfg.From = "Conveyor <conveyor@localhost>"
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = 30 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	var errs []error
+	if cfg.Mailer == nil {
+		errs = append(errs, errors.New("email sender: Mailer is required"))
+	}
+	if cfg.Marks == nil {
+		errs = append(errs, errors.New("email sender: Marks is required"))
+	}
+	if cfg.Publisher == nil {
+		errs = append(errs, errors.New("email sender: Publisher is required"))
+	}
+	if _, err := events.ParseAddress(cfg.From); err != nil {
+		errs = append(errs, fmt.Errorf("email sender: From %q: %w", cfg.From, err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return &EmailSender{cfg: cfg}, nil
+}
+
+// Register adds the handler to r.
+func (s *EmailSender) Register(r *bus.Router, opts ...bus.HandlerOption) error {
+	return bus.Handle(r, EmailGroup, s.Handle, opts...)
+}
+
+func sentKey(emailID string) string { return "email-sent:" + emailID }
+
+// Handle sends one requested email.
+//
+// The sent mark is keyed by the email id and written only after the server
+// accepted the mail. A crash between the two sends the mail again on
+// redelivery: that window (one SET) is as small as an at-least-once world
+// allows, and the Message-ID lets receivers drop the copy.
+func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) error {
+	env, _ := bus.EnvelopeFrom(ctx)
+	parent := env.ID
+	if parent == "" {
+		parent = ev.EmailID
+	}
+	if _, sent, err := s.cfg.Marks.Get(ctx, sentKey(ev.EmailID)); err != nil {
+		return fmt.Errorf("check sent mark of email %s: %w", ev.EmailID, err)
+	} else if sent {
+		// Sent before; the publish below may not have happened then.
+		s.cfg.Logger.InfoContext(ctx, "email already sent; not sending again", "email_id", ev.EmailID, "event_id", env.ID)
+		return s.publishSent(ctx, parent, ev)
+	}
+
+	sendCtx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
+	err := s.cfg.Mailer.Send(sendCtx, Mail{
+		ID: ev.EmailID, From: s.cfg.From, To: ev.To, Subject: ev.Subject, Body: ev.Body, Date: ev.RequestedAt,
+	})
+	cancel()
+	if err != nil {
+		if bus.IsPermanent(err) || bus.IsLastAttempt(ctx) {
+			return s.publishFailed(ctx, parent, ev, err)
+		}
+		return fmt.Errorf("send email %s: %w", ev.EmailID, err)
+	}
+	if err := s.markSent(ctx, ev.EmailID); err != nil {
+		return err
+	}
+	return s.publishSent(ctx, parent, ev)
+}
+
+// markSent records the send. It tries hard: failing here means the mail is
+// sent again on the retry.
+func (s *EmailSender) markSent(ctx context.Context, emailID string) error {
+	var err error
+	for i, wait := 0, 50*time.Millisecond; i < 8; i, wait = i+1, wait*2 {
+		if _, err = s.cfg.Marks.Set(ctx, sentKey(emailID), s.cfg.Now().UTC().Format(time.RFC3339Nano)); err == nil {
+			return nil
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return fmt.Errorf("mark email %s sent: %w", emailID, errors.Join(err, ctx.Err()))
+		}
+	}
+	return fmt.Errorf("mark email %s sent: %w", emailID, err)
+}
+
+func (s *EmailSender) publishSent(ctx context.Context, parent string, ev *events.EmailRequested) error {
+	sent := &events.EmailSent{
+		EmailID:   ev.EmailID,
+		To:        ev.To,
+		MessageID: "<" + ev.EmailID + "@conveyor>",
+		Attempts:  max(bus.Attempt(ctx), 1),
+		SentAt:    s.cfg.Now().UTC(),
+	}
+	if _, err := s.cfg.Publisher.PublishEvent(ctx, sent, bus.WithID(events.DerivedID(parent, "sent"))); err != nil {
+		return fmt.Errorf("publish email.sent for %s: %w", ev.EmailID, err)
+	}
+	return nil
+}
+
+func (s *EmailSender) publishFailed(ctx context.Context, parent string, ev *events.EmailRequested, cause error) error {
+	failed := &events.EmailFailed{
+		EmailID:  ev.EmailID,
+		Reason:   truncate(cause.Error(), events.MaxReasonBytes-8),
+		Attempts: max(bus.Attempt(ctx), 1),
+		FailedAt: s.cfg.Now().UTC(),
+	}
+	if _, err := s.cfg.Publisher.PublishEvent(ctx, failed, bus.WithID(events.DerivedID(parent, "failed"))); err != nil {
+		return fmt.Errorf("publish email.failed for %s: %w", ev.EmailID, err)
+	}
+	s.cfg.Logger.WarnContext(ctx, "email failed for good", "email_id", ev.EmailID, "attempts", failed.Attempts, "error", cause)
+	return nil
+}

@@ -1,0 +1,174 @@
+package handlers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	gomail "github.com/wneessen/go-mail"
+
+	"github.com/conveyor/conveyor/bus"
+)
+
+// Mail is one email to send.
+type Mail struct {
+	// ID is the email id; it becomes the Message-ID, so a receiving system
+	// can recognise a duplicate too.
+	ID      string
+	From    string
+	To      string
+	Subject string
+	Body    string
+	Date    time.Time
+}
+
+// Mailer sends mail. A permanent failure (the server rejected the message
+// for good) is returned wrapped in bus.Permanent.
+type Mailer interface {
+	Send(ctx context.Context, m Mail) error
+}
+
+func (m Mail) msg() (*gomail.Msg, error) {
+	msg := gomail.NewMsg()
+	if err := msg.From(m.From); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("from address %q: %w", m.From, err))
+	}
+	if err := msg.To(m.To); err != nil {
+		return nil, bus.Permanent(fmt.Errorf("to address %q: %w", m.To, err))
+	}
+	msg.Subject(m.Subject)
+	msg.SetMessageIDWithValue(m.ID + "@conveyor")
+	msg.SetDateWithValue(m.Date)
+	msg.SetBodyString(gomail.TypeTextPlain, m.Body)
+	return msg, nil
+}
+
+// SMTPConfig configures an SMTP mailer.
+type SMTPConfig struct {
+	// URL is smtp://[user:pass@]host[:port] (STARTTLS when offered; add
+	// ?tls=required to insist, ?tls=none to never try) or
+	// smtps://[user:pass@]host[:port] (implicit TLS). Required.
+	URL string
+	// Timeout bounds one send, connection included. Defaults to 30s.
+	Timeout time.Duration
+}
+
+// SMTP sends through an SMTP server with go-mail.
+type SMTP struct {
+	opts []gomail.Option
+	host string
+}
+
+// NewSMTP parses the URL and returns an SMTP mailer.
+func NewSMTP(cfg SMTPConfig) (*SMTP, error) {
+	if cfg.Timeout == 0 {
+		cfg.Timeout = 30 * time.Second
+	}
+	u, err := url.Parse(cfg.URL)
+	if err != nil {
+		return nil, fmt.Errorf("SMTP URL: %w", err)
+	}
+	if u.Hostname() == "" {
+		return nil, fmt.Errorf("SMTP URL %q names no host", cfg.URL)
+	}
+	opts := []gomail.Option{gomail.WithTimeout(cfg.Timeout)}
+	port := 25
+	switch u.Scheme {
+	case "smtp":
+		port = 587
+		switch u.Query().Get("tls") {
+		case "", "opportunistic":
+			opts = append(opts, gomail.WithTLSPolicy(gomail.TLSOpportunistic))
+		case "required":
+			opts = append(opts, gomail.WithTLSPolicy(gomail.TLSMandatory))
+		case "none":
+			opts = append(opts, gomail.WithTLSPolicy(gomail.NoTLS))
+			port = 25
+		default:
+			return nil, fmt.Errorf("SMTP URL: tls must be opportunistic, required or none")
+		}
+	case "smtps":
+		port = 465
+		opts = append(opts, gomail.WithSSL())
+	default:
+		return nil, fmt.Errorf("SMTP URL scheme must be smtp or smtps, not %q", u.Scheme)
+	}
+	if p := u.Port(); p != "" {
+		if port, err = strconv.Atoi(p); err != nil {
+			return nil, fmt.Errorf("SMTP URL port %q: %w", p, err)
+		}
+	}
+	opts = append(opts, gomail.WithPort(port))
+	if u.User != nil {
+		pass, _ := u.User.Password()
+		opts = append(opts, gomail.WithSMTPAuth(gomail.SMTPAuthAutoDiscover),
+			gomail.WithUsername(u.User.Username()), gomail.WithPassword(pass))
+	}
+	return &SMTP{opts: opts, host: u.Hostname()}, nil
+}
+
+// Send implements Mailer. A 5xx reply is permanent; anything else (4xx,
+// network, timeout) may succeed on a retry.
+func (s *SMTP) Send(ctx context.Context, m Mail) error {
+	msg, err := m.msg()
+	if err != nil {
+		return err
+	}
+	client, err := gomail.NewClient(s.host, s.opts...)
+	if err != nil {
+		return fmt.Errorf("smtp client: %w", err)
+	}
+	if err := client.DialAndSendWithContext(ctx, msg); err != nil {
+		var se *gomail.SendError
+		if errors.As(err, &se) && !se.IsTemp() && se.ErrorCode() >= 500 {
+			return bus.Permanent(fmt.Errorf("smtp rejected the message: %w", err))
+		}
+		return fmt.Errorf("smtp send: %w", err)
+	}
+	return nil
+}
+
+// Outbox writes each mail as an .eml file to a folder and logs it, for
+// machines without an SMTP server. A mail written twice lands in the same
+// file.
+type Outbox struct {
+	Dir    string
+	Logger *slog.Logger
+}
+
+// Send implements Mailer.
+func (o Outbox) Send(_ context.Context, m Mail) error {
+	msg, err := m.msg()
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(o.Dir, 0o755); err != nil {
+		return fmt.Errorf("outbox: %w", err)
+	}
+	final := filepath.Join(o.Dir, m.ID+".eml")
+	tmp, err := os.CreateTemp(o.Dir, ".tmp-*.eml")
+	if err != nil {
+		return fmt.Errorf("outbox: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := msg.WriteTo(tmp); err != nil {
+		tmp.Close()
+		return fmt.Errorf("outbox: write %s: %w", final, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("outbox: write %s: %w", final, err)
+	}
+	if err := os.Rename(tmp.Name(), final); err != nil {
+		return fmt.Errorf("outbox: %w", err)
+	}
+	if o.Logger != nil {
+		o.Logger.Info("email written to outbox (no SMTP_URL configured)", "email_id", m.ID, "to", m.To, "subject", m.Subject, "file", final)
+	}
+	return nil
+}

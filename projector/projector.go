@@ -1,0 +1,367 @@
+// Package projector keeps the Postgres read models (documents, emails) in
+// step with the event streams. It is their only writer.
+//
+// Every event is applied in one transaction together with its inbox row, so
+// a redelivered or duplicated event changes nothing twice; statuses only
+// move forward, so events may arrive in any order. Events handed to the
+// projector at the same time are applied in one transaction (group commit)
+// with multi-row upserts. Cache keys of the changed rows are deleted only
+// after the commit.
+//
+// projector must not import api, handlers or Redis/Watermill packages: it
+// gets events from bus and writes through store.
+package projector
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/store"
+)
+
+// Group is the projector's consumer group.
+const Group = "projector"
+
+// Invalidator deletes cache entries made stale by a commit.
+type Invalidator interface {
+	Invalidate(ctx context.Context, keys ...string) error
+}
+
+// Config configures a Projector.
+type Config struct {
+	// Store is the database. Required.
+	Store *store.Store
+	// Cache is invalidated after each commit. Required.
+	Cache Invalidator
+	// MaxBatch bounds the events applied in one transaction. Defaults to 500.
+	MaxBatch int
+	// Workers is how many transactions may run at once. Defaults to 2.
+	Workers int
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// Registerer, if set, receives the projector's metrics.
+	Registerer prometheus.Registerer
+}
+
+func (c *Config) setDefaults() {
+	if c.MaxBatch == 0 {
+		c.MaxBatch = 500
+	}
+	if c.Workers == 0 {
+		c.Workers = 2
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Validate reports every configuration problem at once.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Store == nil {
+		errs = append(errs, errors.New("projector: Store is required"))
+	}
+	if c.Cache == nil {
+		errs = append(errs, errors.New("projector: Cache is required"))
+	}
+	if c.MaxBatch < 1 || c.Workers < 1 {
+		errs = append(errs, errors.New("projector: MaxBatch and Workers must be at least 1"))
+	}
+	return errors.Join(errs...)
+}
+
+// Projector applies events to the read models.
+type Projector struct {
+	cfg   Config
+	log   *slog.Logger
+	items chan *item
+	stop  chan struct{}
+	wg    sync.WaitGroup
+	once  sync.Once
+
+	batchSize prometheus.Histogram
+	applied   *prometheus.CounterVec
+}
+
+type item struct {
+	ctx  context.Context
+	id   string
+	ev   events.Event
+	done chan error
+}
+
+// New starts a Projector's workers. Close stops them.
+func New(cfg Config) (*Projector, error) {
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	p := &Projector{
+		cfg:   cfg,
+		log:   cfg.Logger.With("consumer_group", Group),
+		items: make(chan *item, cfg.MaxBatch),
+		stop:  make(chan struct{}),
+		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "conveyor_projector_batch_size",
+			Help:    "Events applied per projector transaction.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 10),
+		}),
+		applied: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "conveyor_projector_events_total",
+			Help: "Events seen by the projector, by result (applied or duplicate).",
+		}, []string{"result"}),
+	}
+	if cfg.Registerer != nil {
+		cfg.Registerer.MustRegister(p.batchSize, p.applied)
+	}
+	for i := 0; i < cfg.Workers; i++ {
+		p.wg.Add(1)
+		go p.work()
+	}
+	return p, nil
+}
+
+// Close stops the workers after the current transactions.
+func (p *Projector) Close() {
+	p.once.Do(func() {
+		close(p.stop)
+		p.wg.Wait()
+	})
+}
+
+// Register adds the projector's handlers, one per event type, all in the
+// consumer group "projector".
+func (p *Projector) Register(r *bus.Router, opts ...bus.HandlerOption) error {
+	return errors.Join(
+		bus.Handle(r, Group, func(ctx context.Context, ev *events.DocumentUploaded) error { return p.Apply(ctx, ev) }, opts...),
+		bus.Handle(r, Group, func(ctx context.Context, ev *events.DocumentProcessed) error { return p.Apply(ctx, ev) }, opts...),
+		bus.Handle(r, Group, func(ctx context.Context, ev *events.DocumentProcessingFailed) error { return p.Apply(ctx, ev) }, opts...),
+		bus.Handle(r, Group, func(ctx context.Context, ev *events.EmailRequested) error { return p.Apply(ctx, ev) }, opts...),
+		bus.Handle(r, Group, func(ctx context.Context, ev *events.EmailSent) error { return p.Apply(ctx, ev) }, opts...),
+		bus.Handle(r, Group, func(ctx context.Context, ev *events.EmailFailed) error { return p.Apply(ctx, ev) }, opts...),
+	)
+}
+
+// Apply applies one event, identified by the envelope in ctx, and returns
+// once it is committed (or was applied before) and its cache keys are
+// invalidated. Concurrent calls share transactions.
+func (p *Projector) Apply(ctx context.Context, ev events.Event) error {
+	env, ok := bus.EnvelopeFrom(ctx)
+	if !ok || env.ID == "" {
+		return bus.Permanent(errors.New("projector: event without an envelope id cannot be deduplicated"))
+	}
+	it := &item{ctx: ctx, id: env.ID, ev: ev, done: make(chan error, 1)}
+	select {
+	case p.items <- it:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-p.stop:
+		return errors.New("projector closed")
+	}
+	select {
+	case err := <-it.done:
+		return err
+	case <-ctx.Done():
+		// The transaction may still commit; the redelivery will then be
+		// a duplicate, which is harmless.
+		return ctx.Err()
+	}
+}
+
+func (p *Projector) work() {
+	defer p.wg.Done()
+	batch := make([]*item, 0, p.cfg.MaxBatch)
+	for {
+		batch = batch[:0]
+		select {
+		case it := <-p.items:
+			batch = append(batch, it)
+		case <-p.stop:
+			return
+		}
+	fill:
+		for len(batch) < p.cfg.MaxBatch {
+			select {
+			case it := <-p.items:
+				batch = append(batch, it)
+			default:
+				break fill
+			}
+		}
+		p.run(batch)
+	}
+}
+
+// run applies a batch. If the batch transaction fails, each event is
+// retried in a transaction of its own, so one bad event cannot fail the
+// events it happened to share a batch with.
+func (p *Projector) run(batch []*item) {
+	live := batch[:0:0]
+	for _, it := range batch {
+		if err := it.ctx.Err(); err != nil {
+			it.done <- err
+			continue
+		}
+		live = append(live, it)
+	}
+	if len(live) == 0 {
+		return
+	}
+	err := p.applyBatch(live)
+	if err == nil || len(live) == 1 {
+		for _, it := range live {
+			it.done <- err
+		}
+		return
+	}
+	p.log.Warn("batch transaction failed; applying its events one by one", "events", len(live), "error", err)
+	for _, it := range live {
+		it.done <- p.applyBatch([]*item{it})
+	}
+}
+
+func (p *Projector) applyBatch(items []*item) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	entries := make([]store.InboxEntry, len(items))
+	for i, it := range items {
+		entries[i] = store.InboxEntry{EventID: it.id, EventType: it.ev.EventType()}
+	}
+	sortBy(entries, func(e store.InboxEntry) string { return e.EventID })
+	var fresh map[string]bool
+	err := p.cfg.Store.WithTx(ctx, func(tx *store.Tx) error {
+		var err error
+		if fresh, err = tx.Inbox(ctx, entries); err != nil {
+			return err
+		}
+		var b byType
+		seen := map[string]bool{}
+		for _, it := range items {
+			// Two copies of one event in a batch: apply it once.
+			if fresh[it.id] && !seen[it.id] {
+				seen[it.id] = true
+				b.add(it.ev)
+			}
+		}
+		return b.apply(ctx, tx)
+	})
+	if err != nil {
+		return fmt.Errorf("apply %d events: %w", len(items), err)
+	}
+	p.batchSize.Observe(float64(len(items)))
+	p.applied.WithLabelValues("applied").Add(float64(len(fresh)))
+	p.applied.WithLabelValues("duplicate").Add(float64(len(items) - len(fresh)))
+
+	// Keys of duplicates are invalidated too: if an invalidation failed
+	// after an earlier commit, the redelivery repairs the cache.
+	keys := make([]string, 0, len(items))
+	for _, it := range items {
+		keys = append(keys, cacheKey(it.ev))
+	}
+	if err := p.cfg.Cache.Invalidate(ctx, keys...); err != nil {
+		return fmt.Errorf("invalidate cache after commit: %w", err)
+	}
+	return nil
+}
+
+func cacheKey(ev events.Event) string {
+	switch e := ev.(type) {
+	case *events.DocumentUploaded:
+		return store.DocumentKey(e.DocID)
+	case *events.DocumentProcessed:
+		return store.DocumentKey(e.DocID)
+	case *events.DocumentProcessingFailed:
+		return store.DocumentKey(e.DocID)
+	case *events.EmailRequested:
+		return store.EmailKey(e.EmailID)
+	case *events.EmailSent:
+		return store.EmailKey(e.EmailID)
+	case *events.EmailFailed:
+		return store.EmailKey(e.EmailID)
+	}
+	return ""
+}
+
+// byType groups a batch's new events by type, to apply each type with one
+// statement.
+type byType struct {
+	uploaded  []*events.DocumentUploaded
+	processed []*events.DocumentProcessed
+	failed    []*events.DocumentProcessingFailed
+	requested []*events.EmailRequested
+	sent      []*events.EmailSent
+	mailFail  []*events.EmailFailed
+}
+
+func (b *byType) add(ev events.Event) {
+	switch e := ev.(type) {
+	case *events.DocumentUploaded:
+		b.uploaded = append(b.uploaded, e)
+	case *events.DocumentProcessed:
+		b.processed = append(b.processed, e)
+	case *events.DocumentProcessingFailed:
+		b.failed = append(b.failed, e)
+	case *events.EmailRequested:
+		b.requested = append(b.requested, e)
+	case *events.EmailSent:
+		b.sent = append(b.sent, e)
+	case *events.EmailFailed:
+		b.mailFail = append(b.mailFail, e)
+	}
+}
+
+// apply runs the statements in a fixed order, each over rows sorted by key,
+// so concurrent transactions lock rows in the same order and do not
+// deadlock.
+func (b *byType) apply(ctx context.Context, tx *store.Tx) error {
+	sortBy(b.uploaded, func(e *events.DocumentUploaded) string { return e.DocID })
+	sortBy(b.processed, func(e *events.DocumentProcessed) string { return e.DocID })
+	sortBy(b.failed, func(e *events.DocumentProcessingFailed) string { return e.DocID })
+	sortBy(b.requested, func(e *events.EmailRequested) string { return e.EmailID })
+	sortBy(b.sent, func(e *events.EmailSent) string { return e.EmailID })
+	sortBy(b.mailFail, func(e *events.EmailFailed) string { return e.EmailID })
+	if len(b.uploaded) > 0 {
+		if err := tx.ApplyDocumentsUploaded(ctx, b.uploaded); err != nil {
+			return err
+		}
+	}
+	if len(b.processed) > 0 {
+		if err := tx.ApplyDocumentsProcessed(ctx, b.processed); err != nil {
+			return err
+		}
+	}
+	if len(b.failed) > 0 {
+		if err := tx.ApplyDocumentsFailed(ctx, b.failed); err != nil {
+			return err
+		}
+	}
+	if len(b.requested) > 0 {
+		if err := tx.ApplyEmailsRequested(ctx, b.requested); err != nil {
+			return err
+		}
+	}
+	if len(b.sent) > 0 {
+		if err := tx.ApplyEmailsSent(ctx, b.sent); err != nil {
+			return err
+		}
+	}
+	if len(b.mailFail) > 0 {
+		if err := tx.ApplyEmailsFailed(ctx, b.mailFail); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func sortBy[T any](s []T, key func(T) string) {
+	sort.Slice(s, func(i, j int) bool { return key(s[i]) < key(s[j]) })
+}

@@ -1,0 +1,325 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/lib/pq"
+
+	"github.com/conveyor/conveyor/events"
+)
+
+// Document is the documents read model.
+type Document struct {
+	DocID               string         `db:"doc_id"`
+	Status              string         `db:"status"`
+	Filename            sql.NullString `db:"filename"`
+	Size                sql.NullInt64  `db:"size"`
+	DeclaredContentType sql.NullString `db:"declared_content_type"`
+	ContentType         sql.NullString `db:"content_type"`
+	SHA256              sql.NullString `db:"sha256"`
+	BlobKey             sql.NullString `db:"blob_key"`
+	Notify              sql.NullString `db:"notify"`
+	Words               sql.NullInt64  `db:"words"`
+	Lines               sql.NullInt64  `db:"lines"`
+	Summary             sql.NullString `db:"summary"`
+	Error               sql.NullString `db:"error"`
+	UploadedAt          sql.NullTime   `db:"uploaded_at"`
+	ProcessedAt         sql.NullTime   `db:"processed_at"`
+	UpdatedAt           time.Time      `db:"updated_at"`
+}
+
+// Email is the emails read model.
+type Email struct {
+	EmailID     string         `db:"email_id"`
+	Status      string         `db:"status"`
+	Recipient   sql.NullString `db:"recipient"`
+	Subject     sql.NullString `db:"subject"`
+	DocID       sql.NullString `db:"doc_id"`
+	Attempts    int            `db:"attempts"`
+	MessageID   sql.NullString `db:"message_id"`
+	Error       sql.NullString `db:"error"`
+	RequestedAt sql.NullTime   `db:"requested_at"`
+	SendAt      sql.NullTime   `db:"send_at"`
+	SentAt      sql.NullTime   `db:"sent_at"`
+	FailedAt    sql.NullTime   `db:"failed_at"`
+	UpdatedAt   time.Time      `db:"updated_at"`
+}
+
+// Document statuses. A status only moves forward: processing → processed
+// or failed.
+const (
+	DocumentProcessing = "processing"
+	DocumentProcessed  = "processed"
+	DocumentFailed     = "failed"
+)
+
+// Email statuses: scheduled → queued → sent or failed.
+const (
+	EmailScheduled = "scheduled"
+	EmailQueued    = "queued"
+	EmailSent      = "sent"
+	EmailFailed    = "failed"
+)
+
+// DocumentKey is the cache key of a document's read model. The api caches
+// under it and the projector invalidates it.
+func DocumentKey(id string) string { return "document:" + id }
+
+// EmailKey is the cache key of an email's read model.
+func EmailKey(id string) string { return "email:" + id }
+
+// Document returns one document, or ErrNotFound.
+func (s *Store) Document(ctx context.Context, id string) (Document, error) {
+	var d Document
+	err := s.db.GetContext(ctx, &d, "SELECT * FROM documents WHERE doc_id = $1", id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return d, fmt.Errorf("document %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return d, fmt.Errorf("get document %s: %w", id, err)
+	}
+	return d, nil
+}
+
+// Email returns one email, or ErrNotFound.
+func (s *Store) Email(ctx context.Context, id string) (Email, error) {
+	var e Email
+	err := s.db.GetContext(ctx, &e, "SELECT * FROM emails WHERE email_id = $1", id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return e, fmt.Errorf("email %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return e, fmt.Errorf("get email %s: %w", id, err)
+	}
+	return e, nil
+}
+
+// InboxEntry is one event offered to the inbox.
+type InboxEntry struct {
+	EventID   string
+	EventType string
+}
+
+// Inbox records events as applied and reports which of them are new. Only
+// new events may be applied in this transaction; the others were applied
+// before (a redelivery or a duplicate publish).
+func (tx *Tx) Inbox(ctx context.Context, entries []InboxEntry) (map[string]bool, error) {
+	ids := make([]string, len(entries))
+	types := make([]string, len(entries))
+	for i, e := range entries {
+		ids[i], types[i] = e.EventID, e.EventType
+	}
+	var fresh []string
+	err := tx.tx.SelectContext(ctx, &fresh, `
+		INSERT INTO processed_events (event_id, event_type)
+		SELECT * FROM unnest($1::text[], $2::text[])
+		ON CONFLICT (event_id) DO NOTHING
+		RETURNING event_id`, pq.Array(ids), pq.Array(types))
+	if err != nil {
+		return nil, fmt.Errorf("record %d events in inbox: %w", len(entries), err)
+	}
+	out := make(map[string]bool, len(fresh))
+	for _, id := range fresh {
+		out[id] = true
+	}
+	return out, nil
+}
+
+func ts(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
+
+// Each apply function upserts many rows with one statement. A statement
+// may not touch one row twice, so rows are first reduced to one per key;
+// which duplicate wins does not matter because duplicates of one key carry
+// the same facts (at-least-once redelivery, or republishing).
+
+// ApplyDocumentsUploaded records uploads. It fills in the upload's facts and
+// never moves a status back: a document already processed stays so.
+func (tx *Tx) ApplyDocumentsUploaded(ctx context.Context, evs []*events.DocumentUploaded) error {
+	evs = uniqueBy(evs, func(e *events.DocumentUploaded) string { return e.DocID })
+	var id, fn, dct, sha, key, notify, up []string
+	var size []int64
+	for _, e := range evs {
+		id, fn, dct, sha = append(id, e.DocID), append(fn, e.Filename), append(dct, e.DeclaredContentType), append(sha, e.SHA256)
+		key, notify, up = append(key, e.BlobKey), append(notify, e.Notify), append(up, ts(e.UploadedAt))
+		size = append(size, e.Size)
+	}
+	_, err := tx.tx.ExecContext(ctx, `
+		INSERT INTO documents (doc_id, status, filename, size, declared_content_type, sha256, blob_key, notify, uploaded_at)
+		SELECT t.id, 'processing', t.fn, t.size, NULLIF(t.dct, ''), t.sha, t.key, NULLIF(t.notify, ''), t.up
+		FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
+		  AS t(id, fn, size, dct, sha, key, notify, up)
+		ON CONFLICT (doc_id) DO UPDATE SET
+		  filename = EXCLUDED.filename,
+		  size = EXCLUDED.size,
+		  declared_content_type = EXCLUDED.declared_content_type,
+		  sha256 = EXCLUDED.sha256,
+		  blob_key = EXCLUDED.blob_key,
+		  notify = EXCLUDED.notify,
+		  uploaded_at = EXCLUDED.uploaded_at,
+		  updated_at = now()`,
+		pq.Array(id), pq.Array(fn), pq.Array(size), pq.Array(dct), pq.Array(sha), pq.Array(key), pq.Array(notify), pq.Array(up))
+	if err != nil {
+		return fmt.Errorf("apply %d document uploads: %w", len(evs), err)
+	}
+	return nil
+}
+
+// ApplyDocumentsProcessed moves documents to processed, unless they already
+// reached a final status. It may arrive before the upload's event: the row
+// is created and the upload fills in the rest later.
+func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.DocumentProcessed) error {
+	evs = uniqueBy(evs, func(e *events.DocumentProcessed) string { return e.DocID })
+	var id, ct, sum, at []string
+	var words, lines []int64
+	for _, e := range evs {
+		id, ct, sum, at = append(id, e.DocID), append(ct, e.ContentType), append(sum, e.Summary), append(at, ts(e.ProcessedAt))
+		words, lines = append(words, int64(e.Words)), append(lines, int64(e.Lines))
+	}
+	_, err := tx.tx.ExecContext(ctx, `
+		INSERT INTO documents (doc_id, status, content_type, words, lines, summary, processed_at)
+		SELECT t.id, 'processed', t.ct, t.words, t.lines, t.sum, t.at
+		FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::text[], $6::timestamptz[]) AS t(id, ct, words, lines, sum, at)
+		ON CONFLICT (doc_id) DO UPDATE SET
+		  status = 'processed',
+		  content_type = EXCLUDED.content_type,
+		  words = EXCLUDED.words,
+		  lines = EXCLUDED.lines,
+		  summary = EXCLUDED.summary,
+		  error = NULL,
+		  processed_at = EXCLUDED.processed_at,
+		  updated_at = now()
+		WHERE documents.status = 'processing'`,
+		pq.Array(id), pq.Array(ct), pq.Array(words), pq.Array(lines), pq.Array(sum), pq.Array(at))
+	if err != nil {
+		return fmt.Errorf("apply %d processed documents: %w", len(evs), err)
+	}
+	return nil
+}
+
+// ApplyDocumentsFailed moves documents to failed, unless they already
+// reached a final status.
+func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentProcessingFailed) error {
+	evs = uniqueBy(evs, func(e *events.DocumentProcessingFailed) string { return e.DocID })
+	var id, ct, reason, at []string
+	for _, e := range evs {
+		id, ct, reason, at = append(id, e.DocID), append(ct, e.ContentType), append(reason, e.Reason), append(at, ts(e.FailedAt))
+	}
+	_, err := tx.tx.ExecContext(ctx, `
+		INSERT INTO documents (doc_id, status, content_type, error, processed_at)
+		SELECT t.id, 'failed', NULLIF(t.ct, ''), t.reason, t.at
+		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS t(id, ct, reason, at)
+		ON CONFLICT (doc_id) DO UPDATE SET
+		  status = 'failed',
+		  content_type = EXCLUDED.content_type,
+		  error = EXCLUDED.error,
+		  processed_at = EXCLUDED.processed_at,
+		  updated_at = now()
+		WHERE documents.status = 'processing'`,
+		pq.Array(id), pq.Array(ct), pq.Array(reason), pq.Array(at))
+	if err != nil {
+		return fmt.Errorf("apply %d failed documents: %w", len(evs), err)
+	}
+	return nil
+}
+
+// ApplyEmailsRequested records requested emails as queued, without moving
+// a status back.
+func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailRequested) error {
+	evs = uniqueBy(evs, func(e *events.EmailRequested) string { return e.EmailID })
+	var id, to, subj, doc, at []string
+	for _, e := range evs {
+		id, to, subj, doc, at = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID), append(at, ts(e.RequestedAt))
+	}
+	_, err := tx.tx.ExecContext(ctx, `
+		INSERT INTO emails (email_id, status, recipient, subject, doc_id, requested_at)
+		SELECT t.id, 'queued', t.rcpt, t.subj, NULLIF(t.doc, '')::uuid, t.at
+		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS t(id, rcpt, subj, doc, at)
+		ON CONFLICT (email_id) DO UPDATE SET
+		  recipient = EXCLUDED.recipient,
+		  subject = EXCLUDED.subject,
+		  doc_id = EXCLUDED.doc_id,
+		  requested_at = EXCLUDED.requested_at,
+		  status = CASE WHEN emails.status = 'scheduled' THEN 'queued' ELSE emails.status END,
+		  updated_at = now()`,
+		pq.Array(id), pq.Array(to), pq.Array(subj), pq.Array(doc), pq.Array(at))
+	if err != nil {
+		return fmt.Errorf("apply %d requested emails: %w", len(evs), err)
+	}
+	return nil
+}
+
+// ApplyEmailsSent moves emails to sent unless already final.
+func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) error {
+	evs = uniqueBy(evs, func(e *events.EmailSent) string { return e.EmailID })
+	var id, to, mid, at []string
+	var attempts []int64
+	for _, e := range evs {
+		id, to, mid, at = append(id, e.EmailID), append(to, e.To), append(mid, e.MessageID), append(at, ts(e.SentAt))
+		attempts = append(attempts, int64(e.Attempts))
+	}
+	_, err := tx.tx.ExecContext(ctx, `
+		INSERT INTO emails (email_id, status, recipient, message_id, attempts, sent_at)
+		SELECT t.id, 'sent', NULLIF(t.rcpt, ''), NULLIF(t.mid, ''), t.attempts, t.at
+		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[]) AS t(id, rcpt, mid, attempts, at)
+		ON CONFLICT (email_id) DO UPDATE SET
+		  status = 'sent',
+		  recipient = COALESCE(emails.recipient, EXCLUDED.recipient),
+		  message_id = EXCLUDED.message_id,
+		  attempts = EXCLUDED.attempts,
+		  sent_at = EXCLUDED.sent_at,
+		  error = NULL,
+		  updated_at = now()
+		WHERE emails.status IN ('scheduled', 'queued')`,
+		pq.Array(id), pq.Array(to), pq.Array(mid), pq.Array(attempts), pq.Array(at))
+	if err != nil {
+		return fmt.Errorf("apply %d sent emails: %w", len(evs), err)
+	}
+	return nil
+}
+
+// ApplyEmailsFailed moves emails to failed unless already final.
+func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) error {
+	evs = uniqueBy(evs, func(e *events.EmailFailed) string { return e.EmailID })
+	var id, reason, at []string
+	var attempts []int64
+	for _, e := range evs {
+		id, reason, at = append(id, e.EmailID), append(reason, e.Reason), append(at, ts(e.FailedAt))
+		attempts = append(attempts, int64(e.Attempts))
+	}
+	_, err := tx.tx.ExecContext(ctx, `
+		INSERT INTO emails (email_id, status, error, attempts, failed_at)
+		SELECT t.id, 'failed', t.reason, t.attempts, t.at
+		FROM unnest($1::uuid[], $2::text[], $3::int[], $4::timestamptz[]) AS t(id, reason, attempts, at)
+		ON CONFLICT (email_id) DO UPDATE SET
+		  status = 'failed',
+		  error = EXCLUDED.error,
+		  attempts = EXCLUDED.attempts,
+		  failed_at = EXCLUDED.failed_at,
+		  updated_at = now()
+		WHERE emails.status IN ('scheduled', 'queued')`,
+		pq.Array(id), pq.Array(reason), pq.Array(attempts), pq.Array(at))
+	if err != nil {
+		return fmt.Errorf("apply %d failed emails: %w", len(evs), err)
+	}
+	return nil
+}
+
+func uniqueBy[T any](in []T, key func(T) string) []T {
+	if len(in) < 2 {
+		return in
+	}
+	seen := make(map[string]bool, len(in))
+	out := in[:0:0]
+	for _, v := range in {
+		k := key(v)
+		if !seen[k] {
+			seen[k] = true
+			out = append(out, v)
+		}
+	}
+	return out
+}
