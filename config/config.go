@@ -43,6 +43,10 @@ type Config struct {
 	ClaimMinIdle     time.Duration
 	ShutdownTimeout  time.Duration
 	DataDir          string
+	SchedulesFile    string
+	MaxDelay         time.Duration
+	StuckAfter       time.Duration
+	BlobRetention    time.Duration
 }
 
 // Var documents one environment variable.
@@ -77,6 +81,10 @@ var Vars = []Var{
 	{"CLAIM_MIN_IDLE", "10s", "Idle time after which a dead consumer's messages are claimed by a live replica."},
 	{"SHUTDOWN_TIMEOUT", "20s", "How long a stopping process lets running requests and handlers finish. Keep the container stop grace period longer."},
 	{"CONVEYOR_DATA_DIR", "./.conveyor", "conveyor up only: where the local Redis and PostgreSQL keep their data."},
+	{"SCHEDULES_FILE", "(none: built-in schedules only)", "YAML file of periodic events (cron) and built-in schedule overrides, read by the scheduler."},
+	{"MAX_DELAY", "720h", "Longest accepted delay of a delayed event or email (30 days); further → 422."},
+	{"STUCK_AFTER", "15m", "The stuck-document re-drive re-publishes documents still processing this long after upload."},
+	{"BLOB_RETENTION", "168h", "Stored bytes of failed documents are removed this long after the failure (7 days)."},
 }
 
 // Load reads the configuration through getenv (os.Getenv in production).
@@ -104,6 +112,10 @@ func Load(getenv func(string) string) (Config, error) {
 		ClaimMinIdle:     r.duration("CLAIM_MIN_IDLE", 10*time.Second),
 		ShutdownTimeout:  r.duration("SHUTDOWN_TIMEOUT", 20*time.Second),
 		DataDir:          r.str("CONVEYOR_DATA_DIR", "./.conveyor"),
+		SchedulesFile:    r.str("SCHEDULES_FILE", ""),
+		MaxDelay:         r.duration("MAX_DELAY", 30*24*time.Hour),
+		StuckAfter:       r.duration("STUCK_AFTER", 15*time.Minute),
+		BlobRetention:    r.duration("BLOB_RETENTION", 7*24*time.Hour),
 	}
 	c.CacheRedisURL = r.str("CACHE_REDIS_URL", c.RedisURL)
 	switch lvl := strings.ToLower(r.str("LOG_LEVEL", "info")); lvl {
@@ -143,6 +155,11 @@ func Load(getenv func(string) string) (Config, error) {
 	}
 	if c.ShutdownTimeout <= 0 {
 		r.fail("SHUTDOWN_TIMEOUT", "must be positive")
+	}
+	for name, d := range map[string]time.Duration{"MAX_DELAY": c.MaxDelay, "STUCK_AFTER": c.StuckAfter, "BLOB_RETENTION": c.BlobRetention} {
+		if d <= 0 {
+			r.fail(name, "must be positive")
+		}
 	}
 	if c.SMTPTimeout <= 0 {
 		r.fail("SMTP_TIMEOUT", "must be positive")

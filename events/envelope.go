@@ -63,3 +63,19 @@ func DerivedID(parent, name string) string {
 	id[8] = id[8]&0x3f | 0x80 // RFC 4122 variant
 	return id.String()
 }
+
+// DerivedIDAt returns a deterministic UUIDv7 with the timestamp t for the
+// name: the same (t, name) gives the same id in every process. The
+// scheduler names each tick's event this way.
+func DerivedIDAt(t time.Time, name string) string {
+	h := sha256.Sum256([]byte(name))
+	var id uuid.UUID
+	copy(id[:], h[:16])
+	ms := uint64(t.UnixMilli())
+	for i := 0; i < 6; i++ {
+		id[i] = byte(ms >> (8 * (5 - i)))
+	}
+	id[6] = id[6]&0x0f | 0x70
+	id[8] = id[8]&0x3f | 0x80
+	return id.String()
+}

@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"sort"
 	"strings"
 	"time"
@@ -211,6 +212,22 @@ func (v *validator) time(field string, t time.Time) {
 func (v *validator) nonNegative(field string, n int64) {
 	if n < 0 {
 		v.add(field, "must not be negative")
+	}
+}
+
+// count checks a count stored as a 32-bit integer.
+func (v *validator) count(field string, n int64) {
+	if n < 0 || n > math.MaxInt32 {
+		v.add(field, fmt.Sprintf("must be between 0 and %d", math.MaxInt32))
+	}
+}
+
+// text rejects NUL bytes, which PostgreSQL text cannot hold.
+func (v *validator) text(fields map[string]string) {
+	for field, s := range fields {
+		if strings.IndexByte(s, 0) >= 0 {
+			v.add(field, "must not contain NUL bytes")
+		}
 	}
 }
 

@@ -56,6 +56,7 @@ func (e *DocumentUploaded) Validate() error {
 		}
 	}
 	v.time("uploaded_at", e.UploadedAt)
+	v.text(map[string]string{"filename": e.Filename, "declared_content_type": e.DeclaredContentType, "notify": e.Notify})
 	return v.err()
 }
 
@@ -80,10 +81,11 @@ func (e *DocumentProcessed) Validate() error {
 	var v validator
 	v.uuid("doc_id", e.DocID)
 	v.required("content_type", e.ContentType)
-	v.nonNegative("words", int64(e.Words))
-	v.nonNegative("lines", int64(e.Lines))
+	v.count("words", int64(e.Words))
+	v.count("lines", int64(e.Lines))
 	v.maxLen("summary", e.Summary, MaxSummaryBytes)
 	v.time("processed_at", e.ProcessedAt)
+	v.text(map[string]string{"content_type": e.ContentType, "summary": e.Summary})
 	return v.err()
 }
 
@@ -109,6 +111,7 @@ func (e *DocumentProcessingFailed) Validate() error {
 	v.required("reason", e.Reason)
 	v.maxLen("reason", e.Reason, MaxReasonBytes)
 	v.time("failed_at", e.FailedAt)
+	v.text(map[string]string{"content_type": e.ContentType, "reason": e.Reason})
 	return v.err()
 }
 
@@ -151,6 +154,7 @@ func (e *EmailRequested) Validate() error {
 		v.add("doc_id", "must be a UUID")
 	}
 	v.time("requested_at", e.RequestedAt)
+	v.text(map[string]string{"to": e.To, "subject": e.Subject, "body": e.Body})
 	return v.err()
 }
 
@@ -173,8 +177,9 @@ func (*EmailSent) EventVersion() int { return 1 }
 func (e *EmailSent) Validate() error {
 	var v validator
 	v.uuid("email_id", e.EmailID)
-	v.nonNegative("attempts", int64(e.Attempts))
+	v.count("attempts", int64(e.Attempts))
 	v.time("sent_at", e.SentAt)
+	v.text(map[string]string{"to": e.To, "message_id": e.MessageID})
 	return v.err()
 }
 
@@ -198,8 +203,9 @@ func (e *EmailFailed) Validate() error {
 	v.uuid("email_id", e.EmailID)
 	v.required("reason", e.Reason)
 	v.maxLen("reason", e.Reason, MaxReasonBytes)
-	v.nonNegative("attempts", int64(e.Attempts))
+	v.count("attempts", int64(e.Attempts))
 	v.time("failed_at", e.FailedAt)
+	v.text(map[string]string{"reason": e.Reason})
 	return v.err()
 }
 

@@ -85,8 +85,11 @@ type Projector struct {
 	log   *slog.Logger
 	items chan *item
 	stop  chan struct{}
-	wg    sync.WaitGroup
-	once  sync.Once
+	// stopped is closed once every worker has returned: an event still
+	// queued then will never be applied.
+	stopped chan struct{}
+	wg      sync.WaitGroup
+	once    sync.Once
 
 	batchSize prometheus.Histogram
 	applied   *prometheus.CounterVec
@@ -106,10 +109,11 @@ func New(cfg Config) (*Projector, error) {
 		return nil, err
 	}
 	p := &Projector{
-		cfg:   cfg,
-		log:   cfg.Logger.With("consumer_group", Group),
-		items: make(chan *item, cfg.MaxBatch),
-		stop:  make(chan struct{}),
+		cfg:     cfg,
+		log:     cfg.Logger.With("consumer_group", Group),
+		items:   make(chan *item, cfg.MaxBatch),
+		stop:    make(chan struct{}),
+		stopped: make(chan struct{}),
 		batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "conveyor_projector_batch_size",
 			Help:    "Events applied per projector transaction.",
@@ -130,13 +134,20 @@ func New(cfg Config) (*Projector, error) {
 	return p, nil
 }
 
-// Close stops the workers after the current transactions.
+// Close stops the workers after the current transactions. Apply calls
+// whose events no worker took by then return an error rather than wait:
+// the events are not applied, and their redelivery is.
 func (p *Projector) Close() {
 	p.once.Do(func() {
 		close(p.stop)
 		p.wg.Wait()
+		close(p.stopped)
 	})
 }
+
+// errClosed is returned by Apply once the projector is closed. It is not
+// permanent: the event is redelivered to the next projector.
+var errClosed = errors.New("projector closed")
 
 // Register adds the projector's handlers, one per event type, all in the
 // consumer group "projector".
@@ -159,13 +170,20 @@ func (p *Projector) Apply(ctx context.Context, ev events.Event) error {
 	if !ok || env.ID == "" {
 		return bus.Permanent(errors.New("projector: event without an envelope id cannot be deduplicated"))
 	}
+	// Checked first because a select with both cases ready picks one at
+	// random, and would queue events on a closed projector.
+	select {
+	case <-p.stop:
+		return errClosed
+	default:
+	}
 	it := &item{ctx: ctx, id: env.ID, ev: ev, done: make(chan error, 1)}
 	select {
 	case p.items <- it:
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-p.stop:
-		return errors.New("projector closed")
+		return errClosed
 	}
 	select {
 	case err := <-it.done:
@@ -174,6 +192,16 @@ func (p *Projector) Apply(ctx context.Context, ev events.Event) error {
 		// The transaction may still commit; the redelivery will then be
 		// a duplicate, which is harmless.
 		return ctx.Err()
+	case <-p.stopped:
+		// Close raced with the send above, or stopped the workers while
+		// the event was queued: no worker will take it. Its result, if a
+		// worker finished it first, is already in it.done.
+		select {
+		case err := <-it.done:
+			return err
+		default:
+			return errClosed
+		}
 	}
 }
 
@@ -219,14 +247,24 @@ func (p *Projector) run(batch []*item) {
 	err := p.applyBatch(live)
 	if err == nil || len(live) == 1 {
 		for _, it := range live {
-			it.done <- err
+			it.done <- permanentIfData(err)
 		}
 		return
 	}
 	p.log.Warn("batch transaction failed; applying its events one by one", "events", len(live), "error", err)
 	for _, it := range live {
-		it.done <- p.applyBatch([]*item{it})
+		it.done <- permanentIfData(p.applyBatch([]*item{it}))
 	}
+}
+
+// permanentIfData marks a single event's failure permanent when Postgres
+// refused its data: a retry would be refused too, so it goes to the
+// dead-letter stream at once.
+func permanentIfData(err error) error {
+	if store.IsDataError(err) {
+		return bus.Permanent(err)
+	}
+	return err
 }
 
 func (p *Projector) applyBatch(items []*item) error {
@@ -237,8 +275,18 @@ func (p *Projector) applyBatch(items []*item) error {
 		entries[i] = store.InboxEntry{EventID: it.id, EventType: it.ev.EventType()}
 	}
 	sortBy(entries, func(e store.InboxEntry) string { return e.EventID })
+	// Keys of every row the batch may write, locked first in one global
+	// order, so concurrent batches (other workers, other replicas) never
+	// deadlock on rows they both touch.
+	keys := make([]string, 0, len(items))
+	for _, it := range items {
+		keys = append(keys, cacheKey(it.ev))
+	}
 	var fresh map[string]bool
 	err := p.cfg.Store.WithTx(ctx, func(tx *store.Tx) error {
+		if err := tx.LockKeys(ctx, keys); err != nil {
+			return err
+		}
 		var err error
 		if fresh, err = tx.Inbox(ctx, entries); err != nil {
 			return err
@@ -263,10 +311,6 @@ func (p *Projector) applyBatch(items []*item) error {
 
 	// Keys of duplicates are invalidated too: if an invalidation failed
 	// after an earlier commit, the redelivery repairs the cache.
-	keys := make([]string, 0, len(items))
-	for _, it := range items {
-		keys = append(keys, cacheKey(it.ev))
-	}
 	if err := p.cfg.Cache.Invalidate(ctx, keys...); err != nil {
 		return fmt.Errorf("invalidate cache after commit: %w", err)
 	}
@@ -319,9 +363,9 @@ func (b *byType) add(ev events.Event) {
 	}
 }
 
-// apply runs the statements in a fixed order, each over rows sorted by key,
-// so concurrent transactions lock rows in the same order and do not
-// deadlock.
+// apply runs the statements in a fixed order, each over rows sorted by key.
+// The rows' keys are already locked (Tx.LockKeys), which is what prevents
+// deadlocks between concurrent batches.
 func (b *byType) apply(ctx context.Context, tx *store.Tx) error {
 	sortBy(b.uploaded, func(e *events.DocumentUploaded) string { return e.DocID })
 	sortBy(b.processed, func(e *events.DocumentProcessed) string { return e.DocID })

@@ -72,9 +72,13 @@ func DocumentKey(id string) string { return "document:" + id }
 // EmailKey is the cache key of an email's read model.
 func EmailKey(id string) string { return "email:" + id }
 
-// Document returns one document, or ErrNotFound.
+// Document returns one document, or ErrNotFound. An id that is not a UUID
+// names no document: it is ErrNotFound too, not a query error.
 func (s *Store) Document(ctx context.Context, id string) (Document, error) {
 	var d Document
+	if !events.IsUUID(id) {
+		return d, fmt.Errorf("document %q: %w", id, ErrNotFound)
+	}
 	err := s.db.GetContext(ctx, &d, "SELECT * FROM documents WHERE doc_id = $1", id)
 	if errors.Is(err, sql.ErrNoRows) {
 		return d, fmt.Errorf("document %s: %w", id, ErrNotFound)
@@ -85,9 +89,13 @@ func (s *Store) Document(ctx context.Context, id string) (Document, error) {
 	return d, nil
 }
 
-// Email returns one email, or ErrNotFound.
+// Email returns one email, or ErrNotFound. An id that is not a UUID names
+// no email: it is ErrNotFound too, not a query error.
 func (s *Store) Email(ctx context.Context, id string) (Email, error) {
 	var e Email
+	if !events.IsUUID(id) {
+		return e, fmt.Errorf("email %q: %w", id, ErrNotFound)
+	}
 	err := s.db.GetContext(ctx, &e, "SELECT * FROM emails WHERE email_id = $1", id)
 	if errors.Is(err, sql.ErrNoRows) {
 		return e, fmt.Errorf("email %s: %w", id, ErrNotFound)

@@ -11,6 +11,7 @@ import (
 	"embed"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io/fs"
 	"sort"
 	"strconv"
@@ -18,7 +19,7 @@ import (
 	"time"
 
 	"github.com/jmoiron/sqlx"
-	_ "github.com/lib/pq" // the postgres driver
+	"github.com/lib/pq"
 )
 
 //go:embed migrations/*.sql
@@ -216,4 +217,44 @@ func (s *Store) Migrate(ctx context.Context) ([]string, error) {
 		ran = append(ran, m.name)
 	}
 	return ran, nil
+}
+
+// LockKeys takes transaction-scoped advisory locks on keys, in one global
+// order. Transactions that lock the keys of every row they will write
+// before writing them cannot deadlock with each other, however their
+// statements interleave.
+func (tx *Tx) LockKeys(ctx context.Context, keys []string) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	ids := make([]int64, 0, len(keys))
+	seen := make(map[int64]bool, len(keys))
+	for _, k := range keys {
+		h := fnv.New64a()
+		_, _ = h.Write([]byte(k))
+		id := int64(h.Sum64())
+		if !seen[id] {
+			seen[id] = true
+			ids = append(ids, id)
+		}
+	}
+	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
+	// unnest keeps the array's order, and WITH ORDINALITY ... ORDER BY
+	// makes it explicit.
+	_, err := tx.tx.ExecContext(ctx, `
+		SELECT pg_advisory_xact_lock(t.k)
+		FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)
+		ORDER BY t.i`, pq.Array(ids))
+	if err != nil {
+		return fmt.Errorf("lock %d keys: %w", len(ids), err)
+	}
+	return nil
+}
+
+// IsDataError reports whether err is PostgreSQL refusing the data itself
+// (SQLSTATE class 22, data exception: a value out of range, a NUL byte in
+// text...). Retrying such a write cannot succeed.
+func IsDataError(err error) bool {
+	var pe *pq.Error
+	return errors.As(err, &pe) && pe.Code.Class() == "22"
 }

@@ -325,11 +325,19 @@ func (a *app) registerHandlers(router *bus.Router, which map[string]bool) error 
 	return nil
 }
 
-// runRouterAndServer runs a consumer router and an HTTP server together;
-// either stopping by itself stops both.
-func runRouterAndServer(ctx context.Context, a *app, router *bus.Router, srv *http.Server, ln net.Listener) error {
+// runRouterAndServer runs a consumer router, stream retention and an HTTP
+// server together; any of them stopping by itself stops all.
+func runRouterAndServer(ctx context.Context, a *app, router *bus.Router, srv *http.Server, ln net.Listener, more ...func(context.Context) error) error {
+	ret, err := bus.NewRetention(bus.RetentionConfig{Client: a.rdb, Topology: topology(), Logger: a.log})
+	if err != nil {
+		return err
+	}
 	g, gctx := errgroup.WithContext(ctx)
+	for _, run := range more {
+		g.Go(func() error { return run(gctx) })
+	}
 	g.Go(func() error { return router.Run(gctx) })
+	g.Go(func() error { return ret.Run(gctx) })
 	g.Go(func() error { return serve(gctx, srv, ln, a.cfg.ShutdownTimeout, a.log) })
 	return g.Wait()
 }

@@ -18,6 +18,8 @@ import (
 	"strings"
 	"syscall"
 	"text/tabwriter"
+	// The distroless image has no zone database; schedules name zones.
+	_ "time/tzdata"
 
 	"github.com/conveyor/conveyor/config"
 )
@@ -56,12 +58,12 @@ type environment struct {
 var allVars = []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "BLOB_DIR", "SMTP_URL", "SMTP_FROM",
 	"SMTP_TIMEOUT", "OUTBOX_DIR", "CONSUMER_NAME", "MAX_UPLOAD_BYTES", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT",
 	"SUMMARIZER_URL", "SUMMARIZER_MODEL", "SUMMARIZER_API_KEY", "RETRY_MAX_ATTEMPTS", "RETRY_BACKOFF_MIN",
-	"RETRY_BACKOFF_MAX", "CLAIM_MIN_IDLE", "SHUTDOWN_TIMEOUT"}
+	"RETRY_BACKOFF_MAX", "CLAIM_MIN_IDLE", "SHUTDOWN_TIMEOUT", "SCHEDULES_FILE", "MAX_DELAY", "STUCK_AFTER", "BLOB_RETENTION"}
 
 func commands() []*command {
 	return []*command{
 		apiCommand(), handlerCommand(), projectorCommand(), migrateCommand(), upCommand(),
-		healthcheckCommand(), dlqCommand(), versionCommand(),
+		schedulerCommand(), schedulesCommand(), healthcheckCommand(), statusCommand(), dlqCommand(), versionCommand(),
 	}
 }
 

@@ -11,9 +11,8 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/sync/errgroup"
-
 	"github.com/conveyor/conveyor/api"
+	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/projector"
 )
 
@@ -49,6 +48,7 @@ running requests finish within SHUTDOWN_TIMEOUT.`,
 }
 
 func (a *app) apiHandler() (http.Handler, error) {
+	a.reg.MustRegister(bus.NewStatusCollector(a.rdb, topology()))
 	srv, err := api.New(api.Config{
 		Publisher:      a.pub,
 		Blobs:          a.blobs,
@@ -312,10 +312,9 @@ func runAll(ctx context.Context, a *app, ln net.Listener) error {
 	if err != nil {
 		return err
 	}
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return router.Run(gctx) })
-	g.Go(func() error {
-		return serve(gctx, newServer(a.cfg.HTTPAddr, h, a.log), ln, a.cfg.ShutdownTimeout, a.log)
-	})
-	return g.Wait()
+	sc, err := a.newScheduler()
+	if err != nil {
+		return err
+	}
+	return runRouterAndServer(ctx, a, router, newServer(a.cfg.HTTPAddr, h, a.log), ln, sc.Run)
 }

@@ -1,0 +1,123 @@
+package bus
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/vmihailenco/msgpack/v5"
+
+	"github.com/conveyor/conveyor/events"
+)
+
+// PublishAt stores ev durably in its stream's delay set (the same sorted-set
+// mechanism as retries) to be appended to the stream at at, by whichever
+// process runs MoveDue first. A time not in the future publishes at once.
+// It returns the event id.
+func (p *Publisher) PublishAt(ctx context.Context, at time.Time, ev events.Event, opts ...PublishOption) (string, error) {
+	if !at.After(time.Now()) {
+		return p.PublishEvent(ctx, ev, opts...)
+	}
+	if err := ev.Validate(); err != nil {
+		return "", fmt.Errorf("publish %s: %w", ev.EventType(), err)
+	}
+	msg, err := p.NewMessage(ctx, ev, opts...)
+	if err != nil {
+		return "", err
+	}
+	fields, err := marshalFields(msg)
+	if err != nil {
+		return "", err
+	}
+	member, err := msgpack.Marshal(stringFields(fields))
+	if err != nil {
+		return "", fmt.Errorf("marshal delayed %s: %w", ev.EventType(), err)
+	}
+	stream := p.Stream(ev.EventType())
+	if err := p.cfg.Client.ZAdd(ctx, DelayedSet(stream), redis.Z{Score: float64(at.UnixMilli()), Member: member}).Err(); err != nil {
+		return "", fmt.Errorf("delay %s until %s: %w", ev.EventType(), at.Format(time.RFC3339), err)
+	}
+	return msg.UUID, nil
+}
+
+// CancelDelayed removes a delayed event that was not moved yet; it reports
+// whether it found one. The api uses it to undo a delay whose follow-up
+// publish failed.
+func (p *Publisher) CancelDelayed(ctx context.Context, eventType, id string) (bool, error) {
+	set := DelayedSet(p.Stream(eventType))
+	members, err := p.cfg.Client.ZRange(ctx, set, 0, -1).Result()
+	if err != nil {
+		return false, err
+	}
+	for _, m := range members {
+		var f []string
+		if msgpack.Unmarshal([]byte(m), &f) == nil && len(f) > 1 && f[0] == fieldUUID && f[1] == id {
+			n, err := p.cfg.Client.ZRem(ctx, set, m).Result()
+			return n > 0, err
+		}
+	}
+	return false, nil
+}
+
+func stringFields(fields []any) []string {
+	out := make([]string, len(fields))
+	for i, f := range fields {
+		switch v := f.(type) {
+		case string:
+			out[i] = v
+		case []byte:
+			out[i] = string(v)
+		default:
+			out[i] = fmt.Sprint(v)
+		}
+	}
+	return out
+}
+
+// MoveDue appends the due delayed events of stream to it, atomically, so
+// that with many processes each event is appended exactly once. It returns
+// how many it moved and when the next one is due (zero if none).
+func MoveDue(ctx context.Context, rdb redis.Scripter, stream string, limit int) (int, time.Time, error) {
+	return moveDueTo(ctx, rdb, DelayedSet(stream), stream, limit)
+}
+
+// publishOnceScript appends an entry unless its marker exists, setting the
+// marker in the same step. KEYS[1] = marker, KEYS[2] = stream; ARGV[1] =
+// marker TTL (ms), ARGV[2..] = fields.
+var publishOnceScript = redis.NewScript(`
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+  return 1
+end
+return 0`)
+
+// OnceKey is the marker key of PublishOnce for stream and key. It carries
+// the stream's hash tag, so the marker and the stream share a slot.
+func OnceKey(stream, key string) string { return "conveyor:{" + stream + "}:once:" + key }
+
+// PublishOnce appends ev to its stream unless an earlier PublishOnce with
+// the same key did, within ttl. The check and the append are one atomic
+// step, so any number of processes may race for the same key and exactly
+// one publishes; a process that dies mid-call either published or left the
+// key free. It reports whether this call published.
+func (p *Publisher) PublishOnce(ctx context.Context, key string, ttl time.Duration, ev events.Event, opts ...PublishOption) (bool, string, error) {
+	if err := ev.Validate(); err != nil {
+		return false, "", fmt.Errorf("publish %s: %w", ev.EventType(), err)
+	}
+	msg, err := p.NewMessage(ctx, ev, opts...)
+	if err != nil {
+		return false, "", err
+	}
+	fields, err := marshalFields(msg)
+	if err != nil {
+		return false, "", err
+	}
+	stream := p.Stream(ev.EventType())
+	args := append([]any{ttl.Milliseconds()}, fields...)
+	n, err := publishOnceScript.Run(ctx, p.cfg.Client, []string{OnceKey(stream, key), stream}, args...).Int()
+	if err != nil {
+		return false, "", fmt.Errorf("publish %s once as %s: %w", ev.EventType(), key, err)
+	}
+	return n == 1, msg.UUID, nil
+}

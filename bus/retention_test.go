@@ -1,0 +1,99 @@
+package bus_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/conveyor/conveyor/bus"
+)
+
+// Entries are trimmed only once every group is past them: a slow group
+// keeps what it has not read or not acknowledged.
+func TestRetentionTrimsOnlyWhatEveryGroupAcknowledged(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	fast, slow := f.group+"-fast", f.group+"-slow"
+	topo := map[string][]string{fast: {f.topic}, slow: {f.topic}}
+	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
+		t.Fatal(err)
+	}
+	f.publish(3000)
+	read := func(group string, n int64) []redis.XMessage {
+		xs, err := f.rdb.XReadGroup(ctx, &redis.XReadGroupArgs{Group: group, Consumer: "c", Streams: []string{f.topic, ">"}, Count: n}).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return xs[0].Messages
+	}
+	ack := func(group string, msgs []redis.XMessage) {
+		for _, m := range msgs {
+			if err := f.rdb.XAck(ctx, f.topic, group, m.ID).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	ack(fast, read(fast, 3000))
+	slowMsgs := read(slow, 2000)
+	ack(slow, slowMsgs[:1000]) // 1000 acked, 1000 pending, 1000 unread
+	ret, err := bus.NewRetention(bus.RetentionConfig{Client: f.rdb, Topology: topo, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ret.Pass(ctx); err != nil {
+		t.Fatal(err)
+	}
+	kept, err := f.rdb.XRange(ctx, f.topic, slowMsgs[1000].ID, slowMsgs[1000].ID).Result()
+	if err != nil || len(kept) != 1 {
+		t.Fatalf("the slow group's first pending entry %s was trimmed (%v)", slowMsgs[1000].ID, err)
+	}
+	n, _ := f.rdb.XLen(ctx, f.topic).Result()
+	if n < 2000 {
+		t.Fatalf("stream holds %d entries; the slow group still needs 2000", n)
+	}
+	if n == 3000 {
+		t.Fatal("nothing was trimmed although 1000 entries were acknowledged by every group")
+	}
+	// Once the slow group is done, (nearly) everything goes: approximate
+	// trimming keeps at most a partial node.
+	ack(slow, slowMsgs[1000:])
+	ack(slow, read(slow, 1000))
+	if _, err := ret.Pass(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := f.rdb.XLen(ctx, f.topic).Result(); n > 200 {
+		t.Fatalf("%d entries left after every group acknowledged everything", n)
+	}
+}
+
+func TestRetentionRemovesGoneConsumersOnly(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	topo := map[string][]string{f.group: {f.topic}}
+	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
+		t.Fatal(err)
+	}
+	f.publish(1)
+	// "holder" keeps a pending entry; "idle" has none.
+	if err := f.rdb.XReadGroup(ctx, &redis.XReadGroupArgs{Group: f.group, Consumer: "holder", Streams: []string{f.topic, ">"}}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.rdb.XGroupCreateConsumer(ctx, f.topic, f.group, "idle").Err(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // let both be idle longer than ConsumerIdle
+	ret, _ := bus.NewRetention(bus.RetentionConfig{Client: f.rdb, Topology: topo, ConsumerIdle: 10 * time.Millisecond, Logger: testLogger()})
+	if _, err := ret.Pass(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cs, err := f.rdb.XInfoConsumers(ctx, f.topic, f.group).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cs) != 1 || cs[0].Name != "holder" {
+		t.Fatalf("consumers after the pass: %+v (want only holder, which has a pending entry)", cs)
+	}
+}

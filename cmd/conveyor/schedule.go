@@ -1,0 +1,135 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/scheduler"
+)
+
+// newScheduler builds the scheduler with the user's schedules and the
+// built-in ones.
+func (a *app) newScheduler() (*scheduler.Scheduler, error) {
+	var file scheduler.File
+	if a.cfg.SchedulesFile != "" {
+		var err error
+		if file, err = scheduler.LoadFile(a.cfg.SchedulesFile); err != nil {
+			return nil, err
+		}
+	}
+	streams := make([]string, 0, len(events.Types()))
+	for _, t := range events.Types() {
+		streams = append(streams, a.pub.Stream(t))
+	}
+	identity := a.cfg.ConsumerName
+	if a.lease != nil {
+		identity = a.lease.Name()
+	}
+	return scheduler.New(scheduler.Config{
+		Redis:      a.rdb,
+		Publisher:  a.pub,
+		File:       file,
+		Builtins:   a.builtinSchedules(),
+		Streams:    streams,
+		Identity:   identity,
+		Logger:     a.log,
+		Registerer: a.reg,
+	})
+}
+
+func schedulerCommand() *command {
+	return &command{
+		name:    "scheduler",
+		summary: "fire periodic events and move delayed events when due (run 2+ replicas for availability)",
+		usage: `Fires every schedule of SCHEDULES_FILE and the built-in ones, and moves
+delayed events (POST /v1/events with deliver_at or delay, POST /v1/emails with
+send_at) into their streams when due. Replicas need no coordination: each tick
+is published exactly once, whichever replicas are alive. Serves /healthz,
+/readyz and /metrics on HTTP_ADDR.`,
+		vars: []string{"REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "SCHEDULES_FILE", "BLOB_DIR", "STUCK_AFTER", "BLOB_RETENTION", "SHUTDOWN_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT"},
+		run: func(ctx context.Context, env *environment, _ any, _ []string) error {
+			log := newLogger(env.cfg, os.Stderr)
+			ln, err := listen(env.cfg.HTTPAddr)
+			if err != nil {
+				return err
+			}
+			defer ln.Close()
+			a, err := newApp(ctx, env.cfg, log, needs{db: env.cfg.DatabaseURL != "", blobs: env.cfg.DatabaseURL != ""})
+			if err != nil {
+				return err
+			}
+			defer a.close()
+			sc, err := a.newScheduler()
+			if err != nil {
+				return err
+			}
+			log.Info("scheduler running")
+			g, gctx := errgroup.WithContext(ctx)
+			g.Go(func() error { return sc.Run(gctx) })
+			g.Go(func() error {
+				return serve(gctx, newServer(env.cfg.HTTPAddr, opsHandler(a.checks(nil), a.reg), log), ln, env.cfg.ShutdownTimeout, log)
+			})
+			return g.Wait()
+		},
+	}
+}
+
+type schedulesOpts struct {
+	json *bool
+}
+
+func schedulesCommand() *command {
+	return &command{
+		name:    "schedules",
+		summary: "list schedules with their next and last fire times and outcomes",
+		usage:   `Validates SCHEDULES_FILE and lists every schedule (built-in ones too) with its next fire time, last tick, when and by which replica it fired, and the outcome.`,
+		vars:    []string{"REDIS_URL", "SCHEDULES_FILE"},
+		flags: func(fs *flag.FlagSet) any {
+			return &schedulesOpts{json: fs.Bool("json", false, "print JSON")}
+		},
+		run: func(ctx context.Context, env *environment, o any, _ []string) error {
+			opts := o.(*schedulesOpts)
+			log := newLogger(env.cfg, os.Stderr)
+			a, err := newApp(ctx, env.cfg, log, needs{})
+			if err != nil {
+				return err
+			}
+			defer a.close()
+			sc, err := a.newScheduler()
+			if err != nil {
+				return err
+			}
+			list, err := sc.List(ctx)
+			if err != nil {
+				return err
+			}
+			if *opts.json {
+				return json.NewEncoder(env.stdout).Encode(list)
+			}
+			tw := tabwriter.NewWriter(env.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tCRON\tTZ\tWHAT\tNEXT\tLAST TICK\tOUTCOME\tBY")
+			for _, s := range list {
+				next := "disabled"
+				if s.Enabled {
+					next = s.Next.Format(time.RFC3339)
+				}
+				last := "never"
+				if !s.LastTick.IsZero() {
+					last = s.LastTick.Format(time.RFC3339)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, s.Cron, s.Timezone, s.What, next, last, s.Outcome, s.FiredBy)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func (a *app) builtinSchedules() []scheduler.Builtin { return nil }

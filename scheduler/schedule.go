@@ -1,0 +1,211 @@
+// Package scheduler fires periodic events (cron) and moves delayed events
+// into their streams when they come due.
+//
+// Any number of scheduler replicas may run: there is no leader. Every
+// replica computes every tick; each firing is keyed by (schedule, tick time)
+// and published with an atomic set-if-absent plus append in Redis, so
+// exactly one replica publishes each tick, and a replica killed at any point
+// neither loses the tick (the others fire it) nor doubles it. The event id
+// is derived from the same key, so even a re-fired tick would be absorbed
+// downstream.
+//
+// scheduler must not import api, handlers or projector.
+package scheduler
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/robfig/cron/v3"
+	"go.yaml.in/yaml/v3"
+
+	"github.com/conveyor/conveyor/events"
+)
+
+// Missed-tick policies: what happens to ticks that fell while no replica
+// ran.
+const (
+	// MissedSkip drops them: only future ticks fire.
+	MissedSkip = "skip"
+	// MissedCatchUp fires them on start, oldest first, up to CatchUpLimit.
+	MissedCatchUp = "catch_up"
+)
+
+// Schedule is one periodic event.
+type Schedule struct {
+	// Name identifies the schedule; it is part of every tick's key, so
+	// renaming a schedule makes a new one.
+	Name string `yaml:"name"`
+	// Cron is a cron expression with an optional seconds field
+	// ("*/5 * * * *" or "0 */5 * * * *"), or a descriptor such as
+	// "@hourly" or "@every 30s".
+	Cron string `yaml:"cron"`
+	// Timezone is an IANA zone name; defaults to UTC.
+	Timezone string `yaml:"timezone"`
+	// Event is the event type published at each tick.
+	Event string `yaml:"event"`
+	// Data is the event payload. In string values, ${tick_id} becomes a
+	// UUID unique to the tick (for ids such as email_id) and ${tick_time}
+	// the tick's time in RFC 3339.
+	Data map[string]any `yaml:"data"`
+	// Missed is skip (default) or catch_up.
+	Missed string `yaml:"missed"`
+	// CatchUpLimit bounds how many missed ticks catch_up fires. Defaults
+	// to 10.
+	CatchUpLimit int `yaml:"catch_up_limit"`
+	// Enabled turns a schedule off when false. Defaults to true.
+	Enabled *bool `yaml:"enabled"`
+
+	sched cron.Schedule
+	loc   *time.Location
+	// job, if set, runs instead of publishing an event (built-in
+	// maintenance).
+	job Job
+}
+
+var cronParser = cron.NewParser(cron.SecondOptional | cron.Minute | cron.Hour | cron.Dom | cron.Month | cron.Dow | cron.Descriptor)
+
+// File is the YAML of SCHEDULES_FILE.
+type File struct {
+	Schedules []Schedule `yaml:"schedules"`
+	// Builtin adjusts the built-in schedules by name: turn one off with
+	// enabled: false, or change its cron.
+	Builtin map[string]BuiltinOverride `yaml:"builtin"`
+}
+
+// BuiltinOverride changes a built-in schedule.
+type BuiltinOverride struct {
+	Enabled *bool  `yaml:"enabled"`
+	Cron    string `yaml:"cron"`
+}
+
+// LoadFile reads and parses a schedules file. Unknown keys are errors, so a
+// typo does not silently disable a setting.
+func LoadFile(path string) (File, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return File{}, fmt.Errorf("schedules file: %w", err)
+	}
+	return ParseFile(b, path)
+}
+
+// ParseFile parses the YAML of a schedules file.
+func ParseFile(b []byte, name string) (File, error) {
+	var f File
+	dec := yaml.NewDecoder(strings.NewReader(string(b)))
+	dec.KnownFields(true)
+	if err := dec.Decode(&f); err != nil && err.Error() != "EOF" {
+		return File{}, fmt.Errorf("schedules file %s: %w", name, err)
+	}
+	return f, nil
+}
+
+// prepare validates a schedule and parses its expression and zone. Every
+// error names the schedule.
+func (s *Schedule) prepare() error {
+	var errs []error
+	fail := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf("schedule %q: "+format, append([]any{s.Name}, args...)...))
+	}
+	if s.Name == "" {
+		errs = append(errs, errors.New("a schedule has no name"))
+	} else if strings.ContainsAny(s.Name, " \t{}") {
+		fail("name must not contain spaces or braces")
+	}
+	s.loc = time.UTC
+	if s.Timezone != "" {
+		loc, err := time.LoadLocation(s.Timezone)
+		if err != nil {
+			fail("unknown timezone %q", s.Timezone)
+		} else {
+			s.loc = loc
+		}
+	}
+	if s.Cron == "" {
+		fail("cron is required")
+	} else if sched, err := cronParser.Parse(s.Cron); err != nil {
+		fail("invalid cron expression %q: %v", s.Cron, err)
+	} else {
+		s.sched = sched
+	}
+	switch s.Missed {
+	case "":
+		s.Missed = MissedSkip
+	case MissedSkip, MissedCatchUp:
+	default:
+		fail("missed must be skip or catch_up, not %q", s.Missed)
+	}
+	if s.CatchUpLimit == 0 {
+		s.CatchUpLimit = 10
+	}
+	if s.CatchUpLimit < 0 {
+		fail("catch_up_limit must be positive")
+	}
+	if s.job == nil {
+		if events.LatestVersion(s.Event) == 0 {
+			fail("unknown event type %q (known: %s)", s.Event, strings.Join(events.Types(), ", "))
+		} else if _, err := s.event(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)); err != nil {
+			fail("data: %v", err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Schedule) enabled() bool { return s.Enabled == nil || *s.Enabled }
+
+// next returns the first tick strictly after t.
+func (s *Schedule) next(t time.Time) time.Time {
+	return s.sched.Next(t.In(s.loc))
+}
+
+// tickKey identifies one firing of the schedule.
+func (s *Schedule) tickKey(tick time.Time) string {
+	return s.Name + "@" + tick.UTC().Format(time.RFC3339Nano)
+}
+
+// tickID is the event id of a tick: derived from its key, so it is the same
+// in every replica.
+func (s *Schedule) tickID(tick time.Time) string {
+	return events.DerivedIDAt(tick, s.tickKey(tick))
+}
+
+// event builds the tick's event from Data.
+func (s *Schedule) event(tick time.Time) (events.Event, error) {
+	data := substitute(s.Data, map[string]string{
+		"${tick_id}":   events.DerivedIDAt(tick, s.tickKey(tick)+"/data"),
+		"${tick_time}": tick.UTC().Format(time.RFC3339),
+	})
+	raw, err := json.Marshal(data)
+	if err != nil {
+		return nil, err
+	}
+	return events.Decode(s.Event, 0, raw)
+}
+
+func substitute(v any, repl map[string]string) any {
+	switch x := v.(type) {
+	case string:
+		for k, r := range repl {
+			x = strings.ReplaceAll(x, k, r)
+		}
+		return x
+	case map[string]any:
+		out := make(map[string]any, len(x))
+		for k, e := range x {
+			out[k] = substitute(e, repl)
+		}
+		return out
+	case []any:
+		out := make([]any, len(x))
+		for i, e := range x {
+			out[i] = substitute(e, repl)
+		}
+		return out
+	default:
+		return v
+	}
+}

@@ -1,0 +1,646 @@
+package store_test
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/store"
+)
+
+// at is a fixed time with whole microseconds, which PostgreSQL keeps
+// exactly.
+var at = time.Date(2026, 3, 4, 5, 6, 7, 123456000, time.UTC)
+
+const (
+	sha  = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+	blob = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90"
+)
+
+func uploaded(id string) *events.DocumentUploaded {
+	return &events.DocumentUploaded{DocID: id, Filename: "report.txt", Size: 1234, SHA256: sha, BlobKey: blob,
+		DeclaredContentType: "text/plain", Notify: "ops@example.com", UploadedAt: at}
+}
+
+func processed(id string) *events.DocumentProcessed {
+	return &events.DocumentProcessed{DocID: id, ContentType: "text/plain; charset=utf-8", Words: 42, Lines: 7,
+		Summary: "a summary", ProcessedAt: at.Add(time.Second)}
+}
+
+func docFailed(id string) *events.DocumentProcessingFailed {
+	return &events.DocumentProcessingFailed{DocID: id, ContentType: "application/zip", Reason: "unsupported type",
+		FailedAt: at.Add(2 * time.Second)}
+}
+
+func requested(id string) *events.EmailRequested {
+	return &events.EmailRequested{EmailID: id, To: "a@example.com", Subject: "Your document", Body: "done",
+		DocID: "0190a0c0-0000-7000-8000-000000000001", RequestedAt: at}
+}
+
+func sent(id string) *events.EmailSent {
+	return &events.EmailSent{EmailID: id, To: "a@example.com", MessageID: "<m1@example.com>", Attempts: 2,
+		SentAt: at.Add(time.Second)}
+}
+
+func mailFailed(id string) *events.EmailFailed {
+	return &events.EmailFailed{EmailID: id, Reason: "550 no such user", Attempts: 5, FailedAt: at.Add(2 * time.Second)}
+}
+
+// applyOne calls the Apply function of each event's type, one call per
+// event, in order, in one transaction.
+func applyOne(ctx context.Context, tx *store.Tx, evs ...events.Event) error {
+	for _, ev := range evs {
+		var err error
+		switch e := ev.(type) {
+		case *events.DocumentUploaded:
+			err = tx.ApplyDocumentsUploaded(ctx, []*events.DocumentUploaded{e})
+		case *events.DocumentProcessed:
+			err = tx.ApplyDocumentsProcessed(ctx, []*events.DocumentProcessed{e})
+		case *events.DocumentProcessingFailed:
+			err = tx.ApplyDocumentsFailed(ctx, []*events.DocumentProcessingFailed{e})
+		case *events.EmailRequested:
+			err = tx.ApplyEmailsRequested(ctx, []*events.EmailRequested{e})
+		case *events.EmailSent:
+			err = tx.ApplyEmailsSent(ctx, []*events.EmailSent{e})
+		case *events.EmailFailed:
+			err = tx.ApplyEmailsFailed(ctx, []*events.EmailFailed{e})
+		default:
+			err = fmt.Errorf("no apply function for %T", ev)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// applyEach applies every event in a transaction of its own, in order, as
+// events arriving one at a time are.
+func applyEach(t *testing.T, st *store.Store, evs ...events.Event) {
+	t.Helper()
+	for _, ev := range evs {
+		if err := st.WithTx(t.Context(), func(tx *store.Tx) error { return applyOne(t.Context(), tx, ev) }); err != nil {
+			t.Fatalf("apply %s: %v", ev.EventType(), err)
+		}
+	}
+}
+
+func document(t *testing.T, st *store.Store, id string) store.Document {
+	t.Helper()
+	d, err := st.Document(t.Context(), id)
+	if err != nil {
+		t.Fatalf("Document(%s): %v", id, err)
+	}
+	return d
+}
+
+func email(t *testing.T, st *store.Store, id string) store.Email {
+	t.Helper()
+	e, err := st.Email(t.Context(), id)
+	if err != nil {
+		t.Fatalf("Email(%s): %v", id, err)
+	}
+	return e
+}
+
+// Helpers for expected rows.
+func str(s string) sql.NullString { return sql.NullString{String: s, Valid: true} }
+func num(n int64) sql.NullInt64   { return sql.NullInt64{Int64: n, Valid: true} }
+func tm(t time.Time) sql.NullTime { return sql.NullTime{Time: t, Valid: true} }
+func utc(t sql.NullTime) sql.NullTime {
+	if t.Valid {
+		t.Time = t.Time.UTC()
+	}
+	return t
+}
+
+// comparableDoc drops what legitimately differs between two rows with the
+// same facts (the key and the write time) and normalises time zones.
+func comparableDoc(d store.Document) store.Document {
+	d.DocID, d.UpdatedAt = "", time.Time{}
+	d.UploadedAt, d.ProcessedAt = utc(d.UploadedAt), utc(d.ProcessedAt)
+	return d
+}
+
+func comparableEmail(e store.Email) store.Email {
+	e.EmailID, e.UpdatedAt = "", time.Time{}
+	e.RequestedAt, e.SendAt, e.SentAt, e.FailedAt = utc(e.RequestedAt), utc(e.SendAt), utc(e.SentAt), utc(e.FailedAt)
+	return e
+}
+
+// The rows each event alone leaves behind, and their combinations.
+var (
+	rowUploaded = store.Document{Status: store.DocumentProcessing, Filename: str("report.txt"), Size: num(1234),
+		DeclaredContentType: str("text/plain"), SHA256: str(sha), BlobKey: str(blob), Notify: str("ops@example.com"),
+		UploadedAt: tm(at)}
+	rowProcessed = store.Document{Status: store.DocumentProcessed, ContentType: str("text/plain; charset=utf-8"),
+		Words: num(42), Lines: num(7), Summary: str("a summary"), ProcessedAt: tm(at.Add(time.Second))}
+	rowDocFailed = store.Document{Status: store.DocumentFailed, ContentType: str("application/zip"),
+		Error: str("unsupported type"), ProcessedAt: tm(at.Add(2 * time.Second))}
+
+	rowRequested = store.Email{Status: store.EmailQueued, Recipient: str("a@example.com"), Subject: str("Your document"),
+		DocID: str("0190a0c0-0000-7000-8000-000000000001"), RequestedAt: tm(at)}
+	rowSent = store.Email{Status: store.EmailSent, Recipient: str("a@example.com"), Attempts: 2,
+		MessageID: str("<m1@example.com>"), SentAt: tm(at.Add(time.Second))}
+	rowMailFailed = store.Email{Status: store.EmailFailed, Attempts: 5, Error: str("550 no such user"),
+		FailedAt: tm(at.Add(2 * time.Second))}
+)
+
+func mergeDoc(upload, outcome store.Document) store.Document {
+	outcome.Filename, outcome.Size, outcome.DeclaredContentType = upload.Filename, upload.Size, upload.DeclaredContentType
+	outcome.SHA256, outcome.BlobKey, outcome.Notify, outcome.UploadedAt = upload.SHA256, upload.BlobKey, upload.Notify, upload.UploadedAt
+	return outcome
+}
+
+func mergeEmail(req, outcome store.Email) store.Email {
+	outcome.Recipient, outcome.Subject, outcome.DocID, outcome.RequestedAt = req.Recipient, req.Subject, req.DocID, req.RequestedAt
+	return outcome
+}
+
+// TestApplyDocuments applies sequences of document events, each in its own
+// transaction, and checks the row they leave. Statuses only move forward, so
+// the arrival order of an upload and its outcome does not matter, and the
+// first outcome wins.
+func TestApplyDocuments(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		seq  func(id string) []events.Event
+		want store.Document
+	}{
+		{name: "uploaded", want: rowUploaded,
+			seq: func(id string) []events.Event { return []events.Event{uploaded(id)} }},
+		{name: "processed alone", want: rowProcessed,
+			seq: func(id string) []events.Event { return []events.Event{processed(id)} }},
+		{name: "failed alone", want: rowDocFailed,
+			seq: func(id string) []events.Event { return []events.Event{docFailed(id)} }},
+		{name: "uploaded then processed", want: mergeDoc(rowUploaded, rowProcessed),
+			seq: func(id string) []events.Event { return []events.Event{uploaded(id), processed(id)} }},
+		{name: "processed before uploaded", want: mergeDoc(rowUploaded, rowProcessed),
+			seq: func(id string) []events.Event { return []events.Event{processed(id), uploaded(id)} }},
+		{name: "uploaded then failed", want: mergeDoc(rowUploaded, rowDocFailed),
+			seq: func(id string) []events.Event { return []events.Event{uploaded(id), docFailed(id)} }},
+		{name: "failed before uploaded", want: mergeDoc(rowUploaded, rowDocFailed),
+			seq: func(id string) []events.Event { return []events.Event{docFailed(id), uploaded(id)} }},
+		{name: "processed is final: a later failure changes nothing", want: mergeDoc(rowUploaded, rowProcessed),
+			seq: func(id string) []events.Event { return []events.Event{uploaded(id), processed(id), docFailed(id)} }},
+		{name: "failed is final: a later success changes nothing", want: mergeDoc(rowUploaded, rowDocFailed),
+			seq: func(id string) []events.Event { return []events.Event{uploaded(id), docFailed(id), processed(id)} }},
+		{name: "failed is final without an upload", want: rowDocFailed,
+			seq: func(id string) []events.Event { return []events.Event{docFailed(id), processed(id)} }},
+		{name: "an upload repeated after the outcome keeps it", want: mergeDoc(rowUploaded, rowProcessed),
+			seq: func(id string) []events.Event { return []events.Event{uploaded(id), processed(id), uploaded(id)} }},
+		{name: "an outcome repeated changes nothing", want: mergeDoc(rowUploaded, rowProcessed),
+			seq: func(id string) []events.Event {
+				again := processed(id)
+				again.Words, again.Summary = 1, "different"
+				return []events.Event{uploaded(id), processed(id), again}
+			}},
+		{name: "empty notify and declared type are NULL",
+			want: func() store.Document {
+				d := rowUploaded
+				d.Notify, d.DeclaredContentType = sql.NullString{}, sql.NullString{}
+				return d
+			}(),
+			seq: func(id string) []events.Event {
+				e := uploaded(id)
+				e.Notify, e.DeclaredContentType = "", ""
+				return []events.Event{e}
+			}},
+		{name: "a later upload without notify clears it",
+			want: func() store.Document {
+				d := rowUploaded
+				d.Notify = sql.NullString{}
+				return d
+			}(),
+			seq: func(id string) []events.Event {
+				e := uploaded(id)
+				e.Notify = ""
+				return []events.Event{uploaded(id), e}
+			}},
+		{name: "empty content type of a failure is NULL",
+			want: func() store.Document {
+				d := rowDocFailed
+				d.ContentType = sql.NullString{}
+				return d
+			}(),
+			seq: func(id string) []events.Event {
+				e := docFailed(id)
+				e.ContentType = ""
+				return []events.Event{e}
+			}},
+		{name: "text survives the array encoding",
+			want: func() store.Document {
+				d := mergeDoc(rowUploaded, rowProcessed)
+				d.Filename, d.Summary = str(awkward), str(awkward+" summary")
+				return d
+			}(),
+			seq: func(id string) []events.Event {
+				u, p := uploaded(id), processed(id)
+				u.Filename, p.Summary = awkward, awkward+" summary"
+				return []events.Event{u, p}
+			}},
+	}
+	st, _ := newStore(t)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			id := events.NewID()
+			applyEach(t, st, tt.seq(id)...)
+			got := document(t, st, id)
+			if got.DocID != id {
+				t.Errorf("DocID = %q, want %q", got.DocID, id)
+			}
+			if got.UpdatedAt.IsZero() {
+				t.Error("UpdatedAt not set")
+			}
+			if c := comparableDoc(got); !reflect.DeepEqual(c, tt.want) {
+				t.Errorf("row =\n%+v\nwant\n%+v", c, tt.want)
+			}
+		})
+	}
+}
+
+// awkward is text that an array literal must quote and escape.
+const awkward = `NULL "quoted" back\slash, {braces} 'single' ünïcødé 😀 tab	end`
+
+func TestApplyEmails(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		seq  func(id string) []events.Event
+		want store.Email
+	}{
+		{name: "requested", want: rowRequested,
+			seq: func(id string) []events.Event { return []events.Event{requested(id)} }},
+		{name: "sent alone", want: rowSent,
+			seq: func(id string) []events.Event { return []events.Event{sent(id)} }},
+		{name: "failed alone", want: rowMailFailed,
+			seq: func(id string) []events.Event { return []events.Event{mailFailed(id)} }},
+		{name: "requested then sent", want: mergeEmail(rowRequested, rowSent),
+			seq: func(id string) []events.Event { return []events.Event{requested(id), sent(id)} }},
+		{name: "sent before requested", want: mergeEmail(rowRequested, rowSent),
+			seq: func(id string) []events.Event { return []events.Event{sent(id), requested(id)} }},
+		{name: "requested then failed", want: mergeEmail(rowRequested, rowMailFailed),
+			seq: func(id string) []events.Event { return []events.Event{requested(id), mailFailed(id)} }},
+		{name: "failed before requested", want: mergeEmail(rowRequested, rowMailFailed),
+			seq: func(id string) []events.Event { return []events.Event{mailFailed(id), requested(id)} }},
+		{name: "a later request does not move sent back", want: mergeEmail(rowRequested, rowSent),
+			seq: func(id string) []events.Event { return []events.Event{requested(id), sent(id), requested(id)} }},
+		{name: "a later request does not move failed back", want: mergeEmail(rowRequested, rowMailFailed),
+			seq: func(id string) []events.Event { return []events.Event{requested(id), mailFailed(id), requested(id)} }},
+		{name: "sent is final", want: mergeEmail(rowRequested, rowSent),
+			seq: func(id string) []events.Event { return []events.Event{requested(id), sent(id), mailFailed(id)} }},
+		{name: "failed is final", want: mergeEmail(rowRequested, rowMailFailed),
+			seq: func(id string) []events.Event { return []events.Event{requested(id), mailFailed(id), sent(id)} }},
+		{name: "a repeated sent does not change attempts", want: mergeEmail(rowRequested, rowSent),
+			seq: func(id string) []events.Event {
+				again := sent(id)
+				again.Attempts, again.MessageID = 9, "<other@example.com>"
+				return []events.Event{requested(id), sent(id), again}
+			}},
+		{name: "sent keeps the requested recipient",
+			want: mergeEmail(rowRequested, rowSent),
+			seq: func(id string) []events.Event {
+				s := sent(id)
+				s.To = "other@example.com"
+				return []events.Event{requested(id), s}
+			}},
+		{name: "empty doc id is NULL",
+			want: func() store.Email {
+				e := rowRequested
+				e.DocID = sql.NullString{}
+				return e
+			}(),
+			seq: func(id string) []events.Event {
+				e := requested(id)
+				e.DocID = ""
+				return []events.Event{e}
+			}},
+		{name: "empty recipient and message id of a send are NULL",
+			want: func() store.Email {
+				e := rowSent
+				e.Recipient, e.MessageID = sql.NullString{}, sql.NullString{}
+				return e
+			}(),
+			seq: func(id string) []events.Event {
+				e := sent(id)
+				e.To, e.MessageID = "", ""
+				return []events.Event{e}
+			}},
+		{name: "text survives the array encoding",
+			want: func() store.Email {
+				e := rowRequested
+				e.Subject = str(awkward)
+				return e
+			}(),
+			seq: func(id string) []events.Event {
+				e := requested(id)
+				e.Subject = awkward
+				return []events.Event{e}
+			}},
+	}
+	st, _ := newStore(t)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			id := events.NewID()
+			applyEach(t, st, tt.seq(id)...)
+			got := email(t, st, id)
+			if got.EmailID != id {
+				t.Errorf("EmailID = %q, want %q", got.EmailID, id)
+			}
+			if c := comparableEmail(got); !reflect.DeepEqual(c, tt.want) {
+				t.Errorf("row =\n%+v\nwant\n%+v", c, tt.want)
+			}
+		})
+	}
+}
+
+// TestApplyBatches calls each Apply function once with many rows, with
+// duplicate keys among them: one multi-row upsert may not touch a row twice
+// ("ON CONFLICT DO UPDATE command cannot affect row a second time"), so the
+// function must reduce them first. Each case runs against both new and
+// existing rows, since only an existing row takes the ON CONFLICT path.
+func TestApplyBatches(t *testing.T) {
+	t.Parallel()
+	const n = 300
+	type batch struct {
+		apply func(ctx context.Context, tx *store.Tx, ids []string) error
+		check func(t *testing.T, st *store.Store, id string)
+	}
+	docStatus := func(want string) func(*testing.T, *store.Store, string) {
+		return func(t *testing.T, st *store.Store, id string) {
+			if got := document(t, st, id).Status; got != want {
+				t.Errorf("document %s status %q, want %q", id, got, want)
+			}
+		}
+	}
+	mailStatus := func(want string) func(*testing.T, *store.Store, string) {
+		return func(t *testing.T, st *store.Store, id string) {
+			if got := email(t, st, id).Status; got != want {
+				t.Errorf("email %s status %q, want %q", id, got, want)
+			}
+		}
+	}
+	tests := []struct {
+		name  string
+		setup func(id string) []events.Event // applied before the batch
+		batch batch
+	}{
+		{name: "documents uploaded", batch: batch{
+			apply: func(ctx context.Context, tx *store.Tx, ids []string) error {
+				return tx.ApplyDocumentsUploaded(ctx, dup(ids, uploaded))
+			}, check: docStatus(store.DocumentProcessing)}},
+		{name: "documents processed", batch: batch{
+			apply: func(ctx context.Context, tx *store.Tx, ids []string) error {
+				return tx.ApplyDocumentsProcessed(ctx, dup(ids, processed))
+			}, check: docStatus(store.DocumentProcessed)}},
+		{name: "documents failed", batch: batch{
+			apply: func(ctx context.Context, tx *store.Tx, ids []string) error {
+				return tx.ApplyDocumentsFailed(ctx, dup(ids, docFailed))
+			}, check: docStatus(store.DocumentFailed)}},
+		{name: "emails requested", batch: batch{
+			apply: func(ctx context.Context, tx *store.Tx, ids []string) error {
+				return tx.ApplyEmailsRequested(ctx, dup(ids, requested))
+			}, check: mailStatus(store.EmailQueued)}},
+		{name: "emails sent", batch: batch{
+			apply: func(ctx context.Context, tx *store.Tx, ids []string) error {
+				return tx.ApplyEmailsSent(ctx, dup(ids, sent))
+			}, check: mailStatus(store.EmailSent)}},
+		{name: "emails failed", batch: batch{
+			apply: func(ctx context.Context, tx *store.Tx, ids []string) error {
+				return tx.ApplyEmailsFailed(ctx, dup(ids, mailFailed))
+			}, check: mailStatus(store.EmailFailed)}},
+	}
+	st, _ := newStore(t)
+	for _, tt := range tests {
+		for _, existing := range []bool{false, true} {
+			name := tt.name + "/new rows"
+			if existing {
+				name = tt.name + "/existing rows"
+			}
+			t.Run(name, func(t *testing.T) {
+				t.Parallel()
+				ctx := t.Context()
+				ids := make([]string, n)
+				for i := range ids {
+					ids[i] = events.NewID()
+				}
+				if existing {
+					// Rows in their first status, so the batch updates them.
+					var pre []events.Event
+					for _, id := range ids {
+						if strings.HasPrefix(tt.name, "documents") {
+							pre = append(pre, uploaded(id))
+						} else {
+							pre = append(pre, requested(id))
+						}
+					}
+					if err := st.WithTx(ctx, func(tx *store.Tx) error { return applyOne(ctx, tx, pre...) }); err != nil {
+						t.Fatal(err)
+					}
+				}
+				// Twice in one transaction: the second call finds every row.
+				if err := st.WithTx(ctx, func(tx *store.Tx) error {
+					if err := tt.batch.apply(ctx, tx, ids); err != nil {
+						return err
+					}
+					return tt.batch.apply(ctx, tx, ids)
+				}); err != nil {
+					t.Fatalf("apply %d rows with duplicate keys: %v", n, err)
+				}
+				for _, id := range ids {
+					tt.batch.check(t, st, id)
+				}
+			})
+		}
+	}
+}
+
+// dup builds one event per id, with every id three times, interleaved
+// (a, b, c, ..., a, b, c, ..., a, b, c, ...), as a redelivery and a
+// republish in one batch would give.
+func dup[E any](ids []string, mk func(string) E) []E {
+	out := make([]E, 0, 3*len(ids))
+	for range 3 {
+		for _, id := range ids {
+			out = append(out, mk(id))
+		}
+	}
+	return out
+}
+
+// TestApplyUploadAndOutcomeInOneTransaction applies an upload and its
+// outcome in one transaction, in both orders, as one batch of the
+// projector may.
+func TestApplyUploadAndOutcomeInOneTransaction(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		seq  func(id string) []events.Event
+		want store.Document
+	}{
+		{name: "uploaded, processed", want: mergeDoc(rowUploaded, rowProcessed),
+			seq: func(id string) []events.Event { return []events.Event{uploaded(id), processed(id)} }},
+		{name: "processed, uploaded", want: mergeDoc(rowUploaded, rowProcessed),
+			seq: func(id string) []events.Event { return []events.Event{processed(id), uploaded(id)} }},
+		{name: "failed, uploaded", want: mergeDoc(rowUploaded, rowDocFailed),
+			seq: func(id string) []events.Event { return []events.Event{docFailed(id), uploaded(id)} }},
+	}
+	st, _ := newStore(t)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			id := events.NewID()
+			if err := st.WithTx(t.Context(), func(tx *store.Tx) error { return applyOne(t.Context(), tx, tt.seq(id)...) }); err != nil {
+				t.Fatal(err)
+			}
+			if c := comparableDoc(document(t, st, id)); !reflect.DeepEqual(c, tt.want) {
+				t.Errorf("row =\n%+v\nwant\n%+v", c, tt.want)
+			}
+		})
+	}
+}
+
+func TestInbox(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name      string
+		before    []string // recorded in an earlier transaction
+		offer     []string
+		wantFresh []string
+		wantRows  int
+	}{
+		{name: "new ids are fresh", offer: []string{"a", "b"}, wantFresh: []string{"a", "b"}, wantRows: 2},
+		{name: "repeated ids are not", before: []string{"a"}, offer: []string{"a", "b"}, wantFresh: []string{"b"}, wantRows: 2},
+		{name: "all repeated", before: []string{"a", "b"}, offer: []string{"b", "a"}, wantRows: 2},
+		{name: "duplicates within one call count once", offer: []string{"a", "a", "b", "a"}, wantFresh: []string{"a", "b"}, wantRows: 2},
+		{name: "ids that are not UUIDs",
+			offer:     []string{"01J8Z3K5", "msg-7", "0190a0c0-0000-7000-8000-000000000001", "with space", awkward},
+			wantFresh: []string{"01J8Z3K5", "msg-7", "0190a0c0-0000-7000-8000-000000000001", "with space", awkward},
+			wantRows:  5},
+		{name: "nothing offered", offer: nil, wantRows: 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			st, db := newStore(t)
+			ctx := t.Context()
+			offer := func(ids []string) map[string]bool {
+				t.Helper()
+				entries := make([]store.InboxEntry, len(ids))
+				for i, id := range ids {
+					entries[i] = store.InboxEntry{EventID: id, EventType: events.TypeEmailSent}
+				}
+				var fresh map[string]bool
+				if err := st.WithTx(ctx, func(tx *store.Tx) (err error) {
+					fresh, err = tx.Inbox(ctx, entries)
+					return err
+				}); err != nil {
+					t.Fatalf("Inbox(%q): %v", ids, err)
+				}
+				return fresh
+			}
+			if tt.before != nil {
+				offer(tt.before)
+			}
+			fresh := offer(tt.offer)
+			want := map[string]bool{}
+			for _, id := range tt.wantFresh {
+				want[id] = true
+			}
+			if len(fresh) != len(want) {
+				t.Errorf("fresh = %v, want %v", fresh, want)
+			}
+			for id := range want {
+				if !fresh[id] {
+					t.Errorf("fresh = %v, want %v", fresh, want)
+				}
+			}
+			if n := count(t, db, "SELECT count(*) FROM processed_events"); n != tt.wantRows {
+				t.Errorf("%d inbox rows, want %d", n, tt.wantRows)
+			}
+			if n := count(t, db, "SELECT count(*) FROM processed_events WHERE event_type <> $1", events.TypeEmailSent); n != 0 {
+				t.Errorf("%d inbox rows with the wrong type", n)
+			}
+		})
+	}
+}
+
+// TestInboxConcurrentTransactions offers one id from two transactions at
+// once: exactly one of them may apply the event.
+func TestInboxConcurrentTransactions(t *testing.T) {
+	t.Parallel()
+	st, _ := newStore(t)
+	ctx := t.Context()
+	const callers = 8
+	fresh := make(chan bool, callers)
+	errs := make(chan error, callers)
+	start := make(chan struct{})
+	for range callers {
+		go func() {
+			<-start
+			errs <- st.WithTx(ctx, func(tx *store.Tx) error {
+				f, err := tx.Inbox(ctx, []store.InboxEntry{{EventID: "same", EventType: "t"}})
+				fresh <- f["same"]
+				return err
+			})
+		}()
+	}
+	close(start)
+	n := 0
+	for range callers {
+		if err := <-errs; err != nil {
+			t.Errorf("WithTx: %v", err)
+		}
+		if <-fresh {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("%d transactions saw the id as fresh, want 1", n)
+	}
+}
+
+func TestGettersNotFound(t *testing.T) {
+	t.Parallel()
+	st, _ := newStore(t)
+	ctx := t.Context()
+	known := events.NewID()
+	applyEach(t, st, uploaded(known), requested(known))
+	tests := []struct {
+		name string
+		get  func(id string) error
+		id   string
+	}{
+		{name: "document unknown", id: events.NewID(), get: func(id string) error { _, err := st.Document(ctx, id); return err }},
+		{name: "email unknown", id: events.NewID(), get: func(id string) error { _, err := st.Email(ctx, id); return err }},
+		{name: "document id that is not a UUID", id: "not-a-uuid", get: func(id string) error { _, err := st.Document(ctx, id); return err }},
+		{name: "email id that is not a UUID", id: "42", get: func(id string) error { _, err := st.Email(ctx, id); return err }},
+		{name: "document empty id", id: "", get: func(id string) error { _, err := st.Document(ctx, id); return err }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			err := tt.get(tt.id)
+			if !errors.Is(err, store.ErrNotFound) {
+				t.Errorf("get(%q) = %v, want ErrNotFound", tt.id, err)
+			}
+		})
+	}
+	// The same getters find rows that exist, so the cases above do not pass
+	// by failing every lookup.
+	if _, err := st.Document(ctx, known); err != nil {
+		t.Errorf("Document(known) = %v", err)
+	}
+	if _, err := st.Email(ctx, strings.ToUpper(known)); err != nil {
+		t.Errorf("Email(known, upper case) = %v", err)
+	}
+}

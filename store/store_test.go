@@ -1,0 +1,339 @@
+package store_test
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/lib/pq"
+
+	"github.com/conveyor/conveyor/internal/testenv"
+	"github.com/conveyor/conveyor/store"
+)
+
+// openStore opens a Store on a fresh, empty database, closed at cleanup. It
+// returns the database URL too, for tests that need a second connection.
+func openStore(t *testing.T) (*store.Store, string) {
+	t.Helper()
+	url := testenv.DatabaseURL(t)
+	st, err := store.Open(store.Config{URL: url})
+	if err != nil {
+		t.Fatalf("store.Open: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := st.Close(); err != nil {
+			t.Errorf("close store: %v", err)
+		}
+	})
+	return st, url
+}
+
+// newStore returns a Store on a fresh database with the migrations applied,
+// by the same code production runs.
+func newStore(t *testing.T) (*store.Store, *sql.DB) {
+	t.Helper()
+	st, url := openStore(t)
+	if _, err := st.Migrate(t.Context()); err != nil {
+		t.Fatalf("Migrate: %v", err)
+	}
+	return st, rawDB(t, url)
+}
+
+// rawDB is a plain connection for what the store's API does not offer:
+// inspecting tables and sabotaging transactions. The driver is registered
+// by package store.
+func rawDB(t *testing.T, url string) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("postgres", url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := db.Close(); err != nil {
+			t.Errorf("close raw db: %v", err)
+		}
+	})
+	return db
+}
+
+func count(t *testing.T, db *sql.DB, query string, args ...any) int {
+	t.Helper()
+	var n int
+	// The test's own context may be cancelled already in cleanups.
+	if err := db.QueryRowContext(context.Background(), query, args...).Scan(&n); err != nil {
+		t.Fatalf("%s: %v", query, err)
+	}
+	return n
+}
+
+func TestOpenValidates(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		cfg     store.Config
+		wantErr []string
+	}{
+		{name: "no url", cfg: store.Config{}, wantErr: []string{"URL is required"}},
+		{name: "negative pool", cfg: store.Config{URL: "postgres://x/y", MaxOpenConns: -1}, wantErr: []string{"MaxOpenConns"}},
+		{name: "every problem at once", cfg: store.Config{MaxOpenConns: -1}, wantErr: []string{"URL is required", "MaxOpenConns"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			st, err := store.Open(tt.cfg)
+			if err == nil {
+				_ = st.Close()
+				t.Fatal("Open: no error")
+			}
+			for _, want := range tt.wantErr {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("Open error %q does not mention %q", err, want)
+				}
+			}
+		})
+	}
+}
+
+func TestMigrate(t *testing.T) {
+	t.Parallel()
+	st, url := openStore(t)
+	ctx := t.Context()
+
+	ran, err := st.Migrate(ctx)
+	if err != nil {
+		t.Fatalf("first Migrate: %v", err)
+	}
+	if want := []string{"0001_read_models.sql"}; !slices.Equal(ran, want) {
+		t.Fatalf("first Migrate applied %q, want %q", ran, want)
+	}
+	ran, err = st.Migrate(ctx)
+	if err != nil {
+		t.Fatalf("second Migrate: %v", err)
+	}
+	if len(ran) != 0 {
+		t.Fatalf("second Migrate applied %q, want nothing", ran)
+	}
+
+	db := rawDB(t, url)
+	if n := count(t, db, "SELECT count(*) FROM schema_migrations"); n != 1 {
+		t.Errorf("schema_migrations has %d rows, want 1", n)
+	}
+	for _, table := range []string{"documents", "emails", "processed_events"} {
+		if n := count(t, db, "SELECT count(*) FROM information_schema.tables WHERE table_name = $1", table); n != 1 {
+			t.Errorf("table %s missing after Migrate", table)
+		}
+	}
+	if err := st.Ping(ctx); err != nil {
+		t.Errorf("Ping: %v", err)
+	}
+}
+
+// TestMigrateConcurrent starts several migrators at once on a fresh
+// database, as several replicas starting together do. The advisory lock
+// must let exactly one apply each migration, and the others must see it
+// applied rather than fail on "relation already exists".
+func TestMigrateConcurrent(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name       string
+		migrators  int
+		sharedPool bool
+	}{
+		{name: "two processes", migrators: 2},
+		{name: "five processes", migrators: 5},
+		{name: "one pool, four callers", migrators: 4, sharedPool: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			url := testenv.DatabaseURL(t)
+			stores := make([]*store.Store, tt.migrators)
+			for i := range stores {
+				if tt.sharedPool && i > 0 {
+					stores[i] = stores[0]
+					continue
+				}
+				st, err := store.Open(store.Config{URL: url})
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { _ = st.Close() })
+				stores[i] = st
+			}
+
+			start := make(chan struct{})
+			results := make([][]string, tt.migrators)
+			errs := make([]error, tt.migrators)
+			var wg sync.WaitGroup
+			for i, st := range stores {
+				wg.Go(func() {
+					<-start
+					results[i], errs[i] = st.Migrate(t.Context())
+				})
+			}
+			close(start)
+			wg.Wait()
+
+			var applied []string
+			for i := range stores {
+				if errs[i] != nil {
+					t.Errorf("Migrate #%d: %v", i, errs[i])
+				}
+				applied = append(applied, results[i]...)
+			}
+			if want := []string{"0001_read_models.sql"}; !slices.Equal(applied, want) {
+				t.Errorf("migrations applied across all callers = %q, want %q once", applied, want)
+			}
+			if n := count(t, rawDB(t, url), "SELECT count(*) FROM schema_migrations"); n != 1 {
+				t.Errorf("schema_migrations has %d rows, want 1", n)
+			}
+		})
+	}
+}
+
+// failAtCommit installs a deferred constraint trigger on the inbox that
+// raises for one event id. The INSERT succeeds and the error surfaces only
+// at COMMIT: a real commit failure, the kind a swallowed commit error loses.
+func failAtCommit(t *testing.T, db *sql.DB, eventID string) {
+	t.Helper()
+	for _, q := range []string{
+		`CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			RAISE EXCEPTION 'refused at commit: %', NEW.event_id USING ERRCODE = 'check_violation';
+		END $$`,
+		fmt.Sprintf(`CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON processed_events
+			DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+			WHEN (NEW.event_id = %s) EXECUTE FUNCTION fail_at_commit()`, pq.QuoteLiteral(eventID)),
+	} {
+		if _, err := db.ExecContext(t.Context(), q); err != nil {
+			t.Fatalf("install commit failure: %v", err)
+		}
+	}
+}
+
+func TestWithTx(t *testing.T) {
+	t.Parallel()
+	errFn := errors.New("fn failed")
+	tests := []struct {
+		name      string
+		id        string
+		fnErr     error
+		panicWith any
+		sabotage  bool // the commit itself fails
+		wantRow   bool
+		wantErrIs error
+		wantPgErr pq.ErrorCode
+	}{
+		{name: "nil commits", id: "commit", wantRow: true},
+		{name: "error rolls back", id: "rollback", fnErr: errFn, wantErrIs: errFn},
+		{name: "commit error is returned", id: "commit-fails", sabotage: true, wantPgErr: "23514"},
+		{name: "panic rolls back and re-panics", id: "panics", panicWith: "boom"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			st, db := newStore(t)
+			ctx := t.Context()
+			if tt.sabotage {
+				failAtCommit(t, db, tt.id)
+			}
+
+			var recovered any
+			err := func() (err error) {
+				defer func() { recovered = recover() }()
+				return st.WithTx(ctx, func(tx *store.Tx) error {
+					fresh, err := tx.Inbox(ctx, []store.InboxEntry{{EventID: tt.id, EventType: "t"}})
+					if err != nil {
+						return err
+					}
+					if !fresh[tt.id] {
+						return fmt.Errorf("inbox did not report %s fresh", tt.id)
+					}
+					// Inside the transaction the row is there.
+					if n := countInTx(ctx, t, tx, tt.id); n != 1 {
+						return fmt.Errorf("inbox row not visible inside its transaction")
+					}
+					if tt.panicWith != nil {
+						panic(tt.panicWith)
+					}
+					return tt.fnErr
+				})
+			}()
+
+			if recovered != tt.panicWith {
+				t.Fatalf("recovered %v, want %v", recovered, tt.panicWith)
+			}
+			switch {
+			case tt.wantErrIs != nil:
+				if !errors.Is(err, tt.wantErrIs) {
+					t.Errorf("WithTx = %v, want %v", err, tt.wantErrIs)
+				}
+			case tt.wantPgErr != "":
+				var pqErr *pq.Error
+				if !errors.As(err, &pqErr) || pqErr.Code != tt.wantPgErr {
+					t.Errorf("WithTx = %v, want the commit's error with code %s", err, tt.wantPgErr)
+				}
+				if err != nil && !strings.Contains(err.Error(), "commit") {
+					t.Errorf("WithTx = %v, want it to say the commit failed", err)
+				}
+			case tt.panicWith == nil && err != nil:
+				t.Errorf("WithTx = %v, want nil", err)
+			}
+
+			want := 0
+			if tt.wantRow {
+				want = 1
+			}
+			if n := count(t, db, "SELECT count(*) FROM processed_events WHERE event_id = $1", tt.id); n != want {
+				t.Errorf("%d inbox rows visible after WithTx, want %d", n, want)
+			}
+			// No connection is left inside an open transaction, holding the
+			// locks of its rows.
+			if n := count(t, db, `SELECT count(*) FROM pg_stat_activity
+				WHERE datname = current_database() AND state LIKE 'idle in transaction%'`); n != 0 {
+				t.Errorf("%d connections left idle in a transaction", n)
+			}
+			// The pool is usable afterwards.
+			if err := st.WithTx(ctx, func(tx *store.Tx) error {
+				_, err := tx.Inbox(ctx, []store.InboxEntry{{EventID: tt.id + "-after", EventType: "t"}})
+				return err
+			}); err != nil {
+				t.Errorf("WithTx after the first one: %v", err)
+			}
+		})
+	}
+}
+
+// countInTx asks the transaction itself whether it sees its inbox row, by
+// offering the id again: a row the transaction wrote comes back as not fresh.
+func countInTx(ctx context.Context, t *testing.T, tx *store.Tx, id string) int {
+	t.Helper()
+	fresh, err := tx.Inbox(ctx, []store.InboxEntry{{EventID: id, EventType: "t"}})
+	if err != nil {
+		t.Errorf("Inbox: %v", err)
+		return -1
+	}
+	if fresh[id] {
+		return 0
+	}
+	return 1
+}
+
+// TestWithTxBeginError checks that WithTx does not call fn when it cannot
+// begin, and says so.
+func TestWithTxBeginError(t *testing.T) {
+	t.Parallel()
+	st, _ := newStore(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	called := false
+	err := st.WithTx(ctx, func(*store.Tx) error { called = true; return nil })
+	if err == nil || called {
+		t.Fatalf("WithTx on a cancelled context = %v, fn called %v; want an error and no call", err, called)
+	}
+}
