@@ -14,6 +14,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"time"
 )
 
 // ErrTooLarge is returned by Put when the reader holds more than maxBytes.
@@ -42,6 +43,10 @@ type Info struct {
 	// may delete the bytes only when Created is true, because otherwise they
 	// belong to an earlier upload too. Stat always leaves it false.
 	Created bool
+	// LastPut is when the bytes were last stored by any Put (a Put of
+	// identical bytes refreshes it). Retention uses it to spare bytes that a
+	// new upload just claimed. Only Stat sets it.
+	LastPut time.Time
 }
 
 // Store is the storage for document bytes that the API and the handlers

@@ -153,7 +153,11 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 
 	// Identical bytes are already stored: skip the fsync, which is the
 	// expensive part of a large Put. The link below still settles races.
+	// Touching the file records that a new upload relies on these bytes,
+	// so retention of an older failed upload spares them.
 	if _, err := os.Lstat(final); err == nil {
+		now := time.Now()
+		_ = os.Chtimes(final, now, now)
 		return info, nil
 	}
 
@@ -181,6 +185,8 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 	err = os.Link(tmp.Name(), final)
 	switch {
 	case errors.Is(err, fs.ErrExist):
+		now := time.Now()
+		_ = os.Chtimes(final, now, now)
 		return info, nil
 	case err != nil:
 		return Info{}, fmt.Errorf("put blob %s: publish: %w", sum, err)
@@ -292,7 +298,7 @@ func (d *Dir) Stat(ctx context.Context, key string) (Info, error) {
 	if err != nil {
 		return Info{}, fmt.Errorf("stat blob %s: %w", key, err)
 	}
-	return Info{Key: key, SHA256: key, Size: fi.Size()}, nil
+	return Info{Key: key, SHA256: key, Size: fi.Size(), LastPut: fi.ModTime()}, nil
 }
 
 // Delete removes the bytes under key. See Store.Delete.

@@ -122,6 +122,10 @@ func TestDirRoundTrip(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Stat: %v", err)
 			}
+			if st.LastPut.IsZero() || time.Since(st.LastPut) > time.Hour {
+				t.Errorf("Stat LastPut = %v, want the time of the Put", st.LastPut)
+			}
+			st.LastPut = time.Time{}
 			if wantStat := (Info{Key: want, SHA256: want, Size: int64(len(tt.data))}); st != wantStat {
 				t.Errorf("Stat = %+v, want %+v", st, wantStat)
 			}
@@ -575,5 +579,34 @@ func TestNewDirRemovesStaleTempFiles(t *testing.T) {
 				t.Errorf("file kept = %v, want %v (stat: %v)", kept, tt.wantKept, err)
 			}
 		})
+	}
+}
+
+// A Put of bytes that are already stored refreshes LastPut, so retention of
+// an older upload of the same bytes spares them.
+func TestPutOfStoredBytesRefreshesLastPut(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	d, err := NewDir(DirConfig{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := d.Put(ctx, strings.NewReader("same bytes"), 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := time.Now().Add(-48 * time.Hour)
+	if err := os.Chtimes(d.path(info.Key), old, old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Put(ctx, strings.NewReader("same bytes"), 100); err != nil {
+		t.Fatal(err)
+	}
+	st, err := d.Stat(ctx, info.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !st.LastPut.After(old.Add(time.Hour)) {
+		t.Fatalf("LastPut = %v, not refreshed by the second Put", st.LastPut)
 	}
 }

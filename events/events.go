@@ -35,6 +35,7 @@ const (
 	TypeDocumentProcessed        = "document.processed"
 	TypeDocumentProcessingFailed = "document.processing_failed"
 	TypeEmailRequested           = "email.requested"
+	TypeEmailScheduled           = "email.scheduled"
 	TypeEmailSent                = "email.sent"
 	TypeEmailFailed              = "email.failed"
 )
@@ -71,6 +72,7 @@ func init() {
 	register(Spec{TypeDocumentProcessed, 1, func() Event { return new(DocumentProcessed) }})
 	register(Spec{TypeDocumentProcessingFailed, 1, func() Event { return new(DocumentProcessingFailed) }})
 	register(Spec{TypeEmailRequested, 1, func() Event { return new(EmailRequested) }})
+	register(Spec{TypeEmailScheduled, 1, func() Event { return new(EmailScheduled) }})
 	register(Spec{TypeEmailSent, 1, func() Event { return new(EmailSent) }})
 	register(Spec{TypeEmailFailed, 1, func() Event { return new(EmailFailed) }})
 }

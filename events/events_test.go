@@ -73,7 +73,7 @@ func TestEveryTypeIsRegisteredAndValidates(t *testing.T) {
 	t.Parallel()
 	want := []string{
 		events.TypeDocumentProcessed, events.TypeDocumentProcessingFailed, events.TypeDocumentUploaded,
-		events.TypeEmailFailed, events.TypeEmailRequested, events.TypeEmailSent,
+		events.TypeEmailFailed, events.TypeEmailRequested, events.TypeEmailScheduled, events.TypeEmailSent,
 	}
 	got := events.Types()
 	if strings.Join(got, ",") != strings.Join(want, ",") {

@@ -158,6 +158,42 @@ func (e *EmailRequested) Validate() error {
 	return v.err()
 }
 
+// EmailScheduled says an email was accepted for sending at SendAt. Its
+// email.requested event is held back until then.
+type EmailScheduled struct {
+	EmailID     string    `json:"email_id"`
+	To          string    `json:"to"`
+	Subject     string    `json:"subject"`
+	DocID       string    `json:"doc_id,omitempty"`
+	SendAt      time.Time `json:"send_at"`
+	ScheduledAt time.Time `json:"scheduled_at"`
+}
+
+// EventType implements Event.
+func (*EmailScheduled) EventType() string { return TypeEmailScheduled }
+
+// EventVersion implements Event.
+func (*EmailScheduled) EventVersion() int { return 1 }
+
+// Validate implements Event.
+func (e *EmailScheduled) Validate() error {
+	var v validator
+	v.uuid("email_id", e.EmailID)
+	if v.required("to", e.To) {
+		if _, err := ParseAddress(e.To); err != nil {
+			v.add("to", err.Error())
+		}
+	}
+	v.maxLen("subject", e.Subject, MaxSubjectBytes)
+	if e.DocID != "" && !IsUUID(e.DocID) {
+		v.add("doc_id", "must be a UUID")
+	}
+	v.time("send_at", e.SendAt)
+	v.time("scheduled_at", e.ScheduledAt)
+	v.text(map[string]string{"to": e.To, "subject": e.Subject})
+	return v.err()
+}
+
 // EmailSent says an email was handed to the mail server.
 type EmailSent struct {
 	EmailID   string    `json:"email_id"`

@@ -157,6 +157,7 @@ func (p *Projector) Register(r *bus.Router, opts ...bus.HandlerOption) error {
 		bus.Handle(r, Group, func(ctx context.Context, ev *events.DocumentProcessed) error { return p.Apply(ctx, ev) }, opts...),
 		bus.Handle(r, Group, func(ctx context.Context, ev *events.DocumentProcessingFailed) error { return p.Apply(ctx, ev) }, opts...),
 		bus.Handle(r, Group, func(ctx context.Context, ev *events.EmailRequested) error { return p.Apply(ctx, ev) }, opts...),
+		bus.Handle(r, Group, func(ctx context.Context, ev *events.EmailScheduled) error { return p.Apply(ctx, ev) }, opts...),
 		bus.Handle(r, Group, func(ctx context.Context, ev *events.EmailSent) error { return p.Apply(ctx, ev) }, opts...),
 		bus.Handle(r, Group, func(ctx context.Context, ev *events.EmailFailed) error { return p.Apply(ctx, ev) }, opts...),
 	)
@@ -297,7 +298,7 @@ func (p *Projector) applyBatch(items []*item) error {
 			// Two copies of one event in a batch: apply it once.
 			if fresh[it.id] && !seen[it.id] {
 				seen[it.id] = true
-				b.add(it.ev)
+				b.add(it.ev, it.id)
 			}
 		}
 		return b.apply(ctx, tx)
@@ -327,6 +328,8 @@ func cacheKey(ev events.Event) string {
 		return store.DocumentKey(e.DocID)
 	case *events.EmailRequested:
 		return store.EmailKey(e.EmailID)
+	case *events.EmailScheduled:
+		return store.EmailKey(e.EmailID)
 	case *events.EmailSent:
 		return store.EmailKey(e.EmailID)
 	case *events.EmailFailed:
@@ -338,24 +341,30 @@ func cacheKey(ev events.Event) string {
 // byType groups a batch's new events by type, to apply each type with one
 // statement.
 type byType struct {
-	uploaded  []*events.DocumentUploaded
-	processed []*events.DocumentProcessed
-	failed    []*events.DocumentProcessingFailed
-	requested []*events.EmailRequested
-	sent      []*events.EmailSent
-	mailFail  []*events.EmailFailed
+	uploaded []*events.DocumentUploaded
+	// uploadedIDs[i] is the event id of uploaded[i].
+	uploadedIDs []string
+	processed   []*events.DocumentProcessed
+	failed      []*events.DocumentProcessingFailed
+	requested   []*events.EmailRequested
+	scheduled   []*events.EmailScheduled
+	sent        []*events.EmailSent
+	mailFail    []*events.EmailFailed
 }
 
-func (b *byType) add(ev events.Event) {
+func (b *byType) add(ev events.Event, id string) {
 	switch e := ev.(type) {
 	case *events.DocumentUploaded:
 		b.uploaded = append(b.uploaded, e)
+		b.uploadedIDs = append(b.uploadedIDs, id)
 	case *events.DocumentProcessed:
 		b.processed = append(b.processed, e)
 	case *events.DocumentProcessingFailed:
 		b.failed = append(b.failed, e)
 	case *events.EmailRequested:
 		b.requested = append(b.requested, e)
+	case *events.EmailScheduled:
+		b.scheduled = append(b.scheduled, e)
 	case *events.EmailSent:
 		b.sent = append(b.sent, e)
 	case *events.EmailFailed:
@@ -367,14 +376,15 @@ func (b *byType) add(ev events.Event) {
 // The rows' keys are already locked (Tx.LockKeys), which is what prevents
 // deadlocks between concurrent batches.
 func (b *byType) apply(ctx context.Context, tx *store.Tx) error {
-	sortBy(b.uploaded, func(e *events.DocumentUploaded) string { return e.DocID })
+	sort.Sort(uploadsByDoc{b})
 	sortBy(b.processed, func(e *events.DocumentProcessed) string { return e.DocID })
 	sortBy(b.failed, func(e *events.DocumentProcessingFailed) string { return e.DocID })
 	sortBy(b.requested, func(e *events.EmailRequested) string { return e.EmailID })
+	sortBy(b.scheduled, func(e *events.EmailScheduled) string { return e.EmailID })
 	sortBy(b.sent, func(e *events.EmailSent) string { return e.EmailID })
 	sortBy(b.mailFail, func(e *events.EmailFailed) string { return e.EmailID })
 	if len(b.uploaded) > 0 {
-		if err := tx.ApplyDocumentsUploaded(ctx, b.uploaded); err != nil {
+		if err := tx.ApplyDocumentsUploaded(ctx, b.uploaded, b.uploadedIDs); err != nil {
 			return err
 		}
 	}
@@ -385,6 +395,11 @@ func (b *byType) apply(ctx context.Context, tx *store.Tx) error {
 	}
 	if len(b.failed) > 0 {
 		if err := tx.ApplyDocumentsFailed(ctx, b.failed); err != nil {
+			return err
+		}
+	}
+	if len(b.scheduled) > 0 {
+		if err := tx.ApplyEmailsScheduled(ctx, b.scheduled); err != nil {
 			return err
 		}
 	}
@@ -408,4 +423,16 @@ func (b *byType) apply(ctx context.Context, tx *store.Tx) error {
 
 func sortBy[T any](s []T, key func(T) string) {
 	sort.Slice(s, func(i, j int) bool { return key(s[i]) < key(s[j]) })
+}
+
+// uploadsByDoc sorts uploads and their event ids together by document.
+type uploadsByDoc struct{ b *byType }
+
+func (u uploadsByDoc) Len() int { return len(u.b.uploaded) }
+func (u uploadsByDoc) Less(i, j int) bool {
+	return u.b.uploaded[i].DocID < u.b.uploaded[j].DocID
+}
+func (u uploadsByDoc) Swap(i, j int) {
+	u.b.uploaded[i], u.b.uploaded[j] = u.b.uploaded[j], u.b.uploaded[i]
+	u.b.uploadedIDs[i], u.b.uploadedIDs[j] = u.b.uploadedIDs[j], u.b.uploadedIDs[i]
 }

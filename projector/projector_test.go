@@ -302,7 +302,9 @@ func (f *fixture) row(t *testing.T, isDoc bool, id string) any {
 func facts(r any) any {
 	switch r := r.(type) {
 	case store.Document:
-		r.DocID, r.UpdatedAt = "", time.Time{}
+		// The upload's event id is bookkeeping, not a fact of the
+		// document; TestUploadEventIDIsKept checks it.
+		r.DocID, r.UpdatedAt, r.UploadEventID = "", time.Time{}, sql.NullString{}
 		r.UploadedAt, r.ProcessedAt = utc(r.UploadedAt), utc(r.ProcessedAt)
 		return r
 	case store.Email:
@@ -1224,5 +1226,62 @@ func TestCrossingBatchesDoNotDeadlock(t *testing.T) {
 		if err != nil || d.Status != store.DocumentProcessed || d.Filename.String == "" {
 			t.Fatalf("document %s = %+v, %v", id, d, err)
 		}
+	}
+}
+
+// The projector keeps the id of a document's first upload event, which the
+// stuck-document re-drive re-publishes under.
+func TestUploadEventIDIsKept(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	p, _ := f.projector(t, newCache(t, f.rdb), nil)
+	doc, first := events.NewID(), events.NewID()
+	mustApply(t, p, first, uploaded(doc))
+	mustApply(t, p, events.NewID(), uploaded(doc)) // republished under another id
+	d, err := f.st.Document(t.Context(), doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.UploadEventID.String != first {
+		t.Fatalf("upload_event_id = %q, want the first upload event %s", d.UploadEventID.String, first)
+	}
+}
+
+// A scheduled email shows "scheduled" with its send time until its request
+// comes due; in whichever order the two events arrive, the request wins.
+func TestScheduledEmails(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	p, _ := f.projector(t, newCache(t, f.rdb), nil)
+	sendAt := at.Add(time.Hour)
+	scheduled := func(id string) events.Event {
+		return &events.EmailScheduled{EmailID: id, To: "a@example.com", Subject: "Later", SendAt: sendAt, ScheduledAt: at}
+	}
+	status := func(id string) (string, time.Time) {
+		e, err := f.st.Email(t.Context(), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e.Status, e.SendAt.Time
+	}
+	inOrder := events.NewID()
+	mustApply(t, p, events.NewID(), scheduled(inOrder))
+	if s, when := status(inOrder); s != store.EmailScheduled || !when.Equal(sendAt) {
+		t.Fatalf("after email.scheduled: %s, send_at %v", s, when)
+	}
+	mustApply(t, p, events.NewID(), requested(inOrder))
+	if s, _ := status(inOrder); s != store.EmailQueued {
+		t.Fatalf("after email.requested: %s, want queued", s)
+	}
+	mustApply(t, p, events.NewID(), sent(inOrder))
+	if s, _ := status(inOrder); s != store.EmailSent {
+		t.Fatalf("after email.sent: %s", s)
+	}
+
+	late := events.NewID() // the schedule's event arrives after the request
+	mustApply(t, p, events.NewID(), requested(late))
+	mustApply(t, p, events.NewID(), scheduled(late))
+	if s, when := status(late); s != store.EmailQueued || !when.Equal(sendAt) {
+		t.Fatalf("scheduled after requested: %s, send_at %v; want queued, with the send time kept", s, when)
 	}
 }

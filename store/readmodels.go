@@ -30,6 +30,7 @@ type Document struct {
 	UploadedAt          sql.NullTime   `db:"uploaded_at"`
 	ProcessedAt         sql.NullTime   `db:"processed_at"`
 	UpdatedAt           time.Time      `db:"updated_at"`
+	UploadEventID       sql.NullString `db:"upload_event_id"`
 }
 
 // Email is the emails read model.
@@ -146,20 +147,34 @@ func ts(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 
 // ApplyDocumentsUploaded records uploads. It fills in the upload's facts and
 // never moves a status back: a document already processed stays so.
-func (tx *Tx) ApplyDocumentsUploaded(ctx context.Context, evs []*events.DocumentUploaded) error {
-	evs = uniqueBy(evs, func(e *events.DocumentUploaded) string { return e.DocID })
-	var id, fn, dct, sha, key, notify, up []string
+// eventIDs, if not nil, holds the id of each upload event (kept so the
+// stuck-document re-drive can re-publish it under the same id).
+func (tx *Tx) ApplyDocumentsUploaded(ctx context.Context, evs []*events.DocumentUploaded, eventIDs []string) error {
+	type row struct {
+		ev *events.DocumentUploaded
+		id string
+	}
+	rows := make([]row, len(evs))
+	for i, e := range evs {
+		rows[i].ev = e
+		if i < len(eventIDs) {
+			rows[i].id = eventIDs[i]
+		}
+	}
+	rows = uniqueBy(rows, func(r row) string { return r.ev.DocID })
+	var id, fn, dct, sha, key, notify, up, evID []string
 	var size []int64
-	for _, e := range evs {
+	for _, r := range rows {
+		e := r.ev
 		id, fn, dct, sha = append(id, e.DocID), append(fn, e.Filename), append(dct, e.DeclaredContentType), append(sha, e.SHA256)
 		key, notify, up = append(key, e.BlobKey), append(notify, e.Notify), append(up, ts(e.UploadedAt))
-		size = append(size, e.Size)
+		size, evID = append(size, e.Size), append(evID, r.id)
 	}
 	_, err := tx.tx.ExecContext(ctx, `
-		INSERT INTO documents (doc_id, status, filename, size, declared_content_type, sha256, blob_key, notify, uploaded_at)
-		SELECT t.id, 'processing', t.fn, t.size, NULLIF(t.dct, ''), t.sha, t.key, NULLIF(t.notify, ''), t.up
-		FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
-		  AS t(id, fn, size, dct, sha, key, notify, up)
+		INSERT INTO documents (doc_id, status, filename, size, declared_content_type, sha256, blob_key, notify, uploaded_at, upload_event_id)
+		SELECT t.id, 'processing', t.fn, t.size, NULLIF(t.dct, ''), t.sha, t.key, NULLIF(t.notify, ''), t.up, NULLIF(t.ev, '')
+		FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[])
+		  AS t(id, fn, size, dct, sha, key, notify, up, ev)
 		ON CONFLICT (doc_id) DO UPDATE SET
 		  filename = EXCLUDED.filename,
 		  size = EXCLUDED.size,
@@ -168,10 +183,11 @@ func (tx *Tx) ApplyDocumentsUploaded(ctx context.Context, evs []*events.Document
 		  blob_key = EXCLUDED.blob_key,
 		  notify = EXCLUDED.notify,
 		  uploaded_at = EXCLUDED.uploaded_at,
+		  upload_event_id = COALESCE(documents.upload_event_id, EXCLUDED.upload_event_id),
 		  updated_at = now()`,
-		pq.Array(id), pq.Array(fn), pq.Array(size), pq.Array(dct), pq.Array(sha), pq.Array(key), pq.Array(notify), pq.Array(up))
+		pq.Array(id), pq.Array(fn), pq.Array(size), pq.Array(dct), pq.Array(sha), pq.Array(key), pq.Array(notify), pq.Array(up), pq.Array(evID))
 	if err != nil {
-		return fmt.Errorf("apply %d document uploads: %w", len(evs), err)
+		return fmt.Errorf("apply %d document uploads: %w", len(rows), err)
 	}
 	return nil
 }
@@ -260,6 +276,32 @@ func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailReque
 	return nil
 }
 
+// ApplyEmailsScheduled records emails held back until their send time. A
+// row that is already queued or final keeps its status (the email was due
+// before this event arrived).
+func (tx *Tx) ApplyEmailsScheduled(ctx context.Context, evs []*events.EmailScheduled) error {
+	evs = uniqueBy(evs, func(e *events.EmailScheduled) string { return e.EmailID })
+	var id, to, subj, doc, sendAt, at []string
+	for _, e := range evs {
+		id, to, subj, doc = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID)
+		sendAt, at = append(sendAt, ts(e.SendAt)), append(at, ts(e.ScheduledAt))
+	}
+	_, err := tx.tx.ExecContext(ctx, `
+		INSERT INTO emails (email_id, status, recipient, subject, doc_id, send_at, requested_at)
+		SELECT t.id, 'scheduled', t.rcpt, t.subj, NULLIF(t.doc, '')::uuid, t.send_at, t.at
+		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) AS t(id, rcpt, subj, doc, send_at, at)
+		ON CONFLICT (email_id) DO UPDATE SET
+		  send_at = EXCLUDED.send_at,
+		  recipient = COALESCE(emails.recipient, EXCLUDED.recipient),
+		  subject = COALESCE(emails.subject, EXCLUDED.subject),
+		  updated_at = now()`,
+		pq.Array(id), pq.Array(to), pq.Array(subj), pq.Array(doc), pq.Array(sendAt), pq.Array(at))
+	if err != nil {
+		return fmt.Errorf("apply %d scheduled emails: %w", len(evs), err)
+	}
+	return nil
+}
+
 // ApplyEmailsSent moves emails to sent unless already final.
 func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) error {
 	evs = uniqueBy(evs, func(e *events.EmailSent) string { return e.EmailID })
@@ -330,4 +372,41 @@ func uniqueBy[T any](in []T, key func(T) string) []T {
 		}
 	}
 	return out
+}
+
+// StuckDocuments returns up to limit documents still processing that were
+// uploaded before cutoff, oldest first, with what is needed to re-publish
+// their upload.
+func (s *Store) StuckDocuments(ctx context.Context, cutoff time.Time, limit int) ([]Document, error) {
+	var docs []Document
+	err := s.db.SelectContext(ctx, &docs, `
+		SELECT * FROM documents
+		WHERE status = 'processing' AND uploaded_at < $1
+		  AND upload_event_id IS NOT NULL AND blob_key IS NOT NULL
+		ORDER BY uploaded_at
+		LIMIT $2`, cutoff, limit)
+	if err != nil {
+		return nil, fmt.Errorf("stuck documents: %w", err)
+	}
+	return docs, nil
+}
+
+// ExpiredBlobKeys returns up to limit blob keys whose every document failed
+// before cutoff: their bytes may be removed. Failures older than cutoff by
+// more than lookback are not looked at again (their bytes went on an
+// earlier pass).
+func (s *Store) ExpiredBlobKeys(ctx context.Context, cutoff time.Time, lookback time.Duration, limit int) ([]string, error) {
+	var keys []string
+	err := s.db.SelectContext(ctx, &keys, `
+		SELECT DISTINCT d.blob_key FROM documents d
+		WHERE d.status = 'failed' AND d.processed_at < $1 AND d.processed_at >= $2
+		  AND d.blob_key IS NOT NULL
+		  AND NOT EXISTS (
+		    SELECT 1 FROM documents o
+		    WHERE o.blob_key = d.blob_key AND NOT (o.status = 'failed' AND o.processed_at < $1))
+		LIMIT $3`, cutoff, cutoff.Add(-lookback), limit)
+	if err != nil {
+		return nil, fmt.Errorf("expired blob keys: %w", err)
+	}
+	return keys, nil
 }

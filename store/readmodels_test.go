@@ -59,7 +59,7 @@ func applyOne(ctx context.Context, tx *store.Tx, evs ...events.Event) error {
 		var err error
 		switch e := ev.(type) {
 		case *events.DocumentUploaded:
-			err = tx.ApplyDocumentsUploaded(ctx, []*events.DocumentUploaded{e})
+			err = tx.ApplyDocumentsUploaded(ctx, []*events.DocumentUploaded{e}, nil)
 		case *events.DocumentProcessed:
 			err = tx.ApplyDocumentsProcessed(ctx, []*events.DocumentProcessed{e})
 		case *events.DocumentProcessingFailed:
@@ -396,7 +396,7 @@ func TestApplyBatches(t *testing.T) {
 	}{
 		{name: "documents uploaded", batch: batch{
 			apply: func(ctx context.Context, tx *store.Tx, ids []string) error {
-				return tx.ApplyDocumentsUploaded(ctx, dup(ids, uploaded))
+				return tx.ApplyDocumentsUploaded(ctx, dup(ids, uploaded), nil)
 			}, check: docStatus(store.DocumentProcessing)}},
 		{name: "documents processed", batch: batch{
 			apply: func(ctx context.Context, tx *store.Tx, ids []string) error {

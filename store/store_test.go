@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -108,7 +109,7 @@ func TestMigrate(t *testing.T) {
 	if err != nil {
 		t.Fatalf("first Migrate: %v", err)
 	}
-	if want := []string{"0001_read_models.sql"}; !slices.Equal(ran, want) {
+	if want := allMigrations(t); !slices.Equal(ran, want) {
 		t.Fatalf("first Migrate applied %q, want %q", ran, want)
 	}
 	ran, err = st.Migrate(ctx)
@@ -120,8 +121,8 @@ func TestMigrate(t *testing.T) {
 	}
 
 	db := rawDB(t, url)
-	if n := count(t, db, "SELECT count(*) FROM schema_migrations"); n != 1 {
-		t.Errorf("schema_migrations has %d rows, want 1", n)
+	if n := count(t, db, "SELECT count(*) FROM schema_migrations"); n != len(allMigrations(t)) {
+		t.Errorf("schema_migrations has %d rows, want %d", n, len(allMigrations(t)))
 	}
 	for _, table := range []string{"documents", "emails", "processed_events"} {
 		if n := count(t, db, "SELECT count(*) FROM information_schema.tables WHERE table_name = $1", table); n != 1 {
@@ -186,11 +187,11 @@ func TestMigrateConcurrent(t *testing.T) {
 				}
 				applied = append(applied, results[i]...)
 			}
-			if want := []string{"0001_read_models.sql"}; !slices.Equal(applied, want) {
+			if want := allMigrations(t); !slices.Equal(applied, want) {
 				t.Errorf("migrations applied across all callers = %q, want %q once", applied, want)
 			}
-			if n := count(t, rawDB(t, url), "SELECT count(*) FROM schema_migrations"); n != 1 {
-				t.Errorf("schema_migrations has %d rows, want 1", n)
+			if n := count(t, rawDB(t, url), "SELECT count(*) FROM schema_migrations"); n != len(allMigrations(t)) {
+				t.Errorf("schema_migrations has %d rows, want %d", n, len(allMigrations(t)))
 			}
 		})
 	}
@@ -336,4 +337,22 @@ func TestWithTxBeginError(t *testing.T) {
 	if err == nil || called {
 		t.Fatalf("WithTx on a cancelled context = %v, fn called %v; want an error and no call", err, called)
 	}
+}
+
+// allMigrations lists the migration files, in order: each must be applied
+// exactly once.
+func allMigrations(t *testing.T) []string {
+	t.Helper()
+	entries, err := os.ReadDir("migrations")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	if len(names) == 0 {
+		t.Fatal("no migrations")
+	}
+	return names
 }

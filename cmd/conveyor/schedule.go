@@ -98,7 +98,8 @@ func schedulesCommand() *command {
 		run: func(ctx context.Context, env *environment, o any, _ []string) error {
 			opts := o.(*schedulesOpts)
 			log := newLogger(env.cfg, os.Stderr)
-			a, err := newApp(ctx, env.cfg, log, needs{})
+			withDB := env.cfg.DatabaseURL != ""
+			a, err := newApp(ctx, env.cfg, log, needs{db: withDB, blobs: withDB})
 			if err != nil {
 				return err
 			}
@@ -132,4 +133,16 @@ func schedulesCommand() *command {
 	}
 }
 
-func (a *app) builtinSchedules() []scheduler.Builtin { return nil }
+// builtinSchedules are the maintenance schedules; they need the database
+// and the blob folder, so a scheduler without DATABASE_URL runs none.
+func (a *app) builtinSchedules() []scheduler.Builtin {
+	if a.store == nil || a.blobs == nil {
+		return nil
+	}
+	return []scheduler.Builtin{
+		{Name: scheduler.BuiltinStuckDocuments, Cron: "*/5 * * * *",
+			Job: scheduler.Redrive(a.store, a.pub, a.rdb, a.cfg.StuckAfter, a.log)},
+		{Name: scheduler.BuiltinBlobRetention, Cron: "@hourly",
+			Job: scheduler.BlobRetention(a.store, a.blobs, a.cfg.BlobRetention, a.log)},
+	}
+}

@@ -1,0 +1,137 @@
+package scheduler_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/conveyor/conveyor/blob"
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/internal/testenv"
+	"github.com/conveyor/conveyor/scheduler"
+	"github.com/conveyor/conveyor/store"
+)
+
+func migrated(t *testing.T) *store.Store {
+	t.Helper()
+	st, err := store.Open(store.Config{URL: testenv.DatabaseURL(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	if _, err := st.Migrate(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func upload(doc, key string, at time.Time) *events.DocumentUploaded {
+	return &events.DocumentUploaded{DocID: doc, Filename: "a.txt", Size: 3, SHA256: key, BlobKey: key, UploadedAt: at}
+}
+
+func TestRedriveRepublishesStuckDocumentsUnderTheirUploadID(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	st := migrated(t)
+	rdb := testenv.Redis(t)
+	prefix := testenv.Prefix(t)
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	key := strings.Repeat("ab", 32)
+	now := time.Now()
+	stuck, fresh, done := events.NewID(), events.NewID(), events.NewID()
+	stuckEvent := events.NewID()
+	err = st.WithTx(ctx, func(tx *store.Tx) error {
+		if err := tx.ApplyDocumentsUploaded(ctx,
+			[]*events.DocumentUploaded{upload(stuck, key, now.Add(-time.Hour)), upload(fresh, key, now), upload(done, key, now.Add(-time.Hour))},
+			[]string{stuckEvent, events.NewID(), events.NewID()}); err != nil {
+			return err
+		}
+		return tx.ApplyDocumentsProcessed(ctx, []*events.DocumentProcessed{{DocID: done, ContentType: "text/plain", ProcessedAt: now}})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	job := scheduler.Redrive(st, pub, rdb, 15*time.Minute, logger())
+	for i := 0; i < scheduler.MaxRedrives+2; i++ {
+		if err := job(ctx, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	xs, err := rdb.XRange(ctx, prefix+events.TypeDocumentUploaded, "-", "+").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(xs) != scheduler.MaxRedrives {
+		t.Fatalf("%d re-drives, want %d (only the stuck document, at most MaxRedrives times)", len(xs), scheduler.MaxRedrives)
+	}
+	for _, x := range xs {
+		if x.Values["_watermill_message_uuid"] != stuckEvent || !strings.Contains(x.Values["payload"].(string), stuck) {
+			t.Fatalf("re-drive %v is not the stuck document's upload event %s", x.Values, stuckEvent)
+		}
+	}
+	t.Cleanup(func() { rdb.Del(ctx, "conveyor:redrive:"+stuck) })
+}
+
+func TestBlobRetentionRemovesOnlyBytesNoDocumentNeeds(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	st := migrated(t)
+	blobs, err := blob.NewDir(blob.DirConfig{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	put := func(s string) string {
+		info, err := blobs.Put(ctx, strings.NewReader(s), 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info.Key
+	}
+	// Times are relative to a tick far in the future, so the files' real
+	// modification times count as long ago.
+	tick := time.Now().Add(30 * 24 * time.Hour)
+	old := tick.Add(-10 * 24 * time.Hour)
+	expired, shared, recent := put("expired"), put("shared"), put("recent")
+	docs := map[string]string{events.NewID(): expired, events.NewID(): shared, events.NewID(): shared, events.NewID(): recent}
+	var ups []*events.DocumentUploaded
+	var fails []*events.DocumentProcessingFailed
+	var sharedOK string
+	for doc, key := range docs {
+		ups = append(ups, upload(doc, key, old))
+		failedAt := old
+		if key == recent {
+			failedAt = tick.Add(-time.Hour)
+		}
+		if key == shared && sharedOK == "" {
+			sharedOK = doc // this one was processed: its bytes stay
+			continue
+		}
+		fails = append(fails, &events.DocumentProcessingFailed{DocID: doc, Reason: "x", FailedAt: failedAt})
+	}
+	err = st.WithTx(ctx, func(tx *store.Tx) error {
+		if err := tx.ApplyDocumentsUploaded(ctx, ups, nil); err != nil {
+			return err
+		}
+		if err := tx.ApplyDocumentsProcessed(ctx, []*events.DocumentProcessed{{DocID: sharedOK, ContentType: "text/plain", ProcessedAt: old}}); err != nil {
+			return err
+		}
+		return tx.ApplyDocumentsFailed(ctx, fails)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := scheduler.BlobRetention(st, blobs, 7*24*time.Hour, logger())(ctx, tick); err != nil {
+		t.Fatal(err)
+	}
+	for key, wantKept := range map[string]bool{expired: false, shared: true, recent: true} {
+		_, err := blobs.Stat(ctx, key)
+		if kept := err == nil; kept != wantKept {
+			t.Errorf("blob %s kept=%v, want %v (%v)", key[:8], kept, wantKept, err)
+		}
+	}
+}
