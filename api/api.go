@@ -30,6 +30,10 @@ import (
 type Publisher interface {
 	PublishEvent(ctx context.Context, ev events.Event, opts ...bus.PublishOption) (string, error)
 	PublishBatch(ctx context.Context, evs []events.Event, opts [][]bus.PublishOption) []bus.PublishResult
+	// PublishAt holds ev back until at (durably, in Redis).
+	PublishAt(ctx context.Context, at time.Time, ev events.Event, opts ...bus.PublishOption) (string, error)
+	// CancelDelayed withdraws a held-back event that was not published yet.
+	CancelDelayed(ctx context.Context, eventType, id string) (bool, error)
 }
 
 // Reader reads the read models. *store.Store implements it.
@@ -61,6 +65,9 @@ type Config struct {
 	MaxJSONBytes int64
 	// MaxBatch bounds events per batch request. Defaults to 1000.
 	MaxBatch int
+	// MaxDelay bounds how far ahead an event or email may be scheduled.
+	// Defaults to 30 days.
+	MaxDelay time.Duration
 	// Checks are run by /readyz, by name.
 	Checks map[string]Check
 	// Registry collects metrics for /metrics; nil means a new one.
@@ -81,6 +88,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxBatch == 0 {
 		c.MaxBatch = 1000
+	}
+	if c.MaxDelay == 0 {
+		c.MaxDelay = 30 * 24 * time.Hour
 	}
 	if c.Registry == nil {
 		c.Registry = prometheus.NewRegistry()

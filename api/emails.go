@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/cache"
 	"github.com/conveyor/conveyor/events"
 	"github.com/conveyor/conveyor/idem"
@@ -53,11 +54,14 @@ type emailRequest struct {
 	To      string `json:"to"`
 	Subject string `json:"subject"`
 	Body    string `json:"body"`
+	// SendAt (RFC 3339), if in the future, holds the email back until then.
+	SendAt *time.Time `json:"send_at,omitempty"`
 }
 
 type acceptedEmail struct {
-	EmailID string `json:"email_id"`
-	Status  string `json:"status"`
+	EmailID string     `json:"email_id"`
+	Status  string     `json:"status"`
+	SendAt  *time.Time `json:"send_at,omitempty"`
 }
 
 func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
@@ -84,12 +88,48 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 			}
 			return errResp(http.StatusUnprocessableEntity, "validation_failed", err.Error())
 		}
+		if req.SendAt != nil && req.SendAt.After(ev.RequestedAt) {
+			if req.SendAt.After(ev.RequestedAt.Add(a.cfg.MaxDelay)) {
+				return validationResp("send_at", fmt.Sprintf("must be at most %s ahead", a.cfg.MaxDelay))
+			}
+			return a.scheduleEmail(r.Context(), ev, req.SendAt.UTC())
+		}
 		view := EmailView{EmailID: ev.EmailID, Status: store.EmailQueued, To: &ev.To, Subject: &ev.Subject}
 		if status, resp, ok := a.accept(r.Context(), acceptedEmailKey(ev.EmailID), view, ev); !ok {
 			return status, resp
 		}
 		return http.StatusAccepted, acceptedEmail{EmailID: ev.EmailID, Status: store.EmailQueued}
 	})
+}
+
+// scheduleEmail holds the email's request back until sendAt and publishes
+// email.scheduled, so reads show "scheduled" until it is due. The held-back
+// request is stored first: if the second write fails it is withdrawn, so a
+// 503 never leaves an email that will still be sent.
+func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, sendAt time.Time) (int, any) {
+	view := EmailView{EmailID: ev.EmailID, Status: store.EmailScheduled, To: &ev.To, Subject: &ev.Subject, SendAt: &sendAt}
+	raw, _ := json.Marshal(view)
+	if err := a.cfg.Idem.Put(ctx, acceptedEmailKey(ev.EmailID), string(raw), acceptedTTL); err != nil {
+		a.log.Error("record accepted email", "error", err)
+		return errResp(http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
+	}
+	fail := func(err error) (int, any) {
+		a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
+		bg := context.WithoutCancel(ctx)
+		if _, cerr := a.cfg.Publisher.CancelDelayed(bg, events.TypeEmailRequested, ev.EmailID); cerr != nil {
+			a.log.Error("withdraw held-back email", "email_id", ev.EmailID, "error", cerr)
+		}
+		_ = a.cfg.Idem.Delete(bg, acceptedEmailKey(ev.EmailID))
+		return errResp(http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
+	}
+	if _, err := a.cfg.Publisher.PublishAt(ctx, sendAt, ev, bus.WithID(ev.EmailID)); err != nil {
+		return fail(err)
+	}
+	sched := &events.EmailScheduled{EmailID: ev.EmailID, To: ev.To, Subject: ev.Subject, SendAt: sendAt, ScheduledAt: ev.RequestedAt}
+	if _, err := a.cfg.Publisher.PublishEvent(ctx, sched); err != nil {
+		return fail(err)
+	}
+	return http.StatusAccepted, acceptedEmail{EmailID: ev.EmailID, Status: store.EmailScheduled, SendAt: &sendAt}
 }
 
 func (a *API) getEmail(w http.ResponseWriter, r *http.Request) {

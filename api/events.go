@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"time"
 
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/events"
@@ -21,11 +22,47 @@ type eventRequest struct {
 	Type string          `json:"type"`
 	ID   string          `json:"id,omitempty"`
 	Data json.RawMessage `json:"data"`
+	// DeliverAt (RFC 3339) or Delay (a Go duration such as "90s") holds
+	// the event back; a time in the past publishes at once.
+	DeliverAt *time.Time `json:"deliver_at,omitempty"`
+	Delay     string     `json:"delay,omitempty"`
 }
 
 type acceptedEvent struct {
-	EventID   string `json:"event_id"`
-	Duplicate bool   `json:"duplicate,omitempty"`
+	EventID   string     `json:"event_id"`
+	Duplicate bool       `json:"duplicate,omitempty"`
+	DeliverAt *time.Time `json:"deliver_at,omitempty"`
+}
+
+// dueTime returns when the event is to be delivered: zero for now.
+func dueTime(req eventRequest, now time.Time, maxDelay time.Duration) (time.Time, int, any) {
+	var due time.Time
+	switch {
+	case req.DeliverAt != nil && req.Delay != "":
+		st, body := validationResp("delay", "give deliver_at or delay, not both")
+		return due, st, body
+	case req.DeliverAt != nil:
+		due = *req.DeliverAt
+	case req.Delay != "":
+		d, err := time.ParseDuration(req.Delay)
+		if err != nil {
+			st, body := validationResp("delay", "must be a duration such as 90s or 2h30m")
+			return due, st, body
+		}
+		due = now.Add(d)
+	}
+	if !due.After(now) {
+		return time.Time{}, 0, nil
+	}
+	if due.After(now.Add(maxDelay)) {
+		field := "deliver_at"
+		if req.Delay != "" {
+			field = "delay"
+		}
+		st, body := validationResp(field, fmt.Sprintf("must be at most %s ahead", maxDelay))
+		return due, st, body
+	}
+	return due.UTC(), 0, nil
 }
 
 func eventSeenKey(id string) string { return "event:" + id }
@@ -87,6 +124,11 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, status, resp)
 		return
 	}
+	due, status, resp := dueTime(req, time.Now(), a.cfg.MaxDelay)
+	if status != 0 {
+		writeJSON(w, status, resp)
+		return
+	}
 	ctx := r.Context()
 	if req.ID != "" {
 		// A repeated id publishes nothing new: the first request to mark
@@ -102,7 +144,13 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if _, err := a.cfg.Publisher.PublishEvent(ctx, ev, bus.WithID(id)); err != nil {
+	var err error
+	if due.IsZero() {
+		_, err = a.cfg.Publisher.PublishEvent(ctx, ev, bus.WithID(id))
+	} else {
+		_, err = a.cfg.Publisher.PublishAt(ctx, due, ev, bus.WithID(id))
+	}
+	if err != nil {
 		a.log.Error("publish event", "event_type", req.Type, "error", err)
 		if req.ID != "" {
 			if derr := a.cfg.Idem.Delete(context.WithoutCancel(ctx), eventSeenKey(id)); derr != nil {
@@ -112,7 +160,11 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept events right now; retry later")
 		return
 	}
-	writeJSON(w, http.StatusAccepted, acceptedEvent{EventID: id})
+	res := acceptedEvent{EventID: id}
+	if !due.IsZero() {
+		res.DeliverAt = &due
+	}
+	writeJSON(w, http.StatusAccepted, res)
 }
 
 type batchRequest struct {
@@ -161,6 +213,8 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 	var pubOpts [][]bus.PublishOption
 	var pubIdx []int
 	var marked []int
+	now := time.Now()
+	dues := make([]time.Time, len(req.Events))
 	for i, er := range req.Events {
 		ev, id, status, resp := parseEvent(er)
 		if ev == nil {
@@ -168,6 +222,13 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 			results[i] = BatchResult{EventID: er.ID, Status: status, Error: &eb.Error}
 			continue
 		}
+		due, status, resp := dueTime(er, now, a.cfg.MaxDelay)
+		if status != 0 {
+			eb := resp.(errorBody)
+			results[i] = BatchResult{EventID: er.ID, Status: status, Error: &eb.Error}
+			continue
+		}
+		dues[i] = due
 		results[i] = BatchResult{EventID: id, Status: http.StatusAccepted}
 		if er.ID != "" {
 			marked = append(marked, i)
@@ -210,11 +271,29 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 		}
 		pubEvs, pubOpts, pubIdx = evs, opts, idx
 	}
+	// Held-back events go to their delay set one by one; the rest share
+	// pipelined writes.
+	var nowEvs []events.Event
+	var nowOpts [][]bus.PublishOption
+	var nowIdx []int
+	var outcomes []error
+	var outIdx []int
+	for k, i := range pubIdx {
+		if dues[i].IsZero() {
+			nowEvs, nowOpts, nowIdx = append(nowEvs, pubEvs[k]), append(nowOpts, pubOpts[k]), append(nowIdx, i)
+			continue
+		}
+		_, err := a.cfg.Publisher.PublishAt(ctx, dues[i], pubEvs[k], pubOpts[k]...)
+		outcomes, outIdx = append(outcomes, err), append(outIdx, i)
+	}
+	for k, res := range a.cfg.Publisher.PublishBatch(ctx, nowEvs, nowOpts) {
+		outcomes, outIdx = append(outcomes, res.Err), append(outIdx, nowIdx[k])
+	}
 	var unmark []string
-	for k, res := range a.cfg.Publisher.PublishBatch(ctx, pubEvs, pubOpts) {
-		i := pubIdx[k]
-		if res.Err != nil {
-			a.log.Error("publish event of a batch", "error", res.Err)
+	for k, err := range outcomes {
+		i := outIdx[k]
+		if err != nil {
+			a.log.Error("publish event of a batch", "error", err)
 			results[i].Status = http.StatusServiceUnavailable
 			results[i].Error = &errorDetail{Code: "unavailable", Message: "not published; send it again"}
 			if req.Events[i].ID != "" {

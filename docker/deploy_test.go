@@ -91,7 +91,7 @@ func TestComposeFile(t *testing.T) {
 		t.Error("compose.yml has an obsolete top-level version: key")
 	}
 
-	want := []string{"api", "handler", "mailpit", "migrate", "postgres", "projector", "redis"}
+	want := []string{"api", "handler", "mailpit", "migrate", "postgres", "projector", "redis", "scheduler"}
 	for _, name := range want {
 		if _, err := p.GetService(name); err != nil {
 			t.Errorf("service %s missing: %v", name, err)
@@ -120,7 +120,7 @@ func TestComposeFile(t *testing.T) {
 
 	// The conveyor roles: dependencies, health checks, grace periods.
 	shutdown := 20 * time.Second
-	for _, name := range []string{"api", "handler", "projector"} {
+	for _, name := range []string{"api", "handler", "projector", "scheduler"} {
 		s, _ := p.GetService(name)
 		if s.HealthCheck == nil || !slices.Contains(s.HealthCheck.Test, "healthcheck") {
 			t.Errorf("%s healthcheck = %+v, want conveyor healthcheck", name, s.HealthCheck)
@@ -149,8 +149,11 @@ func TestComposeFile(t *testing.T) {
 		}
 	}
 	handler, _ := p.GetService("handler")
-	if handler.Deploy == nil || handler.Deploy.Replicas == nil || *handler.Deploy.Replicas != 2 {
-		t.Errorf("handler replicas = %+v, want 2", handler.Deploy)
+	for _, name := range []string{"handler", "scheduler"} {
+		s, _ := p.GetService(name)
+		if s.Deploy == nil || s.Deploy.Replicas == nil || *s.Deploy.Replicas != 2 {
+			t.Errorf("%s replicas = %+v, want 2", name, s.Deploy)
+		}
 	}
 	if handler.ContainerName != "" {
 		t.Error("handler has a container_name, which prevents --scale")

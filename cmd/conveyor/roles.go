@@ -24,7 +24,7 @@ func apiCommand() *command {
 POST /v1/emails, GET /v1/emails/{id}, POST /v1/events, POST /v1/events/batch,
 plus /healthz, /readyz and /metrics. On SIGTERM it stops accepting and lets
 running requests finish within SHUTDOWN_TIMEOUT.`,
-		vars: []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "BLOB_DIR", "MAX_UPLOAD_BYTES", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT", "SHUTDOWN_TIMEOUT"},
+		vars: []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "BLOB_DIR", "MAX_UPLOAD_BYTES", "MAX_DELAY", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT", "SHUTDOWN_TIMEOUT"},
 		run: func(ctx context.Context, env *environment, _ any, _ []string) error {
 			log := newLogger(env.cfg, os.Stderr)
 			ln, err := listen(env.cfg.HTTPAddr)
@@ -57,6 +57,7 @@ func (a *app) apiHandler() (http.Handler, error) {
 		Idem:           a.idem,
 		CacheTTL:       a.cfg.CacheTTL,
 		MaxUploadBytes: a.cfg.MaxUploadBytes,
+		MaxDelay:       a.cfg.MaxDelay,
 		Checks:         a.checks(nil),
 		Registry:       a.reg,
 		Logger:         a.log,
