@@ -10,6 +10,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"net/textproto"
 	"path"
 	"strings"
 	"time"
@@ -245,7 +246,10 @@ func uploadReadError(err error, limit int64) (int, any) {
 	if errors.As(err, &perr) && perr.Timeout() {
 		return errResp(http.StatusRequestTimeout, "timeout", "the upload took too long")
 	}
-	if errors.Is(err, io.ErrUnexpectedEOF) || strings.Contains(err.Error(), "multipart") {
+	// A part header that is not valid MIME (a control character in a
+	// filename, say) is the client's error, as is a body cut short.
+	var hdrErr textproto.ProtocolError
+	if errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &hdrErr) || strings.Contains(err.Error(), "multipart") {
 		return errResp(http.StatusBadRequest, "bad_multipart", "the multipart body is malformed: "+err.Error())
 	}
 	return errResp(http.StatusServiceUnavailable, "unavailable", "cannot store the document right now; retry later")
@@ -278,7 +282,9 @@ func lastRune(s string) (rune, int) {
 }
 
 func (a *API) getDocument(w http.ResponseWriter, r *http.Request) {
-	id := r.PathValue("doc_id")
+	// A UUID may come in capitals; every key (the cache's, the accepted
+	// marker's) uses the lowercase form that the api hands out.
+	id := strings.ToLower(r.PathValue("doc_id"))
 	if !events.IsUUID(id) {
 		writeError(w, http.StatusBadRequest, "malformed_id", "doc_id must be a UUID")
 		return
@@ -291,7 +297,26 @@ func (a *API) getDocument(w http.ResponseWriter, r *http.Request) {
 			}
 			return documentView(d), nil
 		})
+	if err == nil && view.UploadedAt == nil {
+		// The outcome was projected before the upload itself (they travel
+		// on different streams): the facts of the upload are still in
+		// what the api accepted.
+		view = a.withAcceptedUpload(r.Context(), view)
+	}
 	a.respondRead(w, r, err, view, acceptedDocKey(id), "document")
+}
+
+func (a *API) withAcceptedUpload(ctx context.Context, view DocumentView) DocumentView {
+	raw, ok, err := a.cfg.Idem.Get(ctx, acceptedDocKey(view.DocID))
+	if err != nil || !ok {
+		return view
+	}
+	var up DocumentView
+	if json.Unmarshal([]byte(raw), &up) != nil {
+		return view
+	}
+	view.Filename, view.Size, view.SHA256, view.UploadedAt = up.Filename, up.Size, up.SHA256, up.UploadedAt
+	return view
 }
 
 // respondRead answers a read: the row, else what the api itself accepted

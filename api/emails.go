@@ -55,7 +55,7 @@ type emailRequest struct {
 	Subject string `json:"subject"`
 	Body    string `json:"body"`
 	// SendAt (RFC 3339), if in the future, holds the email back until then.
-	SendAt *time.Time `json:"send_at,omitempty"`
+	SendAt *jsonTime `json:"send_at,omitempty"`
 }
 
 type acceptedEmail struct {
@@ -133,7 +133,9 @@ func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, send
 }
 
 func (a *API) getEmail(w http.ResponseWriter, r *http.Request) {
-	id := r.PathValue("email_id")
+	// A UUID may come in capitals; every key (the cache's, the accepted
+	// marker's) uses the lowercase form that the api hands out.
+	id := strings.ToLower(r.PathValue("email_id"))
 	if !events.IsUUID(id) {
 		writeError(w, http.StatusBadRequest, "malformed_id", "email_id must be a UUID")
 		return
@@ -179,8 +181,17 @@ func decodeStrict(body []byte, v any) (int, any, bool) {
 	if err := dec.Decode(v); err != nil {
 		var te *json.UnmarshalTypeError
 		switch {
+		case errors.As(err, &te) && te.Field == "":
+			// The body itself is an array, a string...: there is no
+			// field to name.
+			st, resp := errResp(http.StatusBadRequest, "malformed_json", "the body must be a JSON object")
+			return st, resp, false
 		case errors.As(err, &te):
-			st, resp := validationResp(te.Field, "has the wrong JSON type: want "+te.Type.String())
+			msg := "has the wrong JSON type: want " + te.Type.String()
+			if te.Type == timeType {
+				msg = "must be an RFC 3339 time"
+			}
+			st, resp := validationResp(te.Field, msg)
 			return st, resp, false
 		case strings.HasPrefix(err.Error(), "json: unknown field "):
 			field := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
@@ -207,7 +218,13 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 	key := r.Header.Get("Idempotency-Key")
 	if key == "" {
 		status, body := op()
-		writeJSON(w, status, body)
+		raw, _ := json.Marshal(body)
+		if loc := locationOf(raw); loc != "" && status == http.StatusAccepted {
+			w.Header().Set("Location", loc)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		_, _ = w.Write(append(raw, '\n'))
 		return
 	}
 	if len(key) > 255 {
@@ -247,7 +264,7 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 	} else if err := a.cfg.Idem.Release(context.WithoutCancel(r.Context()), rkey); err != nil {
 		a.log.Error("release idempotency key", "error", err)
 	}
-	if loc := locationOf(raw); loc != "" {
+	if loc := locationOf(raw); loc != "" && status == http.StatusAccepted {
 		w.Header().Set("Location", loc)
 	}
 	w.Header().Set("Content-Type", "application/json")

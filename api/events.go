@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"reflect"
 	"time"
 
 	"github.com/conveyor/conveyor/bus"
@@ -24,8 +25,23 @@ type eventRequest struct {
 	Data json.RawMessage `json:"data"`
 	// DeliverAt (RFC 3339) or Delay (a Go duration such as "90s") holds
 	// the event back; a time in the past publishes at once.
-	DeliverAt *time.Time `json:"deliver_at,omitempty"`
-	Delay     string     `json:"delay,omitempty"`
+	DeliverAt *jsonTime `json:"deliver_at,omitempty"`
+	Delay     string    `json:"delay,omitempty"`
+}
+
+// jsonTime is a time.Time that reports a value it cannot parse as a JSON
+// type error, which the decoder annotates with the field's name, so that
+// decodeStrict answers 422 naming the field rather than "not valid JSON".
+type jsonTime struct{ time.Time }
+
+var timeType = reflect.TypeFor[time.Time]()
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (t *jsonTime) UnmarshalJSON(b []byte) error {
+	if err := t.Time.UnmarshalJSON(b); err != nil {
+		return &json.UnmarshalTypeError{Value: "a value that is not an RFC 3339 time", Type: timeType}
+	}
+	return nil
 }
 
 type acceptedEvent struct {
@@ -42,7 +58,7 @@ func dueTime(req eventRequest, now time.Time, maxDelay time.Duration) (time.Time
 		st, body := validationResp("delay", "give deliver_at or delay, not both")
 		return due, st, body
 	case req.DeliverAt != nil:
-		due = *req.DeliverAt
+		due = req.DeliverAt.Time
 	case req.Delay != "":
 		d, err := time.ParseDuration(req.Delay)
 		if err != nil {
@@ -95,7 +111,11 @@ func parseEvent(req eventRequest) (events.Event, string, int, any) {
 		var ve *events.ValidationError
 		if errors.As(err, &ve) {
 			for i := range ve.Fields {
-				ve.Fields[i].Field = "data." + ve.Fields[i].Field
+				// events.Decode already names the payload as a whole
+				// "data" (it is not an object, say).
+				if ve.Fields[i].Field != "data" {
+					ve.Fields[i].Field = "data." + ve.Fields[i].Field
+				}
 			}
 			return nil, "", http.StatusUnprocessableEntity, errorBody{Error: errorDetail{Code: "validation_failed", Message: ve.Error(), Fields: ve.Fields}}
 		}
@@ -238,7 +258,10 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 		pubIdx = append(pubIdx, i)
 	}
 	// Client-chosen ids are marked first, so a repeated id is published
-	// once, even across batches.
+	// once, even across batches. A repeat within this batch gets the
+	// outcome of its first copy (sameAs), so it is never reported durable
+	// when the first copy failed.
+	sameAs := map[int]int{}
 	if len(marked) > 0 {
 		keys := make([]string, len(marked))
 		for j, i := range marked {
@@ -257,16 +280,21 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 		// A duplicate within this batch is marked by its first copy.
-		seen := map[string]bool{}
+		first := map[string]int{}
 		var evs []events.Event
 		var opts [][]bus.PublishOption
 		var idx []int
 		for k, i := range pubIdx {
-			id := results[i].EventID
-			if skip[i] || (req.Events[i].ID != "" && seen[id]) {
+			if id := results[i].EventID; req.Events[i].ID != "" {
+				if j, ok := first[id]; ok {
+					sameAs[i] = j
+					continue
+				}
+				first[id] = i
+			}
+			if skip[i] {
 				continue
 			}
-			seen[id] = true
 			evs, opts, idx = append(evs, pubEvs[k]), append(opts, pubOpts[k]), append(idx, i)
 		}
 		pubEvs, pubOpts, pubIdx = evs, opts, idx
@@ -300,6 +328,9 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 				unmark = append(unmark, eventSeenKey(results[i].EventID))
 			}
 		}
+	}
+	for i, j := range sameAs {
+		results[i].Status, results[i].Error = results[j].Status, results[j].Error
 	}
 	if len(unmark) > 0 {
 		if err := a.cfg.Idem.Delete(context.WithoutCancel(ctx), unmark...); err != nil {

@@ -235,6 +235,15 @@ func (r *Router) Run(ctx context.Context) error {
 		return r.closeSubscribers()
 	case <-ctx.Done():
 	}
+	// Close only once the router runs: Watermill's Close holds the handlers
+	// lock while it waits for handlers, so a Close that lands before
+	// RunHandlers keeps the handlers from ever starting, and waits for them
+	// until CloseTimeout. Starting is quick: Subscribe does not block.
+	select {
+	case <-r.wr.Running():
+	case err := <-runErr:
+		return errors.Join(err, r.closeSubscribers())
+	}
 	closeErr := r.wr.Close()
 	<-runErr
 	return errors.Join(closeErr, r.closeSubscribers())

@@ -300,10 +300,11 @@ func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *messa
 		wake:    make(chan struct{}, 1),
 		cursors: map[string]string{},
 	}
-	if err := sub.ensureGroups(ctx); err != nil {
-		s.readers.Add(-2)
-		return nil, err
-	}
+	// The groups are created by the read loop, not here: a Redis that is
+	// down, or a ctx already cancelled by a shutdown racing the start,
+	// must not fail Subscribe, which would stop the whole router (and
+	// Watermill's router cannot be closed cleanly once a Subscribe of its
+	// RunHandlers failed).
 	go func() {
 		select {
 		case <-ctx.Done():
@@ -377,6 +378,18 @@ func (sub *subscription) read() {
 	}()
 
 	backoff := newBackoff(50*time.Millisecond, 5*time.Second)
+	for !sub.stopped() {
+		err := sub.ensureGroups(ctx)
+		if err == nil {
+			break
+		}
+		s.setErr(err)
+		if !sub.stopped() {
+			s.log.Warn("create consumer group; retrying", "stream", sub.topic, "error", err, "retry_in", backoff.peek())
+			backoff.sleep(sub.stop)
+		}
+	}
+	backoff.reset()
 	// Own pending entries: what this consumer held when it last stopped.
 	for !sub.stopped() {
 		n, err := sub.readPending(ctx)

@@ -9,6 +9,7 @@ import (
 	"io"
 	"path/filepath"
 	"strings"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/gabriel-vasile/mimetype"
@@ -92,7 +93,9 @@ func countLines(text string) int {
 	return strings.Count(text, "\n") + 1
 }
 
-// csvText puts each record on a line, its fields separated by spaces.
+// csvText puts each record on a line, its fields separated by spaces. A
+// quoted field may hold line breaks; they become spaces, so that the line
+// count is the record count.
 func csvText(data []byte) (string, error) {
 	r := csv.NewReader(bytes.NewReader(data))
 	r.FieldsPerRecord = -1
@@ -106,7 +109,12 @@ func csvText(data []byte) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		b.WriteString(strings.Join(rec, " "))
+		for i, field := range rec {
+			if i > 0 {
+				b.WriteByte(' ')
+			}
+			b.WriteString(strings.Join(strings.Fields(field), " "))
+		}
 		b.WriteByte('\n')
 	}
 	return b.String(), nil
@@ -166,6 +174,16 @@ var blockTags = map[string]bool{
 	"blockquote": true, "pre": true, "table": true, "ul": true, "ol": true, "title": true,
 }
 
+// inlineTags are the phrasing elements that may sit inside a word
+// ("un<i>believ</i>able", "<a>link</a>s", "H<sub>2</sub>O"): their tags
+// separate nothing. Every other tag separates words, as a table cell does.
+var inlineTags = map[string]bool{
+	"a": true, "abbr": true, "b": true, "bdi": true, "bdo": true, "cite": true, "code": true,
+	"data": true, "del": true, "dfn": true, "em": true, "font": true, "i": true, "ins": true,
+	"kbd": true, "mark": true, "q": true, "s": true, "samp": true, "small": true, "span": true,
+	"strong": true, "sub": true, "sup": true, "time": true, "u": true, "var": true, "wbr": true,
+}
+
 // htmlText strips tags, scripts and styles, keeping text and line breaks at
 // block elements.
 func htmlText(data []byte) string {
@@ -173,31 +191,35 @@ func htmlText(data []byte) string {
 	var b strings.Builder
 	skip := 0
 	for {
-		switch z.Next() {
+		switch tt := z.Next(); tt {
 		case html.ErrorToken:
 			return collapseBlankLines(b.String())
-		case html.StartTagToken, html.SelfClosingTagToken:
+		case html.StartTagToken, html.SelfClosingTagToken, html.EndTagToken:
 			name, _ := z.TagName()
 			tag := string(name)
 			if tag == "script" || tag == "style" || tag == "noscript" || tag == "template" {
-				skip++
+				if tt != html.EndTagToken {
+					skip++
+				} else if skip > 0 {
+					skip--
+				}
 			}
-			if blockTags[tag] {
+			switch {
+			case blockTags[tag]:
 				b.WriteByte('\n')
-			}
-		case html.EndTagToken:
-			name, _ := z.TagName()
-			tag := string(name)
-			if (tag == "script" || tag == "style" || tag == "noscript" || tag == "template") && skip > 0 {
-				skip--
-			}
-			if blockTags[tag] {
-				b.WriteByte('\n')
+			case !inlineTags[tag]:
+				b.WriteByte(' ')
 			}
 		case html.TextToken:
 			if skip == 0 {
-				b.WriteString(strings.Join(strings.Fields(string(z.Text())), " "))
-				b.WriteByte(' ')
+				// Whitespace in the source, line breaks included, is
+				// layout: it separates words, nothing more.
+				b.WriteString(strings.Map(func(r rune) rune {
+					if unicode.IsSpace(r) {
+						return ' '
+					}
+					return r
+				}, string(z.Text())))
 			}
 		}
 	}
@@ -207,7 +229,7 @@ func collapseBlankLines(s string) string {
 	lines := strings.Split(s, "\n")
 	out := lines[:0]
 	for _, l := range lines {
-		if l = strings.TrimSpace(l); l != "" {
+		if l = strings.Join(strings.Fields(l), " "); l != "" {
 			out = append(out, l)
 		}
 	}

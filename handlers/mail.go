@@ -103,6 +103,12 @@ func NewSMTP(cfg SMTPConfig) (*SMTP, error) {
 		if port, err = strconv.Atoi(p); err != nil {
 			return nil, fmt.Errorf("SMTP URL port %q: %w", p, err)
 		}
+		// url.Parse checks only that the port is digits. A port no
+		// server can listen on would fail every send, as a transient
+		// error retried until each email gives up.
+		if port < 1 || port > 65535 {
+			return nil, fmt.Errorf("SMTP URL port %d is not in 1..65535", port)
+		}
 	}
 	opts = append(opts, gomail.WithPort(port))
 	if u.User != nil {

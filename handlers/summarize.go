@@ -109,9 +109,7 @@ const maxPromptChars = 24_000
 
 // Summarize implements Summarizer.
 func (o OpenAI) Summarize(ctx context.Context, text string) (string, error) {
-	if len(text) > maxPromptChars {
-		text = text[:maxPromptChars]
-	}
+	text = cutAt(text, maxPromptChars)
 	body, _ := json.Marshal(map[string]any{
 		"model":       o.ModelName,
 		"temperature": 0,
@@ -176,9 +174,25 @@ func (c Cached) Summarize(ctx context.Context, text string) (string, error) {
 	})
 }
 
+// truncate cuts s to at most n bytes and marks the cut with "…" (three
+// bytes more).
 func truncate(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
-	return s[:n] + "…"
+	return cutAt(s, n) + "…"
+}
+
+// cutAt returns the longest prefix of s of at most n bytes that ends
+// between two characters. A cut inside a multi-byte character would leave
+// half of it, which JSON encoding turns into U+FFFD and a mail header
+// carries as garbage.
+func cutAt(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }

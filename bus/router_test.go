@@ -1,0 +1,137 @@
+package bus_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+)
+
+func newRouter(t *testing.T, f *fixture, drain time.Duration) *bus.Router {
+	t.Helper()
+	r, err := bus.NewRouter(bus.RouterConfig{
+		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", DrainTimeout: drain, Logger: testLogger(),
+		Retry: bus.RetryPolicy{MaxAttempts: 2, MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// A shutdown that races the start (SIGTERM right after launch) stops the
+// router at once; it must not wait out the drain timeout for handlers that
+// never started.
+func TestRouterStoppedWhileStarting(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	for i := 0; i < 5; i++ {
+		r := newRouter(t, f, time.Minute)
+		for _, group := range []string{"a", "b", "c"} {
+			if err := bus.Handle(r, f.group+group, func(context.Context, *events.EmailSent) error { return nil }); err != nil {
+				t.Fatal(err)
+			}
+			if err := bus.Handle(r, f.group+group, func(context.Context, *events.EmailFailed) error { return nil }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- r.Run(ctx) }()
+		if i%2 == 0 {
+			cancel() // before or while the handlers subscribe
+		} else {
+			<-r.Running()
+			cancel()
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("run %d: %v", i, err)
+			}
+		case <-time.After(30 * time.Second): // half the drain timeout
+			t.Fatalf("run %d: router still closing 30s after a shutdown during start", i)
+		}
+	}
+}
+
+// A typed handler gets the decoded event and its envelope; an event that
+// does not decode or validate is dead-lettered without calling it; a
+// follow-up published from the handler records its cause.
+func TestTypedHandler(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	r := newRouter(t, f, 5*time.Second)
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	got := make(chan events.Envelope, 10)
+	followUp := events.NewID()
+	err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailRequested) error {
+		env, _ := bus.EnvelopeFrom(ctx)
+		got <- env
+		_, err := pub.PublishEvent(ctx, &events.EmailSent{EmailID: ev.EmailID, To: ev.To, Attempts: 1, SentAt: time.Now()}, bus.WithID(followUp))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+
+	// Not a valid email.requested: dead-lettered, the handler never runs.
+	bad := message.NewMessage(watermill.NewUUID(), []byte(`{"to":"nobody"}`))
+	bad.Metadata.Set(bus.MetaEventType, events.TypeEmailRequested)
+	if err := pub.Publish(f.topic+":"+events.TypeEmailRequested, bad); err != nil {
+		t.Fatal(err)
+	}
+	req := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now()}
+	id, err := pub.PublishEvent(t.Context(), req, bus.WithCorrelationID("corr-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var env events.Envelope
+	select {
+	case env = <-got:
+	case <-time.After(30 * time.Second):
+		t.Fatal("handler not called")
+	}
+	if env.ID != id || env.Type != events.TypeEmailRequested || env.Version != 1 || env.CorrelationID != "corr-1" || env.Attempt != 1 || env.Source != "conveyor" {
+		t.Fatalf("envelope = %+v", env)
+	}
+	dl := bus.NewDeadLetters(f.rdb)
+	eventually(t, "bad event dead-lettered", func() bool { n, _ := dl.Count(t.Context(), f.group); return n == 1 })
+	list, _ := dl.List(t.Context(), f.group, "", 1)
+	if list[0].EventID != bad.UUID || list[0].Attempts != 1 {
+		t.Fatalf("dead letter = %+v (a decode failure is permanent: one attempt)", list[0])
+	}
+	var xs []redis.XMessage
+	eventually(t, "follow-up published", func() bool {
+		xs, _ = f.rdb.XRange(t.Context(), f.topic+":"+events.TypeEmailSent, "-", "+").Result()
+		return len(xs) > 0
+	})
+	if len(xs) != 1 {
+		t.Fatalf("follow-up published %d times", len(xs))
+	}
+	follow, err := bus.UnmarshalForTest(xs[0].Values)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if follow.UUID != followUp || follow.Metadata.Get(bus.MetaCausationID) != id || follow.Metadata.Get(bus.MetaCorrelationID) != "corr-1" {
+		t.Fatalf("follow-up metadata = %v", follow.Metadata)
+	}
+	cancel()
+	if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
+		t.Fatal(err)
+	}
+}

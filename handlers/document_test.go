@@ -1,0 +1,523 @@
+package handlers_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/conveyor/conveyor/blob"
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/handlers"
+	"github.com/conveyor/conveyor/internal/testenv"
+)
+
+// put stores data and returns its upload event.
+func put(t *testing.T, blobs blob.Store, filename, data, notify string) *events.DocumentUploaded {
+	t.Helper()
+	info, err := blobs.Put(t.Context(), strings.NewReader(data), 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &events.DocumentUploaded{
+		DocID:      events.NewID(),
+		Filename:   filename,
+		Size:       info.Size,
+		SHA256:     info.SHA256,
+		BlobKey:    info.Key,
+		Notify:     notify,
+		UploadedAt: time.Now(),
+	}
+}
+
+func sha(s string) string {
+	h := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(h[:])
+}
+
+func newProcessor(t *testing.T, cfg handlers.DocumentProcessorConfig) *handlers.DocumentProcessor {
+	t.Helper()
+	cfg.Logger = discard
+	p, err := handlers.NewDocumentProcessor(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// checkNotification checks the email.requested events of one handled
+// upload: none without Notify, else n identical requests.
+func checkNotification(t *testing.T, f *busFixture, env events.Envelope, up *events.DocumentUploaded, n int, subject string, bodyHas ...string) {
+	t.Helper()
+	got := f.entries(t, events.TypeEmailRequested)
+	if up.Notify == "" {
+		if len(got) != 0 {
+			t.Errorf("%d email.requested published without a notify address", len(got))
+		}
+		return
+	}
+	if len(got) != n {
+		t.Fatalf("%d email.requested published, want %d", len(got), n)
+	}
+	for _, e := range got {
+		checkEnvelope(t, e, events.TypeEmailRequested, events.DerivedID(env.ID, "notify"), env)
+		req := decode[events.EmailRequested](t, e)
+		if req.EmailID != events.DerivedID(env.ID, "notify-email") || req.To != up.Notify || req.DocID != up.DocID || req.Subject != subject {
+			t.Errorf("email.requested = %+v, want email id %s to %s about %s with subject %q",
+				req, events.DerivedID(env.ID, "notify-email"), up.Notify, up.DocID, subject)
+		}
+		for _, s := range bodyHas {
+			if !strings.Contains(req.Body, s) {
+				t.Errorf("email body %q does not contain %q", req.Body, s)
+			}
+		}
+		if err := req.Validate(); err != nil {
+			t.Errorf("email.requested is invalid: %v", err)
+		}
+	}
+}
+
+func TestDocumentProcessed(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name     string
+		filename string
+		data     string
+		declared string
+		notify   string
+		want     events.DocumentProcessed
+	}{
+		{
+			name:     "plain text with a notification",
+			filename: "notes.txt",
+			data:     "Hello world. Second sentence.\nLine two.\n",
+			notify:   "Reader <reader@example.com>",
+			want:     events.DocumentProcessed{ContentType: "text/plain", Words: 6, Lines: 2, Summary: "Hello world. Second sentence. Line two."},
+		},
+		{
+			name:     "CSV without a notification",
+			filename: "people.csv",
+			data:     "name,age\nalice,30\nbob,41\n",
+			want:     events.DocumentProcessed{ContentType: "text/csv", Words: 6, Lines: 3, Summary: "name age alice 30 bob 41"},
+		},
+		{
+			name:     "the declared content type is ignored",
+			filename: "page.pdf",
+			data:     "<html><body><h1>Title</h1><p>Body text.</p></body></html>",
+			declared: "application/pdf",
+			notify:   "reader@example.com",
+			want:     events.DocumentProcessed{ContentType: "text/html", Words: 3, Lines: 2, Summary: "Title Body text."},
+		},
+		{
+			name:     "a long document gets a short summary",
+			filename: "long.md",
+			data:     strings.Repeat("This is one sentence of the document. ", 20),
+			want: events.DocumentProcessed{ContentType: "text/markdown", Words: 140, Lines: 1,
+				Summary: strings.TrimSpace(strings.Repeat("This is one sentence of the document. ", 7))},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f := newBus(t)
+			blobs := newBlobs(t)
+			p := newProcessor(t, handlers.DocumentProcessorConfig{Blobs: blobs, Publisher: f.pub})
+			up := put(t, blobs, tt.filename, tt.data, tt.notify)
+			up.DeclaredContentType = tt.declared
+			ctx, env := handling(t, events.TypeDocumentUploaded)
+			if err := p.Handle(ctx, up); err != nil {
+				t.Fatalf("Handle: %v", err)
+			}
+
+			got := f.entries(t, events.TypeDocumentProcessed)
+			if len(got) != 1 {
+				t.Fatalf("%d document.processed published, want 1", len(got))
+			}
+			checkEnvelope(t, got[0], events.TypeDocumentProcessed, events.DerivedID(env.ID, "processed"), env)
+			done := decode[events.DocumentProcessed](t, got[0])
+			if done.ProcessedAt.IsZero() {
+				t.Error("processed_at is not set")
+			}
+			tt.want.DocID, tt.want.ProcessedAt = up.DocID, done.ProcessedAt
+			if *done != tt.want {
+				t.Errorf("document.processed =\n%+v\nwant\n%+v", *done, tt.want)
+			}
+			if n := len(f.entries(t, events.TypeDocumentProcessingFailed)); n != 0 {
+				t.Errorf("%d document.processing_failed published too", n)
+			}
+			checkNotification(t, f, env, up, 1, "Document "+tt.filename+" processed", tt.want.Summary, "words", "lines")
+		})
+	}
+}
+
+// TestDocumentRedelivery handles one event twice, as at-least-once delivery
+// may: the second run publishes the same events with the same ids, for
+// the consumers to absorb.
+func TestDocumentRedelivery(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		data    string
+		outcome string // the event type published
+		suffix  string // of its derived id
+	}{
+		{name: "processed", data: "Some words here.", outcome: events.TypeDocumentProcessed, suffix: "processed"},
+		{name: "failed", data: string(pngHeader), outcome: events.TypeDocumentProcessingFailed, suffix: "failed"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f := newBus(t)
+			blobs := newBlobs(t)
+			p := newProcessor(t, handlers.DocumentProcessorConfig{Blobs: blobs, Publisher: f.pub})
+			up := put(t, blobs, "doc.txt", tt.data, "reader@example.com")
+			ctx, env := handling(t, events.TypeDocumentUploaded)
+			for i := range 2 {
+				if err := p.Handle(ctx, up); err != nil {
+					t.Fatalf("Handle %d: %v", i+1, err)
+				}
+			}
+			got := f.entries(t, tt.outcome)
+			if len(got) != 2 {
+				t.Fatalf("%d %s entries after two runs, want 2", len(got), tt.outcome)
+			}
+			for _, e := range got {
+				checkEnvelope(t, e, tt.outcome, events.DerivedID(env.ID, tt.suffix), env)
+			}
+			checkNotification(t, f, env, up, 2, "Document doc.txt "+tt.suffix)
+		})
+	}
+}
+
+// pngHeader is enough of a PNG for sniffing.
+var pngHeader = []byte("\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89")
+
+func TestDocumentProcessingFailed(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name     string
+		filename string
+		data     string
+		// change alters the upload event after the bytes were stored.
+		change   func(up *events.DocumentUploaded)
+		maxBytes int64
+		notify   string
+		wantType string
+		reason   string
+	}{
+		{
+			name: "missing blob",
+			data: "never stored",
+			change: func(up *events.DocumentUploaded) {
+				up.SHA256, up.BlobKey = sha("other bytes"), sha("other bytes")
+			},
+			notify: "reader@example.com",
+			reason: "the stored bytes are missing",
+		},
+		{
+			name:   "SHA-256 mismatch",
+			data:   "The stored bytes.",
+			change: func(up *events.DocumentUploaded) { up.SHA256 = sha("The uploaded bytes.") },
+			reason: "fail the SHA-256 check",
+		},
+		{
+			name:   "stored bytes longer than uploaded",
+			data:   "The stored bytes.",
+			change: func(up *events.DocumentUploaded) { up.Size-- },
+			reason: "stored size differs from the uploaded size 16",
+		},
+		{
+			name:   "stored bytes shorter than uploaded",
+			data:   "The stored bytes.",
+			change: func(up *events.DocumentUploaded) { up.Size++ },
+			reason: "stored size differs from the uploaded size 18",
+		},
+		{
+			name:     "unsupported content type",
+			filename: "photo.txt",
+			data:     string(pngHeader),
+			notify:   "reader@example.com",
+			wantType: "image/png",
+			reason:   "unsupported content type image/png",
+		},
+		{name: "empty document", data: "", reason: "the document is empty"},
+		{name: "corrupt CSV", filename: "bad.csv", data: "a,b\nx\"y,z\nc,d\n", wantType: "text/csv", reason: "corrupt CSV"},
+		{name: "larger than the processing limit", data: "twelve bytes", maxBytes: 8, reason: "exceeds the processing limit of 8 bytes"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f := newBus(t)
+			blobs := newBlobs(t)
+			p := newProcessor(t, handlers.DocumentProcessorConfig{Blobs: blobs, Publisher: f.pub, MaxBytes: tt.maxBytes})
+			filename := tt.filename
+			if filename == "" {
+				filename = "doc.txt"
+			}
+			up := put(t, blobs, filename, tt.data, tt.notify)
+			if tt.change != nil {
+				tt.change(up)
+			}
+			ctx, env := handling(t, events.TypeDocumentUploaded)
+			// A property of the input: retrying cannot help, so the
+			// outcome is published and the event acked.
+			if err := p.Handle(ctx, up); err != nil {
+				t.Fatalf("Handle = %v, want nil", err)
+			}
+			got := f.entries(t, events.TypeDocumentProcessingFailed)
+			if len(got) != 1 {
+				t.Fatalf("%d document.processing_failed published, want 1", len(got))
+			}
+			checkEnvelope(t, got[0], events.TypeDocumentProcessingFailed, events.DerivedID(env.ID, "failed"), env)
+			failed := decode[events.DocumentProcessingFailed](t, got[0])
+			if failed.DocID != up.DocID || failed.ContentType != tt.wantType || !strings.Contains(failed.Reason, tt.reason) || failed.FailedAt.IsZero() {
+				t.Errorf("document.processing_failed = %+v, want content type %q and a reason containing %q", failed, tt.wantType, tt.reason)
+			}
+			if n := len(f.entries(t, events.TypeDocumentProcessed)); n != 0 {
+				t.Errorf("%d document.processed published too", n)
+			}
+			checkNotification(t, f, env, up, 1, "Document "+filename+" failed", tt.reason)
+		})
+	}
+}
+
+func TestDocumentNotificationSubject(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name     string
+		filename string
+		want     string
+	}{
+		{
+			// The filename is cut to 100 bytes, inside the 50th "é".
+			name:     "a long multibyte name is cut between characters",
+			filename: "a" + strings.Repeat("é", 70),
+			want:     "Document a" + strings.Repeat("é", 49) + "… processed",
+		},
+		{
+			name:     "control characters cannot add headers",
+			filename: "a\r\nBcc: x@example.com.txt",
+			want:     "Document aBcc: x@example.com.txt processed",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f := newBus(t)
+			blobs := newBlobs(t)
+			p := newProcessor(t, handlers.DocumentProcessorConfig{Blobs: blobs, Publisher: f.pub})
+			up := put(t, blobs, tt.filename, "Plain words.", "reader@example.com")
+			if err := up.Validate(); err != nil {
+				t.Fatalf("upload event is invalid: %v", err)
+			}
+			ctx, env := handling(t, events.TypeDocumentUploaded)
+			if err := p.Handle(ctx, up); err != nil {
+				t.Fatalf("Handle: %v", err)
+			}
+			checkNotification(t, f, env, up, 1, tt.want)
+			for _, e := range f.entries(t, events.TypeEmailRequested) {
+				if s := decode[events.EmailRequested](t, e).Subject; !utf8.ValidString(s) || strings.ContainsRune(s, utf8.RuneError) {
+					t.Errorf("subject %q holds a broken character", s)
+				}
+			}
+		})
+	}
+}
+
+// closedPublisher returns a real publisher whose Redis client is closed, so
+// that every publish fails.
+func closedPublisher(t *testing.T) *bus.Publisher {
+	t.Helper()
+	opt, err := redis.ParseURL(testenv.RedisURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClient(opt)
+	if err := rdb.Close(); err != nil {
+		t.Fatal(err)
+	}
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: testenv.Prefix(t), Logger: discard})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	return pub
+}
+
+func TestDocumentPublishErrorIsRetried(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		data    string
+		missing bool
+		wantErr string
+	}{
+		{name: "processed", data: "Fine text.", wantErr: "publish document.processed"},
+		{name: "failed", data: "Fine text.", missing: true, wantErr: "publish document.processing_failed"},
+		{name: "unsupported", data: string(pngHeader), wantErr: "publish document.processing_failed"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			blobs := newBlobs(t)
+			p := newProcessor(t, handlers.DocumentProcessorConfig{Blobs: blobs, Publisher: closedPublisher(t)})
+			up := put(t, blobs, "doc.txt", tt.data, "")
+			if tt.missing {
+				if err := blobs.Delete(t.Context(), up.BlobKey); err != nil {
+					t.Fatal(err)
+				}
+			}
+			ctx, _ := handling(t, events.TypeDocumentUploaded)
+			err := p.Handle(ctx, up)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) || bus.IsPermanent(err) {
+				t.Fatalf("Handle = %v, want a retryable error containing %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestDocumentSummarizerErrorIsRetried(t *testing.T) {
+	t.Parallel()
+	f := newBus(t)
+	blobs := newBlobs(t)
+	srv := newChatServer(t, chatReply{http.StatusServiceUnavailable, "busy"})
+	p := newProcessor(t, handlers.DocumentProcessorConfig{
+		Blobs:      blobs,
+		Publisher:  f.pub,
+		Summarizer: handlers.OpenAI{URL: srv.URL, ModelName: "m", Client: srv.Client()},
+	})
+	up := put(t, blobs, "doc.txt", "Words to summarize.", "reader@example.com")
+	ctx, _ := handling(t, events.TypeDocumentUploaded)
+	if err := p.Handle(ctx, up); err == nil || !strings.Contains(err.Error(), "503") || bus.IsPermanent(err) {
+		t.Fatalf("Handle = %v, want a retryable summarizer error", err)
+	}
+	for _, typ := range []string{events.TypeDocumentProcessed, events.TypeDocumentProcessingFailed, events.TypeEmailRequested} {
+		if n := len(f.entries(t, typ)); n != 0 {
+			t.Errorf("%d %s published before the summary", n, typ)
+		}
+	}
+}
+
+// flakyBlobs is a real store whose first Opens fail as an unreachable
+// storage would.
+type flakyBlobs struct {
+	blob.Store
+	failures int
+
+	mu    sync.Mutex
+	opens int
+}
+
+var errStorageDown = errors.New("blob storage unreachable")
+
+func (b *flakyBlobs) Open(ctx context.Context, key string) (io.ReadCloser, error) {
+	b.mu.Lock()
+	b.opens++
+	fail := b.opens <= b.failures
+	b.mu.Unlock()
+	if fail {
+		return nil, errStorageDown
+	}
+	return b.Store.Open(ctx, key)
+}
+
+func (b *flakyBlobs) openCount() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.opens
+}
+
+// TestDocumentThroughRouter runs the processor in a real router with two
+// attempts per event: a transient failure is retried, and on the last
+// attempt the processor publishes document.processing_failed itself
+// instead of leaving the event to the dead-letter stream.
+func TestDocumentThroughRouter(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name      string
+		failures  int
+		outcome   string
+		suffix    string
+		reason    string
+		wantOpens int
+	}{
+		{name: "recovers on the retry", failures: 1, outcome: events.TypeDocumentProcessed, suffix: "processed", wantOpens: 2},
+		{
+			name:      "gives up on the last attempt",
+			failures:  1000,
+			outcome:   events.TypeDocumentProcessingFailed,
+			suffix:    "failed",
+			reason:    "gave up after 2 attempts: open blob of document",
+			wantOpens: 2,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f := newBus(t)
+			blobs := &flakyBlobs{Store: newBlobs(t), failures: tt.failures}
+			p := newProcessor(t, handlers.DocumentProcessorConfig{Blobs: blobs, Publisher: f.pub})
+			router, err := bus.NewRouter(bus.RouterConfig{
+				Client:       f.rdb,
+				Consumer:     "test-1",
+				StreamPrefix: f.prefix,
+				DrainTimeout: 5 * time.Second,
+				Logger:       discard,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			group := f.prefix + handlers.DocumentGroup
+			retry := bus.RetryPolicy{MaxAttempts: 2, MinBackoff: 10 * time.Millisecond}
+			if err := bus.Handle(router, group, p.Handle, bus.WithRetry(retry)); err != nil {
+				t.Fatal(err)
+			}
+			runRouter(t, router)
+
+			up := put(t, blobs, "doc.txt", "Some words.", "")
+			upID, err := f.pub.PublishEvent(t.Context(), up)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := f.waitEntries(t, tt.outcome, 1)
+			if got[0].ID != events.DerivedID(upID, tt.suffix) {
+				t.Errorf("%s id = %s, want %s derived from the upload event", tt.outcome, got[0].ID, events.DerivedID(upID, tt.suffix))
+			}
+			if tt.reason != "" {
+				failed := decode[events.DocumentProcessingFailed](t, got[0])
+				if !strings.Contains(failed.Reason, tt.reason) || !strings.Contains(failed.Reason, errStorageDown.Error()) {
+					t.Errorf("reason = %q, want it to contain %q and the cause", failed.Reason, tt.reason)
+				}
+			}
+
+			// The processor acked the entry itself: nothing is pending and
+			// nothing was dead-lettered.
+			f.waitAcked(t, events.TypeDocumentUploaded, group)
+			if dead, err := bus.NewDeadLetters(f.rdb).Count(t.Context(), group); err != nil || dead != 0 {
+				t.Errorf("dead letters = %d, %v; want none", dead, err)
+			}
+			if n := blobs.openCount(); n != tt.wantOpens {
+				t.Errorf("the blob was opened %d times, want %d", n, tt.wantOpens)
+			}
+			for _, typ := range []string{events.TypeDocumentProcessed, events.TypeDocumentProcessingFailed} {
+				want := 0
+				if typ == tt.outcome {
+					want = 1
+				}
+				if n := len(f.entries(t, typ)); n != want {
+					t.Errorf("%d %s published, want %d", n, typ, want)
+				}
+			}
+		})
+	}
+}

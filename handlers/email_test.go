@@ -1,0 +1,331 @@
+package handlers_test
+
+import (
+	"net/mail"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/handlers"
+	"github.com/conveyor/conveyor/idem"
+	"github.com/conveyor/conveyor/internal/testenv"
+)
+
+// newMarks returns an idempotency store on the test's Redis, under its
+// prefix.
+func newMarks(t *testing.T, f *busFixture) *idem.Store {
+	t.Helper()
+	s, err := idem.New(idem.Config{Redis: f.rdb, Prefix: f.prefix + "idem:"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func newSender(t *testing.T, f *busFixture, mailer handlers.Mailer, marks handlers.Marks) *handlers.EmailSender {
+	t.Helper()
+	s, err := handlers.NewEmailSender(handlers.EmailSenderConfig{
+		Mailer:    mailer,
+		Marks:     marks,
+		Publisher: f.pub,
+		Timeout:   liveness,
+		Logger:    discard,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func newSMTP(t *testing.T, url string) *handlers.SMTP {
+	t.Helper()
+	m, err := handlers.NewSMTP(handlers.SMTPConfig{URL: url, Timeout: liveness})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func request(to, subject, body string) *events.EmailRequested {
+	return &events.EmailRequested{
+		EmailID:     events.NewID(),
+		To:          to,
+		Subject:     subject,
+		Body:        body,
+		RequestedAt: time.Now().Truncate(time.Second),
+	}
+}
+
+// mailText normalises a mail body for comparison: line ends and the
+// trailing line break are transport details.
+func mailText(s string) string {
+	return strings.TrimSpace(strings.ReplaceAll(s, "\r\n", "\n"))
+}
+
+func TestEmailSent(t *testing.T) {
+	t.Parallel()
+	mp := testenv.StartMailpit(t)
+	tests := []struct {
+		name    string
+		to      string
+		subject string
+		body    string
+		wantTo  string
+	}{
+		{name: "plain", to: "plain@example.com", subject: "Your report", body: "Hello,\nthe report is ready.\n", wantTo: "plain@example.com"},
+		{
+			name:    "display name and non-ASCII text",
+			to:      "Jörg Müller <joerg@example.com>",
+			subject: "Grüße — Ihr Bericht",
+			body:    "Hallo Jörg,\n\nder Bericht ist fertig: 日本語も大丈夫。\n",
+			wantTo:  "joerg@example.com",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f := newBus(t)
+			marks := newMarks(t, f)
+			s := newSender(t, f, newSMTP(t, mp.SMTPURL), marks)
+			req := request(tt.to, tt.subject, tt.body)
+			ctx, env := handling(t, events.TypeEmailRequested)
+
+			// The second call is a redelivery of the same event: the mail
+			// is not sent again, but email.sent is published again, with
+			// the same id, in case the first publish was lost.
+			for i := range 2 {
+				if err := s.Handle(ctx, req); err != nil {
+					t.Fatalf("Handle %d: %v", i+1, err)
+				}
+			}
+
+			var got []testenv.MailpitMessage
+			for _, m := range mp.Messages(t) {
+				if len(m.To) == 1 && m.To[0] == tt.wantTo {
+					got = append(got, m)
+				}
+			}
+			if len(got) != 1 {
+				t.Fatalf("Mailpit received %d mails for %s, want exactly 1", len(got), tt.wantTo)
+			}
+			m := got[0]
+			if m.Subject != tt.subject || m.From != "conveyor@localhost" || m.MessageID != req.EmailID+"@conveyor" {
+				t.Errorf("mail = %+v, want subject %q from conveyor@localhost with Message-ID %s@conveyor", m, tt.subject, req.EmailID)
+			}
+			if text := mailText(mp.Text(t, m.ID)); text != mailText(tt.body) {
+				t.Errorf("body = %q, want %q", text, mailText(tt.body))
+			}
+			raw, err := mail.ReadMessage(strings.NewReader(mp.Raw(t, m.ID)))
+			if err != nil {
+				t.Fatalf("parse the received mail: %v", err)
+			}
+			if id := raw.Header.Get("Message-Id"); id != "<"+req.EmailID+"@conveyor>" {
+				t.Errorf("Message-Id header = %q, want <%s@conveyor>", id, req.EmailID)
+			}
+			if date, err := raw.Header.Date(); err != nil || !date.Equal(req.RequestedAt) {
+				t.Errorf("Date header = %v, %v; want the request time %v", date, err, req.RequestedAt)
+			}
+
+			sent := f.entries(t, events.TypeEmailSent)
+			if len(sent) != 2 {
+				t.Fatalf("%d email.sent published by two calls, want 2", len(sent))
+			}
+			for _, e := range sent {
+				checkEnvelope(t, e, events.TypeEmailSent, events.DerivedID(env.ID, "sent"), env)
+				ev := decode[events.EmailSent](t, e)
+				if ev.EmailID != req.EmailID || ev.To != tt.to || ev.MessageID != "<"+req.EmailID+"@conveyor>" || ev.Attempts != 1 || ev.SentAt.IsZero() {
+					t.Errorf("email.sent = %+v", ev)
+				}
+			}
+			if n := len(f.entries(t, events.TypeEmailFailed)); n != 0 {
+				t.Errorf("%d email.failed published too", n)
+			}
+			if _, ok, err := marks.Get(t.Context(), "email-sent:"+req.EmailID); err != nil || !ok {
+				t.Errorf("sent mark = %t, %v; want it recorded", ok, err)
+			}
+		})
+	}
+}
+
+// TestEmailServerDown: an unreachable server is a transient failure, left
+// to the retries.
+func TestEmailServerDown(t *testing.T) {
+	t.Parallel()
+	f := newBus(t)
+	marks := newMarks(t, f)
+	s := newSender(t, f, newSMTP(t, "smtp://"+closedPort(t)+"?tls=none"), marks)
+	req := request("reader@example.com", "Hello", "Body.")
+	ctx, _ := handling(t, events.TypeEmailRequested)
+	err := s.Handle(ctx, req)
+	if err == nil || bus.IsPermanent(err) || !strings.Contains(err.Error(), "send email "+req.EmailID) {
+		t.Fatalf("Handle = %v, want a retryable send error", err)
+	}
+	for _, typ := range []string{events.TypeEmailSent, events.TypeEmailFailed} {
+		if n := len(f.entries(t, typ)); n != 0 {
+			t.Errorf("%d %s published for a send that will be retried", n, typ)
+		}
+	}
+	if _, ok, err := marks.Get(t.Context(), "email-sent:"+req.EmailID); err != nil || ok {
+		t.Errorf("sent mark = %t, %v; want none", ok, err)
+	}
+}
+
+// TestEmailRejected: Mailpit refuses recipients outside its allow list with
+// 550, a permanent rejection: email.failed at once, on the first attempt.
+func TestEmailRejected(t *testing.T) {
+	t.Parallel()
+	mp := testenv.StartMailpit(t, `--smtp-allowed-recipients=@allowed\.test$`)
+	f := newBus(t)
+	marks := newMarks(t, f)
+	s := newSender(t, f, newSMTP(t, mp.SMTPURL), marks)
+	req := request("someone@elsewhere.test", "Hello", "Body.")
+	ctx, env := handling(t, events.TypeEmailRequested)
+	if err := s.Handle(ctx, req); err != nil {
+		t.Fatalf("Handle = %v, want nil: a rejection is final, not retried", err)
+	}
+	failed := f.entries(t, events.TypeEmailFailed)
+	if len(failed) != 1 {
+		t.Fatalf("%d email.failed published, want 1", len(failed))
+	}
+	checkEnvelope(t, failed[0], events.TypeEmailFailed, events.DerivedID(env.ID, "failed"), env)
+	ev := decode[events.EmailFailed](t, failed[0])
+	if ev.EmailID != req.EmailID || ev.Attempts != 1 || !strings.Contains(ev.Reason, "550") || ev.FailedAt.IsZero() {
+		t.Errorf("email.failed = %+v, want attempt 1 with the 550 reply as the reason", ev)
+	}
+	if n := len(f.entries(t, events.TypeEmailSent)); n != 0 {
+		t.Errorf("%d email.sent published for a rejected mail", n)
+	}
+	if got := mp.Messages(t); len(got) != 0 {
+		t.Errorf("Mailpit received %d mails, want none", len(got))
+	}
+	if _, ok, err := marks.Get(t.Context(), "email-sent:"+req.EmailID); err != nil || ok {
+		t.Errorf("sent mark = %t, %v; want none", ok, err)
+	}
+
+	// The same server accepts an allowed recipient: the rejection was
+	// about the address.
+	ok := request("someone@allowed.test", "Hello", "Body.")
+	okCtx, _ := handling(t, events.TypeEmailRequested)
+	if err := s.Handle(okCtx, ok); err != nil {
+		t.Fatalf("Handle for an allowed recipient: %v", err)
+	}
+	if got := mp.Messages(t); len(got) != 1 {
+		t.Errorf("Mailpit received %d mails, want the allowed one", len(got))
+	}
+}
+
+// TestEmailThroughRouter runs the sender in a real router with two
+// attempts per event and checks the final outcome of each kind of send.
+func TestEmailThroughRouter(t *testing.T) {
+	t.Parallel()
+	mp := testenv.StartMailpit(t, `--smtp-allowed-recipients=@allowed\.test$`)
+	tests := []struct {
+		name         string
+		url          string
+		to           string
+		outcome      string
+		suffix       string
+		wantAttempts int
+		reason       string
+		wantMails    int
+	}{
+		{
+			name:         "delivered",
+			url:          mp.SMTPURL,
+			to:           "reader@allowed.test",
+			outcome:      events.TypeEmailSent,
+			suffix:       "sent",
+			wantAttempts: 1,
+			wantMails:    1,
+		},
+		{
+			name:         "server down: failed after the retries",
+			url:          "smtp://" + closedPort(t) + "?tls=none",
+			to:           "reader@allowed.test",
+			outcome:      events.TypeEmailFailed,
+			suffix:       "failed",
+			wantAttempts: 2,
+			reason:       "smtp send",
+		},
+		{
+			name:         "rejected: failed without a retry",
+			url:          mp.SMTPURL,
+			to:           "reader@elsewhere.test",
+			outcome:      events.TypeEmailFailed,
+			suffix:       "failed",
+			wantAttempts: 1,
+			reason:       "550",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f := newBus(t)
+			s := newSender(t, f, newSMTP(t, tt.url), newMarks(t, f))
+			router, err := bus.NewRouter(bus.RouterConfig{
+				Client:       f.rdb,
+				Consumer:     "test-1",
+				StreamPrefix: f.prefix,
+				DrainTimeout: 5 * time.Second,
+				Logger:       discard,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			group := f.prefix + handlers.EmailGroup
+			retry := bus.RetryPolicy{MaxAttempts: 2, MinBackoff: 10 * time.Millisecond}
+			if err := bus.Handle(router, group, s.Handle, bus.WithRetry(retry)); err != nil {
+				t.Fatal(err)
+			}
+			runRouter(t, router)
+
+			req := request(tt.to, "Through the router "+f.prefix, "Body.")
+			id, err := f.pub.PublishEvent(t.Context(), req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := f.waitEntries(t, tt.outcome, 1)
+			if got[0].ID != events.DerivedID(id, tt.suffix) {
+				t.Errorf("%s id = %s, want %s", tt.outcome, got[0].ID, events.DerivedID(id, tt.suffix))
+			}
+			switch tt.outcome {
+			case events.TypeEmailSent:
+				if ev := decode[events.EmailSent](t, got[0]); ev.Attempts != tt.wantAttempts {
+					t.Errorf("email.sent = %+v, want attempts %d", ev, tt.wantAttempts)
+				}
+			case events.TypeEmailFailed:
+				ev := decode[events.EmailFailed](t, got[0])
+				if ev.Attempts != tt.wantAttempts || !strings.Contains(ev.Reason, tt.reason) {
+					t.Errorf("email.failed = %+v, want attempts %d and a reason containing %q", ev, tt.wantAttempts, tt.reason)
+				}
+			}
+
+			// The handler acked the entry itself: nothing is pending and
+			// nothing was dead-lettered.
+			f.waitAcked(t, events.TypeEmailRequested, group)
+			if dead, err := bus.NewDeadLetters(f.rdb).Count(t.Context(), group); err != nil || dead != 0 {
+				t.Errorf("dead letters = %d, %v; want none", dead, err)
+			}
+			for _, typ := range []string{events.TypeEmailSent, events.TypeEmailFailed} {
+				want := 0
+				if typ == tt.outcome {
+					want = 1
+				}
+				if n := len(f.entries(t, typ)); n != want {
+					t.Errorf("%d %s published, want %d", n, typ, want)
+				}
+			}
+			mails := 0
+			for _, m := range mp.Messages(t) {
+				if m.Subject == req.Subject {
+					mails++
+				}
+			}
+			if mails != tt.wantMails {
+				t.Errorf("Mailpit received %d mails, want %d", mails, tt.wantMails)
+			}
+		})
+	}
+}
