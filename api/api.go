@@ -13,6 +13,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -251,4 +252,16 @@ func writeValidation(w http.ResponseWriter, ve *events.ValidationError) {
 	writeJSON(w, http.StatusUnprocessableEntity, errorBody{Error: errorDetail{
 		Code: "validation_failed", Message: ve.Error(), Fields: ve.Fields,
 	}})
+}
+
+// humanDuration writes whole days as days, the rest as Go durations.
+func humanDuration(d time.Duration) string {
+	if d >= 24*time.Hour && d%(24*time.Hour) == 0 {
+		n := int(d / (24 * time.Hour))
+		if n == 1 {
+			return "1 day"
+		}
+		return strconv.Itoa(n) + " days"
+	}
+	return d.String()
 }

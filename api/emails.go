@@ -90,7 +90,7 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 		}
 		if req.SendAt != nil && req.SendAt.After(ev.RequestedAt) {
 			if req.SendAt.After(ev.RequestedAt.Add(a.cfg.MaxDelay)) {
-				return validationResp("send_at", fmt.Sprintf("must be at most %s ahead", a.cfg.MaxDelay))
+				return validationResp("send_at", fmt.Sprintf("must be at most %s ahead", humanDuration(a.cfg.MaxDelay)))
 			}
 			return a.scheduleEmail(r.Context(), ev, req.SendAt.UTC())
 		}

@@ -75,7 +75,7 @@ func dueTime(req eventRequest, now time.Time, maxDelay time.Duration) (time.Time
 		if req.Delay != "" {
 			field = "delay"
 		}
-		st, body := validationResp(field, fmt.Sprintf("must be at most %s ahead", maxDelay))
+		st, body := validationResp(field, fmt.Sprintf("must be at most %s ahead", humanDuration(maxDelay)))
 		return due, st, body
 	}
 	return due.UTC(), 0, nil

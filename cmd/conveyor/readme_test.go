@@ -1,0 +1,165 @@
+package main_test
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/conveyor/conveyor/config"
+	"github.com/conveyor/conveyor/internal/harness"
+)
+
+func readme(t *testing.T) (string, string) {
+	t.Helper()
+	root, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(root, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b), root
+}
+
+// section returns the README text under a "## title" heading.
+func section(t *testing.T, doc, title string) string {
+	t.Helper()
+	i := strings.Index(doc, "\n## "+title)
+	if i < 0 {
+		t.Fatalf("README has no section %q", title)
+	}
+	rest := doc[i+4+len(title):]
+	if j := strings.Index(rest, "\n## "); j >= 0 {
+		rest = rest[:j]
+	}
+	return rest
+}
+
+// The README's tables name every environment variable, every command and
+// every task it mentions.
+func TestReadmeIsComplete(t *testing.T) {
+	t.Parallel()
+	doc, root := readme(t)
+	cfg := section(t, doc, "Configuration")
+	for _, v := range config.Vars {
+		if !strings.Contains(cfg, "| `"+v.Name+"` |") {
+			t.Errorf("README's configuration table lacks %s", v.Name)
+		}
+	}
+	out, err := exec.Command(harness.Binary(t), "help").CombinedOutput()
+	if err != nil {
+		t.Fatalf("conveyor help: %v", err)
+	}
+	cmds := section(t, doc, "Commands")
+	for _, m := range regexp.MustCompile(`(?m)^  ([a-z]+)\s{2,}`).FindAllStringSubmatch(string(out), -1) {
+		if !strings.Contains(cmds, "| `conveyor "+m[1]) {
+			t.Errorf("README's command table lacks conveyor %s", m[1])
+		}
+	}
+	var tf struct {
+		Tasks map[string]any `yaml:"tasks"`
+	}
+	raw, err := os.ReadFile(filepath.Join(root, "Taskfile.yml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := yaml.Unmarshal(raw, &tf); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range regexp.MustCompile("go tool task ([a-z:]+)").FindAllStringSubmatch(doc, -1) {
+		if _, ok := tf.Tasks[m[1]]; !ok {
+			t.Errorf("README runs `go tool task %s`, which Taskfile.yml does not have", m[1])
+		}
+	}
+	for _, want := range []string{"run", "up", "down", "logs", "test", "test:short", "lint", "migrate"} {
+		if _, ok := tf.Tasks[want]; !ok {
+			t.Errorf("Taskfile.yml lacks the %s task", want)
+		}
+	}
+	ci, err := os.ReadFile(filepath.Join(root, ".ci", "run"))
+	if err != nil || !strings.Contains(string(ci), "go tool task test") || !strings.Contains(section(t, doc, "Quick start"), "go tool task test") {
+		t.Errorf("README's test command and .ci/run disagree (%v)", err)
+	}
+}
+
+// The curl lines of the README's walkthrough work against a real pipeline
+// started as README says (conveyor up with nothing configured).
+func TestReadmeWalkthrough(t *testing.T) {
+	t.Parallel()
+	doc, root := readme(t)
+	data, err := os.MkdirTemp("", "conveyor-readme-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(data) })
+	if err := os.Chmod(data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	up := harness.Start(t, "up", []string{"CONVEYOR_DATA_DIR=" + data}, "up")
+	up.WaitReady(t, 2*time.Minute)
+	defer func() {
+		if err := up.Stop(time.Minute); err != nil {
+			t.Errorf("stop conveyor up: %v", err)
+		}
+	}()
+
+	walk := section(t, doc, "Walkthrough with curl")
+	ids := map[string]string{}
+	ran := 0
+	for _, line := range strings.Split(walk, "\n") {
+		line = strings.TrimSpace(line)
+		if !strings.HasPrefix(line, "curl ") {
+			continue
+		}
+		cmdline := strings.ReplaceAll(line, "http://localhost:8080", up.URL())
+		for k, v := range ids {
+			cmdline = strings.ReplaceAll(cmdline, "<"+k+">", v)
+		}
+		if strings.Contains(cmdline, "<") {
+			t.Fatalf("README line uses an id no earlier line produced: %s", line)
+		}
+		bodyFile := filepath.Join(t.TempDir(), "body")
+		cmd := exec.Command("bash", "-c", cmdline+" -s -o "+bodyFile+" -w '%{http_code}'")
+		cmd.Dir = root
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("%s: %v", line, err)
+		}
+		code := strings.TrimSpace(string(out))
+		raw, _ := os.ReadFile(bodyFile)
+		body := string(raw)
+		if !strings.HasPrefix(code, "2") {
+			t.Fatalf("%s\n→ %s %s", line, code, body)
+		}
+		var got map[string]any
+		_ = json.Unmarshal([]byte(body), &got)
+		for _, k := range []string{"doc_id", "email_id"} {
+			if v, ok := got[k].(string); ok {
+				if _, seen := ids[k]; !seen {
+					ids[k] = v
+				}
+			}
+		}
+		ran++
+	}
+	if ran < 6 {
+		t.Fatalf("ran %d curl lines of the walkthrough", ran)
+	}
+	// The walkthrough's `conveyor status` against the same Redis.
+	m := regexp.MustCompile(`started local redis-server"? url=(\S+)`).FindStringSubmatch(up.Log())
+	if m == nil {
+		t.Fatalf("no redis url in the log of conveyor up")
+	}
+	out, err := harness.Run(t, t.Context(), []string{"REDIS_URL=" + m[1]}, "status")
+	if err != nil || !strings.Contains(out, "document.uploaded") {
+		t.Fatalf("conveyor status: %v\n%s", err, out)
+	}
+}
