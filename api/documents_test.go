@@ -1,0 +1,536 @@
+package api_test
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"mime/multipart"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/store"
+)
+
+func sha256Hex(b []byte) string {
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:])
+}
+
+// documentFields are the members of every document read.
+var documentFields = []string{"doc_id", "status", "filename", "size", "content_type", "sha256",
+	"words", "lines", "summary", "error", "uploaded_at", "processed_at"}
+
+// document is a document read; pointers are null members.
+type document struct {
+	DocID       string     `json:"doc_id"`
+	Status      string     `json:"status"`
+	Filename    *string    `json:"filename"`
+	Size        *int64     `json:"size"`
+	ContentType *string    `json:"content_type"`
+	SHA256      *string    `json:"sha256"`
+	Words       *int64     `json:"words"`
+	Lines       *int64     `json:"lines"`
+	Summary     *string    `json:"summary"`
+	Error       *string    `json:"error"`
+	UploadedAt  *time.Time `json:"uploaded_at"`
+	ProcessedAt *time.Time `json:"processed_at"`
+}
+
+// readDocument GETs a document, checks it has every member and decodes it.
+func (e *env) readDocument(t testing.TB, id string) document {
+	t.Helper()
+	r := e.get(t, "/v1/documents/"+id)
+	wantStatus(t, r, http.StatusOK)
+	var members map[string]json.RawMessage
+	if err := json.Unmarshal(r.body, &members); err != nil {
+		t.Fatalf("decode %s: %v", r.body, err)
+	}
+	for _, name := range documentFields {
+		if _, ok := members[name]; !ok {
+			t.Errorf("document has no member %q: %s", name, r.body)
+		}
+	}
+	return decodeJSON[document](t, r)
+}
+
+// accepted checks a 202 answer to an upload and returns the doc_id.
+func wantAcceptedDocument(t testing.TB, r response) string {
+	t.Helper()
+	wantStatus(t, r, http.StatusAccepted)
+	body := decodeJSON[map[string]any](t, r)
+	id, _ := body["doc_id"].(string)
+	if !events.IsUUID(id) || body["status"] != "processing" || len(body) != 2 {
+		t.Fatalf(`body %s, want {"doc_id":<uuid>,"status":"processing"}`, r.body)
+	}
+	if loc := r.header.Get("Location"); loc != "/v1/documents/"+id {
+		t.Errorf("Location = %q, want /v1/documents/%s", loc, id)
+	}
+	return id
+}
+
+func TestPostDocument_accepted(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name         string
+		filename     string
+		disposition  string
+		content      []byte
+		contentType  string
+		notify       string
+		wantFilename string
+		wantDeclared string
+		wantNotify   string
+	}{
+		{name: "plain text", filename: "report.txt", content: []byte("hello\nworld\n"), contentType: "text/plain; charset=utf-8",
+			wantFilename: "report.txt", wantDeclared: "text/plain"},
+		{name: "unix path is cut to its base name", filename: "../../etc/passwd", content: []byte("root:x:0:0"),
+			wantFilename: "passwd"},
+		{name: "windows path is cut to its base name", filename: `C:\x\y.txt`, content: []byte("y"),
+			wantFilename: "y.txt"},
+		{name: "tab is removed", filename: "a\tb.txt", content: []byte("ab"), wantFilename: "ab.txt"},
+		{name: "encoded control characters are removed", content: []byte("abc"),
+			disposition: `form-data; name="file"; filename*=UTF-8''..%2F..%2Fa%01b%7Fc%0A%0Dd%00.txt`, wantFilename: "abcd.txt"},
+		{name: "long name is cut to 255 bytes on a rune boundary", filename: strings.Repeat("é", 200) + ".txt", content: []byte("long"),
+			wantFilename: strings.Repeat("é", 127)},
+		{name: "exactly the size limit", filename: "max.bin", content: bytes.Repeat([]byte{'x'}, maxUpload),
+			contentType: "application/octet-stream", wantFilename: "max.bin", wantDeclared: "application/octet-stream"},
+		{name: "empty file", filename: "empty.txt", content: []byte{}, wantFilename: "empty.txt"},
+		{name: "file part without a filename", content: []byte("a plain field named file"), wantFilename: ""},
+		{name: "with notify", filename: "n.txt", content: []byte("notify me"), notify: "  ops@example.com ",
+			wantFilename: "n.txt", wantNotify: "ops@example.com"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			parts := []part{{name: "file", filename: tt.filename, contentType: tt.contentType, content: tt.content, disposition: tt.disposition}}
+			if tt.notify != "" {
+				parts = append(parts, fieldPart("notify", tt.notify))
+			}
+			before := time.Now().UTC()
+			id := wantAcceptedDocument(t, e.upload(t, parts))
+			sum := sha256Hex(tt.content)
+
+			es := e.entries(t, events.TypeDocumentUploaded)
+			if len(es) != 1 {
+				t.Fatalf("%d document.uploaded entries, want 1", len(es))
+			}
+			en := es[0]
+			if en.Meta[bus.MetaEventID] != en.ID || en.Meta[bus.MetaEventType] != events.TypeDocumentUploaded {
+				t.Errorf("envelope %v of entry %s", en.Meta, en.ID)
+			}
+			var ev events.DocumentUploaded
+			if err := json.Unmarshal(en.Payload, &ev); err != nil {
+				t.Fatalf("payload %s: %v", en.Payload, err)
+			}
+			if ev.DocID != id || ev.Size != int64(len(tt.content)) || ev.SHA256 != sum || ev.BlobKey != sum ||
+				ev.Filename != tt.wantFilename || ev.DeclaredContentType != tt.wantDeclared {
+				t.Errorf("event %+v, want doc_id %s, size %d, sha256 and blob_key %s, filename %q, declared %q",
+					ev, id, len(tt.content), sum, tt.wantFilename, tt.wantDeclared)
+			}
+			if tt.wantNotify == "" && ev.Notify != "" {
+				t.Errorf("notify = %q, want none", ev.Notify)
+			}
+			if tt.wantNotify != "" {
+				addr, err := events.ParseAddress(ev.Notify)
+				if err != nil || addr.Address != tt.wantNotify {
+					t.Errorf("notify = %q (%v), want the address %s", ev.Notify, err, tt.wantNotify)
+				}
+			}
+			if ev.UploadedAt.Before(before.Add(-time.Minute)) || ev.UploadedAt.After(time.Now().Add(time.Minute)) {
+				t.Errorf("uploaded_at = %s, want about now", ev.UploadedAt)
+			}
+			if err := ev.Validate(); err != nil {
+				t.Errorf("published event does not validate: %v", err)
+			}
+
+			if files := e.blobFiles(t); !slices.Equal(files, []string{blobPath(sum)}) {
+				t.Errorf("blob dir holds %v, want only %s", files, blobPath(sum))
+			}
+			if got := e.readBlob(t, sum); !bytes.Equal(got, tt.content) {
+				t.Errorf("stored %d bytes, want the %d sent", len(got), len(tt.content))
+			}
+
+			// No projector runs: the read is answered from what the api
+			// accepted, never 404.
+			doc := e.readDocument(t, id)
+			if doc.DocID != id || doc.Status != store.DocumentProcessing {
+				t.Errorf("read %+v, want doc_id %s processing", doc, id)
+			}
+			if doc.Filename == nil || *doc.Filename != tt.wantFilename || doc.Size == nil || *doc.Size != int64(len(tt.content)) ||
+				doc.SHA256 == nil || *doc.SHA256 != sum || doc.UploadedAt == nil || !doc.UploadedAt.Equal(ev.UploadedAt) {
+				t.Errorf("read %+v, want the upload's filename, size, sha256 and uploaded_at", doc)
+			}
+			if doc.ProcessedAt != nil || doc.Words != nil || doc.Summary != nil || doc.Error != nil {
+				t.Errorf("read %+v, want no processing outcome yet", doc)
+			}
+		})
+	}
+}
+
+// TestPostDocument_refused covers uploads that are refused: nothing is
+// kept, neither bytes (final or temp) nor an event nor an accepted marker.
+func TestPostDocument_refused(t *testing.T) {
+	t.Parallel()
+	small := []byte("small enough")
+	tests := []struct {
+		name      string
+		req       func(t *testing.T, e *env) *http.Request
+		status    int
+		code      string
+		wantField string
+	}{
+		{
+			name: "multipart without a file part",
+			req: func(t *testing.T, e *env) *http.Request {
+				return uploadRequest(t, e, fieldPart("notify", "ops@example.com"), fieldPart("other", "x"))
+			},
+			status: http.StatusBadRequest, code: "missing_file",
+		},
+		{
+			name: "JSON body",
+			req: func(t *testing.T, e *env) *http.Request {
+				return e.request(t, http.MethodPost, "/v1/documents", strings.NewReader(`{"file":"aGVsbG8="}`), "Content-Type", "application/json")
+			},
+			status: http.StatusUnsupportedMediaType, code: "unsupported_media_type",
+		},
+		{
+			name: "no Content-Type",
+			req: func(t *testing.T, e *env) *http.Request {
+				body, _ := multipartBody(t, filePart("a.txt", small))
+				return e.request(t, http.MethodPost, "/v1/documents", bytes.NewReader(body))
+			},
+			status: http.StatusUnsupportedMediaType, code: "unsupported_media_type",
+		},
+		{
+			name: "multipart without a boundary",
+			req: func(t *testing.T, e *env) *http.Request {
+				body, _ := multipartBody(t, filePart("a.txt", small))
+				return e.request(t, http.MethodPost, "/v1/documents", bytes.NewReader(body), "Content-Type", "multipart/form-data")
+			},
+			status: http.StatusUnsupportedMediaType, code: "unsupported_media_type",
+		},
+		{
+			name: "file one byte over the limit",
+			req: func(t *testing.T, e *env) *http.Request {
+				return uploadRequest(t, e, filePart("big.bin", bytes.Repeat([]byte{'x'}, maxUpload+1)))
+			},
+			status: http.StatusRequestEntityTooLarge, code: "too_large",
+		},
+		{
+			name: "file far over the limit, streamed without a length",
+			req: func(t *testing.T, e *env) *http.Request {
+				body, ct := multipartBody(t, filePart("big.bin", bytes.Repeat([]byte{'x'}, 200<<10)))
+				return e.request(t, http.MethodPost, "/v1/documents", streamed{bytes.NewReader(body)}, "Content-Type", ct)
+			},
+			status: http.StatusRequestEntityTooLarge, code: "too_large",
+		},
+		{
+			name: "body over the limit after a stored file",
+			req: func(t *testing.T, e *env) *http.Request {
+				body, ct := multipartBody(t, filePart("a.txt", small), fieldPart("padding", strings.Repeat("p", 70<<10)))
+				return e.request(t, http.MethodPost, "/v1/documents", streamed{bytes.NewReader(body)}, "Content-Type", ct)
+			},
+			status: http.StatusRequestEntityTooLarge, code: "too_large",
+		},
+		{
+			name: "invalid notify after the file",
+			req: func(t *testing.T, e *env) *http.Request {
+				return uploadRequest(t, e, filePart("a.txt", small), fieldPart("notify", "not an address"))
+			},
+			status: http.StatusUnprocessableEntity, code: "validation_failed", wantField: "notify",
+		},
+		{
+			name: "invalid notify before the file",
+			req: func(t *testing.T, e *env) *http.Request {
+				return uploadRequest(t, e, fieldPart("notify", "ops@example.com\r\nBcc: x@example.com"), filePart("a.txt", small))
+			},
+			status: http.StatusUnprocessableEntity, code: "validation_failed", wantField: "notify",
+		},
+		{
+			name: "notify too long",
+			req: func(t *testing.T, e *env) *http.Request {
+				return uploadRequest(t, e, filePart("a.txt", small), fieldPart("notify", strings.Repeat("a", 1100)+"@example.com"))
+			},
+			status: http.StatusUnprocessableEntity, code: "validation_failed", wantField: "notify",
+		},
+		{
+			name: "two file parts",
+			req: func(t *testing.T, e *env) *http.Request {
+				return uploadRequest(t, e, filePart("a.txt", small), filePart("b.txt", []byte("another")))
+			},
+			status: http.StatusBadRequest, code: "bad_request",
+		},
+		{
+			name: "file part cut short",
+			req: func(t *testing.T, e *env) *http.Request {
+				body, ct := multipartBody(t, filePart("a.txt", small))
+				body = body[:bytes.Index(body, small)+4]
+				return e.request(t, http.MethodPost, "/v1/documents", bytes.NewReader(body), "Content-Type", ct)
+			},
+			status: http.StatusBadRequest, code: "bad_multipart",
+		},
+		{
+			name: "control character in a part header",
+			req: func(t *testing.T, e *env) *http.Request {
+				return uploadRequest(t, e, filePart("a\x01b.txt", small))
+			},
+			status: http.StatusBadRequest, code: "bad_multipart",
+		},
+		{
+			name: "body cut short after a stored file",
+			req: func(t *testing.T, e *env) *http.Request {
+				body, ct := multipartBody(t, filePart("a.txt", small), fieldPart("notify", "ops@example.com"))
+				body = body[:bytes.Index(body, []byte("ops@exa"))+len("ops@exa")]
+				return e.request(t, http.MethodPost, "/v1/documents", bytes.NewReader(body), "Content-Type", ct)
+			},
+			status: http.StatusBadRequest, code: "bad_multipart",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			r := e.do(t, tt.req(t, e))
+			detail := wantError(t, r, tt.status, tt.code)
+			if tt.wantField != "" && !detail.names(tt.wantField) {
+				t.Errorf("error.fields %v, want %q named", detail.fieldNames(), tt.wantField)
+			}
+			e.nothingKept(t)
+		})
+	}
+}
+
+// uploadRequest builds an upload of parts.
+func uploadRequest(t *testing.T, e *env, parts ...part) *http.Request {
+	body, ct := multipartBody(t, parts...)
+	return e.request(t, http.MethodPost, "/v1/documents", bytes.NewReader(body), "Content-Type", ct)
+}
+
+// nothingKept checks that no upload left bytes, an event or an accepted
+// marker behind.
+func (e *env) nothingKept(t testing.TB) {
+	t.Helper()
+	if files := e.blobFiles(t); len(files) != 0 {
+		t.Errorf("blob dir holds %v, want nothing", files)
+	}
+	e.noEntries(t, events.TypeDocumentUploaded)
+	if keys := e.keys(t, "idem:accepted:*"); len(keys) != 0 {
+		t.Errorf("accepted markers %v left behind", keys)
+	}
+}
+
+// TestPostDocument_tooLargeByContentLength sends only the headers of a huge
+// upload: the declared length alone is refused, before any byte is read.
+func TestPostDocument_tooLargeByContentLength(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	conn, err := net.Dial("tcp", e.srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if err := conn.SetDeadline(time.Now().Add(liveness)); err != nil {
+		t.Fatal(err)
+	}
+	_, err = fmt.Fprintf(conn, "POST /v1/documents HTTP/1.1\r\nHost: api\r\n"+
+		"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: %d\r\n\r\n--xyz\r\n", int64(1)<<40)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("no answer before the body was sent: %v", err)
+	}
+	defer res.Body.Close()
+	body, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantError(t, response{status: res.StatusCode, header: res.Header, body: body}, http.StatusRequestEntityTooLarge, "too_large")
+	e.nothingKept(t)
+}
+
+// TestPostDocument_refusedKeepsEarlierBytes checks that a refused upload of
+// bytes another document already uses leaves them in place.
+func TestPostDocument_refusedKeepsEarlierBytes(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	content := []byte("shared bytes")
+	wantAcceptedDocument(t, e.upload(t, []part{filePart("first.txt", content)}))
+	r := e.upload(t, []part{filePart("second.txt", content), fieldPart("notify", "nope")})
+	wantError(t, r, http.StatusUnprocessableEntity, "validation_failed")
+	if got := e.readBlob(t, sha256Hex(content)); !bytes.Equal(got, content) {
+		t.Errorf("stored bytes changed to %q", got)
+	}
+	if n := len(e.entries(t, events.TypeDocumentUploaded)); n != 1 {
+		t.Errorf("%d document.uploaded entries, want 1", n)
+	}
+}
+
+// TestPostDocument_publishFails covers a Redis that cannot take the event:
+// the client gets 503 and no doc_id, and the stored bytes are removed.
+func TestPostDocument_publishFails(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name   string
+		client func(t testing.TB) redis.UniversalClient
+	}{
+		{name: "closed client", client: closedRedis},
+		{name: "nothing listening", client: deadRedis},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, withPublisherRedis(tt.client(t)))
+			r := e.upload(t, []part{filePart("a.txt", []byte("bytes that cannot be announced")), fieldPart("notify", "ops@example.com")})
+			wantError(t, r, http.StatusServiceUnavailable, "unavailable")
+			if loc := r.header.Get("Location"); loc != "" {
+				t.Errorf("Location %q on a refused upload", loc)
+			}
+			e.nothingKept(t)
+		})
+	}
+}
+
+func TestPostDocument_idempotencyKey(t *testing.T) {
+	t.Parallel()
+
+	t.Run("retry returns the first answer and publishes once", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t)
+		content := []byte("upload once")
+		first := e.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "upload-1")
+		id := wantAcceptedDocument(t, first)
+		if first.header.Get("Idempotent-Replayed") != "" {
+			t.Errorf("first answer says Idempotent-Replayed")
+		}
+		for range 2 {
+			again := e.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "upload-1")
+			if got := wantAcceptedDocument(t, again); got != id {
+				t.Errorf("retry answered doc_id %s, want %s", got, id)
+			}
+			if again.header.Get("Idempotent-Replayed") != "true" {
+				t.Errorf("Idempotent-Replayed = %q, want true", again.header.Get("Idempotent-Replayed"))
+			}
+		}
+		if n := len(e.entries(t, events.TypeDocumentUploaded)); n != 1 {
+			t.Errorf("%d document.uploaded entries, want 1", n)
+		}
+		if files := e.blobFiles(t); len(files) != 1 {
+			t.Errorf("blob dir holds %v, want one file", files)
+		}
+		// Another key is another upload.
+		other := wantAcceptedDocument(t, e.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "upload-2"))
+		if other == id {
+			t.Errorf("another key answered the same doc_id")
+		}
+	})
+
+	t.Run("a refused request does not use up the key", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t)
+		r := e.upload(t, []part{filePart("a.txt", []byte("x")), fieldPart("notify", "bad")}, "Idempotency-Key", "k")
+		wantError(t, r, http.StatusUnprocessableEntity, "validation_failed")
+		r = e.upload(t, []part{filePart("a.txt", []byte("x")), fieldPart("notify", "ops@example.com")}, "Idempotency-Key", "k")
+		id := wantAcceptedDocument(t, r)
+		if r.header.Get("Idempotent-Replayed") != "" {
+			t.Errorf("a fresh run says Idempotent-Replayed")
+		}
+		r = e.upload(t, []part{filePart("a.txt", []byte("x"))}, "Idempotency-Key", "k")
+		if got := wantAcceptedDocument(t, r); got != id || r.header.Get("Idempotent-Replayed") != "true" {
+			t.Errorf("retry answered %s (replayed %q), want the replay of %s", got, r.header.Get("Idempotent-Replayed"), id)
+		}
+	})
+
+	t.Run("key too long", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t)
+		r := e.upload(t, []part{filePart("a.txt", []byte("x"))}, "Idempotency-Key", strings.Repeat("k", 256))
+		wantError(t, r, http.StatusBadRequest, "bad_idempotency_key")
+		e.nothingKept(t)
+	})
+
+	t.Run("a retry while the first upload still streams gets 409", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t)
+		pr, pw := io.Pipe()
+		// Registered after the server's, so it runs first: a test that
+		// stops early ends the upload, and the server can close.
+		t.Cleanup(func() { _ = pw.CloseWithError(io.ErrUnexpectedEOF) })
+		mw := multipart.NewWriter(pw)
+		req := e.request(t, http.MethodPost, "/v1/documents", streamed{pr},
+			"Content-Type", mw.FormDataContentType(), "Idempotency-Key", "slow")
+		done := make(chan response, 1)
+		go func() {
+			r, err := e.send(req)
+			if err != nil {
+				t.Error(err)
+			}
+			done <- r
+		}()
+		fw, err := mw.CreateFormFile("file", "slow.txt")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := fw.Write([]byte("first half, ")); err != nil {
+			t.Fatal(err)
+		}
+		// The api writes the file to a temp file as it arrives: once one
+		// exists, the first request holds the key.
+		e.waitFor(t, "the upload's temp file", func() bool {
+			entries, _ := os.ReadDir(filepath.Join(e.blobDir, "tmp"))
+			return len(entries) > 0
+		})
+		r := e.upload(t, []part{filePart("slow.txt", []byte("other"))}, "Idempotency-Key", "slow")
+		wantError(t, r, http.StatusConflict, "request_in_progress")
+
+		if _, err := fw.Write([]byte("second half")); err != nil {
+			t.Fatal(err)
+		}
+		if err := mw.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := pw.Close(); err != nil {
+			t.Fatal(err)
+		}
+		id := wantAcceptedDocument(t, <-done)
+		r = e.upload(t, []part{filePart("slow.txt", []byte("other"))}, "Idempotency-Key", "slow")
+		if got := wantAcceptedDocument(t, r); got != id {
+			t.Errorf("retry after the first finished answered %s, want %s", got, id)
+		}
+		sum := sha256Hex([]byte("first half, second half"))
+		if files := e.blobFiles(t); !slices.Equal(files, []string{blobPath(sum)}) {
+			t.Errorf("blob dir holds %v, want only the first upload's bytes %s", files, blobPath(sum))
+		}
+		if n := len(e.entries(t, events.TypeDocumentUploaded)); n != 1 {
+			t.Errorf("%d document.uploaded entries, want 1", n)
+		}
+	})
+}
+
+// waitFor polls cond until it holds; the bound only ends a broken test.
+func (e *env) waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(liveness)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s after %s", what, liveness)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

@@ -1,0 +1,340 @@
+package api_test
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/store"
+)
+
+// emailFields are the members of every email read.
+var emailFields = []string{"email_id", "status", "to", "subject", "doc_id", "attempts", "send_at", "sent_at",
+	"failed_at", "error", "message_id"}
+
+// email is an email read; pointers are null members.
+type email struct {
+	EmailID   string     `json:"email_id"`
+	Status    string     `json:"status"`
+	To        *string    `json:"to"`
+	Subject   *string    `json:"subject"`
+	DocID     *string    `json:"doc_id"`
+	Attempts  int        `json:"attempts"`
+	SendAt    *time.Time `json:"send_at"`
+	SentAt    *time.Time `json:"sent_at"`
+	FailedAt  *time.Time `json:"failed_at"`
+	Error     *string    `json:"error"`
+	MessageID *string    `json:"message_id"`
+}
+
+// readEmail GETs an email, checks it has every member and decodes it.
+func (e *env) readEmail(t testing.TB, id string) email {
+	t.Helper()
+	r := e.get(t, "/v1/emails/"+id)
+	wantStatus(t, r, http.StatusOK)
+	var members map[string]json.RawMessage
+	if err := json.Unmarshal(r.body, &members); err != nil {
+		t.Fatalf("decode %s: %v", r.body, err)
+	}
+	for _, name := range emailFields {
+		if _, ok := members[name]; !ok {
+			t.Errorf("email has no member %q: %s", name, r.body)
+		}
+	}
+	return decodeJSON[email](t, r)
+}
+
+// wantAcceptedEmail checks a 202 answer to an email request and returns
+// the email_id.
+func wantAcceptedEmail(t testing.TB, r response) string {
+	t.Helper()
+	wantStatus(t, r, http.StatusAccepted)
+	body := decodeJSON[map[string]any](t, r)
+	id, _ := body["email_id"].(string)
+	if !events.IsUUID(id) || body["status"] != store.EmailQueued || len(body) != 2 {
+		t.Fatalf(`body %s, want {"email_id":<uuid>,"status":"queued"}`, r.body)
+	}
+	if loc := r.header.Get("Location"); loc != "/v1/emails/"+id {
+		t.Errorf("Location = %q, want /v1/emails/%s", loc, id)
+	}
+	return id
+}
+
+func TestPostEmail_accepted(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name        string
+		contentType string
+		body        string
+		wantTo      string
+		wantSubject string
+		wantBody    string
+	}{
+		{name: "plain", contentType: "application/json",
+			body:   `{"to":"ann@example.com","subject":"Hello","body":"Hi Ann"}`,
+			wantTo: "ann@example.com", wantSubject: "Hello", wantBody: "Hi Ann"},
+		{name: "no Content-Type", body: `{"to":"ann@example.com","subject":"Hello","body":"Hi"}`,
+			wantTo: "ann@example.com", wantSubject: "Hello", wantBody: "Hi"},
+		{name: "charset parameter", contentType: "application/json; charset=utf-8",
+			body:   `{"to":" Ann <ann@example.com> ","subject":"Grüße","body":"line 1\nline 2"}`,
+			wantTo: "Ann <ann@example.com>", wantSubject: "Grüße", wantBody: "line 1\nline 2"},
+		{name: "send_at in the past sends now", contentType: "application/json",
+			body:   `{"to":"ann@example.com","subject":"Late","body":"b","send_at":"2001-02-03T04:05:06Z"}`,
+			wantTo: "ann@example.com", wantSubject: "Late", wantBody: "b"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			var header []string
+			if tt.contentType != "" {
+				header = []string{"Content-Type", tt.contentType}
+			}
+			id := wantAcceptedEmail(t, e.do(t, e.request(t, http.MethodPost, "/v1/emails", strings.NewReader(tt.body), header...)))
+
+			es := e.entries(t, events.TypeEmailRequested)
+			if len(es) != 1 {
+				t.Fatalf("%d email.requested entries, want 1", len(es))
+			}
+			var ev events.EmailRequested
+			if err := json.Unmarshal(es[0].Payload, &ev); err != nil {
+				t.Fatal(err)
+			}
+			if ev.EmailID != id || ev.To != tt.wantTo || ev.Subject != tt.wantSubject || ev.Body != tt.wantBody {
+				t.Errorf("event %+v, want email_id %s to %q subject %q body %q", ev, id, tt.wantTo, tt.wantSubject, tt.wantBody)
+			}
+			if es[0].Meta[bus.MetaEventType] != events.TypeEmailRequested || es[0].Meta[bus.MetaEventID] != es[0].ID {
+				t.Errorf("envelope %v", es[0].Meta)
+			}
+
+			got := e.readEmail(t, id)
+			if got.EmailID != id || got.Status != store.EmailQueued || got.To == nil || *got.To != tt.wantTo ||
+				got.Subject == nil || *got.Subject != tt.wantSubject || got.SentAt != nil {
+				t.Errorf("read %+v, want %s queued to %q", got, id, tt.wantTo)
+			}
+		})
+	}
+}
+
+func TestPostEmail_refused(t *testing.T) {
+	t.Parallel()
+	valid := map[string]any{"to": "ann@example.com", "subject": "Hello", "body": "Hi"}
+	// with returns the valid request with changes; a nil value removes
+	// the member.
+	with := func(changes map[string]any) string {
+		m := map[string]any{}
+		for k, v := range valid {
+			m[k] = v
+		}
+		for k, v := range changes {
+			if v == nil {
+				delete(m, k)
+			} else {
+				m[k] = v
+			}
+		}
+		b, _ := json.Marshal(m)
+		return string(b)
+	}
+	tests := []struct {
+		name        string
+		contentType string
+		body        string
+		status      int
+		code        string
+		wantFields  []string
+	}{
+		{name: "missing to", body: with(map[string]any{"to": nil}), status: 422, code: "validation_failed", wantFields: []string{"to"}},
+		{name: "invalid to", body: with(map[string]any{"to": "not an address"}), status: 422, code: "validation_failed", wantFields: []string{"to"}},
+		{name: "to without a domain", body: with(map[string]any{"to": "ann@"}), status: 422, code: "validation_failed", wantFields: []string{"to"}},
+		{name: "header injection in to", body: with(map[string]any{"to": "ann@example.com\r\nBcc: eve@example.com"}),
+			status: 422, code: "validation_failed", wantFields: []string{"to"}},
+		{name: "missing subject", body: with(map[string]any{"subject": nil}), status: 422, code: "validation_failed", wantFields: []string{"subject"}},
+		{name: "blank subject", body: with(map[string]any{"subject": "   "}), status: 422, code: "validation_failed", wantFields: []string{"subject"}},
+		{name: "subject with CR", body: with(map[string]any{"subject": "Hi\rBcc: eve@example.com"}), status: 422, code: "validation_failed", wantFields: []string{"subject"}},
+		{name: "subject with LF", body: with(map[string]any{"subject": "Hi\nthere"}), status: 422, code: "validation_failed", wantFields: []string{"subject"}},
+		{name: "subject too long", body: with(map[string]any{"subject": strings.Repeat("s", events.MaxSubjectBytes+1)}),
+			status: 422, code: "validation_failed", wantFields: []string{"subject"}},
+		{name: "missing body", body: with(map[string]any{"body": nil}), status: 422, code: "validation_failed", wantFields: []string{"body"}},
+		{name: "NUL in body", body: with(map[string]any{"body": "a\x00b"}), status: 422, code: "validation_failed", wantFields: []string{"body"}},
+		{name: "everything missing", body: `{}`, status: 422, code: "validation_failed", wantFields: []string{"to", "subject", "body"}},
+		{name: "unknown field", body: with(map[string]any{"cc": "eve@example.com"}), status: 422, code: "validation_failed", wantFields: []string{"cc"}},
+		{name: "to of the wrong JSON type", body: with(map[string]any{"to": 5}), status: 422, code: "validation_failed", wantFields: []string{"to"}},
+		{name: "subject of the wrong JSON type", body: with(map[string]any{"subject": []string{"a"}}), status: 422, code: "validation_failed", wantFields: []string{"subject"}},
+		{name: "send_at of the wrong JSON type", body: with(map[string]any{"send_at": 5}), status: 422, code: "validation_failed", wantFields: []string{"send_at"}},
+		{name: "send_at not a time", body: with(map[string]any{"send_at": "tomorrow"}), status: 422, code: "validation_failed", wantFields: []string{"send_at"}},
+		{name: "send_at too far ahead", body: with(map[string]any{"send_at": time.Now().Add(365 * 24 * time.Hour)}),
+			status: 422, code: "validation_failed", wantFields: []string{"send_at"}},
+		{name: "malformed JSON", body: `{"to":`, status: 400, code: "malformed_json"},
+		{name: "empty body", body: ``, status: 400, code: "malformed_json"},
+		{name: "two objects", body: with(nil) + with(nil), status: 400, code: "malformed_json"},
+		{name: "not an object", body: `["ann@example.com"]`, status: 400, code: "malformed_json"},
+		{name: "text/plain", contentType: "text/plain", body: with(nil), status: 415, code: "unsupported_media_type"},
+		{name: "form", contentType: "application/x-www-form-urlencoded", body: "to=ann@example.com", status: 415, code: "unsupported_media_type"},
+		{name: "body over 1 MiB", body: with(map[string]any{"body": strings.Repeat("b", 1<<20)}), status: 413, code: "too_large"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			ct := tt.contentType
+			if ct == "" {
+				ct = "application/json"
+			}
+			r := e.do(t, e.request(t, http.MethodPost, "/v1/emails", strings.NewReader(tt.body), "Content-Type", ct))
+			detail := wantError(t, r, tt.status, tt.code)
+			for _, f := range tt.wantFields {
+				if !detail.names(f) {
+					t.Errorf("error.fields %v, want %q named", detail.fieldNames(), f)
+				}
+			}
+			if tt.wantFields == nil && len(detail.Fields) != 0 {
+				t.Errorf("error.fields %v, want none", detail.fieldNames())
+			}
+			e.noEntries(t, events.TypeEmailRequested, events.TypeEmailScheduled)
+			if keys := e.keys(t, "idem:accepted:*"); len(keys) != 0 {
+				t.Errorf("accepted markers %v left behind", keys)
+			}
+		})
+	}
+}
+
+func TestPostEmail_publishFails(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name   string
+		client func(t testing.TB) redis.UniversalClient
+		body   string
+	}{
+		{name: "closed client", client: closedRedis, body: `{"to":"ann@example.com","subject":"s","body":"b"}`},
+		{name: "nothing listening", client: deadRedis, body: `{"to":"ann@example.com","subject":"s","body":"b"}`},
+		{name: "scheduled, closed client", client: closedRedis,
+			body: `{"to":"ann@example.com","subject":"s","body":"b","send_at":"` + time.Now().Add(time.Hour).Format(time.RFC3339) + `"}`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, withPublisherRedis(tt.client(t)))
+			r := e.postJSON(t, "/v1/emails", tt.body)
+			wantError(t, r, http.StatusServiceUnavailable, "unavailable")
+			if keys := e.keys(t, "idem:*"); len(keys) != 0 {
+				t.Errorf("records %v left behind", keys)
+			}
+		})
+	}
+}
+
+func TestPostEmail_scheduled(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	sendAt := time.Now().Add(time.Hour).UTC().Truncate(time.Second)
+	r := e.postJSON(t, "/v1/emails", `{"to":"ann@example.com","subject":"Later","body":"b","send_at":"`+sendAt.Format(time.RFC3339)+`"}`)
+	wantStatus(t, r, http.StatusAccepted)
+	type scheduled struct {
+		EmailID string    `json:"email_id"`
+		Status  string    `json:"status"`
+		SendAt  time.Time `json:"send_at"`
+	}
+	body := decodeJSON[scheduled](t, r)
+	if !events.IsUUID(body.EmailID) || body.Status != store.EmailScheduled || !body.SendAt.Equal(sendAt) {
+		t.Fatalf("body %s, want a scheduled email_id with send_at %s", r.body, sendAt)
+	}
+	if loc := r.header.Get("Location"); loc != "/v1/emails/"+body.EmailID {
+		t.Errorf("Location = %q", loc)
+	}
+	// Held back, not in the stream yet; its schedule is announced.
+	e.noEntries(t, events.TypeEmailRequested)
+	if n, err := e.rdb.ZCard(t.Context(), bus.DelayedSet(e.prefix+events.TypeEmailRequested)).Result(); err != nil || n != 1 {
+		t.Errorf("%d held-back email.requested (%v), want 1", n, err)
+	}
+	es := e.entries(t, events.TypeEmailScheduled)
+	if len(es) != 1 {
+		t.Fatalf("%d email.scheduled entries, want 1", len(es))
+	}
+	var ev events.EmailScheduled
+	if err := json.Unmarshal(es[0].Payload, &ev); err != nil || ev.EmailID != body.EmailID || !ev.SendAt.Equal(sendAt) {
+		t.Errorf("email.scheduled %s (%v), want email %s at %s", es[0].Payload, err, body.EmailID, sendAt)
+	}
+	got := e.readEmail(t, body.EmailID)
+	if got.Status != store.EmailScheduled || got.SendAt == nil || !got.SendAt.Equal(sendAt) {
+		t.Errorf("read %+v, want scheduled at %s", got, sendAt)
+	}
+}
+
+func TestPostEmail_idempotencyKey(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	req := `{"to":"ann@example.com","subject":"Once","body":"only once"}`
+	first := e.postJSON(t, "/v1/emails", req, "Idempotency-Key", "email-1")
+	id := wantAcceptedEmail(t, first)
+	if first.header.Get("Idempotent-Replayed") != "" {
+		t.Errorf("first answer says Idempotent-Replayed")
+	}
+	again := e.postJSON(t, "/v1/emails", req, "Idempotency-Key", "email-1")
+	if got := wantAcceptedEmail(t, again); got != id {
+		t.Errorf("retry answered %s, want %s", got, id)
+	}
+	if again.header.Get("Idempotent-Replayed") != "true" {
+		t.Errorf("Idempotent-Replayed = %q, want true", again.header.Get("Idempotent-Replayed"))
+	}
+
+	other := e.postJSON(t, "/v1/emails", `{"to":"eve@example.com","subject":"Once","body":"only once"}`, "Idempotency-Key", "email-1")
+	wantError(t, other, http.StatusUnprocessableEntity, "idempotency_key_reused")
+
+	if n := len(e.entries(t, events.TypeEmailRequested)); n != 1 {
+		t.Errorf("%d email.requested entries, want 1", n)
+	}
+
+	// A refused request leaves the key free for the corrected one.
+	bad := e.postJSON(t, "/v1/emails", `{"to":"nope","subject":"s","body":"b"}`, "Idempotency-Key", "email-2")
+	wantError(t, bad, http.StatusUnprocessableEntity, "validation_failed")
+	wantAcceptedEmail(t, e.postJSON(t, "/v1/emails", `{"to":"ann@example.com","subject":"s","body":"b"}`, "Idempotency-Key", "email-2"))
+}
+
+func TestGetEmail(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+
+	t.Run("errors", func(t *testing.T) {
+		t.Parallel()
+		wantError(t, e.get(t, "/v1/emails/"+events.NewID()), http.StatusNotFound, "not_found")
+		wantError(t, e.get(t, "/v1/emails/12345"), http.StatusBadRequest, "malformed_id")
+	})
+
+	t.Run("projected row", func(t *testing.T) {
+		t.Parallel()
+		id, docID := events.NewID(), events.NewID()
+		e.project(t, func(ctx context.Context, tx *store.Tx) error {
+			if err := tx.ApplyEmailsRequested(ctx, []*events.EmailRequested{{EmailID: id, To: "ann@example.com",
+				Subject: "Your document", Body: "done", DocID: docID, RequestedAt: at}}); err != nil {
+				return err
+			}
+			return tx.ApplyEmailsSent(ctx, []*events.EmailSent{{EmailID: id, To: "ann@example.com",
+				MessageID: "<m1@example.com>", Attempts: 2, SentAt: at.Add(time.Second)}})
+		})
+		got := e.readEmail(t, id)
+		if got.EmailID != id || got.Status != store.EmailSent || got.To == nil || *got.To != "ann@example.com" ||
+			got.Subject == nil || *got.Subject != "Your document" || got.DocID == nil || *got.DocID != docID ||
+			got.Attempts != 2 || got.SentAt == nil || !got.SentAt.Equal(at.Add(time.Second)) ||
+			got.MessageID == nil || *got.MessageID != "<m1@example.com>" || got.Error != nil || got.FailedAt != nil {
+			t.Errorf("read %+v", got)
+		}
+	})
+
+	t.Run("right after the 202, in capitals too", func(t *testing.T) {
+		t.Parallel()
+		id := wantAcceptedEmail(t, e.postJSON(t, "/v1/emails", `{"to":"ann@example.com","subject":"s","body":"b"}`))
+		for _, ref := range []string{id, strings.ToUpper(id)} {
+			if got := e.readEmail(t, ref); got.EmailID != id || got.Status != store.EmailQueued {
+				t.Errorf("read %s: %+v, want %s queued", ref, got, id)
+			}
+		}
+	})
+}

@@ -1,0 +1,133 @@
+package api_test
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/conveyor/conveyor/api"
+)
+
+func TestHealthz(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, withChecks(func(*env) map[string]api.Check {
+		return map[string]api.Check{"postgres": func(context.Context) error { return errors.New("down") }}
+	}))
+	r := e.get(t, "/healthz")
+	wantStatus(t, r, http.StatusOK)
+	if body := decodeJSON[map[string]string](t, r); body["status"] != "ok" {
+		t.Errorf("body %s, want status ok", r.body)
+	}
+}
+
+func TestReadyz(t *testing.T) {
+	t.Parallel()
+	// secret stands for what an error may carry (an address, a user name)
+	// and must never reach the public body.
+	const secret = "postgres://conveyor:hunter2@10.0.0.7:5432"
+	tests := []struct {
+		name   string
+		checks func(e *env) map[string]api.Check // nil: production's
+		status int
+		want   api.ReadinessBody
+	}{
+		{
+			name:   "real dependencies up",
+			checks: nil,
+			status: http.StatusOK,
+			want:   api.ReadinessBody{Status: "ready", Checks: map[string]string{"redis": "ok", "postgres": "ok"}},
+		},
+		{
+			name: "postgres down",
+			checks: func(e *env) map[string]api.Check {
+				return map[string]api.Check{
+					"redis":    func(ctx context.Context) error { return e.rdb.Ping(ctx).Err() },
+					"postgres": func(context.Context) error { return errors.New("dial " + secret + ": connection refused") },
+				}
+			},
+			status: http.StatusServiceUnavailable,
+			want:   api.ReadinessBody{Status: "unavailable", Checks: map[string]string{"redis": "ok", "postgres": "down"}},
+		},
+		{
+			name: "check outlives its deadline",
+			checks: func(e *env) map[string]api.Check {
+				return map[string]api.Check{
+					"redis":    func(ctx context.Context) error { return e.rdb.Ping(ctx).Err() },
+					"postgres": func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() },
+				}
+			},
+			status: http.StatusServiceUnavailable,
+			want:   api.ReadinessBody{Status: "unavailable", Checks: map[string]string{"redis": "ok", "postgres": "down"}},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, withChecks(tt.checks))
+			r := e.get(t, "/readyz")
+			wantStatus(t, r, tt.status)
+			got := decodeJSON[api.ReadinessBody](t, r)
+			if got.Status != tt.want.Status || !sameStrings(got.Checks, tt.want.Checks) {
+				t.Errorf("body %s, want %+v", r.body, tt.want)
+			}
+			if strings.Contains(string(r.body), "hunter2") || strings.Contains(string(r.body), "refused") {
+				t.Errorf("body %s carries error text", r.body)
+			}
+		})
+	}
+}
+
+func sameStrings(a, b map[string]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if b[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+func TestMetrics(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	wantAcceptedEmail(t, e.postJSON(t, "/v1/emails", `{"to":"ann@example.com","subject":"s","body":"b"}`))
+	wantError(t, e.postJSON(t, "/v1/emails", `{}`), http.StatusUnprocessableEntity, "validation_failed")
+	r := e.get(t, "/metrics")
+	wantStatus(t, r, http.StatusOK)
+	for _, line := range []string{
+		`conveyor_http_requests_total{code="202",route="POST /v1/emails"} 1`,
+		`conveyor_http_requests_total{code="422",route="POST /v1/emails"} 1`,
+		`conveyor_http_request_duration_seconds_count{route="POST /v1/emails"} 2`,
+	} {
+		if !strings.Contains(string(r.body), line+"\n") {
+			t.Errorf("/metrics has no line %q:\n%s", line, r.body)
+		}
+	}
+}
+
+func TestUnknownEndpoints(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	tests := []struct {
+		name   string
+		method string
+		path   string
+	}{
+		{name: "unknown path", method: http.MethodGet, path: "/v1/nothing"},
+		{name: "root", method: http.MethodGet, path: "/"},
+		{name: "old version", method: http.MethodPost, path: "/v0/documents"},
+		{name: "wrong method on a read", method: http.MethodDelete, path: "/v1/documents/0190a0c0-0000-7000-8000-000000000001"},
+		{name: "wrong method on a write", method: http.MethodPut, path: "/v1/emails"},
+		{name: "GET of a collection", method: http.MethodGet, path: "/v1/events"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			wantError(t, e.do(t, e.request(t, tt.method, tt.path, nil)), http.StatusNotFound, "not_found")
+		})
+	}
+}
