@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"reflect"
+	"strings"
 	"time"
 
 	"github.com/conveyor/conveyor/bus"
@@ -122,7 +123,8 @@ func parseEvent(req eventRequest) (events.Event, string, int, any) {
 		st, body := errResp(http.StatusBadRequest, "bad_event", err.Error())
 		return nil, "", st, body
 	}
-	id := req.ID
+	// UUIDs are case-insensitive: one canonical form keeps "A…" and "a…" one id.
+	id := strings.ToLower(req.ID)
 	if id == "" {
 		id = events.NewID()
 	}
@@ -188,7 +190,9 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 }
 
 type batchRequest struct {
-	Events []eventRequest `json:"events"`
+	// Events are decoded one by one, so a malformed member fails only
+	// itself.
+	Events []json.RawMessage `json:"events"`
 }
 
 // BatchResult is the outcome of one event of a batch.
@@ -235,7 +239,14 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 	var marked []int
 	now := time.Now()
 	dues := make([]time.Time, len(req.Events))
-	for i, er := range req.Events {
+	parsed := make([]eventRequest, len(req.Events))
+	for i, raw := range req.Events {
+		if status, resp, ok := decodeStrict(raw, &parsed[i]); !ok {
+			eb := resp.(errorBody)
+			results[i] = BatchResult{Status: status, Error: &eb.Error}
+			continue
+		}
+		er := parsed[i]
 		ev, id, status, resp := parseEvent(er)
 		if ev == nil {
 			eb := resp.(errorBody)
@@ -285,7 +296,7 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 		var opts [][]bus.PublishOption
 		var idx []int
 		for k, i := range pubIdx {
-			if id := results[i].EventID; req.Events[i].ID != "" {
+			if id := results[i].EventID; parsed[i].ID != "" {
 				if j, ok := first[id]; ok {
 					sameAs[i] = j
 					continue
@@ -324,7 +335,7 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 			a.log.Error("publish event of a batch", "error", err)
 			results[i].Status = http.StatusServiceUnavailable
 			results[i].Error = &errorDetail{Code: "unavailable", Message: "not published; send it again"}
-			if req.Events[i].ID != "" {
+			if parsed[i].ID != "" {
 				unmark = append(unmark, eventSeenKey(results[i].EventID))
 			}
 		}

@@ -406,3 +406,25 @@ func sameCounts(a, b map[string]int) bool {
 	}
 	return true
 }
+
+// A malformed member of a batch fails alone; an id in capitals is the same
+// id as in lower case.
+func TestBatchMalformedMemberAndIDCase(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	id := events.NewID()
+	good := func(eventID string) string {
+		return `{"type":"email.requested","id":"` + eventID + `","data":{"email_id":"` + events.NewID() +
+			`","to":"a@example.com","subject":"s","body":"b","requested_at":"2026-01-01T00:00:00Z"}}`
+	}
+	a := e.postBatch(t, good(strings.ToUpper(id)), `{"type":5}`, good(id))
+	if a.Results[0].Status != http.StatusAccepted || a.Results[1].Status/100 != 4 || a.Results[2].Status != http.StatusAccepted {
+		t.Fatalf("results = %+v", a.Results)
+	}
+	if a.Results[0].EventID != id || a.Results[2].EventID != id {
+		t.Fatalf("ids %q and %q, want both %q", a.Results[0].EventID, a.Results[2].EventID, id)
+	}
+	if n := len(e.entries(t, events.TypeEmailRequested)); n != 1 {
+		t.Fatalf("%d entries; the id in capitals and in lower case are one event", n)
+	}
+}
