@@ -75,7 +75,7 @@ var Vars = []Var{
 	{"SUMMARIZER_URL", "(none: built-in extractive summarizer)", "Base URL of an OpenAI-compatible API (…/v1) used to summarize documents."},
 	{"SUMMARIZER_MODEL", "gpt-4o-mini", "Model name sent to SUMMARIZER_URL."},
 	{"SUMMARIZER_API_KEY", "", "Bearer token for SUMMARIZER_URL (use SUMMARIZER_API_KEY_FILE for a mounted secret)."},
-	{"RETRY_MAX_ATTEMPTS", "8", "Attempts per message, the first included, before it is dead-lettered."},
+	{"RETRY_MAX_ATTEMPTS", "8", "Attempts per message, the first included, before it is dead-lettered (the projector makes at least 50: its failures are outages, not bad data)."},
 	{"RETRY_BACKOFF_MIN", "1s", "Delay before the first retry; doubles per attempt, ±20% jitter."},
 	{"RETRY_BACKOFF_MAX", "10m", "Longest delay between retries."},
 	{"CLAIM_MIN_IDLE", "10s", "Idle time after which a dead consumer's messages are claimed by a live replica."},

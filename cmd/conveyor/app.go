@@ -341,3 +341,16 @@ func runRouterAndServer(ctx context.Context, a *app, router *bus.Router, srv *ht
 	g.Go(func() error { return serve(gctx, srv, ln, a.cfg.ShutdownTimeout, a.log) })
 	return g.Wait()
 }
+
+// projectorRetry gives the projector a much longer retry budget than
+// RETRY_MAX_ATTEMPTS: its failures are outages of Postgres or the cache
+// (data errors are permanent and dead-lettered at once), and an outage
+// should delay the read models, not fill the dead-letter stream. With the
+// default backoff, 50 attempts span about seven hours.
+func (a *app) projectorRetry() bus.RetryPolicy {
+	return bus.RetryPolicy{
+		MaxAttempts: max(a.cfg.RetryMaxAttempts, 50),
+		MinBackoff:  a.cfg.RetryMinBackoff,
+		MaxBackoff:  a.cfg.RetryMaxBackoff,
+	}
+}

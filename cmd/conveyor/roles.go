@@ -194,7 +194,7 @@ with the inbox, then deleting the cache keys of changed rows. Serves /healthz,
 				return err
 			}
 			defer p.Close()
-			if err := p.Register(router); err != nil {
+			if err := p.Register(router, bus.WithRetry(a.projectorRetry())); err != nil {
 				return err
 			}
 			log.Info("projector running", "consumer", a.lease.Name())
@@ -306,7 +306,7 @@ func runAll(ctx context.Context, a *app, ln net.Listener) error {
 		return err
 	}
 	defer p.Close()
-	if err := p.Register(router); err != nil {
+	if err := p.Register(router, bus.WithRetry(a.projectorRetry())); err != nil {
 		return err
 	}
 	h, err := a.apiHandler()
