@@ -53,14 +53,6 @@ func (m *Metrics) published(stream string, err error) {
 	m.publishes.WithLabelValues(stream, result).Inc()
 }
 
-func (m *Metrics) delivered(group string) { m.deliveries.WithLabelValues(group).Inc() }
-
-func (m *Metrics) finished(group string, o outcome) {
-	m.outcomes.WithLabelValues(group, string(o)).Inc()
-}
-
-func (m *Metrics) claimed(group string, n int) { m.claims.WithLabelValues(group).Add(float64(n)) }
-
 func (m *Metrics) handled(group, eventType string, err error, d time.Duration) {
 	result := "ok"
 	if err != nil {

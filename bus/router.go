@@ -6,12 +6,11 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
-	"strings"
 	"sync"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/conveyor/conveyor/events"
@@ -36,9 +35,14 @@ type RouterConfig struct {
 	Retry RetryPolicy
 	// HandlerTimeout bounds one handler call. Defaults to 5m.
 	HandlerTimeout time.Duration
-	// DrainTimeout is how long Close lets running handlers finish. Defaults
-	// to 20s; keep the container stop grace period longer.
+	// DrainTimeout is how long Run lets running handlers finish after its
+	// ctx ends. Defaults to 20s; keep the container stop grace period
+	// longer.
 	DrainTimeout time.Duration
+	// Middlewares wrap every handler call, first outermost, as in
+	// Watermill's router. A middleware sees the Watermill message (with
+	// its metadata and context); messages it returns are ignored.
+	Middlewares []message.HandlerMiddleware
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 	// Metrics, if set, records handler and subscriber metrics.
@@ -75,18 +79,37 @@ func (c *RouterConfig) Validate() error {
 	return errors.Join(errs...)
 }
 
-// Router runs typed handlers, one consumer group per handler, on a
-// Watermill router fed by Subscribers.
+// Router runs typed handlers, one consumer group per handler.
+//
+// It drives its Subscribers directly rather than through Watermill's
+// router: a fixed pool of Concurrency workers per group takes deliveries
+// and reports each outcome straight to the subscriber. That saves, per
+// message, the goroutine Watermill's router starts, the goroutine that
+// waits for Ack or Nack, and their stack growth — the costs that dominated
+// a handler hop. The Subscriber remains a full Watermill message.Subscriber
+// for Watermill's own router, and Watermill middleware applies here too
+// (RouterConfig.Middlewares). The lifecycle is Watermill's: Run until ctx
+// ends, then stop reading, drain within DrainTimeout, flush acks.
 type Router struct {
-	cfg    RouterConfig
-	wr     *message.Router
-	groups map[string]*groupState
-	mu     sync.Mutex
+	cfg     RouterConfig
+	mu      sync.Mutex
+	groups  map[string]*groupState
+	order   []string
+	running chan struct{}
 }
 
 type groupState struct {
-	sub   *Subscriber
-	retry RetryPolicy
+	name   string
+	sub    *Subscriber
+	retry  RetryPolicy
+	routes []*route
+}
+
+// route is one event type handled by a group.
+type route struct {
+	topic string
+	typ   string
+	call  message.HandlerFunc
 }
 
 // NewRouter returns a Router with no handlers.
@@ -95,15 +118,7 @@ func NewRouter(cfg RouterConfig) (*Router, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	wr, err := message.NewRouter(message.RouterConfig{
-		// The subscribers drain in-flight messages themselves within
-		// DrainTimeout; the router waits a little longer for them.
-		CloseTimeout: cfg.DrainTimeout + 5*time.Second,
-	}, quietLogger{watermill.NewSlogLogger(cfg.Logger)})
-	if err != nil {
-		return nil, fmt.Errorf("new router: %w", err)
-	}
-	return &Router{cfg: cfg, wr: wr, groups: map[string]*groupState{}}, nil
+	return &Router{cfg: cfg, groups: map[string]*groupState{}, running: make(chan struct{})}, nil
 }
 
 // HandlerOption adjusts one consumer group.
@@ -144,8 +159,9 @@ func (r *Router) group(name string, o handlerOptions) (*groupState, error) {
 	if err != nil {
 		return nil, err
 	}
-	g := &groupState{sub: sub, retry: sub.cfg.Retry}
+	g := &groupState{name: name, sub: sub, retry: sub.cfg.Retry}
 	r.groups[name] = g
+	r.order = append(r.order, name)
 	return g, nil
 }
 
@@ -172,9 +188,15 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 		return err
 	}
 	typ := P(new(E)).EventType()
-	topic := r.cfg.StreamPrefix + typ
 	log := r.cfg.Logger.With("consumer_group", group, "event_type", typ)
-	r.wr.AddConsumerHandler(group+"/"+typ, topic, g.sub, func(msg *message.Message) (err error) {
+	var observe prometheus.Observer
+	var observeErr prometheus.Observer
+	if m := r.cfg.Metrics; m != nil {
+		observe = m.handling.WithLabelValues(group, typ, "ok")
+		observeErr = m.handling.WithLabelValues(group, typ, "error")
+	}
+	timeout := r.cfg.HandlerTimeout
+	var call message.NoPublishHandlerFunc = func(msg *message.Message) (err error) {
 		start := time.Now()
 		env := envelopeOf(msg, typ)
 		defer func() {
@@ -183,11 +205,12 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 				log.Error("handler panicked", "event_id", env.ID, "panic", p, "stack", string(debug.Stack()))
 			}
 			if err != nil {
-				RecordFailure(msg, err)
 				logFailure(log, env, g.retry, err)
-			}
-			if r.cfg.Metrics != nil {
-				r.cfg.Metrics.handled(group, typ, err, time.Since(start))
+				if observeErr != nil {
+					observeErr.Observe(time.Since(start).Seconds())
+				}
+			} else if observe != nil {
+				observe.Observe(time.Since(start).Seconds())
 			}
 		}()
 		if env.Type != typ {
@@ -197,12 +220,18 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 		if err != nil {
 			return Permanent(fmt.Errorf("decode %s: %w", typ, err))
 		}
-		ctx, cancel := context.WithTimeout(msg.Context(), r.cfg.HandlerTimeout)
+		ctx, cancel := context.WithTimeout(msg.Context(), timeout)
 		defer cancel()
-		ctx = WithEnvelope(ctx, env)
-		ctx = context.WithValue(ctx, attemptsKey, attempts{attempt: env.Attempt, max: g.retry.MaxAttempts})
+		ctx = context.WithValue(ctx, handlerKey, handlerValues{env: env, attempts: attempts{attempt: env.Attempt, max: g.retry.MaxAttempts}})
 		return h(ctx, ev.(P))
-	})
+	}
+	hf := func(msg *message.Message) ([]*message.Message, error) { return nil, call(msg) }
+	for i := len(r.cfg.Middlewares) - 1; i >= 0; i-- {
+		hf = r.cfg.Middlewares[i](hf)
+	}
+	r.mu.Lock()
+	g.routes = append(g.routes, &route{topic: r.cfg.StreamPrefix + typ, typ: typ, call: hf})
+	r.mu.Unlock()
 	return nil
 }
 
@@ -218,49 +247,94 @@ func logFailure(log *slog.Logger, env events.Envelope, retry RetryPolicy, err er
 	}
 }
 
-// Run runs the handlers until ctx is cancelled, then closes gracefully:
-// subscribers stop reading, running handlers get DrainTimeout to finish, and
-// every ack is flushed. It returns an error if the router stopped by itself.
-func (r *Router) Run(ctx context.Context) error {
-	runErr := make(chan error, 1)
-	go func() { runErr <- r.wr.Run(ctx) }()
-	select {
-	case err := <-runErr:
-		if err != nil {
-			return fmt.Errorf("router: %w", err)
-		}
-		if ctx.Err() == nil {
-			return errors.New("router stopped by itself")
-		}
-		return r.closeSubscribers()
-	case <-ctx.Done():
-	}
-	// Close only once the router runs: Watermill's Close holds the handlers
-	// lock while it waits for handlers, so a Close that lands before
-	// RunHandlers keeps the handlers from ever starting, and waits for them
-	// until CloseTimeout. Starting is quick: Subscribe does not block.
-	select {
-	case <-r.wr.Running():
-	case err := <-runErr:
-		return errors.Join(err, r.closeSubscribers())
-	}
-	closeErr := r.wr.Close()
-	<-runErr
-	return errors.Join(closeErr, r.closeSubscribers())
+// routed is a delivery with the route that handles it.
+type routed struct {
+	d *delivery
+	r *route
 }
 
-// Running is closed once the router's handlers run.
-func (r *Router) Running() chan struct{} { return r.wr.Running() }
-
-func (r *Router) closeSubscribers() error {
+// Run runs the handlers until ctx ends, then closes gracefully: the
+// subscribers stop reading, running handlers get DrainTimeout to finish,
+// the rest are handed back, and every ack is flushed. Run returns an error
+// only if it cannot start.
+func (r *Router) Run(ctx context.Context) error {
 	r.mu.Lock()
-	defer r.mu.Unlock()
+	groups := make([]*groupState, 0, len(r.order))
+	for _, name := range r.order {
+		groups = append(groups, r.groups[name])
+	}
+	r.mu.Unlock()
+
+	var workers sync.WaitGroup
+	for _, g := range groups {
+		in := make(chan routed)
+		var forwarders sync.WaitGroup
+		for _, rt := range g.routes {
+			ch, err := g.sub.consume(ctx, rt.topic)
+			if err != nil {
+				return fmt.Errorf("consume %s as %s: %w", rt.topic, g.name, err)
+			}
+			forwarders.Add(1)
+			go func() {
+				defer forwarders.Done()
+				for d := range ch {
+					in <- routed{d, rt}
+				}
+			}()
+		}
+		go func() {
+			forwarders.Wait()
+			close(in)
+		}()
+		for i := 0; i < r.cfg.Concurrency; i++ {
+			workers.Add(1)
+			go func() {
+				defer workers.Done()
+				for it := range in {
+					_, err := it.r.call(it.d.msg)
+					it.d.sub.s.complete(it.d, err)
+				}
+			}()
+		}
+	}
+	close(r.running)
+	<-ctx.Done()
+
+	// Subscribers stop reading (their channels close, so the workers end
+	// once idle), wait DrainTimeout for running handlers, hand back the
+	// rest and flush acks.
 	var errs []error
-	for _, g := range r.groups {
-		errs = append(errs, g.sub.Close())
+	var closing sync.WaitGroup
+	var mu sync.Mutex
+	for _, g := range groups {
+		closing.Add(1)
+		go func() {
+			defer closing.Done()
+			if err := g.sub.Close(); err != nil {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+		}()
+	}
+	closing.Wait()
+	// A handler that ignores its cancelled context would keep its worker;
+	// its entry is already handed back, so don't wait for it long.
+	done := make(chan struct{})
+	go func() {
+		workers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		r.cfg.Logger.Warn("handlers still running after the drain; their entries were handed back")
 	}
 	return errors.Join(errs...)
 }
+
+// Running is closed once the router's handlers run.
+func (r *Router) Running() chan struct{} { return r.running }
 
 // Err returns the last Redis error any group's subscriber saw, or nil.
 func (r *Router) Err() error {
@@ -272,24 +346,4 @@ func (r *Router) Err() error {
 		}
 	}
 	return nil
-}
-
-// quietLogger passes Watermill's logs on, except its per-message error log
-// for handler errors: the router logs those itself, once, with the retry
-// decision.
-type quietLogger struct{ watermill.LoggerAdapter }
-
-func (q quietLogger) Error(msg string, err error, fields watermill.LogFields) {
-	if strings.HasPrefix(msg, "Handler returned error") {
-		return
-	}
-	q.LoggerAdapter.Error(msg, err, fields)
-}
-
-func (q quietLogger) Info(msg string, fields watermill.LogFields) {
-	q.LoggerAdapter.Debug(msg, fields)
-}
-
-func (q quietLogger) With(fields watermill.LogFields) watermill.LoggerAdapter {
-	return quietLogger{q.LoggerAdapter.With(fields)}
 }

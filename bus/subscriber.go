@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 	"github.com/vmihailenco/msgpack/v5"
 )
@@ -155,8 +156,13 @@ type Subscriber struct {
 	slots chan struct{}
 
 	mu       sync.Mutex
-	inflight map[string]*delivery // by stream + "\x00" + entry id
+	inflight map[entryKey]*delivery
 	closed   bool
+
+	// Counters of Metrics for this group, looked up once.
+	mDelivered prometheus.Counter
+	mOutcome   map[outcome]prometheus.Counter
+	mClaimed   prometheus.Counter
 
 	closing    chan struct{} // closed when Close starts: stop reading
 	hardCtx    context.Context
@@ -173,6 +179,9 @@ type Subscriber struct {
 	lastErr atomic.Pointer[error]
 	closeMu sync.Mutex
 }
+
+// entryKey identifies an entry of a stream.
+type entryKey struct{ stream, id string }
 
 // delivery is one handed-out entry.
 type delivery struct {
@@ -231,13 +240,22 @@ func NewSubscriber(cfg SubscriberConfig) (*Subscriber, error) {
 		cfg:      cfg,
 		log:      cfg.Logger.With("consumer_group", cfg.ConsumerGroup, "consumer", cfg.Consumer),
 		slots:    make(chan struct{}, cfg.MaxInFlight),
-		inflight: make(map[string]*delivery),
+		inflight: make(map[entryKey]*delivery),
 		closing:  make(chan struct{}),
 		stopWork: make(chan struct{}),
 		acks:     make(chan *delivery, cfg.MaxInFlight),
 		nacks:    make(chan *delivery, cfg.MaxInFlight),
 	}
 	s.hardCtx, s.hardCancel = context.WithCancel(context.Background())
+	if m := cfg.Metrics; m != nil {
+		g := cfg.ConsumerGroup
+		s.mDelivered = m.deliveries.WithLabelValues(g)
+		s.mClaimed = m.claims.WithLabelValues(g)
+		s.mOutcome = map[outcome]prometheus.Counter{}
+		for _, o := range []outcome{outcomeAcked, outcomeRetried, outcomeDeadLettered, outcomeHandedBack} {
+			s.mOutcome[o] = m.outcomes.WithLabelValues(g, string(o))
+		}
+	}
 	s.workers.Add(3)
 	go s.ackLoop()
 	go s.nackLoop()
@@ -271,8 +289,16 @@ type subscription struct {
 	retry   string // the group's retry stream of topic
 	delayed string // the group's retry sorted set of topic
 	out     chan *message.Message
+	// dout, for a subscription of the bus Router (consume), carries
+	// deliveries instead of Watermill messages: the Router reports each
+	// outcome directly, so no goroutine waits on Ack/Nack per message.
+	dout    chan *delivery
+	managed bool
 	stop    chan struct{} // closed when this subscription must stop reading
 	ctx     context.Context
+	// base carries ctx's values but not its cancellation: a handler's
+	// context ends at hard stop, not when reading stops.
+	base    context.Context
 	wake    chan struct{} // pokes the retry mover
 	cursors map[string]string
 }
@@ -281,6 +307,24 @@ type subscription struct {
 // group. The channel closes when ctx is cancelled or the subscriber closes;
 // messages handed out before keep being acked or nacked until Close.
 func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
+	sub, err := s.start(ctx, topic, false)
+	if err != nil {
+		return nil, err
+	}
+	return sub.out, nil
+}
+
+// consume is Subscribe for the bus Router: it hands out deliveries, whose
+// outcome the Router reports with complete.
+func (s *Subscriber) consume(ctx context.Context, topic string) (<-chan *delivery, error) {
+	sub, err := s.start(ctx, topic, true)
+	if err != nil {
+		return nil, err
+	}
+	return sub.dout, nil
+}
+
+func (s *Subscriber) start(ctx context.Context, topic string, managed bool) (*subscription, error) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -294,11 +338,17 @@ func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *messa
 		topic:   topic,
 		retry:   RetryStream(topic, s.cfg.ConsumerGroup),
 		delayed: RetrySet(topic, s.cfg.ConsumerGroup),
-		out:     make(chan *message.Message),
+		managed: managed,
 		stop:    make(chan struct{}),
 		ctx:     ctx,
+		base:    context.WithoutCancel(ctx),
 		wake:    make(chan struct{}, 1),
 		cursors: map[string]string{},
+	}
+	if managed {
+		sub.dout = make(chan *delivery)
+	} else {
+		sub.out = make(chan *message.Message)
 	}
 	// The groups are created by the read loop, not here: a Redis that is
 	// down, or a ctx already cancelled by a shutdown racing the start,
@@ -314,7 +364,24 @@ func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *messa
 	}()
 	go sub.read()
 	go sub.moveDue()
-	return sub.out, nil
+	return sub, nil
+}
+
+// complete reports the outcome of a delivery handed out by consume: nil
+// acks it, an error nacks it (retry or dead letter, by the error).
+func (s *Subscriber) complete(d *delivery, err error) {
+	ch := s.acks
+	if err != nil {
+		if d.failureErr() == nil {
+			d.fail(err)
+		}
+		ch = s.nacks
+	}
+	select {
+	case ch <- d:
+	case <-s.stopWork:
+		// Closed already: the entry stays pending and comes back.
+	}
 }
 
 // SubscribeInitialize creates the consumer group on topic (Watermill's
@@ -339,6 +406,11 @@ func (sub *subscription) ensureGroups(ctx context.Context) error {
 
 // acquire takes at least one and at most n window slots, blocking for the
 // first. It returns 0 when the subscription stops.
+//
+// When the window is nearly full (the handlers are the bottleneck), it
+// waits a moment for more slots to free up rather than reading one entry
+// per round trip: a saturated consumer then reads in batches of a quarter
+// of the window, and spends its time handling, not reading.
 func (sub *subscription) acquire(n int) int {
 	select {
 	case sub.s.slots <- struct{}{}:
@@ -350,7 +422,24 @@ func (sub *subscription) acquire(n int) int {
 		select {
 		case sub.s.slots <- struct{}{}:
 			got++
+			continue
 		default:
+		}
+		break
+	}
+	want := min(n, max(1, cap(sub.s.slots)/4))
+	if got >= want {
+		return got
+	}
+	t := time.NewTimer(2 * time.Millisecond)
+	defer t.Stop()
+	for got < want {
+		select {
+		case sub.s.slots <- struct{}{}:
+			got++
+		case <-t.C:
+			return got
+		case <-sub.stop:
 			return got
 		}
 	}
@@ -368,7 +457,13 @@ func (s *Subscriber) release(n int) {
 func (sub *subscription) read() {
 	s := sub.s
 	defer s.readers.Done()
-	defer close(sub.out)
+	defer func() {
+		if sub.managed {
+			close(sub.dout)
+		} else {
+			close(sub.out)
+		}
+	}()
 
 	ctx, cancel := context.WithCancel(context.WithoutCancel(sub.ctx))
 	defer cancel()
@@ -408,7 +503,11 @@ func (sub *subscription) read() {
 				s.log.Warn("claim idle entries", "stream", sub.topic, "error", err)
 			}
 		}
-		n := sub.acquire(s.cfg.BatchSize)
+		// Slots are not held across the blocking read: an idle stream
+		// must not sit on window slots that a busy stream of the same
+		// group needs. The read asks for what is free now; entries are
+		// given slots as they are handed out.
+		n := sub.awaitCapacity(s.cfg.BatchSize)
 		if n == 0 {
 			return
 		}
@@ -424,7 +523,6 @@ func (sub *subscription) read() {
 			Block:    block,
 		}).Result()
 		if err != nil {
-			s.release(n)
 			if errors.Is(err, redis.Nil) {
 				s.setErr(nil)
 				continue
@@ -437,8 +535,34 @@ func (sub *subscription) read() {
 		}
 		s.setErr(nil)
 		backoff.reset()
-		sub.deliverAll(ctx, res, n, nil)
+		sub.deliverAll(ctx, res, 0, nil)
 	}
+}
+
+// awaitCapacity waits until window slots are free, without taking them,
+// and returns how many entries to read (at most n; 0 when stopping). When
+// the window is nearly full, it waits a moment longer for a quarter of the
+// window to free up, so a saturated consumer reads in batches instead of
+// one entry per round trip.
+func (sub *subscription) awaitCapacity(n int) int {
+	s := sub.s
+	select {
+	case s.slots <- struct{}{}:
+		<-s.slots
+	case <-sub.stop:
+		return 0
+	}
+	want := min(n, max(1, cap(s.slots)/4))
+	if cap(s.slots)-len(s.slots) < want {
+		t := time.NewTimer(2 * time.Millisecond)
+		select {
+		case <-t.C:
+		case <-sub.stop:
+			t.Stop()
+			return 0
+		}
+	}
+	return min(n, max(1, cap(s.slots)-len(s.slots)))
 }
 
 func (sub *subscription) stopped() bool {
@@ -582,8 +706,8 @@ func (sub *subscription) claimIdle(ctx context.Context) error {
 			continue
 		}
 		s.log.Info("claimed idle entries of another consumer", "stream", stream, "count", len(msgs))
-		if s.cfg.Metrics != nil {
-			s.cfg.Metrics.claimed(s.cfg.ConsumerGroup, len(msgs))
+		if s.mClaimed != nil {
+			s.mClaimed.Add(float64(len(msgs)))
 		}
 		res := []redis.XStream{{Stream: stream, Messages: msgs}}
 		counts, err := sub.deliveryCounts(ctx, res)
@@ -618,7 +742,7 @@ func (sub *subscription) deliverAll(ctx context.Context, res []redis.XStream, sl
 // deliverOne hands out one entry whose window slot is held.
 func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis.XMessage, counts map[string]int64) {
 	s := sub.s
-	key := stream + "\x00" + xm.ID
+	key := entryKey{stream, xm.ID}
 	if xm.Values == nil {
 		// A pending entry whose data was deleted from the stream: nothing
 		// to deliver, only the pending record to drop.
@@ -641,7 +765,7 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis
 		s.release(1)
 		return
 	}
-	if c := counts[key]; c > int64(s.cfg.MaxDeliveries) {
+	if c := counts[stream+"\x00"+xm.ID]; c > int64(s.cfg.MaxDeliveries) {
 		sub.deadLetter(ctx, stream, xm.ID, msg, fmt.Sprintf(
 			"delivered %d times without being acknowledged: its consumer probably crashes or hangs on it", c),
 			attemptOf(msg))
@@ -649,16 +773,32 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis
 		return
 	}
 
-	msgCtx, cancel := context.WithCancel(context.WithoutCancel(sub.ctx))
+	msgCtx, cancel := context.WithCancel(sub.base)
 	d := &delivery{sub: sub, stream: stream, id: xm.ID, msg: msg, attempt: attemptOf(msg), cancel: cancel}
 	d.beat.Store(time.Now().UnixNano())
-	msg.SetContext(context.WithValue(msgCtx, deliveryKey{}, d))
+	if sub.managed {
+		msg.SetContext(msgCtx)
+	} else {
+		msg.SetContext(context.WithValue(msgCtx, deliveryKey{}, d))
+	}
 
 	s.mu.Lock()
 	s.inflight[key] = d
 	s.outstanding.Add(1)
 	s.mu.Unlock()
 
+	if sub.managed {
+		select {
+		case sub.dout <- d:
+		case <-sub.stop:
+			s.finish(d, outcomeHandedBack)
+			return
+		}
+		if s.mDelivered != nil {
+			s.mDelivered.Inc()
+		}
+		return
+	}
 	select {
 	case sub.out <- msg:
 	case <-sub.stop:
@@ -667,20 +807,26 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis
 		s.finish(d, outcomeHandedBack)
 		return
 	}
-	if s.cfg.Metrics != nil {
-		s.cfg.Metrics.delivered(s.cfg.ConsumerGroup)
+	if s.mDelivered != nil {
+		s.mDelivered.Inc()
 	}
 	go func() {
 		select {
 		case <-msg.Acked():
-			s.acks <- d
+			s.complete(d, nil)
 		case <-msg.Nacked():
-			s.nacks <- d
+			s.complete(d, errNacked{d})
 		case <-s.hardCtx.Done():
 			s.finish(d, outcomeHandedBack)
 		}
 	}()
 }
+
+// errNacked carries a Watermill Nack into complete, keeping the failure a
+// handler recorded with RecordFailure.
+type errNacked struct{ d *delivery }
+
+func (e errNacked) Error() string { return "nacked without a recorded error" }
 
 type outcome string
 
@@ -697,12 +843,12 @@ func (s *Subscriber) finish(d *delivery, o outcome) {
 		return
 	}
 	s.mu.Lock()
-	delete(s.inflight, d.stream+"\x00"+d.id)
+	delete(s.inflight, entryKey{d.stream, d.id})
 	s.mu.Unlock()
 	d.cancel()
 	s.release(1)
-	if s.cfg.Metrics != nil {
-		s.cfg.Metrics.finished(s.cfg.ConsumerGroup, o)
+	if c := s.mOutcome[o]; c != nil {
+		c.Inc()
 	}
 	s.outstanding.Done()
 }
@@ -1110,10 +1256,19 @@ func (s *Subscriber) Close() error {
 	// the loops, which finish their current batch.
 	s.hardCancel()
 	s.mu.Lock()
+	held := make([]*delivery, 0, len(s.inflight))
 	for _, d := range s.inflight {
-		d.cancel()
+		held = append(held, d)
 	}
 	s.mu.Unlock()
+	for _, d := range held {
+		d.cancel()
+		if d.sub.managed {
+			// No goroutine waits on these: hand them back here. A late
+			// outcome of the handler is still acked if the loops run.
+			s.finish(d, outcomeHandedBack)
+		}
+	}
 	<-drained
 	close(s.stopWork)
 	s.workers.Wait()

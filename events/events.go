@@ -15,6 +15,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	fastjson "github.com/goccy/go-json"
 )
 
 // Event is implemented by every event struct.
@@ -120,7 +122,14 @@ func Decode(typ string, version int, payload []byte) (Event, error) {
 		return nil, fmt.Errorf("%w: %q version %d", ErrUnknownType, typ, version)
 	}
 	ev := spec.New()
-	if err := json.Unmarshal(payload, ev); err != nil {
+	// goccy/go-json decodes about four times faster than encoding/json,
+	// and decoding is on the path of every delivery. Its errors differ,
+	// so a failure is decoded again by encoding/json to name the field
+	// the same way every time; failures are rare.
+	if err := fastjson.Unmarshal(payload, ev); err != nil {
+		if err = json.Unmarshal(payload, spec.New()); err == nil {
+			err = errors.New("malformed JSON")
+		}
 		return nil, &ValidationError{Fields: []FieldError{{Field: jsonErrorField(err), Message: jsonErrorMessage(err)}}}
 	}
 	if err := ev.Validate(); err != nil {

@@ -1,11 +1,15 @@
 package events_test
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	fastjson "github.com/goccy/go-json"
 
 	"github.com/conveyor/conveyor/events"
 )
@@ -147,4 +151,25 @@ func ExampleDecode() {
 	// Output:
 	// email.requested ops@example.com 2026-11-28
 	// invalid event: email_id: is required; to: must be a valid email address; subject: is required; body: is required; requested_at: is required (RFC 3339 time)
+}
+
+// FuzzFastDecodeAgreesWithEncodingJSON: the fast decoder used by Decode
+// must accept exactly what encoding/json accepts, with the same result.
+func FuzzFastDecodeAgreesWithEncodingJSON(f *testing.F) {
+	f.Add([]byte(`{"email_id":"0190a0b0-0000-7000-8000-000000000000","to":"a@b.co","subject":"s","body":"b","requested_at":"2026-01-01T00:00:00Z"}`))
+	f.Add([]byte(`{"To":"x","TO":"y","subject":"\u00e9\ud800","body":null,"requested_at":"2026-01-01T00:00:00.123+02:00"}`))
+	f.Add([]byte(`{"email_id":1}`))
+	f.Add([]byte(`[]`))
+	f.Add([]byte(`{"body":"a\u0000b"} `))
+	f.Fuzz(func(t *testing.T, payload []byte) {
+		var std, fast events.EmailRequested
+		stdErr := json.Unmarshal(payload, &std)
+		fastErr := fastjson.Unmarshal(payload, &fast)
+		if (stdErr == nil) != (fastErr == nil) {
+			t.Fatalf("encoding/json err=%v, fast err=%v for %q", stdErr, fastErr, payload)
+		}
+		if stdErr == nil && !reflect.DeepEqual(std, fast) {
+			t.Fatalf("decoded differently:\n std  %+v\n fast %+v\n from %q", std, fast, payload)
+		}
+	})
 }

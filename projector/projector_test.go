@@ -184,7 +184,7 @@ func (f *fixture) blockInbox(t *testing.T) (waiting func() int, release func()) 
 
 // Metrics read back from a projector's registry.
 
-func batchSizes(t *testing.T, reg *prometheus.Registry) (count uint64, sum float64) {
+func batchSizes(t testing.TB, reg *prometheus.Registry) (count uint64, sum float64) {
 	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {
