@@ -22,11 +22,7 @@ func (p *Publisher) PublishAt(ctx context.Context, at time.Time, ev events.Event
 	if err := ev.Validate(); err != nil {
 		return "", fmt.Errorf("publish %s: %w", ev.EventType(), err)
 	}
-	msg, err := p.NewMessage(ctx, ev, opts...)
-	if err != nil {
-		return "", err
-	}
-	fields, err := marshalFields(msg)
+	id, fields, err := p.eventFields(ctx, ev, opts)
 	if err != nil {
 		return "", err
 	}
@@ -38,7 +34,7 @@ func (p *Publisher) PublishAt(ctx context.Context, at time.Time, ev events.Event
 	if err := p.cfg.Client.ZAdd(ctx, DelayedSet(stream), redis.Z{Score: float64(at.UnixMilli()), Member: member}).Err(); err != nil {
 		return "", fmt.Errorf("delay %s until %s: %w", ev.EventType(), at.Format(time.RFC3339), err)
 	}
-	return msg.UUID, nil
+	return id, nil
 }
 
 // CancelDelayed removes a delayed event that was not moved yet; it reports
@@ -105,11 +101,7 @@ func (p *Publisher) PublishOnce(ctx context.Context, key string, ttl time.Durati
 	if err := ev.Validate(); err != nil {
 		return false, "", fmt.Errorf("publish %s: %w", ev.EventType(), err)
 	}
-	msg, err := p.NewMessage(ctx, ev, opts...)
-	if err != nil {
-		return false, "", err
-	}
-	fields, err := marshalFields(msg)
+	id, fields, err := p.eventFields(ctx, ev, opts)
 	if err != nil {
 		return false, "", err
 	}
@@ -119,5 +111,5 @@ func (p *Publisher) PublishOnce(ctx context.Context, key string, ttl time.Durati
 	if err != nil {
 		return false, "", fmt.Errorf("publish %s once as %s: %w", ev.EventType(), key, err)
 	}
-	return n == 1, msg.UUID, nil
+	return n == 1, id, nil
 }

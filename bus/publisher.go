@@ -267,6 +267,17 @@ func WithOccurredAt(t time.Time) PublishOption { return func(o *publishOptions) 
 // ctx carries the envelope of an event being handled, the new event records
 // it as its cause and shares its correlation id.
 func (p *Publisher) NewMessage(ctx context.Context, ev events.Event, opts ...PublishOption) (*message.Message, error) {
+	id, md, payload, err := p.envelope(ctx, ev, opts)
+	if err != nil {
+		return nil, err
+	}
+	msg := message.NewMessage(id, payload)
+	msg.Metadata = md
+	return msg, nil
+}
+
+// envelope builds an event's id, metadata and payload.
+func (p *Publisher) envelope(ctx context.Context, ev events.Event, opts []PublishOption) (string, message.Metadata, []byte, error) {
 	var o publishOptions
 	for _, opt := range opts {
 		opt(&o)
@@ -279,11 +290,10 @@ func (p *Publisher) NewMessage(ctx context.Context, ev events.Event, opts ...Pub
 	}
 	payload, err := marshalJSON(ev)
 	if err != nil {
-		return nil, fmt.Errorf("marshal %s: %w", ev.EventType(), err)
+		return "", nil, nil, fmt.Errorf("marshal %s: %w", ev.EventType(), err)
 	}
-	msg := message.NewMessage(o.id, payload)
-	md := msg.Metadata
-	md[MetaEventID] = o.id
+	md := make(message.Metadata, 8)
+	md[MetaEventID] = o.id // also the message UUID; the envelope names it too
 	md[MetaEventType] = ev.EventType()
 	md[MetaEventVersion] = strconv.Itoa(ev.EventVersion())
 	md[MetaOccurredAt] = o.occurredAt.UTC().Format(time.RFC3339Nano)
@@ -306,7 +316,17 @@ func (p *Publisher) NewMessage(ctx context.Context, ev events.Event, opts ...Pub
 	if tp := traceparentFrom(ctx); tp != "" {
 		md[MetaTraceparent] = tp
 	}
-	return msg, nil
+	return o.id, md, payload, nil
+}
+
+// eventFields builds the stream entry of ev without a Watermill message,
+// which publishing does not need.
+func (p *Publisher) eventFields(ctx context.Context, ev events.Event, opts []PublishOption) (string, []any, error) {
+	id, md, payload, err := p.envelope(ctx, ev, opts)
+	if err != nil {
+		return "", nil, err
+	}
+	return id, []any{fieldUUID, id, fieldMetadata, encodeMetadata(md), fieldPayload, payload}, nil
 }
 
 // PublishEvent validates ev and appends it to its stream. It returns the
@@ -315,15 +335,22 @@ func (p *Publisher) PublishEvent(ctx context.Context, ev events.Event, opts ...P
 	if err := ev.Validate(); err != nil {
 		return "", fmt.Errorf("publish %s: %w", ev.EventType(), err)
 	}
-	msg, err := p.NewMessage(ctx, ev, opts...)
+	id, fields, err := p.eventFields(ctx, ev, opts)
 	if err != nil {
 		return "", err
 	}
-	msg.SetContext(ctx)
-	if err := p.Publish(p.Stream(ev.EventType()), msg); err != nil {
-		return "", err
+	stream := p.Stream(ev.EventType())
+	r, err := p.submit(ctx, stream, fields)
+	if err != nil {
+		return "", fmt.Errorf("publish %s to %s: %w", id, stream, err)
 	}
-	return msg.UUID, nil
+	<-r.done
+	err = r.err
+	pubReqPool.Put(r)
+	if err != nil {
+		return "", fmt.Errorf("publish %s to %s: %w", id, stream, err)
+	}
+	return id, nil
 }
 
 // PublishResult is the outcome of one event of PublishBatch.
@@ -342,17 +369,12 @@ func (p *Publisher) PublishBatch(ctx context.Context, evs []events.Event, opts [
 		if i < len(opts) {
 			o = opts[i]
 		}
-		msg, err := p.NewMessage(ctx, ev, o...)
+		id, fields, err := p.eventFields(ctx, ev, o)
 		if err != nil {
 			res[i].Err = err
 			continue
 		}
-		res[i].ID = msg.UUID
-		fields, err := marshalFields(msg)
-		if err != nil {
-			res[i].Err = err
-			continue
-		}
+		res[i].ID = id
 		if reqs[i], err = p.submit(ctx, p.Stream(ev.EventType()), fields); err != nil {
 			res[i].Err = err
 		}

@@ -145,16 +145,17 @@ func (r *Router) group(name string, o handlerOptions) (*groupState, error) {
 		retry = *o.retry
 	}
 	sub, err := NewSubscriber(SubscriberConfig{
-		Client:        r.cfg.Client,
-		ConsumerGroup: name,
-		Consumer:      r.cfg.Consumer,
-		BatchSize:     r.cfg.BatchSize,
-		MaxInFlight:   r.cfg.Concurrency,
-		ClaimMinIdle:  r.cfg.ClaimMinIdle,
-		Retry:         retry,
-		DrainTimeout:  r.cfg.DrainTimeout,
-		Logger:        r.cfg.Logger,
-		Metrics:       r.cfg.Metrics,
+		Client:         r.cfg.Client,
+		ConsumerGroup:  name,
+		Consumer:       r.cfg.Consumer,
+		BatchSize:      r.cfg.BatchSize,
+		MaxInFlight:    r.cfg.Concurrency,
+		ClaimMinIdle:   r.cfg.ClaimMinIdle,
+		Retry:          retry,
+		DrainTimeout:   r.cfg.DrainTimeout,
+		HandlerTimeout: r.cfg.HandlerTimeout,
+		Logger:         r.cfg.Logger,
+		Metrics:        r.cfg.Metrics,
 	})
 	if err != nil {
 		return nil, err
@@ -195,7 +196,6 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 		observe = m.handling.WithLabelValues(group, typ, "ok")
 		observeErr = m.handling.WithLabelValues(group, typ, "error")
 	}
-	timeout := r.cfg.HandlerTimeout
 	var call message.NoPublishHandlerFunc = func(msg *message.Message) (err error) {
 		start := time.Now()
 		env := envelopeOf(msg, typ)
@@ -220,9 +220,9 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 		if err != nil {
 			return Permanent(fmt.Errorf("decode %s: %w", typ, err))
 		}
-		ctx, cancel := context.WithTimeout(msg.Context(), timeout)
-		defer cancel()
-		ctx = context.WithValue(ctx, handlerKey, handlerValues{env: env, attempts: attempts{attempt: env.Attempt, max: g.retry.MaxAttempts}})
+		// The message's context is cancelled when the handler times out
+		// (HandlerTimeout, enforced with the heartbeats) or at hard stop.
+		ctx := context.WithValue(msg.Context(), handlerKey, handlerValues{env: env, attempts: attempts{attempt: env.Attempt, max: g.retry.MaxAttempts}})
 		return h(ctx, ev.(P))
 	}
 	hf := func(msg *message.Message) ([]*message.Message, error) { return nil, call(msg) }

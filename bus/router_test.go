@@ -3,6 +3,7 @@ package bus_test
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -133,5 +134,53 @@ func TestTypedHandler(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
 		t.Fatal(err)
+	}
+}
+
+// A handler that runs past HandlerTimeout has its context cancelled; its
+// error sends the message to a retry.
+func TestHandlerTimeout(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	r, err := bus.NewRouter(bus.RouterConfig{
+		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", Logger: testLogger(),
+		ClaimMinIdle: 900 * time.Millisecond, HandlerTimeout: 300 * time.Millisecond,
+		Retry: bus.RetryPolicy{MaxAttempts: 3, MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var calls atomic.Int32
+	second := make(chan int, 1)
+	err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailSent) error {
+		if calls.Add(1) == 1 {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(30 * time.Second):
+				return errors.New("the context was never cancelled")
+			}
+		}
+		second <- bus.Attempt(ctx)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go func() { _ = r.Run(ctx) }()
+	pub, _ := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
+	defer pub.Close()
+	if _, err := pub.PublishEvent(t.Context(), &events.EmailSent{EmailID: events.NewID(), Attempts: 1, SentAt: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case attempt := <-second:
+		if attempt != 2 {
+			t.Fatalf("second call on attempt %d", attempt)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the timed-out message was not retried")
 	}
 }

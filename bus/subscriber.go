@@ -64,6 +64,10 @@ type SubscriberConfig struct {
 	// DeadLetterMaxLen caps each dead-letter stream (approximately).
 	// Defaults to 100000.
 	DeadLetterMaxLen int64
+	// HandlerTimeout, if set, cancels the context of a message handed out
+	// longer than this (checked with the heartbeats, so up to
+	// HeartbeatInterval/2 late). It saves a timer per message.
+	HandlerTimeout time.Duration
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 	// Metrics, if set, counts outcomes.
@@ -191,8 +195,10 @@ type delivery struct {
 	msg     *message.Message
 	attempt int
 	cancel  context.CancelFunc
+	start   int64        // unix nanos when it was handed out
 	beat    atomic.Int64 // unix nanos of the last heartbeat
 	done    atomic.Bool
+	expired atomic.Bool
 
 	// failure is recorded by the handler wrapper before it nacks.
 	failMu  sync.Mutex
@@ -774,8 +780,9 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis
 	}
 
 	msgCtx, cancel := context.WithCancel(sub.base)
-	d := &delivery{sub: sub, stream: stream, id: xm.ID, msg: msg, attempt: attemptOf(msg), cancel: cancel}
-	d.beat.Store(time.Now().UnixNano())
+	now := time.Now().UnixNano()
+	d := &delivery{sub: sub, stream: stream, id: xm.ID, msg: msg, attempt: attemptOf(msg), cancel: cancel, start: now}
+	d.beat.Store(now)
 	if sub.managed {
 		msg.SetContext(msgCtx)
 	} else {
@@ -1188,15 +1195,27 @@ func (s *Subscriber) heartbeatLoop() {
 }
 
 func (s *Subscriber) heartbeat() {
-	cutoff := time.Now().Add(-s.cfg.HeartbeatInterval).UnixNano()
+	now := time.Now()
+	cutoff := now.Add(-s.cfg.HeartbeatInterval).UnixNano()
+	deadline := now.Add(-s.cfg.HandlerTimeout).UnixNano()
 	byStream := map[string][]*delivery{}
+	var expired []*delivery
 	s.mu.Lock()
 	for _, d := range s.inflight {
 		if d.beat.Load() < cutoff {
 			byStream[d.stream] = append(byStream[d.stream], d)
 		}
+		if s.cfg.HandlerTimeout > 0 && d.start < deadline && !d.expired.Load() {
+			expired = append(expired, d)
+		}
 	}
 	s.mu.Unlock()
+	for _, d := range expired {
+		d.expired.Store(true)
+		d.cancel()
+		s.log.Warn("handler timed out; its context is cancelled", "stream", d.stream, "entry_id", d.id,
+			"event_id", d.msg.UUID, "timeout", s.cfg.HandlerTimeout)
+	}
 	for stream, ds := range byStream {
 		args := make([]any, 0, len(ds)+2)
 		args = append(args, s.cfg.ConsumerGroup, s.cfg.Consumer)

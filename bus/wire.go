@@ -5,7 +5,6 @@ import (
 	"fmt"
 
 	"github.com/ThreeDotsLabs/watermill/message"
-	"github.com/vmihailenco/msgpack/v5"
 )
 
 // Stream entry fields of watermill-redisstream's default marshaller. An entry
@@ -30,10 +29,7 @@ func marshalFields(msg *message.Message) ([]any, error) {
 	}
 	var md []byte
 	if len(msg.Metadata) > 0 {
-		var err error
-		if md, err = msgpack.Marshal(map[string]string(msg.Metadata)); err != nil {
-			return nil, fmt.Errorf("marshal metadata: %w", err)
-		}
+		md = encodeMetadata(msg.Metadata)
 	}
 	return []any{fieldUUID, msg.UUID, fieldMetadata, md, fieldPayload, []byte(msg.Payload)}, nil
 }
@@ -58,8 +54,8 @@ func unmarshalFields(values map[string]any) (*message.Message, error) {
 			return nil, fmt.Errorf("%w: field %s is not a string", errUndecodable, fieldMetadata)
 		}
 		if s != "" {
-			md := make(map[string]string)
-			if err := msgpack.Unmarshal([]byte(s), &md); err != nil {
+			md, err := decodeMetadata([]byte(s))
+			if err != nil {
 				return nil, fmt.Errorf("%w: metadata: %v", errUndecodable, err)
 			}
 			msg.Metadata = md

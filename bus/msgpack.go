@@ -1,0 +1,129 @@
+package bus
+
+import (
+	"encoding/binary"
+	"errors"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// Message metadata travels as a msgpack map of strings, the format of
+// watermill-redisstream's marshaller. It is encoded on every publish and
+// decoded on every delivery, so the common shapes take a direct path here;
+// anything else (binary strings, unusual widths) falls back to the msgpack
+// library, and a fuzz test checks both agree.
+
+var errShortMsgpack = errors.New("msgpack: truncated")
+
+// encodeMetadata encodes md as a msgpack map of str to str.
+func encodeMetadata(md map[string]string) []byte {
+	size := 5
+	for k, v := range md {
+		size += len(k) + len(v) + 10
+	}
+	b := make([]byte, 0, size)
+	n := len(md)
+	switch {
+	case n <= 15:
+		b = append(b, 0x80|byte(n))
+	case n <= 0xffff:
+		b = append(b, 0xde, byte(n>>8), byte(n))
+	default:
+		b = append(b, 0xdf)
+		b = binary.BigEndian.AppendUint32(b, uint32(n))
+	}
+	for k, v := range md {
+		b = appendStr(b, k)
+		b = appendStr(b, v)
+	}
+	return b
+}
+
+func appendStr(b []byte, s string) []byte {
+	n := len(s)
+	switch {
+	case n <= 31:
+		b = append(b, 0xa0|byte(n))
+	case n <= 0xff:
+		b = append(b, 0xd9, byte(n))
+	case n <= 0xffff:
+		b = append(b, 0xda, byte(n>>8), byte(n))
+	default:
+		b = append(b, 0xdb)
+		b = binary.BigEndian.AppendUint32(b, uint32(n))
+	}
+	return append(b, s...)
+}
+
+// decodeMetadata decodes a msgpack map of strings.
+func decodeMetadata(b []byte) (map[string]string, error) {
+	md, err := decodeMetadataFast(b)
+	if err == nil {
+		return md, nil
+	}
+	md = make(map[string]string)
+	if err := msgpack.Unmarshal(b, &md); err != nil {
+		return nil, err
+	}
+	return md, nil
+}
+
+func decodeMetadataFast(b []byte) (map[string]string, error) {
+	if len(b) == 0 {
+		return nil, errShortMsgpack
+	}
+	var n, i int
+	switch c := b[0]; {
+	case c&0xf0 == 0x80:
+		n, i = int(c&0x0f), 1
+	case c == 0xde && len(b) >= 3:
+		n, i = int(binary.BigEndian.Uint16(b[1:])), 3
+	case c == 0xdf && len(b) >= 5:
+		n, i = int(binary.BigEndian.Uint32(b[1:])), 5
+	default:
+		return nil, errors.New("msgpack: not a map")
+	}
+	if n > len(b) { // each entry needs at least two bytes
+		return nil, errShortMsgpack
+	}
+	md := make(map[string]string, n)
+	for j := 0; j < n; j++ {
+		k, next, err := readStr(b, i)
+		if err != nil {
+			return nil, err
+		}
+		v, next2, err := readStr(b, next)
+		if err != nil {
+			return nil, err
+		}
+		md[k], i = v, next2
+	}
+	if i != len(b) {
+		return nil, errors.New("msgpack: trailing bytes")
+	}
+	return md, nil
+}
+
+func readStr(b []byte, i int) (string, int, error) {
+	if i >= len(b) {
+		return "", 0, errShortMsgpack
+	}
+	var n int
+	c := b[i]
+	switch {
+	case c&0xe0 == 0xa0:
+		n, i = int(c&0x1f), i+1
+	case c == 0xd9 && i+1 < len(b):
+		n, i = int(b[i+1]), i+2
+	case c == 0xda && i+2 < len(b):
+		n, i = int(binary.BigEndian.Uint16(b[i+1:])), i+3
+	case c == 0xdb && i+4 < len(b):
+		n, i = int(binary.BigEndian.Uint32(b[i+1:])), i+5
+	default:
+		return "", 0, errors.New("msgpack: not a string")
+	}
+	if n < 0 || i+n > len(b) {
+		return "", 0, errShortMsgpack
+	}
+	return string(b[i : i+n]), i + n, nil
+}
