@@ -9,8 +9,11 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"reflect"
 	"strings"
 	"time"
+
+	fastjson "github.com/goccy/go-json"
 
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/cache"
@@ -175,7 +178,18 @@ func (a *API) readJSONBody(w http.ResponseWriter, r *http.Request) ([]byte, bool
 }
 
 // decodeStrict decodes one JSON object with no unknown fields.
+//
+// goccy/go-json decodes first, several times faster (ingest decodes every
+// event's envelope); if it refuses the body, encoding/json decodes it again
+// into a fresh value, for errors that name the field the same way every
+// time.
 func decodeStrict(body []byte, v any) (int, any, bool) {
+	fast := fastjson.NewDecoder(bytes.NewReader(body))
+	fast.DisallowUnknownFields()
+	if err := fast.Decode(v); err == nil && !fast.More() {
+		return 0, nil, true
+	}
+	reflect.ValueOf(v).Elem().SetZero()
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {

@@ -16,8 +16,9 @@ import (
 )
 
 const (
-	// copyBufferSize bounds the memory one Put uses, whatever the upload size.
-	copyBufferSize = 64 << 10
+	// copyBufferSize bounds the memory one Put uses, whatever the upload
+	// size, and sets the size of each write.
+	copyBufferSize = 1 << 20
 	// tempPrefix marks the files Put creates, so that the start-up sweep
 	// only ever removes its own leftovers.
 	tempPrefix = "put-"
@@ -209,12 +210,31 @@ func copyHashed(ctx context.Context, w io.Writer, r io.Reader, maxBytes int64) (
 		limit++
 	}
 	h := sha256.New()
-	// Neither the ctx-aware reader nor the MultiWriter implements
-	// WriterTo/ReaderFrom, so CopyBuffer really uses this fixed buffer.
+	src := contextReader(ctx, io.LimitReader(r, limit))
+	// Readers such as a multipart part hand out a few KiB per Read; the
+	// buffer is filled from many of them before one write and one hash
+	// update, so a large upload costs a few hundred writes, not tens of
+	// thousands.
 	buf := make([]byte, copyBufferSize)
-	n, err := io.CopyBuffer(io.MultiWriter(w, h), contextReader(ctx, io.LimitReader(r, limit)), buf)
-	if err != nil {
-		return "", 0, err
+	var n int64
+	for {
+		if err := ctx.Err(); err != nil {
+			return "", 0, err
+		}
+		m, err := fill(src, buf)
+		if m > 0 {
+			if _, werr := w.Write(buf[:m]); werr != nil {
+				return "", 0, werr
+			}
+			h.Write(buf[:m])
+			n += int64(m)
+		}
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return "", 0, err
+		}
 	}
 	if n > maxBytes {
 		return "", 0, fmt.Errorf("%w: more than %d bytes", ErrTooLarge, maxBytes)
@@ -226,6 +246,21 @@ func copyHashed(ctx context.Context, w io.Writer, r io.Reader, maxBytes int64) (
 type readerFunc func(p []byte) (int, error)
 
 func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
+
+// fill reads into buf until it is full or r fails. Unlike io.ReadFull it
+// keeps r's own error: io.EOF is the clean end, and an io.ErrUnexpectedEOF
+// from r (a multipart body cut short) stays an error.
+func fill(r io.Reader, buf []byte) (int, error) {
+	n := 0
+	for n < len(buf) {
+		m, err := r.Read(buf[n:])
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
 
 // contextReader returns a reader that fails with ctx's error once ctx is
 // done. It checks between reads: a Read already blocked in r is not
