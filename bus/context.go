@@ -2,7 +2,7 @@ package bus
 
 import (
 	"context"
-	fastjson "github.com/goccy/go-json"
+	"encoding/json"
 	"regexp"
 	"strconv"
 	"time"
@@ -110,6 +110,8 @@ func attemptOf(msg *message.Message) int {
 	return 1
 }
 
-// marshalJSON encodes event payloads with goccy/go-json, which produces
-// the same JSON as encoding/json, faster: publishing is a hot path.
-func marshalJSON(v any) ([]byte, error) { return fastjson.Marshal(v) }
+// marshalJSON encodes event payloads. encoding/json, not goccy/go-json:
+// goccy's encoder has a stack frame so large that the goroutines calling
+// it grow their stacks again after every collection, which cost more than
+// its faster encoding saves.
+func marshalJSON(v any) ([]byte, error) { return json.Marshal(v) }

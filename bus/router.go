@@ -247,12 +247,6 @@ func logFailure(log *slog.Logger, env events.Envelope, retry RetryPolicy, err er
 	}
 }
 
-// routed is a delivery with the route that handles it.
-type routed struct {
-	d *delivery
-	r *route
-}
-
 // Run runs the handlers until ctx ends, then closes gracefully: the
 // subscribers stop reading, running handlers get DrainTimeout to finish,
 // the rest are handed back, and every ack is flushed. Run returns an error
@@ -267,32 +261,29 @@ func (r *Router) Run(ctx context.Context) error {
 
 	var workers sync.WaitGroup
 	for _, g := range groups {
-		in := make(chan routed)
-		var forwarders sync.WaitGroup
+		// One channel per group, fed by every stream of the group and
+		// drained by its workers: a delivery changes hands once. The
+		// buffer lets a reader hand out a batch without waking a worker
+		// per message.
+		in := make(chan *delivery, r.cfg.Concurrency)
+		var feeding sync.WaitGroup
+		feeding.Add(len(g.routes))
 		for _, rt := range g.routes {
-			ch, err := g.sub.consume(ctx, rt.topic)
-			if err != nil {
+			if err := g.sub.consume(ctx, rt.topic, in, rt, feeding.Done); err != nil {
 				return fmt.Errorf("consume %s as %s: %w", rt.topic, g.name, err)
 			}
-			forwarders.Add(1)
-			go func() {
-				defer forwarders.Done()
-				for d := range ch {
-					in <- routed{d, rt}
-				}
-			}()
 		}
 		go func() {
-			forwarders.Wait()
+			feeding.Wait()
 			close(in)
 		}()
 		for i := 0; i < r.cfg.Concurrency; i++ {
 			workers.Add(1)
 			go func() {
 				defer workers.Done()
-				for it := range in {
-					_, err := it.r.call(it.d.msg)
-					it.d.sub.s.complete(it.d, err)
+				for d := range in {
+					_, err := d.tag.(*route).call(d.msg)
+					d.sub.s.complete(d, err)
 				}
 			}()
 		}

@@ -158,6 +158,8 @@ type Subscriber struct {
 	// slots is the in-flight window: a send takes a slot, a receive frees
 	// one.
 	slots chan struct{}
+	// freed is poked when slots are released.
+	freed chan struct{}
 
 	mu       sync.Mutex
 	inflight map[entryKey]*delivery
@@ -199,6 +201,7 @@ type delivery struct {
 	beat    atomic.Int64 // unix nanos of the last heartbeat
 	done    atomic.Bool
 	expired atomic.Bool
+	tag     any // the subscription's tag (the Router's route)
 
 	// failure is recorded by the handler wrapper before it nacks.
 	failMu  sync.Mutex
@@ -246,6 +249,7 @@ func NewSubscriber(cfg SubscriberConfig) (*Subscriber, error) {
 		cfg:      cfg,
 		log:      cfg.Logger.With("consumer_group", cfg.ConsumerGroup, "consumer", cfg.Consumer),
 		slots:    make(chan struct{}, cfg.MaxInFlight),
+		freed:    make(chan struct{}, 1),
 		inflight: make(map[entryKey]*delivery),
 		closing:  make(chan struct{}),
 		stopWork: make(chan struct{}),
@@ -298,7 +302,10 @@ type subscription struct {
 	// dout, for a subscription of the bus Router (consume), carries
 	// deliveries instead of Watermill messages: the Router reports each
 	// outcome directly, so no goroutine waits on Ack/Nack per message.
-	dout    chan *delivery
+	// Several subscriptions may share one dout; tag tells them apart.
+	dout    chan<- *delivery
+	tag     any
+	done    func() // called once the subscription stops handing out
 	managed bool
 	stop    chan struct{} // closed when this subscription must stop reading
 	ctx     context.Context
@@ -320,17 +327,18 @@ func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *messa
 	return sub.out, nil
 }
 
-// consume is Subscribe for the bus Router: it hands out deliveries, whose
-// outcome the Router reports with complete.
-func (s *Subscriber) consume(ctx context.Context, topic string) (<-chan *delivery, error) {
-	sub, err := s.start(ctx, topic, true)
-	if err != nil {
-		return nil, err
-	}
-	return sub.dout, nil
+// consume is Subscribe for the bus Router: it hands out deliveries, tagged
+// with tag, into out (which the Router's workers share), and calls done
+// once it stops handing out. The Router reports each outcome with
+// complete.
+func (s *Subscriber) consume(ctx context.Context, topic string, out chan<- *delivery, tag any, done func()) error {
+	_, err := s.start(ctx, topic, true, func(sub *subscription) {
+		sub.dout, sub.tag, sub.done = out, tag, done
+	})
+	return err
 }
 
-func (s *Subscriber) start(ctx context.Context, topic string, managed bool) (*subscription, error) {
+func (s *Subscriber) start(ctx context.Context, topic string, managed bool, setup ...func(*subscription)) (*subscription, error) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -351,10 +359,11 @@ func (s *Subscriber) start(ctx context.Context, topic string, managed bool) (*su
 		wake:    make(chan struct{}, 1),
 		cursors: map[string]string{},
 	}
-	if managed {
-		sub.dout = make(chan *delivery)
-	} else {
+	if !managed {
 		sub.out = make(chan *message.Message)
+	}
+	for _, f := range setup {
+		f(sub)
 	}
 	// The groups are created by the read loop, not here: a Redis that is
 	// down, or a ctx already cancelled by a shutdown racing the start,
@@ -456,6 +465,12 @@ func (s *Subscriber) release(n int) {
 	for i := 0; i < n; i++ {
 		<-s.slots
 	}
+	// Wake a reader waiting in awaitCapacity (one wake-up is enough: it
+	// re-checks the free slots).
+	select {
+	case s.freed <- struct{}{}:
+	default:
+	}
 }
 
 // read is the subscription's loop: its own pending entries first, then new
@@ -465,7 +480,7 @@ func (sub *subscription) read() {
 	defer s.readers.Done()
 	defer func() {
 		if sub.managed {
-			close(sub.dout)
+			sub.done()
 		} else {
 			close(sub.out)
 		}
@@ -561,11 +576,16 @@ func (sub *subscription) awaitCapacity(n int) int {
 	want := min(n, max(1, cap(s.slots)/4))
 	if cap(s.slots)-len(s.slots) < want {
 		t := time.NewTimer(2 * time.Millisecond)
-		select {
-		case <-t.C:
-		case <-sub.stop:
-			t.Stop()
-			return 0
+		defer t.Stop()
+	wait:
+		for cap(s.slots)-len(s.slots) < want {
+			select {
+			case <-s.freed:
+			case <-t.C:
+				break wait
+			case <-sub.stop:
+				return 0
+			}
 		}
 	}
 	return min(n, max(1, cap(s.slots)-len(s.slots)))
@@ -781,7 +801,7 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis
 
 	msgCtx, cancel := context.WithCancel(sub.base)
 	now := time.Now().UnixNano()
-	d := &delivery{sub: sub, stream: stream, id: xm.ID, msg: msg, attempt: attemptOf(msg), cancel: cancel, start: now}
+	d := &delivery{sub: sub, stream: stream, id: xm.ID, msg: msg, attempt: attemptOf(msg), cancel: cancel, start: now, tag: sub.tag}
 	d.beat.Store(now)
 	if sub.managed {
 		msg.SetContext(msgCtx)

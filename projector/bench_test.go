@@ -5,6 +5,8 @@ import (
 	"database/sql"
 	"github.com/prometheus/client_golang/prometheus"
 	"log/slog"
+	"os"
+	"strconv"
 	"sync"
 	"syscall"
 	"testing"
@@ -109,7 +111,7 @@ func BenchmarkPipeline(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer pub.Close()
-	r, err := bus.NewRouter(bus.RouterConfig{Client: rdb, Consumer: "bench", StreamPrefix: prefix, Concurrency: 512, Logger: log})
+	r, err := bus.NewRouter(bus.RouterConfig{Client: rdb, Consumer: "bench", StreamPrefix: prefix, Concurrency: benchConcurrency(), Logger: log})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -183,4 +185,11 @@ func countSent(b *testing.B, url string) int {
 		b.Fatal(err)
 	}
 	return n
+}
+
+func benchConcurrency() int {
+	if n, err := strconv.Atoi(os.Getenv("BENCH_CONCURRENCY")); err == nil {
+		return n
+	}
+	return 512
 }
