@@ -212,24 +212,22 @@ func (a *API) upload(r *http.Request) (int, any) {
 	return http.StatusAccepted, acceptedDocument{DocID: ev.DocID, Status: store.DocumentProcessing}
 }
 
-// accept remembers the initial view of accepted work, then publishes its
-// event. The view answers reads until the projector has written the row;
-// it is written first so that no read can miss both.
+// accept publishes the event of accepted work, then remembers its initial
+// view, which answers reads until the projector has written the row (read
+// your own write). In that order, a failure can never leave a record of
+// work that was not accepted; if Redis fails between the two, the work is
+// accepted and a read may miss it until the projector catches up.
 func (a *API) accept(ctx context.Context, key string, view any, ev events.Event) (int, any, bool) {
 	raw, err := json.Marshal(view)
 	if err != nil {
 		return http.StatusInternalServerError, errBody("internal", "internal error"), false
 	}
-	if err := a.cfg.Idem.Put(ctx, key, string(raw), acceptedTTL); err != nil {
-		a.log.Error("record accepted work", "error", err)
-		return http.StatusServiceUnavailable, errBody("unavailable", "cannot accept work right now; retry later"), false
-	}
 	if _, err := a.cfg.Publisher.PublishEvent(ctx, ev); err != nil {
 		a.log.Error("publish accepted work", "event_type", ev.EventType(), "error", err)
-		if derr := a.cfg.Idem.Delete(context.WithoutCancel(ctx), key); derr != nil {
-			a.log.Error("forget refused work", "error", derr)
-		}
 		return http.StatusServiceUnavailable, errBody("unavailable", "cannot accept work right now; retry later"), false
+	}
+	if err := a.cfg.Idem.Put(context.WithoutCancel(ctx), key, string(raw), acceptedTTL); err != nil {
+		a.log.Warn("record accepted work for reads; it is accepted, reads may miss it until it is projected", "error", err)
 	}
 	return 0, nil, true
 }

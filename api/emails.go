@@ -108,29 +108,25 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 // scheduleEmail holds the email's request back until sendAt and publishes
 // email.scheduled, so reads show "scheduled" until it is due. The held-back
 // request is stored first: if the second write fails it is withdrawn, so a
-// 503 never leaves an email that will still be sent.
+// 503 never leaves an email that will still be sent. The view for reads is
+// recorded last, as in accept.
 func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, sendAt time.Time) (int, any) {
-	view := EmailView{EmailID: ev.EmailID, Status: store.EmailScheduled, To: &ev.To, Subject: &ev.Subject, SendAt: &sendAt}
-	raw, _ := json.Marshal(view)
-	if err := a.cfg.Idem.Put(ctx, acceptedEmailKey(ev.EmailID), string(raw), acceptedTTL); err != nil {
-		a.log.Error("record accepted email", "error", err)
-		return errResp(http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
-	}
-	fail := func(err error) (int, any) {
-		a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
-		bg := context.WithoutCancel(ctx)
-		if _, cerr := a.cfg.Publisher.CancelDelayed(bg, events.TypeEmailRequested, ev.EmailID); cerr != nil {
-			a.log.Error("withdraw held-back email", "email_id", ev.EmailID, "error", cerr)
-		}
-		_ = a.cfg.Idem.Delete(bg, acceptedEmailKey(ev.EmailID))
-		return errResp(http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
-	}
 	if _, err := a.cfg.Publisher.PublishAt(ctx, sendAt, ev, bus.WithID(ev.EmailID)); err != nil {
-		return fail(err)
+		a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
+		return errResp(http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
 	}
 	sched := &events.EmailScheduled{EmailID: ev.EmailID, To: ev.To, Subject: ev.Subject, SendAt: sendAt, ScheduledAt: ev.RequestedAt}
 	if _, err := a.cfg.Publisher.PublishEvent(ctx, sched); err != nil {
-		return fail(err)
+		a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
+		if _, cerr := a.cfg.Publisher.CancelDelayed(context.WithoutCancel(ctx), events.TypeEmailRequested, ev.EmailID); cerr != nil {
+			a.log.Error("withdraw held-back email; it will still be sent", "email_id", ev.EmailID, "error", cerr)
+		}
+		return errResp(http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
+	}
+	view := EmailView{EmailID: ev.EmailID, Status: store.EmailScheduled, To: &ev.To, Subject: &ev.Subject, SendAt: &sendAt}
+	raw, _ := json.Marshal(view)
+	if err := a.cfg.Idem.Put(context.WithoutCancel(ctx), acceptedEmailKey(ev.EmailID), string(raw), acceptedTTL); err != nil {
+		a.log.Warn("record accepted email for reads", "error", err)
 	}
 	return http.StatusAccepted, acceptedEmail{EmailID: ev.EmailID, Status: store.EmailScheduled, SendAt: &sendAt}
 }

@@ -1,7 +1,6 @@
 package api
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -82,7 +81,8 @@ func dueTime(req eventRequest, now time.Time, maxDelay time.Duration) (time.Time
 	return due.UTC(), 0, nil
 }
 
-func eventSeenKey(id string) string { return "event:" + id }
+// eventIDTTL is how long a client-chosen event id is remembered.
+const eventIDTTL = 7 * 24 * time.Hour
 
 // parseEvent checks one upstream event; it returns the response on failure.
 func parseEvent(req eventRequest) (events.Event, string, int, any) {
@@ -152,33 +152,25 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
+	// A client-chosen id publishes once: the check of the id and the
+	// append are one atomic step in Redis, so an outage in between can
+	// neither lose the event nor leave a mark that claims it.
+	opts := []bus.PublishOption{bus.WithID(id)}
 	if req.ID != "" {
-		// A repeated id publishes nothing new: the first request to mark
-		// the id publishes; the mark is dropped again if that fails.
-		fresh, err := a.cfg.Idem.Set(ctx, eventSeenKey(id), "1")
-		if err != nil {
-			a.log.Error("mark event id", "error", err)
-			writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept events right now; retry later")
-			return
-		}
-		if !fresh {
-			writeJSON(w, http.StatusAccepted, acceptedEvent{EventID: id, Duplicate: true})
-			return
-		}
+		opts = append(opts, bus.WithOnce(eventIDTTL))
 	}
 	var err error
 	if due.IsZero() {
-		_, err = a.cfg.Publisher.PublishEvent(ctx, ev, bus.WithID(id))
+		_, err = a.cfg.Publisher.PublishEvent(ctx, ev, opts...)
 	} else {
-		_, err = a.cfg.Publisher.PublishAt(ctx, due, ev, bus.WithID(id))
+		_, err = a.cfg.Publisher.PublishAt(ctx, due, ev, opts...)
+	}
+	if errors.Is(err, bus.ErrAlreadyPublished) {
+		writeJSON(w, http.StatusAccepted, acceptedEvent{EventID: id, Duplicate: true})
+		return
 	}
 	if err != nil {
 		a.log.Error("publish event", "event_type", req.Type, "error", err)
-		if req.ID != "" {
-			if derr := a.cfg.Idem.Delete(context.WithoutCancel(ctx), eventSeenKey(id)); derr != nil {
-				a.log.Error("unmark event id", "error", derr)
-			}
-		}
 		writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept events right now; retry later")
 		return
 	}
@@ -236,7 +228,6 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 	var pubEvs []events.Event
 	var pubOpts [][]bus.PublishOption
 	var pubIdx []int
-	var marked []int
 	now := time.Now()
 	dues := make([]time.Time, len(req.Events))
 	parsed := make([]eventRequest, len(req.Events))
@@ -261,36 +252,20 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 		}
 		dues[i] = due
 		results[i] = BatchResult{EventID: id, Status: http.StatusAccepted}
-		if er.ID != "" {
-			marked = append(marked, i)
-		}
 		pubEvs = append(pubEvs, ev)
-		pubOpts = append(pubOpts, []bus.PublishOption{bus.WithID(id)})
+		opts := []bus.PublishOption{bus.WithID(id)}
+		if er.ID != "" {
+			opts = append(opts, bus.WithOnce(eventIDTTL))
+		}
+		pubOpts = append(pubOpts, opts)
 		pubIdx = append(pubIdx, i)
 	}
-	// Client-chosen ids are marked first, so a repeated id is published
-	// once, even across batches. A repeat within this batch gets the
-	// outcome of its first copy (sameAs), so it is never reported durable
-	// when the first copy failed.
+	// A client-chosen id is published once, even across batches: each such
+	// event is appended only if its id is new, atomically (WithOnce). A
+	// repeat within this batch gets the outcome of its first copy, so it is
+	// never reported durable when the first copy failed.
 	sameAs := map[int]int{}
-	if len(marked) > 0 {
-		keys := make([]string, len(marked))
-		for j, i := range marked {
-			keys[j] = eventSeenKey(results[i].EventID)
-		}
-		fresh, err := a.cfg.Idem.SetMany(ctx, keys, "1")
-		if err != nil {
-			a.log.Error("mark event ids", "error", err)
-			writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept events right now; retry later")
-			return
-		}
-		skip := map[int]bool{}
-		for j, i := range marked {
-			if !fresh[j] {
-				skip[i] = true
-			}
-		}
-		// A duplicate within this batch is marked by its first copy.
+	{
 		first := map[string]int{}
 		var evs []events.Event
 		var opts [][]bus.PublishOption
@@ -302,9 +277,6 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 					continue
 				}
 				first[id] = i
-			}
-			if skip[i] {
-				continue
 			}
 			evs, opts, idx = append(evs, pubEvs[k]), append(opts, pubOpts[k]), append(idx, i)
 		}
@@ -328,25 +300,16 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 	for k, res := range a.cfg.Publisher.PublishBatch(ctx, nowEvs, nowOpts) {
 		outcomes, outIdx = append(outcomes, res.Err), append(outIdx, nowIdx[k])
 	}
-	var unmark []string
 	for k, err := range outcomes {
 		i := outIdx[k]
-		if err != nil {
+		if err != nil && !errors.Is(err, bus.ErrAlreadyPublished) {
 			a.log.Error("publish event of a batch", "error", err)
 			results[i].Status = http.StatusServiceUnavailable
 			results[i].Error = &errorDetail{Code: "unavailable", Message: "not published; send it again"}
-			if parsed[i].ID != "" {
-				unmark = append(unmark, eventSeenKey(results[i].EventID))
-			}
 		}
 	}
 	for i, j := range sameAs {
 		results[i].Status, results[i].Error = results[j].Status, results[j].Error
-	}
-	if len(unmark) > 0 {
-		if err := a.cfg.Idem.Delete(context.WithoutCancel(ctx), unmark...); err != nil {
-			a.log.Error("unmark event ids", "error", err)
-		}
 	}
 	resp := batchResponse{Results: results}
 	for _, res := range results {

@@ -20,7 +20,10 @@ import (
 // entry of a vanished name waits ClaimMinIdle for another replica. A lease
 // in Redis makes two live processes never share a name.
 
-const leaseTTL = 15 * time.Second
+// leaseTTL is short so that a replica restarted after a crash gets its own
+// name back (and its pending entries at once) within seconds; it is
+// renewed every third of it.
+const leaseTTL = 6 * time.Second
 
 func leaseKey(name string) string { return "conveyor:consumer:" + name }
 
@@ -62,12 +65,34 @@ func LeaseConsumerName(ctx context.Context, rdb redis.UniversalClient, explicit 
 	tok := make([]byte, 16)
 	_, _ = rand.Read(tok)
 	l := &ConsumerLease{rdb: rdb, token: hex.EncodeToString(tok), stop: make(chan struct{}), done: make(chan struct{}), logger: logger}
+	// setNX rides out Redis being down or loading: a replica that starts
+	// during an outage waits for Redis instead of exiting.
+	setNX := func(name string) (bool, error) {
+		b := newBackoff(100*time.Millisecond, 5*time.Second)
+		for {
+			ok, err := rdb.SetNX(ctx, leaseKey(name), l.token, leaseTTL).Result()
+			if err == nil {
+				return ok, nil
+			}
+			if ctx.Err() != nil {
+				return false, fmt.Errorf("lease consumer name %s: %w", name, err)
+			}
+			logger.Warn("lease consumer name; retrying", "consumer", name, "error", err, "retry_in", b.peek())
+			b.sleep(ctx.Done())
+		}
+	}
 	if explicit != "" {
 		deadline := time.Now().Add(leaseTTL + time.Second)
 		for {
-			ok, err := rdb.SetNX(ctx, leaseKey(explicit), l.token, leaseTTL).Result()
+			start := time.Now()
+			ok, err := setNX(explicit)
 			if err != nil {
-				return nil, fmt.Errorf("lease consumer name %s: %w", explicit, err)
+				return nil, err
+			}
+			if time.Since(start) > time.Second {
+				// Redis was out: the previous holder's lease may only now
+				// run down.
+				deadline = time.Now().Add(leaseTTL + time.Second)
 			}
 			if ok {
 				l.name = explicit
@@ -90,9 +115,9 @@ func LeaseConsumerName(ctx context.Context, rdb redis.UniversalClient, explicit 
 		host = strings.ReplaceAll(host, " ", "-")
 		for i := 1; ; i++ {
 			name := fmt.Sprintf("%s-%d", host, i)
-			ok, err := rdb.SetNX(ctx, leaseKey(name), l.token, leaseTTL).Result()
+			ok, err := setNX(name)
 			if err != nil {
-				return nil, fmt.Errorf("lease consumer name %s: %w", name, err)
+				return nil, err
 			}
 			if ok {
 				l.name = name

@@ -31,6 +31,17 @@ func (p *Publisher) PublishAt(ctx context.Context, at time.Time, ev events.Event
 		return "", fmt.Errorf("marshal delayed %s: %w", ev.EventType(), err)
 	}
 	stream := p.Stream(ev.EventType())
+	if ttl := onceOf(opts); ttl > 0 {
+		n, err := delayOnceScript.Run(ctx, p.cfg.Client, []string{OnceKey(stream, id), DelayedSet(stream)},
+			ttl.Milliseconds(), at.UnixMilli(), member).Int()
+		if err != nil {
+			return "", fmt.Errorf("delay %s until %s: %w", ev.EventType(), at.Format(time.RFC3339), err)
+		}
+		if n == 0 {
+			return id, ErrAlreadyPublished
+		}
+		return id, nil
+	}
 	if err := p.cfg.Client.ZAdd(ctx, DelayedSet(stream), redis.Z{Score: float64(at.UnixMilli()), Member: member}).Err(); err != nil {
 		return "", fmt.Errorf("delay %s until %s: %w", ev.EventType(), at.Format(time.RFC3339), err)
 	}
@@ -70,6 +81,16 @@ func stringFields(fields []any) []string {
 	}
 	return out
 }
+
+// delayOnceScript holds an event back unless its once-marker exists,
+// setting the marker in the same step. KEYS[1] = marker, KEYS[2] = delay
+// set; ARGV[1] = marker TTL (ms), ARGV[2] = due (ms), ARGV[3] = member.
+var delayOnceScript = redis.NewScript(`
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  return 1
+end
+return 0`)
 
 // MoveDue appends the due delayed events of stream to it, atomically, so
 // that with many processes each event is appended exactly once. It returns

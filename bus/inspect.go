@@ -63,6 +63,10 @@ func Inspect(ctx context.Context, rdb redis.UniversalClient, topology map[string
 			return st, fmt.Errorf("length of %s: %w", s, err)
 		}
 		ss.Length = n
+		var lastID string
+		if info, err := rdb.XInfoStream(ctx, s).Result(); err == nil {
+			lastID = info.LastGeneratedID
+		}
 		infos, err := rdb.XInfoGroups(ctx, s).Result()
 		if err != nil && !strings.Contains(err.Error(), "no such key") {
 			return st, fmt.Errorf("groups of %s: %w", s, err)
@@ -77,6 +81,17 @@ func Inspect(ctx context.Context, rdb redis.UniversalClient, topology map[string
 			gs := GroupStatus{Group: g, Lag: -1}
 			if gi, ok := known[g]; ok {
 				gs.Pending, gs.Lag = gi.Pending, gi.Lag
+				// Redis's lag counter can stay too high after a restart
+				// that replayed the AOF (its entries-read counter lags the
+				// group's position). A group that has read the last entry
+				// has no lag, and no group lags by more than the stream
+				// holds.
+				switch {
+				case lastID != "" && gi.LastDeliveredID == lastID:
+					gs.Lag = 0
+				case gs.Lag > n:
+					gs.Lag = n
+				}
 			}
 			pipe := rdb.Pipeline()
 			zc := pipe.ZCard(ctx, RetrySet(s, g))

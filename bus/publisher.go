@@ -92,9 +92,13 @@ type pubReq struct {
 	ctx    context.Context
 	stream string
 	fields []any
-	id     string // resulting entry id
-	err    error
-	done   chan struct{}
+	// onceKey, if set, makes the append conditional: it happens only if
+	// this marker key is absent, and sets it, in one atomic step.
+	onceKey string
+	onceTTL time.Duration
+	id      string // resulting entry id
+	err     error
+	done    chan struct{}
 }
 
 var pubReqPool = sync.Pool{New: func() any { return &pubReq{done: make(chan struct{}, 1)} }}
@@ -148,6 +152,12 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 }
 
 func (p *Publisher) submit(ctx context.Context, stream string, fields []any) (*pubReq, error) {
+	return p.submitOnce(ctx, stream, fields, "", 0)
+}
+
+// submitOnce submits an append that is conditional on OnceKey(stream, id)
+// when ttl > 0.
+func (p *Publisher) submitOnce(ctx context.Context, stream string, fields []any, id string, ttl time.Duration) (*pubReq, error) {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	if p.isClosed {
@@ -155,6 +165,10 @@ func (p *Publisher) submit(ctx context.Context, stream string, fields []any) (*p
 	}
 	r := pubReqPool.Get().(*pubReq)
 	r.ctx, r.stream, r.fields, r.id, r.err = ctx, stream, fields, "", nil
+	r.onceKey, r.onceTTL = "", 0
+	if ttl > 0 {
+		r.onceKey, r.onceTTL = OnceKey(stream, id), ttl
+	}
 	select {
 	case p.reqs <- r:
 		return r, nil
@@ -167,7 +181,7 @@ func (p *Publisher) submit(ctx context.Context, stream string, fields []any) (*p
 func (p *Publisher) work() {
 	defer p.workers.Done()
 	batch := make([]*pubReq, 0, p.cfg.MaxBatch)
-	cmds := make([]*redis.StringCmd, 0, p.cfg.MaxBatch)
+	cmds := make([]redis.Cmder, 0, p.cfg.MaxBatch)
 	for {
 		batch = batch[:0]
 		select {
@@ -198,10 +212,11 @@ func (p *Publisher) work() {
 	}
 }
 
-func (p *Publisher) flush(batch []*pubReq, cmds []*redis.StringCmd) {
+func (p *Publisher) flush(batch []*pubReq, cmds []redis.Cmder) {
 	cmds = cmds[:0]
 	pipe := p.cfg.Client.Pipeline()
 	live := batch[:0:0]
+	bg := context.Background()
 	for _, r := range batch {
 		if err := r.ctx.Err(); err != nil {
 			r.err = err
@@ -209,24 +224,41 @@ func (p *Publisher) flush(batch []*pubReq, cmds []*redis.StringCmd) {
 			continue
 		}
 		live = append(live, r)
-		cmds = append(cmds, pipe.XAdd(context.Background(), &redis.XAddArgs{Stream: r.stream, Values: r.fields}))
+		if r.onceKey != "" {
+			args := append([]any{r.onceTTL.Milliseconds()}, r.fields...)
+			cmds = append(cmds, publishOnceScript.Eval(bg, pipe, []string{r.onceKey, r.stream}, args...))
+		} else {
+			cmds = append(cmds, pipe.XAdd(bg, &redis.XAddArgs{Stream: r.stream, Values: r.fields}))
+		}
 	}
 	if len(live) == 0 {
 		return
 	}
 	// The pipeline is not bound to any one request's context: once sent,
 	// an XADD may have happened, and the caller must learn its outcome.
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(bg, 10*time.Second)
 	_, _ = pipe.Exec(ctx)
 	cancel()
 	for i, r := range live {
-		r.id, r.err = cmds[i].Result()
-		if p.cfg.Metrics != nil {
+		switch c := cmds[i].(type) {
+		case *redis.StringCmd:
+			r.id, r.err = c.Result()
+		case *redis.Cmd:
+			var n int64
+			if n, r.err = c.Int64(); r.err == nil && n == 0 {
+				r.err = ErrAlreadyPublished
+			}
+		}
+		if p.cfg.Metrics != nil && !errors.Is(r.err, ErrAlreadyPublished) {
 			p.cfg.Metrics.published(r.stream, r.err)
 		}
 		r.done <- struct{}{}
 	}
 }
+
+// ErrAlreadyPublished is returned by a publish with WithOnce whose key was
+// used before: nothing was appended.
+var ErrAlreadyPublished = errors.New("already published")
 
 // Close stops the publisher after in-flight publishes finished. It does not
 // close the Redis client.
@@ -248,6 +280,22 @@ type publishOptions struct {
 	id            string
 	correlationID string
 	occurredAt    time.Time
+	once          time.Duration
+}
+
+// WithOnce publishes the event only if no publish with the same event id
+// (give one with WithID) was made on its stream within ttl; otherwise the
+// publish returns ErrAlreadyPublished. The check and the append are one
+// atomic step in Redis, so a crash or outage in between cannot leave a
+// mark without its event, or the reverse.
+func WithOnce(ttl time.Duration) PublishOption { return func(o *publishOptions) { o.once = ttl } }
+
+func onceOf(opts []PublishOption) time.Duration {
+	var o publishOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return o.once
 }
 
 // WithID sets the event id instead of a new UUIDv7; use events.DerivedID for
@@ -340,13 +388,16 @@ func (p *Publisher) PublishEvent(ctx context.Context, ev events.Event, opts ...P
 		return "", err
 	}
 	stream := p.Stream(ev.EventType())
-	r, err := p.submit(ctx, stream, fields)
+	r, err := p.submitOnce(ctx, stream, fields, id, onceOf(opts))
 	if err != nil {
 		return "", fmt.Errorf("publish %s to %s: %w", id, stream, err)
 	}
 	<-r.done
 	err = r.err
 	pubReqPool.Put(r)
+	if errors.Is(err, ErrAlreadyPublished) {
+		return id, err
+	}
 	if err != nil {
 		return "", fmt.Errorf("publish %s to %s: %w", id, stream, err)
 	}
@@ -375,7 +426,7 @@ func (p *Publisher) PublishBatch(ctx context.Context, evs []events.Event, opts [
 			continue
 		}
 		res[i].ID = id
-		if reqs[i], err = p.submit(ctx, p.Stream(ev.EventType()), fields); err != nil {
+		if reqs[i], err = p.submitOnce(ctx, p.Stream(ev.EventType()), fields, id, onceOf(o)); err != nil {
 			res[i].Err = err
 		}
 	}

@@ -97,3 +97,31 @@ func TestRetentionRemovesGoneConsumersOnly(t *testing.T) {
 		t.Fatalf("consumers after the pass: %+v (want only holder, which has a pending entry)", cs)
 	}
 }
+
+// Inspect reports no lag for a group that has read the last entry, even
+// when Redis's own lag counter says otherwise (it does after an AOF
+// replay).
+func TestInspectLag(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	topo := map[string][]string{f.group: {f.topic}}
+	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
+		t.Fatal(err)
+	}
+	f.publish(5)
+	st, err := bus.Inspect(ctx, f.rdb, topo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g := st.Streams[0].Groups[0]; g.Lag != 5 || g.Pending != 0 {
+		t.Fatalf("before reading: %+v, want lag 5", g)
+	}
+	if err := f.rdb.XReadGroup(ctx, &redis.XReadGroupArgs{Group: f.group, Consumer: "c", Streams: []string{f.topic, ">"}}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	st, _ = bus.Inspect(ctx, f.rdb, topo)
+	if g := st.Streams[0].Groups[0]; g.Lag != 0 || g.Pending != 5 {
+		t.Fatalf("after reading: %+v, want lag 0 and 5 pending", g)
+	}
+}

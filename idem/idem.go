@@ -77,24 +77,6 @@ func (s *Store) Set(ctx context.Context, key, value string) (bool, error) {
 	return ok, nil
 }
 
-// SetMany is Set for many keys in one round trip; fresh[i] reports whether
-// keys[i] was recorded.
-func (s *Store) SetMany(ctx context.Context, keys []string, value string) ([]bool, error) {
-	pipe := s.rdb.Pipeline()
-	cmds := make([]*redis.BoolCmd, len(keys))
-	for i, k := range keys {
-		cmds[i] = pipe.SetNX(ctx, s.prefix+k, value, s.ttl)
-	}
-	if _, err := pipe.Exec(ctx); err != nil {
-		return nil, fmt.Errorf("set %d idempotency records: %w", len(keys), err)
-	}
-	fresh := make([]bool, len(keys))
-	for i, c := range cmds {
-		fresh[i] = c.Val()
-	}
-	return fresh, nil
-}
-
 // Put records value under key, replacing what was there.
 func (s *Store) Put(ctx context.Context, key, value string, ttl time.Duration) error {
 	if ttl <= 0 {

@@ -79,7 +79,7 @@ func TestReadmeIsComplete(t *testing.T) {
 			t.Errorf("README runs `go tool task %s`, which Taskfile.yml does not have", m[1])
 		}
 	}
-	for _, want := range []string{"run", "up", "down", "logs", "test", "test:short", "lint", "bench", "migrate"} {
+	for _, want := range []string{"run", "up", "down", "logs", "test", "test:short", "lint", "bench", "chaos", "migrate"} {
 		if _, ok := tf.Tasks[want]; !ok {
 			t.Errorf("Taskfile.yml lacks the %s task", want)
 		}
