@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -209,32 +210,67 @@ func copyHashed(ctx context.Context, w io.Writer, r io.Reader, maxBytes int64) (
 	if limit < math.MaxInt64 {
 		limit++
 	}
-	h := sha256.New()
 	src := contextReader(ctx, io.LimitReader(r, limit))
-	// Readers such as a multipart part hand out a few KiB per Read; the
+	// Readers such as a multipart part hand out a few KiB per Read; a
 	// buffer is filled from many of them before one write and one hash
 	// update, so a large upload costs a few hundred writes, not tens of
-	// thousands.
-	buf := make([]byte, copyBufferSize)
-	var n int64
-	for {
-		if err := ctx.Err(); err != nil {
-			return "", 0, err
+	// thousands. Two buffers alternate: while one is written and hashed,
+	// the next is read, so reading the network and writing the disk
+	// overlap.
+	type chunk struct{ buf []byte }
+	free := make(chan []byte, 2)
+	free <- make([]byte, copyBufferSize)
+	free <- make([]byte, copyBufferSize)
+	full := make(chan chunk, 1)
+	h := sha256.New()
+	werr := make(chan error, 1)
+	var failed atomic.Bool
+	go func() {
+		var err error
+		for c := range full {
+			if err == nil {
+				if _, err = w.Write(c.buf); err == nil {
+					h.Write(c.buf)
+				} else {
+					failed.Store(true) // stop reading an upload that cannot be kept
+				}
+			}
+			free <- c.buf[:cap(c.buf)]
 		}
+		werr <- err
+	}()
+	var n int64
+	var rerr error
+	for {
+		buf := <-free
 		m, err := fill(src, buf)
 		if m > 0 {
-			if _, werr := w.Write(buf[:m]); werr != nil {
-				return "", 0, werr
-			}
-			h.Write(buf[:m])
+			full <- chunk{buf[:m]}
 			n += int64(m)
+		} else {
+			free <- buf
 		}
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
-			return "", 0, err
+			rerr = err
+			break
 		}
+		if err := ctx.Err(); err != nil {
+			rerr = err
+			break
+		}
+		if failed.Load() {
+			break
+		}
+	}
+	close(full)
+	if err := <-werr; err != nil && rerr == nil {
+		rerr = err
+	}
+	if rerr != nil {
+		return "", 0, rerr
 	}
 	if n > maxBytes {
 		return "", 0, fmt.Errorf("%w: more than %d bytes", ErrTooLarge, maxBytes)

@@ -101,7 +101,7 @@ func BenchmarkPipeline(b *testing.B) {
 	}
 	log := slog.New(slog.DiscardHandler)
 	reg := prometheus.NewRegistry()
-	p, err := projector.New(projector.Config{Store: st, Cache: c, Logger: log, Registerer: reg})
+	p, err := projector.New(projector.Config{Store: st, Cache: c, Logger: log, Registerer: reg, Workers: benchWorkers()})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -192,4 +192,11 @@ func benchConcurrency() int {
 		return n
 	}
 	return 512
+}
+
+func benchWorkers() int {
+	if n, err := strconv.Atoi(os.Getenv("BENCH_WORKERS")); err == nil {
+		return n
+	}
+	return 0
 }
