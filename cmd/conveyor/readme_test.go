@@ -163,3 +163,22 @@ func TestReadmeWalkthrough(t *testing.T) {
 		t.Fatalf("conveyor status: %v\n%s", err, out)
 	}
 }
+
+// Every flag of every command appears in the README's command table.
+func TestReadmeNamesEveryFlag(t *testing.T) {
+	t.Parallel()
+	doc, _ := readme(t)
+	cmds := section(t, doc, "Commands")
+	out, err := exec.Command(harness.Binary(t), "help").CombinedOutput()
+	if err != nil {
+		t.Fatalf("conveyor help: %v", err)
+	}
+	for _, m := range regexp.MustCompile(`(?m)^  ([a-z]+)\s{2,}`).FindAllStringSubmatch(string(out), -1) {
+		help, _ := exec.Command(harness.Binary(t), m[1], "--help").CombinedOutput()
+		for _, f := range regexp.MustCompile(`(?m)^  -([a-z-]+)`).FindAllStringSubmatch(string(help), -1) {
+			if !strings.Contains(cmds, "--"+f[1]) {
+				t.Errorf("README's command table lacks conveyor %s --%s", m[1], f[1])
+			}
+		}
+	}
+}
