@@ -35,6 +35,9 @@ type Publisher interface {
 	PublishAt(ctx context.Context, at time.Time, ev events.Event, opts ...bus.PublishOption) (string, error)
 	// CancelDelayed withdraws a held-back event that was not published yet.
 	CancelDelayed(ctx context.Context, eventType, id string) (bool, error)
+	// Published reports whether a publish made with WithOnce appended the
+	// event with id.
+	Published(ctx context.Context, eventType, id string) (bool, error)
 }
 
 // Reader reads the read models. *store.Store implements it.

@@ -108,7 +108,7 @@ func (a *API) postDocument(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, a.cfg.MaxUploadBytes+multipartSlack)
-	a.idempotent(w, r, "upload", "", func() (int, any) { return a.upload(r) })
+	a.idempotent(w, r, "upload", "", a.upload)
 }
 
 // upload streams the file part into blob storage and publishes
@@ -212,31 +212,19 @@ func (a *API) upload(r *http.Request) (int, any) {
 		DocID: ev.DocID, Status: store.DocumentProcessing, Filename: &ev.Filename, Size: &ev.Size,
 		SHA256: &ev.SHA256, UploadedAt: &ev.UploadedAt,
 	}
-	if status, body, ok := a.accept(ctx, acceptedDocKey(ev.DocID), view, ev); !ok {
-		cleanup()
-		return status, body
+	resp := acceptedDocument{DocID: ev.DocID, Status: store.DocumentProcessing}
+	if out := a.accept(ctx, acceptedDocKey(ev.DocID), view, ev, resp); !out.ok {
+		// The bytes are removed only if the event surely was not
+		// written: after a lost connection it may have been, and an
+		// accepted document must find its bytes.
+		if !out.maybePublished {
+			cleanup()
+		} else {
+			a.log.Warn("keeping the bytes of an upload whose event may have been published", "doc_id", ev.DocID, "blob_key", info.Key)
+		}
+		return out.status, out.body
 	}
-	return http.StatusAccepted, acceptedDocument{DocID: ev.DocID, Status: store.DocumentProcessing}
-}
-
-// accept publishes the event of accepted work, then remembers its initial
-// view, which answers reads until the projector has written the row (read
-// your own write). In that order, a failure can never leave a record of
-// work that was not accepted; if Redis fails between the two, the work is
-// accepted and a read may miss it until the projector catches up.
-func (a *API) accept(ctx context.Context, key string, view any, ev events.Event) (int, any, bool) {
-	raw, err := json.Marshal(view)
-	if err != nil {
-		return http.StatusInternalServerError, errBody("internal", "internal error"), false
-	}
-	if _, err := a.cfg.Publisher.PublishEvent(ctx, ev); err != nil {
-		a.log.Error("publish accepted work", "event_type", ev.EventType(), "error", err)
-		return http.StatusServiceUnavailable, errBody("unavailable", "cannot accept work right now; retry later"), false
-	}
-	if err := a.cfg.Idem.Put(context.WithoutCancel(ctx), key, string(raw), acceptedTTL); err != nil {
-		a.log.Warn("record accepted work for reads; it is accepted, reads may miss it until it is projected", "error", err)
-	}
-	return 0, nil, true
+	return http.StatusAccepted, resp
 }
 
 func uploadReadError(err error, limit int64) (int, any) {

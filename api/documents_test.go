@@ -18,10 +18,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
-
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/idem"
 	"github.com/conveyor/conveyor/store"
 )
 
@@ -383,28 +382,128 @@ func TestPostDocument_refusedKeepsEarlierBytes(t *testing.T) {
 }
 
 // TestPostDocument_publishFails covers a Redis that cannot take the event:
-// the client gets 503 and no doc_id, and the stored bytes are removed.
+// the client gets 503 and no doc_id. The stored bytes are removed when the
+// event surely was not appended; when that cannot be known (Redis stays
+// unreachable, and a write may have landed before the connection broke)
+// they are kept, since an accepted document must find its bytes.
 func TestPostDocument_publishFails(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
-		name   string
-		client func(t testing.TB) redis.UniversalClient
+		name string
+		// env returns the API under test, whose publishing fails.
+		env func(t *testing.T) *env
+		// kept is whether the bytes stay: the outcome is unknown.
+		kept bool
 	}{
-		{name: "closed client", client: closedRedis},
-		{name: "nothing listening", client: deadRedis},
+		{name: "closed client", env: func(t *testing.T) *env { return newEnv(t, withPublisherRedis(closedRedis(t))) }},
+		{name: "nothing listening", env: func(t *testing.T) *env { return newEnv(t, withPublisherRedis(deadRedis(t))) }, kept: true},
+		{name: "Redis refuses the append", env: func(t *testing.T) *env {
+			// The stream's key holds a string: Redis answers XADD with
+			// WRONGTYPE, and then confirms that nothing was appended.
+			e := newEnv(t)
+			if err := e.rdb.Set(t.Context(), e.prefix+events.TypeDocumentUploaded, "not a stream", 0).Err(); err != nil {
+				t.Fatal(err)
+			}
+			return e
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			e := newEnv(t, withPublisherRedis(tt.client(t)))
-			r := e.upload(t, []part{filePart("a.txt", []byte("bytes that cannot be announced")), fieldPart("notify", "ops@example.com")})
+			e := tt.env(t)
+			content := []byte("bytes that cannot be announced")
+			r := e.upload(t, []part{filePart("a.txt", content), fieldPart("notify", "ops@example.com")})
 			wantError(t, r, http.StatusServiceUnavailable, "unavailable")
 			if loc := r.header.Get("Location"); loc != "" {
 				t.Errorf("Location %q on a refused upload", loc)
 			}
-			e.nothingKept(t)
+			if keys := e.keys(t, "idem:accepted:*"); len(keys) != 0 {
+				t.Errorf("accepted markers %v left behind", keys)
+			}
+			if keys := e.keys(t, "*once*"); len(keys) != 0 {
+				t.Errorf("once markers %v left behind by an append that did not happen", keys)
+			}
+			files := e.blobFiles(t)
+			switch {
+			case tt.kept && (len(files) != 1 || !bytes.Equal(e.readBlob(t, sha256Hex(content)), content)):
+				t.Errorf("blob dir holds %v, want the upload's bytes kept", files)
+			case !tt.kept && len(files) != 0:
+				t.Errorf("blob dir holds %v, want nothing", files)
+			}
 		})
 	}
+}
+
+// TestPostDocument_retryAfterUnknownOutcome: the first attempt's publish
+// fails in a way that leaves its outcome unknown, and the client retries
+// with the same Idempotency-Key on another replica. The retry finishes the
+// first attempt: the same doc_id, one event, the bytes there, and a read
+// that answers at once.
+func TestPostDocument_retryAfterUnknownOutcome(t *testing.T) {
+	t.Parallel()
+	content := []byte("uploaded while Redis was away")
+	for _, landed := range []bool{false, true} {
+		t.Run(fmt.Sprintf("first append landed %v", landed), func(t *testing.T) {
+			t.Parallel()
+			down := newEnv(t, withPublisherRedis(deadRedis(t)))
+			r := down.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "flaky-1")
+			wantError(t, r, http.StatusServiceUnavailable, "unavailable")
+			if files := down.blobFiles(t); len(files) != 1 {
+				t.Fatalf("blob dir holds %v after an unknown outcome, want the bytes kept", files)
+			}
+			up := newEnv(t, withSharedState(down))
+			if landed {
+				// The append happened although the first replica saw an
+				// error: publish the prepared event as it would have been.
+				rec := preparedRecord(t, up, "key:upload:flaky-1")
+				ev, err := events.Decode(rec.Pending.EventType, 0, rec.Pending.Payload)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := up.publisher.PublishEvent(t.Context(), ev, bus.WithID(rec.Pending.EventID), bus.WithOnce(time.Hour)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			retry := up.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "flaky-1")
+			id := wantAcceptedDocument(t, retry)
+			if retry.header.Get("Idempotent-Replayed") != "true" {
+				t.Errorf("the retry that finished the first attempt is not marked as a replay")
+			}
+			if n := len(up.entries(t, events.TypeDocumentUploaded)); n != 1 {
+				t.Errorf("%d document.uploaded entries, want 1", n)
+			}
+			again := up.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "flaky-1")
+			if got := wantAcceptedDocument(t, again); got != id {
+				t.Errorf("a later retry answered doc_id %s, want %s", got, id)
+			}
+			if n := len(up.entries(t, events.TypeDocumentUploaded)); n != 1 {
+				t.Errorf("%d document.uploaded entries after another retry, want 1", n)
+			}
+			if got := up.readBlob(t, sha256Hex(content)); !bytes.Equal(got, content) {
+				t.Errorf("stored bytes %q, want %q", got, content)
+			}
+			view := up.get(t, "/v1/documents/"+id)
+			wantStatus(t, view, http.StatusOK)
+		})
+	}
+}
+
+// preparedRecord returns the idempotency record of a request that
+// prepared its event.
+func preparedRecord(t testing.TB, e *env, key string) idem.Record {
+	t.Helper()
+	raw, ok, err := e.idem.Get(t.Context(), key)
+	if err != nil || !ok {
+		t.Fatalf("idempotency record %s: found %v, %v", key, ok, err)
+	}
+	var rec idem.Record
+	if err := json.Unmarshal([]byte(raw), &rec); err != nil {
+		t.Fatal(err)
+	}
+	if rec.Done || rec.Pending == nil {
+		t.Fatalf("idempotency record %s is %s, want a prepared one", key, raw)
+	}
+	return rec
 }
 
 func TestPostDocument_idempotencyKey(t *testing.T) {

@@ -18,7 +18,6 @@ import (
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/cache"
 	"github.com/conveyor/conveyor/events"
-	"github.com/conveyor/conveyor/idem"
 	"github.com/conveyor/conveyor/store"
 )
 
@@ -72,7 +71,7 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	a.idempotent(w, r, "email", fingerprint(body), func() (int, any) {
+	a.idempotent(w, r, "email", fingerprint(body), func(r *http.Request) (int, any) {
 		var req emailRequest
 		if status, resp, ok := decodeStrict(body, &req); !ok {
 			return status, resp
@@ -98,10 +97,11 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 			return a.scheduleEmail(r.Context(), ev, req.SendAt.UTC())
 		}
 		view := EmailView{EmailID: ev.EmailID, Status: store.EmailQueued, To: &ev.To, Subject: &ev.Subject}
-		if status, resp, ok := a.accept(r.Context(), acceptedEmailKey(ev.EmailID), view, ev); !ok {
-			return status, resp
+		resp := acceptedEmail{EmailID: ev.EmailID, Status: store.EmailQueued}
+		if out := a.accept(r.Context(), acceptedEmailKey(ev.EmailID), view, ev, resp); !out.ok {
+			return out.status, out.body
 		}
-		return http.StatusAccepted, acceptedEmail{EmailID: ev.EmailID, Status: store.EmailQueued}
+		return http.StatusAccepted, resp
 	})
 }
 
@@ -217,69 +217,6 @@ func decodeStrict(body []byte, v any) (int, any, bool) {
 		return st, resp, false
 	}
 	return 0, nil, true
-}
-
-// idempotent runs op at most once per Idempotency-Key header value. The
-// first request runs op; its response is stored (if 2xx) and replayed to
-// later requests with the same key. A request arriving while the first
-// still runs gets 409; a key reused with a different request gets 422.
-// Without the header, op just runs.
-func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp string, op func() (int, any)) {
-	key := r.Header.Get("Idempotency-Key")
-	if key == "" {
-		status, body := op()
-		raw, _ := json.Marshal(body)
-		if loc := locationOf(raw); loc != "" && status == http.StatusAccepted {
-			w.Header().Set("Location", loc)
-		}
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(status)
-		_, _ = w.Write(append(raw, '\n'))
-		return
-	}
-	if len(key) > 255 {
-		writeError(w, http.StatusBadRequest, "bad_idempotency_key", "Idempotency-Key must be at most 255 characters")
-		return
-	}
-	rkey := "key:" + scope + ":" + key
-	rec, claimed, err := a.cfg.Idem.Claim(r.Context(), rkey, fp, 5*time.Minute)
-	if err != nil {
-		a.log.Error("claim idempotency key", "error", err)
-		writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
-		return
-	}
-	if !claimed {
-		switch {
-		case rec.Fingerprint != fp:
-			writeError(w, http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
-		case !rec.Done:
-			writeError(w, http.StatusConflict, "request_in_progress", "a request with this Idempotency-Key is still in progress")
-		default:
-			w.Header().Set("Idempotent-Replayed", "true")
-			w.Header().Set("Content-Type", "application/json")
-			if loc := locationOf(rec.Body); loc != "" {
-				w.Header().Set("Location", loc)
-			}
-			w.WriteHeader(rec.Status)
-			_, _ = w.Write(rec.Body)
-		}
-		return
-	}
-	status, body := op()
-	raw, _ := json.Marshal(body)
-	if status >= 200 && status < 300 {
-		if err := a.cfg.Idem.Complete(context.WithoutCancel(r.Context()), rkey, idem.Record{Fingerprint: fp, Status: status, Body: raw}); err != nil {
-			a.log.Error("store idempotent response", "error", err)
-		}
-	} else if err := a.cfg.Idem.Release(context.WithoutCancel(r.Context()), rkey); err != nil {
-		a.log.Error("release idempotency key", "error", err)
-	}
-	if loc := locationOf(raw); loc != "" && status == http.StatusAccepted {
-		w.Header().Set("Location", loc)
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	_, _ = w.Write(append(raw, '\n'))
 }
 
 // locationOf derives the Location header of an accepted resource.

@@ -62,6 +62,8 @@ type env struct {
 	store   *store.Store
 	cache   *cache.Client
 	idem    *idem.Store
+	// publisher is the API's Publisher.
+	publisher *bus.Publisher
 }
 
 // envConfig holds what a test changes in its env.
@@ -71,6 +73,9 @@ type envConfig struct {
 	// checks returns the readiness checks; nil means those of production
 	// (the Redis and the database).
 	checks func(e *env) map[string]api.Check
+	// sharing, if set, is an env whose Redis prefix, database and blob
+	// directory this one uses: a second API replica of the same system.
+	sharing *env
 }
 
 type envOption func(*envConfig)
@@ -79,6 +84,12 @@ type envOption func(*envConfig)
 // Redis, so that publishing can fail while everything else works.
 func withPublisherRedis(c redis.UniversalClient) envOption {
 	return func(cfg *envConfig) { cfg.pubClient = c }
+}
+
+// withSharedState makes the env a second replica of other: same records,
+// streams, database and stored bytes, its own Publisher.
+func withSharedState(other *env) envOption {
+	return func(cfg *envConfig) { cfg.sharing = other }
 }
 
 // withChecks sets the readiness checks, made once the env has its parts.
@@ -93,6 +104,9 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 		opt(&cfg)
 	}
 	e := &env{rdb: testenv.Redis(t), prefix: testenv.Prefix(t), blobDir: t.TempDir()}
+	if cfg.sharing != nil {
+		e.prefix, e.blobDir, e.store = cfg.sharing.prefix, cfg.sharing.blobDir, cfg.sharing.store
+	}
 	if cfg.pubClient == nil {
 		cfg.pubClient = e.rdb
 	}
@@ -101,18 +115,21 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = pub.Close() })
+	e.publisher = pub
 	if e.idem, err = idem.New(idem.Config{Redis: e.rdb, Prefix: e.prefix + "idem:"}); err != nil {
 		t.Fatal(err)
 	}
 	if e.cache, err = cache.New(cache.Config{Redis: e.rdb, Prefix: e.prefix + "cache:", Logger: discard}); err != nil {
 		t.Fatal(err)
 	}
-	if e.store, err = store.Open(store.Config{URL: testenv.DatabaseURL(t), MaxOpenConns: 4}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = e.store.Close() })
-	if _, err := e.store.Migrate(t.Context()); err != nil {
-		t.Fatal(err)
+	if e.store == nil {
+		if e.store, err = store.Open(store.Config{URL: testenv.DatabaseURL(t), MaxOpenConns: 4}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = e.store.Close() })
+		if _, err := e.store.Migrate(t.Context()); err != nil {
+			t.Fatal(err)
+		}
 	}
 	blobs, err := blob.NewDir(blob.DirConfig{Dir: e.blobDir})
 	if err != nil {

@@ -85,9 +85,16 @@ func stringFields(fields []any) []string {
 // delayOnceScript holds an event back unless its once-marker exists,
 // setting the marker in the same step. KEYS[1] = marker, KEYS[2] = delay
 // set; ARGV[1] = marker TTL (ms), ARGV[2] = due (ms), ARGV[3] = member.
+// A script is not rolled back when a command in it fails, so a failed ZADD
+// (the key holds another type) removes the marker again before it fails:
+// a marker always means the event is held.
 var delayOnceScript = redis.NewScript(`
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  local r = redis.pcall('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  if type(r) == 'table' and r.err then
+    redis.call('DEL', KEYS[1])
+    return r
+  end
   return 1
 end
 return 0`)
@@ -102,9 +109,15 @@ func MoveDue(ctx context.Context, rdb redis.Scripter, stream string, limit int) 
 // publishOnceScript appends an entry unless its marker exists, setting the
 // marker in the same step. KEYS[1] = marker, KEYS[2] = stream; ARGV[1] =
 // marker TTL (ms), ARGV[2..] = fields.
+// As in delayOnceScript, a failed append removes the marker again, so a
+// marker always means the entry is in the stream.
 var publishOnceScript = redis.NewScript(`
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+  local r = redis.pcall('XADD', KEYS[2], '*', unpack(ARGV, 2))
+  if type(r) == 'table' and r.err then
+    redis.call('DEL', KEYS[1])
+    return r
+  end
   return 1
 end
 return 0`)

@@ -256,6 +256,31 @@ func (p *Publisher) flush(batch []*pubReq, cmds []redis.Cmder) {
 	}
 }
 
+// MaybeWritten reports whether a publish that failed with err may still
+// have appended its entry. Only failures before anything was sent are sure
+// (the request's context ended while it waited, the publisher or its
+// client was closed, no pooled connection was free): the Redis client
+// retries a command whose connection broke, so even an error that Redis
+// itself answered may follow an attempt that was written and lost its
+// reply. For a publish made with WithOnce, [Publisher.Published] then
+// tells what happened.
+func MaybeWritten(err error) bool {
+	return err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, ErrPublisherClosed) &&
+		!errors.Is(err, redis.ErrClosed) && !errors.Is(err, redis.ErrPoolTimeout) && !errors.Is(err, redis.ErrPoolExhausted)
+}
+
+// Published reports whether the event with id was appended to the stream
+// of eventType by a publish made with WithOnce (whose marker is still
+// within its TTL). It settles the outcome of such a publish that failed
+// with an error after which [MaybeWritten] is true.
+func (p *Publisher) Published(ctx context.Context, eventType, id string) (bool, error) {
+	n, err := p.cfg.Client.Exists(ctx, OnceKey(p.Stream(eventType), id)).Result()
+	if err != nil {
+		return false, fmt.Errorf("check whether %s was published: %w", id, err)
+	}
+	return n == 1, nil
+}
+
 // ErrAlreadyPublished is returned by a publish with WithOnce whose key was
 // used before: nothing was appended.
 var ErrAlreadyPublished = errors.New("already published")

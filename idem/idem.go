@@ -132,6 +132,19 @@ func (s *Store) Claim(ctx context.Context, key, fingerprint string, lease time.D
 // Complete stores the response of a claimed operation for TTL.
 func (s *Store) Complete(ctx context.Context, key string, rec Record) error {
 	rec.Done = true
+	rec.Pending = nil
+	return s.Put(ctx, key, rec.encode(), 0)
+}
+
+// Prepare records, under a claimed key, the event the operation is about
+// to publish and the response it will give, for TTL. From then on the key
+// is never released: the publish may have happened even if it reported an
+// error, so a retry must finish it rather than start over.
+func (s *Store) Prepare(ctx context.Context, key string, rec Record) error {
+	if rec.Pending == nil {
+		return errors.New("prepare idempotency key: no pending event")
+	}
+	rec.Done = false
 	return s.Put(ctx, key, rec.encode(), 0)
 }
 

@@ -12,6 +12,24 @@ type Record struct {
 	// Status and Body are the stored response.
 	Status int             `json:"status,omitempty"`
 	Body   json.RawMessage `json:"body,omitempty"`
+	// Pending, on a record that is not Done, is the event the first
+	// request was about to publish when it recorded it. Whether that
+	// publish happened may be unknown (a connection lost mid-write), so a
+	// retry publishes the same event again, idempotently, and answers
+	// with Status and Body.
+	Pending *Pending `json:"pending,omitempty"`
+}
+
+// Pending is an event prepared for publishing, with what the request
+// records for reads once it is published.
+type Pending struct {
+	EventType string          `json:"type"`
+	EventID   string          `json:"id"`
+	Payload   json.RawMessage `json:"payload"`
+	// ViewKey and View are the record that answers reads until the
+	// event is projected.
+	ViewKey string          `json:"view_key,omitempty"`
+	View    json.RawMessage `json:"view,omitempty"`
 }
 
 func (r Record) encode() string {

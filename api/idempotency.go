@@ -1,0 +1,242 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"time"
+
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/idem"
+)
+
+// claimLease bounds how long a request holds its Idempotency-Key before it
+// has prepared its event; a request that dies in that window (or whose
+// release is lost with Redis) blocks its key with 409 for at most this long.
+const claimLease = 5 * time.Minute
+
+// idemCall is the Idempotency-Key of the request being served, handed to
+// accept through the context.
+type idemCall struct {
+	key, fingerprint string
+	// prepared is set once the record names the event to publish: from
+	// then on the key is kept even if the request fails.
+	prepared bool
+}
+
+type idemCallKey struct{}
+
+func idemCallFrom(ctx context.Context) *idemCall {
+	c, _ := ctx.Value(idemCallKey{}).(*idemCall)
+	return c
+}
+
+// idempotent runs op at most once per Idempotency-Key header value. The
+// first request runs op; its response is stored (if 2xx) and replayed to
+// later requests with the same key. A key reused with a different request
+// gets 422.
+//
+// Accepting work ends in a publish whose outcome can be unknown (Redis
+// went away mid-write). So before publishing, accept records the event
+// under the key; a retry that finds such a record publishes the same event
+// again, which appends it only if it was not appended before, and answers
+// as the first request would have. A request arriving while the first has
+// not yet got that far gets 409. Without the header, op just runs.
+func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp string, op func(*http.Request) (int, any)) {
+	key := r.Header.Get("Idempotency-Key")
+	if key == "" {
+		status, body := op(r)
+		raw, _ := json.Marshal(body)
+		writeResult(w, status, raw)
+		return
+	}
+	if len(key) > 255 {
+		writeError(w, http.StatusBadRequest, "bad_idempotency_key", "Idempotency-Key must be at most 255 characters")
+		return
+	}
+	rkey := "key:" + scope + ":" + key
+	rec, claimed, err := a.cfg.Idem.Claim(r.Context(), rkey, fp, claimLease)
+	if err != nil {
+		a.log.Error("claim idempotency key", "error", err)
+		writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
+		return
+	}
+	if !claimed {
+		switch {
+		case rec.Fingerprint != fp:
+			writeError(w, http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
+		case rec.Done:
+			writeReplay(w, rec)
+		case rec.Pending != nil:
+			a.finishPending(w, r, rkey, rec)
+		default:
+			writeError(w, http.StatusConflict, "request_in_progress", "a request with this Idempotency-Key is still in progress")
+		}
+		return
+	}
+	call := &idemCall{key: rkey, fingerprint: fp}
+	status, body := op(r.WithContext(context.WithValue(r.Context(), idemCallKey{}, call)))
+	raw, _ := json.Marshal(body)
+	bg := context.WithoutCancel(r.Context())
+	switch {
+	case status >= 200 && status < 300:
+		if err := a.cfg.Idem.Complete(bg, rkey, idem.Record{Fingerprint: fp, Status: status, Body: raw}); err != nil {
+			// A prepared record still answers retries correctly.
+			a.log.Error("store idempotent response", "error", err)
+		}
+	case call.prepared:
+		// The event may have been published: the record stays, and a
+		// retry finishes the request.
+	default:
+		if err := a.cfg.Idem.Release(bg, rkey); err != nil {
+			a.log.Error("release idempotency key", "error", err)
+		}
+	}
+	writeResult(w, status, raw)
+}
+
+// finishPending answers a retry of a request that prepared its event: it
+// publishes that event again (appended only if the first publish did not
+// happen), records the view for reads, and replays the first request's
+// response.
+func (a *API) finishPending(w http.ResponseWriter, r *http.Request, rkey string, rec idem.Record) {
+	p := rec.Pending
+	ev, err := events.Decode(p.EventType, 0, p.Payload)
+	if err != nil {
+		a.log.Error("idempotency record holds an event that does not decode", "key", rkey, "event_type", p.EventType, "error", err)
+		writeError(w, http.StatusInternalServerError, "internal", "internal error")
+		return
+	}
+	ctx := r.Context()
+	if _, err := a.cfg.Publisher.PublishEvent(ctx, ev, bus.WithID(p.EventID), bus.WithOnce(eventIDTTL)); err != nil && !errors.Is(err, bus.ErrAlreadyPublished) {
+		a.log.Error("publish prepared work", "event_type", p.EventType, "event_id", p.EventID, "error", err)
+		writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
+		return
+	}
+	bg := context.WithoutCancel(ctx)
+	if p.ViewKey != "" {
+		if err := a.cfg.Idem.Put(bg, p.ViewKey, string(p.View), acceptedTTL); err != nil {
+			a.log.Warn("record accepted work for reads; it is accepted, reads may miss it until it is projected", "error", err)
+		}
+	}
+	if err := a.cfg.Idem.Complete(bg, rkey, rec); err != nil {
+		a.log.Error("store idempotent response", "error", err)
+	}
+	writeReplay(w, rec)
+}
+
+// acceptOutcome is how accepting work went.
+type acceptOutcome struct {
+	ok     bool
+	status int
+	body   any
+	// maybePublished is set on a failure after which the event may still
+	// be in its stream, so what it refers to must be kept.
+	maybePublished bool
+}
+
+// accept publishes the event of accepted work, then remembers its initial
+// view, which answers reads until the projector has written the row (read
+// your own write). In that order, a failure can never leave a record of
+// work that was not accepted; if Redis fails between the two, the work is
+// accepted and a read may miss it until the projector catches up.
+//
+// The event is published at most once by its id (WithOnce), so that a
+// failure whose outcome is unknown (a connection lost mid-write) can be
+// settled by asking Redis whether the id was appended: if it was, the work
+// is accepted after all. Under an Idempotency-Key, the event, the view and
+// resp (the response on success) are also recorded under the key before
+// publishing, so that a retry after an outcome that stayed unknown
+// finishes this request instead of accepting the work a second time.
+func (a *API) accept(ctx context.Context, viewKey string, view any, ev events.Event, resp any) acceptOutcome {
+	unavailable := acceptOutcome{status: http.StatusServiceUnavailable, body: errBody("unavailable", "cannot accept work right now; retry later")}
+	rawView, err := json.Marshal(view)
+	if err != nil {
+		return acceptOutcome{status: http.StatusInternalServerError, body: errBody("internal", "internal error")}
+	}
+	id := events.NewID()
+	markTTL := acceptedTTL
+	if call := idemCallFrom(ctx); call != nil {
+		payload, err := json.Marshal(ev)
+		if err != nil {
+			return acceptOutcome{status: http.StatusInternalServerError, body: errBody("internal", "internal error")}
+		}
+		rawResp, _ := json.Marshal(resp)
+		rec := idem.Record{Fingerprint: call.fingerprint, Status: http.StatusAccepted, Body: rawResp,
+			Pending: &idem.Pending{EventType: ev.EventType(), EventID: id, Payload: payload, ViewKey: viewKey, View: rawView}}
+		if err := a.cfg.Idem.Prepare(ctx, call.key, rec); err != nil {
+			a.log.Error("record prepared work", "event_type", ev.EventType(), "error", err)
+			return unavailable
+		}
+		call.prepared = true
+		markTTL = eventIDTTL // as long as the record a retry finishes
+	}
+	_, err = a.cfg.Publisher.PublishEvent(ctx, ev, bus.WithID(id), bus.WithOnce(markTTL))
+	if err != nil && !errors.Is(err, bus.ErrAlreadyPublished) {
+		if !bus.MaybeWritten(err) {
+			a.log.Error("publish accepted work", "event_type", ev.EventType(), "error", err)
+			return unavailable
+		}
+		published, known := a.settle(ctx, ev.EventType(), id)
+		if !published {
+			if known {
+				a.log.Error("publish accepted work", "event_type", ev.EventType(), "error", err)
+			} else {
+				a.log.Error("publish accepted work; whether the event was appended is unknown", "event_type", ev.EventType(), "event_id", id, "error", err)
+			}
+			unavailable.maybePublished = !known
+			return unavailable
+		}
+		a.log.Warn("publish reported an error, but the event was appended", "event_type", ev.EventType(), "event_id", id, "error", err)
+	}
+	if err := a.cfg.Idem.Put(context.WithoutCancel(ctx), viewKey, string(rawView), acceptedTTL); err != nil {
+		a.log.Warn("record accepted work for reads; it is accepted, reads may miss it until it is projected", "error", err)
+	}
+	return acceptOutcome{ok: true}
+}
+
+// settleFor bounds how long accept keeps asking Redis, after a publish
+// whose outcome is unknown, whether the event was appended.
+const settleFor = 3 * time.Second
+
+// settle asks Redis whether the event id was appended, for at most
+// settleFor. known is false if Redis did not answer in that time.
+func (a *API) settle(ctx context.Context, eventType, id string) (published, known bool) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleFor)
+	defer cancel()
+	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+		ok, err := a.cfg.Publisher.Published(ctx, eventType, id)
+		if err == nil {
+			return ok, true
+		}
+		select {
+		case <-ctx.Done():
+			return false, false
+		case <-time.After(wait):
+		}
+	}
+}
+
+// writeResult writes a handler's JSON result, with a Location header for
+// an accepted resource.
+func writeResult(w http.ResponseWriter, status int, raw []byte) {
+	if loc := locationOf(raw); loc != "" && status == http.StatusAccepted {
+		w.Header().Set("Location", loc)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(raw, '\n'))
+}
+
+// writeReplay writes a stored response again.
+func writeReplay(w http.ResponseWriter, rec idem.Record) {
+	w.Header().Set("Idempotent-Replayed", "true")
+	w.Header().Set("Content-Type", "application/json")
+	if loc := locationOf(rec.Body); loc != "" {
+		w.Header().Set("Location", loc)
+	}
+	w.WriteHeader(rec.Status)
+	_, _ = w.Write(rec.Body)
+}
