@@ -20,6 +20,9 @@ const (
 	// copyBufferSize bounds the memory one Put uses, whatever the upload
 	// size, and sets the size of each write.
 	copyBufferSize = 1 << 20
+	// copyBuffers is how many buffers one Put cycles through: one being
+	// read, one being hashed, one being written.
+	copyBuffers = 3
 	// tempPrefix marks the files Put creates, so that the start-up sweep
 	// only ever removes its own leftovers.
 	tempPrefix = "put-"
@@ -214,41 +217,67 @@ func copyHashed(ctx context.Context, w io.Writer, r io.Reader, maxBytes int64) (
 	// Readers such as a multipart part hand out a few KiB per Read; a
 	// buffer is filled from many of them before one write and one hash
 	// update, so a large upload costs a few hundred writes, not tens of
-	// thousands. Two buffers alternate: while one is written and hashed,
-	// the next is read, so reading the network and writing the disk
-	// overlap.
-	type chunk struct{ buf []byte }
-	free := make(chan []byte, 2)
-	free <- make([]byte, copyBufferSize)
-	free <- make([]byte, copyBufferSize)
-	full := make(chan chunk, 1)
+	// thousands. Three stages overlap, each on its own goroutine: reading
+	// the next buffer, hashing one, and writing one (to the disk's page
+	// cache, with its write-back started at once, so that the fsync at
+	// the end finds little left to do). A buffer goes back to the reader
+	// once both the hasher and the writer are done with it.
+	type chunk struct {
+		buf  []byte
+		refs atomic.Int32
+	}
+	free := make(chan *chunk, copyBuffers)
+	for range copyBuffers {
+		free <- &chunk{buf: make([]byte, copyBufferSize)}
+	}
+	release := func(c *chunk) {
+		if c.refs.Add(-1) == 0 {
+			c.buf = c.buf[:cap(c.buf)]
+			free <- c
+		}
+	}
+	toHash := make(chan *chunk, copyBuffers)
+	toWrite := make(chan *chunk, copyBuffers)
 	h := sha256.New()
+	hashed := make(chan struct{})
+	go func() {
+		defer close(hashed)
+		for c := range toHash {
+			h.Write(c.buf)
+			release(c)
+		}
+	}()
 	werr := make(chan error, 1)
 	var failed atomic.Bool
 	go func() {
 		var err error
-		for c := range full {
+		var off int64
+		for c := range toWrite {
 			if err == nil {
-				if _, err = w.Write(c.buf); err == nil {
-					h.Write(c.buf)
-				} else {
+				if _, err = w.Write(c.buf); err != nil {
 					failed.Store(true) // stop reading an upload that cannot be kept
+				} else {
+					startWriteBack(w, off, int64(len(c.buf)))
+					off += int64(len(c.buf))
 				}
 			}
-			free <- c.buf[:cap(c.buf)]
+			release(c)
 		}
 		werr <- err
 	}()
 	var n int64
 	var rerr error
 	for {
-		buf := <-free
-		m, err := fill(src, buf)
+		c := <-free
+		m, err := fill(src, c.buf)
 		if m > 0 {
-			full <- chunk{buf[:m]}
+			c.buf = c.buf[:m]
+			c.refs.Store(2)
+			toHash <- c
+			toWrite <- c
 			n += int64(m)
 		} else {
-			free <- buf
+			free <- c
 		}
 		if errors.Is(err, io.EOF) {
 			break
@@ -265,7 +294,9 @@ func copyHashed(ctx context.Context, w io.Writer, r io.Reader, maxBytes int64) (
 			break
 		}
 	}
-	close(full)
+	close(toHash)
+	close(toWrite)
+	<-hashed
 	if err := <-werr; err != nil && rerr == nil {
 		rerr = err
 	}

@@ -55,20 +55,22 @@ func appendStr(b []byte, s string) []byte {
 	return append(b, s...)
 }
 
-// decodeMetadata decodes a msgpack map of strings.
-func decodeMetadata(b []byte) (map[string]string, error) {
+// decodeMetadata decodes a msgpack map of strings. The keys and values it
+// returns share b's memory (b is an immutable string), so decoding an
+// entry's metadata allocates the map and nothing else.
+func decodeMetadata(b string) (map[string]string, error) {
 	md, err := decodeMetadataFast(b)
 	if err == nil {
 		return md, nil
 	}
 	md = make(map[string]string)
-	if err := msgpack.Unmarshal(b, &md); err != nil {
+	if err := msgpack.Unmarshal([]byte(b), &md); err != nil {
 		return nil, err
 	}
 	return md, nil
 }
 
-func decodeMetadataFast(b []byte) (map[string]string, error) {
+func decodeMetadataFast(b string) (map[string]string, error) {
 	if len(b) == 0 {
 		return nil, errShortMsgpack
 	}
@@ -77,9 +79,9 @@ func decodeMetadataFast(b []byte) (map[string]string, error) {
 	case c&0xf0 == 0x80:
 		n, i = int(c&0x0f), 1
 	case c == 0xde && len(b) >= 3:
-		n, i = int(binary.BigEndian.Uint16(b[1:])), 3
+		n, i = int(be16(b[1:])), 3
 	case c == 0xdf && len(b) >= 5:
-		n, i = int(binary.BigEndian.Uint32(b[1:])), 5
+		n, i = int(be32(b[1:])), 5
 	default:
 		return nil, errors.New("msgpack: not a map")
 	}
@@ -104,7 +106,7 @@ func decodeMetadataFast(b []byte) (map[string]string, error) {
 	return md, nil
 }
 
-func readStr(b []byte, i int) (string, int, error) {
+func readStr(b string, i int) (string, int, error) {
 	if i >= len(b) {
 		return "", 0, errShortMsgpack
 	}
@@ -116,14 +118,20 @@ func readStr(b []byte, i int) (string, int, error) {
 	case c == 0xd9 && i+1 < len(b):
 		n, i = int(b[i+1]), i+2
 	case c == 0xda && i+2 < len(b):
-		n, i = int(binary.BigEndian.Uint16(b[i+1:])), i+3
+		n, i = int(be16(b[i+1:])), i+3
 	case c == 0xdb && i+4 < len(b):
-		n, i = int(binary.BigEndian.Uint32(b[i+1:])), i+5
+		n, i = int(be32(b[i+1:])), i+5
 	default:
 		return "", 0, errors.New("msgpack: not a string")
 	}
 	if n < 0 || i+n > len(b) {
 		return "", 0, errShortMsgpack
 	}
-	return string(b[i : i+n]), i + n, nil
+	return b[i : i+n], i + n, nil
+}
+
+func be16(b string) uint16 { return uint16(b[0])<<8 | uint16(b[1]) }
+
+func be32(b string) uint32 {
+	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
 }

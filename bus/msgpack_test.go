@@ -21,7 +21,7 @@ func FuzzMetadataCodec(f *testing.F) {
 	f.Add(lib)
 	f.Add([]byte{0x81, 0xc4, 0x01, 'k', 0xa1, 'v'}) // a binary key: the library's path
 	f.Fuzz(func(t *testing.T, b []byte) {
-		fast, fastErr := decodeMetadataFast(b)
+		fast, fastErr := decodeMetadataFast(string(b))
 		libMD := map[string]string{}
 		libErr := msgpack.Unmarshal(b, &libMD)
 		if fastErr == nil {
@@ -32,7 +32,7 @@ func FuzzMetadataCodec(f *testing.F) {
 				t.Fatalf("decoded %x differently: %v vs %v", b, fast, libMD)
 			}
 			// And it round-trips through the encoder.
-			again, err := decodeMetadataFast(encodeMetadata(fast))
+			again, err := decodeMetadataFast(string(encodeMetadata(fast)))
 			if err != nil || !reflect.DeepEqual(again, fast) {
 				t.Fatalf("round trip of %v: %v %v", fast, again, err)
 			}

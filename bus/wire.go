@@ -54,7 +54,7 @@ func unmarshalFields(values map[string]any) (*message.Message, error) {
 			return nil, fmt.Errorf("%w: field %s is not a string", errUndecodable, fieldMetadata)
 		}
 		if s != "" {
-			md, err := decodeMetadata([]byte(s))
+			md, err := decodeMetadata(s)
 			if err != nil {
 				return nil, fmt.Errorf("%w: metadata: %v", errUndecodable, err)
 			}
