@@ -18,6 +18,7 @@ import (
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/cache"
 	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/idem"
 	"github.com/conveyor/conveyor/store"
 )
 
@@ -106,29 +107,64 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 }
 
 // scheduleEmail holds the email's request back until sendAt and publishes
-// email.scheduled, so reads show "scheduled" until it is due. The held-back
-// request is stored first: if the second write fails it is withdrawn, so a
-// 503 never leaves an email that will still be sent. The view for reads is
-// recorded last, as in accept.
+// email.scheduled, so reads show "scheduled" until it is due. The view for
+// reads is recorded last, as in accept.
+//
+// Without an Idempotency-Key, the held-back request is stored first: if the
+// second write fails it is withdrawn, so a 503 never leaves an email that
+// will still be sent. Under a key, both writes are first recorded with the
+// key and each is made at most once by its id; a failure keeps the record,
+// and a retry finishes both writes instead of holding the email back twice.
 func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, sendAt time.Time) (int, any) {
-	if _, err := a.cfg.Publisher.PublishAt(ctx, sendAt, ev, bus.WithID(ev.EmailID)); err != nil {
-		a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
+	unavailable := func() (int, any) {
 		return errResp(http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
 	}
 	sched := &events.EmailScheduled{EmailID: ev.EmailID, To: ev.To, Subject: ev.Subject, SendAt: sendAt, ScheduledAt: ev.RequestedAt}
-	if _, err := a.cfg.Publisher.PublishEvent(ctx, sched); err != nil {
-		a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
-		if _, cerr := a.cfg.Publisher.CancelDelayed(context.WithoutCancel(ctx), events.TypeEmailRequested, ev.EmailID); cerr != nil {
-			a.log.Error("withdraw held-back email; it will still be sent", "email_id", ev.EmailID, "error", cerr)
-		}
-		return errResp(http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
-	}
 	view := EmailView{EmailID: ev.EmailID, Status: store.EmailScheduled, To: &ev.To, Subject: &ev.Subject, SendAt: &sendAt}
-	raw, _ := json.Marshal(view)
-	if err := a.cfg.Idem.Put(context.WithoutCancel(ctx), acceptedEmailKey(ev.EmailID), string(raw), acceptedTTL); err != nil {
+	rawView, _ := json.Marshal(view)
+	resp := acceptedEmail{EmailID: ev.EmailID, Status: store.EmailScheduled, SendAt: &sendAt}
+	if call := idemCallFrom(ctx); call != nil {
+		held, err := pendingOf(ev, ev.EmailID)
+		if err != nil {
+			return errResp(http.StatusInternalServerError, "internal", "internal error")
+		}
+		notice, err := pendingOf(sched, events.NewID())
+		if err != nil {
+			return errResp(http.StatusInternalServerError, "internal", "internal error")
+		}
+		held.DeliverAt, held.Then = &sendAt, notice
+		held.ViewKey, held.View = acceptedEmailKey(ev.EmailID), rawView
+		rawResp, _ := json.Marshal(resp)
+		if err := a.cfg.Idem.Prepare(ctx, call.key, idem.Record{Fingerprint: call.fingerprint, Status: http.StatusAccepted, Body: rawResp, Pending: held}); err != nil {
+			a.log.Error("record prepared work", "event_type", ev.EventType(), "error", err)
+			return unavailable()
+		}
+		call.prepared = true
+		if err := a.publishPrepared(ctx, held, ev); err != nil {
+			a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
+			return unavailable()
+		}
+		if err := a.publishPrepared(ctx, notice, sched); err != nil {
+			a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
+			return unavailable()
+		}
+	} else {
+		if _, err := a.cfg.Publisher.PublishAt(ctx, sendAt, ev, bus.WithID(ev.EmailID)); err != nil {
+			a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
+			return unavailable()
+		}
+		if _, err := a.cfg.Publisher.PublishEvent(ctx, sched); err != nil {
+			a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
+			if _, cerr := a.cfg.Publisher.CancelDelayed(context.WithoutCancel(ctx), events.TypeEmailRequested, ev.EmailID); cerr != nil {
+				a.log.Error("withdraw held-back email; it will still be sent", "email_id", ev.EmailID, "error", cerr)
+			}
+			return unavailable()
+		}
+	}
+	if err := a.cfg.Idem.Put(context.WithoutCancel(ctx), acceptedEmailKey(ev.EmailID), string(rawView), acceptedTTL); err != nil {
 		a.log.Warn("record accepted email for reads", "error", err)
 	}
-	return http.StatusAccepted, acceptedEmail{EmailID: ev.EmailID, Status: store.EmailScheduled, SendAt: &sendAt}
+	return http.StatusAccepted, resp
 }
 
 func (a *API) getEmail(w http.ResponseWriter, r *http.Request) {

@@ -3,6 +3,7 @@ package api_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -337,4 +338,58 @@ func TestGetEmail(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestPostEmail_scheduledRetryAfterUnknownOutcome: a scheduled email whose
+// writes failed with an unknown outcome is retried with the same
+// Idempotency-Key on another replica. The retry finishes the first
+// attempt: the same email_id, the email held back once, one email.scheduled.
+func TestPostEmail_scheduledRetryAfterUnknownOutcome(t *testing.T) {
+	t.Parallel()
+	sendAt := time.Now().Add(time.Hour).UTC().Truncate(time.Second)
+	req := `{"to":"ann@example.com","subject":"Later","body":"b","send_at":"` + sendAt.Format(time.RFC3339) + `"}`
+	for _, heldBefore := range []bool{false, true} {
+		t.Run(fmt.Sprintf("first hold landed %v", heldBefore), func(t *testing.T) {
+			t.Parallel()
+			down := newEnv(t, withPublisherRedis(deadRedis(t)))
+			wantError(t, down.postJSON(t, "/v1/emails", req, "Idempotency-Key", "later-1"), http.StatusServiceUnavailable, "unavailable")
+			up := newEnv(t, withSharedState(down))
+			rec := preparedRecord(t, up, "key:email:later-1")
+			if rec.Pending.DeliverAt == nil || !rec.Pending.DeliverAt.Equal(sendAt) || rec.Pending.Then == nil {
+				t.Fatalf("prepared record %+v, want the email held until %s and its notice", rec.Pending, sendAt)
+			}
+			if heldBefore {
+				ev, err := events.Decode(rec.Pending.EventType, 0, rec.Pending.Payload)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := up.publisher.PublishAt(t.Context(), sendAt, ev, bus.WithID(rec.Pending.EventID), bus.WithOnce(time.Hour)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var ids []string
+			for range 2 {
+				r := up.postJSON(t, "/v1/emails", req, "Idempotency-Key", "later-1")
+				wantStatus(t, r, http.StatusAccepted)
+				if r.header.Get("Idempotent-Replayed") != "true" {
+					t.Errorf("retry not marked as a replay")
+				}
+				ids = append(ids, decodeJSON[map[string]any](t, r)["email_id"].(string))
+			}
+			if ids[0] != rec.Pending.EventID || ids[1] != ids[0] {
+				t.Errorf("retries answered %v, want the prepared email %s", ids, rec.Pending.EventID)
+			}
+			if n, err := up.rdb.ZCard(t.Context(), bus.DelayedSet(up.prefix+events.TypeEmailRequested)).Result(); err != nil || n != 1 {
+				t.Errorf("%d held-back email.requested (%v), want 1", n, err)
+			}
+			up.noEntries(t, events.TypeEmailRequested)
+			if es := up.entries(t, events.TypeEmailScheduled); len(es) != 1 {
+				t.Errorf("%d email.scheduled entries, want 1", len(es))
+			}
+			got := up.readEmail(t, ids[0])
+			if got.Status != store.EmailScheduled {
+				t.Errorf("read %+v, want scheduled", got)
+			}
+		})
+	}
 }

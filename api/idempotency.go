@@ -103,17 +103,19 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 // response.
 func (a *API) finishPending(w http.ResponseWriter, r *http.Request, rkey string, rec idem.Record) {
 	p := rec.Pending
-	ev, err := events.Decode(p.EventType, 0, p.Payload)
-	if err != nil {
-		a.log.Error("idempotency record holds an event that does not decode", "key", rkey, "event_type", p.EventType, "error", err)
-		writeError(w, http.StatusInternalServerError, "internal", "internal error")
-		return
-	}
 	ctx := r.Context()
-	if _, err := a.cfg.Publisher.PublishEvent(ctx, ev, bus.WithID(p.EventID), bus.WithOnce(eventIDTTL)); err != nil && !errors.Is(err, bus.ErrAlreadyPublished) {
-		a.log.Error("publish prepared work", "event_type", p.EventType, "event_id", p.EventID, "error", err)
-		writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
-		return
+	for q := p; q != nil; q = q.Then {
+		ev, err := events.Decode(q.EventType, 0, q.Payload)
+		if err != nil {
+			a.log.Error("idempotency record holds an event that does not decode", "key", rkey, "event_type", q.EventType, "error", err)
+			writeError(w, http.StatusInternalServerError, "internal", "internal error")
+			return
+		}
+		if err := a.publishPrepared(ctx, q, ev); err != nil {
+			a.log.Error("publish prepared work", "event_type", q.EventType, "event_id", q.EventID, "error", err)
+			writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
+			return
+		}
 	}
 	bg := context.WithoutCancel(ctx)
 	if p.ViewKey != "" {
@@ -125,6 +127,32 @@ func (a *API) finishPending(w http.ResponseWriter, r *http.Request, rkey string,
 		a.log.Error("store idempotent response", "error", err)
 	}
 	writeReplay(w, rec)
+}
+
+// publishPrepared publishes (or holds back until p.DeliverAt) the prepared
+// event ev, at most once by its id: a publish that happened before counts
+// as done.
+func (a *API) publishPrepared(ctx context.Context, p *idem.Pending, ev events.Event) error {
+	opts := []bus.PublishOption{bus.WithID(p.EventID), bus.WithOnce(eventIDTTL)}
+	var err error
+	if p.DeliverAt != nil {
+		_, err = a.cfg.Publisher.PublishAt(ctx, *p.DeliverAt, ev, opts...)
+	} else {
+		_, err = a.cfg.Publisher.PublishEvent(ctx, ev, opts...)
+	}
+	if errors.Is(err, bus.ErrAlreadyPublished) {
+		return nil
+	}
+	return err
+}
+
+// pendingOf describes ev for an idempotency record.
+func pendingOf(ev events.Event, id string) (*idem.Pending, error) {
+	payload, err := json.Marshal(ev)
+	if err != nil {
+		return nil, err
+	}
+	return &idem.Pending{EventType: ev.EventType(), EventID: id, Payload: payload}, nil
 }
 
 // acceptOutcome is how accepting work went.
@@ -159,13 +187,13 @@ func (a *API) accept(ctx context.Context, viewKey string, view any, ev events.Ev
 	id := events.NewID()
 	markTTL := acceptedTTL
 	if call := idemCallFrom(ctx); call != nil {
-		payload, err := json.Marshal(ev)
+		pending, err := pendingOf(ev, id)
 		if err != nil {
 			return acceptOutcome{status: http.StatusInternalServerError, body: errBody("internal", "internal error")}
 		}
+		pending.ViewKey, pending.View = viewKey, rawView
 		rawResp, _ := json.Marshal(resp)
-		rec := idem.Record{Fingerprint: call.fingerprint, Status: http.StatusAccepted, Body: rawResp,
-			Pending: &idem.Pending{EventType: ev.EventType(), EventID: id, Payload: payload, ViewKey: viewKey, View: rawView}}
+		rec := idem.Record{Fingerprint: call.fingerprint, Status: http.StatusAccepted, Body: rawResp, Pending: pending}
 		if err := a.cfg.Idem.Prepare(ctx, call.key, rec); err != nil {
 			a.log.Error("record prepared work", "event_type", ev.EventType(), "error", err)
 			return unavailable

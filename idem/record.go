@@ -1,6 +1,9 @@
 package idem
 
-import "encoding/json"
+import (
+	"encoding/json"
+	"time"
+)
 
 // Record is what an Idempotency-Key maps to.
 type Record struct {
@@ -26,6 +29,12 @@ type Pending struct {
 	EventType string          `json:"type"`
 	EventID   string          `json:"id"`
 	Payload   json.RawMessage `json:"payload"`
+	// DeliverAt, if set, holds the event back until then instead of
+	// appending it at once.
+	DeliverAt *time.Time `json:"deliver_at,omitempty"`
+	// Then is an event to publish once this one is (a notice that it is
+	// held back, say).
+	Then *Pending `json:"then,omitempty"`
 	// ViewKey and View are the record that answers reads until the
 	// event is projected.
 	ViewKey string          `json:"view_key,omitempty"`
