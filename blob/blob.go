@@ -45,8 +45,17 @@ type Info struct {
 	Created bool
 	// LastPut is when the bytes were last stored by any Put (a Put of
 	// identical bytes refreshes it). Retention uses it to spare bytes that a
-	// new upload just claimed. Only Stat sets it.
+	// new upload just claimed. Only Stat and Walk set it.
 	LastPut time.Time
+}
+
+// Walker is a Store that can list what it holds, for sweeping bytes that
+// nothing refers to.
+type Walker interface {
+	// Walk calls fn with the Info (Key, Size, LastPut) of every stored
+	// blob, in no particular order, until fn returns an error (which Walk
+	// returns) or ctx ends.
+	Walk(ctx context.Context, fn func(Info) error) error
 }
 
 // Store is the storage for document bytes that the API and the handlers

@@ -403,6 +403,70 @@ func (d *Dir) Stat(ctx context.Context, key string) (Info, error) {
 	return Info{Key: key, SHA256: key, Size: fi.Size(), LastPut: fi.ModTime()}, nil
 }
 
+// Walk lists the stored blobs. See Walker. Temp files and anything that is
+// not a blob under its fan-out directories are skipped.
+func (d *Dir) Walk(ctx context.Context, fn func(Info) error) error {
+	level := func(dir string) ([]string, error) {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			return nil, fmt.Errorf("walk blobs: %w", err)
+		}
+		var names []string
+		for _, e := range entries {
+			if e.IsDir() && len(e.Name()) == 2 && isLowerHex(e.Name()) {
+				names = append(names, e.Name())
+			}
+		}
+		return names, nil
+	}
+	tops, err := level(d.root)
+	if err != nil {
+		return err
+	}
+	for _, a := range tops {
+		subs, err := level(filepath.Join(d.root, a))
+		if err != nil {
+			return err
+		}
+		for _, b := range subs {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			dir := filepath.Join(d.root, a, b)
+			entries, err := os.ReadDir(dir)
+			if err != nil {
+				return fmt.Errorf("walk blobs: %w", err)
+			}
+			for _, e := range entries {
+				key := e.Name()
+				if !e.Type().IsRegular() || !validKey(key) || key[0:2] != a || key[2:4] != b {
+					continue
+				}
+				fi, err := e.Info()
+				if errors.Is(err, fs.ErrNotExist) {
+					continue // deleted meanwhile
+				}
+				if err != nil {
+					return fmt.Errorf("walk blobs: %w", err)
+				}
+				if err := fn(Info{Key: key, SHA256: key, Size: fi.Size(), LastPut: fi.ModTime()}); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func isLowerHex(s string) bool {
+	for _, c := range s {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
 // Delete removes the bytes under key. See Store.Delete.
 //
 // The fan-out directories are kept even when they become empty: removing

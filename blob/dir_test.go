@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"io/fs"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -608,5 +609,58 @@ func TestPutOfStoredBytesRefreshesLastPut(t *testing.T) {
 	}
 	if !st.LastPut.After(old.Add(time.Hour)) {
 		t.Fatalf("LastPut = %v, not refreshed by the second Put", st.LastPut)
+	}
+}
+
+// Walk lists every stored blob once, with its size and LastPut, and
+// nothing else: not temp files, not strays in the fan-out directories.
+func TestDirWalk(t *testing.T) {
+	t.Parallel()
+	d, root := newTestDir(t)
+	ctx := t.Context()
+	want := map[string]int64{}
+	for _, s := range []string{"one", "two", "three", ""} {
+		info, err := d.Put(ctx, strings.NewReader(s), 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[info.Key] = int64(len(s))
+	}
+	key := sha256Hex([]byte("one"))
+	strays := []string{
+		filepath.Join(root, tempDirName, tempPrefix+"leftover"),
+		filepath.Join(root, key[0:2], key[2:4], "notes.txt"),
+		filepath.Join(root, key[0:2], key[2:4], strings.ToUpper(key)),
+		filepath.Join(root, "zz", "README"),
+	}
+	for _, p := range strays {
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := map[string]int64{}
+	err := d.Walk(ctx, func(info Info) error {
+		if _, dup := got[info.Key]; dup {
+			t.Errorf("key %s listed twice", info.Key)
+		}
+		if info.LastPut.IsZero() || time.Since(info.LastPut) > time.Hour {
+			t.Errorf("key %s LastPut %v", info.Key, info.LastPut)
+		}
+		got[info.Key] = info.Size
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("Walk listed %v, want %v", got, want)
+	}
+	stop := errors.New("stop")
+	n := 0
+	if err := d.Walk(ctx, func(Info) error { n++; return stop }); !errors.Is(err, stop) || n != 1 {
+		t.Errorf("Walk with fn failing: %v after %d calls, want stop after 1", err, n)
 	}
 }

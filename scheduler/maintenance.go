@@ -82,36 +82,100 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 // documents that failed more than retention ago are removed, unless
 // another document still uses the same bytes or a new upload stored them
 // again within retention.
+//
+// If blobs can list what it holds (blob.Walker), bytes that no document
+// refers to and that no upload stored within retention are removed too:
+// they are left by an upload whose event may or may not have been
+// published (Redis went away mid-write) and that its client never retried.
+// The age bound leaves every upload accepted within retention time to be
+// projected.
 func BlobRetention(st *store.Store, blobs blob.Store, retention time.Duration, log *slog.Logger) Job {
 	return func(ctx context.Context, tick time.Time) error {
 		cutoff := tick.Add(-retention)
-		keys, err := st.ExpiredBlobKeys(ctx, cutoff, 30*24*time.Hour, 1000)
+		err := removeFailedDocumentBlobs(ctx, st, blobs, cutoff, retention, log)
+		if w, ok := blobs.(blob.Walker); ok {
+			err = errors.Join(err, removeOrphanBlobs(ctx, st, blobs, w, cutoff, log))
+		}
+		return err
+	}
+}
+
+// orphanBatch is how many old blobs are looked up in the database at once.
+const orphanBatch = 500
+
+func removeOrphanBlobs(ctx context.Context, st *store.Store, blobs blob.Store, w blob.Walker, cutoff time.Time, log *slog.Logger) error {
+	var errs []error
+	removed := 0
+	var batch []string
+	flush := func() error {
+		keys, err := st.UnreferencedBlobKeys(ctx, batch)
+		batch = batch[:0]
 		if err != nil {
 			return err
 		}
-		var errs []error
-		removed := 0
-		for _, k := range keys {
-			info, err := blobs.Stat(ctx, k)
-			if errors.Is(err, blob.ErrNotFound) {
-				continue
-			}
-			if err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			if info.LastPut.After(cutoff) {
-				continue // a newer upload stored the same bytes
-			}
-			if err := blobs.Delete(ctx, k); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			removed++
+		// Looked at again just before the removal: an upload of the same
+		// bytes since the walk refreshed LastPut.
+		n, err := removeUntouched(ctx, blobs, keys, cutoff)
+		removed += n
+		if err != nil {
+			errs = append(errs, err)
 		}
-		if removed > 0 {
-			log.Info("blob retention removed bytes of failed documents", "removed", removed, "older_than", retention)
-		}
-		return errors.Join(errs...)
+		return nil
 	}
+	err := w.Walk(ctx, func(info blob.Info) error {
+		if !info.LastPut.Before(cutoff) {
+			return nil
+		}
+		batch = append(batch, info.Key)
+		if len(batch) < orphanBatch {
+			return nil
+		}
+		return flush()
+	})
+	if err == nil && len(batch) > 0 {
+		err = flush()
+	}
+	if removed > 0 {
+		log.Info("blob retention removed bytes no document refers to", "removed", removed, "stored_before", cutoff)
+	}
+	return errors.Join(append(errs, err)...)
+}
+
+func removeFailedDocumentBlobs(ctx context.Context, st *store.Store, blobs blob.Store, cutoff time.Time, retention time.Duration, log *slog.Logger) error {
+	keys, err := st.ExpiredBlobKeys(ctx, cutoff, 30*24*time.Hour, 1000)
+	if err != nil {
+		return err
+	}
+	removed, err := removeUntouched(ctx, blobs, keys, cutoff)
+	if removed > 0 {
+		log.Info("blob retention removed bytes of failed documents", "removed", removed, "older_than", retention)
+	}
+	return err
+}
+
+// removeUntouched deletes the blobs of keys that no upload stored at or
+// after cutoff (a newer upload of the same bytes needs them), and returns
+// how many it deleted.
+func removeUntouched(ctx context.Context, blobs blob.Store, keys []string, cutoff time.Time) (int, error) {
+	var errs []error
+	removed := 0
+	for _, k := range keys {
+		info, err := blobs.Stat(ctx, k)
+		if errors.Is(err, blob.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if !info.LastPut.Before(cutoff) {
+			continue
+		}
+		if err := blobs.Delete(ctx, k); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		removed++
+	}
+	return removed, errors.Join(errs...)
 }

@@ -1,6 +1,8 @@
 package scheduler_test
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -81,7 +83,8 @@ func TestBlobRetentionRemovesOnlyBytesNoDocumentNeeds(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
 	st := migrated(t)
-	blobs, err := blob.NewDir(blob.DirConfig{Dir: t.TempDir()})
+	root := t.TempDir()
+	blobs, err := blob.NewDir(blob.DirConfig{Dir: root})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,6 +100,15 @@ func TestBlobRetentionRemovesOnlyBytesNoDocumentNeeds(t *testing.T) {
 	tick := time.Now().Add(30 * 24 * time.Hour)
 	old := tick.Add(-10 * 24 * time.Hour)
 	expired, shared, recent := put("expired"), put("shared"), put("recent")
+	// Bytes no document refers to (an upload whose outcome stayed unknown
+	// and was never retried): removed once older than the retention, kept
+	// while an upload stored them within it (its event may still be on
+	// its way to the projector).
+	orphan, freshOrphan := put("orphan"), put("fresh orphan")
+	fresh := tick.Add(-time.Hour)
+	if err := os.Chtimes(filepath.Join(root, freshOrphan[0:2], freshOrphan[2:4], freshOrphan), fresh, fresh); err != nil {
+		t.Fatal(err)
+	}
 	docs := map[string]string{events.NewID(): expired, events.NewID(): shared, events.NewID(): shared, events.NewID(): recent}
 	var ups []*events.DocumentUploaded
 	var fails []*events.DocumentProcessingFailed
@@ -128,7 +140,7 @@ func TestBlobRetentionRemovesOnlyBytesNoDocumentNeeds(t *testing.T) {
 	if err := scheduler.BlobRetention(st, blobs, 7*24*time.Hour, logger())(ctx, tick); err != nil {
 		t.Fatal(err)
 	}
-	for key, wantKept := range map[string]bool{expired: false, shared: true, recent: true} {
+	for key, wantKept := range map[string]bool{expired: false, shared: true, recent: true, orphan: false, freshOrphan: true} {
 		_, err := blobs.Stat(ctx, key)
 		if kept := err == nil; kept != wantKept {
 			t.Errorf("blob %s kept=%v, want %v (%v)", key[:8], kept, wantKept, err)

@@ -391,6 +391,21 @@ func (s *Store) StuckDocuments(ctx context.Context, cutoff time.Time, limit int)
 	return docs, nil
 }
 
+// UnreferencedBlobKeys returns those of keys that no document refers to.
+func (s *Store) UnreferencedBlobKeys(ctx context.Context, keys []string) ([]string, error) {
+	if len(keys) == 0 {
+		return nil, nil
+	}
+	var out []string
+	err := s.db.SelectContext(ctx, &out, `
+		SELECT k FROM unnest($1::text[]) AS k
+		WHERE NOT EXISTS (SELECT 1 FROM documents d WHERE d.blob_key = k)`, pq.Array(keys))
+	if err != nil {
+		return nil, fmt.Errorf("unreferenced blob keys: %w", err)
+	}
+	return out, nil
+}
+
 // ExpiredBlobKeys returns up to limit blob keys whose every document failed
 // before cutoff: their bytes may be removed. Failures older than cutoff by
 // more than lookback are not looked at again (their bytes went on an
