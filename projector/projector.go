@@ -285,11 +285,8 @@ func (p *Projector) applyBatch(items []*item) error {
 	}
 	var fresh map[string]bool
 	err := p.cfg.Store.WithTx(ctx, func(tx *store.Tx) error {
-		if err := tx.LockKeys(ctx, keys); err != nil {
-			return err
-		}
 		var err error
-		if fresh, err = tx.Inbox(ctx, entries); err != nil {
+		if fresh, err = tx.LockAndInbox(ctx, keys, entries); err != nil {
 			return err
 		}
 		var b byType
@@ -373,7 +370,7 @@ func (b *byType) add(ev events.Event, id string) {
 }
 
 // apply runs the statements in a fixed order, each over rows sorted by key.
-// The rows' keys are already locked (Tx.LockKeys), which is what prevents
+// The rows' keys are already locked (Tx.LockAndInbox), which is what prevents
 // deadlocks between concurrent batches.
 func (b *byType) apply(ctx context.Context, tx *store.Tx) error {
 	sort.Sort(uploadsByDoc{b})

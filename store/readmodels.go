@@ -117,6 +117,16 @@ type InboxEntry struct {
 // new events may be applied in this transaction; the others were applied
 // before (a redelivery or a duplicate publish).
 func (tx *Tx) Inbox(ctx context.Context, entries []InboxEntry) (map[string]bool, error) {
+	return tx.LockAndInbox(ctx, nil, entries)
+}
+
+// LockAndInbox does what LockKeys(keys) then Inbox(entries) do, in one
+// round trip: the locks are an uncorrelated subquery of the insert's
+// filter, which PostgreSQL runs once before the insert reads its first
+// row, so every lock is held before any inbox row is written. The later
+// statements of the transaction take their snapshots after the locks, as
+// they would after LockKeys.
+func (tx *Tx) LockAndInbox(ctx context.Context, keys []string, entries []InboxEntry) (map[string]bool, error) {
 	ids := make([]string, len(entries))
 	types := make([]string, len(entries))
 	for i, e := range entries {
@@ -126,10 +136,14 @@ func (tx *Tx) Inbox(ctx context.Context, entries []InboxEntry) (map[string]bool,
 	err := tx.tx.SelectContext(ctx, &fresh, `
 		INSERT INTO processed_events (event_id, event_type)
 		SELECT * FROM unnest($1::text[], $2::text[])
+		WHERE (SELECT count(*) FROM (
+			SELECT pg_advisory_xact_lock(t.k)
+			FROM unnest($3::bigint[]) WITH ORDINALITY AS t(k, i)
+			ORDER BY t.i) AS locks) >= 0
 		ON CONFLICT (event_id) DO NOTHING
-		RETURNING event_id`, pq.Array(ids), pq.Array(types))
+		RETURNING event_id`, pq.Array(ids), pq.Array(types), pq.Array(lockIDs(keys)))
 	if err != nil {
-		return nil, fmt.Errorf("record %d events in inbox: %w", len(entries), err)
+		return nil, fmt.Errorf("lock %d keys and record %d events in inbox: %w", len(keys), len(entries), err)
 	}
 	out := make(map[string]bool, len(fresh))
 	for _, id := range fresh {

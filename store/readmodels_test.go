@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"reflect"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -606,6 +607,92 @@ func TestInboxConcurrentTransactions(t *testing.T) {
 	}
 	if n != 1 {
 		t.Errorf("%d transactions saw the id as fresh, want 1", n)
+	}
+}
+
+// TestLockAndInboxLocksBeforeWriting checks the order inside the one
+// statement: a transaction waiting for a key's lock has not written its
+// inbox rows yet, so another transaction can record the same event
+// meanwhile (it would wait on the first one's row otherwise), and the
+// waiting one then finds the event already applied.
+func TestLockAndInboxLocksBeforeWriting(t *testing.T) {
+	t.Parallel()
+	st, db := newStore(t)
+	ctx := t.Context()
+	entry := []store.InboxEntry{{EventID: "ev-1", EventType: "t"}}
+
+	holding, release, held := make(chan struct{}), make(chan struct{}), make(chan error, 1)
+	go func() {
+		held <- st.WithTx(ctx, func(tx *store.Tx) error {
+			if err := tx.LockKeys(ctx, []string{"email:1"}); err != nil {
+				close(holding)
+				return err
+			}
+			close(holding)
+			<-release
+			return nil
+		})
+	}()
+	<-holding
+	releaseOnce := sync.OnceFunc(func() { close(release) })
+	t.Cleanup(releaseOnce)
+
+	type result struct {
+		fresh map[string]bool
+		err   error
+	}
+	waiter := make(chan result, 1)
+	go func() {
+		var r result
+		r.err = st.WithTx(ctx, func(tx *store.Tx) (err error) {
+			r.fresh, err = tx.LockAndInbox(ctx, []string{"email:2", "email:1"}, entry)
+			return err
+		})
+		waiter <- r
+	}()
+	// Wait until the statement is blocked on the held lock.
+	deadline := time.Now().Add(30 * time.Second)
+	for count(t, db, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+		AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("LockAndInbox never waited for the held lock")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	other := make(chan result, 1)
+	go func() {
+		var r result
+		r.err = st.WithTx(ctx, func(tx *store.Tx) (err error) {
+			r.fresh, err = tx.Inbox(ctx, entry)
+			return err
+		})
+		other <- r
+	}()
+	select {
+	case r := <-other:
+		if r.err != nil || !r.fresh["ev-1"] {
+			t.Fatalf("other transaction: fresh %v, err %v; want ev-1 fresh", r.fresh, r.err)
+		}
+	case r := <-waiter:
+		t.Fatalf("LockAndInbox returned (%v, %v) while its lock was held", r.fresh, r.err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the other transaction waited: the blocked statement had written its inbox row before taking its locks")
+	}
+
+	releaseOnce()
+	if err := <-held; err != nil {
+		t.Fatalf("holding transaction: %v", err)
+	}
+	r := <-waiter
+	if r.err != nil {
+		t.Fatalf("LockAndInbox: %v", r.err)
+	}
+	if r.fresh["ev-1"] {
+		t.Error("LockAndInbox saw ev-1 as fresh after another transaction recorded it")
+	}
+	if n := count(t, db, "SELECT count(*) FROM processed_events"); n != 1 {
+		t.Errorf("%d inbox rows, want 1", n)
 	}
 }
 

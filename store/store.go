@@ -251,6 +251,22 @@ func (tx *Tx) LockKeys(ctx context.Context, keys []string) error {
 	if len(keys) == 0 {
 		return nil
 	}
+	// unnest keeps the array's order, and WITH ORDINALITY ... ORDER BY
+	// makes it explicit; PostgreSQL evaluates a volatile function in the
+	// select list after the sort.
+	_, err := tx.tx.ExecContext(ctx, `
+		SELECT pg_advisory_xact_lock(t.k)
+		FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)
+		ORDER BY t.i`, pq.Array(lockIDs(keys)))
+	if err != nil {
+		return fmt.Errorf("lock %d keys: %w", len(keys), err)
+	}
+	return nil
+}
+
+// lockIDs maps keys to advisory lock ids, without repeats, in ascending
+// order: the one global order every transaction locks in.
+func lockIDs(keys []string) []int64 {
 	ids := make([]int64, 0, len(keys))
 	seen := make(map[int64]bool, len(keys))
 	for _, k := range keys {
@@ -263,16 +279,7 @@ func (tx *Tx) LockKeys(ctx context.Context, keys []string) error {
 		}
 	}
 	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
-	// unnest keeps the array's order, and WITH ORDINALITY ... ORDER BY
-	// makes it explicit.
-	_, err := tx.tx.ExecContext(ctx, `
-		SELECT pg_advisory_xact_lock(t.k)
-		FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)
-		ORDER BY t.i`, pq.Array(ids))
-	if err != nil {
-		return fmt.Errorf("lock %d keys: %w", len(ids), err)
-	}
-	return nil
+	return ids
 }
 
 // IsDataError reports whether err is PostgreSQL refusing the data itself
