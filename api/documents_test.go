@@ -420,8 +420,8 @@ func TestPostDocument_publishFails(t *testing.T) {
 			if keys := e.keys(t, "idem:accepted:*"); len(keys) != 0 {
 				t.Errorf("accepted markers %v left behind", keys)
 			}
-			if keys := e.keys(t, "*once*"); len(keys) != 0 {
-				t.Errorf("once markers %v left behind by an append that did not happen", keys)
+			if keys, err := e.rdb.Keys(t.Context(), bus.OnceKey(e.prefix+events.TypeDocumentUploaded, "*")).Result(); err != nil || len(keys) != 0 {
+				t.Errorf("once markers %v left behind by an append that did not happen (%v)", keys, err)
 			}
 			files := e.blobFiles(t)
 			switch {
@@ -485,6 +485,36 @@ func TestPostDocument_retryAfterUnknownOutcome(t *testing.T) {
 			view := up.get(t, "/v1/documents/"+id)
 			wantStatus(t, view, http.StatusOK)
 		})
+	}
+}
+
+// TestPostDocument_retryAfterSureFailure: under an Idempotency-Key, the
+// first attempt's publish surely fails (Redis refuses the append), yet its
+// prepared record lets a retry finish it, so its bytes must stay: the
+// retry publishes the first attempt's event, which refers to them.
+func TestPostDocument_retryAfterSureFailure(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	stream := e.prefix + events.TypeDocumentUploaded
+	if err := e.rdb.Set(t.Context(), stream, "not a stream", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	content := []byte("refused first, finished by the retry")
+	r := e.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "refused-1")
+	wantError(t, r, http.StatusServiceUnavailable, "unavailable")
+	if files := e.blobFiles(t); len(files) != 1 {
+		t.Fatalf("blob dir holds %v after a refused append under a key, want the bytes kept", files)
+	}
+	if err := e.rdb.Del(t.Context(), stream).Err(); err != nil {
+		t.Fatal(err)
+	}
+	id := wantAcceptedDocument(t, e.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "refused-1"))
+	entries := e.entries(t, events.TypeDocumentUploaded)
+	if len(entries) != 1 {
+		t.Fatalf("%d document.uploaded entries, want 1", len(entries))
+	}
+	if got := e.readBlob(t, sha256Hex(content)); !bytes.Equal(got, content) {
+		t.Errorf("stored bytes %q, want %q: the published event %s refers to them", got, content, id)
 	}
 }
 

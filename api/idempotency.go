@@ -161,7 +161,8 @@ type acceptOutcome struct {
 	status int
 	body   any
 	// maybePublished is set on a failure after which the event may still
-	// be in its stream, so what it refers to must be kept.
+	// be in its stream, or may still be published by a retry under the
+	// same Idempotency-Key, so what it refers to must be kept.
 	maybePublished bool
 }
 
@@ -178,7 +179,7 @@ type acceptOutcome struct {
 // resp (the response on success) are also recorded under the key before
 // publishing, so that a retry after an outcome that stayed unknown
 // finishes this request instead of accepting the work a second time.
-func (a *API) accept(ctx context.Context, viewKey string, view any, ev events.Event, resp any) acceptOutcome {
+func (a *API) accept(ctx context.Context, viewKey string, view any, ev events.Event, resp any) (out acceptOutcome) {
 	unavailable := acceptOutcome{status: http.StatusServiceUnavailable, body: errBody("unavailable", "cannot accept work right now; retry later")}
 	rawView, err := json.Marshal(view)
 	if err != nil {
@@ -187,6 +188,15 @@ func (a *API) accept(ctx context.Context, viewKey string, view any, ev events.Ev
 	id := events.NewID()
 	markTTL := acceptedTTL
 	if call := idemCallFrom(ctx); call != nil {
+		// Once the record is prepared, a retry under the key can publish
+		// its event whatever happens here, so whatever the event refers
+		// to is kept on every failure (blob retention removes bytes no
+		// document ever referred to).
+		defer func() {
+			if !out.ok && call.prepared {
+				out.maybePublished = true
+			}
+		}()
 		pending, err := pendingOf(ev, id)
 		if err != nil {
 			return acceptOutcome{status: http.StatusInternalServerError, body: errBody("internal", "internal error")}

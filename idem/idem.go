@@ -22,10 +22,13 @@ type Config struct {
 	Redis redis.UniversalClient
 	// Prefix is put before every key. Defaults to "conveyor:idem:".
 	Prefix string
-	// TTL is how long records are kept. Defaults to 7 days: longer than any
-	// retry schedule, so a redelivery always finds its record.
+	// TTL is how long records are kept. Defaults to DefaultTTL.
 	TTL time.Duration
 }
+
+// DefaultTTL is how long records are kept by default: longer than any
+// retry schedule, so a redelivery always finds its record.
+const DefaultTTL = 7 * 24 * time.Hour
 
 // Store reads and writes idempotency records.
 type Store struct {
@@ -40,7 +43,7 @@ func New(cfg Config) (*Store, error) {
 		cfg.Prefix = "conveyor:idem:"
 	}
 	if cfg.TTL == 0 {
-		cfg.TTL = 7 * 24 * time.Hour
+		cfg.TTL = DefaultTTL
 	}
 	var errs []error
 	if cfg.Redis == nil {

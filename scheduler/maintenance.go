@@ -13,6 +13,7 @@ import (
 	"github.com/conveyor/conveyor/blob"
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/idem"
 	"github.com/conveyor/conveyor/store"
 )
 
@@ -87,18 +88,25 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 // refers to and that no upload stored within retention are removed too:
 // they are left by an upload whose event may or may not have been
 // published (Redis went away mid-write) and that its client never retried.
-// The age bound leaves every upload accepted within retention time to be
-// projected.
+// They are kept for retention, and at least for OrphanMinAge: a retry
+// under the upload's Idempotency-Key can publish its event (which refers
+// to them) for as long as the key's record lives.
 func BlobRetention(st *store.Store, blobs blob.Store, retention time.Duration, log *slog.Logger) Job {
 	return func(ctx context.Context, tick time.Time) error {
 		cutoff := tick.Add(-retention)
 		err := removeFailedDocumentBlobs(ctx, st, blobs, cutoff, retention, log)
 		if w, ok := blobs.(blob.Walker); ok {
-			err = errors.Join(err, removeOrphanBlobs(ctx, st, blobs, w, cutoff, log))
+			orphanCutoff := tick.Add(-max(retention, OrphanMinAge))
+			err = errors.Join(err, removeOrphanBlobs(ctx, st, blobs, w, orphanCutoff, log))
 		}
 		return err
 	}
 }
+
+// OrphanMinAge is the least age of stored bytes no document refers to
+// before blob retention removes them: the lifetime of an Idempotency-Key
+// record, which a retry can finish until it expires, plus a day.
+const OrphanMinAge = idem.DefaultTTL + 24*time.Hour
 
 // orphanBatch is how many old blobs are looked up in the database at once.
 const orphanBatch = 500

@@ -104,10 +104,13 @@ func TestBlobRetentionRemovesOnlyBytesNoDocumentNeeds(t *testing.T) {
 	// and was never retried): removed once older than the retention, kept
 	// while an upload stored them within it (its event may still be on
 	// its way to the projector).
-	orphan, freshOrphan := put("orphan"), put("fresh orphan")
-	fresh := tick.Add(-time.Hour)
-	if err := os.Chtimes(filepath.Join(root, freshOrphan[0:2], freshOrphan[2:4], freshOrphan), fresh, fresh); err != nil {
-		t.Fatal(err)
+	// Past the retention but within OrphanMinAge, an upload's retry under
+	// its Idempotency-Key may still publish an event for them: kept.
+	orphan, freshOrphan, retriable := put("orphan"), put("fresh orphan"), put("retriable orphan")
+	for key, at := range map[string]time.Time{freshOrphan: tick.Add(-time.Hour), retriable: tick.Add(-scheduler.OrphanMinAge + time.Hour)} {
+		if err := os.Chtimes(filepath.Join(root, key[0:2], key[2:4], key), at, at); err != nil {
+			t.Fatal(err)
+		}
 	}
 	docs := map[string]string{events.NewID(): expired, events.NewID(): shared, events.NewID(): shared, events.NewID(): recent}
 	var ups []*events.DocumentUploaded
@@ -140,7 +143,7 @@ func TestBlobRetentionRemovesOnlyBytesNoDocumentNeeds(t *testing.T) {
 	if err := scheduler.BlobRetention(st, blobs, 7*24*time.Hour, logger())(ctx, tick); err != nil {
 		t.Fatal(err)
 	}
-	for key, wantKept := range map[string]bool{expired: false, shared: true, recent: true, orphan: false, freshOrphan: true} {
+	for key, wantKept := range map[string]bool{expired: false, shared: true, recent: true, orphan: false, freshOrphan: true, retriable: true} {
 		_, err := blobs.Stat(ctx, key)
 		if kept := err == nil; kept != wantKept {
 			t.Errorf("blob %s kept=%v, want %v (%v)", key[:8], kept, wantKept, err)
