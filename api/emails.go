@@ -144,8 +144,11 @@ func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, send
 			a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
 			return unavailable()
 		}
-		if err := a.publishPrepared(ctx, notice, sched); err != nil {
-			a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
+		// The email is held back and will be sent: the notice that shows it
+		// as scheduled is worth a few more tries (appended once by its id)
+		// before answering 503, which a retry under the key would finish.
+		if err := a.retryFor(ctx, settleFor, func(ctx context.Context) error { return a.publishPrepared(ctx, notice, sched) }); err != nil {
+			a.log.Error("schedule email: held back, but its notice is not published; a retry under the key finishes it", "email_id", ev.EmailID, "error", err)
 			return unavailable()
 		}
 	} else {

@@ -393,3 +393,34 @@ func TestPostEmail_scheduledRetryAfterUnknownOutcome(t *testing.T) {
 		})
 	}
 }
+
+// TestPostEmail_scheduledNoticeRetried: under an Idempotency-Key, the
+// email is held back but its email.scheduled notice is refused for a
+// moment (the stream's key holds a string). The API tries the notice
+// again instead of answering 503 for an email that will be sent.
+func TestPostEmail_scheduledNoticeRetried(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	stream := e.prefix + events.TypeEmailScheduled
+	if err := e.rdb.Set(t.Context(), stream, "not a stream", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	cleared := make(chan error, 1)
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		cleared <- e.rdb.Del(context.Background(), stream).Err()
+	}()
+	sendAt := time.Now().Add(time.Hour).UTC().Truncate(time.Second)
+	req := `{"to":"ann@example.com","subject":"Later","body":"b","send_at":"` + sendAt.Format(time.RFC3339) + `"}`
+	r := e.postJSON(t, "/v1/emails", req, "Idempotency-Key", "notice-1")
+	if err := <-cleared; err != nil {
+		t.Fatal(err)
+	}
+	wantStatus(t, r, http.StatusAccepted)
+	if n, err := e.rdb.ZCard(t.Context(), bus.DelayedSet(e.prefix+events.TypeEmailRequested)).Result(); err != nil || n != 1 {
+		t.Errorf("%d held-back email.requested (%v), want 1", n, err)
+	}
+	if es := e.entries(t, events.TypeEmailScheduled); len(es) != 1 {
+		t.Errorf("%d email.scheduled entries, want 1", len(es))
+	}
+}

@@ -242,16 +242,27 @@ const settleFor = 3 * time.Second
 // settle asks Redis whether the event id was appended, for at most
 // settleFor. known is false if Redis did not answer in that time.
 func (a *API) settle(ctx context.Context, eventType, id string) (published, known bool) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleFor)
+	err := a.retryFor(ctx, settleFor, func(ctx context.Context) (err error) {
+		published, err = a.cfg.Publisher.Published(ctx, eventType, id)
+		return err
+	})
+	return published, err == nil
+}
+
+// retryFor runs op until it succeeds, for at most d, even if the request
+// is cancelled meanwhile (what op finishes was already accepted). It
+// returns op's last error.
+func (a *API) retryFor(ctx context.Context, d time.Duration, op func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), d)
 	defer cancel()
 	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
-		ok, err := a.cfg.Publisher.Published(ctx, eventType, id)
+		err := op(ctx)
 		if err == nil {
-			return ok, true
+			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return false, false
+			return err
 		case <-time.After(wait):
 		}
 	}
