@@ -401,9 +401,7 @@ func TestPostDocument_publishFails(t *testing.T) {
 			// The stream's key holds a string: Redis answers XADD with
 			// WRONGTYPE, and then confirms that nothing was appended.
 			e := newEnv(t)
-			if err := e.rdb.Set(t.Context(), e.prefix+events.TypeDocumentUploaded, "not a stream", 0).Err(); err != nil {
-				t.Fatal(err)
-			}
+			e.refuseAppends(t, events.TypeDocumentUploaded)
 			return e
 		}},
 	}
@@ -495,10 +493,7 @@ func TestPostDocument_retryAfterUnknownOutcome(t *testing.T) {
 func TestPostDocument_retryAfterSureFailure(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	stream := e.prefix + events.TypeDocumentUploaded
-	if err := e.rdb.Set(t.Context(), stream, "not a stream", 0).Err(); err != nil {
-		t.Fatal(err)
-	}
+	stream := e.refuseAppends(t, events.TypeDocumentUploaded)
 	content := []byte("refused first, finished by the retry")
 	r := e.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "refused-1")
 	wantError(t, r, http.StatusServiceUnavailable, "unavailable")

@@ -401,10 +401,7 @@ func TestPostEmail_scheduledRetryAfterUnknownOutcome(t *testing.T) {
 func TestPostEmail_scheduledNoticeRetried(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	stream := e.prefix + events.TypeEmailScheduled
-	if err := e.rdb.Set(t.Context(), stream, "not a stream", 0).Err(); err != nil {
-		t.Fatal(err)
-	}
+	stream := e.refuseAppends(t, events.TypeEmailScheduled)
 	cleared := make(chan error, 1)
 	go func() {
 		time.Sleep(300 * time.Millisecond)

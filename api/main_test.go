@@ -359,6 +359,18 @@ func (e *env) noEntries(t testing.TB, types ...string) {
 }
 
 // keys returns the test's Redis keys that match pattern (after the prefix).
+// refuseAppends makes Redis refuse appends to the stream of eventType
+// (its key holds a string, so XADD answers WRONGTYPE) and returns the
+// stream's key; deleting that key heals it.
+func (e *env) refuseAppends(t testing.TB, eventType string) string {
+	t.Helper()
+	stream := e.prefix + eventType
+	if err := e.rdb.Set(t.Context(), stream, "not a stream", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	return stream
+}
+
 func (e *env) keys(t testing.TB, pattern string) []string {
 	t.Helper()
 	var out []string
