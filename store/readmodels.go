@@ -120,12 +120,17 @@ func (tx *Tx) Inbox(ctx context.Context, entries []InboxEntry) (map[string]bool,
 	return tx.LockAndInbox(ctx, nil, entries)
 }
 
-// LockAndInbox does what LockKeys(keys) then Inbox(entries) do, in one
-// round trip: the locks are an uncorrelated subquery of the insert's
-// filter, which PostgreSQL runs once before the insert reads its first
-// row, so every lock is held before any inbox row is written. The later
-// statements of the transaction take their snapshots after the locks, as
-// they would after LockKeys.
+// LockAndInbox takes transaction-scoped advisory locks on keys, in one
+// global order, then does what Inbox does, in one round trip and one
+// statement. Transactions that lock the keys of every row they will write
+// before writing them cannot deadlock with each other, however their
+// statements interleave. The locks are an uncorrelated subquery of the
+// insert's filter, which PostgreSQL runs once before the insert writes its
+// first row (unnest keeps the array's order, WITH ORDINALITY ... ORDER BY
+// makes it explicit, and a volatile function in the select list runs after
+// the sort), so every lock is held before any inbox row is written. The
+// transaction's later statements take their snapshots after the locks.
+// With no entries, no lock is taken.
 func (tx *Tx) LockAndInbox(ctx context.Context, keys []string, entries []InboxEntry) (map[string]bool, error) {
 	ids := make([]string, len(entries))
 	types := make([]string, len(entries))

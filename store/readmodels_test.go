@@ -624,7 +624,7 @@ func TestLockAndInboxLocksBeforeWriting(t *testing.T) {
 	holding, release, held := make(chan struct{}), make(chan struct{}), make(chan error, 1)
 	go func() {
 		held <- st.WithTx(ctx, func(tx *store.Tx) error {
-			if err := tx.LockKeys(ctx, []string{"email:1"}); err != nil {
+			if _, err := tx.LockAndInbox(ctx, []string{"email:1"}, []store.InboxEntry{{EventID: "holder", EventType: "t"}}); err != nil {
 				close(holding)
 				return err
 			}
@@ -691,8 +691,8 @@ func TestLockAndInboxLocksBeforeWriting(t *testing.T) {
 	if r.fresh["ev-1"] {
 		t.Error("LockAndInbox saw ev-1 as fresh after another transaction recorded it")
 	}
-	if n := count(t, db, "SELECT count(*) FROM processed_events"); n != 1 {
-		t.Errorf("%d inbox rows, want 1", n)
+	if n := count(t, db, "SELECT count(*) FROM processed_events WHERE event_id = 'ev-1'"); n != 1 {
+		t.Errorf("%d inbox rows of ev-1, want 1", n)
 	}
 }
 

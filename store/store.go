@@ -243,27 +243,6 @@ func (s *Store) Migrate(ctx context.Context) ([]string, error) {
 	return ran, nil
 }
 
-// LockKeys takes transaction-scoped advisory locks on keys, in one global
-// order. Transactions that lock the keys of every row they will write
-// before writing them cannot deadlock with each other, however their
-// statements interleave.
-func (tx *Tx) LockKeys(ctx context.Context, keys []string) error {
-	if len(keys) == 0 {
-		return nil
-	}
-	// unnest keeps the array's order, and WITH ORDINALITY ... ORDER BY
-	// makes it explicit; PostgreSQL evaluates a volatile function in the
-	// select list after the sort.
-	_, err := tx.tx.ExecContext(ctx, `
-		SELECT pg_advisory_xact_lock(t.k)
-		FROM unnest($1::bigint[]) WITH ORDINALITY AS t(k, i)
-		ORDER BY t.i`, pq.Array(lockIDs(keys)))
-	if err != nil {
-		return fmt.Errorf("lock %d keys: %w", len(keys), err)
-	}
-	return nil
-}
-
 // lockIDs maps keys to advisory lock ids, without repeats, in ascending
 // order: the one global order every transaction locks in.
 func lockIDs(keys []string) []int64 {
