@@ -23,7 +23,7 @@ const (
 	batchClients    = 8
 	batchEvents     = 1000
 	uploadBytes     = 100 << 20 // 100 MiB
-	uploadRuns      = 3
+	uploadRuns      = 5
 	mib             = 1 << 20
 	trimEvery       = 500 * time.Millisecond
 	trimMaxLen      = 200_000
@@ -277,10 +277,12 @@ func runUpload(ctx context.Context, b *bench) error {
 	client := &http.Client{Timeout: 5 * time.Minute}
 	prof, err := b.profiledHTTP("upload", func() error {
 		for i := range uploadRuns + 1 {
+			syncDisks()
 			d, err := writeFile(filepath.Join(dir, "raw-write.bin"), chunk, i)
 			if err != nil {
 				return err
 			}
+			syncDisks()
 			u, err := upload(ctx, client, apiSrv.url+"/v1/documents", chunk, 100+i)
 			if err != nil {
 				return err
@@ -295,12 +297,19 @@ func runUpload(ctx context.Context, b *bench) error {
 		return err
 	}
 	rate := func(d time.Duration) float64 { return float64(uploadBytes) / mib / d.Seconds() }
-	diskMed, upMed := percentile(sortDurations(disk), 50), percentile(sortDurations(up), 50)
-	b.add(line{key: "upload.disk", what: "8a. raw disk: write 100 MiB to a file + fsync", value: rate(diskMed), unit: "MiB/s",
-		role: roleBaseline, chart: "throughput", notes: fmt.Sprintf("median of %d after a warm-up, 1 MiB writes, same file system as BLOB_DIR, taking turns with 8b after a CHECKPOINT and a sync", uploadRuns)})
-	b.add(line{key: "upload.api", what: "8b. Conveyor POST /v1/documents, one 100 MiB multipart file", value: rate(upMed), unit: "MiB/s",
+	// Each side reports its best run: on a shared disk a run can only be
+	// slowed by others' write-back, never sped up, so the fastest of
+	// several is the closest to what the side itself costs. The medians
+	// go in the notes.
+	disk, up = sortDurations(disk), sortDurations(up)
+	spread := func(d []time.Duration) string {
+		return fmt.Sprintf("median %.0f, slowest %.0f MiB/s", rate(percentile(d, 50)), rate(d[len(d)-1]))
+	}
+	b.add(line{key: "upload.disk", what: "8a. raw disk: write 100 MiB to a file + fsync", value: rate(disk[0]), unit: "MiB/s",
+		role: roleBaseline, chart: "throughput", notes: fmt.Sprintf("best of %d after a warm-up (%s), 1 MiB writes, same file system as BLOB_DIR, taking turns with 8b, each after a sync", uploadRuns, spread(disk))})
+	b.add(line{key: "upload.api", what: "8b. Conveyor POST /v1/documents, one 100 MiB multipart file", value: rate(up[0]), unit: "MiB/s",
 		baseline: "upload.disk", target: target{ratioAtLeast, 0.5}, role: roleConveyor, chart: "throughput",
-		notes: fmt.Sprintf("%s; median of %d after a warm-up; request sent → 202 received", b.apiPlacement(), uploadRuns), profile: prof})
+		notes: fmt.Sprintf("%s; best of %d after a warm-up (%s); request sent → 202 received", b.apiPlacement(), uploadRuns, spread(up)), profile: prof})
 	if apiSrv.pid == 0 {
 		b.note("upload: no RSS with -api inproc (the API must be its own process for its RSS to be its own).")
 		return nil
