@@ -3,6 +3,7 @@ package bus_test
 import (
 	"context"
 	"errors"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -182,5 +183,95 @@ func TestHandlerTimeout(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("the timed-out message was not retried")
+	}
+}
+
+// Reading overlaps handing out, but never reads past the in-flight window:
+// an entry read by this consumer and not yet handed out is not kept alive
+// by the heartbeats, so another replica could claim it from under a busy
+// consumer. With every handler busy, the consumer holds exactly its window
+// in the stream's pending list; once they finish, everything is handled
+// once.
+func TestReadingStaysWithinTheWindow(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	const window, total = 8, 200
+	r, err := bus.NewRouter(bus.RouterConfig{
+		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", Concurrency: window, BatchSize: 100,
+		DrainTimeout: 5 * time.Second, Logger: testLogger(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	var running atomic.Int64
+	var mu sync.Mutex
+	seen := map[string]int{}
+	err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailRequested) error {
+		running.Add(1)
+		select {
+		case <-release:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		mu.Lock()
+		seen[ev.EmailID]++
+		mu.Unlock()
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	evs := make([]events.Event, total)
+	for i := range evs {
+		evs[i] = &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now()}
+	}
+	for _, res := range pub.PublishBatch(t.Context(), evs, nil) {
+		if res.Err != nil {
+			t.Fatal(res.Err)
+		}
+	}
+	stream := f.topic + ":" + events.TypeEmailRequested
+	held := func() int64 {
+		p, err := f.rdb.XPending(t.Context(), stream, f.group).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p.Consumers["c1"]
+	}
+
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	eventually(t, "every handler busy", func() bool { return running.Load() == window })
+	// The reader keeps trying while the window is full.
+	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		if n := held(); n > window {
+			t.Fatalf("consumer holds %d entries with a window of %d", n, window)
+		}
+	}
+	if n := held(); n != window {
+		t.Fatalf("consumer holds %d entries, want its window of %d", n, window)
+	}
+	close(release)
+	eventually(t, "all handled and acked", func() bool {
+		mu.Lock()
+		n := len(seen)
+		mu.Unlock()
+		return n == total && held() == 0
+	})
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	for id, n := range seen {
+		if n != 1 {
+			t.Errorf("%s handled %d times", id, n)
+		}
 	}
 }

@@ -33,8 +33,10 @@ type SubscriberConfig struct {
 	// BatchSize is the COUNT of each XREADGROUP. Defaults to 100.
 	BatchSize int
 	// MaxInFlight bounds how many messages of all this subscriber's
-	// subscriptions are handed out and not yet acked or nacked. It is the
-	// concurrency of the handler. Defaults to 64.
+	// subscriptions are handed out and not yet done: acked by their
+	// handler (the ack itself is then written with the next batch) or
+	// nacked and scheduled. It is the concurrency of the handler.
+	// Defaults to 64.
 	MaxInFlight int
 	// BlockTime is how long one XREADGROUP waits for new entries. It bounds
 	// how long Close waits for a reader. Defaults to 1s.
@@ -145,8 +147,9 @@ func (c *SubscriberConfig) Validate() error {
 // consumer groups, with the delivery guarantees of ARCHITECTURE.md §3.
 //
 // Each Subscribe reads one stream and the group's retry stream of it in
-// batches; at most MaxInFlight messages are out at once; acks are collected
-// and sent in pipelined batches. A nacked message is acked on its stream and
+// batches, the next read under way while a batch is handed out; at most
+// MaxInFlight messages are being handled at once; acks are collected and
+// sent in pipelined batches. A nacked message is acked on its stream and
 // re-added, with its attempt count, to a sorted set from which it is moved
 // to the group's retry stream when due; after the last attempt, or at once
 // for a permanent error, it goes to the group's dead-letter stream. An entry
@@ -201,7 +204,11 @@ type delivery struct {
 	beat    atomic.Int64 // unix nanos of the last heartbeat
 	done    atomic.Bool
 	expired atomic.Bool
-	tag     any // the subscription's tag (the Router's route)
+	// freed is set once the delivery's window slot is given back: when
+	// its handler succeeded (the ack is then written in the next batch)
+	// or when it finishes otherwise.
+	freed atomic.Bool
+	tag   any // the subscription's tag (the Router's route)
 
 	// failure is recorded by the handler wrapper before it nacks.
 	failMu  sync.Mutex
@@ -314,6 +321,24 @@ type subscription struct {
 	base    context.Context
 	wake    chan struct{} // pokes the retry mover
 	cursors map[string]string
+
+	// batches carries what the reader read to the deliverer, so the next
+	// read is under way while a batch is handed out.
+	batches chan readBatch
+	// queued counts entries read and not yet given a window slot by the
+	// deliverer: the reader counts them as taken, so it never reads
+	// more than the window has room for.
+	queued atomic.Int64
+	// progress is poked when the deliverer finishes a batch.
+	progress chan struct{}
+}
+
+// readBatch is one read's entries on their way to the deliverer. slots
+// window slots are held for them already; the rest are counted in queued.
+type readBatch struct {
+	res    []redis.XStream
+	slots  int
+	counts map[string]int64
 }
 
 // Subscribe starts reading topic (a stream) as this subscriber's consumer
@@ -358,6 +383,9 @@ func (s *Subscriber) start(ctx context.Context, topic string, managed bool, setu
 		base:    context.WithoutCancel(ctx),
 		wake:    make(chan struct{}, 1),
 		cursors: map[string]string{},
+		// One batch waits while another is handed out.
+		batches:  make(chan readBatch, 1),
+		progress: make(chan struct{}, 1),
 	}
 	if !managed {
 		sub.out = make(chan *message.Message)
@@ -386,7 +414,12 @@ func (s *Subscriber) start(ctx context.Context, topic string, managed bool, setu
 // acks it, an error nacks it (retry or dead letter, by the error).
 func (s *Subscriber) complete(d *delivery, err error) {
 	ch := s.acks
-	if err != nil {
+	if err == nil {
+		// The handler is done with it: its slot can take the next entry
+		// while the ack waits for its batch. The entry stays in flight
+		// (heartbeats, Close) until the ack is written.
+		s.freeSlot(d)
+	} else {
 		if d.failureErr() == nil {
 			d.fail(err)
 		}
@@ -478,19 +511,36 @@ func (s *Subscriber) release(n int) {
 func (sub *subscription) read() {
 	s := sub.s
 	defer s.readers.Done()
-	defer func() {
-		if sub.managed {
-			sub.done()
-		} else {
-			close(sub.out)
-		}
-	}()
 
 	ctx, cancel := context.WithCancel(context.WithoutCancel(sub.ctx))
 	defer cancel()
 	go func() {
 		<-sub.stop
 		cancel()
+	}()
+
+	// The deliverer hands out what the reader read, in order; it alone
+	// calls deliverAll. When reading stops, it hands out (or, stopping,
+	// leaves pending) what is queued, and only then is the output closed.
+	delivered := make(chan struct{})
+	go func() {
+		defer close(delivered)
+		for b := range sub.batches {
+			sub.deliverAll(ctx, b.res, b.slots, b.counts)
+			select {
+			case sub.progress <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	defer func() {
+		close(sub.batches)
+		<-delivered
+		if sub.managed {
+			sub.done()
+		} else {
+			close(sub.out)
+		}
 	}()
 
 	backoff := newBackoff(50*time.Millisecond, 5*time.Second)
@@ -556,8 +606,22 @@ func (sub *subscription) read() {
 		}
 		s.setErr(nil)
 		backoff.reset()
-		sub.deliverAll(ctx, res, 0, nil)
+		sub.handOut(res, 0, nil)
 	}
+}
+
+// handOut queues res for the deliverer. slots window slots are held for
+// its entries; the rest are counted in queued until the deliverer gives
+// them slots.
+func (sub *subscription) handOut(res []redis.XStream, slots int, counts map[string]int64) {
+	total := 0
+	for _, st := range res {
+		total += len(st.Messages)
+	}
+	if extra := total - slots; extra > 0 {
+		sub.queued.Add(int64(extra))
+	}
+	sub.batches <- readBatch{res: res, slots: slots, counts: counts}
 }
 
 // awaitCapacity waits until window slots are free, without taking them,
@@ -565,22 +629,40 @@ func (sub *subscription) read() {
 // the window is nearly full, it waits a moment longer for a quarter of the
 // window to free up, so a saturated consumer reads in batches instead of
 // one entry per round trip.
+//
+// Entries already read and waiting for the deliverer count as taken.
 func (sub *subscription) awaitCapacity(n int) int {
 	s := sub.s
-	select {
-	case s.slots <- struct{}{}:
-		<-s.slots
-	case <-sub.stop:
-		return 0
+	free := func() int { return cap(s.slots) - len(s.slots) - int(sub.queued.Load()) }
+	for free() < 1 {
+		if sub.queued.Load() == 0 {
+			// Wait for a slot to free up.
+			select {
+			case s.slots <- struct{}{}:
+				<-s.slots
+			case <-sub.stop:
+				return 0
+			}
+			continue
+		}
+		// The deliverer is handing out entries already read: wait for it,
+		// or for a release.
+		select {
+		case <-sub.progress:
+		case <-s.freed:
+		case <-sub.stop:
+			return 0
+		}
 	}
 	want := min(n, max(1, cap(s.slots)/4))
-	if cap(s.slots)-len(s.slots) < want {
+	if free() < want {
 		t := time.NewTimer(2 * time.Millisecond)
 		defer t.Stop()
 	wait:
-		for cap(s.slots)-len(s.slots) < want {
+		for free() < want {
 			select {
 			case <-s.freed:
+			case <-sub.progress:
 			case <-t.C:
 				break wait
 			case <-sub.stop:
@@ -588,7 +670,7 @@ func (sub *subscription) awaitCapacity(n int) int {
 			}
 		}
 	}
-	return min(n, max(1, cap(s.slots)-len(s.slots)))
+	return min(n, max(1, free()))
 }
 
 func (sub *subscription) stopped() bool {
@@ -659,7 +741,7 @@ func (sub *subscription) readPending(ctx context.Context) (int, error) {
 		s.release(n)
 		return 0, err
 	}
-	sub.deliverAll(ctx, res, n, counts)
+	sub.handOut(res, n, counts)
 	return total, nil
 }
 
@@ -741,22 +823,38 @@ func (sub *subscription) claimIdle(ctx context.Context) error {
 			// Deliver anyway: the crash-loop guard applies next time.
 			s.log.Warn("delivery counts of claimed entries", "stream", stream, "error", err)
 		}
-		sub.deliverAll(ctx, res, n, counts)
+		sub.handOut(res, n, counts)
 	}
 	return nil
 }
 
 // deliverAll hands out the entries of res. slots window slots are already
 // held; more are acquired when res has more entries, fewer are released.
+//
+// Entries beyond the held slots are counted in queued (see handOut); each
+// leaves it as it gets its slot.
 func (sub *subscription) deliverAll(ctx context.Context, res []redis.XStream, slots int, counts map[string]int64) {
 	s := sub.s
+	queued := -slots
+	for _, st := range res {
+		queued += len(st.Messages)
+	}
+	queued = max(queued, 0)
+	defer func() { sub.queued.Add(-int64(queued)) }()
 	for _, st := range res {
 		for _, xm := range st.Messages {
+			if sub.stopped() {
+				// The rest stays pending and comes back.
+				s.release(slots)
+				return
+			}
 			if slots == 0 {
 				if sub.acquire(1) == 0 {
 					return // stopping: the rest stays pending and comes back
 				}
 				slots = 1
+				queued--
+				sub.queued.Add(-1)
 			}
 			slots--
 			sub.deliverOne(ctx, st.Stream, xm, counts)
@@ -873,11 +971,18 @@ func (s *Subscriber) finish(d *delivery, o outcome) {
 	delete(s.inflight, entryKey{d.stream, d.id})
 	s.mu.Unlock()
 	d.cancel()
-	s.release(1)
+	s.freeSlot(d)
 	if c := s.mOutcome[o]; c != nil {
 		c.Inc()
 	}
 	s.outstanding.Done()
+}
+
+// freeSlot gives back d's window slot, once.
+func (s *Subscriber) freeSlot(d *delivery) {
+	if d.freed.CompareAndSwap(false, true) {
+		s.release(1)
+	}
 }
 
 // ackLoop sends acks in pipelined batches: while one batch is in flight,
