@@ -426,9 +426,13 @@ func (s *Subscriber) complete(d *delivery, err error) {
 		ch = s.nacks
 	}
 	select {
-	case ch <- d:
-	case <-s.stopWork:
-		// Closed already: the entry stays pending and comes back.
+	case ch <- d: // the common case, without a full select
+	default:
+		select {
+		case ch <- d:
+		case <-s.stopWork:
+			// Closed already: the entry stays pending and comes back.
+		}
 	}
 }
 
@@ -461,9 +465,13 @@ func (sub *subscription) ensureGroups(ctx context.Context) error {
 // of the window, and spends its time handling, not reading.
 func (sub *subscription) acquire(n int) int {
 	select {
-	case sub.s.slots <- struct{}{}:
-	case <-sub.stop:
-		return 0
+	case sub.s.slots <- struct{}{}: // the common case, without a full select
+	default:
+		select {
+		case sub.s.slots <- struct{}{}:
+		case <-sub.stop:
+			return 0
+		}
 	}
 	got := 1
 	for got < n {
@@ -626,9 +634,9 @@ func (sub *subscription) handOut(res []redis.XStream, slots int, counts map[stri
 
 // awaitCapacity waits until window slots are free, without taking them,
 // and returns how many entries to read (at most n; 0 when stopping). When
-// the window is nearly full, it waits a moment longer for a quarter of the
-// window to free up, so a saturated consumer reads in batches instead of
-// one entry per round trip.
+// the window is nearly full, it waits a moment longer (up to 2ms) for half
+// of the window to free up, so a saturated consumer reads in batches
+// instead of one entry per round trip.
 //
 // Entries already read and waiting for the deliverer count as taken.
 func (sub *subscription) awaitCapacity(n int) int {
@@ -654,7 +662,7 @@ func (sub *subscription) awaitCapacity(n int) int {
 			return 0
 		}
 	}
-	want := min(n, max(1, cap(s.slots)/4))
+	want := min(n, max(1, cap(s.slots)/2))
 	if free() < want {
 		t := time.NewTimer(2 * time.Millisecond)
 		defer t.Stop()
@@ -914,10 +922,14 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis
 
 	if sub.managed {
 		select {
-		case sub.dout <- d:
-		case <-sub.stop:
-			s.finish(d, outcomeHandedBack)
-			return
+		case sub.dout <- d: // the common case, without a full select
+		default:
+			select {
+			case sub.dout <- d:
+			case <-sub.stop:
+				s.finish(d, outcomeHandedBack)
+				return
+			}
 		}
 		if s.mDelivered != nil {
 			s.mDelivered.Inc()
