@@ -275,3 +275,101 @@ func TestReadingStaysWithinTheWindow(t *testing.T) {
 		}
 	}
 }
+
+// Entries read but still waiting for a window slot are kept alive by the
+// heartbeats like those being handled: another replica never claims them
+// while their consumer is busy. A restarted consumer re-reads its pending
+// entries of the stream and of its retry stream in one read (COUNT applies
+// per stream), so with a window of one, one of them waits while the other
+// runs for several times ClaimMinIdle, and a second replica claims whatever
+// goes idle.
+func TestWaitingEntriesAreNotClaimed(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	stream := f.topic + ":" + events.TypeEmailRequested
+	retry := bus.RetryStream(stream, f.group)
+	for _, st := range []string{stream, retry} {
+		if err := f.rdb.XGroupCreateMkStream(ctx, st, f.group, "0").Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	for range 2 {
+		ev := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now()}
+		if _, err := pub.PublishEvent(ctx, ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The second entry moves to the retry stream; c1 then holds both, as
+	// after a crash.
+	xs, err := f.rdb.XRange(ctx, stream, "-", "+").Result()
+	if err != nil || len(xs) != 2 {
+		t.Fatalf("entries %v, %v", xs, err)
+	}
+	if err := f.rdb.XAdd(ctx, &redis.XAddArgs{Stream: retry, Values: xs[1].Values}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.rdb.XDel(ctx, stream, xs[1].ID).Err(); err != nil {
+		t.Fatal(err)
+	}
+	read, err := f.rdb.XReadGroup(ctx, &redis.XReadGroupArgs{Group: f.group, Consumer: "c1", Streams: []string{stream, retry, ">", ">"}, Count: 10}).Result()
+	if err != nil || len(read) != 2 {
+		t.Fatalf("read %v, %v", read, err)
+	}
+
+	var mu sync.Mutex
+	handled := map[string][]string{} // event id -> consumers
+	start := func(consumer string) (stop func()) {
+		r, err := bus.NewRouter(bus.RouterConfig{
+			Client: f.rdb, Consumer: consumer, StreamPrefix: f.topic + ":", Concurrency: 1,
+			ClaimMinIdle: 600 * time.Millisecond, DrainTimeout: 5 * time.Second, Logger: testLogger(),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = bus.Handle(r, f.group, func(ctx context.Context, _ *events.EmailRequested) error {
+			env, _ := bus.EnvelopeFrom(ctx)
+			mu.Lock()
+			handled[env.ID] = append(handled[env.ID], consumer)
+			mu.Unlock()
+			select {
+			case <-time.After(2 * time.Second):
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rctx, cancel := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- r.Run(rctx) }()
+		return func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	stop1 := start("c1")
+	stop2 := start("c2")
+	eventually(t, "both handled and acked", func() bool {
+		mu.Lock()
+		n := len(handled)
+		mu.Unlock()
+		return n == 2 && pendingCount(t, f.rdb, stream, f.group)+pendingCount(t, f.rdb, retry, f.group) == 0
+	})
+	stop2()
+	stop1()
+	for id, by := range handled {
+		if len(by) != 1 || by[0] != "c1" {
+			t.Errorf("event %s handled by %v, want once by c1", id, by)
+		}
+	}
+}

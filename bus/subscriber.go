@@ -166,6 +166,7 @@ type Subscriber struct {
 
 	mu       sync.Mutex
 	inflight map[entryKey]*delivery
+	waiting  map[*readBatch]struct{} // read, not all handed out yet
 	closed   bool
 
 	// Counters of Metrics for this group, looked up once.
@@ -258,6 +259,7 @@ func NewSubscriber(cfg SubscriberConfig) (*Subscriber, error) {
 		slots:    make(chan struct{}, cfg.MaxInFlight),
 		freed:    make(chan struct{}, 1),
 		inflight: make(map[entryKey]*delivery),
+		waiting:  make(map[*readBatch]struct{}),
 		closing:  make(chan struct{}),
 		stopWork: make(chan struct{}),
 		acks:     make(chan *delivery, cfg.MaxInFlight),
@@ -324,21 +326,27 @@ type subscription struct {
 
 	// batches carries what the reader read to the deliverer, so the next
 	// read is under way while a batch is handed out.
-	batches chan readBatch
+	batches chan *readBatch
 	// queued counts entries read and not yet given a window slot by the
-	// deliverer: the reader counts them as taken, so it never reads
+	// deliverer: the reader counts them as taken, so it does not read
 	// more than the window has room for.
 	queued atomic.Int64
 	// progress is poked when the deliverer finishes a batch.
 	progress chan struct{}
 }
 
-// readBatch is one read's entries on their way to the deliverer. slots
-// window slots are held for them already; the rest are counted in queued.
+// readBatch is one read's entries on their way to the deliverer. No window
+// slot is held for them: each takes one as it is handed out, so a batch
+// never waits on slots that a batch behind it holds. Until handed out, its
+// entries are kept alive by the heartbeats like those being handled (a
+// read of two streams may return up to COUNT entries from each, and the
+// routes of one group share a window, so a batch can wait for slots).
 type readBatch struct {
 	res    []redis.XStream
-	slots  int
 	counts map[string]int64
+	keys   []entryKey   // every entry, in the order they are handed out
+	next   atomic.Int64 // how many of keys have been handed out
+	beat   atomic.Int64 // unix nanos of the read or of the last heartbeat
 }
 
 // Subscribe starts reading topic (a stream) as this subscriber's consumer
@@ -384,7 +392,7 @@ func (s *Subscriber) start(ctx context.Context, topic string, managed bool, setu
 		wake:    make(chan struct{}, 1),
 		cursors: map[string]string{},
 		// One batch waits while another is handed out.
-		batches:  make(chan readBatch, 1),
+		batches:  make(chan *readBatch, 1),
 		progress: make(chan struct{}, 1),
 	}
 	if !managed {
@@ -456,50 +464,20 @@ func (sub *subscription) ensureGroups(ctx context.Context) error {
 	return nil
 }
 
-// acquire takes at least one and at most n window slots, blocking for the
-// first. It returns 0 when the subscription stops.
-//
-// When the window is nearly full (the handlers are the bottleneck), it
-// waits a moment for more slots to free up rather than reading one entry
-// per round trip: a saturated consumer then reads in batches of a quarter
-// of the window, and spends its time handling, not reading.
-func (sub *subscription) acquire(n int) int {
+// acquire takes one window slot, blocking; false when the subscription
+// stops.
+func (sub *subscription) acquire() bool {
 	select {
 	case sub.s.slots <- struct{}{}: // the common case, without a full select
+		return true
 	default:
-		select {
-		case sub.s.slots <- struct{}{}:
-		case <-sub.stop:
-			return 0
-		}
 	}
-	got := 1
-	for got < n {
-		select {
-		case sub.s.slots <- struct{}{}:
-			got++
-			continue
-		default:
-		}
-		break
+	select {
+	case sub.s.slots <- struct{}{}:
+		return true
+	case <-sub.stop:
+		return false
 	}
-	want := min(n, max(1, cap(sub.s.slots)/4))
-	if got >= want {
-		return got
-	}
-	t := time.NewTimer(2 * time.Millisecond)
-	defer t.Stop()
-	for got < want {
-		select {
-		case sub.s.slots <- struct{}{}:
-			got++
-		case <-t.C:
-			return got
-		case <-sub.stop:
-			return got
-		}
-	}
-	return got
 }
 
 func (s *Subscriber) release(n int) {
@@ -534,7 +512,10 @@ func (sub *subscription) read() {
 	go func() {
 		defer close(delivered)
 		for b := range sub.batches {
-			sub.deliverAll(ctx, b.res, b.slots, b.counts)
+			sub.deliverAll(ctx, b)
+			s.mu.Lock()
+			delete(s.waiting, b)
+			s.mu.Unlock()
 			select {
 			case sub.progress <- struct{}{}:
 			default:
@@ -614,22 +595,36 @@ func (sub *subscription) read() {
 		}
 		s.setErr(nil)
 		backoff.reset()
-		sub.handOut(res, 0, nil)
+		sub.handOut(res, nil)
 	}
 }
 
-// handOut queues res for the deliverer. slots window slots are held for
-// its entries; the rest are counted in queued until the deliverer gives
-// them slots.
-func (sub *subscription) handOut(res []redis.XStream, slots int, counts map[string]int64) {
-	total := 0
+// handOut queues res for the deliverer; its entries count in queued until
+// they get their window slots. counts are their delivery counts, if known.
+func (sub *subscription) handOut(res []redis.XStream, counts map[string]int64) {
+	b := &readBatch{res: res, counts: counts}
 	for _, st := range res {
-		total += len(st.Messages)
+		for _, xm := range st.Messages {
+			b.keys = append(b.keys, entryKey{st.Stream, xm.ID})
+		}
 	}
-	if extra := total - slots; extra > 0 {
-		sub.queued.Add(int64(extra))
+	if len(b.keys) == 0 {
+		return
 	}
-	sub.batches <- readBatch{res: res, slots: slots, counts: counts}
+	b.beat.Store(time.Now().UnixNano())
+	sub.queued.Add(int64(len(b.keys)))
+	s := sub.s
+	s.mu.Lock()
+	s.waiting[b] = struct{}{}
+	s.mu.Unlock()
+	sub.batches <- b
+}
+
+// free is how many more entries the window has room for: slots neither
+// held nor promised to entries read and waiting for the deliverer.
+func (sub *subscription) free() int {
+	s := sub.s
+	return cap(s.slots) - len(s.slots) - int(sub.queued.Load())
 }
 
 // awaitCapacity waits until window slots are free, without taking them,
@@ -641,7 +636,7 @@ func (sub *subscription) handOut(res []redis.XStream, slots int, counts map[stri
 // Entries already read and waiting for the deliverer count as taken.
 func (sub *subscription) awaitCapacity(n int) int {
 	s := sub.s
-	free := func() int { return cap(s.slots) - len(s.slots) - int(sub.queued.Load()) }
+	free := sub.free
 	for free() < 1 {
 		if sub.queued.Load() == 0 {
 			// Wait for a slot to free up.
@@ -712,7 +707,7 @@ func (sub *subscription) readError(ctx context.Context, err error, b *backoff) {
 // with id 0) and hands them out again. It returns how many it found.
 func (sub *subscription) readPending(ctx context.Context) (int, error) {
 	s := sub.s
-	n := sub.acquire(s.cfg.BatchSize)
+	n := sub.awaitCapacity(s.cfg.BatchSize)
 	if n == 0 {
 		return 0, nil
 	}
@@ -730,7 +725,6 @@ func (sub *subscription) readPending(ctx context.Context) (int, error) {
 		Block:    -1, // a history read never blocks; -1 leaves BLOCK out
 	}).Result()
 	if err != nil && !errors.Is(err, redis.Nil) {
-		s.release(n)
 		return 0, err
 	}
 	total := 0
@@ -741,15 +735,13 @@ func (sub *subscription) readPending(ctx context.Context) (int, error) {
 		}
 	}
 	if total == 0 {
-		s.release(n)
 		return 0, nil
 	}
 	counts, err := sub.deliveryCounts(ctx, res)
 	if err != nil {
-		s.release(n)
 		return 0, err
 	}
-	sub.handOut(res, n, counts)
+	sub.handOut(res, counts)
 	return total, nil
 }
 
@@ -784,17 +776,8 @@ func (sub *subscription) deliveryCounts(ctx context.Context, res []redis.XStream
 func (sub *subscription) claimIdle(ctx context.Context) error {
 	s := sub.s
 	for _, stream := range []string{sub.topic, sub.retry} {
-		n := 0
-		for n < s.cfg.BatchSize {
-			select {
-			case s.slots <- struct{}{}:
-				n++
-				continue
-			default:
-			}
-			break
-		}
-		if n == 0 {
+		n := min(s.cfg.BatchSize, sub.free())
+		if n < 1 {
 			return nil
 		}
 		start := sub.cursors["claim:"+stream]
@@ -810,7 +793,6 @@ func (sub *subscription) claimIdle(ctx context.Context) error {
 			Count:    int64(n),
 		}).Result()
 		if err != nil {
-			s.release(n)
 			if isNoGroup(err) {
 				return nil // the read loop re-creates the group
 			}
@@ -818,7 +800,6 @@ func (sub *subscription) claimIdle(ctx context.Context) error {
 		}
 		sub.cursors["claim:"+stream] = next
 		if len(msgs) == 0 {
-			s.release(n)
 			continue
 		}
 		s.log.Info("claimed idle entries of another consumer", "stream", stream, "count", len(msgs))
@@ -831,48 +812,34 @@ func (sub *subscription) claimIdle(ctx context.Context) error {
 			// Deliver anyway: the crash-loop guard applies next time.
 			s.log.Warn("delivery counts of claimed entries", "stream", stream, "error", err)
 		}
-		sub.handOut(res, n, counts)
+		sub.handOut(res, counts)
 	}
 	return nil
 }
 
-// deliverAll hands out the entries of res. slots window slots are already
-// held; more are acquired when res has more entries, fewer are released.
-//
-// Entries beyond the held slots are counted in queued (see handOut); each
-// leaves it as it gets its slot.
-func (sub *subscription) deliverAll(ctx context.Context, res []redis.XStream, slots int, counts map[string]int64) {
-	s := sub.s
-	queued := -slots
-	for _, st := range res {
-		queued += len(st.Messages)
-	}
-	queued = max(queued, 0)
+// deliverAll hands out the entries of b, each once it has a window slot.
+// Entries not handed out (stopping) stay pending and come back.
+func (sub *subscription) deliverAll(ctx context.Context, b *readBatch) {
+	queued := len(b.keys)
 	defer func() { sub.queued.Add(-int64(queued)) }()
-	for _, st := range res {
+	for _, st := range b.res {
 		for _, xm := range st.Messages {
-			if sub.stopped() {
-				// The rest stays pending and comes back.
-				s.release(slots)
+			if sub.stopped() || !sub.acquire() {
 				return
 			}
-			if slots == 0 {
-				if sub.acquire(1) == 0 {
-					return // stopping: the rest stays pending and comes back
-				}
-				slots = 1
-				queued--
-				sub.queued.Add(-1)
-			}
-			slots--
-			sub.deliverOne(ctx, st.Stream, xm, counts)
+			queued--
+			sub.queued.Add(-1)
+			b.next.Add(1)
+			sub.deliverOne(ctx, st.Stream, xm, b.counts, b.beat.Load())
 		}
 	}
-	s.release(slots)
 }
 
 // deliverOne hands out one entry whose window slot is held.
-func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis.XMessage, counts map[string]int64) {
+//
+// beat is when the entry's idle time in Redis was last reset (its read or
+// its batch's heartbeat): the heartbeats go on from there.
+func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis.XMessage, counts map[string]int64, beat int64) {
 	s := sub.s
 	key := entryKey{stream, xm.ID}
 	if xm.Values == nil {
@@ -908,7 +875,7 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis
 	msgCtx, cancel := context.WithCancel(sub.base)
 	now := time.Now().UnixNano()
 	d := &delivery{sub: sub, stream: stream, id: xm.ID, msg: msg, attempt: attemptOf(msg), cancel: cancel, start: now, tag: sub.tag}
-	d.beat.Store(now)
+	d.beat.Store(beat)
 	if sub.managed {
 		msg.SetContext(msgCtx)
 	} else {
@@ -1008,6 +975,19 @@ func (s *Subscriber) ackLoop() {
 		case d := <-s.acks:
 			batch = append(batch, d)
 		case <-s.stopWork:
+			// Acks that arrived before the stop are still written.
+			for {
+				select {
+				case d := <-s.acks:
+					batch = append(batch, d)
+					continue
+				default:
+				}
+				break
+			}
+			if len(batch) > 0 {
+				s.flushAcks(batch)
+			}
 			return
 		}
 	fill:
@@ -1346,7 +1326,14 @@ func (s *Subscriber) heartbeat() {
 			expired = append(expired, d)
 		}
 	}
+	var stale []*readBatch
+	for b := range s.waiting {
+		if b.beat.Load() < cutoff {
+			stale = append(stale, b)
+		}
+	}
 	s.mu.Unlock()
+	s.beatWaiting(stale)
 	for _, d := range expired {
 		d.expired.Store(true)
 		d.cancel()
@@ -1371,6 +1358,37 @@ func (s *Subscriber) heartbeat() {
 		if kept < len(ds) {
 			s.log.Warn("in-flight entries were claimed by another consumer while still being worked on; raise ClaimMinIdle if this repeats",
 				"stream", stream, "lost", len(ds)-kept)
+		}
+	}
+}
+
+// beatWaiting resets the idle time of the entries of batches that are
+// read but not yet handed out (those handed out meanwhile are beaten with
+// them, which does no harm).
+func (s *Subscriber) beatWaiting(batches []*readBatch) {
+	if len(batches) == 0 {
+		return
+	}
+	byStream := map[string][]any{}
+	for _, b := range batches {
+		for _, k := range b.keys[b.next.Load():] {
+			if byStream[k.stream] == nil {
+				byStream[k.stream] = []any{s.cfg.ConsumerGroup, s.cfg.Consumer}
+			}
+			byStream[k.stream] = append(byStream[k.stream], k.id)
+		}
+	}
+	failed := false
+	for stream, args := range byStream {
+		if err := heartbeatScript.Run(context.Background(), s.cfg.Client, []string{stream}, args...).Err(); err != nil {
+			s.log.Warn("heartbeat of entries waiting to be handed out", "stream", stream, "error", err)
+			failed = true
+		}
+	}
+	if !failed {
+		now := time.Now().UnixNano()
+		for _, b := range batches {
+			b.beat.Store(now)
 		}
 	}
 }
