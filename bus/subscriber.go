@@ -602,14 +602,18 @@ func (sub *subscription) read() {
 // handOut queues res for the deliverer; its entries count in queued until
 // they get their window slots. counts are their delivery counts, if known.
 func (sub *subscription) handOut(res []redis.XStream, counts map[string]int64) {
-	b := &readBatch{res: res, counts: counts}
+	total := 0
+	for _, st := range res {
+		total += len(st.Messages)
+	}
+	if total == 0 {
+		return
+	}
+	b := &readBatch{res: res, counts: counts, keys: make([]entryKey, 0, total)}
 	for _, st := range res {
 		for _, xm := range st.Messages {
 			b.keys = append(b.keys, entryKey{st.Stream, xm.ID})
 		}
-	}
-	if len(b.keys) == 0 {
-		return
 	}
 	b.beat.Store(time.Now().UnixNano())
 	sub.queued.Add(int64(len(b.keys)))
@@ -1341,12 +1345,11 @@ func (s *Subscriber) heartbeat() {
 			"event_id", d.msg.UUID, "timeout", s.cfg.HandlerTimeout)
 	}
 	for stream, ds := range byStream {
-		args := make([]any, 0, len(ds)+2)
-		args = append(args, s.cfg.ConsumerGroup, s.cfg.Consumer)
-		for _, d := range ds {
-			args = append(args, d.id)
+		ids := make([]string, len(ds))
+		for i, d := range ds {
+			ids[i] = d.id
 		}
-		kept, err := heartbeatScript.Run(context.Background(), s.cfg.Client, []string{stream}, args...).Int()
+		kept, err := s.keepAlive(stream, ids)
 		if err != nil {
 			s.log.Warn("heartbeat of in-flight entries", "stream", stream, "error", err)
 			continue
@@ -1362,6 +1365,17 @@ func (s *Subscriber) heartbeat() {
 	}
 }
 
+// keepAlive resets the idle time of those of ids on stream that this
+// consumer still holds, and returns how many it holds.
+func (s *Subscriber) keepAlive(stream string, ids []string) (int, error) {
+	args := make([]any, 0, len(ids)+2)
+	args = append(args, s.cfg.ConsumerGroup, s.cfg.Consumer)
+	for _, id := range ids {
+		args = append(args, id)
+	}
+	return heartbeatScript.Run(context.Background(), s.cfg.Client, []string{stream}, args...).Int()
+}
+
 // beatWaiting resets the idle time of the entries of batches that are
 // read but not yet handed out (those handed out meanwhile are beaten with
 // them, which does no harm).
@@ -1369,18 +1383,15 @@ func (s *Subscriber) beatWaiting(batches []*readBatch) {
 	if len(batches) == 0 {
 		return
 	}
-	byStream := map[string][]any{}
+	byStream := map[string][]string{}
 	for _, b := range batches {
 		for _, k := range b.keys[b.next.Load():] {
-			if byStream[k.stream] == nil {
-				byStream[k.stream] = []any{s.cfg.ConsumerGroup, s.cfg.Consumer}
-			}
 			byStream[k.stream] = append(byStream[k.stream], k.id)
 		}
 	}
 	failed := false
-	for stream, args := range byStream {
-		if err := heartbeatScript.Run(context.Background(), s.cfg.Client, []string{stream}, args...).Err(); err != nil {
+	for stream, ids := range byStream {
+		if _, err := s.keepAlive(stream, ids); err != nil {
 			s.log.Warn("heartbeat of entries waiting to be handed out", "stream", stream, "error", err)
 			failed = true
 		}
