@@ -18,8 +18,11 @@ func benchEvents() []events.Event {
 			SHA256: sum, BlobKey: sum, DeclaredContentType: "text/markdown", Notify: "ops@example.com", UploadedAt: now},
 		&events.DocumentProcessed{DocID: events.NewID(), ContentType: "text/plain; charset=utf-8", Words: 7042, Lines: 388,
 			Summary: "Revenue grew in every region. Costs fell for the third quarter in a row.", ProcessedAt: now},
-		&events.EmailRequested{EmailID: events.NewID(), To: "Ada Lovelace <ada@example.com>", Subject: "Your document is ready",
+		&events.EmailRequested{EmailID: events.NewID(), To: "ada@example.com", Subject: "Your document is ready",
 			Body: "Hello,\n\nquarterly-report.md was processed: 7042 words.\n", RequestedAt: now},
+		// The completion event the projector applies for every email.
+		&events.EmailSent{EmailID: events.NewID(), To: "ada@example.com", MessageID: "<20261128120000.3f9a61c2@conveyor>",
+			Attempts: 1, SentAt: now},
 	}
 }
 

@@ -234,11 +234,9 @@ func (v *validator) count(field string, n int64) {
 }
 
 // text rejects NUL bytes, which PostgreSQL text cannot hold.
-func (v *validator) text(fields map[string]string) {
-	for field, s := range fields {
-		if strings.IndexByte(s, 0) >= 0 {
-			v.add(field, "must not contain NUL bytes")
-		}
+func (v *validator) text(field, s string) {
+	if strings.IndexByte(s, 0) >= 0 {
+		v.add(field, "must not contain NUL bytes")
 	}
 }
 

@@ -56,7 +56,9 @@ func (e *DocumentUploaded) Validate() error {
 		}
 	}
 	v.time("uploaded_at", e.UploadedAt)
-	v.text(map[string]string{"filename": e.Filename, "declared_content_type": e.DeclaredContentType, "notify": e.Notify})
+	v.text("filename", e.Filename)
+	v.text("declared_content_type", e.DeclaredContentType)
+	v.text("notify", e.Notify)
 	return v.err()
 }
 
@@ -85,7 +87,8 @@ func (e *DocumentProcessed) Validate() error {
 	v.count("lines", int64(e.Lines))
 	v.maxLen("summary", e.Summary, MaxSummaryBytes)
 	v.time("processed_at", e.ProcessedAt)
-	v.text(map[string]string{"content_type": e.ContentType, "summary": e.Summary})
+	v.text("content_type", e.ContentType)
+	v.text("summary", e.Summary)
 	return v.err()
 }
 
@@ -111,7 +114,8 @@ func (e *DocumentProcessingFailed) Validate() error {
 	v.required("reason", e.Reason)
 	v.maxLen("reason", e.Reason, MaxReasonBytes)
 	v.time("failed_at", e.FailedAt)
-	v.text(map[string]string{"content_type": e.ContentType, "reason": e.Reason})
+	v.text("content_type", e.ContentType)
+	v.text("reason", e.Reason)
 	return v.err()
 }
 
@@ -154,7 +158,9 @@ func (e *EmailRequested) Validate() error {
 		v.add("doc_id", "must be a UUID")
 	}
 	v.time("requested_at", e.RequestedAt)
-	v.text(map[string]string{"to": e.To, "subject": e.Subject, "body": e.Body})
+	v.text("to", e.To)
+	v.text("subject", e.Subject)
+	v.text("body", e.Body)
 	return v.err()
 }
 
@@ -190,7 +196,8 @@ func (e *EmailScheduled) Validate() error {
 	}
 	v.time("send_at", e.SendAt)
 	v.time("scheduled_at", e.ScheduledAt)
-	v.text(map[string]string{"to": e.To, "subject": e.Subject})
+	v.text("to", e.To)
+	v.text("subject", e.Subject)
 	return v.err()
 }
 
@@ -215,7 +222,8 @@ func (e *EmailSent) Validate() error {
 	v.uuid("email_id", e.EmailID)
 	v.count("attempts", int64(e.Attempts))
 	v.time("sent_at", e.SentAt)
-	v.text(map[string]string{"to": e.To, "message_id": e.MessageID})
+	v.text("to", e.To)
+	v.text("message_id", e.MessageID)
 	return v.err()
 }
 
@@ -241,7 +249,7 @@ func (e *EmailFailed) Validate() error {
 	v.maxLen("reason", e.Reason, MaxReasonBytes)
 	v.count("attempts", int64(e.Attempts))
 	v.time("failed_at", e.FailedAt)
-	v.text(map[string]string{"reason": e.Reason})
+	v.text("reason", e.Reason)
 	return v.err()
 }
 
@@ -251,15 +259,53 @@ func ParseAddress(s string) (*mail.Address, error) {
 	if strings.ContainsAny(s, "\r\n") {
 		return nil, errInvalidAddress
 	}
-	a, err := mail.ParseAddress(s)
-	if err != nil {
-		return nil, errInvalidAddress
+	a, ok := parsePlainAddress(s)
+	if !ok {
+		var err error
+		if a, err = mail.ParseAddress(s); err != nil {
+			return nil, errInvalidAddress
+		}
 	}
 	at := strings.LastIndexByte(a.Address, '@')
 	if at < 1 || !strings.Contains(a.Address[at+1:], ".") && a.Address[at+1:] != "localhost" {
 		return nil, errInvalidAddress
 	}
 	return a, nil
+}
+
+// parsePlainAddress parses the common form local@domain: printable ASCII
+// atoms without quotes, comments, display name or spaces. It gives the answer
+// mail.ParseAddress gives for such a string, without its parser's
+// allocations; ok is false for every other string, which mail.ParseAddress
+// then decides.
+func parsePlainAddress(s string) (a *mail.Address, ok bool) {
+	at := strings.IndexByte(s, '@')
+	if at < 0 || !isDotAtom(s[:at]) || !isDotAtom(s[at+1:]) {
+		return nil, false
+	}
+	return &mail.Address{Address: s}, true
+}
+
+// isDotAtom reports whether s is an RFC 5322 dot-atom of ASCII characters:
+// atext runs joined by single dots.
+func isDotAtom(s string) bool {
+	if s == "" || s[0] == '.' || s[len(s)-1] == '.' {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '.':
+			if s[i-1] == '.' {
+				return false
+			}
+		case c <= ' ' || c >= 0x7f:
+			return false
+		case strings.IndexByte(`()<>[]:;@\,"`, c) >= 0:
+			return false
+		}
+	}
+	return true
 }
 
 type addressError struct{}

@@ -1,0 +1,63 @@
+package events
+
+import (
+	"net/mail"
+	"testing"
+)
+
+// addressSeeds are plain addresses the fast path takes and near misses it
+// must leave to net/mail.
+var addressSeeds = []string{
+	"a@example.com", "first.last+tag@sub.example.co.uk", "x@localhost", "!#$%&'*+-/=?^_`{|}~@example.com",
+	"a@b", "@example.com", "a@", "a", "", "a@@b.com", "a@b@c.com", ".a@example.com", "a.@example.com",
+	"a..b@example.com", "a@.example.com", "a@example.com.", "a@example..com", "a@[127.0.0.1]",
+	`"quoted"@example.com`, "Name <a@example.com>", "a@example.com (comment)", " a@example.com",
+	"a@example.com ", "a b@example.com", "é@example.com", "a@exämple.com", "a\x00@example.com",
+	"a\t@example.com", "a@example.com\x7f", "a(b)@example.com", "a,b@example.com", "a;b@example.com",
+	"a\\b@example.com", "<a@example.com>", "a@example.com>", "a:b@example.com",
+}
+
+// TestPlainAddressAgreesWithNetMail checks that whatever the fast path
+// accepts, net/mail accepts with the same result.
+func TestPlainAddressAgreesWithNetMail(t *testing.T) {
+	t.Parallel()
+	took := 0
+	for _, s := range addressSeeds {
+		if checkPlainAddress(t, s) {
+			took++
+		}
+	}
+	// The fast path must actually take the common form, or it saves nothing.
+	if took < 5 {
+		t.Fatalf("fast path took %d of the seeds; want at least the 5 plain ones", took)
+	}
+	if _, ok := parsePlainAddress("a@example.com"); !ok {
+		t.Fatal(`fast path refused "a@example.com"`)
+	}
+}
+
+func FuzzPlainAddress(f *testing.F) {
+	for _, s := range addressSeeds {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) { checkPlainAddress(t, s) })
+}
+
+// checkPlainAddress fails t if the fast path accepts s differently from
+// net/mail, and reports whether it accepted s.
+func checkPlainAddress(t *testing.T, s string) bool {
+	t.Helper()
+	got, ok := parsePlainAddress(s)
+	if !ok {
+		return false
+	}
+	want, err := mail.ParseAddress(s)
+	if err != nil {
+		t.Errorf("parsePlainAddress(%q) accepted it; net/mail refuses it: %v", s, err)
+		return true
+	}
+	if *got != *want {
+		t.Errorf("parsePlainAddress(%q) = %+v; net/mail gives %+v", s, *got, *want)
+	}
+	return true
+}
