@@ -1,8 +1,12 @@
 package bus
 
-import "github.com/ThreeDotsLabs/watermill/message"
+import (
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/redis/go-redis/v9"
+)
 
-// UnmarshalForTest decodes stream entry values as the subscriber does.
-func UnmarshalForTest(values map[string]any) (*message.Message, error) {
-	return unmarshalFields(values)
+// UnmarshalForTest decodes a stream entry read with go-redis as the
+// subscriber does.
+func UnmarshalForTest(x redis.XMessage) (*message.Message, error) {
+	return unmarshalFields(fromXMessages([]redis.XMessage{x})[0].fields)
 }

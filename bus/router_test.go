@@ -125,7 +125,7 @@ func TestTypedHandler(t *testing.T) {
 	if len(xs) != 1 {
 		t.Fatalf("follow-up published %d times", len(xs))
 	}
-	follow, err := bus.UnmarshalForTest(xs[0].Values)
+	follow, err := bus.UnmarshalForTest(xs[0])
 	if err != nil {
 		t.Fatal(err)
 	}

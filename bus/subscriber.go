@@ -1,6 +1,7 @@
 package bus
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -305,8 +306,10 @@ func (s *Subscriber) setErr(err error) {
 type subscription struct {
 	s       *Subscriber
 	topic   string
-	retry   string // the group's retry stream of topic
-	delayed string // the group's retry sorted set of topic
+	retry   string       // the group's retry stream of topic
+	streams []string     // topic and retry, as each read names them
+	readBuf bytes.Buffer // the reader's, for raw replies
+	delayed string       // the group's retry sorted set of topic
 	out     chan *message.Message
 	// dout, for a subscription of the bus Router (consume), carries
 	// deliveries instead of Watermill messages: the Router reports each
@@ -342,7 +345,7 @@ type subscription struct {
 // read of two streams may return up to COUNT entries from each, and the
 // routes of one group share a window, so a batch can wait for slots).
 type readBatch struct {
-	res    []redis.XStream
+	res    []streamEntries
 	counts map[string]int64
 	keys   []entryKey   // every entry, in the order they are handed out
 	next   atomic.Int64 // how many of keys have been handed out
@@ -380,10 +383,12 @@ func (s *Subscriber) start(ctx context.Context, topic string, managed bool, setu
 	s.readers.Add(2)
 	s.mu.Unlock()
 
+	retry := RetryStream(topic, s.cfg.ConsumerGroup)
 	sub := &subscription{
 		s:       s,
 		topic:   topic,
-		retry:   RetryStream(topic, s.cfg.ConsumerGroup),
+		retry:   retry,
+		streams: []string{topic, retry},
 		delayed: RetrySet(topic, s.cfg.ConsumerGroup),
 		managed: managed,
 		stop:    make(chan struct{}),
@@ -575,18 +580,8 @@ func (sub *subscription) read() {
 		if until := time.Until(lastClaim.Add(s.cfg.ClaimInterval)); until < block {
 			block = max(until, time.Millisecond)
 		}
-		res, err := s.cfg.Client.XReadGroup(ctx, &redis.XReadGroupArgs{
-			Group:    s.cfg.ConsumerGroup,
-			Consumer: s.cfg.Consumer,
-			Streams:  []string{sub.topic, sub.retry, ">", ">"},
-			Count:    int64(n),
-			Block:    block,
-		}).Result()
+		res, err := readNew(ctx, s.cfg.Client, &sub.readBuf, s.cfg.ConsumerGroup, s.cfg.Consumer, sub.streams, n, block)
 		if err != nil {
-			if errors.Is(err, redis.Nil) {
-				s.setErr(nil)
-				continue
-			}
 			if sub.stopped() {
 				return
 			}
@@ -601,18 +596,18 @@ func (sub *subscription) read() {
 
 // handOut queues res for the deliverer; its entries count in queued until
 // they get their window slots. counts are their delivery counts, if known.
-func (sub *subscription) handOut(res []redis.XStream, counts map[string]int64) {
+func (sub *subscription) handOut(res []streamEntries, counts map[string]int64) {
 	total := 0
 	for _, st := range res {
-		total += len(st.Messages)
+		total += len(st.entries)
 	}
 	if total == 0 {
 		return
 	}
 	b := &readBatch{res: res, counts: counts, keys: make([]entryKey, 0, total)}
 	for _, st := range res {
-		for _, xm := range st.Messages {
-			b.keys = append(b.keys, entryKey{st.Stream, xm.ID})
+		for _, e := range st.entries {
+			b.keys = append(b.keys, entryKey{st.stream, e.id})
 		}
 	}
 	b.beat.Store(time.Now().UnixNano())
@@ -721,7 +716,7 @@ func (sub *subscription) readPending(ctx context.Context) (int, error) {
 		}
 		return "0"
 	}
-	res, err := s.cfg.Client.XReadGroup(ctx, &redis.XReadGroupArgs{
+	xres, err := s.cfg.Client.XReadGroup(ctx, &redis.XReadGroupArgs{
 		Group:    s.cfg.ConsumerGroup,
 		Consumer: s.cfg.Consumer,
 		Streams:  []string{sub.topic, sub.retry, start(sub.topic), start(sub.retry)},
@@ -731,11 +726,12 @@ func (sub *subscription) readPending(ctx context.Context) (int, error) {
 	if err != nil && !errors.Is(err, redis.Nil) {
 		return 0, err
 	}
+	res := fromXStreams(xres)
 	total := 0
 	for _, st := range res {
-		total += len(st.Messages)
-		if len(st.Messages) > 0 {
-			sub.cursors["pending:"+st.Stream] = st.Messages[len(st.Messages)-1].ID
+		total += len(st.entries)
+		if len(st.entries) > 0 {
+			sub.cursors["pending:"+st.stream] = st.entries[len(st.entries)-1].id
 		}
 	}
 	if total == 0 {
@@ -750,26 +746,26 @@ func (sub *subscription) readPending(ctx context.Context) (int, error) {
 }
 
 // deliveryCounts looks up how often each entry of res was delivered.
-func (sub *subscription) deliveryCounts(ctx context.Context, res []redis.XStream) (map[string]int64, error) {
+func (sub *subscription) deliveryCounts(ctx context.Context, res []streamEntries) (map[string]int64, error) {
 	s := sub.s
 	counts := map[string]int64{}
 	for _, st := range res {
-		if len(st.Messages) == 0 {
+		if len(st.entries) == 0 {
 			continue
 		}
 		pend, err := s.cfg.Client.XPendingExt(ctx, &redis.XPendingExtArgs{
-			Stream:   st.Stream,
+			Stream:   st.stream,
 			Group:    s.cfg.ConsumerGroup,
-			Start:    st.Messages[0].ID,
-			End:      st.Messages[len(st.Messages)-1].ID,
-			Count:    int64(len(st.Messages)) * 2,
+			Start:    st.entries[0].id,
+			End:      st.entries[len(st.entries)-1].id,
+			Count:    int64(len(st.entries)) * 2,
 			Consumer: s.cfg.Consumer,
 		}).Result()
 		if err != nil {
-			return nil, fmt.Errorf("pending of %s: %w", st.Stream, err)
+			return nil, fmt.Errorf("pending of %s: %w", st.stream, err)
 		}
 		for _, p := range pend {
-			counts[st.Stream+"\x00"+p.ID] = p.RetryCount
+			counts[st.stream+"\x00"+p.ID] = p.RetryCount
 		}
 	}
 	return counts, nil
@@ -810,7 +806,7 @@ func (sub *subscription) claimIdle(ctx context.Context) error {
 		if s.mClaimed != nil {
 			s.mClaimed.Add(float64(len(msgs)))
 		}
-		res := []redis.XStream{{Stream: stream, Messages: msgs}}
+		res := []streamEntries{{stream: stream, entries: fromXMessages(msgs)}}
 		counts, err := sub.deliveryCounts(ctx, res)
 		if err != nil {
 			// Deliver anyway: the crash-loop guard applies next time.
@@ -827,14 +823,14 @@ func (sub *subscription) deliverAll(ctx context.Context, b *readBatch) {
 	queued := len(b.keys)
 	defer func() { sub.queued.Add(-int64(queued)) }()
 	for _, st := range b.res {
-		for _, xm := range st.Messages {
+		for _, e := range st.entries {
 			if sub.stopped() || !sub.acquire() {
 				return
 			}
 			queued--
 			sub.queued.Add(-1)
 			b.next.Add(1)
-			sub.deliverOne(ctx, st.Stream, xm, b.counts, b.beat.Load())
+			sub.deliverOne(ctx, st.stream, e, b.counts, b.beat.Load())
 		}
 	}
 }
@@ -843,13 +839,13 @@ func (sub *subscription) deliverAll(ctx context.Context, b *readBatch) {
 //
 // beat is when the entry's idle time in Redis was last reset (its read or
 // its batch's heartbeat): the heartbeats go on from there.
-func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis.XMessage, counts map[string]int64, beat int64) {
+func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry, counts map[string]int64, beat int64) {
 	s := sub.s
-	key := entryKey{stream, xm.ID}
-	if xm.Values == nil {
+	key := entryKey{stream, e.id}
+	if e.fields == nil {
 		// A pending entry whose data was deleted from the stream: nothing
 		// to deliver, only the pending record to drop.
-		s.cfg.Client.XAck(ctx, stream, s.cfg.ConsumerGroup, xm.ID)
+		s.cfg.Client.XAck(ctx, stream, s.cfg.ConsumerGroup, e.id)
 		s.release(1)
 		return
 	}
@@ -862,14 +858,14 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis
 	}
 	s.mu.Unlock()
 
-	msg, err := unmarshalFields(xm.Values)
+	msg, err := unmarshalFields(e.fields)
 	if err != nil {
-		sub.deadLetterRaw(ctx, stream, xm, err.Error(), 0)
+		sub.deadLetterRaw(ctx, stream, e, err.Error(), 0)
 		s.release(1)
 		return
 	}
-	if c := counts[stream+"\x00"+xm.ID]; c > int64(s.cfg.MaxDeliveries) {
-		sub.deadLetter(ctx, stream, xm.ID, msg, fmt.Sprintf(
+	if c := counts[stream+"\x00"+e.id]; c > int64(s.cfg.MaxDeliveries) {
+		sub.deadLetter(ctx, stream, e.id, msg, fmt.Sprintf(
 			"delivered %d times without being acknowledged: its consumer probably crashes or hangs on it", c),
 			attemptOf(msg))
 		s.release(1)
@@ -878,7 +874,7 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, xm redis
 
 	msgCtx, cancel := context.WithCancel(sub.base)
 	now := time.Now().UnixNano()
-	d := &delivery{sub: sub, stream: stream, id: xm.ID, msg: msg, attempt: attemptOf(msg), cancel: cancel, start: now, tag: sub.tag}
+	d := &delivery{sub: sub, stream: stream, id: e.id, msg: msg, attempt: attemptOf(msg), cancel: cancel, start: now, tag: sub.tag}
 	d.beat.Store(beat)
 	if sub.managed {
 		msg.SetContext(msgCtx)
@@ -1177,12 +1173,12 @@ func (sub *subscription) deadLetter(ctx context.Context, stream, id string, msg 
 
 // deadLetterRaw moves an entry that could not be decoded, with all its
 // fields as they were.
-func (sub *subscription) deadLetterRaw(ctx context.Context, stream string, xm redis.XMessage, reason string, attempts int) {
-	raw, _ := marshalJSON(xm.Values)
-	err := sub.writeDeadLetter(ctx, stream, xm.ID, []any{dlqRaw, raw}, reason, attempts)
+func (sub *subscription) deadLetterRaw(ctx context.Context, stream string, e entry, reason string, attempts int) {
+	raw, _ := marshalJSON(e.valueMap())
+	err := sub.writeDeadLetter(ctx, stream, e.id, []any{dlqRaw, raw}, reason, attempts)
 	if err != nil {
 		// It stays pending; the claim loop brings it back to try again.
-		sub.s.log.Error("dead-letter undecodable entry", "stream", stream, "entry_id", xm.ID, "error", err)
+		sub.s.log.Error("dead-letter undecodable entry", "stream", stream, "entry_id", e.id, "error", err)
 	}
 }
 

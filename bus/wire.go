@@ -34,32 +34,30 @@ func marshalFields(msg *message.Message) ([]any, error) {
 	return []any{fieldUUID, msg.UUID, fieldMetadata, md, fieldPayload, []byte(msg.Payload)}, nil
 }
 
-// unmarshalFields decodes an entry's values. Every failure wraps
+// unmarshalFields decodes an entry's fields. Every failure wraps
 // errUndecodable: such an entry is a permanent error and is dead-lettered.
-func unmarshalFields(values map[string]any) (*message.Message, error) {
-	uuid, ok := values[fieldUUID].(string)
-	if !ok || uuid == "" {
+func unmarshalFields(fields []string) (*message.Message, error) {
+	var uuid, payload, md string
+	for i := 0; i+1 < len(fields); i += 2 {
+		switch fields[i] {
+		case fieldUUID:
+			uuid = fields[i+1]
+		case fieldPayload:
+			payload = fields[i+1]
+		case fieldMetadata:
+			md = fields[i+1]
+		}
+	}
+	if uuid == "" {
 		return nil, fmt.Errorf("%w: field %s is missing", errUndecodable, fieldUUID)
 	}
-	var payload string
-	if p, ok := values[fieldPayload]; ok {
-		if payload, ok = p.(string); !ok {
-			return nil, fmt.Errorf("%w: field %s is not a string", errUndecodable, fieldPayload)
-		}
-	}
 	msg := message.NewMessage(uuid, []byte(payload))
-	if raw, ok := values[fieldMetadata]; ok {
-		s, ok := raw.(string)
-		if !ok {
-			return nil, fmt.Errorf("%w: field %s is not a string", errUndecodable, fieldMetadata)
+	if md != "" {
+		m, err := decodeMetadata(md)
+		if err != nil {
+			return nil, fmt.Errorf("%w: metadata: %v", errUndecodable, err)
 		}
-		if s != "" {
-			md, err := decodeMetadata(s)
-			if err != nil {
-				return nil, fmt.Errorf("%w: metadata: %v", errUndecodable, err)
-			}
-			msg.Metadata = md
-		}
+		msg.Metadata = m
 	}
 	return msg, nil
 }

@@ -11,8 +11,8 @@ import (
 )
 
 // benchEntry is a stream entry as the publisher writes it for a typical
-// event, and as go-redis hands it to the subscriber: every value a string.
-func benchEntry(b *testing.B) (*message.Message, map[string]any) {
+// event, and as a read hands it to the subscriber: every value a string.
+func benchEntry(b *testing.B) (*message.Message, []string) {
 	b.Helper()
 	p := &Publisher{cfg: PublisherConfig{Source: "bench"}}
 	ev := &events.DocumentProcessed{DocID: events.NewID(), ContentType: "text/plain; charset=utf-8",
@@ -25,13 +25,13 @@ func benchEntry(b *testing.B) (*message.Message, map[string]any) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	values := make(map[string]any, len(fields)/2)
-	for i := 0; i < len(fields); i += 2 {
-		switch v := fields[i+1].(type) {
+	values := make([]string, len(fields))
+	for i, f := range fields {
+		switch v := f.(type) {
 		case string:
-			values[fields[i].(string)] = v
+			values[i] = v
 		case []byte:
-			values[fields[i].(string)] = string(v)
+			values[i] = string(v)
 		}
 	}
 	return msg, values
