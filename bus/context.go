@@ -19,23 +19,42 @@ const (
 	traceparentKey
 )
 
-// handlerValues is what a handler's context carries, in one value.
+// handlerValues is what a handler's context carries, in one value (looked
+// up as *handlerValues).
 type handlerValues struct {
 	env      events.Envelope
 	attempts attempts
 }
 
+// handlerCtx is a handler's context: its parent and the handler values in
+// one allocation, where context.WithValue takes two (the context and the
+// boxed values). Cancellation is the parent's, so contexts derived from it
+// attach to the parent's as they would to a context.WithValue.
+type handlerCtx struct {
+	context.Context
+	hv handlerValues
+}
+
+func (c *handlerCtx) Value(key any) any {
+	if key == handlerKey {
+		return &c.hv
+	}
+	return c.Context.Value(key)
+}
+
 // EnvelopeFrom returns the envelope of the event being handled, if ctx
 // belongs to a handler call.
 func EnvelopeFrom(ctx context.Context) (events.Envelope, bool) {
-	hv, ok := ctx.Value(handlerKey).(handlerValues)
-	return hv.env, ok
+	if hv, ok := ctx.Value(handlerKey).(*handlerValues); ok {
+		return hv.env, true
+	}
+	return events.Envelope{}, false
 }
 
 // WithEnvelope returns ctx carrying env, as a handler's context does. Tests
 // of handlers use it to call them as the router would.
 func WithEnvelope(ctx context.Context, env events.Envelope) context.Context {
-	return context.WithValue(ctx, handlerKey, handlerValues{env: env, attempts: attempts{attempt: env.Attempt}})
+	return &handlerCtx{Context: ctx, hv: handlerValues{env: env, attempts: attempts{attempt: env.Attempt}}}
 }
 
 var traceparentRE = regexp.MustCompile(`^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$`)
@@ -62,15 +81,17 @@ type attempts struct{ attempt, max int }
 // not be retried. Handlers use it to publish a final failure event (for
 // example email.failed) instead of leaving it to the dead-letter stream.
 func IsLastAttempt(ctx context.Context) bool {
-	hv, ok := ctx.Value(handlerKey).(handlerValues)
+	hv, ok := ctx.Value(handlerKey).(*handlerValues)
 	return ok && hv.attempts.max > 0 && hv.attempts.attempt >= hv.attempts.max
 }
 
 // Attempt returns the delivery attempt of the event being handled (1 for the
 // first), or 0 outside a handler.
 func Attempt(ctx context.Context) int {
-	hv, _ := ctx.Value(handlerKey).(handlerValues)
-	return hv.attempts.attempt
+	if hv, ok := ctx.Value(handlerKey).(*handlerValues); ok {
+		return hv.attempts.attempt
+	}
+	return 0
 }
 
 // envelopeOf reads the envelope out of a message. fallbackType is used when

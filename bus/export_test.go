@@ -8,5 +8,5 @@ import (
 // UnmarshalForTest decodes a stream entry read with go-redis as the
 // subscriber does.
 func UnmarshalForTest(x redis.XMessage) (*message.Message, error) {
-	return unmarshalFields(fromXMessages([]redis.XMessage{x})[0].fields)
+	return unmarshalFields(fromXMessages([]redis.XMessage{x})[0].fields, false)
 }

@@ -21,8 +21,29 @@ func encodeMetadata(md map[string]string) []byte {
 	for k, v := range md {
 		size += len(k) + len(v) + 10
 	}
-	b := make([]byte, 0, size)
-	n := len(md)
+	b := appendMapHeader(make([]byte, 0, size), len(md))
+	for k, v := range md {
+		b = appendStr(b, k)
+		b = appendStr(b, v)
+	}
+	return b
+}
+
+// encodePairs encodes alternating keys and values, each key once, as
+// encodeMetadata encodes the map of them.
+func encodePairs(kv []string) []byte {
+	size := 5
+	for _, s := range kv {
+		size += len(s) + 5
+	}
+	b := appendMapHeader(make([]byte, 0, size), len(kv)/2)
+	for _, s := range kv {
+		b = appendStr(b, s)
+	}
+	return b
+}
+
+func appendMapHeader(b []byte, n int) []byte {
 	switch {
 	case n <= 15:
 		b = append(b, 0x80|byte(n))
@@ -31,10 +52,6 @@ func encodeMetadata(md map[string]string) []byte {
 	default:
 		b = append(b, 0xdf)
 		b = binary.BigEndian.AppendUint32(b, uint32(n))
-	}
-	for k, v := range md {
-		b = appendStr(b, k)
-		b = appendStr(b, v)
 	}
 	return b
 }

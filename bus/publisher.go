@@ -345,12 +345,32 @@ func (p *Publisher) NewMessage(ctx context.Context, ev events.Event, opts ...Pub
 		return nil, err
 	}
 	msg := message.NewMessage(id, payload)
-	msg.Metadata = md
+	msg.Metadata = md.toMap()
 	return msg, nil
 }
 
+// metaPairs is an event's metadata as key/value pairs, each key once:
+// publishing encodes it as it is, without building a map.
+type metaPairs struct {
+	kv [16]string
+	n  int
+}
+
+func (m *metaPairs) add(k, v string) {
+	m.kv[m.n], m.kv[m.n+1] = k, v
+	m.n += 2
+}
+
+func (m *metaPairs) toMap() message.Metadata {
+	md := make(message.Metadata, m.n/2)
+	for i := 0; i < m.n; i += 2 {
+		md[m.kv[i]] = m.kv[i+1]
+	}
+	return md
+}
+
 // envelope builds an event's id, metadata and payload.
-func (p *Publisher) envelope(ctx context.Context, ev events.Event, opts []PublishOption) (string, message.Metadata, []byte, error) {
+func (p *Publisher) envelope(ctx context.Context, ev events.Event, opts []PublishOption) (string, metaPairs, []byte, error) {
 	var o publishOptions
 	for _, opt := range opts {
 		opt(&o)
@@ -361,33 +381,35 @@ func (p *Publisher) envelope(ctx context.Context, ev events.Event, opts []Publis
 	if o.occurredAt.IsZero() {
 		o.occurredAt = time.Now()
 	}
+	var md metaPairs
 	payload, err := marshalJSON(ev)
 	if err != nil {
-		return "", nil, nil, fmt.Errorf("marshal %s: %w", ev.EventType(), err)
+		return "", md, nil, fmt.Errorf("marshal %s: %w", ev.EventType(), err)
 	}
-	md := make(message.Metadata, 8)
-	md[MetaEventID] = o.id // also the message UUID; the envelope names it too
-	md[MetaEventType] = ev.EventType()
-	md[MetaEventVersion] = strconv.Itoa(ev.EventVersion())
-	md[MetaOccurredAt] = o.occurredAt.UTC().Format(time.RFC3339Nano)
-	md[MetaSource] = p.cfg.Source
+	md.add(MetaEventID, o.id) // also the message UUID; the envelope names it too
+	md.add(MetaEventType, ev.EventType())
+	md.add(MetaEventVersion, strconv.Itoa(ev.EventVersion()))
+	md.add(MetaOccurredAt, o.occurredAt.UTC().Format(time.RFC3339Nano))
+	md.add(MetaSource, p.cfg.Source)
 	cause, hasCause := EnvelopeFrom(ctx)
 	switch {
 	case o.correlationID != "":
-		md[MetaCorrelationID] = o.correlationID
+		md.add(MetaCorrelationID, o.correlationID)
 	case hasCause && cause.CorrelationID != "":
-		md[MetaCorrelationID] = cause.CorrelationID
+		md.add(MetaCorrelationID, cause.CorrelationID)
 	default:
-		md[MetaCorrelationID] = o.id
+		md.add(MetaCorrelationID, o.id)
 	}
 	if hasCause {
-		md[MetaCausationID] = cause.ID
-		if cause.Traceparent != "" {
-			md[MetaTraceparent] = cause.Traceparent
-		}
+		md.add(MetaCausationID, cause.ID)
 	}
-	if tp := traceparentFrom(ctx); tp != "" {
-		md[MetaTraceparent] = tp
+	// The traceparent of ctx (an incoming request) wins over the cause's.
+	tp := traceparentFrom(ctx)
+	if tp == "" && hasCause {
+		tp = cause.Traceparent
+	}
+	if tp != "" {
+		md.add(MetaTraceparent, tp)
 	}
 	return o.id, md, payload, nil
 }
@@ -399,7 +421,7 @@ func (p *Publisher) eventFields(ctx context.Context, ev events.Event, opts []Pub
 	if err != nil {
 		return "", nil, err
 	}
-	return id, []any{fieldUUID, id, fieldMetadata, encodeMetadata(md), fieldPayload, payload}, nil
+	return id, []any{fieldUUID, id, fieldMetadata, encodePairs(md.kv[:md.n]), fieldPayload, payload}, nil
 }
 
 // PublishEvent validates ev and appends it to its stream. It returns the

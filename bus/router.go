@@ -222,7 +222,7 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 		}
 		// The message's context is cancelled when the handler times out
 		// (HandlerTimeout, enforced with the heartbeats) or at hard stop.
-		ctx := context.WithValue(msg.Context(), handlerKey, handlerValues{env: env, attempts: attempts{attempt: env.Attempt, max: g.retry.MaxAttempts}})
+		ctx := &handlerCtx{Context: msg.Context(), hv: handlerValues{env: env, attempts: attempts{attempt: env.Attempt, max: g.retry.MaxAttempts}}}
 		return h(ctx, ev.(P))
 	}
 	hf := func(msg *message.Message) ([]*message.Message, error) { return nil, call(msg) }

@@ -858,7 +858,7 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 	}
 	s.mu.Unlock()
 
-	msg, err := unmarshalFields(e.fields)
+	msg, err := unmarshalFields(e.fields, sub.managed)
 	if err != nil {
 		sub.deadLetterRaw(ctx, stream, e, err.Error(), 0)
 		s.release(1)

@@ -36,7 +36,12 @@ func marshalFields(msg *message.Message) ([]any, error) {
 
 // unmarshalFields decodes an entry's fields. Every failure wraps
 // errUndecodable: such an entry is a permanent error and is dead-lettered.
-func unmarshalFields(fields []string) (*message.Message, error) {
+//
+// A lean message is built without Ack and Nack channels, which Watermill
+// creates on the first Ack or Nack when they are missing. It is for the
+// Router, which learns each outcome from the handler's return and never
+// waits on the channels; it saves two channels per delivery.
+func unmarshalFields(fields []string, lean bool) (*message.Message, error) {
 	var uuid, payload, md string
 	for i := 0; i+1 < len(fields); i += 2 {
 		switch fields[i] {
@@ -51,13 +56,23 @@ func unmarshalFields(fields []string) (*message.Message, error) {
 	if uuid == "" {
 		return nil, fmt.Errorf("%w: field %s is missing", errUndecodable, fieldUUID)
 	}
-	msg := message.NewMessage(uuid, []byte(payload))
+	var meta message.Metadata
 	if md != "" {
 		m, err := decodeMetadata(md)
 		if err != nil {
 			return nil, fmt.Errorf("%w: metadata: %v", errUndecodable, err)
 		}
-		msg.Metadata = m
+		meta = m
+	}
+	if lean {
+		if meta == nil {
+			meta = message.Metadata{}
+		}
+		return &message.Message{UUID: uuid, Metadata: meta, Payload: []byte(payload)}, nil
+	}
+	msg := message.NewMessage(uuid, []byte(payload))
+	if meta != nil {
+		msg.Metadata = meta
 	}
 	return msg, nil
 }

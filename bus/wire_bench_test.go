@@ -59,7 +59,7 @@ func BenchmarkUnmarshalFields(b *testing.B) {
 	want, values := benchEntry(b)
 	b.ReportAllocs()
 	for b.Loop() {
-		msg, err := unmarshalFields(values)
+		msg, err := unmarshalFields(values, true)
 		if err != nil {
 			b.Fatal(err)
 		}
