@@ -2,6 +2,7 @@ package config_test
 
 import (
 	"os"
+	"runtime/debug"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -106,5 +107,22 @@ func TestVarsAreDocumented(t *testing.T) {
 			t.Errorf("%s: missing help or listed twice", v.Name)
 		}
 		seen[v.Name] = true
+	}
+}
+
+func TestTuneGC(t *testing.T) {
+	old := debug.SetGCPercent(100)
+	defer debug.SetGCPercent(old)
+	if got := config.TuneGC(func(string) string { return "" }); !strings.Contains(got, "400") {
+		t.Fatalf("TuneGC without GOGC = %q", got)
+	}
+	if p := debug.SetGCPercent(100); p != config.GCPercent {
+		t.Fatalf("GC percent after TuneGC = %d, want %d", p, config.GCPercent)
+	}
+	if got := config.TuneGC(func(k string) string { return map[string]string{"GOGC": "50"}[k] }); got != "GOGC=50 (from the environment)" {
+		t.Fatalf("TuneGC with GOGC=50 = %q", got)
+	}
+	if p := debug.SetGCPercent(100); p != 100 {
+		t.Fatalf("TuneGC overrode GOGC from the environment: percent %d", p)
 	}
 }

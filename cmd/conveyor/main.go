@@ -29,12 +29,7 @@ import (
 var version = ""
 
 func main() {
-	// Conveyor's heap is small (tens of MiB) and its garbage is per
-	// message; collecting less often halves the CPU the collector takes
-	// at full load. GOGC in the environment still wins.
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(400)
-	}
+	config.TuneGC(os.Getenv)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	os.Exit(run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr))

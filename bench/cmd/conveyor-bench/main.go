@@ -45,6 +45,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/conveyor/conveyor/config"
 )
 
 // options are the command-line settings of one run.
@@ -86,7 +88,14 @@ var rows = []rowSpec{
 	{"read", true, runRead},
 }
 
+// gcSetting is the collector setting of this process and of the minimal
+// servers it starts: Conveyor's own (config.TuneGC), so the Conveyor code
+// running in this process runs as in the conveyor binary, and the baselines
+// and peers here get the same collector.
+var gcSetting string
+
 func main() {
+	gcSetting = config.TuneGC(os.Getenv)
 	if len(os.Args) > 1 && os.Args[1] == minimalCommand {
 		if err := minimalMain(os.Args[2:]); err != nil {
 			fmt.Fprintln(os.Stderr, "minimal server:", err)

@@ -247,6 +247,7 @@ func (b *bench) report(ctx context.Context) error {
 	fmt.Fprintf(&md, "# Conveyor benchmark %s\n\n", time.Now().Format("2006-01-02 15:04"))
 	fmt.Fprintf(&md, "- Machine: %s; runtime.NumCPU %d, GOMAXPROCS %d; %s %s/%s.\n",
 		cpuModel(), runtime.NumCPU(), runtime.GOMAXPROCS(0), runtime.Version(), runtime.GOOS, runtime.GOARCH)
+	fmt.Fprintf(&md, "- Go collector: %s in this process (Conveyor's code, the baselines and the peers that run in it) and in the minimal servers; the conveyor binary sets the same for itself.\n", gcSetting)
 	redisOrigin, pgOrigin := "started by the bench", "started by the bench"
 	if !b.env.startedRedis {
 		redisOrigin = "REDIS_URL"
