@@ -2,8 +2,8 @@ package config_test
 
 import (
 	"os"
-	"runtime/debug"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"testing"
 	"time"
