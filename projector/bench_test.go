@@ -42,7 +42,7 @@ func BenchmarkApply(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer p.Close()
-	const inFlight = 512
+	const inFlight = 1024 // `conveyor projector` default
 	work := make(chan int, inFlight)
 	var wg sync.WaitGroup
 	var ru0 syscall.Rusage
@@ -191,7 +191,7 @@ func benchConcurrency() int {
 	if n, err := strconv.Atoi(os.Getenv("BENCH_CONCURRENCY")); err == nil {
 		return n
 	}
-	return 512
+	return 1024 // `conveyor projector` default
 }
 
 func benchWorkers() int {

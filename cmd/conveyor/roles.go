@@ -170,7 +170,7 @@ with the inbox, then deleting the cache keys of changed rows. Serves /healthz,
 		vars: []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "CONSUMER_NAME", "RETRY_MAX_ATTEMPTS",
 			"RETRY_BACKOFF_MIN", "RETRY_BACKOFF_MAX", "CLAIM_MIN_IDLE", "SHUTDOWN_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT"},
 		flags: func(fs *flag.FlagSet) any {
-			return &projectorOpts{concurrency: fs.Int("concurrency", 512, "events in flight at once (they share transactions)")}
+			return &projectorOpts{concurrency: fs.Int("concurrency", 1024, "events in flight at once (they share transactions, up to 500 each)")}
 		},
 		run: func(ctx context.Context, env *environment, o any, _ []string) error {
 			opts := o.(*projectorOpts)

@@ -27,8 +27,8 @@ import (
 
 const (
 	handlerGroup       = "email-sender"
-	handlerConcurrency = 64  // `conveyor handler` default
-	projectorConc      = 512 // `conveyor projector` default
+	handlerConcurrency = 64   // `conveyor handler` default
+	projectorConc      = 1024 // `conveyor projector` default
 	producers          = 4
 	producerBatch      = 250
 	maxBacklog         = 50_000
@@ -294,10 +294,13 @@ func runE2E(ctx context.Context, b *bench) error {
 					evs[i] = newEmail()
 				}
 				for _, r := range p.pub.PublishBatch(gctx, evs, nil) {
-					if r.Err != nil {
-						failed.Add(1)
-					} else {
+					switch {
+					case r.Err == nil:
 						published.Add(1)
+					case gctx.Err() == nil:
+						failed.Add(1)
+						// Otherwise the producers were stopped mid-batch:
+						// not a failure.
 					}
 				}
 			}
