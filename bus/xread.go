@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -89,30 +90,21 @@ const maxKeptReadBuffer = 4 << 20
 // A read returns up to COUNT entries per stream, each with a few fields.
 // go-redis parses such a reply into a map and a dozen allocations per entry.
 // Here the reply is copied raw into buf (reused from read to read) and
-// parsed into strings that share one exact-size copy of it. Clients that
-// cannot do that, or whose read timeout is shorter than the block (go-redis
-// extends it only for its own XReadGroup), read through go-redis.
+// parsed into strings that share one exact-size copy of it.
+//
+// go-redis reads the reply itself when the client cannot hand it over raw,
+// when its read timeout leaves less than block+1s of margin (go-redis gives
+// its own XReadGroup block+10s), and for a read that failed raw with
+// anything but NOGROUP: go-redis then applies its own handling, such as
+// dropping a connection that answers READONLY after a failover, or retrying
+// a reset connection.
 func readNew(ctx context.Context, client redis.UniversalClient, buf *bytes.Buffer, group, consumer string, streams []string, count int, block time.Duration) ([]streamEntries, error) {
 	if rc, ok := client.(rawReader); ok {
-		if rt := rc.Options().ReadTimeout; rt <= 0 || block+time.Second < rt {
-			args := make([]any, 0, 9+2*len(streams))
-			args = append(args, "XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", block.Milliseconds(), "STREAMS")
-			for _, s := range streams {
-				args = append(args, s)
+		if rt := rc.Options().ReadTimeout; rt <= 0 || 2*block+time.Second < rt {
+			res, err := readRaw(ctx, rc, buf, group, consumer, streams, count, block)
+			if err == nil || isNoGroup(err) || ctx.Err() != nil {
+				return res, err
 			}
-			for range streams {
-				args = append(args, ">")
-			}
-			buf.Reset()
-			defer func() {
-				if buf.Cap() > maxKeptReadBuffer {
-					*buf = bytes.Buffer{}
-				}
-			}()
-			if err := rc.DoRawWriteTo(ctx, buf, args...).Err(); err != nil {
-				return nil, err
-			}
-			return parseXRead(buf.Bytes())
 		}
 	}
 	ids := make([]string, 0, 2*len(streams))
@@ -132,6 +124,28 @@ func readNew(ctx context.Context, client redis.UniversalClient, buf *bytes.Buffe
 	return fromXStreams(res), nil
 }
 
+// readRaw is readNew's raw read.
+func readRaw(ctx context.Context, rc rawReader, buf *bytes.Buffer, group, consumer string, streams []string, count int, block time.Duration) ([]streamEntries, error) {
+	args := make([]any, 0, 9+2*len(streams))
+	args = append(args, "XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", block.Milliseconds(), "STREAMS")
+	for _, s := range streams {
+		args = append(args, s)
+	}
+	for range streams {
+		args = append(args, ">")
+	}
+	buf.Reset()
+	defer func() {
+		if buf.Cap() > maxKeptReadBuffer {
+			*buf = bytes.Buffer{}
+		}
+	}()
+	if err := rc.DoRawWriteTo(ctx, buf, args...).Err(); err != nil {
+		return nil, err
+	}
+	return parseXRead(buf.Bytes())
+}
+
 // replyError is an error reply of Redis, such as NOGROUP.
 type replyError string
 
@@ -144,10 +158,10 @@ var errBadReply = errors.New("malformed XREADGROUP reply")
 
 // parseXRead parses an XREADGROUP reply in RESP2 (an array of [stream,
 // entries] pairs) or RESP3 (a map of stream to entries). A null reply (the
-// block timed out) has no entries. Every string shares one copy of raw, so
-// raw may be reused.
+// block timed out) has no entries. The strings share one copy of raw (each
+// has its own in a reply larger than ownStringsAbove), so raw may be reused.
 func parseXRead(raw []byte) ([]streamEntries, error) {
-	r := resp{s: string(raw)}
+	r := resp{s: string(raw), own: len(raw) > ownStringsAbove}
 	typ, n, rest, err := r.header()
 	if err != nil {
 		return nil, err
@@ -226,7 +240,14 @@ func parseXRead(raw []byte) ([]streamEntries, error) {
 type resp struct {
 	s string
 	i int
+	// own gives each string its own copy, so that an entry kept alive (a
+	// slow handler, an id stored somewhere) does not keep a large reply.
+	own bool
 }
+
+// ownStringsAbove is the reply size from which parsed strings are copied
+// out of the reply rather than shared.
+const ownStringsAbove = 1 << 20
 
 // line returns the next line without its CRLF.
 func (r *resp) line() (string, error) {
@@ -275,7 +296,7 @@ func (r *resp) errorReply(typ byte, n int, rest string) error {
 	if typ == '-' {
 		return replyError(rest)
 	}
-	if n < 0 || r.i+n+2 > len(r.s) {
+	if n < 0 || n > len(r.s)-r.i-2 {
 		return fmt.Errorf("%w: truncated", errBadReply)
 	}
 	msg := r.s[r.i : r.i+n]
@@ -303,10 +324,13 @@ func (r *resp) bulk() (string, error) {
 	if t != '$' || n < 0 {
 		return "", fmt.Errorf("%w: want a string, got %q", errBadReply, t)
 	}
-	if r.i+n+2 > len(r.s) || r.s[r.i+n] != '\r' || r.s[r.i+n+1] != '\n' {
+	if n > len(r.s)-r.i-2 || r.s[r.i+n] != '\r' || r.s[r.i+n+1] != '\n' {
 		return "", fmt.Errorf("%w: truncated string", errBadReply)
 	}
 	v := r.s[r.i : r.i+n]
 	r.i += n + 2
+	if r.own {
+		v = strings.Clone(v)
+	}
 	return v, nil
 }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -28,8 +30,10 @@ func protoClient(t *testing.T, proto int, readTimeout time.Duration) *redis.Clie
 }
 
 // xreadValues are entry values that a hand-written RESP parser could get
-// wrong: empty, CRLF inside, binary, long.
-var xreadValues = []string{"", "plain", "with\r\nCRLF\r\n", "\x00\xff\x80binary", string(make([]byte, 70_000))}
+// wrong: empty, CRLF inside, binary, long, huge.
+var xreadValues = []string{"", "plain", "with\r\nCRLF\r\n", "\x00\xff\x80binary", string(make([]byte, 70_000)),
+	// With this one a read's reply exceeds ownStringsAbove.
+	strings.Repeat("big", 200_000)}
 
 // TestReadNewMatchesGoRedis reads the same entries with readNew (raw reply
 // parsed here, or go-redis when the read timeout is too short) and with
@@ -171,6 +175,8 @@ func TestParseXReadMalformed(t *testing.T) {
 	for _, bad := range []string{
 		"+OK\r\n", ":1\r\n", "*1\r\n$1\r\ns\r\n", "*1\r\n*2\r\n$1\r\ns\r\n$1\r\nx\r\n", "*x\r\n",
 		"*1\r\n*2\r\n$5\r\ns\r\n*0\r\n", good + "extra",
+		// Lengths that overflow an index.
+		"*1\r\n*2\r\n$9223372036854775807\r\ns\r\n", "!9223372036854775807\r\nERR\r\n",
 	} {
 		if _, err := parseXRead([]byte(bad)); !errors.Is(err, errBadReply) {
 			t.Errorf("parse %q: err = %v; want errBadReply", bad, err)
@@ -201,4 +207,38 @@ func FuzzParseXRead(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestParseXReadLargeReplyIsNotKept: an entry id kept from a large reply
+// (a slow handler, an id stored somewhere) must not keep the whole reply.
+// Not parallel: it measures the heap.
+func TestParseXReadLargeReplyIsNotKept(t *testing.T) {
+	var ms runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	before := ms.HeapAlloc
+	big := strings.Repeat("x", 1<<20)
+	var b strings.Builder
+	b.WriteString("*1\r\n*2\r\n$1\r\ns\r\n*4\r\n")
+	for i := range 4 {
+		fmt.Fprintf(&b, "*2\r\n$3\r\n%d-1\r\n*2\r\n$1\r\nk\r\n$%d\r\n%s\r\n", i, len(big), big)
+	}
+	raw := []byte(b.String())
+	b.Reset()
+	big = ""
+	res, err := parseXRead(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw = nil
+	id := res[0].entries[0].id
+	res = nil
+	runtime.GC()
+	runtime.ReadMemStats(&ms)
+	if grew := int64(ms.HeapAlloc) - int64(before); grew > 1<<20 {
+		t.Fatalf("keeping one entry id of a 4 MiB reply keeps %d bytes on the heap", grew)
+	}
+	if id != "0-1" {
+		t.Fatalf("id = %q", id)
+	}
 }
