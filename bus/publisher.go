@@ -351,8 +351,8 @@ func (p *Publisher) NewMessage(ctx context.Context, ev events.Event, opts ...Pub
 
 // metaPairs is an event's metadata as key/value pairs, each key once:
 // publishing encodes it as it is, without building a map. envelope sets at
-// most 8 keys; kv has room for 10, and a key beyond fails the tests of
-// envelope at once (index out of range) rather than pass unnoticed.
+// most 8 keys; kv has room for 10, and add panics (index out of range)
+// beyond that, which every publish test would show.
 type metaPairs struct {
 	kv [20]string
 	n  int

@@ -21,16 +21,6 @@ type entry struct {
 	fields []string
 }
 
-// value returns the value of the entry's field name.
-func (e entry) value(name string) (string, bool) {
-	for i := 0; i+1 < len(e.fields); i += 2 {
-		if e.fields[i] == name {
-			return e.fields[i+1], true
-		}
-	}
-	return "", false
-}
-
 // valueMap returns the entry's fields as a map (dead letters keep them so).
 func (e entry) valueMap() map[string]string {
 	m := make(map[string]string, len(e.fields)/2)
@@ -99,18 +89,18 @@ const maxKeptReadBuffer = 4 << 20
 // dropping a connection that answers READONLY after a failover, or retrying
 // a reset connection.
 func readNew(ctx context.Context, client redis.UniversalClient, buf *bytes.Buffer, group, consumer string, streams []string, count int, block time.Duration) ([]streamEntries, error) {
-	if rc, ok := client.(rawReader); ok {
-		if rt := rc.Options().ReadTimeout; rt <= 0 || 2*block+time.Second < rt {
-			res, err := readRaw(ctx, rc, buf, group, consumer, streams, count, block)
-			if err == nil || isNoGroup(err) || ctx.Err() != nil {
-				return res, err
-			}
-		}
-	}
 	ids := make([]string, 0, 2*len(streams))
 	ids = append(ids, streams...)
 	for range streams {
 		ids = append(ids, ">")
+	}
+	if rc, ok := client.(rawReader); ok {
+		if rt := rc.Options().ReadTimeout; rt <= 0 || 2*block+time.Second < rt {
+			res, err := readRaw(ctx, rc, buf, group, consumer, ids, count, block)
+			if err == nil || isNoGroup(err) || ctx.Err() != nil {
+				return res, err
+			}
+		}
 	}
 	res, err := client.XReadGroup(ctx, &redis.XReadGroupArgs{
 		Group: group, Consumer: consumer, Streams: ids, Count: int64(count), Block: block,
@@ -124,15 +114,12 @@ func readNew(ctx context.Context, client redis.UniversalClient, buf *bytes.Buffe
 	return fromXStreams(res), nil
 }
 
-// readRaw is readNew's raw read.
-func readRaw(ctx context.Context, rc rawReader, buf *bytes.Buffer, group, consumer string, streams []string, count int, block time.Duration) ([]streamEntries, error) {
-	args := make([]any, 0, 9+2*len(streams))
+// readRaw is readNew's raw read; ids are the streams, then an id per stream.
+func readRaw(ctx context.Context, rc rawReader, buf *bytes.Buffer, group, consumer string, ids []string, count int, block time.Duration) ([]streamEntries, error) {
+	args := make([]any, 0, 9+len(ids))
 	args = append(args, "XREADGROUP", "GROUP", group, consumer, "COUNT", count, "BLOCK", block.Milliseconds(), "STREAMS")
-	for _, s := range streams {
-		args = append(args, s)
-	}
-	for range streams {
-		args = append(args, ">")
+	for _, id := range ids {
+		args = append(args, id)
 	}
 	buf.Reset()
 	defer func() {

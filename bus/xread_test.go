@@ -89,7 +89,7 @@ func TestReadNewMatchesGoRedis(t *testing.T) {
 					if e.id != m.ID || !reflect.DeepEqual(e.valueMap(), wantValues) {
 						t.Fatalf("entry %s: readNew %s %q, go-redis %q", m.ID, e.id, e.valueMap(), wantValues)
 					}
-					if v, _ := e.value("k"); v != xreadValues[j] {
+					if v := e.valueMap()["k"]; v != xreadValues[j] {
 						t.Fatalf("entry %s: k = %q, want %q", m.ID, v, xreadValues[j])
 					}
 				}

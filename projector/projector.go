@@ -145,14 +145,9 @@ func (p *Projector) Close() {
 		p.mu.Unlock()
 		close(p.stop)
 		p.wg.Wait()
-		for {
-			select {
-			case it := <-p.items:
-				it.done <- errClosed
-				continue
-			default:
-			}
-			break
+		// No worker and no new sender is left: answer what is queued.
+		for len(p.items) > 0 {
+			(<-p.items).done <- errClosed
 		}
 	})
 }
@@ -185,8 +180,8 @@ func (p *Projector) Apply(ctx context.Context, ev events.Event) error {
 	}
 	// Every queued event is answered: by the worker that takes it, or by
 	// Close. So the wait below needs no channel that all the calls share
-	// (with a thousand calls waiting, selecting on one was a tenth of the
-	// projector's CPU).
+	// (with a thousand calls waiting, selecting on one took about 5% of the
+	// process's CPU in the e2e bench).
 	it := &item{ctx: ctx, id: env.ID, ev: ev, done: make(chan error, 1)}
 	p.mu.RLock()
 	if p.closed {
