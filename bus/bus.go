@@ -4,7 +4,7 @@
 //
 // It owns what the stock watermill-redisstream subscriber gets wrong for a
 // job system (see ARCHITECTURE.md §4): batched reads with a bounded in-flight
-// window, batched and pipelined acks, reclaiming entries of dead consumers
+// window, batched acks that travel with the next read, reclaiming entries of dead consumers
 // within seconds, heartbeats for long jobs, durable retries with backoff that
 // never block a stream, a dead-letter stream per consumer group, stable
 // consumer names, self-healing of lost groups, and a graceful close that

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -150,11 +152,13 @@ func (c *SubscriberConfig) Validate() error {
 // Each Subscribe reads one stream and the group's retry stream of it in
 // batches, the next read under way while a batch is handed out; at most
 // MaxInFlight messages are being handled at once; acks are collected and
-// sent in pipelined batches. A nacked message is acked on its stream and
-// re-added, with its attempt count, to a sorted set from which it is moved
-// to the group's retry stream when due; after the last attempt, or at once
-// for a permanent error, it goes to the group's dead-letter stream. An entry
-// that cannot be decoded is dead-lettered without stopping anything.
+// written in batches ahead of the next read, on the reader's own connection
+// (readConn), or by the ack loop if no read comes first. A nacked message
+// is acked on its stream and re-added, with its attempt count, to a sorted
+// set from which it is moved to the group's retry stream when due; after
+// the last attempt, or at once for a permanent error, it goes to the
+// group's dead-letter stream. An entry that cannot be decoded is
+// dead-lettered without stopping anything.
 type Subscriber struct {
 	cfg SubscriberConfig
 	log *slog.Logger
@@ -180,8 +184,14 @@ type Subscriber struct {
 	hardCancel context.CancelFunc // cancelled when the drain time is over
 	stopWork   chan struct{}      // closed last: ack/nack/heartbeat loops end
 
-	acks  chan *delivery
-	nacks chan *delivery
+	// acked holds the deliveries whose handler succeeded and whose ack is
+	// not written yet. A reader writes them ahead of its next read, in the
+	// same round trip; the ack loop writes those still there after
+	// ackLinger.
+	ackMu   sync.Mutex
+	acked   []*delivery
+	ackWake chan struct{} // poked by the first ack after a take, and when many wait
+	nacks   chan *delivery
 
 	readers     sync.WaitGroup
 	workers     sync.WaitGroup
@@ -263,7 +273,7 @@ func NewSubscriber(cfg SubscriberConfig) (*Subscriber, error) {
 		waiting:  make(map[*readBatch]struct{}),
 		closing:  make(chan struct{}),
 		stopWork: make(chan struct{}),
-		acks:     make(chan *delivery, cfg.MaxInFlight),
+		ackWake:  make(chan struct{}, 1),
 		nacks:    make(chan *delivery, cfg.MaxInFlight),
 	}
 	s.hardCtx, s.hardCancel = context.WithCancel(context.Background())
@@ -306,10 +316,16 @@ func (s *Subscriber) setErr(err error) {
 type subscription struct {
 	s       *Subscriber
 	topic   string
-	retry   string       // the group's retry stream of topic
-	streams []string     // topic and retry, as each read names them
-	readBuf bytes.Buffer // the reader's, for raw replies
-	delayed string       // the group's retry sorted set of topic
+	retry   string   // the group's retry stream of topic
+	streams []string // topic and retry, as each read names them
+	readIDs []string // streams, then > for each
+	// lanes are the read loops of new entries: two, so that one read is
+	// under way while the other's reply is parsed and handed out.
+	lanes [2]lane
+	// capMu makes a lane's capacity check and reservation (queued) one
+	// step.
+	capMu   sync.Mutex
+	delayed string // the group's retry sorted set of topic
 	out     chan *message.Message
 	// dout, for a subscription of the bus Router (consume), carries
 	// deliveries instead of Watermill messages: the Router reports each
@@ -389,6 +405,7 @@ func (s *Subscriber) start(ctx context.Context, topic string, managed bool, setu
 		topic:   topic,
 		retry:   retry,
 		streams: []string{topic, retry},
+		readIDs: []string{topic, retry, ">", ">"},
 		delayed: RetrySet(topic, s.cfg.ConsumerGroup),
 		managed: managed,
 		stop:    make(chan struct{}),
@@ -399,6 +416,9 @@ func (s *Subscriber) start(ctx context.Context, topic string, managed bool, setu
 		// One batch waits while another is handed out.
 		batches:  make(chan *readBatch, 1),
 		progress: make(chan struct{}, 1),
+	}
+	for i := range sub.lanes {
+		sub.lanes[i].conn = newReadConn(s.cfg.Client)
 	}
 	if !managed {
 		sub.out = make(chan *message.Message)
@@ -426,27 +446,68 @@ func (s *Subscriber) start(ctx context.Context, topic string, managed bool, setu
 // complete reports the outcome of a delivery handed out by consume: nil
 // acks it, an error nacks it (retry or dead letter, by the error).
 func (s *Subscriber) complete(d *delivery, err error) {
-	ch := s.acks
 	if err == nil {
 		// The handler is done with it: its slot can take the next entry
 		// while the ack waits for its batch. The entry stays in flight
 		// (heartbeats, Close) until the ack is written.
 		s.freeSlot(d)
-	} else {
-		if d.failureErr() == nil {
-			d.fail(err)
-		}
-		ch = s.nacks
+		s.queueAcks(d)
+		return
+	}
+	if d.failureErr() == nil {
+		d.fail(err)
 	}
 	select {
-	case ch <- d: // the common case, without a full select
+	case s.nacks <- d: // the common case, without a full select
 	default:
 		select {
-		case ch <- d:
+		case s.nacks <- d:
 		case <-s.stopWork:
 			// Closed already: the entry stays pending and comes back.
 		}
 	}
+}
+
+// ackLinger is how long the ack loop leaves acks for a reader to write
+// with its next read before it writes them itself. A busy reader reads
+// far more often; an idle one blocks in its read.
+const ackLinger = time.Millisecond
+
+// ackFlushAt is how many waiting acks make the ack loop write them at
+// once.
+const ackFlushAt = 1000
+
+// queueAcks adds ds to the acks to write. After Close, they are not
+// written: their entries stay pending and come back.
+func (s *Subscriber) queueAcks(ds ...*delivery) {
+	s.ackMu.Lock()
+	s.acked = append(s.acked, ds...)
+	n := len(s.acked)
+	s.ackMu.Unlock()
+	if n == len(ds) || n >= ackFlushAt {
+		select {
+		case s.ackWake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// takeAcks takes the acks waiting to be written.
+func (s *Subscriber) takeAcks() []*delivery {
+	s.ackMu.Lock()
+	defer s.ackMu.Unlock()
+	b := s.acked
+	if len(b) == 0 {
+		return nil
+	}
+	s.acked = make([]*delivery, 0, cap(b))
+	return b
+}
+
+func (s *Subscriber) waitingAcks() int {
+	s.ackMu.Lock()
+	defer s.ackMu.Unlock()
+	return len(s.acked)
 }
 
 // SubscribeInitialize creates the consumer group on topic (Watermill's
@@ -560,27 +621,67 @@ func (sub *subscription) read() {
 			sub.readError(ctx, err, backoff)
 		}
 	}
+	var lanes sync.WaitGroup
+	for i := range sub.lanes {
+		lanes.Add(1)
+		go func() {
+			defer lanes.Done()
+			sub.readLoop(ctx, &sub.lanes[i], i == 0)
+		}()
+	}
+	lanes.Wait()
+}
+
+// lane is one read loop of new entries, with its own connection.
+type lane struct {
+	conn *readConn    // nil: reads go through go-redis
+	buf  bytes.Buffer // for raw replies read through go-redis
+}
+
+// readLoop reads new entries until the subscription stops; the loop that
+// claims also claims idle entries every ClaimInterval.
+func (sub *subscription) readLoop(ctx context.Context, l *lane, claims bool) {
+	s := sub.s
+	if l.conn != nil {
+		defer l.conn.close()
+	}
+	backoff := newBackoff(50*time.Millisecond, 5*time.Second)
 	lastClaim := time.Time{}
 	for !sub.stopped() {
-		if time.Since(lastClaim) >= s.cfg.ClaimInterval {
-			lastClaim = time.Now()
-			if err := sub.claimIdle(ctx); err != nil && !sub.stopped() {
-				s.log.Warn("claim idle entries", "stream", sub.topic, "error", err)
+		block := s.cfg.BlockTime
+		if claims {
+			if time.Since(lastClaim) >= s.cfg.ClaimInterval {
+				lastClaim = time.Now()
+				if err := sub.claimIdle(ctx); err != nil && !sub.stopped() {
+					s.log.Warn("claim idle entries", "stream", sub.topic, "error", err)
+				}
+			}
+			if until := time.Until(lastClaim.Add(s.cfg.ClaimInterval)); until < block {
+				block = max(until, time.Millisecond)
 			}
 		}
 		// Slots are not held across the blocking read: an idle stream
 		// must not sit on window slots that a busy stream of the same
-		// group needs. The read asks for what is free now; entries are
+		// group needs. The read asks for what is free now, reserved
+		// (queued) until its entries are queued instead; entries are
 		// given slots as they are handed out.
+		sub.capMu.Lock()
 		n := sub.awaitCapacity(s.cfg.BatchSize)
+		sub.queued.Add(int64(n))
+		sub.capMu.Unlock()
 		if n == 0 {
 			return
 		}
-		block := s.cfg.BlockTime
-		if until := time.Until(lastClaim.Add(s.cfg.ClaimInterval)); until < block {
-			block = max(until, time.Millisecond)
+		res, err := sub.readNew(ctx, l, n, block)
+		if err == nil {
+			sub.handOut(res, nil)
 		}
-		res, err := readNew(ctx, s.cfg.Client, &sub.readBuf, s.cfg.ConsumerGroup, s.cfg.Consumer, sub.streams, n, block)
+		sub.queued.Add(-int64(n))
+		// The other lane may wait for what this read did not fill.
+		select {
+		case sub.progress <- struct{}{}:
+		default:
+		}
 		if err != nil {
 			if sub.stopped() {
 				return
@@ -590,8 +691,55 @@ func (sub *subscription) read() {
 		}
 		s.setErr(nil)
 		backoff.reset()
-		sub.handOut(res, nil)
 	}
+}
+
+// readNew reads new entries of the stream and its retry stream: over the
+// subscription's own connection, with the acks waiting so far written
+// ahead of the read, or through go-redis. A read that fails on the own
+// connection (Redis restarted, a failover) is done again through go-redis,
+// which has its own handling of such errors.
+func (sub *subscription) readNew(ctx context.Context, l *lane, count int, block time.Duration) ([]streamEntries, error) {
+	s := sub.s
+	if c := l.conn; c != nil {
+		up, err := c.ready(ctx)
+		if err != nil && ctx.Err() == nil {
+			s.log.Warn("own read connection to Redis could not be set up; reading through the client's pool for now",
+				"stream", sub.topic, "error", err, "retry_in", redialAfter)
+		}
+		if up {
+			acked := sortByStream(s.takeAcks())
+			written := false
+			res, err := c.exchange(ctx, acked, s.cfg.ConsumerGroup, s.cfg.Consumer, sub.readIDs, count, block, func() {
+				written = true
+				s.setErr(nil)
+				for _, d := range acked {
+					s.finish(d, outcomeAcked)
+				}
+			})
+			if !written && len(acked) > 0 {
+				// Not known to be written: the ack loop writes them (an
+				// XACK written twice does no harm).
+				s.queueAcks(acked...)
+			}
+			if err == nil || isNoGroup(err) || ctx.Err() != nil {
+				return res, err
+			}
+		}
+	}
+	return readNew(ctx, s.cfg.Client, &l.buf, s.cfg.ConsumerGroup, s.cfg.Consumer, sub.streams, count, block)
+}
+
+// sortByStream puts the deliveries of each stream together, so that each
+// stream's acks make one command.
+func sortByStream(ds []*delivery) []*delivery {
+	for i := 1; i < len(ds); i++ {
+		if ds[i].stream < ds[i-1].stream {
+			slices.SortStableFunc(ds, func(a, b *delivery) int { return strings.Compare(a.stream, b.stream) })
+			break
+		}
+	}
+	return ds
 }
 
 // handOut queues res for the deliverer; its entries count in queued until
@@ -864,7 +1012,7 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 		s.release(1)
 		return
 	}
-	if c := counts[stream+"\x00"+e.id]; c > int64(s.cfg.MaxDeliveries) {
+	if c := deliveryCount(counts, stream, e.id); c > int64(s.cfg.MaxDeliveries) {
 		sub.deadLetter(ctx, stream, e.id, msg, fmt.Sprintf(
 			"delivered %d times without being acknowledged: its consumer probably crashes or hangs on it", c),
 			attemptOf(msg))
@@ -926,6 +1074,15 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 	}()
 }
 
+// deliveryCount looks up an entry's delivery count in counts (nil after a
+// read of new entries, which were delivered once).
+func deliveryCount(counts map[string]int64, stream, id string) int64 {
+	if counts == nil {
+		return 1
+	}
+	return counts[stream+"\x00"+id]
+}
+
 // errNacked carries a Watermill Nack into complete, keeping the failure a
 // handler recorded with RecordFailure.
 type errNacked struct{ d *delivery }
@@ -964,42 +1121,41 @@ func (s *Subscriber) freeSlot(d *delivery) {
 	}
 }
 
-// ackLoop sends acks in pipelined batches: while one batch is in flight,
-// the next accumulates.
+// ackLoop writes, in pipelined batches, the acks that no reader took with
+// its read within ackLinger, and those a reader could not write.
 func (s *Subscriber) ackLoop() {
 	defer s.workers.Done()
-	batch := make([]*delivery, 0, 1024)
+	t := time.NewTimer(time.Hour)
+	t.Stop()
 	for {
-		batch = batch[:0]
 		select {
-		case d := <-s.acks:
-			batch = append(batch, d)
+		case <-s.ackWake:
 		case <-s.stopWork:
 			// Acks that arrived before the stop are still written.
-			for {
-				select {
-				case d := <-s.acks:
-					batch = append(batch, d)
-					continue
-				default:
-				}
-				break
-			}
-			if len(batch) > 0 {
-				s.flushAcks(batch)
+			if b := s.takeAcks(); len(b) > 0 {
+				s.flushAcks(b)
 			}
 			return
 		}
-	fill:
-		for len(batch) < cap(batch) {
+		t.Reset(ackLinger)
+	linger:
+		for {
 			select {
-			case d := <-s.acks:
-				batch = append(batch, d)
-			default:
-				break fill
+			case <-t.C:
+				break linger
+			case <-s.ackWake:
+				if s.waitingAcks() >= ackFlushAt {
+					t.Stop()
+					break linger
+				}
+			case <-s.stopWork:
+				t.Stop()
+				break linger
 			}
 		}
-		s.flushAcks(batch)
+		if b := s.takeAcks(); len(b) > 0 {
+			s.flushAcks(b)
+		}
 	}
 }
 

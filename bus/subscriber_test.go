@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -510,5 +511,80 @@ func TestDeadLetterReplayAndPurge(t *testing.T) {
 	}
 	if c, _ := dl.Count(ctx, f.group); c != 0 {
 		t.Fatalf("%d dead letters left after purge", c)
+	}
+}
+
+// TestKilledConnectionsLoseNothing kills the subscriber's connections to
+// Redis (its own read connection and the pool's) again and again while
+// entries flow: every entry is still handled, and none stays pending.
+func TestKilledConnectionsLoseNothing(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	opt := f.rdb.Options()
+	named := *opt
+	named.ClientName = strings.ReplaceAll(f.group, ":", "-")
+	client := redis.NewClient(&named)
+	t.Cleanup(func() { _ = client.Close() })
+	s := f.subscriber("c1", func(c *bus.SubscriberConfig) {
+		c.Client = client
+		c.BatchSize = 10
+		c.MaxInFlight = 16
+	})
+	ch := f.subscribe(s)
+	const n = 3000
+	want := map[string]bool{}
+	for _, id := range f.publish(n) {
+		want[id] = true
+	}
+	ctx, stop := context.WithCancel(t.Context())
+	killed := make(chan int, 1)
+	go func() {
+		kills := 0
+		defer func() { killed <- kills }()
+		for ctx.Err() == nil {
+			time.Sleep(15 * time.Millisecond)
+			list, err := f.rdb.ClientList(ctx).Result()
+			if err != nil {
+				continue
+			}
+			for _, l := range strings.Split(list, "\n") {
+				id, ok := strings.CutPrefix(strings.Fields(l + " x")[0], "id=")
+				if ok && strings.Contains(l, " name="+named.ClientName+" ") {
+					if f.rdb.Do(ctx, "CLIENT", "KILL", "ID", id).Err() == nil {
+						kills++
+					}
+				}
+			}
+		}
+	}()
+	got := map[string]bool{}
+	for len(got) < n {
+		m := receive(t, ch)
+		got[m.UUID] = true
+		m.Ack()
+	}
+	stop()
+	k := <-killed
+	if k < 3 {
+		t.Fatalf("only %d connections killed while %d entries were handled; the test proves little", k, n)
+	}
+	for id := range want {
+		if !got[id] {
+			t.Fatalf("entry %s never handled", id)
+		}
+	}
+	t.Logf("%d connections killed", k)
+	closed := make(chan error, 1)
+	go func() { closed <- s.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close still waiting after 30s: a delivery was never finished (an ack lost?)")
+	}
+	if p := pendingCount(t, f.rdb, f.topic, f.group); p != 0 {
+		t.Fatalf("%d entries still pending after Close", p)
 	}
 }

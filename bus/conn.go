@@ -1,0 +1,382 @@
+package bus
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// readConn is a subscription's own connection to Redis, for the hot loop
+// of its reader. Each round trip writes the acks gathered since the last
+// read ahead of the next XREADGROUP, in one write; the acks' replies are
+// read (and their entries finished) before the read's reply, which is
+// framed straight off the socket and parsed by parseXRead. That saves the
+// ack loop's own round trip and go-redis's per-command work (a
+// LimitedReader per bulk string of a raw reply, an interface per acked id).
+//
+// It speaks RESP2 and sets up the connection as go-redis would for the
+// common options: the client's Dialer (TLS, Sentinel's master lookup),
+// credentials, DB and client name. A client with options it cannot mirror
+// (an OnConnect hook, streaming credentials) or that is not a single-node
+// *redis.Client gets no readConn: its reads go through go-redis. After a
+// failed dial the subscription reads through go-redis for a while.
+type readConn struct {
+	opt  *redis.Options
+	nc   net.Conn
+	br   *bufio.Reader
+	wbuf []byte
+	rbuf []byte
+	// noDialUntil: after a failed dial, reads go through go-redis until
+	// then.
+	noDialUntil time.Time
+}
+
+// redialAfter is how long a subscription reads through go-redis after its
+// own connection could not be set up.
+const redialAfter = 5 * time.Second
+
+// newReadConn returns a readConn for client, or nil when client's reads
+// must go through go-redis.
+func newReadConn(client redis.UniversalClient) *readConn {
+	c, ok := client.(interface{ Options() *redis.Options })
+	if !ok {
+		return nil
+	}
+	opt := c.Options()
+	if opt == nil || opt.Dialer == nil || opt.OnConnect != nil || opt.StreamingCredentialsProvider != nil {
+		return nil
+	}
+	return &readConn{opt: opt}
+}
+
+// ready reports whether the connection is up, dialling it if it is not
+// and a dial is due.
+func (c *readConn) ready(ctx context.Context) (bool, error) {
+	if c.nc != nil {
+		return true, nil
+	}
+	if time.Now().Before(c.noDialUntil) {
+		return false, nil
+	}
+	if err := c.dial(ctx); err != nil {
+		c.noDialUntil = time.Now().Add(redialAfter)
+		return false, err
+	}
+	return true, nil
+}
+
+func (c *readConn) dial(ctx context.Context) error {
+	dctx, cancel := context.WithTimeout(ctx, c.opt.DialTimeout)
+	defer cancel()
+	nc, err := c.opt.Dialer(dctx, c.opt.Network, c.opt.Addr)
+	if err != nil {
+		return err
+	}
+	c.nc = nc
+	if c.br == nil {
+		c.br = bufio.NewReaderSize(nc, 32<<10)
+	} else {
+		c.br.Reset(nc)
+	}
+	if err := c.handshake(dctx); err != nil {
+		c.close()
+		return fmt.Errorf("set up connection: %w", err)
+	}
+	return nil
+}
+
+// handshake authenticates and selects the database, as go-redis does for
+// a RESP2 connection.
+func (c *readConn) handshake(ctx context.Context) error {
+	opt := c.opt
+	user, pass := opt.Username, opt.Password
+	switch {
+	case opt.CredentialsProviderContext != nil:
+		var err error
+		if user, pass, err = opt.CredentialsProviderContext(ctx); err != nil {
+			return err
+		}
+	case opt.CredentialsProvider != nil:
+		user, pass = opt.CredentialsProvider()
+	}
+	c.wbuf = c.wbuf[:0]
+	n := 0
+	if pass != "" {
+		if user != "" {
+			c.command("AUTH", user, pass)
+		} else {
+			c.command("AUTH", pass)
+		}
+		n++
+	}
+	if opt.DB != 0 {
+		c.command("SELECT", strconv.Itoa(opt.DB))
+		n++
+	}
+	if opt.ClientName != "" {
+		c.command("CLIENT", "SETNAME", opt.ClientName)
+		n++
+	}
+	if n == 0 {
+		return nil
+	}
+	dl, _ := ctx.Deadline()
+	if err := c.send(dl, dl); err != nil {
+		return err
+	}
+	for range n {
+		if err := c.readReply(); err != nil {
+			return err
+		}
+		if err := c.replyErr(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *readConn) close() {
+	if c.nc != nil {
+		_ = c.nc.Close()
+		c.nc = nil
+	}
+	if cap(c.rbuf) > maxKeptReadBuffer {
+		c.rbuf = nil
+	}
+}
+
+// command appends a command to the write buffer.
+func (c *readConn) command(args ...string) {
+	c.array(len(args))
+	for _, a := range args {
+		c.bulk(a)
+	}
+}
+
+func (c *readConn) array(n int) {
+	c.wbuf = append(c.wbuf, '*')
+	c.wbuf = strconv.AppendInt(c.wbuf, int64(n), 10)
+	c.wbuf = append(c.wbuf, '\r', '\n')
+}
+
+func (c *readConn) bulk(s string) {
+	c.wbuf = append(c.wbuf, '$')
+	c.wbuf = strconv.AppendInt(c.wbuf, int64(len(s)), 10)
+	c.wbuf = append(c.wbuf, '\r', '\n')
+	c.wbuf = append(c.wbuf, s...)
+	c.wbuf = append(c.wbuf, '\r', '\n')
+}
+
+func (c *readConn) bulkInt(n int64) {
+	var b [20]byte
+	c.bulk(string(strconv.AppendInt(b[:0], n, 10)))
+}
+
+// send writes the write buffer, and sets the deadline of the replies.
+func (c *readConn) send(writeBy, readBy time.Time) error {
+	if err := c.nc.SetWriteDeadline(writeBy); err != nil {
+		return err
+	}
+	if err := c.nc.SetReadDeadline(readBy); err != nil {
+		return err
+	}
+	_, err := c.nc.Write(c.wbuf)
+	if cap(c.wbuf) > maxKeptReadBuffer {
+		c.wbuf = nil
+	}
+	return err
+}
+
+// readReply reads one whole reply into rbuf.
+func (c *readConn) readReply() error {
+	c.rbuf = c.rbuf[:0]
+	return c.frame()
+}
+
+// frame appends the next RESP value, nested ones included, to rbuf.
+func (c *readConn) frame() error {
+	start := len(c.rbuf)
+	for {
+		line, err := c.br.ReadSlice('\n')
+		c.rbuf = append(c.rbuf, line...)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, bufio.ErrBufferFull) {
+			return err
+		}
+		if len(c.rbuf)-start > 64<<10 {
+			return fmt.Errorf("%w: header line too long", errBadReply)
+		}
+	}
+	line := c.rbuf[start:]
+	if len(line) < 3 || line[len(line)-2] != '\r' {
+		return fmt.Errorf("%w: bad line %q", errBadReply, truncate(string(line), 40))
+	}
+	typ := line[0]
+	switch typ {
+	case '+', '-', ':', '_', ',', '#', '(':
+		return nil
+	case '$', '!', '=', '*', '%', '~', '>':
+	default:
+		return fmt.Errorf("%w: type %q", errBadReply, typ)
+	}
+	n, err := strconv.Atoi(string(line[1 : len(line)-2]))
+	if err != nil || n < -1 {
+		return fmt.Errorf("%w: length %q", errBadReply, truncate(string(line), 40))
+	}
+	if n < 0 {
+		return nil
+	}
+	switch typ {
+	case '$', '!', '=':
+		if n > maxBulkLen {
+			return fmt.Errorf("%w: string of %d bytes", errBadReply, n)
+		}
+	}
+	switch typ {
+	case '$', '!', '=':
+		at := len(c.rbuf)
+		c.rbuf = append(c.rbuf, make([]byte, n+2)...)
+		if _, err := io.ReadFull(c.br, c.rbuf[at:]); err != nil {
+			return err
+		}
+		return nil
+	case '%':
+		n *= 2
+	}
+	for range n {
+		if err := c.frame(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// replyErr returns the error reply in rbuf, or nil.
+func (c *readConn) replyErr() error {
+	if len(c.rbuf) > 0 && (c.rbuf[0] == '-' || c.rbuf[0] == '!') {
+		r := resp{s: string(c.rbuf)}
+		typ, n, rest, err := r.header()
+		if err != nil {
+			return err
+		}
+		return r.errorReply(typ, n, rest)
+	}
+	return nil
+}
+
+// maxBulkLen is the longest string Redis sends (its proto-max-bulk-len
+// default).
+const maxBulkLen = 512 << 20
+
+// replyTimeout is how long a reply may take beyond a read's BLOCK time
+// (go-redis allows the same for its blocking commands).
+const replyTimeout = 10 * time.Second
+
+// exchange writes the acks of acked, then XREADGROUP of streams (ids are
+// the streams, then an id per stream), and reads the replies. Once the
+// acks' replies are read, ackWritten is called; then the read's reply is
+// parsed. On any error but one reply of the read (NOGROUP), the connection
+// is closed, and whether the acks were written is reported by whether
+// ackWritten was called.
+func (c *readConn) exchange(ctx context.Context, acked []*delivery, group, consumer string, ids []string, count int, block time.Duration, ackWritten func()) ([]streamEntries, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	c.wbuf = c.wbuf[:0]
+	cmds := c.appendAcks(acked, group)
+	c.array(9 + len(ids))
+	for _, a := range [...]string{"XREADGROUP", "GROUP", group, consumer, "COUNT"} {
+		c.bulk(a)
+	}
+	c.bulkInt(int64(count))
+	c.bulk("BLOCK")
+	c.bulkInt(block.Milliseconds())
+	c.bulk("STREAMS")
+	for _, id := range ids {
+		c.bulk(id)
+	}
+	now := time.Now()
+	wt := c.opt.WriteTimeout
+	if wt <= 0 {
+		wt = replyTimeout
+	}
+	if err := c.send(now.Add(wt), now.Add(block+replyTimeout)); err != nil {
+		c.close()
+		return nil, err
+	}
+	for range cmds {
+		if err := c.readReply(); err != nil {
+			c.close()
+			return nil, err
+		}
+		if err := c.replyErr(); err != nil && !isNoGroup(err) {
+			c.close()
+			return nil, fmt.Errorf("ack: %w", err)
+		}
+	}
+	if len(acked) > 0 {
+		ackWritten()
+	}
+	if err := c.readReply(); err != nil {
+		c.close()
+		return nil, err
+	}
+	res, err := parseXRead(c.rbuf)
+	if cap(c.rbuf) > maxKeptReadBuffer {
+		c.rbuf = nil
+	}
+	if err != nil && !isNoGroup(err) {
+		c.close()
+	}
+	return res, err
+}
+
+// appendAcks appends the XACKs of acked (and the XDELs of those of retry
+// streams, which belong to this group alone) and returns how many commands
+// it appended.
+func (c *readConn) appendAcks(acked []*delivery, group string) int {
+	cmds := 0
+	for i, d := range acked {
+		if i > 0 && acked[i-1].stream == d.stream {
+			continue // written with the first of its run
+		}
+		// The acks of one stream, usually all of them, in one command.
+		n := 0
+		for _, e := range acked[i:] {
+			if e.stream != d.stream {
+				break
+			}
+			n++
+		}
+		run := acked[i : i+n]
+		for _, verb := range [...]string{"XACK", "XDEL"} {
+			if verb == "XDEL" && !isRetryStream(d.stream) {
+				break
+			}
+			if verb == "XACK" {
+				c.array(3 + n)
+				c.bulk(verb)
+				c.bulk(d.stream)
+				c.bulk(group)
+			} else {
+				c.array(2 + n)
+				c.bulk(verb)
+				c.bulk(d.stream)
+			}
+			for _, e := range run {
+				c.bulk(e.id)
+			}
+			cmds++
+		}
+	}
+	return cmds
+}
