@@ -7,8 +7,6 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill/message"
-
 	"github.com/conveyor/conveyor/events"
 )
 
@@ -94,19 +92,22 @@ func Attempt(ctx context.Context) int {
 	return 0
 }
 
-// envelopeOf reads the envelope out of a message. fallbackType is used when
-// the publisher set no event_type (a plain Watermill publisher): the stream
-// names the type.
-func envelopeOf(msg *message.Message, fallbackType string) events.Envelope {
-	md := msg.Metadata
+// metadata is what envelopeOf reads: message.Metadata, or an
+// *entryMessage of the Router.
+type metadata interface{ Get(key string) string }
+
+// envelopeOf reads the envelope out of a message's id and metadata.
+// fallbackType is used when the publisher set no event_type (a plain
+// Watermill publisher): the stream names the type.
+func envelopeOf(id string, md metadata, fallbackType string) events.Envelope {
 	env := events.Envelope{
-		ID:            msg.UUID,
+		ID:            id,
 		Type:          md.Get(MetaEventType),
 		CorrelationID: md.Get(MetaCorrelationID),
 		CausationID:   md.Get(MetaCausationID),
 		Source:        md.Get(MetaSource),
 		Traceparent:   md.Get(MetaTraceparent),
-		Attempt:       attemptOf(msg),
+		Attempt:       attemptOf(md),
 	}
 	if env.Type == "" {
 		env.Type = fallbackType
@@ -120,8 +121,8 @@ func envelopeOf(msg *message.Message, fallbackType string) events.Envelope {
 	return env
 }
 
-func attemptOf(msg *message.Message) int {
-	a := msg.Metadata.Get(MetaAttempt)
+func attemptOf(md metadata) int {
+	a := md.Get(MetaAttempt)
 	if a == "" {
 		return 1 // the common case; Atoi("") would allocate an error
 	}

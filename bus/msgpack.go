@@ -76,18 +76,37 @@ func appendStr(b []byte, s string) []byte {
 // returns share b's memory (b is an immutable string), so decoding an
 // entry's metadata allocates the map and nothing else.
 func decodeMetadata(b string) (map[string]string, error) {
-	md, err := decodeMetadataFast(b)
-	if err == nil {
-		return md, nil
-	}
-	md = make(map[string]string)
-	if err := msgpack.Unmarshal([]byte(b), &md); err != nil {
+	pairs, err := decodeMetadataPairs(b)
+	if err != nil {
 		return nil, err
+	}
+	md := make(map[string]string, len(pairs)/2)
+	for i := 0; i+1 < len(pairs); i += 2 {
+		md[pairs[i]] = pairs[i+1]
 	}
 	return md, nil
 }
 
-func decodeMetadataFast(b string) (map[string]string, error) {
+// decodeMetadataPairs decodes a msgpack map of strings into its keys and
+// values, alternating, in one allocation: the strings share b's memory.
+// Maps that are not plain string maps are decoded by the msgpack library.
+func decodeMetadataPairs(b string) ([]string, error) {
+	pairs, err := decodeMetadataFast(b)
+	if err == nil {
+		return pairs, nil
+	}
+	var md map[string]string
+	if err := msgpack.Unmarshal([]byte(b), &md); err != nil {
+		return nil, err
+	}
+	pairs = make([]string, 0, 2*len(md))
+	for k, v := range md {
+		pairs = append(pairs, k, v)
+	}
+	return pairs, nil
+}
+
+func decodeMetadataFast(b string) ([]string, error) {
 	if len(b) == 0 {
 		return nil, errShortMsgpack
 	}
@@ -105,22 +124,18 @@ func decodeMetadataFast(b string) (map[string]string, error) {
 	if n > len(b) { // each entry needs at least two bytes
 		return nil, errShortMsgpack
 	}
-	md := make(map[string]string, n)
-	for j := 0; j < n; j++ {
-		k, next, err := readStr(b, i)
+	pairs := make([]string, 2*n)
+	for j := 0; j < 2*n; j++ {
+		v, next, err := readStr(b, i)
 		if err != nil {
 			return nil, err
 		}
-		v, next2, err := readStr(b, next)
-		if err != nil {
-			return nil, err
-		}
-		md[k], i = v, next2
+		pairs[j], i = v, next
 	}
 	if i != len(b) {
 		return nil, errors.New("msgpack: trailing bytes")
 	}
-	return md, nil
+	return pairs, nil
 }
 
 func readStr(b string, i int) (string, int, error) {

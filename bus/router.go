@@ -109,7 +109,7 @@ type groupState struct {
 type route struct {
 	topic string
 	typ   string
-	call  message.HandlerFunc
+	call  func(*delivery) error
 }
 
 // NewRouter returns a Router with no handlers.
@@ -196,9 +196,9 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 		observe = m.handling.WithLabelValues(group, typ, "ok")
 		observeErr = m.handling.WithLabelValues(group, typ, "error")
 	}
-	var call message.NoPublishHandlerFunc = func(msg *message.Message) (err error) {
+	// run handles one delivery: its context, envelope and payload.
+	run := func(mctx context.Context, env events.Envelope, payload []byte) (err error) {
 		start := time.Now()
-		env := envelopeOf(msg, typ)
 		defer func() {
 			if p := recover(); p != nil {
 				err = fmt.Errorf("handler panicked: %v", p)
@@ -216,21 +216,34 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 		if env.Type != typ {
 			return Permanent(fmt.Errorf("event type %q arrived on the stream of %q", env.Type, typ))
 		}
-		ev, err := events.Decode(env.Type, env.Version, msg.Payload)
+		ev, err := events.Decode(env.Type, env.Version, payload)
 		if err != nil {
 			return Permanent(fmt.Errorf("decode %s: %w", typ, err))
 		}
-		// The message's context is cancelled when the handler times out
+		// The delivery's context is cancelled when the handler times out
 		// (HandlerTimeout, enforced with the heartbeats) or at hard stop.
-		ctx := &handlerCtx{Context: msg.Context(), hv: handlerValues{env: env, attempts: attempts{attempt: env.Attempt, max: g.retry.MaxAttempts}}}
+		ctx := &handlerCtx{Context: mctx, hv: handlerValues{env: env, attempts: attempts{attempt: env.Attempt, max: g.retry.MaxAttempts}}}
 		return h(ctx, ev.(P))
 	}
-	hf := func(msg *message.Message) ([]*message.Message, error) { return nil, call(msg) }
-	for i := len(r.cfg.Middlewares) - 1; i >= 0; i-- {
-		hf = r.cfg.Middlewares[i](hf)
+	// Without middleware, no Watermill message is made: the envelope is
+	// read from the entry's metadata pairs.
+	call := func(d *delivery) error {
+		return run(d.ctx, envelopeOf(d.em.uuid, &d.em, typ), []byte(d.em.payload))
+	}
+	if len(r.cfg.Middlewares) > 0 {
+		hf := func(msg *message.Message) ([]*message.Message, error) {
+			return nil, run(msg.Context(), envelopeOf(msg.UUID, msg.Metadata, typ), msg.Payload)
+		}
+		for i := len(r.cfg.Middlewares) - 1; i >= 0; i-- {
+			hf = r.cfg.Middlewares[i](hf)
+		}
+		call = func(d *delivery) error {
+			_, err := hf(d.message())
+			return err
+		}
 	}
 	r.mu.Lock()
-	g.routes = append(g.routes, &route{topic: r.cfg.StreamPrefix + typ, typ: typ, call: hf})
+	g.routes = append(g.routes, &route{topic: r.cfg.StreamPrefix + typ, typ: typ, call: call})
 	r.mu.Unlock()
 	return nil
 }
@@ -282,8 +295,7 @@ func (r *Router) Run(ctx context.Context) error {
 			go func() {
 				defer workers.Done()
 				for d := range in {
-					_, err := d.tag.(*route).call(d.msg)
-					d.sub.s.complete(d, err)
+					d.sub.s.complete(d, d.tag.(*route).call(d))
 				}
 			}()
 		}

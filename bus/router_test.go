@@ -373,3 +373,85 @@ func TestWaitingEntriesAreNotClaimed(t *testing.T) {
 		}
 	}
 }
+
+// Middleware sees each delivery as a Watermill message with its metadata,
+// and the context it sets reaches the handler; a failure goes through the
+// middleware to a retry, which carries the attempt.
+func TestRouterMiddleware(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	type seen struct{ uuid, typ, attempt string }
+	type key struct{}
+	saw := make(chan seen, 10)
+	mw := func(h message.HandlerFunc) message.HandlerFunc {
+		return func(msg *message.Message) ([]*message.Message, error) {
+			saw <- seen{msg.UUID, msg.Metadata.Get(bus.MetaEventType), msg.Metadata.Get(bus.MetaAttempt)}
+			msg.SetContext(context.WithValue(msg.Context(), key{}, "from middleware"))
+			return h(msg)
+		}
+	}
+	r, err := bus.NewRouter(bus.RouterConfig{
+		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", DrainTimeout: 5 * time.Second, Logger: testLogger(),
+		Retry:       bus.RetryPolicy{MaxAttempts: 3, MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
+		Middlewares: []message.HandlerMiddleware{mw},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	envs := make(chan events.Envelope, 10)
+	err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailRequested) error {
+		if ctx.Value(key{}) != "from middleware" {
+			t.Error("the middleware's context did not reach the handler")
+		}
+		env, _ := bus.EnvelopeFrom(ctx)
+		envs <- env
+		if env.Attempt == 1 {
+			return errors.New("the first attempt fails")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	id, err := pub.PublishEvent(t.Context(), &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for attempt, wantMeta := range []string{"", "2"} {
+		var s seen
+		var env events.Envelope
+		select {
+		case s = <-saw:
+			env = <-envs
+		case <-time.After(30 * time.Second):
+			t.Fatalf("attempt %d: middleware not called", attempt+1)
+		}
+		if s.uuid != id || s.typ != events.TypeEmailRequested || s.attempt != wantMeta {
+			t.Fatalf("attempt %d: middleware saw %+v; want id %s, type %s, attempt %q", attempt+1, s, id, events.TypeEmailRequested, wantMeta)
+		}
+		if env.ID != id || env.Attempt != attempt+1 {
+			t.Fatalf("attempt %d: handler's envelope = %+v", attempt+1, env)
+		}
+	}
+	stream := f.topic + ":" + events.TypeEmailRequested
+	eventually(t, "all acked", func() bool {
+		return pendingCount(t, f.rdb, stream, f.group) == 0 && pendingCount(t, f.rdb, bus.RetryStream(stream, f.group), f.group) == 0
+	})
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case s := <-saw:
+		t.Fatalf("middleware called again after success: %+v", s)
+	default:
+	}
+}

@@ -206,10 +206,14 @@ type entryKey struct{ stream, id string }
 
 // delivery is one handed-out entry.
 type delivery struct {
-	sub     *subscription
-	stream  string
-	id      string
+	sub    *subscription
+	stream string
+	id     string
+	em     entryMessage
+	// msg is the Watermill message: made at once for a Subscribe, and
+	// on first use (message) for the Router's.
 	msg     *message.Message
+	ctx     context.Context // the handler's; cancelled at timeout or hard stop
 	attempt int
 	cancel  context.CancelFunc
 	start   int64        // unix nanos when it was handed out
@@ -225,6 +229,18 @@ type delivery struct {
 	// failure is recorded by the handler wrapper before it nacks.
 	failMu  sync.Mutex
 	failure error
+}
+
+// message returns d's Watermill message, making it for a Router delivery
+// on first use (a middleware, a retry, a dead letter). It is not safe for
+// concurrent use: the handler's worker and, after it, the nack loop call
+// it.
+func (d *delivery) message() *message.Message {
+	if d.msg == nil {
+		d.msg = d.em.message(true)
+		d.msg.SetContext(d.ctx)
+	}
+	return d.msg
 }
 
 // fail records why a message is about to be nacked.
@@ -1006,28 +1022,29 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 	}
 	s.mu.Unlock()
 
-	msg, err := unmarshalFields(e.fields, sub.managed)
+	em, err := parseEntry(e.fields)
 	if err != nil {
 		sub.deadLetterRaw(ctx, stream, e, err.Error(), 0)
 		s.release(1)
 		return
 	}
 	if c := deliveryCount(counts, stream, e.id); c > int64(s.cfg.MaxDeliveries) {
-		sub.deadLetter(ctx, stream, e.id, msg, fmt.Sprintf(
+		sub.deadLetter(ctx, stream, e.id, em.message(true), fmt.Sprintf(
 			"delivered %d times without being acknowledged: its consumer probably crashes or hangs on it", c),
-			attemptOf(msg))
+			attemptOf(&em))
 		s.release(1)
 		return
 	}
 
 	msgCtx, cancel := context.WithCancel(sub.base)
 	now := time.Now().UnixNano()
-	d := &delivery{sub: sub, stream: stream, id: e.id, msg: msg, attempt: attemptOf(msg), cancel: cancel, start: now, tag: sub.tag}
+	d := &delivery{sub: sub, stream: stream, id: e.id, em: em, ctx: msgCtx, attempt: attemptOf(&em), cancel: cancel, start: now, tag: sub.tag}
 	d.beat.Store(beat)
-	if sub.managed {
-		msg.SetContext(msgCtx)
-	} else {
+	var msg *message.Message
+	if !sub.managed {
+		msg = em.message(false)
 		msg.SetContext(context.WithValue(msgCtx, deliveryKey{}, d))
+		d.msg = msg
 	}
 
 	s.mu.Lock()
@@ -1231,7 +1248,7 @@ func (s *Subscriber) handleNack(d *delivery) {
 		var err error
 		var o outcome
 		if IsPermanent(failure) || d.attempt >= s.cfg.Retry.MaxAttempts {
-			err = d.sub.deadLetter(context.Background(), d.stream, d.id, d.msg, reason, d.attempt)
+			err = d.sub.deadLetter(context.Background(), d.stream, d.id, d.message(), reason, d.attempt)
 			o = outcomeDeadLettered
 		} else {
 			err = d.sub.scheduleRetry(context.Background(), d, reason)
@@ -1268,8 +1285,9 @@ func truncate(s string, n int) string {
 func (sub *subscription) scheduleRetry(ctx context.Context, d *delivery, reason string) error {
 	s := sub.s
 	now := time.Now()
-	md := make(map[string]string, len(d.msg.Metadata)+3)
-	for k, v := range d.msg.Metadata {
+	msg := d.message()
+	md := make(map[string]string, len(msg.Metadata)+3)
+	for k, v := range msg.Metadata {
 		md[k] = v
 	}
 	md[MetaAttempt] = strconv.Itoa(d.attempt + 1)
@@ -1282,9 +1300,9 @@ func (sub *subscription) scheduleRetry(ctx context.Context, d *delivery, reason 
 		return fmt.Errorf("marshal metadata: %w", err)
 	}
 	fields := []string{
-		fieldUUID, d.msg.UUID,
+		fieldUUID, msg.UUID,
 		fieldMetadata, string(mdb),
-		fieldPayload, string(d.msg.Payload),
+		fieldPayload, string(msg.Payload),
 		fieldOrigin, d.stream + "/" + d.id,
 	}
 	delay := s.cfg.Retry.Backoff(d.attempt)
@@ -1306,7 +1324,7 @@ func (sub *subscription) scheduleRetry(ctx context.Context, d *delivery, reason 
 		return fmt.Errorf("schedule retry of %s/%s: %w", d.stream, d.id, err)
 	}
 	s.setErr(nil)
-	s.log.Debug("message will be retried", "stream", sub.topic, "entry_id", d.id, "event_id", d.msg.UUID,
+	s.log.Debug("message will be retried", "stream", sub.topic, "entry_id", d.id, "event_id", d.em.uuid,
 		"attempt", d.attempt, "retry_in", delay, "error", reason)
 	select {
 	case sub.wake <- struct{}{}:
@@ -1494,7 +1512,7 @@ func (s *Subscriber) heartbeat() {
 		d.expired.Store(true)
 		d.cancel()
 		s.log.Warn("handler timed out; its context is cancelled", "stream", d.stream, "entry_id", d.id,
-			"event_id", d.msg.UUID, "timeout", s.cfg.HandlerTimeout)
+			"event_id", d.em.uuid, "timeout", s.cfg.HandlerTimeout)
 	}
 	for stream, ds := range byStream {
 		ids := make([]string, len(ds))

@@ -42,37 +42,71 @@ func marshalFields(msg *message.Message) ([]any, error) {
 // Router, which learns each outcome from the handler's return and never
 // waits on the channels; it saves two channels per delivery.
 func unmarshalFields(fields []string, lean bool) (*message.Message, error) {
-	var uuid, payload, md string
+	em, err := parseEntry(fields)
+	if err != nil {
+		return nil, err
+	}
+	return em.message(lean), nil
+}
+
+// entryMessage is an entry's message before (or instead of) a Watermill
+// message: the Router's handlers without middleware read it directly,
+// which saves the metadata map and its lookups.
+type entryMessage struct {
+	uuid    string
+	payload string
+	// meta holds the metadata's keys and values, alternating.
+	meta []string
+}
+
+// parseEntry decodes an entry's fields. Every failure wraps errUndecodable.
+func parseEntry(fields []string) (entryMessage, error) {
+	var em entryMessage
+	var md string
 	for i := 0; i+1 < len(fields); i += 2 {
 		switch fields[i] {
 		case fieldUUID:
-			uuid = fields[i+1]
+			em.uuid = fields[i+1]
 		case fieldPayload:
-			payload = fields[i+1]
+			em.payload = fields[i+1]
 		case fieldMetadata:
 			md = fields[i+1]
 		}
 	}
-	if uuid == "" {
-		return nil, fmt.Errorf("%w: field %s is missing", errUndecodable, fieldUUID)
+	if em.uuid == "" {
+		return em, fmt.Errorf("%w: field %s is missing", errUndecodable, fieldUUID)
 	}
-	var meta message.Metadata
 	if md != "" {
-		m, err := decodeMetadata(md)
+		meta, err := decodeMetadataPairs(md)
 		if err != nil {
-			return nil, fmt.Errorf("%w: metadata: %v", errUndecodable, err)
+			return em, fmt.Errorf("%w: metadata: %v", errUndecodable, err)
 		}
-		meta = m
+		em.meta = meta
+	}
+	return em, nil
+}
+
+// Get returns the metadata value of key ("" if unset), as
+// message.Metadata.Get does: of a key given twice, the last.
+func (em *entryMessage) Get(key string) string {
+	for i := len(em.meta) - 2; i >= 0; i -= 2 {
+		if em.meta[i] == key {
+			return em.meta[i+1]
+		}
+	}
+	return ""
+}
+
+// message returns em as a Watermill message (lean: see unmarshalFields).
+func (em *entryMessage) message(lean bool) *message.Message {
+	meta := make(message.Metadata, len(em.meta)/2)
+	for i := 0; i+1 < len(em.meta); i += 2 {
+		meta[em.meta[i]] = em.meta[i+1]
 	}
 	if lean {
-		if meta == nil {
-			meta = message.Metadata{}
-		}
-		return &message.Message{UUID: uuid, Metadata: meta, Payload: []byte(payload)}, nil
+		return &message.Message{UUID: em.uuid, Metadata: meta, Payload: []byte(em.payload)}
 	}
-	msg := message.NewMessage(uuid, []byte(payload))
-	if meta != nil {
-		msg.Metadata = meta
-	}
-	return msg, nil
+	msg := message.NewMessage(em.uuid, []byte(em.payload))
+	msg.Metadata = meta
+	return msg
 }
