@@ -28,6 +28,17 @@ func newRouter(t *testing.T, f *fixture, drain time.Duration) *bus.Router {
 	return r
 }
 
+// routerPublisher publishes to the streams of newRouter's routers.
+func routerPublisher(t *testing.T, f *fixture) *bus.Publisher {
+	t.Helper()
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	return pub
+}
+
 // A shutdown that races the start (SIGTERM right after launch) stops the
 // router at once; it must not wait out the drain timeout for handlers that
 // never started.
@@ -71,14 +82,10 @@ func TestTypedHandler(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
 	r := newRouter(t, f, 5*time.Second)
-	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pub.Close() })
+	pub := routerPublisher(t, f)
 	got := make(chan events.Envelope, 10)
 	followUp := events.NewID()
-	err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailRequested) error {
+	err := bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailRequested) error {
 		env, _ := bus.EnvelopeFrom(ctx)
 		got <- env
 		_, err := pub.PublishEvent(ctx, &events.EmailSent{EmailID: ev.EmailID, To: ev.To, Attempts: 1, SentAt: time.Now()}, bus.WithID(followUp))
@@ -222,11 +229,7 @@ func TestReadingStaysWithinTheWindow(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pub.Close() })
+	pub := routerPublisher(t, f)
 	evs := make([]events.Event, total)
 	for i := range evs {
 		evs[i] = &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now()}
@@ -294,11 +297,7 @@ func TestWaitingEntriesAreNotClaimed(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pub.Close() })
+	pub := routerPublisher(t, f)
 	for range 2 {
 		ev := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now()}
 		if _, err := pub.PublishEvent(ctx, ev); err != nil {
@@ -398,11 +397,7 @@ func TestRouterMiddleware(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pub.Close() })
+	pub := routerPublisher(t, f)
 	envs := make(chan events.Envelope, 10)
 	err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailRequested) error {
 		if ctx.Value(key{}) != "from middleware" {
