@@ -36,6 +36,9 @@ type readConn struct {
 	// noDialUntil: after a failed dial, reads go through go-redis until
 	// then.
 	noDialUntil time.Time
+	// warned is set once a failed dial is logged as a warning, until a
+	// dial succeeds.
+	warned bool
 }
 
 // redialAfter is how long a subscription reads through go-redis after its
@@ -69,6 +72,7 @@ func (c *readConn) ready(ctx context.Context) (bool, error) {
 		c.noDialUntil = time.Now().Add(redialAfter)
 		return false, err
 	}
+	c.warned = false
 	return true, nil
 }
 

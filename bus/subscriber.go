@@ -720,7 +720,13 @@ func (sub *subscription) readNew(ctx context.Context, l *lane, count int, block 
 	if c := l.conn; c != nil {
 		up, err := c.ready(ctx)
 		if err != nil && ctx.Err() == nil {
-			s.log.Warn("own read connection to Redis could not be set up; reading through the client's pool for now",
+			// Once per failure streak: during a Redis outage the reads'
+			// own errors say enough.
+			level := slog.LevelDebug
+			if !c.warned {
+				level, c.warned = slog.LevelWarn, true
+			}
+			s.log.Log(ctx, level, "own read connection to Redis could not be set up; reading through the client's pool for now",
 				"stream", sub.topic, "error", err, "retry_in", redialAfter)
 		}
 		if up {

@@ -120,6 +120,16 @@ func (tx *Tx) Inbox(ctx context.Context, entries []InboxEntry) (map[string]bool,
 	return tx.LockAndInbox(ctx, nil, entries)
 }
 
+var qLockAndInbox = readModelWrite(`
+		INSERT INTO processed_events (event_id, event_type)
+		SELECT * FROM unnest($1::text[], $2::text[])
+		WHERE (SELECT count(*) FROM (
+			SELECT pg_advisory_xact_lock(t.k)
+			FROM unnest($3::bigint[]) WITH ORDINALITY AS t(k, i)
+			ORDER BY t.i) AS locks) >= 0
+		ON CONFLICT (event_id) DO NOTHING
+		RETURNING event_id`)
+
 // LockAndInbox takes transaction-scoped advisory locks on keys, in one
 // global order, then does what Inbox does, in one round trip and one
 // statement. Transactions that lock the keys of every row they will write
@@ -138,15 +148,7 @@ func (tx *Tx) LockAndInbox(ctx context.Context, keys []string, entries []InboxEn
 		ids[i], types[i] = e.EventID, e.EventType
 	}
 	var fresh []string
-	err := tx.tx.SelectContext(ctx, &fresh, `
-		INSERT INTO processed_events (event_id, event_type)
-		SELECT * FROM unnest($1::text[], $2::text[])
-		WHERE (SELECT count(*) FROM (
-			SELECT pg_advisory_xact_lock(t.k)
-			FROM unnest($3::bigint[]) WITH ORDINALITY AS t(k, i)
-			ORDER BY t.i) AS locks) >= 0
-		ON CONFLICT (event_id) DO NOTHING
-		RETURNING event_id`, pq.Array(ids), pq.Array(types), pq.Array(lockIDs(keys)))
+	err := tx.selectAll(ctx, &fresh, qLockAndInbox, pq.Array(ids), pq.Array(types), pq.Array(lockIDs(keys)))
 	if err != nil {
 		return nil, fmt.Errorf("lock %d keys and record %d events in inbox: %w", len(keys), len(entries), err)
 	}
@@ -163,6 +165,22 @@ func ts(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 // may not touch one row twice, so rows are first reduced to one per key;
 // which duplicate wins does not matter because duplicates of one key carry
 // the same facts (at-least-once redelivery, or republishing).
+
+var qApplyDocumentsUploaded = readModelWrite(`
+		INSERT INTO documents (doc_id, status, filename, size, declared_content_type, sha256, blob_key, notify, uploaded_at, upload_event_id)
+		SELECT t.id, 'processing', t.fn, t.size, NULLIF(t.dct, ''), t.sha, t.key, NULLIF(t.notify, ''), t.up, NULLIF(t.ev, '')
+		FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[])
+		  AS t(id, fn, size, dct, sha, key, notify, up, ev)
+		ON CONFLICT (doc_id) DO UPDATE SET
+		  filename = EXCLUDED.filename,
+		  size = EXCLUDED.size,
+		  declared_content_type = EXCLUDED.declared_content_type,
+		  sha256 = EXCLUDED.sha256,
+		  blob_key = EXCLUDED.blob_key,
+		  notify = EXCLUDED.notify,
+		  uploaded_at = EXCLUDED.uploaded_at,
+		  upload_event_id = COALESCE(documents.upload_event_id, EXCLUDED.upload_event_id),
+		  updated_at = now()`)
 
 // ApplyDocumentsUploaded records uploads. It fills in the upload's facts and
 // never moves a status back: a document already processed stays so.
@@ -189,21 +207,7 @@ func (tx *Tx) ApplyDocumentsUploaded(ctx context.Context, evs []*events.Document
 		key, notify, up = append(key, e.BlobKey), append(notify, e.Notify), append(up, ts(e.UploadedAt))
 		size, evID = append(size, e.Size), append(evID, r.id)
 	}
-	_, err := tx.tx.ExecContext(ctx, `
-		INSERT INTO documents (doc_id, status, filename, size, declared_content_type, sha256, blob_key, notify, uploaded_at, upload_event_id)
-		SELECT t.id, 'processing', t.fn, t.size, NULLIF(t.dct, ''), t.sha, t.key, NULLIF(t.notify, ''), t.up, NULLIF(t.ev, '')
-		FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[])
-		  AS t(id, fn, size, dct, sha, key, notify, up, ev)
-		ON CONFLICT (doc_id) DO UPDATE SET
-		  filename = EXCLUDED.filename,
-		  size = EXCLUDED.size,
-		  declared_content_type = EXCLUDED.declared_content_type,
-		  sha256 = EXCLUDED.sha256,
-		  blob_key = EXCLUDED.blob_key,
-		  notify = EXCLUDED.notify,
-		  uploaded_at = EXCLUDED.uploaded_at,
-		  upload_event_id = COALESCE(documents.upload_event_id, EXCLUDED.upload_event_id),
-		  updated_at = now()`,
+	err := tx.exec(ctx, qApplyDocumentsUploaded,
 		pq.Array(id), pq.Array(fn), pq.Array(size), pq.Array(dct), pq.Array(sha), pq.Array(key), pq.Array(notify), pq.Array(up), pq.Array(evID))
 	if err != nil {
 		return fmt.Errorf("apply %d document uploads: %w", len(rows), err)
@@ -211,18 +215,7 @@ func (tx *Tx) ApplyDocumentsUploaded(ctx context.Context, evs []*events.Document
 	return nil
 }
 
-// ApplyDocumentsProcessed moves documents to processed, unless they already
-// reached a final status. It may arrive before the upload's event: the row
-// is created and the upload fills in the rest later.
-func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.DocumentProcessed) error {
-	evs = uniqueBy(evs, func(e *events.DocumentProcessed) string { return e.DocID })
-	var id, ct, sum, at []string
-	var words, lines []int64
-	for _, e := range evs {
-		id, ct, sum, at = append(id, e.DocID), append(ct, e.ContentType), append(sum, e.Summary), append(at, ts(e.ProcessedAt))
-		words, lines = append(words, int64(e.Words)), append(lines, int64(e.Lines))
-	}
-	_, err := tx.tx.ExecContext(ctx, `
+var qApplyDocumentsProcessed = readModelWrite(`
 		INSERT INTO documents (doc_id, status, content_type, words, lines, summary, processed_at)
 		SELECT t.id, 'processed', t.ct, t.words, t.lines, t.sum, t.at
 		FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::text[], $6::timestamptz[]) AS t(id, ct, words, lines, sum, at)
@@ -235,7 +228,20 @@ func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.Documen
 		  error = NULL,
 		  processed_at = EXCLUDED.processed_at,
 		  updated_at = now()
-		WHERE documents.status = 'processing'`,
+		WHERE documents.status = 'processing'`)
+
+// ApplyDocumentsProcessed moves documents to processed, unless they already
+// reached a final status. It may arrive before the upload's event: the row
+// is created and the upload fills in the rest later.
+func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.DocumentProcessed) error {
+	evs = uniqueBy(evs, func(e *events.DocumentProcessed) string { return e.DocID })
+	var id, ct, sum, at []string
+	var words, lines []int64
+	for _, e := range evs {
+		id, ct, sum, at = append(id, e.DocID), append(ct, e.ContentType), append(sum, e.Summary), append(at, ts(e.ProcessedAt))
+		words, lines = append(words, int64(e.Words)), append(lines, int64(e.Lines))
+	}
+	err := tx.exec(ctx, qApplyDocumentsProcessed,
 		pq.Array(id), pq.Array(ct), pq.Array(words), pq.Array(lines), pq.Array(sum), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d processed documents: %w", len(evs), err)
@@ -243,15 +249,7 @@ func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.Documen
 	return nil
 }
 
-// ApplyDocumentsFailed moves documents to failed, unless they already
-// reached a final status.
-func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentProcessingFailed) error {
-	evs = uniqueBy(evs, func(e *events.DocumentProcessingFailed) string { return e.DocID })
-	var id, ct, reason, at []string
-	for _, e := range evs {
-		id, ct, reason, at = append(id, e.DocID), append(ct, e.ContentType), append(reason, e.Reason), append(at, ts(e.FailedAt))
-	}
-	_, err := tx.tx.ExecContext(ctx, `
+var qApplyDocumentsFailed = readModelWrite(`
 		INSERT INTO documents (doc_id, status, content_type, error, processed_at)
 		SELECT t.id, 'failed', NULLIF(t.ct, ''), t.reason, t.at
 		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS t(id, ct, reason, at)
@@ -261,7 +259,17 @@ func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentPr
 		  error = EXCLUDED.error,
 		  processed_at = EXCLUDED.processed_at,
 		  updated_at = now()
-		WHERE documents.status = 'processing'`,
+		WHERE documents.status = 'processing'`)
+
+// ApplyDocumentsFailed moves documents to failed, unless they already
+// reached a final status.
+func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentProcessingFailed) error {
+	evs = uniqueBy(evs, func(e *events.DocumentProcessingFailed) string { return e.DocID })
+	var id, ct, reason, at []string
+	for _, e := range evs {
+		id, ct, reason, at = append(id, e.DocID), append(ct, e.ContentType), append(reason, e.Reason), append(at, ts(e.FailedAt))
+	}
+	err := tx.exec(ctx, qApplyDocumentsFailed,
 		pq.Array(id), pq.Array(ct), pq.Array(reason), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d failed documents: %w", len(evs), err)
@@ -269,15 +277,7 @@ func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentPr
 	return nil
 }
 
-// ApplyEmailsRequested records requested emails as queued, without moving
-// a status back.
-func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailRequested) error {
-	evs = uniqueBy(evs, func(e *events.EmailRequested) string { return e.EmailID })
-	var id, to, subj, doc, at []string
-	for _, e := range evs {
-		id, to, subj, doc, at = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID), append(at, ts(e.RequestedAt))
-	}
-	_, err := tx.tx.ExecContext(ctx, `
+var qApplyEmailsRequested = readModelWrite(`
 		INSERT INTO emails (email_id, status, recipient, subject, doc_id, requested_at)
 		SELECT t.id, 'queued', t.rcpt, t.subj, NULLIF(t.doc, '')::uuid, t.at
 		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS t(id, rcpt, subj, doc, at)
@@ -287,13 +287,33 @@ func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailReque
 		  doc_id = EXCLUDED.doc_id,
 		  requested_at = EXCLUDED.requested_at,
 		  status = CASE WHEN emails.status = 'scheduled' THEN 'queued' ELSE emails.status END,
-		  updated_at = now()`,
+		  updated_at = now()`)
+
+// ApplyEmailsRequested records requested emails as queued, without moving
+// a status back.
+func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailRequested) error {
+	evs = uniqueBy(evs, func(e *events.EmailRequested) string { return e.EmailID })
+	var id, to, subj, doc, at []string
+	for _, e := range evs {
+		id, to, subj, doc, at = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID), append(at, ts(e.RequestedAt))
+	}
+	err := tx.exec(ctx, qApplyEmailsRequested,
 		pq.Array(id), pq.Array(to), pq.Array(subj), pq.Array(doc), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d requested emails: %w", len(evs), err)
 	}
 	return nil
 }
+
+var qApplyEmailsScheduled = readModelWrite(`
+		INSERT INTO emails (email_id, status, recipient, subject, doc_id, send_at, requested_at)
+		SELECT t.id, 'scheduled', t.rcpt, t.subj, NULLIF(t.doc, '')::uuid, t.send_at, t.at
+		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) AS t(id, rcpt, subj, doc, send_at, at)
+		ON CONFLICT (email_id) DO UPDATE SET
+		  send_at = EXCLUDED.send_at,
+		  recipient = COALESCE(emails.recipient, EXCLUDED.recipient),
+		  subject = COALESCE(emails.subject, EXCLUDED.subject),
+		  updated_at = now()`)
 
 // ApplyEmailsScheduled records emails held back until their send time. A
 // row that is already queued or final keeps its status (the email was due
@@ -305,15 +325,7 @@ func (tx *Tx) ApplyEmailsScheduled(ctx context.Context, evs []*events.EmailSched
 		id, to, subj, doc = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID)
 		sendAt, at = append(sendAt, ts(e.SendAt)), append(at, ts(e.ScheduledAt))
 	}
-	_, err := tx.tx.ExecContext(ctx, `
-		INSERT INTO emails (email_id, status, recipient, subject, doc_id, send_at, requested_at)
-		SELECT t.id, 'scheduled', t.rcpt, t.subj, NULLIF(t.doc, '')::uuid, t.send_at, t.at
-		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) AS t(id, rcpt, subj, doc, send_at, at)
-		ON CONFLICT (email_id) DO UPDATE SET
-		  send_at = EXCLUDED.send_at,
-		  recipient = COALESCE(emails.recipient, EXCLUDED.recipient),
-		  subject = COALESCE(emails.subject, EXCLUDED.subject),
-		  updated_at = now()`,
+	err := tx.exec(ctx, qApplyEmailsScheduled,
 		pq.Array(id), pq.Array(to), pq.Array(subj), pq.Array(doc), pq.Array(sendAt), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d scheduled emails: %w", len(evs), err)
@@ -321,16 +333,7 @@ func (tx *Tx) ApplyEmailsScheduled(ctx context.Context, evs []*events.EmailSched
 	return nil
 }
 
-// ApplyEmailsSent moves emails to sent unless already final.
-func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) error {
-	evs = uniqueBy(evs, func(e *events.EmailSent) string { return e.EmailID })
-	var id, to, mid, at []string
-	var attempts []int64
-	for _, e := range evs {
-		id, to, mid, at = append(id, e.EmailID), append(to, e.To), append(mid, e.MessageID), append(at, ts(e.SentAt))
-		attempts = append(attempts, int64(e.Attempts))
-	}
-	_, err := tx.tx.ExecContext(ctx, `
+var qApplyEmailsSent = readModelWrite(`
 		INSERT INTO emails (email_id, status, recipient, message_id, attempts, sent_at)
 		SELECT t.id, 'sent', NULLIF(t.rcpt, ''), NULLIF(t.mid, ''), t.attempts, t.at
 		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::timestamptz[]) AS t(id, rcpt, mid, attempts, at)
@@ -342,13 +345,36 @@ func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) erro
 		  sent_at = EXCLUDED.sent_at,
 		  error = NULL,
 		  updated_at = now()
-		WHERE emails.status IN ('scheduled', 'queued')`,
+		WHERE emails.status IN ('scheduled', 'queued')`)
+
+// ApplyEmailsSent moves emails to sent unless already final.
+func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) error {
+	evs = uniqueBy(evs, func(e *events.EmailSent) string { return e.EmailID })
+	var id, to, mid, at []string
+	var attempts []int64
+	for _, e := range evs {
+		id, to, mid, at = append(id, e.EmailID), append(to, e.To), append(mid, e.MessageID), append(at, ts(e.SentAt))
+		attempts = append(attempts, int64(e.Attempts))
+	}
+	err := tx.exec(ctx, qApplyEmailsSent,
 		pq.Array(id), pq.Array(to), pq.Array(mid), pq.Array(attempts), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d sent emails: %w", len(evs), err)
 	}
 	return nil
 }
+
+var qApplyEmailsFailed = readModelWrite(`
+		INSERT INTO emails (email_id, status, error, attempts, failed_at)
+		SELECT t.id, 'failed', t.reason, t.attempts, t.at
+		FROM unnest($1::uuid[], $2::text[], $3::int[], $4::timestamptz[]) AS t(id, reason, attempts, at)
+		ON CONFLICT (email_id) DO UPDATE SET
+		  status = 'failed',
+		  error = EXCLUDED.error,
+		  attempts = EXCLUDED.attempts,
+		  failed_at = EXCLUDED.failed_at,
+		  updated_at = now()
+		WHERE emails.status IN ('scheduled', 'queued')`)
 
 // ApplyEmailsFailed moves emails to failed unless already final.
 func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) error {
@@ -359,17 +385,7 @@ func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) 
 		id, reason, at = append(id, e.EmailID), append(reason, e.Reason), append(at, ts(e.FailedAt))
 		attempts = append(attempts, int64(e.Attempts))
 	}
-	_, err := tx.tx.ExecContext(ctx, `
-		INSERT INTO emails (email_id, status, error, attempts, failed_at)
-		SELECT t.id, 'failed', t.reason, t.attempts, t.at
-		FROM unnest($1::uuid[], $2::text[], $3::int[], $4::timestamptz[]) AS t(id, reason, attempts, at)
-		ON CONFLICT (email_id) DO UPDATE SET
-		  status = 'failed',
-		  error = EXCLUDED.error,
-		  attempts = EXCLUDED.attempts,
-		  failed_at = EXCLUDED.failed_at,
-		  updated_at = now()
-		WHERE emails.status IN ('scheduled', 'queued')`,
+	err := tx.exec(ctx, qApplyEmailsFailed,
 		pq.Array(id), pq.Array(reason), pq.Array(attempts), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d failed emails: %w", len(evs), err)

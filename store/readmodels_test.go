@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/internal/testenv"
 	"github.com/conveyor/conveyor/store"
 )
 
@@ -729,5 +730,55 @@ func TestGettersNotFound(t *testing.T) {
 	}
 	if _, err := st.Email(ctx, strings.ToUpper(known)); err != nil {
 		t.Errorf("Email(known, upper case) = %v", err)
+	}
+}
+
+// TestWritesArePreparedOncePerConnection: the read-model writes run as
+// statements each connection prepares once, not once per transaction (a
+// leak would exhaust the server's memory over a day of traffic), with a
+// pool of one connection (preparing must not wait for the connection the
+// transaction holds), and they write what they wrote unprepared.
+func TestWritesArePreparedOncePerConnection(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	st, err := store.Open(store.Config{URL: testenv.DatabaseURL(t), MaxOpenConns: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	if _, err := st.Migrate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before, err := st.PreparedStatements(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for i := range 20 {
+		e := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: fmt.Sprint("s", i), Body: "b", RequestedAt: at}
+		ids = append(ids, e.EmailID)
+		err := st.WithTx(ctx, func(tx *store.Tx) error {
+			fresh, err := tx.LockAndInbox(ctx, []string{store.EmailKey(e.EmailID)}, []store.InboxEntry{{EventID: events.NewID(), EventType: e.EventType()}})
+			if err != nil || len(fresh) != 1 {
+				return fmt.Errorf("inbox: %v %v", fresh, err)
+			}
+			return tx.ApplyEmailsRequested(ctx, []*events.EmailRequested{e})
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	after, err := st.PreparedStatements(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after-before != store.ReadModelWrites {
+		t.Fatalf("%d statements prepared by 20 transactions; want the %d read-model writes, each once", after-before, store.ReadModelWrites)
+	}
+	for i, id := range ids {
+		e, err := st.Email(ctx, id)
+		if err != nil || e.Subject.String != fmt.Sprint("s", i) {
+			t.Fatalf("email %d: %+v, %v", i, e, err)
+		}
 	}
 }

@@ -17,6 +17,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -63,6 +65,12 @@ func (c *Config) Validate() error {
 // Store is a handle on the database.
 type Store struct {
 	db *sqlx.DB
+	// stmts holds the prepared read-model writes, by query text (see
+	// readModelWrites).
+	stmts       sync.Map
+	allPrepared atomic.Bool
+	prepareMu   sync.Mutex
+	preparedAt  time.Time // of the last attempt
 }
 
 // Open returns a Store. It does not contact the database: callers that
@@ -120,11 +128,92 @@ func (s *Store) Ping(ctx context.Context) error {
 // Tx is a transaction of the store.
 type Tx struct {
 	tx *sqlx.Tx
+	s  *Store
+}
+
+// readModelWrites are the statements of the read-model writes: a few
+// fixed statements run thousands of times a second. Each is prepared (see
+// Store.prepare), so each pooled connection parses it once and PostgreSQL
+// keeps its plan, where an unprepared query is parsed and planned on every
+// call: with small batches (a quiet system) planning them cost more than
+// running them.
+var readModelWrites []string
+
+// readModelWrite registers query as a read-model write and returns it.
+func readModelWrite(query string) string {
+	readModelWrites = append(readModelWrites, query)
+	return query
+}
+
+// prepare prepares the read-model writes not prepared yet. WithTx calls it
+// before it takes a connection: preparing on the pool from inside a
+// transaction could wait for a connection that transactions hold. Until a
+// statement is prepared (the database is down, or not migrated yet), it
+// runs unprepared; preparing is tried again at most once a second. A
+// transaction that finds another one preparing goes on unprepared rather
+// than wait (preparing waits for the locks of the tables, as the writes
+// themselves do).
+func (s *Store) prepare(ctx context.Context) {
+	if s.allPrepared.Load() {
+		return
+	}
+	if !s.prepareMu.TryLock() {
+		return // another transaction is preparing them; this one need not wait
+	}
+	defer s.prepareMu.Unlock()
+	if s.allPrepared.Load() || time.Since(s.preparedAt) < time.Second {
+		return
+	}
+	s.preparedAt = time.Now()
+	all := true
+	for _, q := range readModelWrites {
+		if _, ok := s.stmts.Load(q); ok {
+			continue
+		}
+		st, err := s.db.PreparexContext(ctx, q)
+		if err != nil {
+			all = false
+			continue
+		}
+		s.stmts.Store(q, st)
+	}
+	s.allPrepared.Store(all)
+}
+
+// stmt returns query as a statement of the transaction: the prepared one
+// (on this connection, prepared on first use), or nil if query is not
+// prepared.
+func (tx *Tx) stmt(ctx context.Context, query string) *sqlx.Stmt {
+	st, ok := tx.s.stmts.Load(query)
+	if !ok {
+		return nil
+	}
+	return tx.tx.StmtxContext(ctx, st.(*sqlx.Stmt))
+}
+
+// exec runs a read-model write, prepared if it is (see readModelWrites).
+func (tx *Tx) exec(ctx context.Context, query string, args ...any) error {
+	var err error
+	if st := tx.stmt(ctx, query); st != nil {
+		_, err = st.ExecContext(ctx, args...)
+	} else {
+		_, err = tx.tx.ExecContext(ctx, query, args...)
+	}
+	return err
+}
+
+// selectAll is exec for a statement returning rows, scanned into dest.
+func (tx *Tx) selectAll(ctx context.Context, dest any, query string, args ...any) error {
+	if st := tx.stmt(ctx, query); st != nil {
+		return st.SelectContext(ctx, dest, args...)
+	}
+	return tx.tx.SelectContext(ctx, dest, query, args...)
 }
 
 // WithTx runs fn in a transaction and commits it if fn returns nil. The
 // commit error is returned: a swallowed commit error is a lost write.
 func (s *Store) WithTx(ctx context.Context, fn func(tx *Tx) error) (err error) {
+	s.prepare(ctx)
 	tx, err := s.db.BeginTxx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("begin transaction: %w", err)
@@ -135,7 +224,7 @@ func (s *Store) WithTx(ctx context.Context, fn func(tx *Tx) error) (err error) {
 			panic(p)
 		}
 	}()
-	if err := fn(&Tx{tx: tx}); err != nil {
+	if err := fn(&Tx{tx: tx, s: s}); err != nil {
 		if rbErr := tx.Rollback(); rbErr != nil {
 			return errors.Join(err, fmt.Errorf("rollback: %w", rbErr))
 		}

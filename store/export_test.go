@@ -1,0 +1,14 @@
+package store
+
+import "context"
+
+// PreparedStatements counts the statements prepared on the session of one
+// of s's connections (all of them, with MaxOpenConns 1).
+func (s *Store) PreparedStatements(ctx context.Context) (int, error) {
+	var n int
+	err := s.db.GetContext(ctx, &n, "SELECT count(*) FROM pg_prepared_statements")
+	return n, err
+}
+
+// ReadModelWrites is how many statements the read-model writes prepare.
+var ReadModelWrites = len(readModelWrites)
