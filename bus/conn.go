@@ -13,9 +13,9 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// readConn is a subscription's own connection to Redis, for the hot loop
-// of its reader. Each round trip writes the acks gathered since the last
-// read ahead of the next XREADGROUP, in one write; the acks' replies are
+// readConn is a read lane's own connection to Redis (a subscription reads
+// in two lanes, see subscription.lanes). Each round trip writes the acks
+// gathered since the last read ahead of the next XREADGROUP, in one write; the acks' replies are
 // read (and their entries finished) before the read's reply, which is
 // framed straight off the socket and parsed by parseXRead. That saves the
 // ack loop's own round trip and go-redis's per-command work (a
