@@ -15,18 +15,19 @@ import (
 
 // readConn is a read lane's own connection to Redis (a subscription reads
 // in two lanes, see subscription.lanes). Each round trip writes the acks
-// gathered since the last read ahead of the next XREADGROUP, in one write; the acks' replies are
-// read (and their entries finished) before the read's reply, which is
-// framed straight off the socket and parsed by parseXRead. That saves the
-// ack loop's own round trip and go-redis's per-command work (a
-// LimitedReader per bulk string of a raw reply, an interface per acked id).
+// gathered since the last read ahead of the next XREADGROUP, in one
+// write; the acks' replies are read (and their entries finished) before
+// the read's reply, which is framed straight off the socket and parsed by
+// parseXRead. That saves the ack loop's own round trip and go-redis's
+// per-command work (a LimitedReader per bulk string of a raw reply, an
+// interface per acked id).
 //
 // It speaks RESP2 and sets up the connection as go-redis would for the
 // common options: the client's Dialer (TLS, Sentinel's master lookup),
 // credentials, DB and client name. A client with options it cannot mirror
 // (an OnConnect hook, streaming credentials) or that is not a single-node
 // *redis.Client gets no readConn: its reads go through go-redis. After a
-// failed dial the subscription reads through go-redis for a while.
+// failed dial the lane reads through go-redis for a while.
 type readConn struct {
 	opt  *redis.Options
 	nc   net.Conn
