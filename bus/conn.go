@@ -253,6 +253,9 @@ func (c *readConn) frame() error {
 		if _, err := io.ReadFull(c.br, c.rbuf[at:]); err != nil {
 			return err
 		}
+		if end := c.rbuf[len(c.rbuf)-2:]; end[0] != '\r' || end[1] != '\n' {
+			return fmt.Errorf("%w: string of %d bytes not followed by CRLF", errBadReply, n)
+		}
 		return nil
 	case '%':
 		n *= 2
@@ -288,10 +291,10 @@ const replyTimeout = 10 * time.Second
 
 // exchange writes the acks of acked, then XREADGROUP of streams (ids are
 // the streams, then an id per stream), and reads the replies. Once the
-// acks' replies are read, ackWritten is called; then the read's reply is
-// parsed. On any error but one reply of the read (NOGROUP), the connection
-// is closed, and whether the acks were written is reported by whether
-// ackWritten was called.
+// acks' replies are read, and none is an error, ackWritten is called; then
+// the read's reply is parsed. Whether the acks were written is reported by
+// whether ackWritten was called. On an I/O or framing error, or an error
+// reply to the read other than NOGROUP, the connection is closed.
 func (c *readConn) exchange(ctx context.Context, acked []*delivery, group, consumer string, ids []string, count int, block time.Duration, ackWritten func()) ([]streamEntries, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -318,17 +321,20 @@ func (c *readConn) exchange(ctx context.Context, acked []*delivery, group, consu
 		c.close()
 		return nil, err
 	}
+	// An error reply to an ack (a missing permission, a key of the wrong
+	// type) leaves the acks unconfirmed, for the ack loop to retry and
+	// report; the connection is fine and the read's reply follows.
+	acksOK := true
 	for range cmds {
 		if err := c.readReply(); err != nil {
 			c.close()
 			return nil, err
 		}
 		if err := c.replyErr(); err != nil && !isNoGroup(err) {
-			c.close()
-			return nil, fmt.Errorf("ack: %w", err)
+			acksOK = false
 		}
 	}
-	if len(acked) > 0 {
+	if len(acked) > 0 && acksOK {
 		ackWritten()
 	}
 	if err := c.readReply(); err != nil {

@@ -187,6 +187,25 @@ func TestExchangeWritesAcksAheadOfTheRead(t *testing.T) {
 	if _, err := rc.exchange(ctx, nil, "g", "c", ids, 10, 10*time.Millisecond, nil); err != nil {
 		t.Fatal(err)
 	}
+	// An error reply to an ack (here WRONGTYPE: the key is a string)
+	// leaves the acks unconfirmed, but the read's reply is still read and
+	// the connection kept.
+	notAStream := p + "string"
+	if err := c.Set(ctx, notAStream, "x", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	add(topic, 1)
+	written = false
+	res, err = rc.exchange(ctx, []*delivery{{stream: notAStream, id: "1-1"}}, "g", "c", ids, 10, 10*time.Millisecond, func() { written = true })
+	if err != nil || written {
+		t.Fatalf("exchange with a failing ack = %v, written %v; want the read's result, not written", err, written)
+	}
+	if len(res) != 1 || len(res[0].entries) != 1 {
+		t.Fatalf("read after a failing ack got %+v; want the one new entry", res)
+	}
+	if rc.nc == nil {
+		t.Fatal("connection closed after an error reply to an ack")
+	}
 	// A missing group is NOGROUP, which the read loop handles; the
 	// connection stays.
 	if _, err := rc.exchange(ctx, nil, "nobody", "c", ids, 10, 10*time.Millisecond, nil); !isNoGroup(err) {

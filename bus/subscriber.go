@@ -338,7 +338,7 @@ type subscription struct {
 	// lanes are the read loops of new entries: two, so that one read is
 	// under way while the other's reply is parsed and handed out.
 	lanes [2]lane
-	// capMu makes a lane's capacity check and reservation (queued) one
+	// capMu makes a lane's capacity check and reservation (reserved) one
 	// step.
 	capMu   sync.Mutex
 	delayed string // the group's retry sorted set of topic
@@ -366,6 +366,8 @@ type subscription struct {
 	// deliverer: the reader counts them as taken, so it does not read
 	// more than the window has room for.
 	queued atomic.Int64
+	// reserved is the room the lanes' reads under way asked for.
+	reserved atomic.Int64
 	// progress is poked when the deliverer finishes a batch.
 	progress chan struct{}
 }
@@ -679,11 +681,11 @@ func (sub *subscription) readLoop(ctx context.Context, l *lane, claims bool) {
 		// Slots are not held across the blocking read: an idle stream
 		// must not sit on window slots that a busy stream of the same
 		// group needs. The read asks for what is free now, reserved
-		// (queued) until its entries are queued instead; entries are
-		// given slots as they are handed out.
+		// until its entries are queued instead; entries are given slots
+		// as they are handed out.
 		sub.capMu.Lock()
 		n := sub.awaitCapacity(s.cfg.BatchSize)
-		sub.queued.Add(int64(n))
+		sub.reserved.Add(int64(n))
 		sub.capMu.Unlock()
 		if n == 0 {
 			return
@@ -692,7 +694,7 @@ func (sub *subscription) readLoop(ctx context.Context, l *lane, claims bool) {
 		if err == nil {
 			sub.handOut(res, nil)
 		}
-		sub.queued.Add(-int64(n))
+		sub.reserved.Add(-int64(n))
 		// The other lane may wait for what this read did not fill.
 		select {
 		case sub.progress <- struct{}{}:
@@ -792,6 +794,11 @@ func (sub *subscription) handOut(res []streamEntries, counts map[string]int64) {
 // free is how many more entries the window has room for: slots neither
 // held nor promised to entries read and waiting for the deliverer.
 func (sub *subscription) free() int {
+	return sub.claimRoom() - int(sub.reserved.Load())
+}
+
+// claimRoom is free without the lanes' reservations.
+func (sub *subscription) claimRoom() int {
 	s := sub.s
 	return cap(s.slots) - len(s.slots) - int(sub.queued.Load())
 }
@@ -802,12 +809,13 @@ func (sub *subscription) free() int {
 // of the window to free up, so a saturated consumer reads in batches
 // instead of one entry per round trip.
 //
-// Entries already read and waiting for the deliverer count as taken.
+// Entries already read and waiting for the deliverer, and the room the
+// other lane reserved for its read, count as taken.
 func (sub *subscription) awaitCapacity(n int) int {
 	s := sub.s
 	free := sub.free
 	for free() < 1 {
-		if sub.queued.Load() == 0 {
+		if sub.queued.Load() == 0 && sub.reserved.Load() == 0 {
 			// Wait for a slot to free up.
 			select {
 			case s.slots <- struct{}{}:
@@ -944,46 +952,59 @@ func (sub *subscription) deliveryCounts(ctx context.Context, res []streamEntries
 // claimIdle takes over entries that other (presumably dead) consumers have
 // left idle for ClaimMinIdle, on the stream and on the retry stream.
 func (sub *subscription) claimIdle(ctx context.Context) error {
-	s := sub.s
 	for _, stream := range []string{sub.topic, sub.retry} {
-		n := min(s.cfg.BatchSize, sub.free())
-		if n < 1 {
-			return nil
+		if err := sub.claimIdleOf(ctx, stream); err != nil {
+			return err
 		}
-		start := sub.cursors["claim:"+stream]
-		if start == "" {
-			start = "0-0"
-		}
-		msgs, next, err := s.cfg.Client.XAutoClaim(ctx, &redis.XAutoClaimArgs{
-			Stream:   stream,
-			Group:    s.cfg.ConsumerGroup,
-			Consumer: s.cfg.Consumer,
-			MinIdle:  s.cfg.ClaimMinIdle,
-			Start:    start,
-			Count:    int64(n),
-		}).Result()
-		if err != nil {
-			if isNoGroup(err) {
-				return nil // the read loop re-creates the group
-			}
-			return fmt.Errorf("xautoclaim %s: %w", stream, err)
-		}
-		sub.cursors["claim:"+stream] = next
-		if len(msgs) == 0 {
-			continue
-		}
-		s.log.Info("claimed idle entries of another consumer", "stream", stream, "count", len(msgs))
-		if s.mClaimed != nil {
-			s.mClaimed.Add(float64(len(msgs)))
-		}
-		res := []streamEntries{{stream: stream, entries: fromXMessages(msgs)}}
-		counts, err := sub.deliveryCounts(ctx, res)
-		if err != nil {
-			// Deliver anyway: the crash-loop guard applies next time.
-			s.log.Warn("delivery counts of claimed entries", "stream", stream, "error", err)
-		}
-		sub.handOut(res, counts)
 	}
+	return nil
+}
+
+// claimIdleOf is claimIdle on one stream. It claims as many entries as the
+// window has room for, not counting the room a read lane has reserved for
+// its read: on an idle stream a lane holds that reservation through its
+// whole blocking read, and claims must not wait for it. So a claim and a
+// read may both fill the same room; the entries beyond the window then
+// wait for slots, kept alive by the heartbeats like any read batch.
+func (sub *subscription) claimIdleOf(ctx context.Context, stream string) error {
+	s := sub.s
+	n := min(s.cfg.BatchSize, sub.claimRoom())
+	if n < 1 {
+		return nil
+	}
+	start := sub.cursors["claim:"+stream]
+	if start == "" {
+		start = "0-0"
+	}
+	msgs, next, err := s.cfg.Client.XAutoClaim(ctx, &redis.XAutoClaimArgs{
+		Stream:   stream,
+		Group:    s.cfg.ConsumerGroup,
+		Consumer: s.cfg.Consumer,
+		MinIdle:  s.cfg.ClaimMinIdle,
+		Start:    start,
+		Count:    int64(n),
+	}).Result()
+	if err != nil {
+		if isNoGroup(err) {
+			return nil // the read loop re-creates the group
+		}
+		return fmt.Errorf("xautoclaim %s: %w", stream, err)
+	}
+	sub.cursors["claim:"+stream] = next
+	if len(msgs) == 0 {
+		return nil
+	}
+	s.log.Info("claimed idle entries of another consumer", "stream", stream, "count", len(msgs))
+	if s.mClaimed != nil {
+		s.mClaimed.Add(float64(len(msgs)))
+	}
+	res := []streamEntries{{stream: stream, entries: fromXMessages(msgs)}}
+	counts, err := sub.deliveryCounts(ctx, res)
+	if err != nil {
+		// Deliver anyway: the crash-loop guard applies next time.
+		s.log.Warn("delivery counts of claimed entries", "stream", stream, "error", err)
+	}
+	sub.handOut(res, counts)
 	return nil
 }
 
