@@ -39,6 +39,21 @@ func routerPublisher(t *testing.T, f *fixture) *bus.Publisher {
 	return pub
 }
 
+// runRouter runs r until stop, which fails the test if Run failed.
+func runRouter(t *testing.T, r *bus.Router) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	return func() {
+		t.Helper()
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // A shutdown that races the start (SIGTERM right after launch) stops the
 // router at once; it must not wait out the drain timeout for handlers that
 // never started.
@@ -94,9 +109,7 @@ func TestTypedHandler(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
+	stop := runRouter(t, r)
 
 	// Not a valid email.requested: dead-lettered, the handler never runs.
 	bad := message.NewMessage(watermill.NewUUID(), []byte(`{"to":"nobody"}`))
@@ -139,10 +152,7 @@ func TestTypedHandler(t *testing.T) {
 	if follow.UUID != followUp || follow.Metadata.Get(bus.MetaCausationID) != id || follow.Metadata.Get(bus.MetaCorrelationID) != "corr-1" {
 		t.Fatalf("follow-up metadata = %v", follow.Metadata)
 	}
-	cancel()
-	if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
-		t.Fatal(err)
-	}
+	stop()
 }
 
 // A handler that runs past HandlerTimeout has its context cancelled; its
@@ -248,9 +258,7 @@ func TestReadingStaysWithinTheWindow(t *testing.T) {
 		return p.Consumers["c1"]
 	}
 
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
+	stop := runRouter(t, r)
 	eventually(t, "every handler busy", func() bool { return running.Load() == window })
 	// The reader keeps trying while the window is full.
 	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
@@ -268,10 +276,7 @@ func TestReadingStaysWithinTheWindow(t *testing.T) {
 		mu.Unlock()
 		return n == total && held() == 0
 	})
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	stop()
 	for id, n := range seen {
 		if n != 1 {
 			t.Errorf("%s handled %d times", id, n)
@@ -413,9 +418,7 @@ func TestRouterMiddleware(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
+	stop := runRouter(t, r)
 	id, err := pub.PublishEvent(t.Context(), &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now()})
 	if err != nil {
 		t.Fatal(err)
@@ -440,10 +443,7 @@ func TestRouterMiddleware(t *testing.T) {
 	eventually(t, "all acked", func() bool {
 		return pendingCount(t, f.rdb, stream, f.group) == 0 && pendingCount(t, f.rdb, bus.RetryStream(stream, f.group), f.group) == 0
 	})
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	stop()
 	select {
 	case s := <-saw:
 		t.Fatalf("middleware called again after success: %+v", s)
