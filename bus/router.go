@@ -29,6 +29,8 @@ type RouterConfig struct {
 	Concurrency int
 	// BatchSize is the COUNT of each read. Defaults to 100.
 	BatchSize int
+	// ReadAhead: see SubscriberConfig. Defaults to 5ms.
+	ReadAhead time.Duration
 	// ClaimMinIdle: see SubscriberConfig. Defaults to 10s.
 	ClaimMinIdle time.Duration
 	// Retry is the default retry policy of handlers.
@@ -150,6 +152,7 @@ func (r *Router) group(name string, o handlerOptions) (*groupState, error) {
 		Consumer:       r.cfg.Consumer,
 		BatchSize:      r.cfg.BatchSize,
 		MaxInFlight:    r.cfg.Concurrency,
+		ReadAhead:      r.cfg.ReadAhead,
 		ClaimMinIdle:   r.cfg.ClaimMinIdle,
 		Retry:          retry,
 		DrainTimeout:   r.cfg.DrainTimeout,

@@ -41,6 +41,15 @@ type SubscriberConfig struct {
 	// nacked and scheduled. It is the concurrency of the handler.
 	// Defaults to 64.
 	MaxInFlight int
+	// ReadAhead is how far past MaxInFlight the subscriber reads, in time:
+	// at most the entries its handlers would take within ReadAhead at
+	// their pace of the last moments, and never more than BatchSize. Fast
+	// handlers then find the next entries already read when a slot frees;
+	// slow or stuck handlers read nothing ahead, so no entry waits here
+	// behind a slow job while another replica is idle. Entries read ahead
+	// are kept alive by the heartbeats and handed back on Close like those
+	// being handled. Defaults to 5ms; negative turns it off.
+	ReadAhead time.Duration
 	// BlockTime is how long one XREADGROUP waits for new entries. It bounds
 	// how long Close waits for a reader. Defaults to 1s.
 	BlockTime time.Duration
@@ -85,6 +94,9 @@ func (c *SubscriberConfig) setDefaults() {
 	}
 	if c.MaxInFlight == 0 {
 		c.MaxInFlight = 64
+	}
+	if c.ReadAhead == 0 {
+		c.ReadAhead = 5 * time.Millisecond
 	}
 	if c.BlockTime == 0 {
 		c.BlockTime = time.Second
@@ -168,6 +180,10 @@ type Subscriber struct {
 	slots chan struct{}
 	// freed is poked when slots are released.
 	freed chan struct{}
+	// released counts the slots released, and pace how fast: the
+	// read-ahead follows it.
+	released atomic.Int64
+	pace     pace
 
 	mu       sync.Mutex
 	inflight map[entryKey]*delivery
@@ -568,6 +584,7 @@ func (s *Subscriber) release(n int) {
 	for i := 0; i < n; i++ {
 		<-s.slots
 	}
+	s.released.Add(int64(n))
 	// Wake a reader waiting in awaitCapacity (one wake-up is enough: it
 	// re-checks the free slots).
 	select {
@@ -791,13 +808,26 @@ func (sub *subscription) handOut(res []streamEntries, counts map[string]int64) {
 	sub.batches <- b
 }
 
-// free is how many more entries the window has room for: slots neither
-// held nor promised to entries read and waiting for the deliverer.
+// free is how many more entries the window and the read-ahead have room
+// for: slots neither held nor promised to entries read and waiting for the
+// deliverer or to the reads under way.
 func (sub *subscription) free() int {
-	return sub.claimRoom() - int(sub.reserved.Load())
+	return sub.claimRoom() + sub.s.readAhead() - int(sub.reserved.Load())
 }
 
-// claimRoom is free without the lanes' reservations.
+// readAhead is how many entries past the window a read may take now
+// (ReadAhead).
+func (s *Subscriber) readAhead() int {
+	if s.cfg.ReadAhead <= 0 {
+		return 0
+	}
+	perSec := s.pace.rate(time.Now().UnixNano(), s.released.Load())
+	return min(s.cfg.BatchSize, int(perSec*s.cfg.ReadAhead.Seconds()))
+}
+
+// claimRoom is what the window has room for, without the lanes'
+// reservations and without read-ahead: a claim takes entries another
+// replica held for a while, to be handled now.
 func (sub *subscription) claimRoom() int {
 	s := sub.s
 	return cap(s.slots) - len(s.slots) - int(sub.queued.Load())

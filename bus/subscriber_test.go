@@ -588,3 +588,78 @@ func TestKilledConnectionsLoseNothing(t *testing.T) {
 		t.Fatalf("%d entries still pending after Close", p)
 	}
 }
+
+// pendingOf is how many entries of stream consumer holds in group.
+func pendingOf(t *testing.T, rdb *redis.Client, stream, group, consumer string) int {
+	t.Helper()
+	p, err := rdb.XPending(context.Background(), stream, group).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return int(p.Consumers[consumer])
+}
+
+// A replica whose handlers are busy with slow jobs reads nothing past its
+// window: the entries behind them go to an idle replica at once.
+func TestSlowJobsReadNothingAhead(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	small := func(c *bus.SubscriberConfig) { c.MaxInFlight, c.BatchSize = 2, 10 }
+	a := f.subscribe(f.subscriber("a", small))
+	ids := f.publish(20)
+	held := []*message.Message{receive(t, a), receive(t, a)}
+	time.Sleep(300 * time.Millisecond) // many pace samples and block times
+	if n := pendingOf(t, f.rdb, f.topic, f.group, "a"); n != 2 {
+		t.Fatalf("a holds %d entries with 2 slow jobs in a window of 2, want 2: it read ahead behind slow jobs", n)
+	}
+	b := f.subscribe(f.subscriber("b", nil))
+	for range len(ids) - len(held) {
+		receive(t, b).Ack()
+	}
+	for _, m := range held {
+		m.Ack()
+	}
+	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
+}
+
+// Fast handlers read ahead at most one batch past the window; when the jobs
+// turn slow, the replica stops reading, and the rest goes to another one.
+func TestReadAheadStopsWhenJobsTurnSlow(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ahead := func(c *bus.SubscriberConfig) {
+		c.MaxInFlight, c.BatchSize = 2, 10
+		c.ReadAhead = time.Second // a fast pace reads a whole batch ahead
+	}
+	a := f.subscribe(f.subscriber("a", ahead))
+	ids := f.publish(200)
+	// About 1ms a job for 100 jobs: many pace samples of about 1,000/s,
+	// so a read-ahead of min(BatchSize, 1,000/s × 1s) = 10.
+	for range 100 {
+		m := receive(t, a)
+		time.Sleep(time.Millisecond)
+		m.Ack()
+	}
+	held := []*message.Message{receive(t, a), receive(t, a)}
+	time.Sleep(300 * time.Millisecond)
+	n := pendingOf(t, f.rdb, f.topic, f.group, "a")
+	if n <= 2 || n > 2+10 {
+		t.Fatalf("a holds %d entries with 2 slow jobs, want 3 to 12 (the window and up to one batch read ahead while the jobs were fast)", n)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if again := pendingOf(t, f.rdb, f.topic, f.group, "a"); again != n {
+		t.Fatalf("a went on reading while its jobs were stuck: it held %d, then %d", n, again)
+	}
+	t.Logf("a read %d entries ahead before its jobs turned slow", n-2)
+	b := f.subscribe(f.subscriber("b", nil))
+	for range len(ids) - 100 - n {
+		receive(t, b).Ack()
+	}
+	for _, m := range held {
+		m.Ack()
+	}
+	for range n - 2 {
+		receive(t, a).Ack()
+	}
+	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
+}
