@@ -21,6 +21,8 @@ func TestPaceFollowsTheCountAndFallsWhenItStops(t *testing.T) {
 		{t0 + 30*ms, 9_000, 420_000, "8,400 in 20ms"},
 		{t0 + 40*ms, 9_000, 0, "stopped for a whole sample"},
 		{t0 + 40*ms + int64(time.Hour), 9_100, 100.0 / 3600.000, "a pause counts in the sample after it"},
+		{t0 + 50*ms + int64(time.Hour), 9_000, 100.0 / 3600.000, "a count older than the last sample's is no sample"},
+		{t0 + 60*ms + int64(time.Hour), 9_300, 10_000, "200 in 20ms since the last sample"},
 	}
 	for _, s := range steps {
 		if got := p.rate(s.at, s.count); got < s.want*0.999 || got > s.want*1.001 {
@@ -34,9 +36,10 @@ func TestReadAheadIsCappedAndCanBeTurnedOff(t *testing.T) {
 	now := time.Now().UnixNano()
 	s.pace.rate(now-int64(20*time.Millisecond), 0)
 	s.released.Store(100) // 100 in 20ms: 5,000/s, so 25 in 5ms
-	// (a little slower than 5,000/s: the 20ms end when readAhead runs)
-	if got := s.readAhead(); got != 24 && got != 25 {
-		t.Errorf("read-ahead at 5,000/s = %d, want 25 (or 24)", got)
+	// (a little slower than 5,000/s: the 20ms end when readAhead runs,
+	// later on a loaded machine)
+	if got := s.readAhead(); got < 20 || got > 25 {
+		t.Errorf("read-ahead at 5,000/s = %d, want 25 (or a little less)", got)
 	}
 	s.pace = pace{}
 	s.pace.rate(now-int64(20*time.Millisecond), 0)

@@ -41,14 +41,17 @@ type SubscriberConfig struct {
 	// nacked and scheduled. It is the concurrency of the handler.
 	// Defaults to 64.
 	MaxInFlight int
-	// ReadAhead is how far past MaxInFlight the subscriber reads, in time:
-	// at most the entries its handlers would take within ReadAhead at
-	// their pace of the last moments, and never more than BatchSize. Fast
-	// handlers then find the next entries already read when a slot frees;
-	// slow or stuck handlers read nothing ahead, so no entry waits here
-	// behind a slow job while another replica is idle. Entries read ahead
-	// are kept alive by the heartbeats and handed back on Close like those
-	// being handled. Defaults to 5ms; negative turns it off.
+	// ReadAhead is how far past MaxInFlight a subscription reads, in time:
+	// a read may ask for the entries its handlers would take within
+	// ReadAhead at their pace of the last moments, never more than
+	// BatchSize (COUNT, so up to BatchSize from each of the topic and its
+	// retry stream). Fast handlers then find the next entries already read
+	// when a slot frees. Handlers that turn slow or get stuck stop it
+	// within about 20ms: only what was read ahead before waits for their
+	// slots (kept alive by the heartbeats, so not claimed by another
+	// replica meanwhile); after that nothing waits here behind a slow job
+	// while another replica is idle. Entries read ahead stay pending on
+	// Close like those handed back. Defaults to 5ms; negative turns it off.
 	ReadAhead time.Duration
 	// BlockTime is how long one XREADGROUP waits for new entries. It bounds
 	// how long Close waits for a reader. Defaults to 1s.
@@ -180,8 +183,8 @@ type Subscriber struct {
 	slots chan struct{}
 	// freed is poked when slots are released.
 	freed chan struct{}
-	// released counts the slots released, and pace how fast: the
-	// read-ahead follows it.
+	// released counts the slots released by handled deliveries, and pace
+	// how fast: the read-ahead follows it.
 	released atomic.Int64
 	pace     pace
 
@@ -584,7 +587,6 @@ func (s *Subscriber) release(n int) {
 	for i := 0; i < n; i++ {
 		<-s.slots
 	}
-	s.released.Add(int64(n))
 	// Wake a reader waiting in awaitCapacity (one wake-up is enough: it
 	// re-checks the free slots).
 	select {
@@ -1191,6 +1193,7 @@ func (s *Subscriber) finish(d *delivery, o outcome) {
 // freeSlot gives back d's window slot, once.
 func (s *Subscriber) freeSlot(d *delivery) {
 	if d.freed.CompareAndSwap(false, true) {
+		s.released.Add(1)
 		s.release(1)
 	}
 }

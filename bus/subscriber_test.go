@@ -663,3 +663,41 @@ func TestReadAheadStopsWhenJobsTurnSlow(t *testing.T) {
 	}
 	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
 }
+
+// When jobs that were fast turn slow but still finish, the read-ahead
+// falls with their pace: once what was read ahead is worked off, the
+// replica holds only its window again.
+func TestReadAheadFallsWhenJobsSlowDown(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ahead := func(c *bus.SubscriberConfig) {
+		c.MaxInFlight, c.BatchSize = 2, 10
+		// About 1,000 jobs/s read 10 ahead (capped by BatchSize); one job
+		// in 60ms reads nothing ahead (17/s × 20ms < 1).
+		c.ReadAhead = 20 * time.Millisecond
+	}
+	a := f.subscribe(f.subscriber("a", ahead))
+	f.publish(200)
+	for range 100 {
+		m := receive(t, a)
+		time.Sleep(time.Millisecond)
+		m.Ack()
+	}
+	for range 20 { // more than what was read ahead
+		m := receive(t, a)
+		time.Sleep(60 * time.Millisecond)
+		m.Ack()
+	}
+	held := []*message.Message{receive(t, a), receive(t, a)}
+	time.Sleep(300 * time.Millisecond)
+	if n := pendingOf(t, f.rdb, f.topic, f.group, "a"); n != 2 {
+		t.Fatalf("a holds %d entries with 2 slow jobs after its jobs slowed down, want 2: the read-ahead did not fall with the pace", n)
+	}
+	for _, m := range held {
+		m.Ack()
+	}
+	for range 200 - 100 - 20 - len(held) {
+		receive(t, a).Ack()
+	}
+	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
+}
