@@ -47,27 +47,68 @@ func (b *bench) cpuSnapshot(apiPID int) cpuSnap {
 	return s
 }
 
-// cpuNote describes the CPU use between two snapshots in cores.
-func cpuNote(a, z cpuSnap) string {
+// snap is cpuSnapshot without an API process.
+func (b *bench) snap() cpuSnap { return b.cpuSnapshot(0) }
+
+// cpuUse is the CPU time spent between two snapshots, in cores.
+type cpuUse struct {
+	ok                               bool
+	self, api, redis, postgres, rest float64
+	hasAPI                           bool
+}
+
+func cpuBetween(a, z cpuSnap) cpuUse {
 	if !a.ok || !z.ok {
-		return ""
+		return cpuUse{}
 	}
 	secs := z.at.Sub(a.at).Seconds()
+	if secs <= 0 {
+		return cpuUse{}
+	}
 	cores := func(x, y uint64) float64 {
 		if y < x {
 			return 0
 		}
 		return float64(y-x) / clockTicks / secs
 	}
-	self, rds, pg, api, all := cores(a.self, z.self), cores(a.redis, z.redis), cores(a.postgres, z.postgres), cores(a.api, z.api), cores(a.busy, z.busy)
-	rest := max(0, all-self-rds-pg-api)
+	u := cpuUse{ok: true, self: cores(a.self, z.self), redis: cores(a.redis, z.redis), postgres: cores(a.postgres, z.postgres),
+		api: cores(a.api, z.api), hasAPI: z.api > 0}
+	u.rest = max(0, cores(a.busy, z.busy)-u.self-u.redis-u.postgres-u.api)
+	return u
+}
+
+// String describes the use in cores.
+func (u cpuUse) String() string {
+	if !u.ok {
+		return ""
+	}
 	apiPart := ""
-	if z.api > 0 {
-		apiPart = fmt.Sprintf(", conveyor api %.2f", api)
+	if u.hasAPI {
+		apiPart = fmt.Sprintf(", conveyor api %.2f", u.api)
 	}
 	return fmt.Sprintf("cores busy in the window: bench process %.2f%s, redis-server %.2f, postgres %.2f, everything else %.2f",
-		self, apiPart, rds, pg, rest)
+		u.self, apiPart, u.redis, u.postgres, u.rest)
 }
+
+// perUnit is the CPU time of the bench process, the API, Redis and
+// PostgreSQL per unit of work at rate units a second (other programs on
+// the machine left out). Unlike a rate it barely moves when other programs
+// share the cores, so it compares runs and rows on a noisy machine.
+func (u cpuUse) perUnit(rate float64, unit string) string {
+	if !u.ok || rate <= 0 {
+		return ""
+	}
+	us := func(cores float64) float64 { return cores * 1e6 / rate }
+	apiPart := ""
+	if u.hasAPI {
+		apiPart = fmt.Sprintf(", conveyor api %.1f", us(u.api))
+	}
+	return fmt.Sprintf("CPU per %s: %.1f µs (bench process %.1f%s, redis-server %.1f, postgres %.1f)",
+		unit, us(u.self+u.api+u.redis+u.postgres), us(u.self), apiPart, us(u.redis), us(u.postgres))
+}
+
+// cpuNote describes the CPU use between two snapshots in cores.
+func cpuNote(a, z cpuSnap) string { return cpuBetween(a, z).String() }
 
 // machineBusy returns the non-idle time of all cores from /proc/stat.
 func machineBusy() (uint64, error) {

@@ -314,7 +314,6 @@ func runE2E(ctx context.Context, b *bench) error {
 		return err
 	}
 	var w window
-	var cpu string
 	prof, err := b.profiled("e2e", func() error {
 		c0, err := countSent(ctx, b)
 		if err != nil {
@@ -327,12 +326,12 @@ func runE2E(ctx context.Context, b *bench) error {
 			return err
 		}
 		t1 := time.Now()
-		cpu = cpuNote(cpu0, b.cpuSnapshot(0))
+		use := cpuBetween(cpu0, b.cpuSnapshot(0))
 		c1, err := countSent(ctx, b)
 		if err != nil {
 			return err
 		}
-		w = window{n: c1 - c0, elapsed: t1.Sub(t0)}
+		w = window{n: c1 - c0, elapsed: t1.Sub(t0), cpu: use}
 		b.note("e2e: the invalidation tracker saw %s completions in the same window (the table counts inbox rows of email.sent).",
 			formatNum(float64(p.tracker.completed.Load()-done0)))
 		return nil
@@ -349,7 +348,7 @@ func runE2E(ctx context.Context, b *bench) error {
 	}
 	dlq := deadLetters(ctx, b.env.rdb)
 	notes := fmt.Sprintf("one process: %d producers (PublishBatch of %d, backlog ≤ %s), handler concurrency %d, projector concurrency %d; %s; backlog at end %s (%s); %d publish failures; %d dead letters; %s",
-		producers, producerBatch, formatNum(maxBacklog), handlerConcurrency, projectorConc, w, formatNum(float64(backlog)), lags, failed.Load(), dlq, cpu)
+		producers, producerBatch, formatNum(maxBacklog), handlerConcurrency, projectorConc, w, formatNum(float64(backlog)), lags, failed.Load(), dlq, w.cpuNotes("event"))
 	base := line{what: "5. Conveyor e2e: publish → handler → email.sent → projector → Postgres", value: w.rate(), unit: "events/s",
 		role: roleConveyor, profile: prof}
 	l := base

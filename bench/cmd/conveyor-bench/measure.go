@@ -23,6 +23,16 @@ type window struct {
 	// drained reports that the work ran out before the window ended (a
 	// pre-filled stream or queue was consumed completely).
 	drained bool
+	// cpu is the CPU used in the window, if measured.
+	cpu cpuUse
+}
+
+// cpuNotes describes the window's CPU use in cores and per unit.
+func (w window) cpuNotes(unit string) string {
+	if !w.cpu.ok {
+		return ""
+	}
+	return w.cpu.String() + "; " + w.cpu.perUnit(w.rate(), unit)
 }
 
 func (w window) rate() float64 {
@@ -42,8 +52,9 @@ func (w window) String() string {
 
 // measureCounter measures how fast count grows. It waits for the warm-up
 // (warm-up time, or a tenth of total when total is known, whichever comes
-// first), then measures for d or until count reaches total.
-func measureCounter(ctx context.Context, count func() int64, total int64, warmup, d time.Duration) (window, error) {
+// first), then measures for d or until count reaches total. snap, if not
+// nil, takes the CPU snapshots at both ends of the measured window.
+func measureCounter(ctx context.Context, count func() int64, total int64, warmup, d time.Duration, snap func() cpuSnap) (window, error) {
 	const tick = 10 * time.Millisecond
 	warmEnd := time.Now().Add(warmup)
 	for time.Now().Before(warmEnd) {
@@ -54,6 +65,10 @@ func measureCounter(ctx context.Context, count func() int64, total int64, warmup
 			return window{}, err
 		}
 	}
+	var s0 cpuSnap
+	if snap != nil {
+		s0 = snap()
+	}
 	c0, t0 := count(), time.Now()
 	if total > 0 && c0 >= total {
 		return window{}, fmt.Errorf("the pre-filled work (%d) was used up during the warm-up; raise -prefill", total)
@@ -63,11 +78,13 @@ func measureCounter(ctx context.Context, count func() int64, total int64, warmup
 			return window{}, err
 		}
 		c, now := count(), time.Now()
-		if total > 0 && c >= total {
-			return window{n: c - c0, elapsed: now.Sub(t0), drained: true}, nil
-		}
-		if now.Sub(t0) >= d {
-			return window{n: c - c0, elapsed: now.Sub(t0)}, nil
+		drained := total > 0 && c >= total
+		if drained || now.Sub(t0) >= d {
+			w := window{n: c - c0, elapsed: now.Sub(t0), drained: drained}
+			if snap != nil {
+				w.cpu = cpuBetween(s0, snap())
+			}
+			return w, nil
 		}
 	}
 }
@@ -153,7 +170,7 @@ func httpLoad(ctx context.Context, conc int, warmup, d time.Duration, newReq fun
 			}
 		}()
 	}
-	w, err := measureCounter(ctx, units.Load, 0, warmup, d)
+	w, err := measureCounter(ctx, units.Load, 0, warmup, d, nil)
 	cancel()
 	wg.Wait()
 	res := loadResult{window: w, requests: requests.Load(), failures: failures.Load()}

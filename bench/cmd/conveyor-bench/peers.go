@@ -69,14 +69,14 @@ func runAsynq(ctx context.Context, b *bench) error {
 			return nil
 		})
 	}
-	w, err := measureCounter(ctx, enqueued.Load, 0, b.opts.warmup, b.opts.duration)
+	w, err := measureCounter(ctx, enqueued.Load, 0, b.opts.warmup, b.opts.duration, b.snap)
 	stop()
 	_ = g.Wait()
 	if err != nil {
 		return err
 	}
 	b.add(line{key: "asynq.enqueue", what: "4a. asynq v0.26 Client.Enqueue", value: w.rate(), unit: "jobs/s", role: rolePeer,
-		chart: "throughput", notes: fmt.Sprintf("%d concurrent enqueuers; %d failed; %s", asynqEnqueuers, failed.Load(), w)})
+		chart: "throughput", notes: fmt.Sprintf("%d concurrent enqueuers; %d failed; %s; %s", asynqEnqueuers, failed.Load(), w, w.cpuNotes("job"))})
 
 	total := enqueued.Load()
 	var done atomic.Int64
@@ -90,15 +90,13 @@ func runAsynq(ctx context.Context, b *bench) error {
 	})); err != nil {
 		return fmt.Errorf("asynq server: %w", err)
 	}
-	c0 := b.cpuSnapshot(0)
-	w, err = measureCounter(ctx, done.Load, total, b.opts.warmup, b.opts.duration)
-	cpu := cpuNote(c0, b.cpuSnapshot(0))
+	w, err = measureCounter(ctx, done.Load, total, b.opts.warmup, b.opts.duration, b.snap)
 	srv.Shutdown()
 	if err != nil {
 		return err
 	}
 	b.add(line{key: "asynq.process", what: "4b. asynq v0.26 Server, no-op handler", value: w.rate(), unit: "jobs/s", role: rolePeer,
-		chart: "throughput", notes: fmt.Sprintf("Concurrency %d; counted at handler return; %s; %s (warm-up included)", asynqConcurrency, w, cpu)})
+		chart: "throughput", notes: fmt.Sprintf("Concurrency %d; counted at handler return; %s; %s", asynqConcurrency, w, w.cpuNotes("job"))})
 	_ = client.Close()
 	return nil
 }
@@ -175,7 +173,7 @@ func runRiver(ctx context.Context, b *bench) error {
 			return nil
 		})
 	}
-	w, err := measureCounter(ctx, inserted.Load, 0, b.opts.warmup, b.opts.duration)
+	w, err := measureCounter(ctx, inserted.Load, 0, b.opts.warmup, b.opts.duration, b.snap)
 	stop()
 	if gerr := g.Wait(); err == nil {
 		err = gerr
@@ -184,15 +182,13 @@ func runRiver(ctx context.Context, b *bench) error {
 		return err
 	}
 	b.add(line{key: "river.insert", what: "4c. River v0.51 InsertMany, batches of 1,000", value: w.rate(), unit: "jobs/s", role: rolePeer,
-		chart: "throughput", notes: fmt.Sprintf("%d concurrent inserters; %s", riverInserters, w)})
+		chart: "throughput", notes: fmt.Sprintf("%d concurrent inserters; %s; %s", riverInserters, w, w.cpuNotes("job"))})
 
 	total := inserted.Load()
 	if err := client.Start(ctx); err != nil {
 		return fmt.Errorf("river start: %w", err)
 	}
-	c0 := b.cpuSnapshot(0)
-	w, err = measureCounter(ctx, done.Load, total, b.opts.warmup, b.opts.duration)
-	cpu := cpuNote(c0, b.cpuSnapshot(0))
+	w, err = measureCounter(ctx, done.Load, total, b.opts.warmup, b.opts.duration, b.snap)
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
 	defer cancel()
 	if serr := client.StopAndCancel(sctx); err == nil && serr != nil {
@@ -202,6 +198,6 @@ func runRiver(ctx context.Context, b *bench) error {
 		return err
 	}
 	b.add(line{key: "river.work", what: "4d. River v0.51, no-op worker, MaxWorkers 1,000", value: w.rate(), unit: "jobs/s", role: rolePeer,
-		chart: "throughput", notes: fmt.Sprintf("stock fetch settings; counted at Work return; %s; %s (warm-up included)", w, cpu)})
+		chart: "throughput", notes: fmt.Sprintf("stock fetch settings; counted at Work return; %s; %s", w, w.cpuNotes("job"))})
 	return nil
 }

@@ -116,7 +116,7 @@ func runCeiling(ctx context.Context, b *bench) error {
 	wctx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- xaddLoop(wctx, rdb, wstream, pool, 0, &written) }()
-	w, err := measureCounter(ctx, written.Load, 0, b.opts.warmup, b.opts.duration)
+	w, err := measureCounter(ctx, written.Load, 0, b.opts.warmup, b.opts.duration, b.snap)
 	stop()
 	if derr := <-done; err == nil {
 		err = derr
@@ -125,7 +125,7 @@ func runCeiling(ctx context.Context, b *bench) error {
 		return err
 	}
 	b.add(line{key: "ceiling.xadd", what: "1a. go-redis XADD, pipelines of 100 (ceiling)", value: w.rate(), unit: "msg/s",
-		role: roleBaseline, chart: "throughput", notes: fmt.Sprintf("%d goroutines; %s", xaddWorkers, w)})
+		role: roleBaseline, chart: "throughput", notes: fmt.Sprintf("%d goroutines; %s; %s", xaddWorkers, w, w.cpuNotes("msg"))})
 	if err := rdb.Unlink(ctx, wstream).Err(); err != nil {
 		return err
 	}
@@ -145,7 +145,7 @@ func runCeiling(ctx context.Context, b *bench) error {
 	for i := range ceilReaders {
 		g.Go(func() error { return ceilingReader(gctx, rdb, rstream, group, fmt.Sprintf("c%d", i), &read) })
 	}
-	w, err = measureCounter(ctx, read.Load, total, b.opts.warmup, b.opts.duration)
+	w, err = measureCounter(ctx, read.Load, total, b.opts.warmup, b.opts.duration, b.snap)
 	stopRead()
 	if gerr := g.Wait(); err == nil {
 		err = gerr
@@ -154,7 +154,7 @@ func runCeiling(ctx context.Context, b *bench) error {
 		return err
 	}
 	b.add(line{key: "ceiling.read", what: "1b. go-redis XREADGROUP COUNT 100 + pipelined XACK (ceiling)", value: w.rate(), unit: "msg/s",
-		role: roleBaseline, chart: "throughput", notes: fmt.Sprintf("%d consumers of one group; %s", ceilReaders, w)})
+		role: roleBaseline, chart: "throughput", notes: fmt.Sprintf("%d consumers of one group; %s; %s", ceilReaders, w, w.cpuNotes("msg"))})
 	return rdb.Unlink(ctx, rstream).Err()
 }
 
@@ -243,7 +243,7 @@ func runWatermill(ctx context.Context, b *bench) error {
 			}
 		}()
 	}
-	w, err := measureCounter(ctx, n.Load, total, b.opts.warmup, b.opts.duration)
+	w, err := measureCounter(ctx, n.Load, total, b.opts.warmup, b.opts.duration, b.snap)
 	stop()
 	for _, c := range closers {
 		_ = c()
@@ -253,7 +253,7 @@ func runWatermill(ctx context.Context, b *bench) error {
 		return err
 	}
 	b.add(line{key: "watermill", what: "2. watermill-redisstream v1.4.5 Subscriber, 8 consumers, no-op", value: w.rate(), unit: "msg/s",
-		baseline: "ceiling.read", role: roleBaseline, chart: "throughput", notes: "stock config, ack at once; " + w.String()})
+		baseline: "ceiling.read", role: roleBaseline, chart: "throughput", notes: "stock config, ack at once; " + w.String() + "; " + w.cpuNotes("msg")})
 	return rdb.Unlink(ctx, stream).Err()
 }
 
@@ -296,13 +296,10 @@ func runHop(ctx context.Context, b *bench) error {
 		done := make(chan error, 1)
 		go func() { done <- router.Run(rctx) }()
 		var w window
-		var cpu string
 		key := fmt.Sprintf("hop.c%d", conc)
 		prof, err := b.profiled(key, func() error {
 			var err error
-			c0 := b.cpuSnapshot(0)
-			w, err = measureCounter(ctx, n.Load, total, b.opts.warmup, b.opts.duration)
-			cpu = cpuNote(c0, b.cpuSnapshot(0))
+			w, err = measureCounter(ctx, n.Load, total, b.opts.warmup, b.opts.duration, b.snap)
 			return err
 		})
 		stop()
@@ -313,7 +310,7 @@ func runHop(ctx context.Context, b *bench) error {
 			return err
 		}
 		what := fmt.Sprintf("3. Conveyor bus.Router + bus.Handle, no-op, concurrency %d", conc)
-		notes := fmt.Sprintf("typed decode + envelope, batched acks; %s; %s (warm-up included)", w, cpu)
+		notes := fmt.Sprintf("typed decode + envelope, batched acks; %s; %s", w, w.cpuNotes("msg"))
 		b.add(line{key: key, what: what + " vs ceiling", value: w.rate(), unit: "msg/s", baseline: "ceiling.read",
 			target: target{ratioAtLeast, 0.5}, role: roleConveyor, chart: "throughput", notes: notes, profile: prof})
 		b.add(line{what: what + " vs watermill", value: w.rate(), unit: "msg/s", baseline: "watermill",
