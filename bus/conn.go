@@ -245,9 +245,6 @@ func (c *readConn) frame() error {
 		if n > maxBulkLen {
 			return fmt.Errorf("%w: string of %d bytes", errBadReply, n)
 		}
-	}
-	switch typ {
-	case '$', '!', '=':
 		at := len(c.rbuf)
 		c.rbuf = append(c.rbuf, make([]byte, n+2)...)
 		if _, err := io.ReadFull(c.br, c.rbuf[at:]); err != nil {
@@ -369,25 +366,26 @@ func (c *readConn) appendAcks(acked []*delivery, group string) int {
 			n++
 		}
 		run := acked[i : i+n]
-		for _, verb := range [...]string{"XACK", "XDEL"} {
-			if verb == "XDEL" && !isRetryStream(d.stream) {
-				break
-			}
-			if verb == "XACK" {
-				c.array(3 + n)
-				c.bulk(verb)
-				c.bulk(d.stream)
-				c.bulk(group)
-			} else {
-				c.array(2 + n)
-				c.bulk(verb)
-				c.bulk(d.stream)
-			}
-			for _, e := range run {
-				c.bulk(e.id)
-			}
+		c.array(3 + n)
+		c.bulk("XACK")
+		c.bulk(d.stream)
+		c.bulk(group)
+		c.ids(run)
+		cmds++
+		if isRetryStream(d.stream) {
+			c.array(2 + n)
+			c.bulk("XDEL")
+			c.bulk(d.stream)
+			c.ids(run)
 			cmds++
 		}
 	}
 	return cmds
+}
+
+// ids appends the entry ids of ds as bulk strings.
+func (c *readConn) ids(ds []*delivery) {
+	for _, d := range ds {
+		c.bulk(d.id)
+	}
 }

@@ -5,6 +5,16 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
+// unmarshalFields turns an entry's fields into a Watermill message, as a
+// delivery does.
+func unmarshalFields(fields []string, lean bool) (*message.Message, error) {
+	em, err := parseEntry(fields)
+	if err != nil {
+		return nil, err
+	}
+	return em.message(lean), nil
+}
+
 // UnmarshalForTest decodes a stream entry read with go-redis as the
 // subscriber does.
 func UnmarshalForTest(x redis.XMessage) (*message.Message, error) {

@@ -72,23 +72,9 @@ func appendStr(b []byte, s string) []byte {
 	return append(b, s...)
 }
 
-// decodeMetadata decodes a msgpack map of strings. The keys and values it
-// returns share b's memory (b is an immutable string), so decoding an
-// entry's metadata allocates the map and nothing else.
-func decodeMetadata(b string) (map[string]string, error) {
-	pairs, err := decodeMetadataPairs(b)
-	if err != nil {
-		return nil, err
-	}
-	md := make(map[string]string, len(pairs)/2)
-	for i := 0; i+1 < len(pairs); i += 2 {
-		md[pairs[i]] = pairs[i+1]
-	}
-	return md, nil
-}
-
 // decodeMetadataPairs decodes a msgpack map of strings into its keys and
-// values, alternating, in one allocation: the strings share b's memory.
+// values, alternating, in one allocation: the strings share b's memory (b
+// is an immutable string).
 // Maps that are not plain string maps are decoded by the msgpack library.
 func decodeMetadataPairs(b string) ([]string, error) {
 	pairs, err := decodeMetadataFast(b)

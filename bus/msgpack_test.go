@@ -62,6 +62,15 @@ func FuzzMetadataCodec(f *testing.F) {
 }
 
 // pairsMap is the map of alternating keys and values (nil for none).
+// decodeMetadata decodes a msgpack map of strings into a map.
+func decodeMetadata(b string) (map[string]string, error) {
+	pairs, err := decodeMetadataPairs(b)
+	if err != nil {
+		return nil, err
+	}
+	return pairsMap(pairs), nil
+}
+
 func pairsMap(pairs []string) map[string]string {
 	if pairs == nil {
 		return nil

@@ -599,6 +599,16 @@ func pendingOf(t *testing.T, rdb *redis.Client, stream, group, consumer string) 
 	return int(p.Consumers[consumer])
 }
 
+// work handles n messages of ch, each taking d.
+func work(t *testing.T, ch <-chan *message.Message, n int, d time.Duration) {
+	t.Helper()
+	for range n {
+		m := receive(t, ch)
+		time.Sleep(d)
+		m.Ack()
+	}
+}
+
 // A replica whose handlers are busy with slow jobs reads nothing past its
 // window: the entries behind them go to an idle replica at once.
 func TestSlowJobsReadNothingAhead(t *testing.T) {
@@ -635,11 +645,7 @@ func TestReadAheadStopsWhenJobsTurnSlow(t *testing.T) {
 	ids := f.publish(200)
 	// About 1ms a job for 100 jobs: many pace samples of about 1,000/s,
 	// so a read-ahead of min(BatchSize, 1,000/s × 1s) = 10.
-	for range 100 {
-		m := receive(t, a)
-		time.Sleep(time.Millisecond)
-		m.Ack()
-	}
+	work(t, a, 100, time.Millisecond)
 	held := []*message.Message{receive(t, a), receive(t, a)}
 	time.Sleep(300 * time.Millisecond)
 	n := pendingOf(t, f.rdb, f.topic, f.group, "a")
@@ -678,16 +684,8 @@ func TestReadAheadFallsWhenJobsSlowDown(t *testing.T) {
 	}
 	a := f.subscribe(f.subscriber("a", ahead))
 	f.publish(200)
-	for range 100 {
-		m := receive(t, a)
-		time.Sleep(time.Millisecond)
-		m.Ack()
-	}
-	for range 20 { // more than what was read ahead
-		m := receive(t, a)
-		time.Sleep(60 * time.Millisecond)
-		m.Ack()
-	}
+	work(t, a, 100, time.Millisecond)
+	work(t, a, 20, 60*time.Millisecond) // more than what was read ahead
 	held := []*message.Message{receive(t, a), receive(t, a)}
 	time.Sleep(300 * time.Millisecond)
 	if n := pendingOf(t, f.rdb, f.topic, f.group, "a"); n != 2 {

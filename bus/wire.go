@@ -34,21 +34,6 @@ func marshalFields(msg *message.Message) ([]any, error) {
 	return []any{fieldUUID, msg.UUID, fieldMetadata, md, fieldPayload, []byte(msg.Payload)}, nil
 }
 
-// unmarshalFields decodes an entry's fields. Every failure wraps
-// errUndecodable: such an entry is a permanent error and is dead-lettered.
-//
-// A lean message is built without Ack and Nack channels, which Watermill
-// creates on the first Ack or Nack when they are missing. It is for the
-// Router, which learns each outcome from the handler's return and never
-// waits on the channels; it saves two channels per delivery.
-func unmarshalFields(fields []string, lean bool) (*message.Message, error) {
-	em, err := parseEntry(fields)
-	if err != nil {
-		return nil, err
-	}
-	return em.message(lean), nil
-}
-
 // entryMessage is an entry's message before (or instead of) a Watermill
 // message: the Router's handlers without middleware read it directly,
 // which saves the metadata map and its lookups.
@@ -59,7 +44,8 @@ type entryMessage struct {
 	meta []string
 }
 
-// parseEntry decodes an entry's fields. Every failure wraps errUndecodable.
+// parseEntry decodes an entry's fields. Every failure wraps errUndecodable:
+// such an entry is a permanent error and is dead-lettered.
 func parseEntry(fields []string) (entryMessage, error) {
 	var em entryMessage
 	var md string
@@ -97,7 +83,11 @@ func (em *entryMessage) Get(key string) string {
 	return ""
 }
 
-// message returns em as a Watermill message (lean: see unmarshalFields).
+// message returns em as a Watermill message. A lean message is built
+// without Ack and Nack channels, which Watermill creates on the first Ack
+// or Nack when they are missing. It is for the Router, which learns each
+// outcome from the handler's return and never waits on the channels; it
+// saves two channels per delivery.
 func (em *entryMessage) message(lean bool) *message.Message {
 	meta := make(message.Metadata, len(em.meta)/2)
 	for i := 0; i+1 < len(em.meta); i += 2 {
