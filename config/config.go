@@ -47,6 +47,7 @@ type Config struct {
 	MaxDelay         time.Duration
 	StuckAfter       time.Duration
 	BlobRetention    time.Duration
+	InboxRetention   time.Duration
 }
 
 // Var documents one environment variable.
@@ -84,6 +85,7 @@ var Vars = []Var{
 	{"SCHEDULES_FILE", "(none: built-in schedules only)", "YAML file of periodic events (cron) and built-in schedule overrides, read by the scheduler."},
 	{"MAX_DELAY", "720h", "Longest accepted delay of a delayed event or email (30 days); further → 422."},
 	{"STUCK_AFTER", "15m", "The stuck-document re-drive re-publishes documents still processing this long after upload."},
+	{"INBOX_RETENTION", "168h", "The projector remembers an applied event (its inbox row) this long, so that a redelivery changes nothing twice; an event redelivered later is applied again. At least 24h (7 days)."},
 	{"BLOB_RETENTION", "168h", "Stored bytes of failed documents are removed this long after the failure, and bytes no document refers to this long after they were stored, but never before 8 days, while a retry under an Idempotency-Key may still need them (7 days)."},
 }
 
@@ -116,6 +118,7 @@ func Load(getenv func(string) string) (Config, error) {
 		MaxDelay:         r.duration("MAX_DELAY", 30*24*time.Hour),
 		StuckAfter:       r.duration("STUCK_AFTER", 15*time.Minute),
 		BlobRetention:    r.duration("BLOB_RETENTION", 7*24*time.Hour),
+		InboxRetention:   r.duration("INBOX_RETENTION", 7*24*time.Hour),
 	}
 	c.CacheRedisURL = r.str("CACHE_REDIS_URL", c.RedisURL)
 	switch lvl := strings.ToLower(r.str("LOG_LEVEL", "info")); lvl {
@@ -160,6 +163,9 @@ func Load(getenv func(string) string) (Config, error) {
 		if d <= 0 {
 			r.fail(name, "must be positive")
 		}
+	}
+	if c.InboxRetention < 24*time.Hour {
+		r.fail("INBOX_RETENTION", "must be at least 24h: an event redelivered after its inbox row is gone is applied again")
 	}
 	if c.SMTPTimeout <= 0 {
 		r.fail("SMTP_TIMEOUT", "must be positive")

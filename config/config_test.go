@@ -27,6 +27,35 @@ func TestDefaults(t *testing.T) {
 	if c.CacheRedisURL != c.RedisURL {
 		t.Fatalf("CACHE_REDIS_URL should default to REDIS_URL, got %q", c.CacheRedisURL)
 	}
+	if c.InboxRetention != 7*24*time.Hour {
+		t.Fatalf("INBOX_RETENTION defaults to %s, want 168h", c.InboxRetention)
+	}
+}
+
+// TestInboxRetentionBounds: an inbox kept too briefly would let redeliveries
+// apply twice, so a short INBOX_RETENTION is refused rather than honoured.
+func TestInboxRetentionBounds(t *testing.T) {
+	t.Parallel()
+	for value, wantErr := range map[string]bool{"24h": false, "720h": false, "23h59m": true, "0s": true, "-1h": true, "week": true} {
+		c, err := config.Load(env(map[string]string{"REDIS_URL": "redis://127.0.0.1:6379/0", "INBOX_RETENTION": value}))
+		switch {
+		case wantErr && (err == nil || !strings.Contains(err.Error(), "INBOX_RETENTION")):
+			t.Errorf("INBOX_RETENTION=%s: err = %v, want an error naming it", value, err)
+		case !wantErr && err != nil:
+			t.Errorf("INBOX_RETENTION=%s: %v", value, err)
+		case !wantErr && c.InboxRetention.String() != mustDuration(t, value).String():
+			t.Errorf("INBOX_RETENTION=%s read as %s", value, c.InboxRetention)
+		}
+	}
+}
+
+func mustDuration(t *testing.T, s string) time.Duration {
+	t.Helper()
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
 }
 
 func TestEveryProblemReportedTogether(t *testing.T) {

@@ -21,6 +21,7 @@ import (
 const (
 	BuiltinStuckDocuments = "stuck-documents"
 	BuiltinBlobRetention  = "blob-retention"
+	BuiltinInboxRetention = "inbox-retention"
 )
 
 // MaxRedrives bounds how often one document is re-driven; a document still
@@ -78,6 +79,26 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 		return errors.Join(errs...)
 	}
 }
+
+// InboxRetention returns the inbox retention job: the projector's inbox
+// rows (one per applied event, which make a redelivered event change
+// nothing twice) are deleted retention after the event was applied, so that
+// the inbox does not grow forever. An event redelivered later than that is
+// applied again.
+func InboxRetention(st *store.Store, retention time.Duration, log *slog.Logger) Job {
+	return func(ctx context.Context, tick time.Time) error {
+		cutoff := tick.Add(-retention)
+		n, err := st.PruneInbox(ctx, cutoff, inboxBatch)
+		if n > 0 {
+			log.Info("inbox retention", "removed", n, "applied_before", cutoff.UTC().Format(time.RFC3339))
+		}
+		return err
+	}
+}
+
+// inboxBatch is how many inbox rows one statement of the inbox retention
+// deletes.
+const inboxBatch = 10_000
 
 // BlobRetention returns the blob retention job: the stored bytes of
 // documents that failed more than retention ago are removed, unless

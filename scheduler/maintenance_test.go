@@ -150,3 +150,41 @@ func TestBlobRetentionRemovesOnlyBytesNoDocumentNeeds(t *testing.T) {
 		}
 	}
 }
+
+// TestInboxRetentionForgetsOnlyOldEvents: the job removes the inbox rows of
+// events applied longer than the retention before its tick, and a
+// redelivery of an event still remembered changes nothing.
+func TestInboxRetentionForgetsOnlyOldEvents(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	st := migrated(t)
+	ids := []store.InboxEntry{{EventID: events.NewID(), EventType: events.TypeEmailSent}, {EventID: events.NewID(), EventType: events.TypeEmailSent}}
+	record := func() map[string]bool {
+		t.Helper()
+		var fresh map[string]bool
+		if err := st.WithTx(ctx, func(tx *store.Tx) error {
+			var err error
+			fresh, err = tx.Inbox(ctx, ids)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return fresh
+	}
+	if fresh := record(); len(fresh) != 2 {
+		t.Fatalf("first record: %d new, want 2", len(fresh))
+	}
+	job := scheduler.InboxRetention(st, 7*24*time.Hour, logger())
+	if err := job(ctx, time.Now().Add(6*24*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if fresh := record(); len(fresh) != 0 {
+		t.Fatalf("after a tick 6 days later: %d events new again, want none (still remembered)", len(fresh))
+	}
+	if err := job(ctx, time.Now().Add(8*24*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if fresh := record(); len(fresh) != 2 {
+		t.Fatalf("after a tick 8 days later: %d events new, want both forgotten", len(fresh))
+	}
+}

@@ -782,3 +782,45 @@ func TestWritesArePreparedOncePerConnection(t *testing.T) {
 		}
 	}
 }
+
+// TestPruneInbox: rows of events applied before the cutoff go, oldest first
+// and a batch per statement (a batch of 3 for 10 old rows takes four
+// statements), and rows applied since stay.
+func TestPruneInbox(t *testing.T) {
+	t.Parallel()
+	st, db := newStore(t)
+	ctx := t.Context()
+	now := time.Now()
+	for i := range 10 {
+		if _, err := db.ExecContext(ctx, "INSERT INTO processed_events (event_id, event_type, processed_at) VALUES ($1, 'email.sent', $2)",
+			fmt.Sprintf("old-%d", i), now.Add(-8*24*time.Hour-time.Duration(i)*time.Minute)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{"recent", "edge"} {
+		at := now.Add(-time.Hour)
+		if id == "edge" {
+			at = now.Add(-7*24*time.Hour + time.Minute)
+		}
+		if _, err := db.ExecContext(ctx, "INSERT INTO processed_events (event_id, event_type, processed_at) VALUES ($1, 'email.sent', $2)", id, at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cutoff := now.Add(-7 * 24 * time.Hour)
+	n, err := st.PruneInbox(ctx, cutoff, 3)
+	if err != nil || n != 10 {
+		t.Fatalf("PruneInbox = %d, %v; want the 10 old rows", n, err)
+	}
+	if left := count(t, db, "SELECT count(*) FROM processed_events WHERE event_id IN ('recent', 'edge')"); left != 2 {
+		t.Errorf("%d of the 2 rows applied after the cutoff left, want both", left)
+	}
+	if left := count(t, db, "SELECT count(*) FROM processed_events"); left != 2 {
+		t.Errorf("%d rows left, want 2", left)
+	}
+	if n, err := st.PruneInbox(ctx, cutoff, 3); err != nil || n != 0 {
+		t.Errorf("second PruneInbox = %d, %v; want nothing left to delete", n, err)
+	}
+	if _, err := st.PruneInbox(ctx, cutoff, 0); err == nil {
+		t.Error("PruneInbox with a batch of 0: no error")
+	}
+}

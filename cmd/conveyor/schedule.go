@@ -54,7 +54,7 @@ delayed events (POST /v1/events with deliver_at or delay, POST /v1/emails with
 send_at) into their streams when due. Replicas need no coordination: each tick
 is published exactly once, whichever replicas are alive. Serves /healthz,
 /readyz and /metrics on HTTP_ADDR.`,
-		vars: []string{"REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "SCHEDULES_FILE", "BLOB_DIR", "STUCK_AFTER", "BLOB_RETENTION", "SHUTDOWN_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT"},
+		vars: []string{"REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "SCHEDULES_FILE", "BLOB_DIR", "STUCK_AFTER", "BLOB_RETENTION", "INBOX_RETENTION", "SHUTDOWN_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT"},
 		run: func(ctx context.Context, env *environment, _ any, _ []string) error {
 			log := newLogger(env.cfg, os.Stderr)
 			ln, err := listen(env.cfg.HTTPAddr)
@@ -144,5 +144,7 @@ func (a *app) builtinSchedules() []scheduler.Builtin {
 			Job: scheduler.Redrive(a.store, a.pub, a.rdb, a.cfg.StuckAfter, a.log)},
 		{Name: scheduler.BuiltinBlobRetention, Cron: "@hourly",
 			Job: scheduler.BlobRetention(a.store, a.blobs, a.cfg.BlobRetention, a.log)},
+		{Name: scheduler.BuiltinInboxRetention, Cron: "@hourly",
+			Job: scheduler.InboxRetention(a.store, a.cfg.InboxRetention, a.log)},
 	}
 }
