@@ -85,7 +85,7 @@ var Vars = []Var{
 	{"SCHEDULES_FILE", "(none: built-in schedules only)", "YAML file of periodic events (cron) and built-in schedule overrides, read by the scheduler."},
 	{"MAX_DELAY", "720h", "Longest accepted delay of a delayed event or email (30 days); further → 422."},
 	{"STUCK_AFTER", "15m", "The stuck-document re-drive re-publishes documents still processing this long after upload."},
-	{"INBOX_RETENTION", "168h", "The projector remembers an applied event (its inbox row) this long, so that a redelivery changes nothing twice; an event redelivered later is applied again. At least 24h (7 days)."},
+	{"INBOX_RETENTION", "168h", "The projector remembers an applied event (its inbox row) this long, so that a redelivery changes nothing twice; an event redelivered later is applied again (7 days). At least 24h."},
 	{"BLOB_RETENTION", "168h", "Stored bytes of failed documents are removed this long after the failure, and bytes no document refers to this long after they were stored, but never before 8 days, while a retry under an Idempotency-Key may still need them (7 days)."},
 }
 

@@ -2,7 +2,9 @@
 // step with the event streams. It is their only writer.
 //
 // Every event is applied in one transaction together with its inbox row, so
-// a redelivered or duplicated event changes nothing twice; statuses only
+// a redelivered or duplicated event changes nothing twice (while the row is
+// kept: the scheduler's inbox-retention deletes it after INBOX_RETENTION);
+// statuses only
 // move forward, so events may arrive in any order. Events handed to the
 // projector at the same time are applied in one transaction (group commit)
 // with multi-row upserts. Cache keys of the changed rows are deleted only

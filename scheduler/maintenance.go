@@ -84,21 +84,36 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 // rows (one per applied event, which make a redelivered event change
 // nothing twice) are deleted retention after the event was applied, so that
 // the inbox does not grow forever. An event redelivered later than that is
-// applied again.
+// applied again, so a retention under MinInboxRetention is refused.
+//
+// Jobs run one after another in the scheduler's tick loop, so one run
+// deletes at most inboxPerRun rows (about a second or two of statements):
+// run every minute, that keeps up with about 8,000 applied events a second,
+// and a backlog, such as the whole inbox after an upgrade, goes down over
+// successive runs without holding up the other schedules.
 func InboxRetention(st *store.Store, retention time.Duration, log *slog.Logger) Job {
 	return func(ctx context.Context, tick time.Time) error {
+		if retention < MinInboxRetention {
+			return fmt.Errorf("inbox retention %s is under the minimum of %s", retention, MinInboxRetention)
+		}
 		cutoff := tick.Add(-retention)
-		n, err := st.PruneInbox(ctx, cutoff, inboxBatch)
+		n, err := st.PruneInbox(ctx, cutoff, inboxBatch, inboxPerRun)
 		if n > 0 {
-			log.Info("inbox retention", "removed", n, "applied_before", cutoff.UTC().Format(time.RFC3339))
+			log.Info("inbox retention", "removed", n, "applied_before", cutoff.UTC().Format(time.RFC3339), "more_left", n == inboxPerRun)
 		}
 		return err
 	}
 }
 
+// MinInboxRetention is the shortest inbox retention accepted.
+const MinInboxRetention = 24 * time.Hour
+
 // inboxBatch is how many inbox rows one statement of the inbox retention
-// deletes.
-const inboxBatch = 10_000
+// deletes, and inboxPerRun how many one run deletes at most.
+const (
+	inboxBatch  = 10_000
+	inboxPerRun = 500_000
+)
 
 // BlobRetention returns the blob retention job: the stored bytes of
 // documents that failed more than retention ago are removed, unless

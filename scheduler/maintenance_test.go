@@ -188,3 +188,15 @@ func TestInboxRetentionForgetsOnlyOldEvents(t *testing.T) {
 		t.Fatalf("after a tick 8 days later: %d events new, want both forgotten", len(fresh))
 	}
 }
+
+// TestInboxRetentionRefusesAShortRetention: a retention of zero would empty
+// the inbox, so the job refuses what config would refuse.
+func TestInboxRetentionRefusesAShortRetention(t *testing.T) {
+	t.Parallel()
+	st := migrated(t)
+	for _, r := range []time.Duration{0, -time.Hour, scheduler.MinInboxRetention - time.Second} {
+		if err := scheduler.InboxRetention(st, r, logger())(t.Context(), time.Now()); err == nil {
+			t.Errorf("retention %s: no error", r)
+		}
+	}
+}

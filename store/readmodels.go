@@ -426,24 +426,26 @@ func (s *Store) StuckDocuments(ctx context.Context, cutoff time.Time, limit int)
 	return docs, nil
 }
 
-// PruneInbox deletes the inbox rows of events applied before cutoff and
-// returns how many it deleted. It deletes batch rows per statement, oldest
-// first, so that no statement runs long or holds many row locks while the
-// projector writes; it stops when a statement finds fewer, or when ctx is
-// done. An event redelivered after its row is gone is applied again, so
-// cutoff must lie further back than any redelivery.
-func (s *Store) PruneInbox(ctx context.Context, cutoff time.Time, batch int) (int64, error) {
-	if batch < 1 {
-		return 0, fmt.Errorf("prune inbox: batch %d must be at least 1", batch)
+// PruneInbox deletes the inbox rows of events applied before cutoff, oldest
+// first and at most limit of them, and returns how many it deleted. It
+// deletes batch rows per statement, so that no statement runs long or holds
+// many row locks while the projector writes; it stops when a statement finds
+// fewer, at limit, or when ctx is done. An event redelivered after its row is
+// gone is applied again, so cutoff must lie further back than any
+// redelivery.
+func (s *Store) PruneInbox(ctx context.Context, cutoff time.Time, batch int, limit int64) (int64, error) {
+	if batch < 1 || limit < 1 {
+		return 0, fmt.Errorf("prune inbox: batch %d and limit %d must be at least 1", batch, limit)
 	}
 	var total int64
-	for {
+	for total < limit {
+		want := min(int64(batch), limit-total)
 		res, err := s.db.ExecContext(ctx, `
 			DELETE FROM processed_events WHERE ctid = ANY(ARRAY(
 				SELECT ctid FROM processed_events
 				WHERE processed_at < $1
 				ORDER BY processed_at
-				LIMIT $2))`, cutoff, batch)
+				LIMIT $2))`, cutoff, want)
 		if err != nil {
 			return total, fmt.Errorf("prune inbox before %s: %w", cutoff.UTC().Format(time.RFC3339), err)
 		}
@@ -452,10 +454,11 @@ func (s *Store) PruneInbox(ctx context.Context, cutoff time.Time, batch int) (in
 			return total, fmt.Errorf("prune inbox: %w", err)
 		}
 		total += n
-		if n < int64(batch) {
-			return total, nil
+		if n < want {
+			break
 		}
 	}
+	return total, nil
 }
 
 // UnreferencedBlobKeys returns those of keys that no document refers to.

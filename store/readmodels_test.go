@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -783,44 +784,61 @@ func TestWritesArePreparedOncePerConnection(t *testing.T) {
 	}
 }
 
-// TestPruneInbox: rows of events applied before the cutoff go, oldest first
-// and a batch per statement (a batch of 3 for 10 old rows takes four
-// statements), and rows applied since stay.
+// TestPruneInbox: rows of events applied before the cutoff go, oldest first,
+// a batch per statement and at most limit per call; a row applied exactly at
+// the cutoff and rows applied since stay.
 func TestPruneInbox(t *testing.T) {
 	t.Parallel()
 	st, db := newStore(t)
 	ctx := t.Context()
-	now := time.Now()
-	for i := range 10 {
-		if _, err := db.ExecContext(ctx, "INSERT INTO processed_events (event_id, event_type, processed_at) VALUES ($1, 'email.sent', $2)",
-			fmt.Sprintf("old-%d", i), now.Add(-8*24*time.Hour-time.Duration(i)*time.Minute)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, id := range []string{"recent", "edge"} {
-		at := now.Add(-time.Hour)
-		if id == "edge" {
-			at = now.Add(-7*24*time.Hour + time.Minute)
-		}
+	cutoff := time.Now().Add(-7 * 24 * time.Hour).Truncate(time.Millisecond)
+	insert := func(id string, at time.Time) {
+		t.Helper()
 		if _, err := db.ExecContext(ctx, "INSERT INTO processed_events (event_id, event_type, processed_at) VALUES ($1, 'email.sent', $2)", id, at); err != nil {
 			t.Fatal(err)
 		}
 	}
-	cutoff := now.Add(-7 * 24 * time.Hour)
-	n, err := st.PruneInbox(ctx, cutoff, 3)
-	if err != nil || n != 10 {
-		t.Fatalf("PruneInbox = %d, %v; want the 10 old rows", n, err)
+	// old-0 is the newest of the old rows, old-9 the oldest.
+	for i := range 10 {
+		insert(fmt.Sprintf("old-%d", i), cutoff.Add(-time.Duration(i+1)*time.Minute))
 	}
-	if left := count(t, db, "SELECT count(*) FROM processed_events WHERE event_id IN ('recent', 'edge')"); left != 2 {
-		t.Errorf("%d of the 2 rows applied after the cutoff left, want both", left)
+	insert("at-cutoff", cutoff)
+	insert("recent", time.Now().Add(-time.Hour))
+
+	// A limit of 4 in batches of 3: the 4 oldest go, in two statements.
+	n, err := st.PruneInbox(ctx, cutoff, 3, 4)
+	if err != nil || n != 4 {
+		t.Fatalf("PruneInbox with limit 4 = %d, %v; want 4", n, err)
 	}
-	if left := count(t, db, "SELECT count(*) FROM processed_events"); left != 2 {
-		t.Errorf("%d rows left, want 2", left)
+	if left := count(t, db, "SELECT count(*) FROM processed_events WHERE event_id IN ('old-6', 'old-7', 'old-8', 'old-9')"); left != 0 {
+		t.Errorf("%d of the 4 oldest rows left, want them deleted first", left)
 	}
-	if n, err := st.PruneInbox(ctx, cutoff, 3); err != nil || n != 0 {
-		t.Errorf("second PruneInbox = %d, %v; want nothing left to delete", n, err)
+	n, err = st.PruneInbox(ctx, cutoff, 3, 100)
+	if err != nil || n != 6 {
+		t.Fatalf("PruneInbox = %d, %v; want the 6 old rows left", n, err)
 	}
-	if _, err := st.PruneInbox(ctx, cutoff, 0); err == nil {
-		t.Error("PruneInbox with a batch of 0: no error")
+	var left []string
+	rows, err := db.QueryContext(ctx, "SELECT event_id FROM processed_events ORDER BY event_id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		left = append(left, id)
+	}
+	if want := []string{"at-cutoff", "recent"}; !slices.Equal(left, want) {
+		t.Errorf("rows left %q, want %q", left, want)
+	}
+	if n, err := st.PruneInbox(ctx, cutoff, 3, 100); err != nil || n != 0 {
+		t.Errorf("third PruneInbox = %d, %v; want nothing left to delete", n, err)
+	}
+	for _, bad := range [][2]int{{0, 10}, {10, 0}} {
+		if _, err := st.PruneInbox(ctx, cutoff, bad[0], int64(bad[1])); err == nil {
+			t.Errorf("PruneInbox with batch %d, limit %d: no error", bad[0], bad[1])
+		}
 	}
 }

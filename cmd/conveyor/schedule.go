@@ -144,7 +144,7 @@ func (a *app) builtinSchedules() []scheduler.Builtin {
 			Job: scheduler.Redrive(a.store, a.pub, a.rdb, a.cfg.StuckAfter, a.log)},
 		{Name: scheduler.BuiltinBlobRetention, Cron: "@hourly",
 			Job: scheduler.BlobRetention(a.store, a.blobs, a.cfg.BlobRetention, a.log)},
-		{Name: scheduler.BuiltinInboxRetention, Cron: "@hourly",
+		{Name: scheduler.BuiltinInboxRetention, Cron: "* * * * *",
 			Job: scheduler.InboxRetention(a.store, a.cfg.InboxRetention, a.log)},
 	}
 }
