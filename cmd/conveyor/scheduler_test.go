@@ -2,6 +2,7 @@ package main_test
 
 import (
 	"bytes"
+	"database/sql"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -15,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	_ "github.com/lib/pq"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/conveyor/conveyor/embedded"
@@ -255,5 +257,60 @@ func TestSchedulerRefusesBadSchedules(t *testing.T) {
 	}
 	if !strings.Contains(out, `"nightly-report"`) || !strings.Contains(out, "invalid cron") {
 		t.Fatalf("error does not name the schedule and the problem:\n%s", out)
+	}
+}
+
+// The real scheduler runs the built-in inbox-retention (re-timed through
+// SCHEDULES_FILE to every second) on a migrated database: inbox rows of
+// events applied longer than INBOX_RETENTION ago go, newer ones stay.
+func TestSchedulerPrunesTheInbox(t *testing.T) {
+	t.Parallel()
+	rs := testenv.StartRedis(t, embedded.RedisConfig{Dir: t.TempDir()})
+	dbURL := testenv.DatabaseURL(t)
+	file := filepath.Join(t.TempDir(), "schedules.yaml")
+	if err := os.WriteFile(file, []byte("builtin:\n  inbox-retention: {cron: \"* * * * * *\"}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"REDIS_URL=" + rs.URL(), "DATABASE_URL=" + dbURL, "BLOB_DIR=" + t.TempDir(),
+		"SCHEDULES_FILE=" + file, "INBOX_RETENTION=24h"}
+	if out, err := harness.Run(t, t.Context(), env, "migrate"); err != nil {
+		t.Fatalf("migrate: %v\n%s", err, out)
+	}
+	db, err := sql.Open("postgres", dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = db.Close() })
+	for id, age := range map[string]string{"old-1": "48 hours", "old-2": "25 hours", "recent": "23 hours"} {
+		if _, err := db.ExecContext(t.Context(), "INSERT INTO processed_events (event_id, event_type, processed_at) VALUES ($1, 'email.sent', now() - $2::interval)", id, age); err != nil {
+			t.Fatal(err)
+		}
+	}
+	count := func(query string) int {
+		t.Helper()
+		var n int
+		if err := db.QueryRowContext(t.Context(), query).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	s := harness.Start(t, "scheduler", env, "scheduler")
+	s.WaitReady(t, time.Minute)
+	deadline := time.Now().Add(30 * time.Second)
+	for count("SELECT count(*) FROM processed_events WHERE event_id LIKE 'old-%'") > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("old inbox rows still there after 30 s of a schedule firing every second\n%s", s.Log())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err := s.Stop(30 * time.Second); err != nil {
+		t.Errorf("scheduler: %v", err)
+	}
+	if n := count("SELECT count(*) FROM processed_events WHERE event_id = 'recent'"); n != 1 {
+		t.Errorf("the row applied 23 hours ago is gone (%d left), want it kept under INBOX_RETENTION=24h", n)
+	}
+	if !strings.Contains(s.Log(), "inbox retention") {
+		t.Errorf("the scheduler's log does not report the removal:\n%s", s.Log())
 	}
 }
