@@ -27,6 +27,11 @@ func TestPlainAddressAgreesWithNetMail(t *testing.T) {
 			took++
 		}
 	}
+	// Every byte in the local part and in the domain.
+	for c := range 256 {
+		checkPlainAddress(t, "a"+string(byte(c))+"b@example.com")
+		checkPlainAddress(t, "ab@exa"+string(byte(c))+"mple.com")
+	}
 	// The fast path must actually take the common form, or it saves nothing.
 	if took < 5 {
 		t.Fatalf("fast path took %d of the seeds; want at least the 5 plain ones", took)

@@ -256,7 +256,7 @@ func (e *EmailFailed) Validate() error {
 // ParseAddress accepts one email address, optionally with a display name,
 // and returns its normalised form. Errors read well after a field name.
 func ParseAddress(s string) (*mail.Address, error) {
-	if strings.ContainsAny(s, "\r\n") {
+	if strings.IndexByte(s, '\r') >= 0 || strings.IndexByte(s, '\n') >= 0 {
 		return nil, errInvalidAddress
 	}
 	a, ok := parsePlainAddress(s)
@@ -294,19 +294,25 @@ func isDotAtom(s string) bool {
 	}
 	for i := 0; i < len(s); i++ {
 		c := s[i]
-		switch {
-		case c == '.':
+		if c == '.' {
 			if s[i-1] == '.' {
 				return false
 			}
-		case c <= ' ' || c >= 0x7f:
-			return false
-		case strings.IndexByte(`()<>[]:;@\,"`, c) >= 0:
+		} else if !atext[c] {
 			return false
 		}
 	}
 	return true
 }
+
+// atext marks the characters of RFC 5322 atoms: printable ASCII but
+// space and the specials.
+var atext = func() (t [256]bool) {
+	for c := '!'; c < 0x7f; c++ {
+		t[c] = !strings.ContainsRune(`()<>[]:;@\,".`, c)
+	}
+	return t
+}()
 
 type addressError struct{}
 
