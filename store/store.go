@@ -196,6 +196,7 @@ func (tx *Tx) exec(ctx context.Context, query string, args ...any) error {
 	var err error
 	if st := tx.stmt(ctx, query); st != nil {
 		_, err = st.ExecContext(ctx, args...)
+		tx.s.forgetIfStale(query, err)
 	} else {
 		_, err = tx.tx.ExecContext(ctx, query, args...)
 	}
@@ -205,9 +206,31 @@ func (tx *Tx) exec(ctx context.Context, query string, args ...any) error {
 // selectAll is exec for a statement returning rows, scanned into dest.
 func (tx *Tx) selectAll(ctx context.Context, dest any, query string, args ...any) error {
 	if st := tx.stmt(ctx, query); st != nil {
-		return st.SelectContext(ctx, dest, args...)
+		err := st.SelectContext(ctx, dest, args...)
+		tx.s.forgetIfStale(query, err)
+		return err
 	}
 	return tx.tx.SelectContext(ctx, dest, query, args...)
+}
+
+// forgetIfStale drops the prepared statement of query if err says that a
+// schema change (a migration altering a column it returns) changed its
+// result type. PostgreSQL re-plans a prepared statement after a schema
+// change but refuses one whose result type changed, on every connection it
+// was prepared on, until it is prepared anew. The transaction that met the
+// error fails (its caller retries it); later ones run unprepared until
+// prepare prepares the statement again.
+func (s *Store) forgetIfStale(query string, err error) {
+	var pqErr *pq.Error
+	if !errors.As(err, &pqErr) || pqErr.Code != "0A000" || !strings.Contains(pqErr.Message, "cached plan must not change result type") {
+		return
+	}
+	if st, ok := s.stmts.LoadAndDelete(query); ok {
+		s.allPrepared.Store(false)
+		// Closing waits for no one: connections in use close their copy
+		// when they are released.
+		_ = st.(*sqlx.Stmt).Close()
+	}
 }
 
 // WithTx runs fn in a transaction and commits it if fn returns nil. The

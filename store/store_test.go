@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/lib/pq"
 
@@ -355,4 +356,48 @@ func allMigrations(t *testing.T) []string {
 		t.Fatal("no migrations")
 	}
 	return names
+}
+
+// TestPreparedStatementSurvivesAResultTypeChange: a migration that changes
+// a column the inbox statement returns (here its collation) makes
+// PostgreSQL refuse the statement prepared before it, on every connection,
+// with "cached plan must not change result type". The store must drop the
+// stale statement after the first refusal, not keep failing.
+func TestPreparedStatementSurvivesAResultTypeChange(t *testing.T) {
+	t.Parallel()
+	st, db := newStore(t)
+	ctx := t.Context()
+	record := func(id string) error {
+		return st.WithTx(ctx, func(tx *store.Tx) error {
+			_, err := tx.Inbox(ctx, []store.InboxEntry{{EventID: id, EventType: "email.sent"}})
+			return err
+		})
+	}
+	if err := record("before"); err != nil {
+		t.Fatalf("record before the change: %v", err)
+	}
+	if _, err := db.ExecContext(ctx, `ALTER TABLE processed_events ALTER COLUMN event_id TYPE text COLLATE "C"`); err != nil {
+		t.Fatal(err)
+	}
+	failed := 0
+	for i := range 5 {
+		if err := record(fmt.Sprintf("after-%d", i)); err != nil {
+			failed++
+			if !strings.Contains(err.Error(), "cached plan must not change result type") {
+				t.Fatalf("record after the change: %v", err)
+			}
+		}
+	}
+	t.Logf("%d failed", failed)
+	if failed > 1 {
+		t.Errorf("%d of 5 transactions after the change failed, want at most the first", failed)
+	}
+	// Prepared again (prepare retries at most once a second), it works.
+	time.Sleep(1100 * time.Millisecond)
+	if err := record("later"); err != nil {
+		t.Errorf("record once the statement is prepared again: %v", err)
+	}
+	if n := count(t, db, "SELECT count(*) FROM processed_events"); n != 2+5-failed {
+		t.Errorf("%d inbox rows, want %d", n, 2+5-failed)
+	}
 }
