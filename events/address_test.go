@@ -29,8 +29,8 @@ func TestPlainAddressAgreesWithNetMail(t *testing.T) {
 	}
 	// Every byte in the local part and in the domain.
 	for c := range 256 {
-		checkPlainAddress(t, "a"+string(byte(c))+"b@example.com")
-		checkPlainAddress(t, "ab@exa"+string(byte(c))+"mple.com")
+		checkPlainAddress(t, "a"+string([]byte{byte(c)})+"b@example.com")
+		checkPlainAddress(t, "ab@exa"+string([]byte{byte(c)})+"mple.com")
 	}
 	// The fast path must actually take the common form, or it saves nothing.
 	if took < 5 {

@@ -12,3 +12,12 @@ func (s *Store) PreparedStatements(ctx context.Context) (int, error) {
 
 // ReadModelWrites is how many statements the read-model writes prepare.
 var ReadModelWrites = len(readModelWrites)
+
+// IsPrepared reports whether query holds a prepared statement.
+func (s *Store) IsPrepared(query string) bool {
+	_, ok := s.stmts.Load(query)
+	return ok
+}
+
+// QLockAndInbox is the inbox statement.
+var QLockAndInbox = qLockAndInbox

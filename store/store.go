@@ -71,6 +71,9 @@ type Store struct {
 	allPrepared atomic.Bool
 	prepareMu   sync.Mutex
 	preparedAt  time.Time // of the last attempt
+	// forgotten counts statements dropped as stale (forgetIfStale), so that
+	// a prepare running meanwhile does not mark everything prepared.
+	forgotten atomic.Int64
 }
 
 // Open returns a Store. It does not contact the database: callers that
@@ -165,6 +168,7 @@ func (s *Store) prepare(ctx context.Context) {
 		return
 	}
 	s.preparedAt = time.Now()
+	forgotten := s.forgotten.Load()
 	all := true
 	for _, q := range readModelWrites {
 		if _, ok := s.stmts.Load(q); ok {
@@ -177,26 +181,27 @@ func (s *Store) prepare(ctx context.Context) {
 		}
 		s.stmts.Store(q, st)
 	}
-	s.allPrepared.Store(all)
+	s.allPrepared.Store(all && s.forgotten.Load() == forgotten)
 }
 
-// stmt returns query as a statement of the transaction: the prepared one
-// (on this connection, prepared on first use), or nil if query is not
-// prepared.
-func (tx *Tx) stmt(ctx context.Context, query string) *sqlx.Stmt {
-	st, ok := tx.s.stmts.Load(query)
+// stmt returns query as a statement of the transaction, and the store's
+// prepared statement it comes from: the prepared one (on this connection,
+// prepared on first use), or nil if query is not prepared.
+func (tx *Tx) stmt(ctx context.Context, query string) (st, parent *sqlx.Stmt) {
+	p, ok := tx.s.stmts.Load(query)
 	if !ok {
-		return nil
+		return nil, nil
 	}
-	return tx.tx.StmtxContext(ctx, st.(*sqlx.Stmt))
+	parent = p.(*sqlx.Stmt)
+	return tx.tx.StmtxContext(ctx, parent), parent
 }
 
 // exec runs a read-model write, prepared if it is (see readModelWrites).
 func (tx *Tx) exec(ctx context.Context, query string, args ...any) error {
 	var err error
-	if st := tx.stmt(ctx, query); st != nil {
+	if st, parent := tx.stmt(ctx, query); st != nil {
 		_, err = st.ExecContext(ctx, args...)
-		tx.s.forgetIfStale(query, err)
+		tx.s.forgetIfStale(query, parent, err)
 	} else {
 		_, err = tx.tx.ExecContext(ctx, query, args...)
 	}
@@ -205,9 +210,9 @@ func (tx *Tx) exec(ctx context.Context, query string, args ...any) error {
 
 // selectAll is exec for a statement returning rows, scanned into dest.
 func (tx *Tx) selectAll(ctx context.Context, dest any, query string, args ...any) error {
-	if st := tx.stmt(ctx, query); st != nil {
+	if st, parent := tx.stmt(ctx, query); st != nil {
 		err := st.SelectContext(ctx, dest, args...)
-		tx.s.forgetIfStale(query, err)
+		tx.s.forgetIfStale(query, parent, err)
 		return err
 	}
 	return tx.tx.SelectContext(ctx, dest, query, args...)
@@ -220,17 +225,30 @@ func (tx *Tx) selectAll(ctx context.Context, dest any, query string, args ...any
 // was prepared on, until it is prepared anew. The transaction that met the
 // error fails (its caller retries it); later ones run unprepared until
 // prepare prepares the statement again.
-func (s *Store) forgetIfStale(query string, err error) {
-	var pqErr *pq.Error
-	if !errors.As(err, &pqErr) || pqErr.Code != "0A000" || !strings.Contains(pqErr.Message, "cached plan must not change result type") {
+//
+// Only parent, the statement the transaction used, is dropped: transactions
+// that used it fail together, and the first must not make the others drop
+// the statement prepared since. Closing it waits for no one: transactions
+// holding a copy keep it until they end, and connections in use close
+// theirs when they are released.
+func (s *Store) forgetIfStale(query string, parent *sqlx.Stmt, err error) {
+	if !isStalePlan(err) {
 		return
 	}
-	if st, ok := s.stmts.LoadAndDelete(query); ok {
+	if s.stmts.CompareAndDelete(query, parent) {
+		s.forgotten.Add(1)
 		s.allPrepared.Store(false)
-		// Closing waits for no one: connections in use close their copy
-		// when they are released.
-		_ = st.(*sqlx.Stmt).Close()
+		_ = parent.Close()
 	}
+}
+
+// isStalePlan reports PostgreSQL's refusal of a prepared statement whose
+// result type a schema change altered. The message may be translated
+// (lc_messages); the routine that raises it is not.
+func isStalePlan(err error) bool {
+	var pqErr *pq.Error
+	return errors.As(err, &pqErr) && pqErr.Code == "0A000" &&
+		(pqErr.Routine == "RevalidateCachedQuery" || strings.Contains(pqErr.Message, "cached plan must not change result type"))
 }
 
 // WithTx runs fn in a transaction and commits it if fn returns nil. The

@@ -310,7 +310,7 @@ func TestSchedulerPrunesTheInbox(t *testing.T) {
 	if n := count("SELECT count(*) FROM processed_events WHERE event_id = 'recent'"); n != 1 {
 		t.Errorf("the row applied 23 hours ago is gone (%d left), want it kept under INBOX_RETENTION=24h", n)
 	}
-	if !strings.Contains(s.Log(), "inbox retention") {
+	if !strings.Contains(s.Log(), `msg="inbox retention" removed=2`) {
 		t.Errorf("the scheduler's log does not report the removal:\n%s", s.Log())
 	}
 }
