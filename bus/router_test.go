@@ -3,6 +3,7 @@ package bus_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -448,5 +449,33 @@ func TestRouterMiddleware(t *testing.T) {
 	case s := <-saw:
 		t.Fatalf("middleware called again after success: %+v", s)
 	default:
+	}
+}
+
+// TestPayloadKeepsHTMLCharacters: '<', '>' and '&' reach the stream as they
+// are, not as \u003c and the like (six bytes each), and decode back.
+func TestPayloadKeepsHTMLCharacters(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	pub := routerPublisher(t, f)
+	body := `<p>Your <a href='https://example.com/r?id=1&x=2'>report</a> & more</p>`
+	req := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "<b>&</b>", Body: body, RequestedAt: time.Now().UTC()}
+	if _, err := pub.PublishEvent(t.Context(), req); err != nil {
+		t.Fatal(err)
+	}
+	xs, err := f.rdb.XRange(t.Context(), f.topic+":"+events.TypeEmailRequested, "-", "+").Result()
+	if err != nil || len(xs) != 1 {
+		t.Fatalf("XRANGE = %d entries, %v; want 1", len(xs), err)
+	}
+	payload, _ := xs[0].Values["payload"].(string)
+	if !strings.Contains(payload, body) || strings.Contains(payload, `\u00`) {
+		t.Fatalf("payload %s does not hold the body as it is", payload)
+	}
+	ev, err := events.Decode(events.TypeEmailRequested, 1, []byte(payload))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := ev.(*events.EmailRequested); got.Body != body || got.Subject != req.Subject {
+		t.Errorf("decoded body %q, subject %q; want them unchanged", got.Body, got.Subject)
 	}
 }
