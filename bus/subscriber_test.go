@@ -599,6 +599,19 @@ func pendingOf(t *testing.T, rdb *redis.Client, stream, group, consumer string) 
 	return int(p.Consumers[consumer])
 }
 
+// handOver starts a second replica, b, which must get the n entries a did
+// not read, then acks the messages a held.
+func handOver(t *testing.T, f *fixture, n int, held []*message.Message) {
+	t.Helper()
+	b := f.subscribe(f.subscriber("b", nil))
+	for range n {
+		receive(t, b).Ack()
+	}
+	for _, m := range held {
+		m.Ack()
+	}
+}
+
 // work handles n messages of ch, each taking d.
 func work(t *testing.T, ch <-chan *message.Message, n int, d time.Duration) {
 	t.Helper()
@@ -622,13 +635,7 @@ func TestSlowJobsReadNothingAhead(t *testing.T) {
 	if n := pendingOf(t, f.rdb, f.topic, f.group, "a"); n != 2 {
 		t.Fatalf("a holds %d entries with 2 slow jobs in a window of 2, want 2: it read ahead behind slow jobs", n)
 	}
-	b := f.subscribe(f.subscriber("b", nil))
-	for range len(ids) - len(held) {
-		receive(t, b).Ack()
-	}
-	for _, m := range held {
-		m.Ack()
-	}
+	handOver(t, f, len(ids)-len(held), held)
 	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
 }
 
@@ -657,13 +664,7 @@ func TestReadAheadStopsWhenJobsTurnSlow(t *testing.T) {
 		t.Fatalf("a went on reading while its jobs were stuck: it held %d, then %d", n, again)
 	}
 	t.Logf("a read %d entries ahead before its jobs turned slow", n-2)
-	b := f.subscribe(f.subscriber("b", nil))
-	for range len(ids) - 100 - n {
-		receive(t, b).Ack()
-	}
-	for _, m := range held {
-		m.Ack()
-	}
+	handOver(t, f, len(ids)-100-n, held)
 	for range n - 2 {
 		receive(t, a).Ack()
 	}

@@ -50,6 +50,10 @@ type Config struct {
 	InboxRetention   time.Duration
 }
 
+// MinInboxRetention is the shortest INBOX_RETENTION accepted: an event
+// redelivered after its inbox row is gone is applied again.
+const MinInboxRetention = 24 * time.Hour
+
 // Var documents one environment variable.
 type Var struct {
 	Name    string
@@ -164,8 +168,8 @@ func Load(getenv func(string) string) (Config, error) {
 			r.fail(name, "must be positive")
 		}
 	}
-	if c.InboxRetention < 24*time.Hour {
-		r.fail("INBOX_RETENTION", "must be at least 24h: an event redelivered after its inbox row is gone is applied again")
+	if c.InboxRetention < MinInboxRetention {
+		r.fail("INBOX_RETENTION", "must be at least %s: an event redelivered after its inbox row is gone is applied again", MinInboxRetention)
 	}
 	if c.SMTPTimeout <= 0 {
 		r.fail("SMTP_TIMEOUT", "must be positive")

@@ -12,6 +12,7 @@ import (
 
 	"github.com/conveyor/conveyor/blob"
 	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/config"
 	"github.com/conveyor/conveyor/events"
 	"github.com/conveyor/conveyor/idem"
 	"github.com/conveyor/conveyor/store"
@@ -84,7 +85,7 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 // rows (one per applied event, which make a redelivered event change
 // nothing twice) are deleted retention after the event was applied, so that
 // the inbox does not grow forever. An event redelivered later than that is
-// applied again, so a retention under MinInboxRetention is refused.
+// applied again, so a retention under config.MinInboxRetention is refused.
 //
 // Jobs run one after another in the scheduler's tick loop, so one run
 // deletes at most inboxPerRun rows (about a second or two of statements):
@@ -93,8 +94,8 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 // successive runs without holding up the other schedules.
 func InboxRetention(st *store.Store, retention time.Duration, log *slog.Logger) Job {
 	return func(ctx context.Context, tick time.Time) error {
-		if retention < MinInboxRetention {
-			return fmt.Errorf("inbox retention %s is under the minimum of %s", retention, MinInboxRetention)
+		if retention < config.MinInboxRetention {
+			return fmt.Errorf("inbox retention %s is under the minimum of %s", retention, config.MinInboxRetention)
 		}
 		cutoff := tick.Add(-retention)
 		n, err := st.PruneInbox(ctx, cutoff, inboxBatch, inboxPerRun)
@@ -104,9 +105,6 @@ func InboxRetention(st *store.Store, retention time.Duration, log *slog.Logger) 
 		return err
 	}
 }
-
-// MinInboxRetention is the shortest inbox retention accepted.
-const MinInboxRetention = 24 * time.Hour
 
 // inboxBatch is how many inbox rows one statement of the inbox retention
 // deletes, and inboxPerRun how many one run deletes at most.

@@ -9,6 +9,7 @@ import (
 
 	"github.com/conveyor/conveyor/blob"
 	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/config"
 	"github.com/conveyor/conveyor/events"
 	"github.com/conveyor/conveyor/internal/testenv"
 	"github.com/conveyor/conveyor/scheduler"
@@ -194,7 +195,7 @@ func TestInboxRetentionForgetsOnlyOldEvents(t *testing.T) {
 func TestInboxRetentionRefusesAShortRetention(t *testing.T) {
 	t.Parallel()
 	st := migrated(t)
-	for _, r := range []time.Duration{0, -time.Hour, scheduler.MinInboxRetention - time.Second} {
+	for _, r := range []time.Duration{0, -time.Hour, config.MinInboxRetention - time.Second} {
 		if err := scheduler.InboxRetention(st, r, logger())(t.Context(), time.Now()); err == nil {
 			t.Errorf("retention %s: no error", r)
 		}
