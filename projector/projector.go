@@ -4,11 +4,11 @@
 // Every event is applied in one transaction together with its inbox row, so
 // a redelivered or duplicated event changes nothing twice (while the row is
 // kept: the scheduler's inbox-retention deletes it after INBOX_RETENTION);
-// statuses only
-// move forward, so events may arrive in any order. Events handed to the
-// projector at the same time are applied in one transaction (group commit)
-// with multi-row upserts. Cache keys of the changed rows are deleted only
-// after the commit.
+// statuses only move forward, so events may arrive in any order. Events
+// handed to the projector at the same time are applied in one transaction
+// (group commit) with multi-row upserts. Cache keys of the changed rows are
+// deleted only after the commit; rows the transaction created have nothing
+// cached, so their keys are left alone.
 //
 // projector must not import api, handlers or Redis/Watermill packages: it
 // gets events from bus and writes through store.
@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -289,6 +290,7 @@ func (p *Projector) applyBatch(items []*item) error {
 		keys = append(keys, cacheKey(it.ev))
 	}
 	var fresh map[string]bool
+	var stale []string // keys to invalidate after the commit
 	err := p.cfg.Store.WithTx(ctx, func(tx *store.Tx) error {
 		var err error
 		if fresh, err = tx.LockAndInbox(ctx, keys, entries); err != nil {
@@ -303,7 +305,21 @@ func (p *Projector) applyBatch(items []*item) error {
 				b.add(it.ev, it.id)
 			}
 		}
-		return b.apply(ctx, tx)
+		if err := b.apply(ctx, tx); err != nil {
+			return err
+		}
+		// The key of a row this transaction inserted is not invalidated:
+		// nothing can be cached for a row that did not exist (the api
+		// caches only rows it read). In a steady flow that is half of the
+		// invalidations, since each email's or document's first event
+		// inserts its row.
+		stale = keys[:0:0]
+		for _, k := range keys {
+			if !tx.Created(k) {
+				stale = append(stale, k)
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("apply %d events: %w", len(items), err)
@@ -314,28 +330,31 @@ func (p *Projector) applyBatch(items []*item) error {
 
 	// Keys of duplicates are invalidated too: if an invalidation failed
 	// after an earlier commit, the redelivery repairs the cache.
-	if err := p.cfg.Cache.Invalidate(ctx, keys...); err != nil {
+	if err := p.cfg.Cache.Invalidate(ctx, stale...); err != nil {
 		return fmt.Errorf("invalidate cache after commit: %w", err)
 	}
 	return nil
 }
 
+// cacheKey is the key of the row ev writes. A UUID may arrive in capitals;
+// the api reads and caches under the lowercase form, as PostgreSQL returns
+// it, so the key uses that form too.
 func cacheKey(ev events.Event) string {
 	switch e := ev.(type) {
 	case *events.DocumentUploaded:
-		return store.DocumentKey(e.DocID)
+		return store.DocumentKey(strings.ToLower(e.DocID))
 	case *events.DocumentProcessed:
-		return store.DocumentKey(e.DocID)
+		return store.DocumentKey(strings.ToLower(e.DocID))
 	case *events.DocumentProcessingFailed:
-		return store.DocumentKey(e.DocID)
+		return store.DocumentKey(strings.ToLower(e.DocID))
 	case *events.EmailRequested:
-		return store.EmailKey(e.EmailID)
+		return store.EmailKey(strings.ToLower(e.EmailID))
 	case *events.EmailScheduled:
-		return store.EmailKey(e.EmailID)
+		return store.EmailKey(strings.ToLower(e.EmailID))
 	case *events.EmailSent:
-		return store.EmailKey(e.EmailID)
+		return store.EmailKey(strings.ToLower(e.EmailID))
 	case *events.EmailFailed:
-		return store.EmailKey(e.EmailID)
+		return store.EmailKey(strings.ToLower(e.EmailID))
 	}
 	return ""
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -263,11 +264,14 @@ var kinds = []struct {
 	name  string
 	mk    func(id string) events.Event
 	isDoc bool
+	// first marks the event that usually creates its row; the projector
+	// leaves the cache key of a row such an event created alone.
+	first bool
 }{
-	{name: events.TypeDocumentUploaded, mk: uploaded, isDoc: true},
+	{name: events.TypeDocumentUploaded, mk: uploaded, isDoc: true, first: true},
 	{name: events.TypeDocumentProcessed, mk: processed, isDoc: true},
 	{name: events.TypeDocumentProcessingFailed, mk: docFailed, isDoc: true},
-	{name: events.TypeEmailRequested, mk: requested},
+	{name: events.TypeEmailRequested, mk: requested, first: true},
 	{name: events.TypeEmailSent, mk: sent},
 	{name: events.TypeEmailFailed, mk: mailFailed},
 }
@@ -718,6 +722,14 @@ func (h *recorder) find(msg string) map[string]any {
 // TestCacheInvalidation caches a value under the key of the row an event
 // changes: after Apply it is gone. A duplicate of the event invalidates it
 // again, which repairs the cache if an earlier invalidation failed.
+// TestCacheInvalidation checks which keys the projector invalidates after
+// the commit. The key of a row that existed before the event is: on its
+// first delivery, on a duplicate (which repairs an invalidation that
+// failed), and when the event names the row in capitals. The key of a row
+// that a first event (document.uploaded, email.requested) created is not
+// (nothing can be cached for a row that did not exist, since a read that
+// finds no row caches nothing): a value planted under it stays, which shows
+// that no invalidation was sent. An unrelated key is never touched.
 func TestCacheInvalidation(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
@@ -727,23 +739,42 @@ func TestCacheInvalidation(t *testing.T) {
 			c := newCache(t, f.rdb)
 			p, _ := f.projector(t, c, nil)
 			ctx := t.Context()
-			id, eventID := events.NewID(), events.NewID()
+			id := events.NewID()
 			key := cacheKey(k.isDoc, id)
 			other := cacheKey(k.isDoc, events.NewID())
 			if err := c.Set(ctx, other, "unrelated", time.Hour); err != nil {
 				t.Fatal(err)
 			}
-			for _, attempt := range []string{"first delivery", "duplicate"} {
+
+			if err := c.Set(ctx, key, "planted", time.Hour); err != nil {
+				t.Fatal(err)
+			}
+			mustApply(t, p, events.NewID(), k.mk(id))
+			var v string
+			err := c.Get(ctx, key, &v)
+			switch {
+			case k.first && (err != nil || v != "planted"):
+				t.Errorf("the event that created the row: cache holds %q, %v; want the planted value, not invalidated", v, err)
+			case !k.first && !errors.Is(err, cache.ErrMiss):
+				// Only first events' statements report the rows they create.
+				t.Errorf("an outcome that created the row: cache holds %q, %v; want a miss", v, err)
+			}
+
+			eventID := events.NewID()
+			for _, attempt := range []struct{ name, id, eventID string }{
+				{"first delivery", id, eventID},
+				{"duplicate", id, eventID},
+				{"id in capitals", strings.ToUpper(id), events.NewID()},
+			} {
 				if err := c.Set(ctx, key, "stale", time.Hour); err != nil {
 					t.Fatal(err)
 				}
-				mustApply(t, p, eventID, k.mk(id))
+				mustApply(t, p, attempt.eventID, k.mk(attempt.id))
 				var v string
 				if err := c.Get(ctx, key, &v); !errors.Is(err, cache.ErrMiss) {
-					t.Errorf("%s: cache holds %q, %v after Apply; want a miss", attempt, v, err)
+					t.Errorf("%s on a row that existed: cache holds %q, %v after Apply; want a miss", attempt.name, v, err)
 				}
 			}
-			var v string
 			if err := c.Get(ctx, other, &v); err != nil || v != "unrelated" {
 				t.Errorf("an unrelated key was touched: %q, %v", v, err)
 			}
@@ -752,9 +783,11 @@ func TestCacheInvalidation(t *testing.T) {
 }
 
 // TestCacheUnreachable runs the projector with a cache Redis that refuses
-// connections. Apply must report the failed invalidation, so the event is
-// retried, but the database change is committed once: retries are
-// duplicates, and a retry after the cache is back repairs it.
+// connections. Uploads that create their rows need no invalidation and
+// are applied. For events that change a row, Apply must report the failed
+// invalidation, so the event is retried, but the database change is
+// committed once: retries are duplicates, and a retry after the cache is
+// back repairs it.
 func TestCacheUnreachable(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
@@ -780,9 +813,17 @@ func TestCacheUnreachable(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ids, evs, docs := make([]string, tt.events), make([]events.Event, tt.events), make([]string, tt.events)
+			creates, createIDs := make([]events.Event, tt.events), make([]string, tt.events)
 			for i := range evs {
-				ids[i], docs[i] = events.NewID(), events.NewID()
-				evs[i] = uploaded(docs[i])
+				ids[i], docs[i], createIDs[i] = events.NewID(), events.NewID(), events.NewID()
+				creates[i], evs[i] = uploaded(docs[i]), processed(docs[i])
+			}
+			// Uploads that create their rows need no invalidation, so the
+			// cache being down does not hold them up.
+			for i, err := range applyConcurrently(t.Context(), broken, createIDs, creates) {
+				if err != nil {
+					t.Errorf("Apply %d creating its row with the cache down: %v, want nil", i, err)
+				}
 			}
 			for i, err := range applyConcurrently(t.Context(), broken, ids, evs) {
 				if err == nil {
@@ -829,8 +870,8 @@ func TestCacheUnreachable(t *testing.T) {
 			}
 		})
 	}
-	if got := eventsSeen(t, reg, "applied"); got != 11 {
-		t.Errorf("the projector without a cache applied %d events, want 11", got)
+	if got := eventsSeen(t, reg, "applied"); got != 22 {
+		t.Errorf("the projector without a cache applied %d events, want 22 (11 creating rows, 11 changing them)", got)
 	}
 }
 

@@ -69,6 +69,8 @@ func applyOne(ctx context.Context, tx *store.Tx, evs ...events.Event) error {
 			err = tx.ApplyDocumentsFailed(ctx, []*events.DocumentProcessingFailed{e})
 		case *events.EmailRequested:
 			err = tx.ApplyEmailsRequested(ctx, []*events.EmailRequested{e})
+		case *events.EmailScheduled:
+			err = tx.ApplyEmailsScheduled(ctx, []*events.EmailScheduled{e})
 		case *events.EmailSent:
 			err = tx.ApplyEmailsSent(ctx, []*events.EmailSent{e})
 		case *events.EmailFailed:
@@ -510,6 +512,123 @@ func TestApplyUploadAndOutcomeInOneTransaction(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestCreated checks that a transaction reports exactly the rows it
+// inserted through the statements of first events (document.uploaded,
+// email.requested, email.scheduled): a row that existed before it is not
+// reported, whether the statement updated it or left it alone; a row it
+// inserted is reported even after a later statement of it updated the
+// row; and an id sent in capitals is reported under its lowercase key.
+// The other statements report nothing, not even a row they insert.
+func TestCreated(t *testing.T) {
+	t.Parallel()
+	st, _ := newStore(t)
+	scheduled := func(id string) *events.EmailScheduled {
+		return &events.EmailScheduled{EmailID: id, To: "a@example.com", Subject: "later", SendAt: at.Add(time.Hour), ScheduledAt: at}
+	}
+	type step struct {
+		ev    events.Event
+		key   string
+		first bool // a first event's statement reports the rows it inserts
+	}
+	docs := []func(string) events.Event{
+		func(id string) events.Event { return uploaded(id) },
+		func(id string) events.Event { return processed(id) },
+		func(id string) events.Event { return docFailed(id) },
+	}
+	emails := []func(string) events.Event{
+		func(id string) events.Event { return requested(id) },
+		func(id string) events.Event { return scheduled(id) },
+		func(id string) events.Event { return sent(id) },
+		func(id string) events.Event { return mailFailed(id) },
+	}
+	var steps []step
+	for i, mk := range docs {
+		id := events.NewID()
+		steps = append(steps, step{mk(id), store.DocumentKey(id), i == 0})
+	}
+	for i, mk := range emails {
+		id := events.NewID()
+		steps = append(steps, step{mk(id), store.EmailKey(id), i < 2})
+	}
+	for _, s := range steps {
+		t.Run(s.ev.EventType(), func(t *testing.T) {
+			created := func(evs ...events.Event) bool {
+				t.Helper()
+				var got bool
+				err := st.WithTx(t.Context(), func(tx *store.Tx) error {
+					if err := applyOne(t.Context(), tx, evs...); err != nil {
+						return err
+					}
+					got = tx.Created(s.key)
+					return nil
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return got
+			}
+			if got := created(s.ev); got != s.first {
+				t.Errorf("the first %s of a row: Created(%s) = %v, want %v", s.ev.EventType(), s.key, got, s.first)
+			}
+			if created(s.ev) {
+				t.Errorf("%s again, on the row it inserted before: Created(%s) = true, want false", s.ev.EventType(), s.key)
+			}
+		})
+	}
+
+	t.Run("inserted then updated in one transaction", func(t *testing.T) {
+		id := events.NewID()
+		err := st.WithTx(t.Context(), func(tx *store.Tx) error {
+			if err := applyOne(t.Context(), tx, requested(id), sent(id)); err != nil {
+				return err
+			}
+			if !tx.Created(store.EmailKey(id)) {
+				t.Errorf("email.requested then email.sent of a new row: Created = false, want true")
+			}
+			if tx.Created(store.EmailKey(events.NewID())) {
+				t.Errorf("Created of a row the transaction never touched = true")
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("id in capitals", func(t *testing.T) {
+		id := events.NewID()
+		err := st.WithTx(t.Context(), func(tx *store.Tx) error {
+			if err := applyOne(t.Context(), tx, requested(strings.ToUpper(id))); err != nil {
+				return err
+			}
+			if !tx.Created(store.EmailKey(id)) {
+				t.Errorf("Created(%s) = false after inserting the row by its id in capitals, want true", store.EmailKey(id))
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("a batch of new and old rows", func(t *testing.T) {
+		old, fresh := events.NewID(), events.NewID()
+		applyEach(t, st, sent(old))
+		err := st.WithTx(t.Context(), func(tx *store.Tx) error {
+			if err := tx.ApplyEmailsRequested(t.Context(), []*events.EmailRequested{requested(old), requested(fresh)}); err != nil {
+				return err
+			}
+			if tx.Created(store.EmailKey(old)) || !tx.Created(store.EmailKey(fresh)) {
+				t.Errorf("Created(old) = %v, Created(new) = %v; want false, true", tx.Created(store.EmailKey(old)), tx.Created(store.EmailKey(fresh)))
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
 }
 
 func TestInbox(t *testing.T) {

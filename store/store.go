@@ -132,6 +132,8 @@ func (s *Store) Ping(ctx context.Context) error {
 type Tx struct {
 	tx *sqlx.Tx
 	s  *Store
+	// created holds the cache keys of the rows this transaction inserted.
+	created map[string]bool
 }
 
 // readModelWrites are the statements of the read-model writes: a few
@@ -206,6 +208,16 @@ func (tx *Tx) exec(ctx context.Context, query string, args ...any) error {
 		_, err = tx.tx.ExecContext(ctx, query, args...)
 	}
 	return err
+}
+
+// get is exec for a statement returning one row, scanned into dest.
+func (tx *Tx) get(ctx context.Context, dest any, query string, args ...any) error {
+	if st, parent := tx.stmt(ctx, query); st != nil {
+		err := st.GetContext(ctx, dest, args...)
+		tx.s.forgetIfStale(query, parent, err)
+		return err
+	}
+	return tx.tx.GetContext(ctx, dest, query, args...)
 }
 
 // selectAll is exec for a statement returning rows, scanned into dest.
