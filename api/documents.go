@@ -282,6 +282,10 @@ func (a *API) getDocument(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "malformed_id", "doc_id must be a UUID")
 		return
 	}
+	// Only a row read from the database is cached; a not-found is an error,
+	// which Fetch never caches, and the accepted marker is answered outside
+	// the cache. The projector relies on it: it does not invalidate the key
+	// of a row it creates.
 	view, err := cache.Fetch(r.Context(), a.cfg.Cache, store.DocumentKey(id), a.cfg.CacheTTL,
 		func(ctx context.Context) (DocumentView, error) {
 			d, err := a.cfg.Reader.Document(ctx, id)

@@ -178,6 +178,7 @@ func (a *API) getEmail(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "malformed_id", "email_id must be a UUID")
 		return
 	}
+	// As in getDocument, only a row read from the database is cached.
 	view, err := cache.Fetch(r.Context(), a.cfg.Cache, store.EmailKey(id), a.cfg.CacheTTL,
 		func(ctx context.Context) (EmailView, error) {
 			e, err := a.cfg.Reader.Email(ctx, id)

@@ -238,3 +238,60 @@ func TestGetDocument_databaseDown(t *testing.T) {
 	wantError(t, e.get(t, "/v1/documents/"+events.NewID()), http.StatusServiceUnavailable, "unavailable")
 	wantError(t, e.get(t, "/v1/emails/"+events.NewID()), http.StatusServiceUnavailable, "unavailable")
 }
+
+// TestReadsCacheOnlyRows: a read that finds no row (a 404, or the view of
+// an accepted request not yet projected) caches nothing, so the row is
+// served as soon as it is committed, with no invalidation. The projector
+// relies on this: it does not invalidate the keys of the rows it creates.
+func TestReadsCacheOnlyRows(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+
+	t.Run("document not found", func(t *testing.T) {
+		t.Parallel()
+		id := events.NewID()
+		for range 2 {
+			wantError(t, e.get(t, "/v1/documents/"+id), http.StatusNotFound, "not_found")
+		}
+		e.project(t, func(ctx context.Context, tx *store.Tx) error {
+			return tx.ApplyDocumentsUploaded(ctx, []*events.DocumentUploaded{uploadedEvent(id, "late.txt")}, nil)
+		})
+		if got := e.readDocument(t, id); got.Filename == nil || *got.Filename != "late.txt" {
+			t.Errorf("read after the row was created %s, want late.txt", showDocument(got))
+		}
+	})
+
+	email := func(id string) func(ctx context.Context, tx *store.Tx) error {
+		return func(ctx context.Context, tx *store.Tx) error {
+			if err := tx.ApplyEmailsRequested(ctx, []*events.EmailRequested{{EmailID: id, To: "ann@example.com",
+				Subject: "s", Body: "b", RequestedAt: at}}); err != nil {
+				return err
+			}
+			return tx.ApplyEmailsSent(ctx, []*events.EmailSent{{EmailID: id, To: "ann@example.com",
+				MessageID: "<m2@example.com>", Attempts: 1, SentAt: at.Add(time.Second)}})
+		}
+	}
+	t.Run("email not found", func(t *testing.T) {
+		t.Parallel()
+		id := events.NewID()
+		for range 2 {
+			wantError(t, e.get(t, "/v1/emails/"+id), http.StatusNotFound, "not_found")
+		}
+		e.project(t, email(id))
+		if got := e.readEmail(t, id); got.Status != store.EmailSent {
+			t.Errorf("read after the row was created %+v, want sent", got)
+		}
+	})
+
+	t.Run("email accepted, then projected", func(t *testing.T) {
+		t.Parallel()
+		id := wantAcceptedEmail(t, e.postJSON(t, "/v1/emails", `{"to":"ann@example.com","subject":"s","body":"b"}`))
+		if got := e.readEmail(t, id); got.Status != store.EmailQueued {
+			t.Fatalf("read right after the 202 %+v, want queued", got)
+		}
+		e.project(t, email(id))
+		if got := e.readEmail(t, id); got.Status != store.EmailSent {
+			t.Errorf("read after the row was created %+v, want sent", got)
+		}
+	})
+}

@@ -171,7 +171,10 @@ func (c *Client) Get(ctx context.Context, key string, dst any) error {
 // Set writes unconditionally, outside the stale-set guard: use it for values
 // known to be current (for instance right after a commit). A read that loads
 // from the database should go through [Fetch], which refuses to store what
-// an invalidation made stale while it was loading.
+// an invalidation made stale while it was loading. Never store a value for a
+// row that does not exist yet (a placeholder, a view built from a request):
+// whoever creates the row may skip the invalidation, since a cache that
+// only ever holds rows it read holds nothing for a new one.
 func (c *Client) Set(ctx context.Context, key string, v any, ttl time.Duration) error {
 	if err := checkKey(key); err != nil {
 		return err

@@ -7,8 +7,9 @@
 // statuses only move forward, so events may arrive in any order. Events
 // handed to the projector at the same time are applied in one transaction
 // (group commit) with multi-row upserts. Cache keys of the changed rows are
-// deleted only after the commit; rows the transaction created have nothing
-// cached, so their keys are left alone.
+// deleted only after the commit. A row created by its first event
+// (document.uploaded, email.requested, email.scheduled) has nothing cached,
+// so its key is left alone.
 //
 // projector must not import api, handlers or Redis/Watermill packages: it
 // gets events from bus and writes through store.
@@ -43,7 +44,7 @@ type Invalidator interface {
 type Config struct {
 	// Store is the database. Required.
 	Store *store.Store
-	// Cache is invalidated after each commit. Required.
+	// Cache gets the keys each commit made stale. Required.
 	Cache Invalidator
 	// MaxBatch bounds the events applied in one transaction. Defaults to 500.
 	MaxBatch int
@@ -104,6 +105,7 @@ type item struct {
 	ctx  context.Context
 	id   string
 	ev   events.Event
+	key  string // cacheKey(ev)
 	done chan error
 }
 
@@ -174,8 +176,9 @@ func (p *Projector) Register(r *bus.Router, opts ...bus.HandlerOption) error {
 }
 
 // Apply applies one event, identified by the envelope in ctx, and returns
-// once it is committed (or was applied before) and its cache keys are
-// invalidated. Concurrent calls share transactions.
+// once it is committed (or was applied before) and the cache key of its row
+// is invalidated, unless the event created the row. Concurrent calls share
+// transactions.
 func (p *Projector) Apply(ctx context.Context, ev events.Event) error {
 	env, ok := bus.EnvelopeFrom(ctx)
 	if !ok || env.ID == "" {
@@ -185,7 +188,7 @@ func (p *Projector) Apply(ctx context.Context, ev events.Event) error {
 	// Close. So the wait below needs no channel that all the calls share
 	// (with a thousand calls waiting, selecting on one took about 5% of the
 	// process's CPU in the e2e bench).
-	it := &item{ctx: ctx, id: env.ID, ev: ev, done: make(chan error, 1)}
+	it := &item{ctx: ctx, id: env.ID, ev: ev, key: cacheKey(ev), done: make(chan error, 1)}
 	p.mu.RLock()
 	if p.closed {
 		p.mu.RUnlock()
@@ -252,6 +255,20 @@ func (p *Projector) run(batch []*item) {
 		return
 	}
 	err := p.applyBatch(live)
+	var inv *invalidationError
+	if errors.As(err, &inv) {
+		// Committed, but the cache still holds some of the rows as they
+		// were: the events that changed them fail, and their redelivery
+		// (a duplicate) invalidates again. The others are done.
+		for _, it := range live {
+			if inv.stale[it.key] {
+				it.done <- err
+			} else {
+				it.done <- nil
+			}
+		}
+		return
+	}
 	if err == nil || len(live) == 1 {
 		for _, it := range live {
 			it.done <- permanentIfData(err)
@@ -287,7 +304,7 @@ func (p *Projector) applyBatch(items []*item) error {
 	// deadlock on rows they both touch.
 	keys := make([]string, 0, len(items))
 	for _, it := range items {
-		keys = append(keys, cacheKey(it.ev))
+		keys = append(keys, it.key)
 	}
 	var fresh map[string]bool
 	var stale []string // keys to invalidate after the commit
@@ -331,10 +348,29 @@ func (p *Projector) applyBatch(items []*item) error {
 	// Keys of duplicates are invalidated too: if an invalidation failed
 	// after an earlier commit, the redelivery repairs the cache.
 	if err := p.cfg.Cache.Invalidate(ctx, stale...); err != nil {
-		return fmt.Errorf("invalidate cache after commit: %w", err)
+		inv := &invalidationError{stale: make(map[string]bool, len(stale)), err: err}
+		for _, k := range stale {
+			inv.stale[k] = true
+		}
+		return inv
 	}
 	return nil
 }
+
+// invalidationError is applyBatch's error when the batch was committed but
+// the invalidation of its stale keys failed: the batch must not be applied
+// again one event at a time, and the events whose keys were not stale are
+// done.
+type invalidationError struct {
+	stale map[string]bool
+	err   error
+}
+
+func (e *invalidationError) Error() string {
+	return "invalidate cache after commit: " + e.err.Error()
+}
+
+func (e *invalidationError) Unwrap() error { return e.err }
 
 // cacheKey is the key of the row ev writes. A UUID may arrive in capitals;
 // the api reads and caches under the lowercase form, as PostgreSQL returns

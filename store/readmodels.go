@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/lib/pq"
@@ -66,11 +67,14 @@ const (
 	EmailFailed    = "failed"
 )
 
-// DocumentKey is the cache key of a document's read model. The api caches
-// under it and the projector invalidates it.
+// DocumentKey is the cache key of a document's read model (id in
+// lowercase). The api caches under it only rows it read, never a "not
+// found"; the projector invalidates it when it changes a row, not when it
+// creates one (see [Tx.Created]).
 func DocumentKey(id string) string { return "document:" + id }
 
-// EmailKey is the cache key of an email's read model.
+// EmailKey is the cache key of an email's read model, as [DocumentKey] is
+// a document's.
 func EmailKey(id string) string { return "email:" + id }
 
 // Document returns one document, or ErrNotFound. An id that is not a UUID
@@ -163,8 +167,10 @@ func ts(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 
 // upsert registers a read-model upsert (see readModelWrite) on the table
 // whose key column is id, made to return the keys of the rows it inserted,
-// as one array (a row the insert found, it updates or leaves alone; its
-// xmax is then this transaction's id, where an inserted row's is 0).
+// as one array: the rows whose xmax is 0. A row the insert found, and so
+// updated, has the id of the transaction that locked it (or a multixact)
+// as its xmax; one the insert created has 0. TestCreated checks this on
+// every PostgreSQL the tests run on.
 //
 // Only the statements of the events that usually come first for a row
 // (document.uploaded, email.requested, email.scheduled) are built so:
@@ -204,9 +210,10 @@ func (tx *Tx) upsert(ctx context.Context, query string, key func(id string) stri
 func (tx *Tx) Created(key string) bool { return tx.created[key] }
 
 // Each apply function upserts many rows with one statement. A statement
-// may not touch one row twice, so rows are first reduced to one per key;
-// which duplicate wins does not matter because duplicates of one key carry
-// the same facts (at-least-once redelivery, or republishing).
+// may not touch one row twice, so rows are first reduced to one per key (a
+// UUID in capitals and in lowercase are one key); which duplicate wins does
+// not matter because duplicates of one key carry the same facts
+// (at-least-once redelivery, or republishing).
 
 var qApplyDocumentsUploaded = upsert("doc_id", `
 		INSERT INTO documents (doc_id, status, filename, size, declared_content_type, sha256, blob_key, notify, uploaded_at, upload_event_id)
@@ -240,7 +247,7 @@ func (tx *Tx) ApplyDocumentsUploaded(ctx context.Context, evs []*events.Document
 			rows[i].id = eventIDs[i]
 		}
 	}
-	rows = uniqueBy(rows, func(r row) string { return r.ev.DocID })
+	rows = uniqueBy(rows, func(r row) string { return strings.ToLower(r.ev.DocID) })
 	var id, fn, dct, sha, key, notify, up, evID []string
 	var size []int64
 	for _, r := range rows {
@@ -276,7 +283,7 @@ var qApplyDocumentsProcessed = readModelWrite(`
 // reached a final status. It may arrive before the upload's event: the row
 // is created and the upload fills in the rest later.
 func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.DocumentProcessed) error {
-	evs = uniqueBy(evs, func(e *events.DocumentProcessed) string { return e.DocID })
+	evs = uniqueBy(evs, func(e *events.DocumentProcessed) string { return strings.ToLower(e.DocID) })
 	var id, ct, sum, at []string
 	var words, lines []int64
 	for _, e := range evs {
@@ -306,7 +313,7 @@ var qApplyDocumentsFailed = readModelWrite(`
 // ApplyDocumentsFailed moves documents to failed, unless they already
 // reached a final status.
 func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentProcessingFailed) error {
-	evs = uniqueBy(evs, func(e *events.DocumentProcessingFailed) string { return e.DocID })
+	evs = uniqueBy(evs, func(e *events.DocumentProcessingFailed) string { return strings.ToLower(e.DocID) })
 	var id, ct, reason, at []string
 	for _, e := range evs {
 		id, ct, reason, at = append(id, e.DocID), append(ct, e.ContentType), append(reason, e.Reason), append(at, ts(e.FailedAt))
@@ -334,7 +341,7 @@ var qApplyEmailsRequested = upsert("email_id", `
 // ApplyEmailsRequested records requested emails as queued, without moving
 // a status back.
 func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailRequested) error {
-	evs = uniqueBy(evs, func(e *events.EmailRequested) string { return e.EmailID })
+	evs = uniqueBy(evs, func(e *events.EmailRequested) string { return strings.ToLower(e.EmailID) })
 	var id, to, subj, doc, at []string
 	for _, e := range evs {
 		id, to, subj, doc, at = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID), append(at, ts(e.RequestedAt))
@@ -361,7 +368,7 @@ var qApplyEmailsScheduled = upsert("email_id", `
 // row that is already queued or final keeps its status (the email was due
 // before this event arrived).
 func (tx *Tx) ApplyEmailsScheduled(ctx context.Context, evs []*events.EmailScheduled) error {
-	evs = uniqueBy(evs, func(e *events.EmailScheduled) string { return e.EmailID })
+	evs = uniqueBy(evs, func(e *events.EmailScheduled) string { return strings.ToLower(e.EmailID) })
 	var id, to, subj, doc, sendAt, at []string
 	for _, e := range evs {
 		id, to, subj, doc = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID)
@@ -391,7 +398,7 @@ var qApplyEmailsSent = readModelWrite(`
 
 // ApplyEmailsSent moves emails to sent unless already final.
 func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) error {
-	evs = uniqueBy(evs, func(e *events.EmailSent) string { return e.EmailID })
+	evs = uniqueBy(evs, func(e *events.EmailSent) string { return strings.ToLower(e.EmailID) })
 	var id, to, mid, at []string
 	var attempts []int64
 	for _, e := range evs {
@@ -420,7 +427,7 @@ var qApplyEmailsFailed = readModelWrite(`
 
 // ApplyEmailsFailed moves emails to failed unless already final.
 func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) error {
-	evs = uniqueBy(evs, func(e *events.EmailFailed) string { return e.EmailID })
+	evs = uniqueBy(evs, func(e *events.EmailFailed) string { return strings.ToLower(e.EmailID) })
 	var id, reason, at []string
 	var attempts []int64
 	for _, e := range evs {
