@@ -8,6 +8,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/prometheus/client_golang/prometheus"
@@ -231,7 +232,7 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 	// Without middleware, no Watermill message is made: the envelope is
 	// read from the entry's metadata pairs.
 	call := func(d *delivery) error {
-		return run(d.ctx, envelopeOf(d.em.uuid, &d.em, typ), []byte(d.em.payload))
+		return run(d.ctx, envelopeOf(d.em.uuid, &d.em, typ), readOnlyBytes(d.em.payload))
 	}
 	if len(r.cfg.Middlewares) > 0 {
 		hf := func(msg *message.Message) ([]*message.Message, error) {
@@ -353,3 +354,10 @@ func (r *Router) Err() error {
 	}
 	return nil
 }
+
+// readOnlyBytes returns the bytes of s without copying them. They must only
+// be read: events.Decode, which takes a delivery's payload this way, only
+// reads its input (goccy/go-json copies it into a buffer of its own before
+// decoding, and the fallback is encoding/json), and it keeps no reference
+// to it. A copy took about 3% of the CPU of the router hop.
+func readOnlyBytes(s string) []byte { return unsafe.Slice(unsafe.StringData(s), len(s)) }

@@ -1,6 +1,7 @@
 package events_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -124,12 +125,36 @@ func FuzzDecode(f *testing.F) {
 		f.Add(typ, []byte(`{}`))
 	}
 	f.Add(events.TypeEmailRequested, []byte(`{"email_id":"0190a0b0-0000-7000-8000-000000000000","to":"a@b.co","subject":"s","body":"b","requested_at":"2026-01-01T00:00:00Z"}`))
+	for _, ev := range benchEvents() {
+		payload, err := json.Marshal(ev)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(ev.EventType(), payload)
+	}
 	f.Fuzz(func(t *testing.T, typ string, payload []byte) {
+		// The router hands Decode a delivery's payload without copying it
+		// out of the string it was read into: Decode must only read it and
+		// keep no reference to it.
+		before := bytes.Clone(payload)
 		ev, err := events.Decode(typ, 0, payload)
+		if !bytes.Equal(payload, before) {
+			t.Fatalf("Decode changed its input from %q to %q", before, payload)
+		}
 		if err == nil {
 			// Whatever decodes must validate, and must survive a round trip.
 			if verr := ev.Validate(); verr != nil {
 				t.Fatalf("decoded event does not validate: %v", verr)
+			}
+			want, err := json.Marshal(ev)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := range payload {
+				payload[i] = '#'
+			}
+			if got, _ := json.Marshal(ev); !bytes.Equal(got, want) {
+				t.Fatalf("the decoded event changed with its input: %s, was %s", got, want)
 			}
 		}
 	})
