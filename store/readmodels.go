@@ -165,33 +165,43 @@ func (tx *Tx) LockAndInbox(ctx context.Context, keys []string, entries []InboxEn
 
 func ts(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 
-// upsert registers a read-model upsert (see readModelWrite) on the table
-// whose key column is id, made to return the keys of the rows it inserted,
-// as one array: the rows whose xmax is 0. A row the insert found, and so
-// updated, has the id of the transaction that locked it (or a multixact)
-// as its xmax; one the insert created has 0. TestCreated checks this on
-// every PostgreSQL the tests run on.
-//
-// Only the statements of the events that usually come first for a row
-// (document.uploaded, email.requested, email.scheduled) are built so:
-// collecting the keys costs PostgreSQL about a microsecond per row, and
-// the other statements seldom insert (their event overtook the first one).
-func upsert(id, statement string) string {
-	return readModelWrite("WITH w AS (" + statement + "\n\t\tRETURNING " + id + ", xmax)\n\t\tSELECT array_agg(" + id + "::text) FROM w WHERE xmax = '0'")
+// creating is the upsert of a row's first event, in two forms: insert adds
+// the rows that do not exist and leaves the others alone; upsert adds or
+// updates every row.
+type creating struct{ insert, upsert string }
+
+// firstEvent registers the two forms of upsert, a statement ending in ON
+// CONFLICT (...) DO UPDATE, as read-model writes (see readModelWrite).
+func firstEvent(upsert string) creating {
+	before, _, ok := strings.Cut(upsert, "DO UPDATE")
+	if !ok {
+		panic("store: not an upsert: " + upsert)
+	}
+	return creating{insert: readModelWrite(before + "DO NOTHING"), upsert: readModelWrite(upsert)}
 }
 
-// upsert runs an upsert statement built by [upsert] and records the cache
-// keys (key of each id) of the rows it inserted.
-func (tx *Tx) upsert(ctx context.Context, query string, key func(id string) string, args ...any) error {
-	var ids pq.StringArray
-	if err := tx.get(ctx, &ids, query, args...); err != nil {
+// applyFirst applies the rows of a first event (document.uploaded,
+// email.requested, email.scheduled), whose ids are ids, and records which
+// rows it created (see [Tx.Created]). Usually none of the rows exists yet:
+// the insert, whose count says so, does it all. Otherwise the upsert
+// applies every row (updating again, with the same facts, those the
+// insert just added), and none is recorded as created.
+//
+// The count of the insert is what tells; a statement returning the keys
+// of the rows it inserted cost PostgreSQL about a microsecond per row.
+func (tx *Tx) applyFirst(ctx context.Context, q creating, key func(id string) string, ids []string, args ...any) error {
+	n, err := tx.execCount(ctx, q.insert, args...)
+	if err != nil {
 		return err
 	}
+	if n != int64(len(ids)) {
+		return tx.exec(ctx, q.upsert, args...)
+	}
+	if tx.created == nil {
+		tx.created = make(map[string]bool, len(ids))
+	}
 	for _, id := range ids {
-		if tx.created == nil {
-			tx.created = make(map[string]bool, len(ids))
-		}
-		tx.created[key(id)] = true
+		tx.created[key(strings.ToLower(id))] = true
 	}
 	return nil
 }
@@ -200,9 +210,9 @@ func (tx *Tx) upsert(ctx context.Context, query string, key func(id string) stri
 // key is key (see [DocumentKey] and [EmailKey]), through ApplyDocumentsUploaded,
 // ApplyEmailsRequested or ApplyEmailsScheduled: whether the row did not exist
 // before the transaction, whatever its later statements did to it. It may
-// report false for a row the transaction inserted otherwise (an outcome
-// that overtook its row's first event), never true for a row that existed.
-// Ids are in PostgreSQL's form of a UUID: lowercase.
+// report false for a row the transaction inserted (an outcome that
+// overtook its row's first event, or a call whose rows did not all
+// exist), never true for a row that existed. Keys hold ids in lowercase.
 //
 // The projector uses it to skip invalidating the keys of new rows: nothing
 // can be cached for a row that did not exist, since the api caches only
@@ -215,7 +225,7 @@ func (tx *Tx) Created(key string) bool { return tx.created[key] }
 // not matter because duplicates of one key carry the same facts
 // (at-least-once redelivery, or republishing).
 
-var qApplyDocumentsUploaded = upsert("doc_id", `
+var qApplyDocumentsUploaded = firstEvent(`
 		INSERT INTO documents (doc_id, status, filename, size, declared_content_type, sha256, blob_key, notify, uploaded_at, upload_event_id)
 		SELECT t.id, 'processing', t.fn, t.size, NULLIF(t.dct, ''), t.sha, t.key, NULLIF(t.notify, ''), t.up, NULLIF(t.ev, '')
 		FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[])
@@ -256,7 +266,7 @@ func (tx *Tx) ApplyDocumentsUploaded(ctx context.Context, evs []*events.Document
 		key, notify, up = append(key, e.BlobKey), append(notify, e.Notify), append(up, ts(e.UploadedAt))
 		size, evID = append(size, e.Size), append(evID, r.id)
 	}
-	err := tx.upsert(ctx, qApplyDocumentsUploaded, DocumentKey,
+	err := tx.applyFirst(ctx, qApplyDocumentsUploaded, DocumentKey, id,
 		pq.Array(id), pq.Array(fn), pq.Array(size), pq.Array(dct), pq.Array(sha), pq.Array(key), pq.Array(notify), pq.Array(up), pq.Array(evID))
 	if err != nil {
 		return fmt.Errorf("apply %d document uploads: %w", len(rows), err)
@@ -326,7 +336,7 @@ func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentPr
 	return nil
 }
 
-var qApplyEmailsRequested = upsert("email_id", `
+var qApplyEmailsRequested = firstEvent(`
 		INSERT INTO emails (email_id, status, recipient, subject, doc_id, requested_at)
 		SELECT t.id, 'queued', t.rcpt, t.subj, NULLIF(t.doc, '')::uuid, t.at
 		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS t(id, rcpt, subj, doc, at)
@@ -346,7 +356,7 @@ func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailReque
 	for _, e := range evs {
 		id, to, subj, doc, at = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID), append(at, ts(e.RequestedAt))
 	}
-	err := tx.upsert(ctx, qApplyEmailsRequested, EmailKey,
+	err := tx.applyFirst(ctx, qApplyEmailsRequested, EmailKey, id,
 		pq.Array(id), pq.Array(to), pq.Array(subj), pq.Array(doc), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d requested emails: %w", len(evs), err)
@@ -354,7 +364,7 @@ func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailReque
 	return nil
 }
 
-var qApplyEmailsScheduled = upsert("email_id", `
+var qApplyEmailsScheduled = firstEvent(`
 		INSERT INTO emails (email_id, status, recipient, subject, doc_id, send_at, requested_at)
 		SELECT t.id, 'scheduled', t.rcpt, t.subj, NULLIF(t.doc, '')::uuid, t.send_at, t.at
 		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) AS t(id, rcpt, subj, doc, send_at, at)
@@ -374,7 +384,7 @@ func (tx *Tx) ApplyEmailsScheduled(ctx context.Context, evs []*events.EmailSched
 		id, to, subj, doc = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID)
 		sendAt, at = append(sendAt, ts(e.SendAt)), append(at, ts(e.ScheduledAt))
 	}
-	err := tx.upsert(ctx, qApplyEmailsScheduled, EmailKey,
+	err := tx.applyFirst(ctx, qApplyEmailsScheduled, EmailKey, id,
 		pq.Array(id), pq.Array(to), pq.Array(subj), pq.Array(doc), pq.Array(sendAt), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d scheduled emails: %w", len(evs), err)

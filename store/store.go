@@ -8,6 +8,7 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"embed"
 	"errors"
 	"fmt"
@@ -200,24 +201,24 @@ func (tx *Tx) stmt(ctx context.Context, query string) (st, parent *sqlx.Stmt) {
 
 // exec runs a read-model write, prepared if it is (see readModelWrites).
 func (tx *Tx) exec(ctx context.Context, query string, args ...any) error {
-	var err error
-	if st, parent := tx.stmt(ctx, query); st != nil {
-		_, err = st.ExecContext(ctx, args...)
-		tx.s.forgetIfStale(query, parent, err)
-	} else {
-		_, err = tx.tx.ExecContext(ctx, query, args...)
-	}
+	_, err := tx.execCount(ctx, query, args...)
 	return err
 }
 
-// get is exec for a statement returning one row, scanned into dest.
-func (tx *Tx) get(ctx context.Context, dest any, query string, args ...any) error {
+// execCount is exec returning the number of rows the statement wrote.
+func (tx *Tx) execCount(ctx context.Context, query string, args ...any) (int64, error) {
+	var res sql.Result
+	var err error
 	if st, parent := tx.stmt(ctx, query); st != nil {
-		err := st.GetContext(ctx, dest, args...)
+		res, err = st.ExecContext(ctx, args...)
 		tx.s.forgetIfStale(query, parent, err)
-		return err
+	} else {
+		res, err = tx.tx.ExecContext(ctx, query, args...)
 	}
-	return tx.tx.GetContext(ctx, dest, query, args...)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
 }
 
 // selectAll is exec for a statement returning rows, scanned into dest.
