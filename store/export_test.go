@@ -19,5 +19,6 @@ func (s *Store) IsPrepared(query string) bool {
 	return ok
 }
 
-// QLockAndInbox is the inbox statement.
-var QLockAndInbox = qLockAndInbox
+// QInsertedHere is the statement that picks the new events of an inbox
+// insert that met some applied before.
+var QInsertedHere = qInsertedHere

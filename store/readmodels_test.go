@@ -654,6 +654,7 @@ func TestInbox(t *testing.T) {
 		{name: "repeated ids are not", before: []string{"a"}, offer: []string{"a", "b"}, wantFresh: []string{"b"}, wantRows: 2},
 		{name: "all repeated", before: []string{"a", "b"}, offer: []string{"b", "a"}, wantRows: 2},
 		{name: "duplicates within one call count once", offer: []string{"a", "a", "b", "a"}, wantFresh: []string{"a", "b"}, wantRows: 2},
+		{name: "repeated and duplicated ids in one call", before: []string{"a"}, offer: []string{"b", "a", "c", "b"}, wantFresh: []string{"b", "c"}, wantRows: 3},
 		{name: "ids that are not UUIDs",
 			offer:     []string{"01J8Z3K5", "msg-7", "0190a0c0-0000-7000-8000-000000000001", "with space", awkward},
 			wantFresh: []string{"01J8Z3K5", "msg-7", "0190a0c0-0000-7000-8000-000000000001", "with space", awkward},

@@ -359,7 +359,8 @@ func allMigrations(t *testing.T) []string {
 }
 
 // TestPreparedStatementSurvivesAResultTypeChange: a migration that changes
-// a column the inbox statement returns (here its collation) makes
+// a column a prepared statement returns (here the collation of the inbox's
+// event_id, which the statement picking new events returns) makes
 // PostgreSQL refuse the statement prepared before it, on every connection it
 // was prepared on, with "cached plan must not change result type". The
 // store must drop the stale statement after the first refusal, not keep
@@ -368,9 +369,11 @@ func TestPreparedStatementSurvivesAResultTypeChange(t *testing.T) {
 	t.Parallel()
 	st, db := newStore(t)
 	ctx := t.Context()
+	// Every transaction offers "first" again, so that the inbox runs the
+	// statement that returns rows: the one that picks the new events.
 	record := func(id string, hold <-chan struct{}) error {
 		return st.WithTx(ctx, func(tx *store.Tx) error {
-			_, err := tx.Inbox(ctx, []store.InboxEntry{{EventID: id, EventType: "email.sent"}})
+			_, err := tx.Inbox(ctx, []store.InboxEntry{{EventID: id, EventType: "email.sent"}, {EventID: "first", EventType: "email.sent"}})
 			if hold != nil {
 				<-hold
 			}
@@ -401,8 +404,8 @@ func TestPreparedStatementSurvivesAResultTypeChange(t *testing.T) {
 			t.Fatalf("record before the change: %v", err)
 		}
 	}
-	if !st.IsPrepared(store.QLockAndInbox) {
-		t.Fatal("the inbox statement is not prepared; the test needs it prepared")
+	if !st.IsPrepared(store.QInsertedHere) {
+		t.Fatal("the statement is not prepared; the test needs it prepared")
 	}
 
 	if _, err := db.ExecContext(ctx, `ALTER TABLE processed_events ALTER COLUMN event_id TYPE text COLLATE "C"`); err != nil {
@@ -427,8 +430,8 @@ func TestPreparedStatementSurvivesAResultTypeChange(t *testing.T) {
 	if err := record("later", nil); err != nil {
 		t.Errorf("record once the statement is prepared again: %v", err)
 	}
-	if !st.IsPrepared(store.QLockAndInbox) {
-		t.Error("the inbox statement was not prepared again")
+	if !st.IsPrepared(store.QInsertedHere) {
+		t.Error("the statement was not prepared again")
 	}
 	if n := count(t, db, "SELECT count(*) FROM processed_events"); n != 1+3+5-failed+1 {
 		t.Errorf("%d inbox rows, want %d", n, 1+3+5-failed+1)
