@@ -5,6 +5,8 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -135,7 +137,7 @@ var qLockAndInbox = readModelWrite(`
 
 // qInsertedHere picks, of the event ids $1, those whose inbox rows this
 // transaction inserted (their xmin, the inserting transaction, is this
-// one).
+// one). It only reads; it is prepared with the writes it serves.
 var qInsertedHere = readModelWrite(`
 		SELECT event_id FROM processed_events
 		WHERE event_id = ANY($1::text[]) AND xmin = pg_current_xact_id()::xid`)
@@ -171,65 +173,122 @@ func (tx *Tx) LockAndInbox(ctx context.Context, keys []string, entries []InboxEn
 	}
 	switch {
 	case n == int64(len(out)): // every distinct id is new
-		return out, nil
 	case n == 0:
-		return map[string]bool{}, nil
+		clear(out)
+	default:
+		var mine []string
+		if err := tx.selectAll(ctx, &mine, qInsertedHere, pq.Array(ids)); err != nil {
+			return nil, fmt.Errorf("find the %d new of %d events in inbox: %w", n, len(entries), err)
+		}
+		// Rows an earlier call of this transaction inserted are this
+		// transaction's too, but not new to this call.
+		clear(out)
+		for _, id := range mine {
+			if !tx.inboxed[id] {
+				out[id] = true
+			}
+		}
+		if len(out) != int(n) {
+			return nil, fmt.Errorf("inbox: %d events recorded, but %d found as this call's", n, len(out))
+		}
 	}
-	var fresh []string
-	if err := tx.selectAll(ctx, &fresh, qInsertedHere, pq.Array(ids)); err != nil {
-		return nil, fmt.Errorf("find the %d new of %d events in inbox: %w", n, len(entries), err)
+	if tx.inboxed == nil {
+		tx.inboxed = make(map[string]bool, len(out))
 	}
-	if len(fresh) != int(n) {
-		return nil, fmt.Errorf("inbox: %d events recorded, but %d found as this transaction's", n, len(fresh))
-	}
-	clear(out)
-	for _, id := range fresh {
-		out[id] = true
+	for id := range out {
+		tx.inboxed[id] = true
 	}
 	return out, nil
 }
 
 func ts(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 
-// creating is the upsert of a row's first event, in two forms: insert adds
-// the rows that do not exist and leaves the others alone; upsert adds or
-// updates every row.
-type creating struct{ insert, upsert string }
+// creating is the upsert of a row's first event, in three forms: insert
+// adds the rows that do not exist and leaves the others alone; upsert adds
+// or updates every row; guarded is upsert that leaves alone the rows this
+// transaction wrote, unless their ids are in its one more parameter.
+type creating struct{ insert, upsert, guarded string }
 
-// firstEvent registers the two forms of upsert, a statement ending in ON
-// CONFLICT (...) DO UPDATE, as read-model writes (see readModelWrite).
-func firstEvent(upsert string) creating {
-	before, _, ok := strings.Cut(upsert, "DO UPDATE")
-	if !ok {
-		panic("store: not an upsert: " + upsert)
+// placeholder matches a statement's parameters.
+var placeholder = regexp.MustCompile(`\$(\d+)`)
+
+// firstEvent registers the three forms of upsert, a statement on table
+// (key column id) ending in ON CONFLICT (...) DO UPDATE SET with no WHERE,
+// as read-model writes (see readModelWrite).
+func firstEvent(table, id, upsert string) creating {
+	before, after, ok := strings.Cut(upsert, "DO UPDATE SET")
+	if !ok || strings.Contains(after, "WHERE") {
+		panic("store: not an upsert ending in DO UPDATE SET without WHERE: " + upsert)
 	}
-	return creating{insert: readModelWrite(before + "DO NOTHING"), upsert: readModelWrite(upsert)}
+	params := 0
+	for _, m := range placeholder.FindAllStringSubmatch(upsert, -1) {
+		n, _ := strconv.Atoi(m[1])
+		params = max(params, n)
+	}
+	guarded := fmt.Sprintf("%s\n\t\tWHERE %s.xmin <> pg_current_xact_id()::xid OR %s.%s = ANY($%d::uuid[])",
+		upsert, table, table, id, params+1)
+	return creating{
+		insert:  readModelWrite(before + "DO NOTHING"),
+		upsert:  readModelWrite(upsert),
+		guarded: readModelWrite(guarded),
+	}
 }
 
 // applyFirst applies the rows of a first event (document.uploaded,
 // email.requested, email.scheduled), whose ids are ids, and records which
-// rows it created (see [Tx.Created]). Usually none of the rows exists yet:
-// the insert, whose count says so, does it all. Otherwise the upsert
-// applies every row (updating again, with the same facts, those the
-// insert just added), and none is recorded as created.
+// rows it created (see [Tx.Created]).
 //
-// The count of the insert is what tells; a statement returning the keys
-// of the rows it inserted cost PostgreSQL about a microsecond per row.
+// Usually none of the rows exists yet: the insert does it all, and its
+// count says so. A statement returning the keys of the rows it inserted
+// cost PostgreSQL about a microsecond per row.
+//
+// If none was inserted, the upsert applies every row. If some were, the
+// others still need their update, but which is which is not known: the
+// guarded upsert runs over every row and skips those this transaction
+// wrote (their xmin is this transaction), which are the rows the insert
+// just added, except the rows an earlier statement of this transaction
+// wrote, which it names. Then no row is recorded as created.
 func (tx *Tx) applyFirst(ctx context.Context, q creating, key func(id string) string, ids []string, args ...any) error {
+	defer tx.wrote(key, ids)
 	n, err := tx.execCount(ctx, q.insert, args...)
 	if err != nil {
-		return err
+		return fmt.Errorf("insert: %w", err)
 	}
-	if n != int64(len(ids)) {
-		return tx.exec(ctx, q.upsert, args...)
+	switch {
+	case n == int64(len(ids)):
+		if tx.created == nil {
+			tx.created = make(map[string]bool, len(ids))
+		}
+		for _, id := range ids {
+			tx.created[key(strings.ToLower(id))] = true
+		}
+		return nil
+	case n == 0:
+		if err := tx.exec(ctx, q.upsert, args...); err != nil {
+			return fmt.Errorf("upsert: %w", err)
+		}
+		return nil
 	}
-	if tx.created == nil {
-		tx.created = make(map[string]bool, len(ids))
-	}
+	var earlier []string
 	for _, id := range ids {
-		tx.created[key(strings.ToLower(id))] = true
+		if tx.written[key(strings.ToLower(id))] {
+			earlier = append(earlier, id)
+		}
+	}
+	if err := tx.exec(ctx, q.guarded, append(args[:len(args):len(args)], pq.Array(earlier))...); err != nil {
+		return fmt.Errorf("upsert the rows that existed: %w", err)
 	}
 	return nil
+}
+
+// wrote records that this transaction wrote the rows of ids.
+func (tx *Tx) wrote(key func(id string) string, ids []string) {
+	if tx.written == nil {
+		tx.written = make(map[string]bool, len(ids))
+	}
+	for _, id := range ids {
+		tx.written[key(strings.ToLower(id))] = true
+	}
 }
 
 // Created reports whether this transaction inserted the row whose cache
@@ -251,7 +310,7 @@ func (tx *Tx) Created(key string) bool { return tx.created[key] }
 // not matter because duplicates of one key carry the same facts
 // (at-least-once redelivery, or republishing).
 
-var qApplyDocumentsUploaded = firstEvent(`
+var qApplyDocumentsUploaded = firstEvent("documents", "doc_id", `
 		INSERT INTO documents (doc_id, status, filename, size, declared_content_type, sha256, blob_key, notify, uploaded_at, upload_event_id)
 		SELECT t.id, 'processing', t.fn, t.size, NULLIF(t.dct, ''), t.sha, t.key, NULLIF(t.notify, ''), t.up, NULLIF(t.ev, '')
 		FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::text[])
@@ -326,6 +385,7 @@ func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.Documen
 		id, ct, sum, at = append(id, e.DocID), append(ct, e.ContentType), append(sum, e.Summary), append(at, ts(e.ProcessedAt))
 		words, lines = append(words, int64(e.Words)), append(lines, int64(e.Lines))
 	}
+	defer tx.wrote(DocumentKey, id)
 	err := tx.exec(ctx, qApplyDocumentsProcessed,
 		pq.Array(id), pq.Array(ct), pq.Array(words), pq.Array(lines), pq.Array(sum), pq.Array(at))
 	if err != nil {
@@ -354,6 +414,7 @@ func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentPr
 	for _, e := range evs {
 		id, ct, reason, at = append(id, e.DocID), append(ct, e.ContentType), append(reason, e.Reason), append(at, ts(e.FailedAt))
 	}
+	defer tx.wrote(DocumentKey, id)
 	err := tx.exec(ctx, qApplyDocumentsFailed,
 		pq.Array(id), pq.Array(ct), pq.Array(reason), pq.Array(at))
 	if err != nil {
@@ -362,7 +423,7 @@ func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentPr
 	return nil
 }
 
-var qApplyEmailsRequested = firstEvent(`
+var qApplyEmailsRequested = firstEvent("emails", "email_id", `
 		INSERT INTO emails (email_id, status, recipient, subject, doc_id, requested_at)
 		SELECT t.id, 'queued', t.rcpt, t.subj, NULLIF(t.doc, '')::uuid, t.at
 		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS t(id, rcpt, subj, doc, at)
@@ -390,7 +451,7 @@ func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailReque
 	return nil
 }
 
-var qApplyEmailsScheduled = firstEvent(`
+var qApplyEmailsScheduled = firstEvent("emails", "email_id", `
 		INSERT INTO emails (email_id, status, recipient, subject, doc_id, send_at, requested_at)
 		SELECT t.id, 'scheduled', t.rcpt, t.subj, NULLIF(t.doc, '')::uuid, t.send_at, t.at
 		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) AS t(id, rcpt, subj, doc, send_at, at)
@@ -441,6 +502,7 @@ func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) erro
 		id, to, mid, at = append(id, e.EmailID), append(to, e.To), append(mid, e.MessageID), append(at, ts(e.SentAt))
 		attempts = append(attempts, int64(e.Attempts))
 	}
+	defer tx.wrote(EmailKey, id)
 	err := tx.exec(ctx, qApplyEmailsSent,
 		pq.Array(id), pq.Array(to), pq.Array(mid), pq.Array(attempts), pq.Array(at))
 	if err != nil {
@@ -470,6 +532,7 @@ func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) 
 		id, reason, at = append(id, e.EmailID), append(reason, e.Reason), append(at, ts(e.FailedAt))
 		attempts = append(attempts, int64(e.Attempts))
 	}
+	defer tx.wrote(EmailKey, id)
 	err := tx.exec(ctx, qApplyEmailsFailed,
 		pq.Array(id), pq.Array(reason), pq.Array(attempts), pq.Array(at))
 	if err != nil {

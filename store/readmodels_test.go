@@ -578,6 +578,33 @@ func TestCreated(t *testing.T) {
 		})
 	}
 
+	t.Run("a call with a row an earlier statement wrote", func(t *testing.T) {
+		// email.scheduled creates one row; email.requested then offers that
+		// row and a new one: the insert adds the new one only, and the row
+		// the earlier statement wrote must still get the request's update.
+		early, fresh := events.NewID(), events.NewID()
+		err := st.WithTx(t.Context(), func(tx *store.Tx) error {
+			if err := applyOne(t.Context(), tx, scheduled(early)); err != nil {
+				return err
+			}
+			if err := tx.ApplyEmailsRequested(t.Context(), []*events.EmailRequested{requested(early), requested(fresh)}); err != nil {
+				return err
+			}
+			if !tx.Created(store.EmailKey(early)) {
+				t.Errorf("Created(early) = false; the scheduled email's statement created it")
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, id := range []string{early, fresh} {
+			if e := email(t, st, id); e.Status != store.EmailQueued || e.Subject != str("Your document") {
+				t.Errorf("email %s: %+v, want queued with the request's subject", id, e)
+			}
+		}
+	})
+
 	t.Run("inserted then updated in one transaction", func(t *testing.T) {
 		id := events.NewID()
 		err := st.WithTx(t.Context(), func(tx *store.Tx) error {
@@ -709,6 +736,45 @@ func TestInbox(t *testing.T) {
 
 // TestInboxConcurrentTransactions offers one id from two transactions at
 // once: exactly one of them may apply the event.
+// TestInboxTwiceInOneTransaction: a second call in one transaction reports
+// as new only what it recorded itself, not the events the first call
+// recorded (their rows are this transaction's too).
+func TestInboxTwiceInOneTransaction(t *testing.T) {
+	t.Parallel()
+	st, _ := newStore(t)
+	ctx := t.Context()
+	entries := func(ids ...string) []store.InboxEntry {
+		out := make([]store.InboxEntry, len(ids))
+		for i, id := range ids {
+			out[i] = store.InboxEntry{EventID: id, EventType: events.TypeEmailSent}
+		}
+		return out
+	}
+	if err := st.WithTx(ctx, func(tx *store.Tx) error {
+		_, err := tx.Inbox(ctx, entries("old"))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	err := st.WithTx(ctx, func(tx *store.Tx) error {
+		first, err := tx.Inbox(ctx, entries("x"))
+		if err != nil {
+			return err
+		}
+		second, err := tx.Inbox(ctx, entries("x", "y", "old"))
+		if err != nil {
+			return err
+		}
+		if !reflect.DeepEqual(first, map[string]bool{"x": true}) || !reflect.DeepEqual(second, map[string]bool{"y": true}) {
+			t.Errorf("first call %v, second call %v; want {x}, then {y}", first, second)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestInboxConcurrentTransactions(t *testing.T) {
 	t.Parallel()
 	st, _ := newStore(t)

@@ -133,8 +133,10 @@ func (s *Store) Ping(ctx context.Context) error {
 type Tx struct {
 	tx *sqlx.Tx
 	s  *Store
-	// created holds the cache keys of the rows this transaction inserted.
-	created map[string]bool
+	// created holds the cache keys of the rows this transaction inserted,
+	// written those of every row it wrote, and inboxed the events it
+	// recorded in the inbox.
+	created, written, inboxed map[string]bool
 }
 
 // readModelWrites are the statements of the read-model writes: a few
