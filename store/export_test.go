@@ -22,3 +22,13 @@ func (s *Store) IsPrepared(query string) bool {
 // QInsertedHere is the statement that picks the new events of an inbox
 // insert that met some applied before.
 var QInsertedHere = qInsertedHere
+
+// UpdatedRows is how many rows of table the transaction's connection
+// updated, as its statistics not yet reported count them (so also earlier
+// transactions of the connection): compare two readings in one
+// transaction.
+func (tx *Tx) UpdatedRows(ctx context.Context, table string) (int, error) {
+	var n int
+	err := tx.tx.GetContext(ctx, &n, "SELECT pg_stat_get_xact_tuples_updated($1::regclass)", table)
+	return n, err
+}

@@ -247,7 +247,10 @@ func firstEvent(table, id, upsert string) creating {
 // guarded upsert runs over every row and skips those this transaction
 // wrote (their xmin is this transaction), which are the rows the insert
 // just added, except the rows an earlier statement of this transaction
-// wrote, which it names. Then no row is recorded as created.
+// wrote, which it names. Then no row is recorded as created. (A row left
+// untouched for 2^32 transactions could carry this transaction's xid as
+// its frozen xmin and miss its update; that needs an exact match and is
+// left alone.)
 func (tx *Tx) applyFirst(ctx context.Context, q creating, key func(id string) string, ids []string, args ...any) error {
 	defer tx.wrote(key, ids)
 	n, err := tx.execCount(ctx, q.insert, args...)

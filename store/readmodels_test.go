@@ -646,12 +646,25 @@ func TestCreated(t *testing.T) {
 		old, fresh := events.NewID(), events.NewID()
 		applyEach(t, st, sent(old))
 		err := st.WithTx(t.Context(), func(tx *store.Tx) error {
+			before, err := tx.UpdatedRows(t.Context(), "emails")
+			if err != nil {
+				return err
+			}
 			if err := tx.ApplyEmailsRequested(t.Context(), []*events.EmailRequested{requested(old), requested(fresh)}); err != nil {
 				return err
 			}
 			// Which of the rows were new is not known: none is reported.
 			if tx.Created(store.EmailKey(old)) || tx.Created(store.EmailKey(fresh)) {
 				t.Errorf("Created(old) = %v, Created(new) = %v; want false, false", tx.Created(store.EmailKey(old)), tx.Created(store.EmailKey(fresh)))
+			}
+			// The row that existed is updated; the new one, just inserted,
+			// is not written a second time.
+			after, err := tx.UpdatedRows(t.Context(), "emails")
+			if err != nil {
+				return err
+			}
+			if updated := after - before; updated != 1 {
+				t.Errorf("%d rows updated in the transaction, want 1 (the row that existed)", updated)
 			}
 			return nil
 		})
@@ -734,8 +747,6 @@ func TestInbox(t *testing.T) {
 	}
 }
 
-// TestInboxConcurrentTransactions offers one id from two transactions at
-// once: exactly one of them may apply the event.
 // TestInboxTwiceInOneTransaction: a second call in one transaction reports
 // as new only what it recorded itself, not the events the first call
 // recorded (their rows are this transaction's too).
@@ -775,6 +786,8 @@ func TestInboxTwiceInOneTransaction(t *testing.T) {
 	}
 }
 
+// TestInboxConcurrentTransactions offers one id from two transactions at
+// once: exactly one of them may apply the event.
 func TestInboxConcurrentTransactions(t *testing.T) {
 	t.Parallel()
 	st, _ := newStore(t)
