@@ -183,21 +183,20 @@ func (tx *Tx) LockAndInbox(ctx context.Context, keys []string, entries []InboxEn
 		// Rows an earlier call of this transaction inserted are this
 		// transaction's too, but not new to this call.
 		clear(out)
+	mine:
 		for _, id := range mine {
-			if !tx.inboxed[id] {
-				out[id] = true
+			for _, earlier := range tx.inboxed {
+				if earlier[id] {
+					continue mine
+				}
 			}
+			out[id] = true
 		}
 		if len(out) != int(n) {
 			return nil, fmt.Errorf("inbox: %d events recorded, but %d found as this call's", n, len(out))
 		}
 	}
-	if tx.inboxed == nil {
-		tx.inboxed = make(map[string]bool, len(out))
-	}
-	for id := range out {
-		tx.inboxed[id] = true
-	}
+	tx.inboxed = append(tx.inboxed, out)
 	return out, nil
 }
 
@@ -272,9 +271,15 @@ func (tx *Tx) applyFirst(ctx context.Context, q creating, key func(id string) st
 		}
 		return nil
 	}
+	written := map[string]bool{}
+	for _, w := range tx.written {
+		for _, id := range w.ids {
+			written[w.key(strings.ToLower(id))] = true
+		}
+	}
 	var earlier []string
 	for _, id := range ids {
-		if tx.written[key(strings.ToLower(id))] {
+		if written[key(strings.ToLower(id))] {
 			earlier = append(earlier, id)
 		}
 	}
@@ -286,12 +291,7 @@ func (tx *Tx) applyFirst(ctx context.Context, q creating, key func(id string) st
 
 // wrote records that this transaction wrote the rows of ids.
 func (tx *Tx) wrote(key func(id string) string, ids []string) {
-	if tx.written == nil {
-		tx.written = make(map[string]bool, len(ids))
-	}
-	for _, id := range ids {
-		tx.written[key(strings.ToLower(id))] = true
-	}
+	tx.written = append(tx.written, writes{key: key, ids: ids})
 }
 
 // Created reports whether this transaction inserted the row whose cache

@@ -133,10 +133,19 @@ func (s *Store) Ping(ctx context.Context) error {
 type Tx struct {
 	tx *sqlx.Tx
 	s  *Store
-	// created holds the cache keys of the rows this transaction inserted,
-	// written those of every row it wrote, and inboxed the events it
-	// recorded in the inbox.
-	created, written, inboxed map[string]bool
+	// created holds the cache keys of the rows this transaction inserted.
+	created map[string]bool
+	// written lists the rows each statement wrote, and inboxed the events
+	// each inbox call recorded: kept as they come, since only a rare path
+	// looks them up.
+	written []writes
+	inboxed []map[string]bool
+}
+
+// writes is the rows of ids that one statement wrote.
+type writes struct {
+	key func(id string) string
+	ids []string
 }
 
 // readModelWrites are the statements of the read-model writes: a few
