@@ -3,6 +3,7 @@ package api_test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -15,12 +16,16 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/events"
 	"github.com/conveyor/conveyor/idem"
+	"github.com/conveyor/conveyor/internal/testenv"
 	"github.com/conveyor/conveyor/store"
 )
 
@@ -511,6 +516,64 @@ func TestPostDocument_retryAfterSureFailure(t *testing.T) {
 	if got := e.readBlob(t, sha256Hex(content)); !bytes.Equal(got, content) {
 		t.Errorf("stored bytes %q, want %q: the published event %s refers to them", got, content, id)
 	}
+}
+
+// TestPostDocument_retryAfterUnknownPrepare: the record of the prepared
+// event is written, but its reply is lost with the connection, and the
+// release of the key fails too (Redis went away). The record is there, so
+// a retry publishes its event: the bytes it refers to must still be there.
+func TestPostDocument_retryAfterUnknownPrepare(t *testing.T) {
+	t.Parallel()
+	opt, err := redis.ParseURL(testenv.RedisURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	flaky := redis.NewClient(opt)
+	flaky.AddHook(lostWrites{})
+	t.Cleanup(func() { _ = flaky.Close() })
+	down := newEnv(t, withIdemRedis(flaky))
+	content := []byte("prepared while Redis went away")
+	r := down.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "lost-prepare-1")
+	wantError(t, r, http.StatusServiceUnavailable, "unavailable")
+	if files := down.blobFiles(t); len(files) != 1 {
+		t.Fatalf("blob dir holds %v after a prepare whose outcome is unknown, want the bytes kept", files)
+	}
+	preparedRecord(t, down, "key:upload:lost-prepare-1")
+
+	up := newEnv(t, withSharedState(down))
+	id := wantAcceptedDocument(t, up.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "lost-prepare-1"))
+	if n := len(up.entries(t, events.TypeDocumentUploaded)); n != 1 {
+		t.Errorf("%d document.uploaded entries, want 1", n)
+	}
+	if got := up.readBlob(t, sha256Hex(content)); !bytes.Equal(got, content) {
+		t.Errorf("stored bytes %q, want %q: the published event %s refers to them", got, content, id)
+	}
+}
+
+// lostWrites is a Redis client hook for a connection lost mid-write once
+// an idempotency key is claimed: a plain SET (not the claim's SET NX) is
+// written but its reply is lost, and DEL never reaches Redis.
+type lostWrites struct{}
+
+func (lostWrites) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (lostWrites) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		switch {
+		case cmd.Name() == "set" && !slices.ContainsFunc(cmd.Args(), func(a any) bool { return a == "nx" }):
+			_ = next(ctx, cmd)
+		case cmd.Name() == "del":
+		default:
+			return next(ctx, cmd)
+		}
+		err := &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}
+		cmd.SetErr(err)
+		return err
+	}
+}
+
+func (lostWrites) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
 }
 
 // preparedRecord returns the idempotency record of a request that

@@ -206,6 +206,11 @@ func (a *API) accept(ctx context.Context, viewKey string, view any, ev events.Ev
 		rec := idem.Record{Fingerprint: call.fingerprint, Status: http.StatusAccepted, Body: rawResp, Pending: pending}
 		if err := a.cfg.Idem.Prepare(ctx, call.key, rec); err != nil {
 			a.log.Error("record prepared work", "event_type", ev.EventType(), "error", err)
+			// The record may have been written all the same (the Redis
+			// client retries a command whose connection broke), and if the
+			// release of the key fails as well, a retry under the key
+			// publishes its event: keep what the event refers to.
+			unavailable.maybePublished = bus.MaybeWritten(err)
 			return unavailable
 		}
 		call.prepared = true

@@ -70,6 +70,9 @@ type env struct {
 type envConfig struct {
 	// pubClient is the Redis of the Publisher; nil means the test's Redis.
 	pubClient redis.UniversalClient
+	// idemClient is the Redis of the idempotency records; nil means the
+	// test's Redis.
+	idemClient redis.UniversalClient
 	// checks returns the readiness checks; nil means those of production
 	// (the Redis and the database).
 	checks func(e *env) map[string]api.Check
@@ -84,6 +87,12 @@ type envOption func(*envConfig)
 // Redis, so that publishing can fail while everything else works.
 func withPublisherRedis(c redis.UniversalClient) envOption {
 	return func(cfg *envConfig) { cfg.pubClient = c }
+}
+
+// withIdemRedis makes the idempotency records live on c (the test's Redis
+// seen through a failing client, say).
+func withIdemRedis(c redis.UniversalClient) envOption {
+	return func(cfg *envConfig) { cfg.idemClient = c }
 }
 
 // withSharedState makes the env a second replica of other: same records,
@@ -116,7 +125,10 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 	}
 	t.Cleanup(func() { _ = pub.Close() })
 	e.publisher = pub
-	if e.idem, err = idem.New(idem.Config{Redis: e.rdb, Prefix: e.prefix + "idem:"}); err != nil {
+	if cfg.idemClient == nil {
+		cfg.idemClient = e.rdb
+	}
+	if e.idem, err = idem.New(idem.Config{Redis: cfg.idemClient, Prefix: e.prefix + "idem:"}); err != nil {
 		t.Fatal(err)
 	}
 	if e.cache, err = cache.New(cache.Config{Redis: e.rdb, Prefix: e.prefix + "cache:", Logger: discard}); err != nil {
