@@ -3,11 +3,12 @@ package bus
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"regexp"
 	"strconv"
 	"sync"
 	"time"
+
+	segjson "github.com/segmentio/encoding/json"
 
 	"github.com/conveyor/conveyor/events"
 )
@@ -134,33 +135,33 @@ func attemptOf(md metadata) int {
 	return 1
 }
 
-// marshalJSON encodes event payloads. encoding/json, not goccy/go-json:
-// goccy's encoder has a stack frame so large that the goroutines calling
-// it grow their stacks again after every collection, which cost more than
-// its faster encoding saves.
+// marshalJSON encodes event payloads with segmentio/encoding's json, which
+// writes the bytes encoding/json writes (TestMarshalJSONMatchesEncodingJSON)
+// at about twice its speed: in the e2e profile, marshalling went from 6.1%
+// of the process with encoding/json to 2.6%. Not goccy/go-json: its
+// encoder has a stack frame so large that the goroutines calling it grow
+// their stacks again after every collection, which cost more than its
+// faster encoding saves.
 //
 // Unlike json.Marshal it leaves '<', '>' and '&' as they are: payloads are
 // never embedded in HTML, and escaping them (\u003c) makes HTML email
 // bodies and URLs with query strings up to six times their size on the
 // wire and in Redis, and slower to decode.
 func marshalJSON(v any) ([]byte, error) {
-	buf := jsonBufs.Get().(*bytes.Buffer)
-	defer func() {
-		if buf.Cap() <= maxPooledJSON {
-			buf.Reset()
-			jsonBufs.Put(buf)
-		}
-	}()
-	enc := json.NewEncoder(buf)
-	enc.SetEscapeHTML(false)
-	if err := enc.Encode(v); err != nil {
-		return nil, err
+	buf := jsonBufs.Get().(*[]byte)
+	b, err := segjson.Append((*buf)[:0], v, segjson.SortMapKeys)
+	var out []byte
+	if err == nil {
+		out = bytes.Clone(b)
 	}
-	// Encode ends the value with a newline; the copy leaves it out.
-	return bytes.Clone(buf.Bytes()[:buf.Len()-1]), nil
+	if cap(b) <= maxPooledJSON {
+		*buf = b
+		jsonBufs.Put(buf)
+	}
+	return out, err
 }
 
-var jsonBufs = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+var jsonBufs = sync.Pool{New: func() any { return new([]byte) }}
 
 // maxPooledJSON bounds the buffers kept for reuse, so that one large
 // payload does not pin its buffer.
