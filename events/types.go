@@ -51,7 +51,7 @@ func (e *DocumentUploaded) Validate() error {
 		v.add("blob_key", "must be 64 lowercase hex characters")
 	}
 	if e.Notify != "" {
-		if _, err := ParseAddress(e.Notify); err != nil {
+		if _, err := parseAddress(e.Notify); err != nil {
 			v.add("notify", err.Error())
 		}
 	}
@@ -141,7 +141,7 @@ func (e *EmailRequested) Validate() error {
 	var v validator
 	v.uuid("email_id", e.EmailID)
 	if v.required("to", e.To) {
-		if _, err := ParseAddress(e.To); err != nil {
+		if _, err := parseAddress(e.To); err != nil {
 			v.add("to", err.Error())
 		}
 	}
@@ -186,7 +186,7 @@ func (e *EmailScheduled) Validate() error {
 	var v validator
 	v.uuid("email_id", e.EmailID)
 	if v.required("to", e.To) {
-		if _, err := ParseAddress(e.To); err != nil {
+		if _, err := parseAddress(e.To); err != nil {
 			v.add("to", err.Error())
 		}
 	}
@@ -256,34 +256,46 @@ func (e *EmailFailed) Validate() error {
 // ParseAddress accepts one email address, optionally with a display name,
 // and returns its normalised form. Errors read well after a field name.
 func ParseAddress(s string) (*mail.Address, error) {
+	a, err := parseAddress(s)
+	if err != nil {
+		return nil, err
+	}
+	if a == nil {
+		a = &mail.Address{Address: s}
+	}
+	return a, nil
+}
+
+// parseAddress is ParseAddress without its allocation in the common case,
+// for the validation of every decoded event: for a plain local@domain
+// (printable ASCII atoms without quotes, comments, display name or
+// spaces), for which mail.ParseAddress would return the string itself as
+// the address, it returns a nil address and no error.
+func parseAddress(s string) (*mail.Address, error) {
 	if strings.IndexByte(s, '\r') >= 0 || strings.IndexByte(s, '\n') >= 0 {
 		return nil, errInvalidAddress
 	}
-	a, ok := parsePlainAddress(s)
-	if !ok {
+	addr := s
+	var a *mail.Address
+	if !isPlainAddress(s) {
 		var err error
 		if a, err = mail.ParseAddress(s); err != nil {
 			return nil, errInvalidAddress
 		}
+		addr = a.Address
 	}
-	at := strings.LastIndexByte(a.Address, '@')
-	if at < 1 || !strings.Contains(a.Address[at+1:], ".") && a.Address[at+1:] != "localhost" {
+	at := strings.LastIndexByte(addr, '@')
+	if at < 1 || !strings.Contains(addr[at+1:], ".") && addr[at+1:] != "localhost" {
 		return nil, errInvalidAddress
 	}
 	return a, nil
 }
 
-// parsePlainAddress parses the common form local@domain: printable ASCII
-// atoms without quotes, comments, display name or spaces. It gives the answer
-// mail.ParseAddress gives for such a string, without its parser's
-// allocations; ok is false for every other string, which mail.ParseAddress
-// then decides.
-func parsePlainAddress(s string) (a *mail.Address, ok bool) {
+// isPlainAddress reports whether s has the common form local@domain, two
+// dot-atoms, for which mail.ParseAddress returns s itself as the address.
+func isPlainAddress(s string) bool {
 	at := strings.IndexByte(s, '@')
-	if at < 0 || !isDotAtom(s[:at]) || !isDotAtom(s[at+1:]) {
-		return nil, false
-	}
-	return &mail.Address{Address: s}, true
+	return at >= 0 && isDotAtom(s[:at]) && isDotAtom(s[at+1:])
 }
 
 // isDotAtom reports whether s is an RFC 5322 dot-atom of ASCII characters:
