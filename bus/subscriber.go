@@ -191,7 +191,10 @@ type Subscriber struct {
 	mu       sync.Mutex
 	inflight map[entryKey]*delivery
 	waiting  map[*readBatch]struct{} // read, not all handed out yet
-	closed   bool
+	// unsent holds the entries read and never handed out to a handler
+	// because their subscription stopped: Close hands them back.
+	unsent map[entryKey]struct{}
+	closed bool
 
 	// Counters of Metrics for this group, looked up once.
 	mDelivered prometheus.Counter
@@ -306,6 +309,7 @@ func NewSubscriber(cfg SubscriberConfig) (*Subscriber, error) {
 		freed:    make(chan struct{}, 1),
 		inflight: make(map[entryKey]*delivery),
 		waiting:  make(map[*readBatch]struct{}),
+		unsent:   make(map[entryKey]struct{}),
 		closing:  make(chan struct{}),
 		stopWork: make(chan struct{}),
 		ackWake:  make(chan struct{}, 1),
@@ -1041,13 +1045,15 @@ func (sub *subscription) claimIdleOf(ctx context.Context, stream string) error {
 }
 
 // deliverAll hands out the entries of b, each once it has a window slot.
-// Entries not handed out (stopping) stay pending and come back.
+// Entries not handed out (stopping) stay pending, and Close hands them
+// back.
 func (sub *subscription) deliverAll(ctx context.Context, b *readBatch) {
 	queued := len(b.keys)
 	defer func() { sub.queued.Add(-int64(queued)) }()
 	for _, st := range b.res {
 		for _, e := range st.entries {
 			if sub.stopped() || !sub.acquire() {
+				sub.s.notSent(b.keys[b.next.Load():]...)
 				return
 			}
 			queued--
@@ -1108,6 +1114,11 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 
 	s.mu.Lock()
 	s.inflight[key] = d
+	if len(s.unsent) > 0 {
+		// Read again (its own pending entries, after a new Subscribe) and
+		// handed out now: no longer Close's to hand back.
+		delete(s.unsent, key)
+	}
 	s.outstanding.Add(1)
 	s.mu.Unlock()
 
@@ -1119,6 +1130,7 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 			case sub.dout <- d:
 			case <-sub.stop:
 				s.finish(d, outcomeHandedBack)
+				s.notSent(key)
 				return
 			}
 		}
@@ -1130,9 +1142,10 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 	select {
 	case sub.out <- msg:
 	case <-sub.stop:
-		// Not handed out: it stays pending for this consumer and comes back
-		// at the next start, or to another replica after ClaimMinIdle.
+		// Not handed out: it stays pending for this consumer, and Close
+		// hands it back.
 		s.finish(d, outcomeHandedBack)
+		s.notSent(key)
 		return
 	}
 	if s.mDelivered != nil {
@@ -1515,16 +1528,20 @@ func (sub *subscription) moveDue() {
 	}
 }
 
-// heartbeatScript re-claims entries still owned by this consumer, resetting
-// their idle time so no other replica claims a job that is merely slow. An
-// entry another consumer already took is left alone.
-// KEYS[1] = stream; ARGV[1] = group, ARGV[2] = consumer, ARGV[3..] = ids.
-var heartbeatScript = redis.NewScript(`
+// idleScript sets the idle time of the entries this consumer still owns,
+// and returns how many it owns. An entry another consumer already took is
+// left alone. JUSTID leaves the delivery counts as they are. The heartbeat
+// sets 0, so that no other replica claims a job that is merely slow; Close
+// sets ClaimMinIdle on the entries it hands back, so that the next claim
+// of another replica takes them.
+// KEYS[1] = stream; ARGV[1] = group, ARGV[2] = consumer, ARGV[3] = idle
+// time in milliseconds, ARGV[4..] = ids.
+var idleScript = redis.NewScript(`
 local kept = 0
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
     kept = kept + 1
   end
 end
@@ -1598,13 +1615,82 @@ func (s *Subscriber) heartbeat() {
 // keepAlive resets the idle time of those of ids on stream that this
 // consumer still holds, and returns how many it holds.
 func (s *Subscriber) keepAlive(stream string, ids []string) (int, error) {
-	args := make([]any, 0, len(ids)+2)
-	args = append(args, s.cfg.ConsumerGroup, s.cfg.Consumer)
+	return s.setIdle(context.Background(), stream, ids, 0)
+}
+
+// setIdle sets the idle time of those of ids on stream that this consumer
+// still holds, and returns how many it holds.
+func (s *Subscriber) setIdle(ctx context.Context, stream string, ids []string, idle time.Duration) (int, error) {
+	args := make([]any, 0, len(ids)+3)
+	args = append(args, s.cfg.ConsumerGroup, s.cfg.Consumer, idle.Milliseconds())
 	for _, id := range ids {
 		args = append(args, id)
 	}
-	return heartbeatScript.Run(context.Background(), s.cfg.Client, []string{stream}, args...).Int()
+	return idleScript.Run(ctx, s.cfg.Client, []string{stream}, args...).Int()
 }
+
+// notSent records entries that were read and will not be handed out: their
+// subscription stopped first.
+func (s *Subscriber) notSent(keys ...entryKey) {
+	if len(keys) == 0 {
+		return
+	}
+	s.mu.Lock()
+	for _, k := range keys {
+		s.unsent[k] = struct{}{}
+	}
+	s.mu.Unlock()
+}
+
+// handBack makes the entries that were read and never handed out
+// claimable at once by the other consumers of the group, rather than after
+// ClaimMinIdle: it sets their idle time to ClaimMinIdle. No handler has
+// seen them, so no other may still be at work on them. A restart under the
+// same consumer name reads them anyway; a replica that stops for good (a
+// scale-down, a rolling update with new names) would otherwise leave them
+// waiting up to ClaimMinIdle plus ClaimInterval. Entries whose handler was
+// still running at the drain timeout are not handed back early: their
+// handler may not have stopped yet. It runs after the heartbeats stopped,
+// which would reset the idle time.
+func (s *Subscriber) handBack() {
+	s.mu.Lock()
+	byStream := map[string][]string{}
+	for k := range s.unsent {
+		byStream[k.stream] = append(byStream[k.stream], k.id)
+	}
+	clear(s.unsent)
+	s.mu.Unlock()
+	if len(byStream) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), handBackTimeout)
+	defer cancel()
+	for stream, ids := range byStream {
+		n := 0
+		for chunk := range slices.Chunk(ids, handBackChunk) {
+			kept, err := s.setIdle(ctx, stream, chunk, s.cfg.ClaimMinIdle)
+			if err != nil {
+				s.log.Warn("hand back entries read but not handed out; other replicas claim them after ClaimMinIdle",
+					"stream", stream, "count", len(ids)-n, "error", err)
+				break
+			}
+			n += kept
+		}
+		if n > 0 {
+			s.log.Info("handed back entries read but not handed out; other replicas claim them now",
+				"stream", stream, "count", n)
+		}
+	}
+}
+
+// handBackTimeout bounds the hand-back at Close: a Redis that does not
+// answer must not hold up a shutdown. The entries then come back after
+// ClaimMinIdle, as after a crash.
+const handBackTimeout = 2 * time.Second
+
+// handBackChunk bounds the entries of one script call, which blocks Redis
+// while it runs.
+const handBackChunk = 500
 
 // beatWaiting resets the idle time of the entries of batches that are
 // read but not yet handed out (those handed out meanwhile are beaten with
@@ -1636,7 +1722,9 @@ func (s *Subscriber) beatWaiting(batches []*readBatch) {
 
 // Close stops reading, waits up to DrainTimeout for handed-out messages to
 // be acked or nacked, hands back the rest, flushes every ack, and returns.
-// It does not close the Redis client. Close is safe to call more than once.
+// The entries it read and never handed out it makes claimable by the other
+// consumers at once (handBack). It does not close the Redis client. Close
+// is safe to call more than once.
 func (s *Subscriber) Close() error {
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()
@@ -1687,6 +1775,7 @@ func (s *Subscriber) Close() error {
 	<-drained
 	close(s.stopWork)
 	s.workers.Wait()
+	s.handBack()
 	return nil
 }
 

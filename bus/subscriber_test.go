@@ -700,3 +700,69 @@ func TestReadAheadFallsWhenJobsSlowDown(t *testing.T) {
 	}
 	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
 }
+
+// Close hands back what a replica read ahead and never handed out: the
+// other replicas can claim it at once, not after ClaimMinIdle, which is
+// an hour here. The entries whose handlers were still at work at the
+// drain timeout are not handed back early.
+func TestCloseHandsBackWhatItReadAhead(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	slowClaims := func(c *bus.SubscriberConfig) {
+		c.ClaimMinIdle = time.Hour
+		c.ClaimInterval = 50 * time.Millisecond
+		c.HeartbeatInterval = time.Minute
+	}
+	aSub := f.subscriber("a", func(c *bus.SubscriberConfig) {
+		slowClaims(c)
+		c.MaxInFlight, c.BatchSize = 2, 10
+		c.ReadAhead = time.Second // a fast pace reads a whole batch ahead
+		c.DrainTimeout = 100 * time.Millisecond
+	})
+	a := f.subscribe(aSub)
+	f.publish(200)
+	work(t, a, 100, time.Millisecond)
+	held := []*message.Message{receive(t, a), receive(t, a)} // never acked
+	time.Sleep(300 * time.Millisecond)
+	n := pendingOf(t, f.rdb, f.topic, f.group, "a")
+	if n <= len(held) {
+		t.Fatalf("a holds %d entries, want more than the %d it handed out: nothing was read ahead to hand back", n, len(held))
+	}
+	if err := aSub.Close(); err != nil {
+		t.Fatal(err)
+	}
+	pending, err := f.rdb.XPendingExt(t.Context(), &redis.XPendingExtArgs{
+		Stream: f.topic, Group: f.group, Start: "-", End: "+", Count: 1000, Consumer: "a",
+	}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back, kept int
+	for _, p := range pending {
+		switch {
+		case p.Idle >= time.Hour:
+			back++
+			if p.RetryCount != 1 {
+				t.Errorf("entry %s handed back with delivery count %d, want 1: it was never handed out", p.ID, p.RetryCount)
+			}
+		case p.Idle < time.Minute:
+			kept++
+		default:
+			t.Errorf("entry %s idle for %s", p.ID, p.Idle)
+		}
+	}
+	if back != n-len(held) || kept != len(held) {
+		t.Fatalf("after Close, %d entries claimable and %d not; want the %d read ahead claimable and the %d held not",
+			back, kept, n-len(held), len(held))
+	}
+	// b claims the handed-back entries at once (its ClaimMinIdle is an hour
+	// too) and reads the rest.
+	b := f.subscribe(f.subscriber("b", slowClaims))
+	for range 200 - 100 - len(held) {
+		receive(t, b).Ack()
+	}
+	eventually(t, "only the held entries pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == int64(len(held)) })
+	if got := pendingOf(t, f.rdb, f.topic, f.group, "a"); got != len(held) {
+		t.Fatalf("a holds %d entries, want the %d whose handlers were at work", got, len(held))
+	}
+}
