@@ -1630,14 +1630,18 @@ func (s *Subscriber) setIdle(ctx context.Context, stream string, ids []string, i
 }
 
 // notSent records entries that were read and will not be handed out: their
-// subscription stopped first.
+// subscription stopped first. An entry being handled here all the same (read
+// twice: by a stopped subscription and by a new one of the same topic, or
+// claimed back from this consumer) is not recorded: its handler has it.
 func (s *Subscriber) notSent(keys ...entryKey) {
 	if len(keys) == 0 {
 		return
 	}
 	s.mu.Lock()
 	for _, k := range keys {
-		s.unsent[k] = struct{}{}
+		if _, busy := s.inflight[k]; !busy {
+			s.unsent[k] = struct{}{}
+		}
 	}
 	s.mu.Unlock()
 }
@@ -1760,8 +1764,10 @@ func (s *Subscriber) Close() error {
 	s.hardCancel()
 	s.mu.Lock()
 	held := make([]*delivery, 0, len(s.inflight))
-	for _, d := range s.inflight {
+	for key, d := range s.inflight {
 		held = append(held, d)
+		// Its handler may still be at work: it waits the full ClaimMinIdle.
+		delete(s.unsent, key)
 	}
 	s.mu.Unlock()
 	for _, d := range held {
