@@ -273,7 +273,15 @@ func run(ctx context.Context, o options) error {
 
 	b := &bench{opts: o, env: e, log: log, logFile: logFile, stamp: stamp, values: map[string]float64{}}
 	start := time.Now()
-	var loads []string
+	var loads, speeds []string
+	var speed0 float64 // the first probe: 1.00
+	relSpeed := func() string {
+		v := probeSpeed(speedProbeTime)
+		if speed0 == 0 {
+			speed0 = v
+		}
+		return fmt.Sprintf("%.2f", v/speed0)
+	}
 	for _, r := range rows {
 		if len(o.only) > 0 && !o.only[r.name] {
 			continue
@@ -286,18 +294,26 @@ func run(ctx context.Context, o options) error {
 			return fmt.Errorf("reset before %s: %w", r.name, err)
 		}
 		b.row = r
+		before := relSpeed()
 		rowStart := time.Now()
 		if err := r.run(ctx, b); err != nil {
 			b.failed(r.name, err)
 			fmt.Fprintf(os.Stderr, "   %s failed: %v\n", r.name, err)
 		}
+		took := time.Since(rowStart).Round(time.Second)
 		load := loadAverage()
+		after := relSpeed()
 		loads = append(loads, fmt.Sprintf("%s %s", r.name, load))
-		fmt.Fprintf(os.Stderr, "   %s took %s; load average %s\n", r.name, time.Since(rowStart).Round(time.Second), load)
+		speeds = append(speeds, fmt.Sprintf("%s %s/%s", r.name, before, after))
+		fmt.Fprintf(os.Stderr, "   %s took %s; load average %s; machine speed %s before, %s after\n", r.name, took, load, before, after)
 	}
 	if len(loads) > 0 {
 		b.note("Machine load average (1 min) at the end of each row: %s. It counts every process on the machine, "+
 			"so a value well above the work of this run means other programs shared the cores.", strings.Join(loads, ", "))
+		b.note("Machine speed before/after each row, relative to the first probe (a fixed JSON round trip and SHA-256 "+
+			"on one goroutine for %s, between rows): %s. Shared and virtual machines drift by tens of percent "+
+			"within minutes; a row and its baseline measured at different speeds compare less well.",
+			speedProbeTime, strings.Join(speeds, ", "))
 	}
 	b.elapsed = time.Since(start)
 	return b.report(ctx)
