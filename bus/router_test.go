@@ -479,3 +479,66 @@ func TestPayloadKeepsHTMLCharacters(t *testing.T) {
 		t.Errorf("decoded body %q, subject %q; want them unchanged", got.Body, got.Subject)
 	}
 }
+
+// A router that stops hands back what it read ahead: the entries no worker
+// started become claimable at once (their idle time is ClaimMinIdle, an
+// hour here), while those whose handlers were still running at the drain
+// timeout are not.
+func TestRouterStopHandsBackWhatItReadAhead(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	r, err := bus.NewRouter(bus.RouterConfig{
+		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", Logger: testLogger(),
+		Concurrency: 2, BatchSize: 10, ReadAhead: time.Second, ClaimMinIdle: time.Hour,
+		DrainTimeout: 100 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var calls atomic.Int32
+	stuck := make(chan struct{}, 2)
+	err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailSent) error {
+		if calls.Add(1) <= 100 {
+			time.Sleep(time.Millisecond) // a pace that reads a whole batch ahead
+			return nil
+		}
+		stuck <- struct{}{}
+		<-ctx.Done()
+		return ctx.Err()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := routerPublisher(t, f)
+	evs := make([]events.Event, 200)
+	for i := range evs {
+		evs[i] = &events.EmailSent{EmailID: events.NewID(), Attempts: 1, SentAt: time.Now()}
+	}
+	for _, res := range pub.PublishBatch(t.Context(), evs, nil) {
+		if res.Err != nil {
+			t.Fatal(res.Err)
+		}
+	}
+	stop := runRouter(t, r)
+	for range 2 {
+		select {
+		case <-stuck:
+		case <-time.After(30 * time.Second):
+			t.Fatal("the handlers never got stuck")
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
+	stream := f.topic + ":" + events.TypeEmailSent
+	n := pendingOf(t, f.rdb, stream, f.group, "c1")
+	if n <= 2 {
+		t.Fatalf("c1 holds %d entries, want more than its 2 stuck ones: nothing was read ahead to hand back", n)
+	}
+	stop()
+	back, kept := claimableNow(t, f.rdb, stream, f.group, "c1", time.Hour)
+	// A stuck handler that fails at the stop may be retried before the
+	// subscriber closes: its entry then leaves the pending list.
+	if back != n-2 || kept > 2 {
+		t.Fatalf("after the stop, %d entries claimable and %d not; want the %d read ahead claimable, and the 2 stuck ones not (or retried)",
+			back, kept, n-2)
+	}
+}

@@ -731,26 +731,7 @@ func TestCloseHandsBackWhatItReadAhead(t *testing.T) {
 	if err := aSub.Close(); err != nil {
 		t.Fatal(err)
 	}
-	pending, err := f.rdb.XPendingExt(t.Context(), &redis.XPendingExtArgs{
-		Stream: f.topic, Group: f.group, Start: "-", End: "+", Count: 1000, Consumer: "a",
-	}).Result()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var back, kept int
-	for _, p := range pending {
-		switch {
-		case p.Idle >= time.Hour:
-			back++
-			if p.RetryCount != 1 {
-				t.Errorf("entry %s handed back with delivery count %d, want 1: it was never handed out", p.ID, p.RetryCount)
-			}
-		case p.Idle < time.Minute:
-			kept++
-		default:
-			t.Errorf("entry %s idle for %s", p.ID, p.Idle)
-		}
-	}
+	back, kept := claimableNow(t, f.rdb, f.topic, f.group, "a", time.Hour)
 	if back != n-len(held) || kept != len(held) {
 		t.Fatalf("after Close, %d entries claimable and %d not; want the %d read ahead claimable and the %d held not",
 			back, kept, n-len(held), len(held))
@@ -765,4 +746,33 @@ func TestCloseHandsBackWhatItReadAhead(t *testing.T) {
 	if got := pendingOf(t, f.rdb, f.topic, f.group, "a"); got != len(held) {
 		t.Fatalf("a holds %d entries, want the %d whose handlers were at work", got, len(held))
 	}
+}
+
+// claimableNow splits consumer's pending entries on stream into those idle
+// for at least minIdle (claimable now by a replica with that ClaimMinIdle)
+// and those idle for less than a minute, failing t for any other. The
+// entries claimable must have been delivered once: a hand-back leaves the
+// delivery counts alone.
+func claimableNow(t *testing.T, rdb *redis.Client, stream, group, consumer string, minIdle time.Duration) (claimable, recent int) {
+	t.Helper()
+	pending, err := rdb.XPendingExt(t.Context(), &redis.XPendingExtArgs{
+		Stream: stream, Group: group, Start: "-", End: "+", Count: 1000, Consumer: consumer,
+	}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pending {
+		switch {
+		case p.Idle >= minIdle:
+			claimable++
+			if p.RetryCount != 1 {
+				t.Errorf("entry %s claimable with delivery count %d, want 1: it was never handed out", p.ID, p.RetryCount)
+			}
+		case p.Idle < time.Minute:
+			recent++
+		default:
+			t.Errorf("entry %s idle for %s", p.ID, p.Idle)
+		}
+	}
+	return claimable, recent
 }
