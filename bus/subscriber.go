@@ -192,7 +192,9 @@ type Subscriber struct {
 	inflight map[entryKey]*delivery
 	waiting  map[*readBatch]struct{} // read, not all handed out yet
 	// unsent holds the entries read and never handed out to a handler
-	// because their subscription stopped: Close hands them back.
+	// because their subscription stopped: Close hands them back. No key
+	// is in both unsent and inflight (notSent and deliverOne keep it so,
+	// under mu), so no handler holds an entry Close hands back.
 	unsent map[entryKey]struct{}
 	closed bool
 
@@ -1115,8 +1117,8 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 	s.mu.Lock()
 	s.inflight[key] = d
 	if len(s.unsent) > 0 {
-		// Read again (its own pending entries, after a new Subscribe) and
-		// handed out now: no longer Close's to hand back.
+		// Read again (its own pending entries, after a new Subscribe, or
+		// claimed back) and handed out now: no longer Close's to hand back.
 		delete(s.unsent, key)
 	}
 	s.outstanding.Add(1)
@@ -1764,10 +1766,8 @@ func (s *Subscriber) Close() error {
 	s.hardCancel()
 	s.mu.Lock()
 	held := make([]*delivery, 0, len(s.inflight))
-	for key, d := range s.inflight {
+	for _, d := range s.inflight {
 		held = append(held, d)
-		// Its handler may still be at work: it waits the full ClaimMinIdle.
-		delete(s.unsent, key)
 	}
 	s.mu.Unlock()
 	for _, d := range held {
