@@ -20,6 +20,12 @@
 //	upload     HTTP POST /v1/documents of 100 MB against a raw disk write with fsync
 //	read       HTTP GET /v1/documents/{id} cache hits against a minimal Redis GET server
 //
+// The rows run -rounds times in turn (3 by default), each round with
+// baselines of its own: a result is the median of its rounds (the worst
+// round for latency tails and peak memory) and a ratio the median of the
+// per-round ratios, so that a machine whose speed drifts within minutes
+// moves a row and its baselines together.
+//
 // It prints one Markdown table and writes <out>/<timestamp>.md and
 // <out>/<timestamp>.svg (a chart of throughput and latency). CPU profiles of
 // Conveyor measurements that miss their target are kept as
@@ -62,6 +68,7 @@ type options struct {
 	repo        string
 	timeout     time.Duration
 	prefill     int
+	rounds      int
 }
 
 // rowSpec is one row of the benchmark.
@@ -125,8 +132,8 @@ func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("conveyor-bench", flag.ContinueOnError)
 	var o options
 	var only string
-	fs.DurationVar(&o.duration, "duration", 25*time.Second, "measurement time of each row (the e2e row uses -e2e-duration)")
-	fs.DurationVar(&o.e2eDuration, "e2e-duration", 60*time.Second, "measurement time of the sustained end-to-end row")
+	fs.DurationVar(&o.duration, "duration", 10*time.Second, "measurement time of each row in each round (the e2e row uses -e2e-duration)")
+	fs.DurationVar(&o.e2eDuration, "e2e-duration", 60*time.Second, "measurement time of the sustained end-to-end row in each round")
 	fs.DurationVar(&o.warmup, "warmup", 0, "warm-up before each measurement (default: 5s, or 1s with -short)")
 	fs.BoolVar(&o.short, "short", false, "smoke run: a few seconds per row")
 	fs.StringVar(&o.out, "out", "results", "folder for the report, the chart and profiles")
@@ -135,7 +142,8 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&o.apiMode, "api", "binary", `how the HTTP rows run the API: "binary" (go build ./cmd/conveyor, run "conveyor api" as its own process) or "inproc" (api.New(...).Handler() in this process)`)
 	fs.StringVar(&o.repo, "repo", "", "root of the conveyor repository (default: found from the working folder)")
 	fs.DurationVar(&o.timeout, "timeout", 40*time.Minute, "upper bound of the whole run")
-	fs.IntVar(&o.prefill, "prefill", 0, "entries pre-filled for the stream consumer rows (default 2,000,000, or 200,000 with -short)")
+	fs.IntVar(&o.prefill, "prefill", 0, "entries pre-filled for the stream consumer rows (default 1,000,000, or 200,000 with -short)")
+	fs.IntVar(&o.rounds, "rounds", 0, "how many times the rows run in turn; results are medians of the rounds, ratios medians of per-round ratios (default 3, or 1 with -short)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -160,8 +168,17 @@ func parseFlags(args []string) (options, error) {
 			o.warmup = time.Second
 		}
 	}
+	if o.rounds == 0 {
+		o.rounds = 3
+		if o.short {
+			o.rounds = 1
+		}
+	}
+	if o.rounds < 1 {
+		return o, errors.New("-rounds must be at least 1")
+	}
 	if o.prefill == 0 {
-		o.prefill = 2_000_000
+		o.prefill = 1_000_000
 		if o.short {
 			o.prefill = 200_000
 		}
@@ -271,7 +288,7 @@ func run(ctx context.Context, o options) error {
 	}
 	defer e.close()
 
-	b := &bench{opts: o, env: e, log: log, logFile: logFile, stamp: stamp, values: map[string]float64{}}
+	b := &bench{opts: o, env: e, log: log, logFile: logFile, stamp: stamp}
 	start := time.Now()
 	var loads, speeds []string
 	var speed0 float64 // the first probe: 1.00
@@ -282,37 +299,48 @@ func run(ctx context.Context, o options) error {
 		}
 		return fmt.Sprintf("%.2f", v/speed0)
 	}
-	for _, r := range rows {
-		if len(o.only) > 0 && !o.only[r.name] {
-			continue
+	for round := range o.rounds {
+		b.nextRound(round)
+		name := func(row string) string {
+			if o.rounds > 1 {
+				return fmt.Sprintf("%s (round %d)", row, round+1)
+			}
+			return row
 		}
-		if ctx.Err() != nil {
-			break
+		for _, r := range rows {
+			if len(o.only) > 0 && !o.only[r.name] {
+				continue
+			}
+			if ctx.Err() != nil {
+				break
+			}
+			fmt.Fprintf(os.Stderr, "== %s\n", name(r.name))
+			if err := e.reset(ctx); err != nil {
+				return fmt.Errorf("reset before %s: %w", name(r.name), err)
+			}
+			b.row = r
+			before := relSpeed()
+			rowStart := time.Now()
+			if err := r.run(ctx, b); err != nil {
+				b.failed(r.name, err)
+				fmt.Fprintf(os.Stderr, "   %s failed: %v\n", r.name, err)
+			}
+			took := time.Since(rowStart).Round(time.Second)
+			load := loadAverage()
+			after := relSpeed()
+			loads = append(loads, fmt.Sprintf("%s %s", name(r.name), load))
+			speeds = append(speeds, fmt.Sprintf("%s %s/%s", name(r.name), before, after))
+			fmt.Fprintf(os.Stderr, "   %s took %s; load average %s; machine speed %s before, %s after\n", r.name, took, load, before, after)
 		}
-		fmt.Fprintf(os.Stderr, "== %s\n", r.name)
-		if err := e.reset(ctx); err != nil {
-			return fmt.Errorf("reset before %s: %w", r.name, err)
-		}
-		b.row = r
-		before := relSpeed()
-		rowStart := time.Now()
-		if err := r.run(ctx, b); err != nil {
-			b.failed(r.name, err)
-			fmt.Fprintf(os.Stderr, "   %s failed: %v\n", r.name, err)
-		}
-		took := time.Since(rowStart).Round(time.Second)
-		load := loadAverage()
-		after := relSpeed()
-		loads = append(loads, fmt.Sprintf("%s %s", r.name, load))
-		speeds = append(speeds, fmt.Sprintf("%s %s/%s", r.name, before, after))
-		fmt.Fprintf(os.Stderr, "   %s took %s; load average %s; machine speed %s before, %s after\n", r.name, took, load, before, after)
 	}
+	b.finishRounds()
 	if len(loads) > 0 {
 		b.note("Machine load average (1 min) at the end of each row: %s. It counts every process on the machine, "+
 			"so a value well above the work of this run means other programs shared the cores.", strings.Join(loads, ", "))
 		b.note("Machine speed before/after each row, relative to the first probe (a fixed JSON round trip and SHA-256 "+
 			"on one goroutine for %s, between rows): %s. Shared and virtual machines drift by tens of percent "+
-			"within minutes; a row and its baseline measured at different speeds compare less well.",
+			"within minutes; a row and its baseline measured at different speeds compare less well, which the "+
+			"rounds are for.",
 			speedProbeTime, strings.Join(speeds, ", "))
 	}
 	b.elapsed = time.Since(start)

@@ -75,10 +75,21 @@ type line struct {
 	// profile is the CPU profile taken while this value was measured.
 	profile string
 	err     error
+	// worst marks a value whose rounds combine to the highest (a latency
+	// tail, a peak of memory) instead of to the median.
+	worst bool
+	// combined marks a line made of the lines of several rounds; its
+	// ratio is then roundRatio, the median of the ratios of each round
+	// against the baseline of that round (NaN if none had one).
+	combined   bool
+	roundRatio float64
 }
 
 // ratio returns value/baseline, or NaN without a baseline.
 func (l line) ratio() float64 {
+	if l.combined {
+		return l.roundRatio
+	}
 	if l.baseValue <= 0 {
 		return math.NaN()
 	}
@@ -124,8 +135,13 @@ type bench struct {
 	logFile io.Writer
 	stamp   string
 	row     rowSpec
-	lines   []line
-	notes   []string
+	// round counts the rounds from 0 (see options.rounds); -1 once all
+	// rounds ran.
+	round int
+	lines []line
+	// done holds the lines of the rounds that ran before this one.
+	done  [][]line
+	notes []string
 	// values holds every measured value by key, for later baselines.
 	values  map[string]float64
 	names   map[string]string
@@ -158,9 +174,51 @@ func (b *bench) add(l line) {
 	fmt.Fprintf(os.Stderr, "   %-58s %s%s  %s\n", l.what, formatValue(l.value, l.unit), ratio, l.met())
 }
 
-// note adds a sentence to the notes under the table.
+// note adds a sentence to the notes under the table, naming the round
+// when there are several.
 func (b *bench) note(format string, args ...any) {
-	b.notes = append(b.notes, fmt.Sprintf(format, args...))
+	n := fmt.Sprintf(format, args...)
+	if b.opts.rounds > 1 && b.round >= 0 {
+		n = fmt.Sprintf("Round %d: %s", b.round+1, n)
+	}
+	b.notes = append(b.notes, n)
+}
+
+// nextRound starts a round: its baselines are its own.
+func (b *bench) nextRound(round int) {
+	if round > 0 {
+		b.done = append(b.done, b.lines)
+		b.lines = nil
+	}
+	b.round = round
+	b.values = map[string]float64{}
+	b.names = map[string]string{}
+}
+
+// finishRounds replaces the lines of every round with their combination
+// and removes the CPU profiles of the rounds that no combined line shows.
+func (b *bench) finishRounds() {
+	if b.round < 0 {
+		return
+	}
+	all := append(b.done, b.lines)
+	b.done, b.round = nil, -1
+	if len(all) == 1 {
+		return
+	}
+	b.lines = combineRounds(all)
+	kept := map[string]bool{}
+	for _, l := range b.lines {
+		kept[l.profile] = true
+	}
+	for _, ls := range all {
+		for _, l := range ls {
+			if l.profile != "" && !kept[l.profile] {
+				_ = os.Remove(l.profile)
+				kept[l.profile] = true // removed once
+			}
+		}
+	}
 }
 
 // failed records a row that could not be measured: a miss, never hidden.
@@ -191,6 +249,9 @@ func oneLine(s string) string {
 func (b *bench) profiled(key string, fn func() error) (string, error) {
 	if !b.row.conveyor || !b.opts.wantProfile(b.row.name) {
 		return "", fn()
+	}
+	if b.opts.rounds > 1 {
+		key = fmt.Sprintf("r%d-%s", b.round+1, key)
 	}
 	path := filepath.Join(b.opts.out, b.stamp+"-"+key+".pprof")
 	f, err := os.Create(path)
@@ -260,6 +321,12 @@ func (b *bench) report(ctx context.Context) error {
 		redisV, redisOrigin, b.env.redisAOF, pgV, pgOrigin, b.env.pgFsync)
 	fmt.Fprintf(&md, "- Each measurement runs %s after a warm-up of %s (the sustained e2e row runs %s); the whole run took %s.\n",
 		b.opts.duration, b.opts.warmup, b.opts.e2eDuration, b.elapsed.Round(time.Second))
+	if b.opts.rounds > 1 {
+		fmt.Fprintf(&md, "- The rows ran %d times in turn (rounds), so that each row and its baselines are measured at several moments: "+
+			"a result is the median of its rounds (the worst round for latency tails and peak memory), and a ratio is the median of "+
+			"each round's ratio against the baseline measured in that round. A result's notes are those of its median round, "+
+			"followed by every round's figure.\n", b.opts.rounds)
+	}
 	fmt.Fprintf(&md, "- Ratios compare with baselines measured in this run; a miss is shown as **NO**, never hidden.\n\n")
 
 	md.WriteString("| What | Result | Baseline | Ratio | Target | Met? | Notes |\n")
