@@ -319,8 +319,12 @@ func (b *bench) report(ctx context.Context) error {
 	fmt.Fprintf(&md, "- Redis %s (%s), AOF %s; PostgreSQL %s (%s), fsync %s, stock settings otherwise. "+
 		"Conveyor, the baselines and the peers share these two servers and the machine's cores with the load generators.\n",
 		redisV, redisOrigin, b.env.redisAOF, pgV, pgOrigin, b.env.pgFsync)
-	fmt.Fprintf(&md, "- Each measurement runs %s after a warm-up of %s (the sustained e2e row runs %s); the whole run took %s.\n",
-		b.opts.duration, b.opts.warmup, b.opts.e2eDuration, b.elapsed.Round(time.Second))
+	perRound := ""
+	if b.opts.rounds > 1 {
+		perRound = ", in each round"
+	}
+	fmt.Fprintf(&md, "- Each measurement runs %s after a warm-up of %s (the sustained e2e row runs %s)%s; the whole run took %s.\n",
+		b.opts.duration, b.opts.warmup, b.opts.e2eDuration, perRound, b.elapsed.Round(time.Second))
 	if b.opts.rounds > 1 {
 		fmt.Fprintf(&md, "- The rows ran %d times in turn (rounds), so that each row and its baselines are measured at several moments: "+
 			"a result is the median of its rounds (the worst round for latency tails and peak memory), and a ratio is the median of "+
