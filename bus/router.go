@@ -202,7 +202,10 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 	}
 	// run handles one delivery: its context, envelope and payload.
 	run := func(mctx context.Context, env events.Envelope, payload []byte) (err error) {
-		start := time.Now()
+		var start time.Time
+		if observe != nil { // the clock only for the histogram
+			start = time.Now()
+		}
 		defer func() {
 			if p := recover(); p != nil {
 				err = fmt.Errorf("handler panicked: %v", p)

@@ -573,21 +573,26 @@ func (sub *subscription) ensureGroups(ctx context.Context) error {
 	return nil
 }
 
-// acquire takes one window slot, blocking; false when the subscription
-// stops.
-func (sub *subscription) acquire() bool {
+// acquire takes one window slot, blocking; ok is false when the
+// subscription stops, and waited tells whether it had to wait.
+func (sub *subscription) acquire() (ok, waited bool) {
 	select {
 	case sub.s.slots <- struct{}{}: // the common case, without a full select
-		return true
+		return true, false
 	default:
 	}
 	select {
 	case sub.s.slots <- struct{}{}:
-		return true
+		return true, true
 	case <-sub.stop:
-		return false
+		return false, true
 	}
 }
+
+// clockEvery is how many entries in a row the deliverer hands out with
+// one reading of the clock, unless it had to wait (for the window, for a
+// handler to take one, or to write a dead letter).
+const clockEvery = 32
 
 func (s *Subscriber) release(n int) {
 	for i := 0; i < n; i++ {
@@ -1052,16 +1057,34 @@ func (sub *subscription) claimIdleOf(ctx context.Context, stream string) error {
 func (sub *subscription) deliverAll(ctx context.Context, b *readBatch) {
 	queued := len(b.keys)
 	defer func() { sub.queued.Add(-int64(queued)) }()
+	// The hand-out time, from which HandlerTimeout counts (checked with
+	// the heartbeats, so to the second at best): the clock is read once
+	// for entries handed out in a row, and again after a wait for the
+	// window. On some virtual machines a reading costs more than a tenth
+	// of a microsecond, per delivery.
+	var now int64
+	sinceClock := clockEvery
 	for _, st := range b.res {
 		for _, e := range st.entries {
-			if sub.stopped() || !sub.acquire() {
+			if sub.stopped() {
 				sub.s.notSent(b.keys[b.next.Load():]...)
 				return
 			}
+			ok, waited := sub.acquire()
+			if !ok {
+				sub.s.notSent(b.keys[b.next.Load():]...)
+				return
+			}
+			if waited || sinceClock == clockEvery {
+				now, sinceClock = time.Now().UnixNano(), 0
+			}
+			sinceClock++
 			queued--
 			sub.queued.Add(-1)
 			b.next.Add(1)
-			sub.deliverOne(ctx, st.stream, e, b.counts, b.beat.Load())
+			if sub.deliverOne(ctx, st.stream, e, b.counts, b.beat.Load(), now) {
+				sinceClock = clockEvery // it waited: read the clock again
+			}
 		}
 	}
 }
@@ -1069,8 +1092,10 @@ func (sub *subscription) deliverAll(ctx context.Context, b *readBatch) {
 // deliverOne hands out one entry whose window slot is held.
 //
 // beat is when the entry's idle time in Redis was last reset (its read or
-// its batch's heartbeat): the heartbeats go on from there.
-func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry, counts map[string]int64, beat int64) {
+// its batch's heartbeat): the heartbeats go on from there. now is the time
+// of the hand-out. It reports whether it had to wait (for a handler to
+// take the entry, or to write a dead letter): then now is stale.
+func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry, counts map[string]int64, beat, now int64) (waited bool) {
 	s := sub.s
 	key := entryKey{stream, e.id}
 	if e.fields == nil {
@@ -1078,14 +1103,14 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 		// to deliver, only the pending record to drop.
 		s.cfg.Client.XAck(ctx, stream, s.cfg.ConsumerGroup, e.id)
 		s.release(1)
-		return
+		return false
 	}
 	s.mu.Lock()
 	if _, dup := s.inflight[key]; dup {
 		// Already being worked on here (claimed back from ourselves).
 		s.mu.Unlock()
 		s.release(1)
-		return
+		return false
 	}
 	s.mu.Unlock()
 
@@ -1093,18 +1118,17 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 	if err != nil {
 		sub.deadLetterRaw(ctx, stream, e, err.Error(), 0)
 		s.release(1)
-		return
+		return true // a dead letter is written: read the clock again
 	}
 	if c := deliveryCount(counts, stream, e.id); c > int64(s.cfg.MaxDeliveries) {
 		sub.deadLetter(ctx, stream, e.id, em.message(true), fmt.Sprintf(
 			"delivered %d times without being acknowledged: its consumer probably crashes or hangs on it", c),
 			attemptOf(&em))
 		s.release(1)
-		return
+		return false
 	}
 
 	msgCtx, cancel := context.WithCancel(sub.base)
-	now := time.Now().UnixNano()
 	d := &delivery{sub: sub, stream: stream, id: e.id, em: em, ctx: msgCtx, attempt: attemptOf(&em), cancel: cancel, start: now, tag: sub.tag}
 	d.beat.Store(beat)
 	var msg *message.Message
@@ -1128,27 +1152,33 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 		select {
 		case sub.dout <- d: // the common case, without a full select
 		default:
+			waited = true
 			select {
 			case sub.dout <- d:
 			case <-sub.stop:
 				s.finish(d, outcomeHandedBack)
 				s.notSent(key)
-				return
+				return true
 			}
 		}
 		if s.mDelivered != nil {
 			s.mDelivered.Inc()
 		}
-		return
+		return waited
 	}
 	select {
 	case sub.out <- msg:
-	case <-sub.stop:
-		// Not handed out: it stays pending for this consumer, and Close
-		// hands it back.
-		s.finish(d, outcomeHandedBack)
-		s.notSent(key)
-		return
+	default:
+		waited = true
+		select {
+		case sub.out <- msg:
+		case <-sub.stop:
+			// Not handed out: it stays pending for this consumer, and
+			// Close hands it back.
+			s.finish(d, outcomeHandedBack)
+			s.notSent(key)
+			return true
+		}
 	}
 	if s.mDelivered != nil {
 		s.mDelivered.Inc()
@@ -1163,6 +1193,7 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 			s.finish(d, outcomeHandedBack)
 		}
 	}()
+	return waited
 }
 
 // deliveryCount looks up an entry's delivery count in counts (nil after a
@@ -1575,7 +1606,9 @@ func (s *Subscriber) heartbeat() {
 		if d.beat.Load() < cutoff {
 			byStream[d.stream] = append(byStream[d.stream], d)
 		}
-		if s.cfg.HandlerTimeout > 0 && d.start < deadline && !d.expired.Load() {
+		// A handler that returned (its slot freed, its ack or retry
+		// under way) has nothing left to time out.
+		if s.cfg.HandlerTimeout > 0 && d.start < deadline && !d.expired.Load() && !d.freed.Load() {
 			expired = append(expired, d)
 		}
 	}
