@@ -26,13 +26,13 @@ func TestHandOutTimeFollowsWaits(t *testing.T) {
 		keys: []entryKey{{"t", "1-1"}, {"t", "1-2"}},
 	}
 	sub.queued.Add(2)
+	before := time.Now().UnixNano()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		sub.deliverAll(t.Context(), b)
 	}()
 
-	before := time.Now().UnixNano()
 	first := <-out
 	if first.start < before {
 		t.Errorf("first entry's start is %v before the hand-out began", time.Duration(before-first.start))
@@ -53,9 +53,10 @@ func TestHandOutTimeFollowsWaits(t *testing.T) {
 }
 
 // TestTimeoutSkipsHandlersThatReturned: the heartbeat times out handlers
-// still at work past HandlerTimeout, not deliveries whose handler returned
-// and whose ack is waiting for the next write (it used to log "handler
-// timed out" for those, after they had succeeded).
+// still at work past HandlerTimeout, not deliveries acked by their handler
+// whose ack is waiting for the next write (it used to log "handler timed
+// out" for those, after they had succeeded). Acking frees the slot
+// (complete), which the test does by hand.
 func TestTimeoutSkipsHandlersThatReturned(t *testing.T) {
 	s, err := NewSubscriber(SubscriberConfig{Client: testenv.Redis(t), ConsumerGroup: "g", Consumer: "a", HandlerTimeout: time.Second})
 	if err != nil {

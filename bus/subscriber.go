@@ -591,7 +591,7 @@ func (sub *subscription) acquire() (ok, waited bool) {
 
 // clockEvery is how many entries in a row the deliverer hands out with
 // one reading of the clock, unless it had to wait (for the window, for a
-// handler to take one, or to write a dead letter).
+// handler to take one, or for Redis: a dead letter, an ack).
 const clockEvery = 32
 
 func (s *Subscriber) release(n int) {
@@ -1094,7 +1094,7 @@ func (sub *subscription) deliverAll(ctx context.Context, b *readBatch) {
 // beat is when the entry's idle time in Redis was last reset (its read or
 // its batch's heartbeat): the heartbeats go on from there. now is the time
 // of the hand-out. It reports whether it had to wait (for a handler to
-// take the entry, or to write a dead letter): then now is stale.
+// take the entry, or for Redis): then now is stale.
 func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry, counts map[string]int64, beat, now int64) (waited bool) {
 	s := sub.s
 	key := entryKey{stream, e.id}
@@ -1103,7 +1103,7 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 		// to deliver, only the pending record to drop.
 		s.cfg.Client.XAck(ctx, stream, s.cfg.ConsumerGroup, e.id)
 		s.release(1)
-		return false
+		return true // a round trip to Redis: read the clock again
 	}
 	s.mu.Lock()
 	if _, dup := s.inflight[key]; dup {
@@ -1125,7 +1125,7 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 			"delivered %d times without being acknowledged: its consumer probably crashes or hangs on it", c),
 			attemptOf(&em))
 		s.release(1)
-		return false
+		return true // a dead letter is written: read the clock again
 	}
 
 	msgCtx, cancel := context.WithCancel(sub.base)
@@ -1606,8 +1606,8 @@ func (s *Subscriber) heartbeat() {
 		if d.beat.Load() < cutoff {
 			byStream[d.stream] = append(byStream[d.stream], d)
 		}
-		// A handler that returned (its slot freed, its ack or retry
-		// under way) has nothing left to time out.
+		// A delivery acked by its handler (its slot freed, its ack
+		// waiting for the next write) has nothing left to time out.
 		if s.cfg.HandlerTimeout > 0 && d.start < deadline && !d.expired.Load() && !d.freed.Load() {
 			expired = append(expired, d)
 		}
