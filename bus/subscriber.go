@@ -500,15 +500,8 @@ func (s *Subscriber) complete(d *delivery, err error) {
 	if d.failureErr() == nil {
 		d.fail(err)
 	}
-	select {
-	case s.nacks <- d: // the common case, without a full select
-	default:
-		select {
-		case s.nacks <- d:
-		case <-s.stopWork:
-			// Closed already: the entry stays pending and comes back.
-		}
-	}
+	// If closed already, the entry stays pending and comes back.
+	sendOrStop(s.nacks, d, s.stopWork)
 }
 
 // ackLinger is how long the ack loop leaves acks for a reader to write
@@ -576,15 +569,22 @@ func (sub *subscription) ensureGroups(ctx context.Context) error {
 // acquire takes one window slot, blocking; ok is false when the
 // subscription stops, and waited tells whether it had to wait.
 func (sub *subscription) acquire() (ok, waited bool) {
+	return sendOrStop(sub.s.slots, struct{}{}, sub.stop)
+}
+
+// sendOrStop sends v on out, blocking until it can or stop is closed; sent
+// is false when stop came first, and waited tells whether it had to wait.
+// The common case, a send that can go at once, takes no full select.
+func sendOrStop[T any](out chan<- T, v T, stop <-chan struct{}) (sent, waited bool) {
 	select {
-	case sub.s.slots <- struct{}{}: // the common case, without a full select
+	case out <- v:
 		return true, false
 	default:
 	}
 	select {
-	case sub.s.slots <- struct{}{}:
+	case out <- v:
 		return true, true
-	case <-sub.stop:
+	case <-stop:
 		return false, true
 	}
 }
@@ -1066,11 +1066,10 @@ func (sub *subscription) deliverAll(ctx context.Context, b *readBatch) {
 	sinceClock := clockEvery
 	for _, st := range b.res {
 		for _, e := range st.entries {
-			if sub.stopped() {
-				sub.s.notSent(b.keys[b.next.Load():]...)
-				return
+			ok, waited := !sub.stopped(), false
+			if ok {
+				ok, waited = sub.acquire()
 			}
-			ok, waited := sub.acquire()
 			if !ok {
 				sub.s.notSent(b.keys[b.next.Load():]...)
 				return
@@ -1148,40 +1147,24 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 	s.outstanding.Add(1)
 	s.mu.Unlock()
 
+	var sent bool
 	if sub.managed {
-		select {
-		case sub.dout <- d: // the common case, without a full select
-		default:
-			waited = true
-			select {
-			case sub.dout <- d:
-			case <-sub.stop:
-				s.finish(d, outcomeHandedBack)
-				s.notSent(key)
-				return true
-			}
-		}
-		if s.mDelivered != nil {
-			s.mDelivered.Inc()
-		}
-		return waited
+		sent, waited = sendOrStop(sub.dout, d, sub.stop)
+	} else {
+		sent, waited = sendOrStop(sub.out, msg, sub.stop)
 	}
-	select {
-	case sub.out <- msg:
-	default:
-		waited = true
-		select {
-		case sub.out <- msg:
-		case <-sub.stop:
-			// Not handed out: it stays pending for this consumer, and
-			// Close hands it back.
-			s.finish(d, outcomeHandedBack)
-			s.notSent(key)
-			return true
-		}
+	if !sent {
+		// Not handed out: it stays pending for this consumer, and Close
+		// hands it back.
+		s.finish(d, outcomeHandedBack)
+		s.notSent(key)
+		return true
 	}
 	if s.mDelivered != nil {
 		s.mDelivered.Inc()
+	}
+	if sub.managed {
+		return waited
 	}
 	go func() {
 		select {

@@ -342,14 +342,14 @@ func runE2E(ctx context.Context, b *bench) error {
 		done0 := p.tracker.completed.Load()
 		// The rate of each tenth of the window, from the tracker: a
 		// rate that falls as the tables grow shows here.
-		var slices []string
+		var tenths []string
 		last, lastT := done0, t0
 		for i := 1; i <= e2eSlices; i++ {
 			if err := sleep(ctx, time.Until(t0.Add(b.opts.e2eDuration*time.Duration(i)/e2eSlices))); err != nil {
 				return err
 			}
 			c, now := p.tracker.completed.Load(), time.Now()
-			slices = append(slices, formatNum(float64(c-last)/now.Sub(lastT).Seconds()))
+			tenths = append(tenths, formatNum(float64(c-last)/now.Sub(lastT).Seconds()))
 			last, lastT = c, now
 		}
 		t1 := time.Now()
@@ -361,7 +361,7 @@ func runE2E(ctx context.Context, b *bench) error {
 		w = window{n: c1 - c0, elapsed: t1.Sub(t0), cpu: use}
 		b.note("e2e: the tracker of applied events saw %s completions in the same window (the table counts inbox rows of email.sent).",
 			formatNum(float64(p.tracker.completed.Load()-done0)))
-		b.note("e2e: completions per second in each tenth of the window, in order: %s.", strings.Join(slices, ", "))
+		b.note("e2e: completions per second in each tenth of the window, in order: %s.", strings.Join(tenths, ", "))
 		return nil
 	})
 	stopProducers()

@@ -160,9 +160,6 @@ func (b *bench) add(l line) {
 	}
 	if l.key != "" && l.err == nil {
 		b.values[l.key] = l.value
-		if b.names == nil {
-			b.names = map[string]string{}
-		}
 		b.names[l.key] = l.what
 	}
 	b.lines = append(b.lines, l)
