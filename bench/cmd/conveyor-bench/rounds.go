@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"math"
 	"slices"
@@ -46,17 +47,18 @@ func combineRounds(rounds [][]line) []line {
 			continue
 		}
 		byValue := slices.Clone(ms)
-		slices.SortStableFunc(byValue, func(a, b member) int { return cmpFloat(a.l.value, b.l.value) })
+		slices.SortStableFunc(byValue, func(a, b member) int { return cmp.Compare(a.l.value, b.l.value) })
 		values := make([]float64, len(ms))
 		for i, m := range byValue {
 			values[i] = m.l.value
 		}
 		rep := byValue[(len(byValue)-1)/2]
-		l := rep.l
-		l.value = median(values)
-		if l.worst {
+		if rep.l.worst {
 			rep = byValue[len(byValue)-1]
-			l = rep.l
+		}
+		l := rep.l
+		if !l.worst {
+			l.value = median(values)
 		}
 		var ratios, bases []float64
 		for _, m := range ms {
@@ -105,14 +107,4 @@ func median(sorted []float64) float64 {
 		return sorted[n/2]
 	}
 	return (sorted[n/2-1] + sorted[n/2]) / 2
-}
-
-func cmpFloat(a, b float64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
