@@ -195,10 +195,14 @@ func (c *Client) Set(ctx context.Context, key string, v any, ttl time.Duration) 
 // committed: an invalidation before the commit lets a reader cache the old
 // row again.
 //
-// For each key it increments the key's version (and pushes back the
-// version's expiry) and only then deletes the value. The order matters: a
-// guarded store that lands between the two commands sees the new version and
-// is refused; one that lands before both is deleted.
+// For each key it gives the key a new version (a random number, with a fresh
+// expiry) and only then deletes the value: two commands per key. The order
+// matters: a guarded store that lands between the two commands sees the new
+// version and is refused; one that lands before both is deleted. A random
+// version, unlike a counter, never comes back: a counter whose key was
+// evicted starts again at 1 and may repeat a version that a running load
+// read. The versions are integers, so an older process that increments them
+// during a rolling upgrade still works.
 func (c *Client) Invalidate(ctx context.Context, keys ...string) error {
 	if len(keys) == 0 {
 		return nil
@@ -212,8 +216,7 @@ func (c *Client) Invalidate(ctx context.Context, keys ...string) error {
 	// slots, and the per-key order above is all the guard needs.
 	pipe := c.rdb.Pipeline()
 	for _, key := range keys {
-		pipe.Incr(ctx, c.versionKey(key))
-		pipe.PExpire(ctx, c.versionKey(key), versionTTL)
+		pipe.Set(ctx, c.versionKey(key), newVersion(), versionTTL)
 		pipe.Del(ctx, c.valueKey(key))
 	}
 	if _, err := pipe.Exec(ctx); err != nil {
@@ -228,6 +231,10 @@ func (c *Client) Invalidate(ctx context.Context, keys ...string) error {
 	}
 	return nil
 }
+
+// newVersion returns a key's next version: a random integer in [2^61, 2^62),
+// never "" (no version) and far from overflowing an INCR.
+func newVersion() int64 { return 1<<61 | rand.Int64N(1<<61) }
 
 // valueKey and versionKey put the caller's key in braces, a Redis Cluster
 // hash tag, so that a value and its version always share a slot and one Lua

@@ -21,7 +21,7 @@ var ErrNotCacheable = errors.New("cache: not cacheable")
 // setIfVersion stores a value only if the key's version is still the one
 // read before the load. KEYS[1] is the value key and KEYS[2] its version key
 // (one slot, thanks to the hash tag). ARGV[1] is the version read before the
-// load, "" if there was none (INCR never produces ""), ARGV[2] the value and
+// load, "" if there was none (a version is never ""), ARGV[2] the value and
 // ARGV[3] the expiry in milliseconds. It returns 1 if it stored the value.
 var setIfVersion = redis.NewScript(`
 local v = redis.call('GET', KEYS[2])
@@ -63,7 +63,7 @@ return 1
 // Without a guard, this interleaving leaves a stale value for a whole TTL:
 // a reader misses and loads the old row; the projector commits the new row
 // and invalidates the key; the reader then stores the old row. To prevent it,
-// every key has a version, which [Client.Invalidate] increments. Before
+// every key has a version, which [Client.Invalidate] replaces. Before
 // calling load, Fetch reads the version (in the same round trip as its second
 // look at the value); after load, it stores the value only if the version is
 // unchanged, atomically, in a Lua script over the two keys, which share a
@@ -77,7 +77,7 @@ return 1
 //   - a version key is not lost while a load is running: it outlives its last
 //     invalidation by a day, far longer than any load, but an LRU eviction of
 //     a version key created by that very invalidation, or a Redis failover
-//     that loses the increment, could still let one stale value in, for at
+//     that loses the new version, could still let one stale value in, for at
 //     most one TTL (the TTL is the final bound on staleness, as it is when an
 //     invalidation fails outright);
 //   - writers that use [Client.Set] bypass the guard.

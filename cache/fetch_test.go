@@ -245,18 +245,25 @@ func TestFetchStaleSetRace(t *testing.T) {
 		name            string
 		invalidateFirst bool // the key already has a version
 		invalidate      bool // invalidate while the load is running
-		wantCached      string
-		wantLoads       int32
+		// evictVersion drops the version key (as an LRU eviction would)
+		// before the invalidation during the load.
+		evictVersion bool
+		wantCached   string
+		wantLoads    int32
 	}{
 		{name: "invalidated during load", invalidate: true, wantCached: "", wantLoads: 2},
 		{name: "invalidated before and during load", invalidateFirst: true, invalidate: true, wantCached: "", wantLoads: 2},
 		{name: "no invalidation caches the value", invalidate: false, wantCached: "old", wantLoads: 1},
 		{name: "invalidated only before load caches the value", invalidateFirst: true, wantCached: "old", wantLoads: 1},
+		// A version that restarted after its key was lost (a counter back
+		// at 1) would match the one the load read and let the old row in.
+		{name: "version evicted, then invalidated during load", invalidateFirst: true, invalidate: true, evictVersion: true, wantCached: "", wantLoads: 2},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			c := newClient(t, cache.Config{})
+			rdb := testenv.Redis(t)
+			c := newClient(t, cache.Config{Redis: rdb})
 			ctx := t.Context()
 			if tt.invalidateFirst {
 				if err := c.Invalidate(ctx, "doc"); err != nil {
@@ -299,6 +306,11 @@ func TestFetchStaleSetRace(t *testing.T) {
 				mu.Lock()
 				row = "new"
 				mu.Unlock()
+				if tt.evictVersion {
+					if err := rdb.Del(ctx, c.VersionKey("doc")).Err(); err != nil {
+						t.Fatalf("drop the version key: %v", err)
+					}
+				}
 				if err := c.Invalidate(ctx, "doc"); err != nil {
 					t.Fatalf("Invalidate: %v", err)
 				}

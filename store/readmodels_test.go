@@ -1051,3 +1051,77 @@ func TestPruneInbox(t *testing.T) {
 		}
 	}
 }
+
+// TestUpdatesStayOnTheirPage checks that the read models leave room in
+// their pages: every row is updated after its insert (an email when it is
+// sent, a document when it is processed), and with room on its page the new
+// version stays there as a heap-only tuple, which adds no index entries.
+// With full pages (the default fillfactor) almost every new version moves
+// to another page.
+func TestUpdatesStayOnTheirPage(t *testing.T) {
+	t.Parallel()
+	st, db := newStore(t)
+	ctx := t.Context()
+	const n = 400
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = events.NewID()
+	}
+	tests := []struct {
+		table, key string
+		insert     func(tx *store.Tx) error
+		update     func(tx *store.Tx) error
+	}{
+		{table: "emails", key: "email_id",
+			insert: func(tx *store.Tx) error { return tx.ApplyEmailsRequested(ctx, dup(ids, requested)) },
+			update: func(tx *store.Tx) error { return tx.ApplyEmailsSent(ctx, dup(ids, sent)) }},
+		{table: "documents", key: "doc_id",
+			insert: func(tx *store.Tx) error { return tx.ApplyDocumentsUploaded(ctx, dup(ids, uploaded), nil) },
+			update: func(tx *store.Tx) error { return tx.ApplyDocumentsProcessed(ctx, dup(ids, processed)) }},
+	}
+	for _, tt := range tests {
+		pages := func() map[string]string {
+			rows, err := db.QueryContext(ctx, fmt.Sprintf("SELECT %s::text, (ctid::text::point)[0]::text FROM %s", tt.key, tt.table))
+			if err != nil {
+				t.Fatalf("pages of %s: %v", tt.table, err)
+			}
+			defer rows.Close()
+			out := map[string]string{}
+			for rows.Next() {
+				var id, page string
+				if err := rows.Scan(&id, &page); err != nil {
+					t.Fatal(err)
+				}
+				out[id] = page
+			}
+			if err := rows.Err(); err != nil {
+				t.Fatal(err)
+			}
+			return out
+		}
+		if err := st.WithTx(ctx, tt.insert); err != nil {
+			t.Fatalf("insert %s: %v", tt.table, err)
+		}
+		before := pages()
+		if err := st.WithTx(ctx, tt.update); err != nil {
+			t.Fatalf("update %s: %v", tt.table, err)
+		}
+		after := pages()
+		if len(before) != n || len(after) != n {
+			t.Fatalf("%s: %d rows before the update and %d after, want %d", tt.table, len(before), len(after), n)
+		}
+		stayed := 0
+		for id, page := range before {
+			if after[id] == page {
+				stayed++
+			}
+		}
+		// All rows of a page are updated in one transaction here, so only
+		// the room left by the fillfactor takes new versions; between
+		// transactions PostgreSQL also reuses the room of dead versions.
+		t.Logf("%s: %d of %d stayed", tt.table, stayed, n)
+		if stayed < n/4 {
+			t.Errorf("%s: %d of %d updated rows stayed on their page, want at least %d", tt.table, stayed, n, n/4)
+		}
+	}
+}
