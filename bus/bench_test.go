@@ -98,3 +98,43 @@ func redisCPU(b *testing.B, rdb *redis.Client) time.Duration {
 	}
 	return time.Duration(total * float64(time.Second))
 }
+
+// BenchmarkPublish measures concurrent single-event publishes, as 64
+// handlers publishing their completion events make them: over the
+// publisher's own connections, and through go-redis's pool (a client that
+// gets no own connection: it has an OnConnect hook) as the baseline.
+func BenchmarkPublish(b *testing.B) {
+	for _, path := range []string{"own", "pool"} {
+		b.Run("path="+path, func(b *testing.B) {
+			opt, err := redis.ParseURL(testenv.RedisURL(b))
+			if err != nil {
+				b.Fatal(err)
+			}
+			if path == "pool" {
+				opt.OnConnect = func(context.Context, *redis.Conn) error { return nil }
+			}
+			rdb := redis.NewClient(opt)
+			defer rdb.Close()
+			pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: testenv.Prefix(b)})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer pub.Close()
+			ev := &events.EmailSent{EmailID: events.NewID(), To: "a@example.com", Attempts: 1, SentAt: time.Now().UTC()}
+			b.SetParallelism(32) // 64 publishers on 2 cores
+			cpu0, rcpu0 := processCPU(), redisCPU(b, rdb)
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if _, err := pub.PublishEvent(context.Background(), ev); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			b.StopTimer()
+			b.ReportMetric(float64((processCPU()-cpu0).Microseconds())/float64(b.N), "cpu-µs/msg")
+			b.ReportMetric(float64((redisCPU(b, rdb)-rcpu0).Microseconds())/float64(b.N), "redis-cpu-µs/msg")
+		})
+	}
+}

@@ -13,21 +13,22 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// readConn is a read lane's own connection to Redis (a subscription reads
-// in two lanes, see subscription.lanes). Each round trip writes the acks
-// gathered since the last read ahead of the next XREADGROUP, in one
-// write; the acks' replies are read (and their entries finished) before
-// the read's reply, which is framed straight off the socket and parsed by
-// parseXRead. That saves the ack loop's own round trip and go-redis's
-// per-command work (a LimitedReader per bulk string of a raw reply, an
-// interface per acked id).
+// readConn is a connection of our own to Redis, for a read lane (a
+// subscription reads in two lanes, see subscription.lanes) or a
+// Publisher's worker (see Publisher.flushOwn). For a lane, each round trip
+// writes the acks gathered since the last read ahead of the next
+// XREADGROUP, in one write; the acks' replies are read (and their entries
+// finished) before the read's reply, which is framed straight off the
+// socket and parsed by parseXRead. That saves the ack loop's own round trip
+// and go-redis's per-command work (a LimitedReader per bulk string of a raw
+// reply, an interface per acked id).
 //
 // It speaks RESP2 and sets up the connection as go-redis would for the
 // common options: the client's Dialer (TLS, Sentinel's master lookup),
 // credentials, DB and client name. A client with options it cannot mirror
 // (an OnConnect hook, streaming credentials) or that is not a single-node
-// *redis.Client gets no readConn: its reads go through go-redis. After a
-// failed dial the lane reads through go-redis for a while.
+// *redis.Client gets no readConn: its reads and appends go through
+// go-redis. After a failed dial, they go through go-redis for a while.
 type readConn struct {
 	opt  *redis.Options
 	nc   net.Conn
@@ -171,12 +172,14 @@ func (c *readConn) array(n int) {
 	c.wbuf = append(c.wbuf, '\r', '\n')
 }
 
-func (c *readConn) bulk(s string) {
-	c.wbuf = append(c.wbuf, '$')
-	c.wbuf = strconv.AppendInt(c.wbuf, int64(len(s)), 10)
-	c.wbuf = append(c.wbuf, '\r', '\n')
-	c.wbuf = append(c.wbuf, s...)
-	c.wbuf = append(c.wbuf, '\r', '\n')
+func (c *readConn) bulk(s string) { c.wbuf = appendBulk(c.wbuf, s) }
+
+func appendBulk[T string | []byte](b []byte, s T) []byte {
+	b = append(b, '$')
+	b = strconv.AppendInt(b, int64(len(s)), 10)
+	b = append(b, '\r', '\n')
+	b = append(b, s...)
+	return append(b, '\r', '\n')
 }
 
 func (c *readConn) bulkInt(n int64) {
@@ -388,4 +391,61 @@ func (c *readConn) ids(ds []*delivery) {
 	for _, d := range ds {
 		c.bulk(d.id)
 	}
+}
+
+// appendPublish appends the command of a publish: XADD, or for a publish
+// made with WithOnce the EVAL of publishOnceScript, as the go-redis path
+// sends them. It reports false, having appended part of it, if a field is
+// neither a string nor bytes.
+func (c *readConn) appendPublish(r *pubReq) bool {
+	if r.onceKey != "" {
+		c.array(6 + len(r.fields))
+		c.bulk("EVAL")
+		c.bulk(publishOnceSource)
+		c.bulk("2")
+		c.bulk(r.onceKey)
+		c.bulk(r.stream)
+		c.bulkInt(r.onceTTL.Milliseconds())
+	} else {
+		c.array(3 + len(r.fields))
+		c.bulk("XADD")
+		c.bulk(r.stream)
+		c.bulk("*")
+	}
+	for _, f := range r.fields {
+		switch v := f.(type) {
+		case string:
+			c.wbuf = appendBulk(c.wbuf, v)
+		case []byte:
+			c.wbuf = appendBulk(c.wbuf, v)
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// publishReply decodes the reply in rbuf to a command of appendPublish:
+// the new entry's id, or for a publish made once nothing, or
+// ErrAlreadyPublished when the marker was there.
+func (c *readConn) publishReply(once bool) (string, error) {
+	if err := c.replyErr(); err != nil {
+		return "", err
+	}
+	r := resp{s: string(c.rbuf)}
+	if !once {
+		return r.bulk()
+	}
+	typ, _, rest, err := r.header()
+	switch {
+	case err != nil:
+		return "", err
+	case typ != ':':
+		return "", fmt.Errorf("%w: want an integer, got %q", errBadReply, typ)
+	case rest == "0":
+		return "", ErrAlreadyPublished
+	case rest == "1":
+		return "", nil
+	}
+	return "", fmt.Errorf("%w: integer %q", errBadReply, rest)
 }

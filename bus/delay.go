@@ -111,7 +111,9 @@ func MoveDue(ctx context.Context, rdb redis.Scripter, stream string, limit int) 
 // marker TTL (ms), ARGV[2..] = fields.
 // As in delayOnceScript, a failed append removes the marker again, so a
 // marker always means the entry is in the stream.
-var publishOnceScript = redis.NewScript(`
+var publishOnceScript = redis.NewScript(publishOnceSource)
+
+const publishOnceSource = `
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
   local r = redis.pcall('XADD', KEYS[2], '*', unpack(ARGV, 2))
   if type(r) == 'table' and r.err then
@@ -120,7 +122,7 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
   end
   return 1
 end
-return 0`)
+return 0`
 
 // OnceKey is the marker key of PublishOnce for stream and key. It carries
 // the stream's hash tag, so the marker and the stream share a slot.

@@ -182,6 +182,12 @@ func (p *Publisher) work() {
 	defer p.workers.Done()
 	batch := make([]*pubReq, 0, p.cfg.MaxBatch)
 	cmds := make([]redis.Cmder, 0, p.cfg.MaxBatch)
+	// Each worker writes over a connection of its own where it can (see
+	// flushOwn), and through go-redis otherwise.
+	conn := newReadConn(p.cfg.Client)
+	if conn != nil {
+		defer conn.close()
+	}
 	for {
 		batch = batch[:0]
 		select {
@@ -193,7 +199,7 @@ func (p *Publisher) work() {
 			for {
 				select {
 				case r := <-p.reqs:
-					p.flush(append(batch[:0], r), cmds)
+					p.flush(append(batch[:0], r), cmds, conn)
 				default:
 					return
 				}
@@ -208,15 +214,12 @@ func (p *Publisher) work() {
 				break fill
 			}
 		}
-		p.flush(batch, cmds)
+		p.flush(batch, cmds, conn)
 	}
 }
 
-func (p *Publisher) flush(batch []*pubReq, cmds []redis.Cmder) {
-	cmds = cmds[:0]
-	pipe := p.cfg.Client.Pipeline()
+func (p *Publisher) flush(batch []*pubReq, cmds []redis.Cmder, conn *readConn) {
 	live := batch[:0:0]
-	bg := context.Background()
 	for _, r := range batch {
 		if err := r.ctx.Err(); err != nil {
 			r.err = err
@@ -224,6 +227,17 @@ func (p *Publisher) flush(batch []*pubReq, cmds []redis.Cmder) {
 			continue
 		}
 		live = append(live, r)
+	}
+	if conn != nil {
+		live = p.flushOwn(live, conn)
+	}
+	if len(live) == 0 {
+		return
+	}
+	cmds = cmds[:0]
+	pipe := p.cfg.Client.Pipeline()
+	bg := context.Background()
+	for _, r := range live {
 		if r.onceKey != "" {
 			args := append([]any{r.onceTTL.Milliseconds()}, r.fields...)
 			cmds = append(cmds, publishOnceScript.Eval(bg, pipe, []string{r.onceKey, r.stream}, args...))
@@ -231,12 +245,9 @@ func (p *Publisher) flush(batch []*pubReq, cmds []redis.Cmder) {
 			cmds = append(cmds, pipe.XAdd(bg, &redis.XAddArgs{Stream: r.stream, Values: r.fields}))
 		}
 	}
-	if len(live) == 0 {
-		return
-	}
 	// The pipeline is not bound to any one request's context: once sent,
 	// an XADD may have happened, and the caller must learn its outcome.
-	ctx, cancel := context.WithTimeout(bg, 10*time.Second)
+	ctx, cancel := context.WithTimeout(bg, replyTimeout)
 	_, _ = pipe.Exec(ctx)
 	cancel()
 	for i, r := range live {
@@ -249,11 +260,90 @@ func (p *Publisher) flush(batch []*pubReq, cmds []redis.Cmder) {
 				r.err = ErrAlreadyPublished
 			}
 		}
-		if p.cfg.Metrics != nil && !errors.Is(r.err, ErrAlreadyPublished) {
-			p.cfg.Metrics.published(r.stream, r.err)
-		}
-		r.done <- struct{}{}
+		p.finish(r)
 	}
+}
+
+// flushOwn writes the appends of live over the worker's own connection, in
+// one write, and finishes each request whose reply it reads. That saves
+// go-redis's per-command work (a command value and an argument list per
+// append, its reply reader, its pool). It returns the requests it did not
+// finish, for go-redis to send: all of them if the connection cannot be
+// set up or a field is of a type it does not write, and after an I/O error
+// (which closes the connection) those whose replies it did not read. Those
+// may have been appended already; go-redis sends them again, as it does
+// itself when a connection breaks under a pipeline (see MaybeWritten).
+func (p *Publisher) flushOwn(live []*pubReq, conn *readConn) []*pubReq {
+	if len(live) == 0 {
+		return nil
+	}
+	bg := context.Background()
+	if clientClosed(p.cfg.Client) {
+		// Publishes fail once the client is closed, as they do through it.
+		conn.close()
+		return live
+	}
+	up, err := conn.ready(bg)
+	if err != nil {
+		level := slog.LevelDebug
+		if !conn.warned {
+			level, conn.warned = slog.LevelWarn, true
+		}
+		p.cfg.Logger.Log(bg, level, "own publish connection to Redis could not be set up; publishing through the client's pool for now",
+			"error", err, "retry_in", redialAfter)
+	}
+	if !up {
+		return live
+	}
+	conn.wbuf = conn.wbuf[:0]
+	for _, r := range live {
+		if !conn.appendPublish(r) {
+			return live
+		}
+	}
+	now := time.Now()
+	wt := conn.opt.WriteTimeout
+	if wt <= 0 {
+		wt = replyTimeout
+	}
+	if err := conn.send(now.Add(wt), now.Add(replyTimeout)); err != nil {
+		conn.close()
+		return live
+	}
+	for i, r := range live {
+		if err := conn.readReply(); err != nil {
+			conn.close()
+			return live[i:]
+		}
+		r.id, r.err = conn.publishReply(r.onceKey != "")
+		p.finish(r)
+	}
+	if cap(conn.rbuf) > maxKeptReadBuffer {
+		conn.rbuf = nil
+	}
+	return nil
+}
+
+// cancelled is a context that is done, for clientClosed.
+var cancelled = func() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}()
+
+// clientClosed reports whether client was closed, without any I/O: a
+// command with a done context fails with redis.ErrClosed on a closed client
+// (the pool checks that first) and with the context's error otherwise.
+func clientClosed(client redis.UniversalClient) bool {
+	return errors.Is(client.Ping(cancelled).Err(), redis.ErrClosed)
+}
+
+// finish counts a publish and hands its outcome to its caller.
+func (p *Publisher) finish(r *pubReq) {
+	if p.cfg.Metrics != nil && !errors.Is(r.err, ErrAlreadyPublished) {
+		p.cfg.Metrics.published(r.stream, r.err)
+	}
+	r.done <- struct{}{}
 }
 
 // MaybeWritten reports whether a publish that failed with err may still
