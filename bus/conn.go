@@ -26,9 +26,10 @@ import (
 // It speaks RESP2 and sets up the connection as go-redis would for the
 // common options: the client's Dialer (TLS, Sentinel's master lookup),
 // credentials, DB and client name. A client with options it cannot mirror
-// (an OnConnect hook, streaming credentials) or that is not a single-node
-// *redis.Client gets no readConn: its reads and appends go through
-// go-redis. After a failed dial, they go through go-redis for a while.
+// (an OnConnect hook, streaming credentials, a Limiter) or that is not a
+// single-node *redis.Client gets no readConn: its reads and appends go
+// through go-redis. After a failed dial, they go through go-redis for a
+// while. The client's hooks do not see the commands sent over a readConn.
 type readConn struct {
 	opt  *redis.Options
 	nc   net.Conn
@@ -55,7 +56,7 @@ func newReadConn(client redis.UniversalClient) *readConn {
 		return nil
 	}
 	opt := c.Options()
-	if opt == nil || opt.Dialer == nil || opt.OnConnect != nil || opt.StreamingCredentialsProvider != nil {
+	if opt == nil || opt.Dialer == nil || opt.OnConnect != nil || opt.StreamingCredentialsProvider != nil || opt.Limiter != nil {
 		return nil
 	}
 	return &readConn{opt: opt}
@@ -76,6 +77,11 @@ func (c *readConn) ready(ctx context.Context) (bool, error) {
 	}
 	c.warned = false
 	return true, nil
+}
+
+// dialDue reports whether ready would dial now.
+func (c *readConn) dialDue() bool {
+	return c.nc == nil && !time.Now().Before(c.noDialUntil)
 }
 
 func (c *readConn) dial(ctx context.Context) error {

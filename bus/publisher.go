@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,7 +19,13 @@ import (
 // PublisherConfig configures a Publisher.
 type PublisherConfig struct {
 	// Client is the Redis holding the streams. Required. Close never closes
-	// it: its owner does.
+	// it: its owner does, after closing the Publisher. A single-node
+	// *redis.Client (without an OnConnect hook, streaming credentials or a
+	// Limiter) is used for its options: each pipeline appends over a
+	// connection of its own, outside the client's pool and unseen by its
+	// hooks, and through the client only when that connection cannot be
+	// used. Such a connection is dialled only while the client is open, and
+	// kept until Close.
 	Client redis.UniversalClient
 	// Source names the publishing program in the envelope. Defaults to
 	// "conveyor".
@@ -30,8 +37,8 @@ type PublisherConfig struct {
 	// MaxBatch bounds how many concurrent publishes go into one pipelined
 	// round trip. Defaults to 512.
 	MaxBatch int
-	// Pipelines is how many pipelined round trips may be in flight at once.
-	// Defaults to 4.
+	// Pipelines is how many pipelined round trips may be in flight at once
+	// (each over a connection of its own, see Client). Defaults to 4.
 	Pipelines int
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
@@ -228,8 +235,10 @@ func (p *Publisher) flush(batch []*pubReq, cmds []redis.Cmder, conn *readConn) {
 		}
 		live = append(live, r)
 	}
+	// One deadline for the whole batch, whichever way it is sent.
+	deadline := time.Now().Add(replyTimeout)
 	if conn != nil {
-		live = p.flushOwn(live, conn)
+		live = p.flushOwn(live, conn, deadline)
 	}
 	if len(live) == 0 {
 		return
@@ -247,7 +256,7 @@ func (p *Publisher) flush(batch []*pubReq, cmds []redis.Cmder, conn *readConn) {
 	}
 	// The pipeline is not bound to any one request's context: once sent,
 	// an XADD may have happened, and the caller must learn its outcome.
-	ctx, cancel := context.WithTimeout(bg, replyTimeout)
+	ctx, cancel := context.WithDeadline(bg, deadline)
 	_, _ = pipe.Exec(ctx)
 	cancel()
 	for i, r := range live {
@@ -268,19 +277,26 @@ func (p *Publisher) flush(batch []*pubReq, cmds []redis.Cmder, conn *readConn) {
 // one write, and finishes each request whose reply it reads. That saves
 // go-redis's per-command work (a command value and an argument list per
 // append, its reply reader, its pool). It returns the requests it did not
-// finish, for go-redis to send: all of them if the connection cannot be
-// set up or a field is of a type it does not write, and after an I/O error
-// (which closes the connection) those whose replies it did not read. Those
-// may have been appended already; go-redis sends them again, as it does
-// itself when a connection breaks under a pipeline (see MaybeWritten).
-func (p *Publisher) flushOwn(live []*pubReq, conn *readConn) []*pubReq {
+// finish, for go-redis to send:
+//   - all of them if the connection cannot be set up (or the client is
+//     closed: go-redis then fails them), or a field is of a type it does not
+//     write;
+//   - those whose reply says Redis did not run them and go-redis would send
+//     them again (READONLY after a failover, LOADING, the client limit, ...;
+//     see notRun): the connection is then closed, and publishes go through
+//     go-redis for a while, which finds the new master;
+//   - after an I/O error (which closes the connection), those whose replies
+//     it did not read. Those may have been appended already: go-redis sends
+//     them again, as it does itself when a connection breaks under a
+//     pipeline (see MaybeWritten), and so at most one attempt more than the
+//     client's MaxRetries allows. A client whose retries are off gets the
+//     error instead.
+func (p *Publisher) flushOwn(live []*pubReq, conn *readConn, deadline time.Time) []*pubReq {
 	if len(live) == 0 {
 		return nil
 	}
 	bg := context.Background()
-	if clientClosed(p.cfg.Client) {
-		// Publishes fail once the client is closed, as they do through it.
-		conn.close()
+	if conn.dialDue() && clientClosed(p.cfg.Client) {
 		return live
 	}
 	up, err := conn.ready(bg)
@@ -302,26 +318,64 @@ func (p *Publisher) flushOwn(live []*pubReq, conn *readConn) []*pubReq {
 		}
 	}
 	now := time.Now()
-	wt := conn.opt.WriteTimeout
-	if wt <= 0 {
-		wt = replyTimeout
+	writeBy, readBy := deadline, deadline
+	if wt := conn.opt.WriteTimeout; wt > 0 && now.Add(wt).Before(writeBy) {
+		writeBy = now.Add(wt)
 	}
-	if err := conn.send(now.Add(wt), now.Add(replyTimeout)); err != nil {
+	if rt := conn.opt.ReadTimeout; rt > 0 && now.Add(rt).Before(readBy) {
+		readBy = now.Add(rt)
+	}
+	if err := conn.send(writeBy, readBy); err != nil {
 		conn.close()
 		return live
 	}
+	var rest []*pubReq
 	for i, r := range live {
 		if err := conn.readReply(); err != nil {
 			conn.close()
-			return live[i:]
+			if conn.opt.MaxRetries > 0 {
+				return append(rest, live[i:]...)
+			}
+			for _, r := range live[i:] {
+				r.err = err
+				p.finish(r)
+			}
+			return rest
 		}
-		r.id, r.err = conn.publishReply(r.onceKey != "")
+		id, err := conn.publishReply(r.onceKey != "")
+		if notRun(err) && conn.opt.MaxRetries > 0 {
+			rest = append(rest, r)
+			continue
+		}
+		r.id, r.err = id, err
 		p.finish(r)
+	}
+	if len(rest) > 0 {
+		conn.close()
+		conn.noDialUntil = time.Now().Add(redialAfter)
 	}
 	if cap(conn.rbuf) > maxKeptReadBuffer {
 		conn.rbuf = nil
 	}
-	return nil
+	return rest
+}
+
+// notRun reports whether an error reply says that Redis did not run the
+// command, for a reason go-redis retries on: a replica (after a failover
+// that a name or a proxy hides), a dataset still loading, a master down or
+// without enough replicas, a cluster down, a busy slot, or the client limit.
+func notRun(err error) bool {
+	var re replyError
+	if !errors.As(err, &re) {
+		return false
+	}
+	msg := string(re)
+	for _, prefix := range [...]string{"READONLY ", "LOADING ", "MASTERDOWN ", "NOREPLICAS ", "CLUSTERDOWN ", "TRYAGAIN ", "ERR max number of clients"} {
+		if strings.HasPrefix(msg, prefix) {
+			return true
+		}
+	}
+	return false
 }
 
 // cancelled is a context that is done, for clientClosed.
@@ -333,7 +387,9 @@ var cancelled = func() context.Context {
 
 // clientClosed reports whether client was closed, without any I/O: a
 // command with a done context fails with redis.ErrClosed on a closed client
-// (the pool checks that first) and with the context's error otherwise.
+// (the pool checks that first) and with the context's error otherwise. It
+// runs before each dial of an own connection only: the client's hooks see
+// that PING, which is why it is not run for every batch.
 func clientClosed(client redis.UniversalClient) bool {
 	return errors.Is(client.Ping(cancelled).Err(), redis.ErrClosed)
 }

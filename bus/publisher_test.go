@@ -75,8 +75,8 @@ func sentEvent() *events.EmailSent {
 // connection, not the client's pool; a publish made once is refused the
 // second time; when that connection breaks, the next publish goes through
 // the pool (which dials again) and nothing is lost or doubled, and the one
-// after it is back on a connection of the publisher's own. Closing the
-// client stops the publishes.
+// after it is back on a connection of the publisher's own. Close closes
+// that connection.
 func TestPublishOverOwnConnection(t *testing.T) {
 	t.Parallel()
 	rdb, name := namedClient(t)
@@ -123,26 +123,6 @@ func TestPublishOverOwnConnection(t *testing.T) {
 		t.Errorf("%d own connections after the next publish, want a new one", own)
 	}
 
-	// Closing the client stops the publishes, as it does through go-redis,
-	// and the publisher's own connection with them.
-	if err := rdb.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := pub.PublishEvent(ctx, sentEvent()); !errors.Is(err, redis.ErrClosed) {
-		t.Errorf("publish after the client was closed: %v, want redis.ErrClosed", err)
-	}
-	// Redis notices a closed connection on its next turn.
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		own, pooled := ownAndPooled(t, admin, name)
-		if own == 0 && pooled == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Errorf("%d own and %d pooled connections after the client was closed, want none", own, pooled)
-			break
-		}
-	}
-
 	entries, err := admin.XRange(ctx, stream, "-", "+").Result()
 	if err != nil {
 		t.Fatal(err)
@@ -153,6 +133,46 @@ func TestPublishOverOwnConnection(t *testing.T) {
 	}
 	if strings.Join(got, ",") != strings.Join(want, ",") {
 		t.Errorf("stream holds %q, want %q", got, want)
+	}
+
+	// Close closes the publisher's own connections (Redis notices on its
+	// next turn).
+	if err := pub.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		own, _ := ownAndPooled(t, admin, name)
+		if own == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%d own connections after Close, want none", own)
+			break
+		}
+	}
+}
+
+// TestPublishWithClosedClient: a publisher whose client is closed fails
+// every publish with redis.ErrClosed, as go-redis does, and opens no
+// connection of its own.
+func TestPublishWithClosedClient(t *testing.T) {
+	t.Parallel()
+	rdb, name := namedClient(t)
+	if err := rdb.Close(); err != nil {
+		t.Fatal(err)
+	}
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: testenv.Prefix(t), Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	for range 2 {
+		if _, err := pub.PublishEvent(t.Context(), sentEvent()); !errors.Is(err, redis.ErrClosed) {
+			t.Errorf("publish: %v, want redis.ErrClosed", err)
+		}
+	}
+	if own, pooled := ownAndPooled(t, testenv.Redis(t), name); own != 0 || pooled != 0 {
+		t.Errorf("%d own and %d pooled connections, want none", own, pooled)
 	}
 }
 

@@ -141,7 +141,7 @@ func (e replyError) Error() string { return string(e) }
 // RedisError marks it as a Redis reply (redis.Error).
 func (replyError) RedisError() {}
 
-var errBadReply = errors.New("malformed XREADGROUP reply")
+var errBadReply = errors.New("malformed Redis reply")
 
 // parseXRead parses an XREADGROUP reply in RESP2 (an array of [stream,
 // entries] pairs) or RESP3 (a map of stream to entries). A null reply (the
