@@ -365,8 +365,8 @@ func (p *Publisher) flushOwn(live []*pubReq, conn *readConn, deadline time.Time)
 // that a name or a proxy hides), a dataset still loading, a master down or
 // without enough replicas, a cluster down, a busy slot, or the client limit.
 func notRun(err error) bool {
-	var re replyError
-	if !errors.As(err, &re) {
+	re, ok := err.(replyError) // as publishReply returns it, unwrapped
+	if !ok {
 		return false
 	}
 	msg := string(re)
