@@ -1,6 +1,10 @@
 package store
 
-import "context"
+import (
+	"context"
+
+	"github.com/lib/pq"
+)
 
 // PreparedStatements counts the statements prepared on the session of one
 // of s's connections (all of them, with MaxOpenConns 1).
@@ -31,4 +35,12 @@ func (tx *Tx) UpdatedRows(ctx context.Context, table string) (int, error) {
 	var n int
 	err := tx.tx.GetContext(ctx, &n, "SELECT pg_stat_get_xact_tuples_updated($1::regclass)", table)
 	return n, err
+}
+
+// InsertedAtTopLevel counts the inbox rows of ids that this transaction
+// inserted outside any savepoint (their xmin is its own id).
+func (tx *Tx) InsertedAtTopLevel(ctx context.Context, ids []string) (int, error) {
+	var mine []string
+	err := tx.tx.SelectContext(ctx, &mine, qInsertedHere, pq.Array(ids))
+	return len(mine), err
 }

@@ -1125,3 +1125,40 @@ func TestUpdatesStayOnTheirPage(t *testing.T) {
 		}
 	}
 }
+
+// TestInboxOfNewEventsIsAPlainInsert: events that are all new are recorded
+// with a plain insert in a savepoint (their rows carry the savepoint's
+// transaction id), the cheaper statement; a call that meets an event
+// recorded before falls back to the insert with ON CONFLICT, at the
+// transaction's own level, and still reports only its new events.
+func TestInboxOfNewEventsIsAPlainInsert(t *testing.T) {
+	t.Parallel()
+	st, _ := newStore(t)
+	ctx := t.Context()
+	err := st.WithTx(ctx, func(tx *store.Tx) error {
+		fresh, err := tx.Inbox(ctx, []store.InboxEntry{{EventID: "x", EventType: "t"}, {EventID: "y", EventType: "t"}})
+		if err != nil {
+			return err
+		}
+		if !fresh["x"] || !fresh["y"] || len(fresh) != 2 {
+			t.Errorf("first call: fresh %v, want x and y", fresh)
+		}
+		if n, err := tx.InsertedAtTopLevel(ctx, []string{"x", "y"}); err != nil || n != 0 {
+			t.Errorf("%d rows of new events inserted at the transaction's level (%v); want the plain insert in its savepoint", n, err)
+		}
+		fresh, err = tx.Inbox(ctx, []store.InboxEntry{{EventID: "y", EventType: "t"}, {EventID: "z", EventType: "t"}})
+		if err != nil {
+			return err
+		}
+		if !fresh["z"] || len(fresh) != 1 {
+			t.Errorf("second call: fresh %v, want z alone", fresh)
+		}
+		if n, err := tx.InsertedAtTopLevel(ctx, []string{"y", "z"}); err != nil || n != 1 {
+			t.Errorf("%d rows inserted at the transaction's level by the fallback (%v), want z's", n, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
