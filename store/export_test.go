@@ -44,3 +44,6 @@ func (tx *Tx) InsertedAtTopLevel(ctx context.Context, ids []string) (int, error)
 	err := tx.tx.SelectContext(ctx, &mine, qInsertedHere, pq.Array(ids))
 	return len(mine), err
 }
+
+// PlainInboxMin is the smallest batch the inbox records with a plain insert.
+const PlainInboxMin = plainInboxMin

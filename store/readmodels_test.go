@@ -1126,35 +1126,57 @@ func TestUpdatesStayOnTheirPage(t *testing.T) {
 	}
 }
 
-// TestInboxOfNewEventsIsAPlainInsert: events that are all new are recorded
-// with a plain insert in a savepoint (their rows carry the savepoint's
-// transaction id), the cheaper statement; a call that meets an event
-// recorded before falls back to the insert with ON CONFLICT, at the
-// transaction's own level, and still reports only its new events.
+// TestInboxOfNewEventsIsAPlainInsert: a large batch of events that are all
+// new is recorded with a plain insert in a savepoint (its rows carry the
+// savepoint's transaction id), the cheaper statement; a batch that meets an
+// event recorded before falls back to the insert with ON CONFLICT, at the
+// transaction's own level, and still reports only its new events; a small
+// batch goes straight to ON CONFLICT.
 func TestInboxOfNewEventsIsAPlainInsert(t *testing.T) {
 	t.Parallel()
 	st, _ := newStore(t)
 	ctx := t.Context()
+	batch := func(prefix string, n int) ([]store.InboxEntry, []string) {
+		var es []store.InboxEntry
+		var ids []string
+		for i := range n {
+			id := fmt.Sprintf("%s-%d", prefix, i)
+			es, ids = append(es, store.InboxEntry{EventID: id, EventType: "t"}), append(ids, id)
+		}
+		return es, ids
+	}
+	n := store.PlainInboxMin
 	err := st.WithTx(ctx, func(tx *store.Tx) error {
-		fresh, err := tx.Inbox(ctx, []store.InboxEntry{{EventID: "x", EventType: "t"}, {EventID: "y", EventType: "t"}})
+		first, firstIDs := batch("a", n)
+		fresh, err := tx.Inbox(ctx, first)
 		if err != nil {
 			return err
 		}
-		if !fresh["x"] || !fresh["y"] || len(fresh) != 2 {
-			t.Errorf("first call: fresh %v, want x and y", fresh)
+		if len(fresh) != n {
+			t.Errorf("first call: %d fresh, want %d", len(fresh), n)
 		}
-		if n, err := tx.InsertedAtTopLevel(ctx, []string{"x", "y"}); err != nil || n != 0 {
-			t.Errorf("%d rows of new events inserted at the transaction's level (%v); want the plain insert in its savepoint", n, err)
+		if got, err := tx.InsertedAtTopLevel(ctx, firstIDs); err != nil || got != 0 {
+			t.Errorf("%d rows of new events inserted at the transaction's level (%v); want the plain insert in its savepoint", got, err)
 		}
-		fresh, err = tx.Inbox(ctx, []store.InboxEntry{{EventID: "y", EventType: "t"}, {EventID: "z", EventType: "t"}})
+		// One event of the first call again, and n-1 new ones.
+		second, secondIDs := batch("b", n-1)
+		second = append(second, first[0])
+		fresh, err = tx.Inbox(ctx, second)
 		if err != nil {
 			return err
 		}
-		if !fresh["z"] || len(fresh) != 1 {
-			t.Errorf("second call: fresh %v, want z alone", fresh)
+		if len(fresh) != n-1 || fresh[first[0].EventID] {
+			t.Errorf("second call: %d fresh (the repeated one %v), want the %d new", len(fresh), fresh[first[0].EventID], n-1)
 		}
-		if n, err := tx.InsertedAtTopLevel(ctx, []string{"y", "z"}); err != nil || n != 1 {
-			t.Errorf("%d rows inserted at the transaction's level by the fallback (%v), want z's", n, err)
+		if got, err := tx.InsertedAtTopLevel(ctx, append(secondIDs, firstIDs[0])); err != nil || got != n-1 {
+			t.Errorf("%d rows inserted at the transaction's level by the fallback (%v), want %d", got, err, n-1)
+		}
+		small, smallIDs := batch("c", n-1)
+		if _, err := tx.Inbox(ctx, small); err != nil {
+			return err
+		}
+		if got, err := tx.InsertedAtTopLevel(ctx, smallIDs); err != nil || got != n-1 {
+			t.Errorf("a small batch: %d rows at the transaction's level (%v), want all %d (ON CONFLICT)", got, err, n-1)
 		}
 		return nil
 	})
