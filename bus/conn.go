@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"strconv"
 	"time"
@@ -72,11 +73,34 @@ func (c *readConn) ready(ctx context.Context) (bool, error) {
 		return false, nil
 	}
 	if err := c.dial(ctx); err != nil {
-		c.noDialUntil = time.Now().Add(redialAfter)
+		c.backOff()
 		return false, err
 	}
 	c.warned = false
 	return true, nil
+}
+
+// readyLogged is ready for a caller that goes through go-redis when the
+// connection is not up: a failed dial is logged with msg and attrs, as a
+// warning once per failure streak (during a Redis outage the go-redis
+// errors say enough) and at debug level after that.
+func (c *readConn) readyLogged(ctx context.Context, log *slog.Logger, msg string, attrs ...any) bool {
+	up, err := c.ready(ctx)
+	if err != nil && ctx.Err() == nil {
+		level := slog.LevelDebug
+		if !c.warned {
+			level, c.warned = slog.LevelWarn, true
+		}
+		log.Log(ctx, level, msg, append(attrs, "error", err, "retry_in", redialAfter)...)
+	}
+	return up
+}
+
+// backOff leaves the connection down, and the caller on go-redis, for
+// redialAfter.
+func (c *readConn) backOff() {
+	c.close()
+	c.noDialUntil = time.Now().Add(redialAfter)
 }
 
 // dialDue reports whether ready would dial now.

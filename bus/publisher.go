@@ -299,16 +299,7 @@ func (p *Publisher) flushOwn(live []*pubReq, conn *readConn, deadline time.Time)
 	if conn.dialDue() && clientClosed(p.cfg.Client) {
 		return live
 	}
-	up, err := conn.ready(bg)
-	if err != nil {
-		level := slog.LevelDebug
-		if !conn.warned {
-			level, conn.warned = slog.LevelWarn, true
-		}
-		p.cfg.Logger.Log(bg, level, "own publish connection to Redis could not be set up; publishing through the client's pool for now",
-			"error", err, "retry_in", redialAfter)
-	}
-	if !up {
+	if !conn.readyLogged(bg, p.cfg.Logger, "own publish connection to Redis could not be set up; publishing through the client's pool for now") {
 		return live
 	}
 	conn.wbuf = conn.wbuf[:0]
@@ -351,8 +342,7 @@ func (p *Publisher) flushOwn(live []*pubReq, conn *readConn, deadline time.Time)
 		p.finish(r)
 	}
 	if len(rest) > 0 {
-		conn.close()
-		conn.noDialUntil = time.Now().Add(redialAfter)
+		conn.backOff()
 	}
 	if cap(conn.rbuf) > maxKeptReadBuffer {
 		conn.rbuf = nil

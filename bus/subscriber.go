@@ -750,18 +750,8 @@ func (sub *subscription) readLoop(ctx context.Context, l *lane, claims bool) {
 func (sub *subscription) readNew(ctx context.Context, l *lane, count int, block time.Duration) ([]streamEntries, error) {
 	s := sub.s
 	if c := l.conn; c != nil {
-		up, err := c.ready(ctx)
-		if err != nil && ctx.Err() == nil {
-			// Once per failure streak: during a Redis outage the reads'
-			// own errors say enough.
-			level := slog.LevelDebug
-			if !c.warned {
-				level, c.warned = slog.LevelWarn, true
-			}
-			s.log.Log(ctx, level, "own read connection to Redis could not be set up; reading through the client's pool for now",
-				"stream", sub.topic, "error", err, "retry_in", redialAfter)
-		}
-		if up {
+		if c.readyLogged(ctx, s.log, "own read connection to Redis could not be set up; reading through the client's pool for now",
+			"stream", sub.topic) {
 			acked := sortByStream(s.takeAcks())
 			written := false
 			res, err := c.exchange(ctx, acked, s.cfg.ConsumerGroup, s.cfg.Consumer, sub.readIDs, count, block, func() {

@@ -174,11 +174,12 @@ func (tx *Tx) LockAndInbox(ctx context.Context, keys []string, entries []InboxEn
 	}
 	args := []any{pq.Array(ids), pq.Array(types), pq.Array(lockIDs(keys))}
 	var n int64
-	err := errNotAllNew
+	var err error
+	allNew := false
 	if len(entries) >= plainInboxMin {
-		n, err = tx.inboxAllNew(ctx, args)
+		n, allNew, err = tx.inboxAllNew(ctx, args)
 	}
-	if errors.Is(err, errNotAllNew) {
+	if err == nil && !allNew {
 		n, err = tx.execCount(ctx, qLockAndInbox, args...)
 	}
 	if err != nil {
@@ -213,9 +214,6 @@ func (tx *Tx) LockAndInbox(ctx context.Context, keys []string, entries []InboxEn
 	return out, nil
 }
 
-// errNotAllNew: some of the events were recorded before.
-var errNotAllNew = errors.New("inbox: not every event is new")
-
 // plainInboxMin is the smallest batch recorded with inboxAllNew: the two
 // round trips of its savepoint cost more than it saves on fewer rows.
 const plainInboxMin = 32
@@ -226,34 +224,32 @@ const plainInboxMin = 32
 // id up in the index before it inserts it speculatively. If an id was
 // recorded before (a redelivery), the insert fails with a unique violation
 // (which PostgreSQL logs as an error): the savepoint is rolled back, with
-// the locks the insert took, and errNotAllNew returned; the insert with ON
+// the locks the insert took, and allNew is false; the insert with ON
 // CONFLICT then takes the locks again, in the same order, holding no other.
 // The cost: two more round trips per batch, while the locks are held, and a
 // second transaction id (the savepoint's) per batch. The rows inserted here
 // carry the savepoint's transaction id, not this transaction's, so
 // qInsertedHere (this transaction's own rows) does not see them; it is only
 // used after a fallback, for rows inserted at this transaction's level.
-func (tx *Tx) inboxAllNew(ctx context.Context, args []any) (int64, error) {
+func (tx *Tx) inboxAllNew(ctx context.Context, args []any) (n int64, allNew bool, err error) {
 	if _, err := tx.tx.ExecContext(ctx, "SAVEPOINT inbox"); err != nil {
-		return 0, err
+		return 0, false, err
 	}
-	n, err := tx.execCount(ctx, qLockAndInboxNew, args...)
+	n, err = tx.execCount(ctx, qLockAndInboxNew, args...)
 	var pe *pq.Error
 	if errors.As(err, &pe) && pe.Code == "23505" { // processed_events is all it writes
 		// Rolled back to, a savepoint stays open: released too, the
 		// statements that follow are this transaction's own again.
-		if _, err := tx.tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT inbox; RELEASE SAVEPOINT inbox"); err != nil {
-			return 0, err
-		}
-		return 0, errNotAllNew
+		_, err := tx.tx.ExecContext(ctx, "ROLLBACK TO SAVEPOINT inbox; RELEASE SAVEPOINT inbox")
+		return 0, false, err
 	}
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	if _, err := tx.tx.ExecContext(ctx, "RELEASE SAVEPOINT inbox"); err != nil {
-		return 0, err
+		return 0, false, err
 	}
-	return n, nil
+	return n, true, nil
 }
 
 func ts(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
