@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -108,11 +110,26 @@ type groupState struct {
 	routes []*route
 }
 
-// route is one event type handled by a group.
+// workers is how many workers g runs: concurrency, or one per CPU when
+// every route reports its outcome itself (HandleAsync), since then no
+// worker waits for a handler and the window alone bounds the work.
+func (g *groupState) workers(concurrency int) int {
+	for _, rt := range g.routes {
+		if rt.start == nil {
+			return concurrency
+		}
+	}
+	return min(concurrency, runtime.GOMAXPROCS(0))
+}
+
+// route is one event type handled by a group: call handles a delivery and
+// returns its outcome; start, set instead for a HandleAsync handler
+// without middleware, starts handling it and reports the outcome itself.
 type route struct {
 	topic string
 	typ   string
 	call  func(*delivery) error
+	start func(*delivery)
 }
 
 // NewRouter returns a Router with no handlers.
@@ -184,6 +201,32 @@ type eventPtr[E any] interface {
 // (EnvelopeFrom). It returns nil (ack), an error (retry with backoff), or
 // Permanent(err) (dead-letter now). It never sees Redis or Watermill.
 func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Context, ev P) error, opts ...HandlerOption) error {
+	return register[E, P](r, group, h, nil, opts)
+}
+
+// HandleAsync registers h as Handle does, for a handler that reports its
+// outcome later instead of returning it: h starts the work and calls done
+// once, from any goroutine, with what Handle's handler would return (nil
+// acks, an error retries, Permanent dead-letters). Calls of done after the
+// first are ignored; a panic of h before it calls done nacks the event.
+//
+// It is for handlers that gather events and finish them together (the
+// projector commits a batch in one transaction): a worker hands the event
+// over and takes the next delivery, instead of waiting with it. The group's
+// in-flight window (Concurrency) still bounds the events started and not
+// done. A group whose handlers are all asynchronous runs one worker per CPU
+// rather than Concurrency, since no worker waits.
+//
+// The context given to h is cancelled when the handler times out
+// (HandlerTimeout) or at a hard stop, as Handle's is; h should then call
+// done soon. With middlewares (RouterConfig.Middlewares), which wrap a call
+// that returns the outcome, the worker waits for done as Handle's would.
+func HandleAsync[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Context, ev P, done func(error)), opts ...HandlerOption) error {
+	return register[E, P](r, group, nil, h, opts)
+}
+
+// register adds a route for Handle (h) or HandleAsync (async).
+func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Context, ev P) error, async func(ctx context.Context, ev P, done func(error)), opts []HandlerOption) error {
 	var o handlerOptions
 	for _, opt := range opts {
 		opt(&o)
@@ -200,59 +243,134 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 		observe = m.handling.WithLabelValues(group, typ, "ok")
 		observeErr = m.handling.WithLabelValues(group, typ, "error")
 	}
+	// report logs and observes the outcome of a delivery handled since
+	// start (zero when there is no histogram).
+	report := func(env events.Envelope, start time.Time, err error) {
+		if err != nil {
+			logFailure(log, env, g.retry, err)
+			if observeErr != nil {
+				observeErr.Observe(time.Since(start).Seconds())
+			}
+		} else if observe != nil {
+			observe.Observe(time.Since(start).Seconds())
+		}
+	}
+	now := func() (t time.Time) {
+		if observe != nil { // the clock only for the histogram
+			t = time.Now()
+		}
+		return t
+	}
+	// decode checks a delivery's type and decodes its payload.
+	decode := func(env events.Envelope, payload []byte) (P, error) {
+		if env.Type != typ {
+			return nil, Permanent(fmt.Errorf("event type %q arrived on the stream of %q", env.Type, typ))
+		}
+		ev, err := events.Decode(env.Type, env.Version, payload)
+		if err != nil {
+			return nil, Permanent(fmt.Errorf("decode %s: %w", typ, err))
+		}
+		return ev.(P), nil
+	}
+	// The delivery's context is cancelled when the handler times out
+	// (HandlerTimeout, enforced with the heartbeats) or at hard stop.
+	handlerContext := func(mctx context.Context, env events.Envelope) context.Context {
+		return &handlerCtx{Context: mctx, hv: handlerValues{env: env, attempts: attempts{attempt: env.Attempt, max: g.retry.MaxAttempts}}}
+	}
+	if h == nil {
+		// With middleware the outcome is returned to the middleware:
+		// wait for done.
+		h = func(ctx context.Context, ev P) error {
+			res := make(chan error, 1)
+			async(ctx, ev, func(err error) {
+				select {
+				case res <- err:
+				default: // not the first call
+				}
+			})
+			select {
+			case err := <-res:
+				return err
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
 	// run handles one delivery: its context, envelope and payload.
 	run := func(mctx context.Context, env events.Envelope, payload []byte) (err error) {
-		var start time.Time
-		if observe != nil { // the clock only for the histogram
-			start = time.Now()
-		}
+		start := now()
 		defer func() {
 			if p := recover(); p != nil {
 				err = fmt.Errorf("handler panicked: %v", p)
 				log.Error("handler panicked", "event_id", env.ID, "panic", p, "stack", string(debug.Stack()))
 			}
-			if err != nil {
-				logFailure(log, env, g.retry, err)
-				if observeErr != nil {
-					observeErr.Observe(time.Since(start).Seconds())
-				}
-			} else if observe != nil {
-				observe.Observe(time.Since(start).Seconds())
-			}
+			report(env, start, err)
 		}()
-		if env.Type != typ {
-			return Permanent(fmt.Errorf("event type %q arrived on the stream of %q", env.Type, typ))
-		}
-		ev, err := events.Decode(env.Type, env.Version, payload)
+		ev, err := decode(env, payload)
 		if err != nil {
-			return Permanent(fmt.Errorf("decode %s: %w", typ, err))
+			return err
 		}
-		// The delivery's context is cancelled when the handler times out
-		// (HandlerTimeout, enforced with the heartbeats) or at hard stop.
-		ctx := &handlerCtx{Context: mctx, hv: handlerValues{env: env, attempts: attempts{attempt: env.Attempt, max: g.retry.MaxAttempts}}}
-		return h(ctx, ev.(P))
+		return h(handlerContext(mctx, env), ev)
 	}
-	// Without middleware, no Watermill message is made: the envelope is
-	// read from the entry's metadata pairs.
-	call := func(d *delivery) error {
-		return run(d.ctx, envelopeOf(d.em.uuid, &d.em, typ), readOnlyBytes(d.em.payload))
-	}
-	if len(r.cfg.Middlewares) > 0 {
+	rt := &route{topic: r.cfg.StreamPrefix + typ, typ: typ}
+	switch {
+	case len(r.cfg.Middlewares) > 0:
+		// A middleware sees the Watermill message.
 		hf := func(msg *message.Message) ([]*message.Message, error) {
 			return nil, run(msg.Context(), envelopeOf(msg.UUID, msg.Metadata, typ), msg.Payload)
 		}
 		for i := len(r.cfg.Middlewares) - 1; i >= 0; i-- {
 			hf = r.cfg.Middlewares[i](hf)
 		}
-		call = func(d *delivery) error {
+		rt.call = func(d *delivery) error {
 			_, err := hf(d.message())
 			return err
 		}
+	case async != nil:
+		// Without middleware, no Watermill message is made: the envelope
+		// is read from the entry's metadata pairs.
+		rt.start = func(d *delivery) {
+			f := &asyncDone{d: d, env: envelopeOf(d.em.uuid, &d.em, typ), start: now(), report: report}
+			defer func() {
+				if p := recover(); p != nil {
+					log.Error("handler panicked", "event_id", f.env.ID, "panic", p, "stack", string(debug.Stack()))
+					f.done(fmt.Errorf("handler panicked: %v", p))
+				}
+			}()
+			ev, err := decode(f.env, readOnlyBytes(d.em.payload))
+			if err != nil {
+				f.done(err)
+				return
+			}
+			async(handlerContext(d.ctx, f.env), ev, f.done)
+		}
+	default:
+		rt.call = func(d *delivery) error {
+			return run(d.ctx, envelopeOf(d.em.uuid, &d.em, typ), readOnlyBytes(d.em.payload))
+		}
 	}
 	r.mu.Lock()
-	g.routes = append(g.routes, &route{topic: r.cfg.StreamPrefix + typ, typ: typ, call: call})
+	g.routes = append(g.routes, rt)
 	r.mu.Unlock()
 	return nil
+}
+
+// asyncDone reports the outcome of a delivery started by a HandleAsync
+// handler, once.
+type asyncDone struct {
+	d      *delivery
+	env    events.Envelope
+	start  time.Time
+	report func(events.Envelope, time.Time, error)
+	called atomic.Bool
+}
+
+func (f *asyncDone) done(err error) {
+	if !f.called.CompareAndSwap(false, true) {
+		return
+	}
+	f.report(f.env, f.start, err)
+	f.d.sub.s.complete(f.d, err)
 }
 
 func logFailure(log *slog.Logger, env events.Envelope, retry RetryPolicy, err error) {
@@ -297,12 +415,16 @@ func (r *Router) Run(ctx context.Context) error {
 			feeding.Wait()
 			close(in)
 		}()
-		for i := 0; i < r.cfg.Concurrency; i++ {
+		for i := 0; i < g.workers(r.cfg.Concurrency); i++ {
 			workers.Add(1)
 			go func() {
 				defer workers.Done()
 				for d := range in {
-					d.sub.s.complete(d, d.tag.(*route).call(d))
+					if rt := d.tag.(*route); rt.start != nil {
+						rt.start(d)
+					} else {
+						d.sub.s.complete(d, rt.call(d))
+					}
 				}
 			}()
 		}

@@ -198,11 +198,13 @@ func startPipeline(ctx context.Context, b *bench, prefix string) (p *pipeline, e
 	// The projector's handlers of the two event types this path publishes,
 	// as proj.Register adds them, each counting what it applied.
 	err = errors.Join(
-		bus.Handle(prouter, projector.Group, func(ctx context.Context, ev *events.EmailRequested) error {
-			return p.tracker.count(store.EmailKey(ev.EmailID), proj.Apply(ctx, ev))
+		bus.HandleAsync(prouter, projector.Group, func(ctx context.Context, ev *events.EmailRequested, done func(error)) {
+			key := store.EmailKey(ev.EmailID)
+			proj.ApplyAsync(ctx, ev, func(err error) { done(p.tracker.count(key, err)) })
 		}),
-		bus.Handle(prouter, projector.Group, func(ctx context.Context, ev *events.EmailSent) error {
-			return p.tracker.count(store.EmailKey(ev.EmailID), proj.Apply(ctx, ev))
+		bus.HandleAsync(prouter, projector.Group, func(ctx context.Context, ev *events.EmailSent, done func(error)) {
+			key := store.EmailKey(ev.EmailID)
+			proj.ApplyAsync(ctx, ev, func(err error) { done(p.tracker.count(key, err)) })
 		}),
 	)
 	if err != nil {
