@@ -3,6 +3,7 @@ package bus_test
 import (
 	"context"
 	"errors"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -22,7 +23,9 @@ import (
 func TestHandleAsync(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
-	const window = 8
+	// More than the workers (one per CPU), so that workers which waited
+	// for done could not start a whole window.
+	window := max(8, 4*runtime.GOMAXPROCS(0))
 	r, err := bus.NewRouter(bus.RouterConfig{
 		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", Concurrency: window, DrainTimeout: 5 * time.Second,
 		Logger: testLogger(), Retry: bus.RetryPolicy{MaxAttempts: 3, MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
@@ -48,7 +51,7 @@ func TestHandleAsync(t *testing.T) {
 	}
 	stop := runRouter(t, r)
 	pub := routerPublisher(t, f)
-	const n = 3 * window
+	n := 3 * window
 	for i := 0; i < n; i++ {
 		if _, err := pub.PublishEvent(t.Context(), &events.EmailSent{EmailID: events.NewID(), Attempts: 1, SentAt: time.Now()}); err != nil {
 			t.Fatal(err)
@@ -84,6 +87,13 @@ func TestHandleAsync(t *testing.T) {
 		})
 	}
 	wg.Wait()
+	stream := f.topic + ":" + events.TypeEmailSent
+	// A second done that counted would nack: the entry would wait in the
+	// retry set, then start again.
+	time.Sleep(100 * time.Millisecond)
+	if n, err := f.rdb.ZCard(t.Context(), bus.RetrySet(stream, f.group)).Result(); err != nil || n != 0 {
+		t.Fatalf("retry set holds %d entries (%v) after every event was done once", n, err)
+	}
 	seen := map[string]int{}
 	for _, s := range held {
 		seen[s.env.ID]++
@@ -93,10 +103,14 @@ func TestHandleAsync(t *testing.T) {
 		seen[s.env.ID]++
 		s.done(nil)
 	}
-	stream := f.topic + ":" + events.TypeEmailSent
 	eventually(t, "all acked", func() bool {
 		return pendingCount(t, f.rdb, stream, f.group) == 0 && pendingCount(t, f.rdb, bus.RetryStream(stream, f.group), f.group) == 0
 	})
+	select {
+	case s := <-starts:
+		t.Fatalf("event %s (attempt %d) started again after all were acked", s.env.ID, s.env.Attempt)
+	case <-time.After(300 * time.Millisecond):
+	}
 	for id, c := range seen {
 		if c != 1 {
 			t.Fatalf("event %s started %d times; want once (a second done must not nack it)", id, c)
@@ -122,6 +136,8 @@ func TestHandleAsync(t *testing.T) {
 		s := next("outcomes")
 		attempts[s.env.ID] = append(attempts[s.env.ID], s.env.Attempt)
 		switch {
+		case s.env.ID != fail && s.env.ID != dead && s.env.ID != panicked:
+			t.Fatalf("event %s started again", s.env.ID)
 		case s.ev.MessageID == "fail" && s.env.Attempt == 1:
 			go s.done(errors.New("try again"))
 		case s.ev.MessageID == "dead":

@@ -217,9 +217,12 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 // done. A group whose handlers are all asynchronous runs one worker per CPU
 // rather than Concurrency, since no worker waits.
 //
-// The context given to h is cancelled when the handler times out
-// (HandlerTimeout) or at a hard stop, as Handle's is; h should then call
-// done soon. With middlewares (RouterConfig.Middlewares), which wrap a call
+// h must only hand the event over and return: the group's few workers
+// run it in turn, so h blocking stalls the group (a bounded wait for room
+// in a queue, as Projector.ApplyAsync has, is backpressure). The context
+// given to h is cancelled when the handler times out (HandlerTimeout) or
+// at a hard stop, as Handle's is, but only done ends the delivery: the
+// work h handed over should then call done with the context's error soon. With middlewares (RouterConfig.Middlewares), which wrap a call
 // that returns the outcome, the worker waits for done as Handle's would.
 func HandleAsync[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Context, ev P, done func(error)), opts ...HandlerOption) error {
 	return register[E, P](r, group, nil, h, opts)
@@ -369,8 +372,10 @@ func (f *asyncDone) done(err error) {
 	if !f.called.CompareAndSwap(false, true) {
 		return
 	}
+	// Completed even if the report panics: a delivery left open would
+	// hold its window slot until the subscriber closes.
+	defer f.d.sub.s.complete(f.d, err)
 	f.report(f.env, f.start, err)
-	f.d.sub.s.complete(f.d, err)
 }
 
 func logFailure(log *slog.Logger, env events.Envelope, retry RetryPolicy, err error) {

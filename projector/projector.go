@@ -292,6 +292,12 @@ func (p *Projector) run(batch []*item) {
 	}
 	p.log.Warn("batch transaction failed; applying its events one by one", "events", len(live), "error", err)
 	for _, it := range live {
+		// An event whose handler timed out during the batch is not
+		// applied: its delivery ends now, not after another try.
+		if err := it.ctx.Err(); err != nil {
+			it.done(err)
+			continue
+		}
 		it.done(permanentIfData(p.applyBatch([]*item{it})))
 	}
 }
