@@ -228,16 +228,9 @@ func TestHandleAsyncWithMiddleware(t *testing.T) {
 func TestHandleAsyncTimeout(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
-	r, err := bus.NewRouter(bus.RouterConfig{
-		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", Logger: testLogger(),
-		ClaimMinIdle: 900 * time.Millisecond, HandlerTimeout: 300 * time.Millisecond, DrainTimeout: 5 * time.Second,
-		Retry: bus.RetryPolicy{MaxAttempts: 3, MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := newTimeoutRouter(t, f)
 	second := make(chan int, 1)
-	err = bus.HandleAsync(r, f.group, func(ctx context.Context, ev *events.EmailSent, done func(error)) {
+	err := bus.HandleAsync(r, f.group, func(ctx context.Context, ev *events.EmailSent, done func(error)) {
 		if bus.Attempt(ctx) > 1 {
 			second <- bus.Attempt(ctx)
 			done(nil)
@@ -257,15 +250,5 @@ func TestHandleAsyncTimeout(t *testing.T) {
 	}
 	stop := runRouter(t, r)
 	defer stop()
-	if _, err := routerPublisher(t, f).PublishEvent(t.Context(), &events.EmailSent{EmailID: events.NewID(), Attempts: 1, SentAt: time.Now()}); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case attempt := <-second:
-		if attempt != 2 {
-			t.Fatalf("second start on attempt %d", attempt)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("the timed-out event was not retried")
-	}
+	awaitRetryAfterTimeout(t, f, second)
 }

@@ -222,8 +222,9 @@ func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Co
 // in a queue, as Projector.ApplyAsync has, is backpressure). The context
 // given to h is cancelled when the handler times out (HandlerTimeout) or
 // at a hard stop, as Handle's is, but only done ends the delivery: the
-// work h handed over should then call done with the context's error soon. With middlewares (RouterConfig.Middlewares), which wrap a call
-// that returns the outcome, the worker waits for done as Handle's would.
+// work h handed over should then call done with the context's error soon.
+// With middlewares (RouterConfig.Middlewares), which wrap a call that
+// returns the outcome, the worker waits for done as Handle's would.
 func HandleAsync[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Context, ev P, done func(error)), opts ...HandlerOption) error {
 	return register[E, P](r, group, nil, h, opts)
 }

@@ -161,17 +161,10 @@ func TestTypedHandler(t *testing.T) {
 func TestHandlerTimeout(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
-	r, err := bus.NewRouter(bus.RouterConfig{
-		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", Logger: testLogger(),
-		ClaimMinIdle: 900 * time.Millisecond, HandlerTimeout: 300 * time.Millisecond,
-		Retry: bus.RetryPolicy{MaxAttempts: 3, MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := newTimeoutRouter(t, f)
 	var calls atomic.Int32
 	second := make(chan int, 1)
-	err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailSent) error {
+	err := bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailSent) error {
 		if calls.Add(1) == 1 {
 			select {
 			case <-ctx.Done():
@@ -186,12 +179,31 @@ func TestHandlerTimeout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
-	go func() { _ = r.Run(ctx) }()
-	pub, _ := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
-	defer pub.Close()
-	if _, err := pub.PublishEvent(t.Context(), &events.EmailSent{EmailID: events.NewID(), Attempts: 1, SentAt: time.Now()}); err != nil {
+	stop := runRouter(t, r)
+	defer stop()
+	awaitRetryAfterTimeout(t, f, second)
+}
+
+// newTimeoutRouter returns a router whose handlers time out after 300ms.
+func newTimeoutRouter(t *testing.T, f *fixture) *bus.Router {
+	t.Helper()
+	r, err := bus.NewRouter(bus.RouterConfig{
+		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", Logger: testLogger(),
+		ClaimMinIdle: 900 * time.Millisecond, HandlerTimeout: 300 * time.Millisecond, DrainTimeout: 5 * time.Second,
+		Retry: bus.RetryPolicy{MaxAttempts: 3, MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// awaitRetryAfterTimeout publishes an email.sent to a router from
+// newTimeoutRouter whose handler times out on the first attempt and sends
+// its next attempt to second, and checks that the second call is attempt 2.
+func awaitRetryAfterTimeout(t *testing.T, f *fixture, second <-chan int) {
+	t.Helper()
+	if _, err := routerPublisher(t, f).PublishEvent(t.Context(), &events.EmailSent{EmailID: events.NewID(), Attempts: 1, SentAt: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
 	select {

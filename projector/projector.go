@@ -167,16 +167,22 @@ var errClosed = errors.New("projector closed")
 // events being applied, and a batch's events are acked as it commits.
 func (p *Projector) Register(r *bus.Router, opts ...bus.HandlerOption) error {
 	return errors.Join(
-		bus.HandleAsync(r, Group, func(ctx context.Context, ev *events.DocumentUploaded, done func(error)) { p.ApplyAsync(ctx, ev, done) }, opts...),
-		bus.HandleAsync(r, Group, func(ctx context.Context, ev *events.DocumentProcessed, done func(error)) { p.ApplyAsync(ctx, ev, done) }, opts...),
-		bus.HandleAsync(r, Group, func(ctx context.Context, ev *events.DocumentProcessingFailed, done func(error)) {
-			p.ApplyAsync(ctx, ev, done)
-		}, opts...),
-		bus.HandleAsync(r, Group, func(ctx context.Context, ev *events.EmailRequested, done func(error)) { p.ApplyAsync(ctx, ev, done) }, opts...),
-		bus.HandleAsync(r, Group, func(ctx context.Context, ev *events.EmailScheduled, done func(error)) { p.ApplyAsync(ctx, ev, done) }, opts...),
-		bus.HandleAsync(r, Group, func(ctx context.Context, ev *events.EmailSent, done func(error)) { p.ApplyAsync(ctx, ev, done) }, opts...),
-		bus.HandleAsync(r, Group, func(ctx context.Context, ev *events.EmailFailed, done func(error)) { p.ApplyAsync(ctx, ev, done) }, opts...),
+		handle[events.DocumentUploaded](r, p, opts),
+		handle[events.DocumentProcessed](r, p, opts),
+		handle[events.DocumentProcessingFailed](r, p, opts),
+		handle[events.EmailRequested](r, p, opts),
+		handle[events.EmailScheduled](r, p, opts),
+		handle[events.EmailSent](r, p, opts),
+		handle[events.EmailFailed](r, p, opts),
 	)
+}
+
+// handle registers p's handler of event type P.
+func handle[E any, P interface {
+	*E
+	events.Event
+}](r *bus.Router, p *Projector, opts []bus.HandlerOption) error {
+	return bus.HandleAsync(r, Group, func(ctx context.Context, ev P, done func(error)) { p.ApplyAsync(ctx, ev, done) }, opts...)
 }
 
 // Apply applies one event, identified by the envelope in ctx, and returns
@@ -198,9 +204,9 @@ func (p *Projector) Apply(ctx context.Context, ev events.Event) error {
 // ApplyAsync is Apply without the wait: it queues ev and calls done once
 // with what Apply would return, from the worker that applies the batch (or
 // at once, if ev cannot be queued). done should return quickly: a worker
-// answers a whole batch in turn. A call may block while the queue is full, unless
-// ctx ends. An event whose ctx has ended when a worker takes it is answered
-// with ctx's error and not applied.
+// answers a whole batch in turn. A call may block while the queue is full,
+// unless ctx ends. An event whose ctx has ended when a worker takes it is
+// answered with ctx's error and not applied.
 func (p *Projector) ApplyAsync(ctx context.Context, ev events.Event, done func(error)) {
 	env, ok := bus.EnvelopeFrom(ctx)
 	if !ok || env.ID == "" {
