@@ -103,29 +103,79 @@ type metadata interface{ Get(key string) string }
 // fallbackType is used when the publisher set no event_type (a plain
 // Watermill publisher): the stream names the type.
 func envelopeOf(id string, md metadata, fallbackType string) events.Envelope {
+	var f envelopeFields
+	if em, ok := md.(*entryMessage); ok {
+		// One pass over the pairs instead of a scan of them per key; a
+		// key given twice ends with its last value, as Get returns it.
+		for i := 0; i+1 < len(em.meta); i += 2 {
+			f.set(em.meta[i], em.meta[i+1])
+		}
+	} else {
+		for _, k := range envelopeKeys {
+			f.set(k, md.Get(k))
+		}
+	}
 	env := events.Envelope{
 		ID:            id,
-		Type:          md.Get(MetaEventType),
-		CorrelationID: md.Get(MetaCorrelationID),
-		CausationID:   md.Get(MetaCausationID),
-		Source:        md.Get(MetaSource),
-		Traceparent:   md.Get(MetaTraceparent),
-		Attempt:       attemptOf(md),
+		Type:          f.typ,
+		CorrelationID: f.correlation,
+		CausationID:   f.causation,
+		Source:        f.source,
+		Traceparent:   f.traceparent,
+		Attempt:       parseAttempt(f.attempt),
 	}
 	if env.Type == "" {
 		env.Type = fallbackType
 	}
-	if v, err := strconv.Atoi(md.Get(MetaEventVersion)); err == nil {
-		env.Version = v
+	// Missing values are left zero without a parse (whose error would
+	// be allocated).
+	if f.version != "" {
+		if v, err := strconv.Atoi(f.version); err == nil {
+			env.Version = v
+		}
 	}
-	if t, err := time.Parse(time.RFC3339Nano, md.Get(MetaOccurredAt)); err == nil {
-		env.OccurredAt = t
+	if f.occurredAt != "" {
+		if t, err := time.Parse(time.RFC3339Nano, f.occurredAt); err == nil {
+			env.OccurredAt = t
+		}
 	}
 	return env
 }
 
-func attemptOf(md metadata) int {
-	a := md.Get(MetaAttempt)
+// envelopeKeys are the metadata keys an envelope is read from.
+var envelopeKeys = [...]string{MetaEventType, MetaCorrelationID, MetaCausationID, MetaSource,
+	MetaTraceparent, MetaAttempt, MetaEventVersion, MetaOccurredAt}
+
+// envelopeFields are the metadata values of an envelope, unparsed.
+type envelopeFields struct {
+	typ, correlation, causation, source, traceparent, attempt, version, occurredAt string
+}
+
+func (f *envelopeFields) set(key, value string) {
+	switch key {
+	case MetaEventType:
+		f.typ = value
+	case MetaCorrelationID:
+		f.correlation = value
+	case MetaCausationID:
+		f.causation = value
+	case MetaSource:
+		f.source = value
+	case MetaTraceparent:
+		f.traceparent = value
+	case MetaAttempt:
+		f.attempt = value
+	case MetaEventVersion:
+		f.version = value
+	case MetaOccurredAt:
+		f.occurredAt = value
+	}
+}
+
+func attemptOf(md metadata) int { return parseAttempt(md.Get(MetaAttempt)) }
+
+// parseAttempt reads an attempt number: 1 when it is missing or not one.
+func parseAttempt(a string) int {
 	if a == "" {
 		return 1 // the common case; Atoi("") would allocate an error
 	}

@@ -42,3 +42,45 @@ func TestHandlerContext(t *testing.T) {
 		}
 	}
 }
+
+// envelopeOf reads the same envelope from an entry's metadata pairs and
+// from a message's metadata map: every field, a key given twice as its
+// last value (as Get does), and defaults for what is missing or malformed.
+func TestEnvelopeOfPairsAndMap(t *testing.T) {
+	at := time.Date(2026, 12, 6, 15, 4, 5, 123456789, time.UTC)
+	full := []string{
+		MetaEventType, "email.requested", MetaEventVersion, "1", MetaOccurredAt, at.Format(time.RFC3339Nano),
+		MetaCorrelationID, "corr", MetaCausationID, "cause", MetaSource, "api",
+		MetaTraceparent, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", MetaAttempt, "1",
+		"unrelated", "x", MetaAttempt, "3", // the last of a key given twice
+	}
+	tests := []struct {
+		name string
+		meta []string
+		want events.Envelope
+	}{
+		{"every field", full, events.Envelope{ID: "id-1", Type: "email.requested", Version: 1, OccurredAt: at,
+			CorrelationID: "corr", CausationID: "cause", Source: "api",
+			Traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", Attempt: 3}},
+		{"nothing set", nil, events.Envelope{ID: "id-1", Type: "fallback.type", Attempt: 1}},
+		{"malformed", []string{MetaEventVersion, "one", MetaOccurredAt, "yesterday", MetaAttempt, "-2"},
+			events.Envelope{ID: "id-1", Type: "fallback.type", Attempt: 1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			em := &entryMessage{uuid: "id-1", meta: tt.meta}
+			fromPairs := envelopeOf("id-1", em, "fallback.type")
+			fromMap := envelopeOf("id-1", em.message(true).Metadata, "fallback.type")
+			for _, got := range []events.Envelope{fromPairs, fromMap} {
+				want := tt.want
+				if !got.OccurredAt.Equal(want.OccurredAt) {
+					t.Fatalf("OccurredAt = %v, want %v", got.OccurredAt, want.OccurredAt)
+				}
+				got.OccurredAt, want.OccurredAt = time.Time{}, time.Time{}
+				if got != want {
+					t.Fatalf("envelope = %+v, want %+v", got, want)
+				}
+			}
+		})
+	}
+}

@@ -265,16 +265,25 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 		}
 		return t
 	}
-	// decode checks a delivery's type and decodes its payload.
+	version := P(new(E)).EventVersion()
+	// decode checks a delivery's type and version and decodes its
+	// payload into a P. An entry without a version (from a plain
+	// Watermill publisher) is read as P's.
 	decode := func(env events.Envelope, payload []byte) (P, error) {
 		if env.Type != typ {
 			return nil, Permanent(fmt.Errorf("event type %q arrived on the stream of %q", env.Type, typ))
 		}
-		ev, err := events.Decode(env.Type, env.Version, payload)
-		if err != nil {
+		if env.Version != 0 && env.Version != version {
+			if _, known := events.Lookup(typ, env.Version); !known {
+				return nil, Permanent(fmt.Errorf("decode %s: %w: %q version %d", typ, events.ErrUnknownType, typ, env.Version))
+			}
+			return nil, Permanent(fmt.Errorf("decode %s: version %d arrived at a handler of version %d", typ, env.Version, version))
+		}
+		ev := P(new(E))
+		if err := events.DecodeInto(ev, payload); err != nil {
 			return nil, Permanent(fmt.Errorf("decode %s: %w", typ, err))
 		}
-		return ev.(P), nil
+		return ev, nil
 	}
 	// The delivery's context is cancelled when the handler times out
 	// (HandlerTimeout, enforced with the heartbeats) or at hard stop.

@@ -2,6 +2,7 @@ package bus_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"strings"
 	"sync"
@@ -154,6 +155,68 @@ func TestTypedHandler(t *testing.T) {
 		t.Fatalf("follow-up metadata = %v", follow.Metadata)
 	}
 	stop()
+}
+
+// A typed handler takes entries of its own version of the event and those
+// without a version (a plain Watermill publisher's), which it reads as its
+// own; an entry of a version it does not handle is dead-lettered, and the
+// handler never runs for it.
+func TestTypedHandlerVersions(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	r := newRouter(t, f, 5*time.Second)
+	pub := routerPublisher(t, f)
+	got := make(chan *events.EmailRequested, 10)
+	if err := bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailRequested) error {
+		got <- ev
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	stop := runRouter(t, r)
+	defer stop()
+
+	entry := func(version string) (*message.Message, *events.EmailRequested) {
+		ev := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now().UTC()}
+		payload, err := json.Marshal(ev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		msg := message.NewMessage(watermill.NewUUID(), payload)
+		msg.Metadata.Set(bus.MetaEventType, events.TypeEmailRequested)
+		if version != "" {
+			msg.Metadata.Set(bus.MetaEventVersion, version)
+		}
+		return msg, ev
+	}
+	stream := f.topic + ":" + events.TypeEmailRequested
+	future, _ := entry("99")
+	if err := pub.Publish(stream, future); err != nil {
+		t.Fatal(err)
+	}
+	plain, want := entry("")
+	if err := pub.Publish(stream, plain); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-got:
+		if ev.EmailID != want.EmailID || !ev.RequestedAt.Equal(want.RequestedAt) {
+			t.Fatalf("handled %+v, want the entry without a version, %+v", ev, want)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the entry without a version was not handled")
+	}
+	dl := bus.NewDeadLetters(f.rdb)
+	eventually(t, "the entry of version 99 dead-lettered", func() bool { n, _ := dl.Count(t.Context(), f.group); return n == 1 })
+	list, _ := dl.List(t.Context(), f.group, "", 1)
+	if list[0].EventID != future.UUID || list[0].Attempts != 1 || !strings.Contains(list[0].Error, "unknown event type") {
+		t.Fatalf("dead letter = %+v, want %s after one attempt, as an unknown event type", list[0], future.UUID)
+	}
+	select {
+	case ev := <-got:
+		t.Fatalf("handler ran again, for %+v", ev)
+	default:
+	}
 }
 
 // A handler that runs past HandlerTimeout has its context cancelled; its

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"reflect"
 	"sort"
 	"strings"
 	"time"
@@ -59,7 +60,11 @@ type specKey struct {
 	version int
 }
 
-var registry = map[specKey]Spec{}
+var (
+	registry = map[specKey]Spec{}
+	// latest is the highest registered version of each type.
+	latest = map[string]int{}
+)
 
 func register(s Spec) {
 	k := specKey{s.Type, s.Version}
@@ -67,6 +72,7 @@ func register(s Spec) {
 		panic("events: duplicate registration of " + s.Type)
 	}
 	registry[k] = s
+	latest[s.Type] = max(latest[s.Type], s.Version)
 }
 
 func init() {
@@ -100,15 +106,7 @@ func Types() []string {
 }
 
 // LatestVersion returns the highest registered version of typ, or 0.
-func LatestVersion(typ string) int {
-	v := 0
-	for k := range registry {
-		if k.typ == typ && k.version > v {
-			v = k.version
-		}
-	}
-	return v
-}
+func LatestVersion(typ string) int { return latest[typ] }
 
 // Decode parses and validates a JSON payload of the given type and version.
 // A version of 0 means the latest. Errors are ErrUnknownType, a JSON syntax
@@ -122,20 +120,32 @@ func Decode(typ string, version int, payload []byte) (Event, error) {
 		return nil, fmt.Errorf("%w: %q version %d", ErrUnknownType, typ, version)
 	}
 	ev := spec.New()
+	if err := DecodeInto(ev, payload); err != nil {
+		return nil, err
+	}
+	return ev, nil
+}
+
+// DecodeInto parses payload into ev, a pointer to a zero event struct of
+// the payload's type and version, and validates it: Decode without the
+// lookup, for a consumer that knows which struct it wants (the bus's
+// typed handlers). Errors are those of Decode but ErrUnknownType.
+func DecodeInto(ev Event, payload []byte) error {
 	// goccy/go-json decodes about four times faster than encoding/json,
 	// and decoding is on the path of every delivery. Its errors differ,
 	// so a failure is decoded again by encoding/json to name the field
 	// the same way every time; failures are rare.
 	if err := fastjson.Unmarshal(payload, ev); err != nil {
-		if err = json.Unmarshal(payload, spec.New()); err == nil {
+		t := reflect.TypeOf(ev)
+		if t.Kind() != reflect.Pointer {
+			return fmt.Errorf("events: decode into %T, not a pointer", ev)
+		}
+		if err = json.Unmarshal(payload, reflect.New(t.Elem()).Interface()); err == nil {
 			err = errors.New("malformed JSON")
 		}
-		return nil, &ValidationError{Fields: []FieldError{{Field: jsonErrorField(err), Message: jsonErrorMessage(err)}}}
+		return &ValidationError{Fields: []FieldError{{Field: jsonErrorField(err), Message: jsonErrorMessage(err)}}}
 	}
-	if err := ev.Validate(); err != nil {
-		return nil, err
-	}
-	return ev, nil
+	return ev.Validate()
 }
 
 func jsonErrorField(err error) string {
