@@ -63,7 +63,7 @@ func TestEnvelopeOfPairsAndMap(t *testing.T) {
 			CorrelationID: "corr", CausationID: "cause", Source: "api",
 			Traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", Attempt: 3}},
 		{"nothing set", nil, events.Envelope{ID: "id-1", Type: "fallback.type", Attempt: 1}},
-		{"malformed", []string{MetaEventVersion, "one", MetaOccurredAt, "yesterday", MetaAttempt, "-2"},
+		{"malformed", []string{MetaEventType, "", MetaEventVersion, "one", MetaOccurredAt, "yesterday", MetaAttempt, "-2"},
 			events.Envelope{ID: "id-1", Type: "fallback.type", Attempt: 1}},
 	}
 	for _, tt := range tests {

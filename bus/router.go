@@ -200,6 +200,10 @@ type eventPtr[E any] interface {
 // h receives a decoded, validated event and a context carrying its envelope
 // (EnvelopeFrom). It returns nil (ack), an error (retry with backoff), or
 // Permanent(err) (dead-letter now). It never sees Redis or Watermill.
+//
+// P's type and version must be registered in package events. An entry of
+// another version of the type is dead-lettered; an entry without a version
+// (from a plain Watermill publisher) is read as P's.
 func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Context, ev P) error, opts ...HandlerOption) error {
 	return register[E, P](r, group, h, nil, opts)
 }
@@ -235,11 +239,14 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 	for _, opt := range opts {
 		opt(&o)
 	}
+	typ, version := P(new(E)).EventType(), P(new(E)).EventVersion()
+	if _, ok := events.Lookup(typ, version); !ok {
+		return fmt.Errorf("bus: handler of %q version %d: %w", typ, version, events.ErrUnknownType)
+	}
 	g, err := r.group(group, o)
 	if err != nil {
 		return err
 	}
-	typ := P(new(E)).EventType()
 	log := r.cfg.Logger.With("consumer_group", group, "event_type", typ)
 	var observe prometheus.Observer
 	var observeErr prometheus.Observer
@@ -265,10 +272,8 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 		}
 		return t
 	}
-	version := P(new(E)).EventVersion()
-	// decode checks a delivery's type and version and decodes its
-	// payload into a P. An entry without a version (from a plain
-	// Watermill publisher) is read as P's.
+	// decode checks a delivery's type and version (see Handle) and
+	// decodes its payload into a P.
 	decode := func(env events.Envelope, payload []byte) (P, error) {
 		if env.Type != typ {
 			return nil, Permanent(fmt.Errorf("event type %q arrived on the stream of %q", env.Type, typ))
@@ -495,9 +500,9 @@ func (r *Router) Err() error {
 	return nil
 }
 
-// readOnlyBytes returns the bytes of s without copying them. They must only
-// be read: events.Decode, which takes a delivery's payload this way, only
-// reads its input (goccy/go-json copies it into a buffer of its own before
-// decoding, and the fallback is encoding/json), and it keeps no reference
-// to it. A copy took about 3% of the CPU of the router hop.
+// readOnlyBytes returns the bytes of s without copying them. They must
+// only be read: events.DecodeInto, which takes a delivery's payload this
+// way, only reads its input (goccy/go-json copies it into a buffer of its
+// own before decoding, and the fallback is encoding/json), and it keeps no
+// reference to it. A copy took about 3% of the CPU of the router hop.
 func readOnlyBytes(s string) []byte { return unsafe.Slice(unsafe.StringData(s), len(s)) }

@@ -219,6 +219,29 @@ func TestTypedHandlerVersions(t *testing.T) {
 	}
 }
 
+// unregistered is an event that package events does not know.
+type unregistered struct{}
+
+func (*unregistered) EventType() string { return "test.unregistered" }
+func (*unregistered) EventVersion() int { return 1 }
+func (*unregistered) Validate() error   { return nil }
+
+// A handler of an event type (or version) that package events does not
+// register is refused when it is registered, not at its first delivery.
+func TestHandleRefusesAnUnregisteredEvent(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	r := newRouter(t, f, time.Second)
+	err := bus.Handle(r, f.group, func(context.Context, *unregistered) error { return nil })
+	if !errors.Is(err, events.ErrUnknownType) {
+		t.Fatalf("Handle of an unregistered event: err = %v, want ErrUnknownType", err)
+	}
+	err = bus.HandleAsync(r, f.group, func(context.Context, *unregistered, func(error)) {})
+	if !errors.Is(err, events.ErrUnknownType) {
+		t.Fatalf("HandleAsync of an unregistered event: err = %v, want ErrUnknownType", err)
+	}
+}
+
 // A handler that runs past HandlerTimeout has its context cancelled; its
 // error sends the message to a retry.
 func TestHandlerTimeout(t *testing.T) {
