@@ -1,8 +1,19 @@
 package cache
 
+import "time"
+
 // ValueKey exposes the Redis key that holds key's value, for tests that
 // inspect Redis directly.
 func (c *Client) ValueKey(key string) string { return c.valueKey(key) }
 
 // VersionKey exposes the Redis key that holds key's version.
 func (c *Client) VersionKey(key string) string { return c.versionKey(key) }
+
+// VersionTTL is how long a version key outlives its last invalidation.
+const VersionTTL = versionTTL
+
+// GuardedLoad returns the longest load whose value c stores.
+func (c *Client) GuardedLoad() time.Duration { return c.guardedLoad }
+
+// SetGuardedLoad shortens it, for a test of a load that outlasts it.
+func (c *Client) SetGuardedLoad(d time.Duration) { c.guardedLoad = d }

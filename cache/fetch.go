@@ -75,11 +75,13 @@ return 1
 //     Fetch calls load only after that read;
 //   - the writer invalidates after its commit is visible to readers;
 //   - a version key is not lost while a load is running: it outlives its last
-//     invalidation by a day, far longer than any load, but an LRU eviction of
-//     a version key created by that very invalidation, or a Redis failover
-//     that loses the new version, could still let one stale value in, for at
-//     most one TTL (the TTL is the final bound on staleness, as it is when an
-//     invalidation fails outright);
+//     invalidation by 10 minutes, and the value of a load that took longer
+//     than 5 minutes (from the version read to the store) is returned but
+//     not stored, so every stored value's load was within a version's life;
+//     an LRU eviction of a version key created by that very invalidation, or
+//     a Redis failover that loses the new version, could still let one stale
+//     value in, for at most one TTL (the TTL is the final bound on
+//     staleness, as it is when an invalidation fails outright);
 //   - writers that use [Client.Set] bypass the guard.
 //
 // Callers in other processes, or callers that joined a load before an
@@ -158,6 +160,7 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 	// the same round trip (both keys share a slot), in case a flight that
 	// ended just before this one stored it.
 	var version string
+	var versionRead time.Time
 	versionKnown := false
 	if cacheUp {
 		vals, err := c.rdb.MGet(ctx, c.valueKey(key), c.versionKey(key)).Result()
@@ -169,7 +172,7 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 				return []byte(cached), nil
 			}
 			version, _ = vals[1].(string) // no version yet reads as ""
-			versionKnown = true
+			versionKnown, versionRead = true, time.Now()
 		}
 	}
 
@@ -186,6 +189,12 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 		return nil, fmt.Errorf("cache: encode %q: %w", key, err)
 	}
 	if !store {
+		return raw, nil
+	}
+	if took := time.Since(versionRead); took > c.guardedLoad {
+		// A version written by an invalidation early in the load may have
+		// expired by now: the guard cannot vouch for the value.
+		c.logger.DebugContext(ctx, "cache store skipped: the load outlasted the stale-set guard", "key", key, "took", took)
 		return raw, nil
 	}
 	keys := []string{c.valueKey(key), c.versionKey(key)}

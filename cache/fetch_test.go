@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -418,4 +419,32 @@ func (h *levelCounter) count(l slog.Level) int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return h.counts[l]
+}
+
+// A load that outlasts the stale-set guard (a version written early in it
+// may have expired by its end) has its value returned but not stored; a
+// load within the guard has it stored.
+func TestFetchLoadOutlastingTheGuard(t *testing.T) {
+	t.Parallel()
+	rdb := testenv.Redis(t)
+	c := newClient(t, cache.Config{Redis: rdb})
+	c.SetGuardedLoad(time.Second)
+	ctx := t.Context()
+	fetch := func(key string, took time.Duration) {
+		t.Helper()
+		got, err := cache.Fetch(ctx, c, key, 0, func(context.Context) (string, error) {
+			time.Sleep(took)
+			return "value of " + key, nil
+		})
+		if err != nil || got != "value of "+key {
+			t.Fatalf("Fetch(%s) = %q, %v; want its loaded value", key, got, err)
+		}
+	}
+	fetch("slow", 1500*time.Millisecond)
+	fetch("quick", 0)
+	for key, want := range map[string]int64{"slow": 0, "quick": 1} {
+		if n, err := rdb.Exists(ctx, c.ValueKey(key)).Result(); err != nil || n != want {
+			t.Errorf("value of %s stored: %d, %v; want %d", key, n, err, want)
+		}
+	}
 }
