@@ -274,4 +274,9 @@ func TestInvalidateVersionExpires(t *testing.T) {
 		t.Errorf("version key PTTL = %s, want more than the longest stored load (%s) and at most %s (at most an hour)",
 			ttl, c.GuardedLoad(), cache.VersionTTL)
 	}
+	// The margin covers the time between the check of a load's length
+	// and its store, and clocks that disagree.
+	if cache.VersionTTL < 2*c.GuardedLoad() {
+		t.Errorf("a version lives %s, less than twice the longest stored load (%s)", cache.VersionTTL, c.GuardedLoad())
+	}
 }

@@ -163,6 +163,9 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 	var versionRead time.Time
 	versionKnown := false
 	if cacheUp {
+		// The load is timed from before the read: the read's own wait
+		// (a pool, retries) counts against the guard too.
+		start := time.Now()
 		vals, err := c.rdb.MGet(ctx, c.valueKey(key), c.versionKey(key)).Result()
 		if err != nil {
 			// Without a version the store cannot be guarded, so it is skipped.
@@ -172,7 +175,7 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 				return []byte(cached), nil
 			}
 			version, _ = vals[1].(string) // no version yet reads as ""
-			versionKnown, versionRead = true, time.Now()
+			versionKnown, versionRead = true, start
 		}
 	}
 
