@@ -70,7 +70,7 @@ var Vars = []Var{
 	{"BLOB_DIR", "./data/blobs", "Directory of uploaded bytes, shared by api and handler replicas."},
 	{"SMTP_URL", "(none: emails go to OUTBOX_DIR)", "smtp://[user:pass@]host:port (STARTTLS if offered; ?tls=required|none) or smtps://host:port."},
 	{"SMTP_FROM", "Conveyor <conveyor@localhost>", "Sender address of emails."},
-	{"SMTP_TIMEOUT", "30s", "Timeout of one SMTP send, connection included."},
+	{"SMTP_TIMEOUT", "30s", "Timeout of each part of one SMTP send: connecting (with TLS and authentication), then the message."},
 	{"OUTBOX_DIR", "./data/outbox", "Where emails are written as .eml files when SMTP_URL is unset."},
 	{"CONSUMER_NAME", "hostname-N", "Consumer name of this replica in its consumer groups: unique per replica, stable across its restarts. By default the host name plus the lowest free index, leased in Redis."},
 	{"MAX_UPLOAD_BYTES", "33554432", "Largest accepted upload (32 MiB); larger uploads get 413 and nothing is kept."},

@@ -35,7 +35,9 @@ type EmailSenderConfig struct {
 	Publisher Publisher
 	// From is the sender address. Defaults to "Conveyor <conveyor@localhost>".
 	From string
-	// Timeout bounds one send. Defaults to 30s.
+	// Timeout is the deadline of the context each Mailer.Send gets (the
+	// SMTP mailer's dial honours it; SMTPConfig.Timeout bounds the rest).
+	// Defaults to 30s.
 	Timeout time.Duration
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	gomail "github.com/wneessen/go-mail"
+	"github.com/wneessen/go-mail/smtp"
 
 	"github.com/conveyor/conveyor/bus"
 )
@@ -55,7 +56,9 @@ type SMTPConfig struct {
 	// ?tls=required to insist, ?tls=none to never try) or
 	// smtps://[user:pass@]host[:port] (implicit TLS). Required.
 	URL string
-	// Timeout bounds one send, connection included. Defaults to 30s.
+	// Timeout bounds each of a send's two parts: the connection (its
+	// greeting, TLS and authentication), then the message. Defaults to
+	// 30s.
 	Timeout time.Duration
 }
 
@@ -149,11 +152,19 @@ func (s *SMTP) Send(ctx context.Context, m Mail) error {
 	if msg.IsDelivered() {
 		// Accepted; a QUIT that fails changes nothing. The connection's
 		// deadline (Timeout) bounds it.
-		go func() { _ = client.CloseWithSMTPClient(conn) }()
+		go quit(client, conn)
 		return nil
 	}
-	_ = client.CloseWithSMTPClient(conn)
+	quit(client, conn)
 	return sendError(fmt.Errorf("send failed: %w", err))
+}
+
+// quit ends an SMTP session, and closes its connection if the QUIT failed
+// (go-mail then leaves it open).
+func quit(client *gomail.Client, conn *smtp.Client) {
+	if err := client.CloseWithSMTPClient(conn); err != nil {
+		_ = conn.Close()
+	}
 }
 
 // sendError wraps an error of an SMTP conversation that did not deliver the
