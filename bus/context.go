@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ThreeDotsLabs/watermill/message"
 	segjson "github.com/segmentio/encoding/json"
 
 	"github.com/conveyor/conveyor/events"
@@ -95,26 +96,36 @@ func Attempt(ctx context.Context) int {
 	return 0
 }
 
-// metadata is what envelopeOf reads: message.Metadata, or an
-// *entryMessage of the Router.
-type metadata interface{ Get(key string) string }
-
-// envelopeOf reads the envelope out of a message's id and metadata.
-// fallbackType is used when the publisher set no event_type (a plain
-// Watermill publisher): the stream names the type.
-func envelopeOf(id string, md metadata, fallbackType string) events.Envelope {
+// entryEnvelope reads the envelope of a Router delivery out of its entry,
+// in one pass over the metadata pairs: a key given twice ends with its
+// last value, as entryMessage.Get returns it. fallbackType is used when
+// the publisher set no event_type (a plain Watermill publisher): the
+// stream names the type.
+func entryEnvelope(em *entryMessage, fallbackType string) events.Envelope {
 	var f envelopeFields
-	if em, ok := md.(*entryMessage); ok {
-		// One pass over the pairs instead of a scan of them per key; a
-		// key given twice ends with its last value, as Get returns it.
-		for i := 0; i+1 < len(em.meta); i += 2 {
-			f.set(em.meta[i], em.meta[i+1])
-		}
-	} else {
-		for _, k := range envelopeKeys {
-			f.set(k, md.Get(k))
-		}
+	for i := 0; i+1 < len(em.meta); i += 2 {
+		f.set(em.meta[i], em.meta[i+1])
 	}
+	return f.envelope(em.uuid, fallbackType)
+}
+
+// messageEnvelope reads it out of a Watermill message, as a middleware
+// passes it on.
+func messageEnvelope(msg *message.Message, fallbackType string) events.Envelope {
+	var f envelopeFields
+	for k, v := range msg.Metadata {
+		f.set(k, v)
+	}
+	return f.envelope(msg.UUID, fallbackType)
+}
+
+// envelopeFields are the metadata values of an envelope, unparsed.
+type envelopeFields struct {
+	typ, correlation, causation, source, traceparent, attempt, version, occurredAt string
+}
+
+// envelope parses the fields into the envelope of the message id.
+func (f *envelopeFields) envelope(id, fallbackType string) events.Envelope {
 	env := events.Envelope{
 		ID:            id,
 		Type:          f.typ,
@@ -142,15 +153,6 @@ func envelopeOf(id string, md metadata, fallbackType string) events.Envelope {
 	return env
 }
 
-// envelopeKeys are the metadata keys an envelope is read from.
-var envelopeKeys = [...]string{MetaEventType, MetaCorrelationID, MetaCausationID, MetaSource,
-	MetaTraceparent, MetaAttempt, MetaEventVersion, MetaOccurredAt}
-
-// envelopeFields are the metadata values of an envelope, unparsed.
-type envelopeFields struct {
-	typ, correlation, causation, source, traceparent, attempt, version, occurredAt string
-}
-
 func (f *envelopeFields) set(key, value string) {
 	switch key {
 	case MetaEventType:
@@ -172,7 +174,7 @@ func (f *envelopeFields) set(key, value string) {
 	}
 }
 
-func attemptOf(md metadata) int { return parseAttempt(md.Get(MetaAttempt)) }
+func attemptOf(em *entryMessage) int { return parseAttempt(em.Get(MetaAttempt)) }
 
 // parseAttempt reads an attempt number: 1 when it is missing or not one.
 func parseAttempt(a string) int {

@@ -43,7 +43,7 @@ func TestHandlerContext(t *testing.T) {
 	}
 }
 
-// envelopeOf reads the same envelope from an entry's metadata pairs and
+// entryEnvelope and messageEnvelope read the same envelope from an entry's metadata pairs and
 // from a message's metadata map: every field, a key given twice as its
 // last value (as Get does), and defaults for what is missing or malformed.
 func TestEnvelopeOfPairsAndMap(t *testing.T) {
@@ -69,8 +69,8 @@ func TestEnvelopeOfPairsAndMap(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			em := &entryMessage{uuid: "id-1", meta: tt.meta}
-			fromPairs := envelopeOf("id-1", em, "fallback.type")
-			fromMap := envelopeOf("id-1", em.message(true).Metadata, "fallback.type")
+			fromPairs := entryEnvelope(em, "fallback.type")
+			fromMap := messageEnvelope(em.message(true), "fallback.type")
 			for _, got := range []events.Envelope{fromPairs, fromMap} {
 				want := tt.want
 				if !got.OccurredAt.Equal(want.OccurredAt) {

@@ -180,15 +180,8 @@ func TestHandleAsyncWithMiddleware(t *testing.T) {
 			return out, err
 		}
 	}
-	r, err := bus.NewRouter(bus.RouterConfig{
-		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", DrainTimeout: 5 * time.Second, Logger: testLogger(),
-		Retry:       bus.RetryPolicy{MaxAttempts: 3, MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
-		Middlewares: []message.HandlerMiddleware{mw},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = bus.HandleAsync(r, f.group, func(ctx context.Context, ev *events.EmailSent, done func(error)) {
+	r := newMiddlewareRouter(t, f, mw)
+	err := bus.HandleAsync(r, f.group, func(ctx context.Context, ev *events.EmailSent, done func(error)) {
 		go func() {
 			time.Sleep(20 * time.Millisecond)
 			if bus.Attempt(ctx) == 1 {

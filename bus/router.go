@@ -239,7 +239,8 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 	for _, opt := range opts {
 		opt(&o)
 	}
-	typ, version := P(new(E)).EventType(), P(new(E)).EventVersion()
+	proto := P(new(E))
+	typ, version := proto.EventType(), proto.EventVersion()
 	if _, ok := events.Lookup(typ, version); !ok {
 		return fmt.Errorf("bus: handler of %q version %d: %w", typ, version, events.ErrUnknownType)
 	}
@@ -335,7 +336,7 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 	case len(r.cfg.Middlewares) > 0:
 		// A middleware sees the Watermill message.
 		hf := func(msg *message.Message) ([]*message.Message, error) {
-			return nil, run(msg.Context(), envelopeOf(msg.UUID, msg.Metadata, typ), msg.Payload)
+			return nil, run(msg.Context(), messageEnvelope(msg, typ), msg.Payload)
 		}
 		for i := len(r.cfg.Middlewares) - 1; i >= 0; i-- {
 			hf = r.cfg.Middlewares[i](hf)
@@ -348,7 +349,7 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 		// Without middleware, no Watermill message is made: the envelope
 		// is read from the entry's metadata pairs.
 		rt.start = func(d *delivery) {
-			f := &asyncDone{d: d, env: envelopeOf(d.em.uuid, &d.em, typ), start: now(), report: report}
+			f := &asyncDone{d: d, env: entryEnvelope(&d.em, typ), start: now(), report: report}
 			defer func() {
 				if p := recover(); p != nil {
 					log.Error("handler panicked", "event_id", f.env.ID, "panic", p, "stack", string(debug.Stack()))
@@ -364,7 +365,7 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 		}
 	default:
 		rt.call = func(d *delivery) error {
-			return run(d.ctx, envelopeOf(d.em.uuid, &d.em, typ), readOnlyBytes(d.em.payload))
+			return run(d.ctx, entryEnvelope(&d.em, typ), readOnlyBytes(d.em.payload))
 		}
 	}
 	r.mu.Lock()

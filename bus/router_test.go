@@ -31,6 +31,21 @@ func newRouter(t *testing.T, f *fixture, drain time.Duration) *bus.Router {
 }
 
 // routerPublisher publishes to the streams of newRouter's routers.
+// newMiddlewareRouter returns a Router with the middleware mw and quick
+// retries (3 attempts).
+func newMiddlewareRouter(t *testing.T, f *fixture, mw message.HandlerMiddleware) *bus.Router {
+	t.Helper()
+	r, err := bus.NewRouter(bus.RouterConfig{
+		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", DrainTimeout: 5 * time.Second, Logger: testLogger(),
+		Retry:       bus.RetryPolicy{MaxAttempts: 3, MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
+		Middlewares: []message.HandlerMiddleware{mw},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
 func routerPublisher(t *testing.T, f *fixture) *bus.Publisher {
 	t.Helper()
 	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: f.rdb, StreamPrefix: f.topic + ":"})
@@ -493,17 +508,10 @@ func TestRouterMiddleware(t *testing.T) {
 			return h(msg)
 		}
 	}
-	r, err := bus.NewRouter(bus.RouterConfig{
-		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", DrainTimeout: 5 * time.Second, Logger: testLogger(),
-		Retry:       bus.RetryPolicy{MaxAttempts: 3, MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond},
-		Middlewares: []message.HandlerMiddleware{mw},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := newMiddlewareRouter(t, f, mw)
 	pub := routerPublisher(t, f)
 	envs := make(chan events.Envelope, 10)
-	err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailRequested) error {
+	err := bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailRequested) error {
 		if ctx.Value(key{}) != "from middleware" {
 			t.Error("the middleware's context did not reach the handler")
 		}
