@@ -341,6 +341,7 @@ func runE2E(ctx context.Context, b *bench) error {
 		}
 		t0 := time.Now()
 		cpu0 := b.cpuSnapshot(0)
+		cmds0 := commandStats(ctx, b.env.rdb)
 		done0 := p.tracker.completed.Load()
 		// The rate of each tenth of the window, from the tracker: a
 		// rate that falls as the tables grow shows here.
@@ -356,11 +357,15 @@ func runE2E(ctx context.Context, b *bench) error {
 		}
 		t1 := time.Now()
 		use := cpuBetween(cpu0, b.cpuSnapshot(0))
+		cmds1 := commandStats(ctx, b.env.rdb)
 		c1, err := countSent(ctx, b)
 		if err != nil {
 			return err
 		}
 		w = window{n: c1 - c0, elapsed: t1.Sub(t0), cpu: use}
+		if s := perUnitByCommand(cmds0, cmds1, w.n, "event"); s != "" {
+			b.note("e2e: %s.", s)
+		}
 		b.note("e2e: the tracker of applied events saw %s completions in the same window (the table counts inbox rows of email.sent).",
 			formatNum(float64(p.tracker.completed.Load()-done0)))
 		b.note("e2e: completions per second in each tenth of the window, in order: %s.", strings.Join(tenths, ", "))
