@@ -17,6 +17,7 @@ import (
 	"strings"
 	"time"
 	"unicode"
+	"unicode/utf8"
 
 	"github.com/conveyor/conveyor/blob"
 	"github.com/conveyor/conveyor/cache"
@@ -261,17 +262,16 @@ func cleanFilename(name string) string {
 	if name == "." || name == "/" {
 		name = ""
 	}
-	for len(name) > events.MaxFilenameBytes {
-		_, size := lastRune(name)
-		name = name[:len(name)-size]
+	if len(name) > events.MaxFilenameBytes {
+		// Cut at the start of the rune that crosses the limit. (The
+		// name's runes are whole: strings.Map wrote them.)
+		end := events.MaxFilenameBytes
+		for end > 0 && !utf8.RuneStart(name[end]) {
+			end--
+		}
+		name = name[:end]
 	}
 	return name
-}
-
-func lastRune(s string) (rune, int) {
-	r := []rune(s)
-	last := r[len(r)-1]
-	return last, len(string(last))
 }
 
 func (a *API) getDocument(w http.ResponseWriter, r *http.Request) {
@@ -325,7 +325,11 @@ func (a *API) respondRead(w http.ResponseWriter, r *http.Request, err error, vie
 	case errors.Is(err, store.ErrNotFound):
 		raw, ok, aerr := a.cfg.Idem.Get(r.Context(), acceptedKey)
 		if aerr != nil {
-			a.log.Warn("read accepted marker", "error", aerr)
+			// Not knowing whether the api accepted it, the answer
+			// cannot be 404: an accepted id is never "not found".
+			a.log.Error("read accepted marker", "error", aerr)
+			writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot read right now; retry later")
+			return
 		}
 		if ok {
 			w.Header().Set("Content-Type", "application/json")

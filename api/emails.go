@@ -222,7 +222,7 @@ func (a *API) readJSONBody(w http.ResponseWriter, r *http.Request) ([]byte, bool
 func decodeStrict(body []byte, v any) (int, any, bool) {
 	fast := fastjson.NewDecoder(bytes.NewReader(body))
 	fast.DisallowUnknownFields()
-	if err := fast.Decode(v); err == nil && !fast.More() {
+	if err := fast.Decode(v); err == nil && onlySpaceAfter(body, fast.InputOffset()) {
 		return 0, nil, true
 	}
 	reflect.ValueOf(v).Elem().SetZero()
@@ -252,11 +252,21 @@ func decodeStrict(body []byte, v any) (int, any, bool) {
 			return st, resp, false
 		}
 	}
-	if dec.More() {
+	if !onlySpaceAfter(body, dec.InputOffset()) {
 		st, resp := errResp(http.StatusBadRequest, "malformed_json", "the body must hold one JSON object")
 		return st, resp, false
 	}
 	return 0, nil, true
+}
+
+// onlySpaceAfter reports whether body holds nothing but JSON white space
+// from offset on. A decoder's More does not do: it reports false before a
+// stray '}' or ']'.
+func onlySpaceAfter(body []byte, offset int64) bool {
+	if offset < 0 || offset > int64(len(body)) {
+		return false
+	}
+	return len(bytes.TrimLeft(body[offset:], " \t\r\n")) == 0
 }
 
 // locationOf derives the Location header of an accepted resource.

@@ -239,6 +239,17 @@ func TestGetDocument_databaseDown(t *testing.T) {
 	wantError(t, e.get(t, "/v1/emails/"+events.NewID()), http.StatusServiceUnavailable, "unavailable")
 }
 
+// TestGetNotProjected_markerUnreadable: an id the database does not have
+// yet may be one the api accepted a moment ago; if the marker that says so
+// cannot be read, the answer is 503, not 404 (an accepted id is never "not
+// found").
+func TestGetNotProjected_markerUnreadable(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, withIdemRedis(closedRedis(t)))
+	wantError(t, e.get(t, "/v1/documents/"+events.NewID()), http.StatusServiceUnavailable, "unavailable")
+	wantError(t, e.get(t, "/v1/emails/"+events.NewID()), http.StatusServiceUnavailable, "unavailable")
+}
+
 // TestReadsCacheOnlyRows: a read that finds no row (a 404, or the view of
 // an accepted request not yet projected) caches nothing, so the row is
 // served as soon as it is committed, with no invalidation. The projector
