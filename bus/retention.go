@@ -125,17 +125,23 @@ func (r *Retention) trim(ctx context.Context, stream string) (int64, error) {
 		// Nobody has declared interest yet: keep everything.
 		return 0, nil
 	}
+	// low is the oldest entry some group still needs: its oldest pending
+	// entry, or else the first one after what it was last given.
 	var low string
 	for _, g := range groups {
-		var mark string
+		mark := nextID(g.LastDeliveredID)
 		if g.Pending > 0 {
 			p, err := rdb.XPending(ctx, stream, g.Name).Result()
 			if err != nil {
 				return 0, fmt.Errorf("pending of %s/%s: %w", stream, g.Name, err)
 			}
-			mark = p.Lower
-		} else {
-			mark = nextID(g.LastDeliveredID)
+			// The group may have acknowledged everything since XINFO
+			// GROUPS: then there is no oldest pending entry, and what it
+			// was last given as of XINFO is still a bound (what it was
+			// given since comes after).
+			if p.Count > 0 && p.Lower != "" {
+				mark = p.Lower
+			}
 		}
 		if low == "" || lessID(mark, low) {
 			low = mark

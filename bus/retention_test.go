@@ -1,6 +1,10 @@
 package bus_test
 
 import (
+	"context"
+	"errors"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -8,6 +12,94 @@ import (
 
 	"github.com/conveyor/conveyor/bus"
 )
+
+// drainBeforeXPending acknowledges every pending entry of group right
+// before the retention pass asks XPENDING of it: a busy group that drains
+// between the pass's XINFO GROUPS and its XPENDING.
+type drainBeforeXPending struct {
+	rdb           *redis.Client
+	stream, group string
+	fired         atomic.Bool
+	err           error
+}
+
+func (h *drainBeforeXPending) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *drainBeforeXPending) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+func (h *drainBeforeXPending) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		a := cmd.Args()
+		if strings.EqualFold(cmd.Name(), "xpending") && len(a) == 3 && a[2] == h.group && h.fired.CompareAndSwap(false, true) {
+			p, err := h.rdb.XPendingExt(ctx, &redis.XPendingExtArgs{Stream: h.stream, Group: h.group, Start: "-", End: "+", Count: 10_000}).Result()
+			for _, e := range p {
+				err = errors.Join(err, h.rdb.XAck(ctx, h.stream, h.group, e.ID).Err())
+			}
+			h.err = err
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// readAsGroup reads up to n new entries of the fixture's topic for group.
+func readAsGroup(t *testing.T, f *fixture, group string, n int64) []redis.XMessage {
+	t.Helper()
+	xs, err := f.rdb.XReadGroup(t.Context(), &redis.XReadGroupArgs{Group: group, Consumer: "c", Streams: []string{f.topic, ">"}, Count: n}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return xs[0].Messages
+}
+
+// A group that acknowledges all it holds between the pass's look at the
+// groups and its look at that group's pending entries has no oldest
+// pending entry; the pass must still keep what the other groups need.
+// (It used to take that as no limit at all, and the next group's mark as
+// the only one: the stream was trimmed to nothing.)
+func TestRetentionGroupDrainingDuringThePass(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	slow, draining, done := f.group+"-a", f.group+"-b", f.group+"-c"
+	topo := map[string][]string{slow: {f.topic}, draining: {f.topic}, done: {f.topic}}
+	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
+		t.Fatal(err)
+	}
+	f.publish(3000)
+	read := func(group string, n int64) []redis.XMessage { return readAsGroup(t, f, group, n) }
+	slowMsgs := read(slow, 100) // 100 pending, 2900 unread
+	read(draining, 10)          // 10 pending, acknowledged during the pass
+	for _, m := range read(done, 3000) {
+		if err := f.rdb.XAck(ctx, f.topic, done, m.ID).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The pass's own client, with the hook; the fixture's client drains.
+	opt := *f.rdb.Options()
+	passClient := redis.NewClient(&opt)
+	t.Cleanup(func() { _ = passClient.Close() })
+	hook := &drainBeforeXPending{rdb: f.rdb, stream: f.topic, group: draining}
+	passClient.AddHook(hook)
+	ret, err := bus.NewRetention(bus.RetentionConfig{Client: passClient, Topology: topo, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ret.Pass(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !hook.fired.Load() || hook.err != nil {
+		t.Fatalf("the group did not drain during the pass (fired %v, %v)", hook.fired.Load(), hook.err)
+	}
+	if n, err := f.rdb.XLen(ctx, f.topic).Result(); err != nil || n != 3000 {
+		// Only what every group is past may go: the slow group holds
+		// the very first entry.
+		t.Fatalf("stream holds %d entries (%v); the slow group still needs all 3000", n, err)
+	}
+	kept, err := f.rdb.XRange(ctx, f.topic, slowMsgs[0].ID, slowMsgs[0].ID).Result()
+	if err != nil || len(kept) != 1 {
+		t.Fatalf("the slow group's first pending entry %s was trimmed (%v)", slowMsgs[0].ID, err)
+	}
+}
 
 // Entries are trimmed only once every group is past them: a slow group
 // keeps what it has not read or not acknowledged.
@@ -21,13 +113,7 @@ func TestRetentionTrimsOnlyWhatEveryGroupAcknowledged(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.publish(3000)
-	read := func(group string, n int64) []redis.XMessage {
-		xs, err := f.rdb.XReadGroup(ctx, &redis.XReadGroupArgs{Group: group, Consumer: "c", Streams: []string{f.topic, ">"}, Count: n}).Result()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return xs[0].Messages
-	}
+	read := func(group string, n int64) []redis.XMessage { return readAsGroup(t, f, group, n) }
 	ack := func(group string, msgs []redis.XMessage) {
 		for _, m := range msgs {
 			if err := f.rdb.XAck(ctx, f.topic, group, m.ID).Err(); err != nil {
