@@ -1451,19 +1451,27 @@ func (sub *subscription) writeDeadLetter(ctx context.Context, stream, id string,
 		dlqAttempts, strconv.Itoa(attempts),
 		dlqLastFailedAt, now,
 	)
-	pipe := s.cfg.Client.Pipeline()
-	pipe.XAdd(ctx, &redis.XAddArgs{
+	// The entry is acknowledged only once its dead letter is written: in
+	// one pipeline, an XACK runs even when the XADD before it is refused
+	// (out of memory under maxmemory, a key of another type), and the
+	// entry would be in neither place. A crash between the two leaves it
+	// in both: it comes back, and is dead-lettered again.
+	err := s.cfg.Client.XAdd(ctx, &redis.XAddArgs{
 		Stream: DeadLetterStream(s.cfg.ConsumerGroup),
 		MaxLen: s.cfg.DeadLetterMaxLen,
 		Approx: true,
 		Values: fields,
-	})
+	}).Err()
+	if err != nil {
+		return fmt.Errorf("dead-letter %s/%s: %w", stream, id, err)
+	}
+	pipe := s.cfg.Client.Pipeline()
 	pipe.XAck(ctx, stream, s.cfg.ConsumerGroup, id)
 	if stream == sub.retry {
 		pipe.XDel(ctx, stream, id)
 	}
 	if _, err := pipe.Exec(ctx); err != nil {
-		return fmt.Errorf("dead-letter %s/%s: %w", stream, id, err)
+		return fmt.Errorf("dead-letter %s/%s: written, but not acknowledged: %w", stream, id, err)
 	}
 	s.log.Error("message dead-lettered", "stream", origin, "entry_id", id, "attempts", attempts, "error", reason)
 	return nil

@@ -262,6 +262,35 @@ func TestUndecodableEntriesAreDeadLetteredAndDoNotStall(t *testing.T) {
 	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
 }
 
+// An entry is acknowledged only once its dead letter is written: when the
+// dead-letter stream refuses the write (here a key of another type; out of
+// memory under maxmemory is the common case), the entry stays pending, for
+// the claim loop to bring back, and the entries after it still flow.
+func TestDeadLetterRefusedKeepsTheEntryPending(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	if err := f.rdb.Set(ctx, bus.DeadLetterStream(f.group), "not a stream", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	ch := f.subscribe(f.subscriber("c1", nil))
+	bad, err := f.rdb.XAdd(ctx, &redis.XAddArgs{Stream: f.topic, Values: map[string]any{"foo": "bar"}}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.publish(1)
+	// Entries are handed out in order: once the next one arrives, the
+	// dead letter of the undecodable one was tried.
+	receive(t, ch).Ack()
+	p, err := f.rdb.XPendingExt(ctx, &redis.XPendingExtArgs{Stream: f.topic, Group: f.group, Start: bad, End: bad, Count: 1}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(p) != 1 {
+		t.Fatalf("undecodable entry %s is not pending although its dead letter was refused", bad)
+	}
+}
+
 // Entries a crashed consumer held are claimed by a live one after
 // ClaimMinIdle, not after minutes.
 func TestEntriesOfADeadConsumerAreClaimed(t *testing.T) {
