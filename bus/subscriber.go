@@ -66,7 +66,9 @@ type SubscriberConfig struct {
 	ClaimInterval time.Duration
 	// HeartbeatInterval is how often entries still being worked on are
 	// re-claimed by their own consumer to reset their idle time. Defaults
-	// to ClaimMinIdle/3.
+	// to ClaimMinIdle/3. The heartbeat looks every HeartbeatInterval/2 for
+	// entries idle for HeartbeatInterval, so an entry's idle time reaches
+	// 1.5×HeartbeatInterval: that must stay under ClaimMinIdle.
 	HeartbeatInterval time.Duration
 	// Retry is the retry policy for nacked messages.
 	Retry RetryPolicy
@@ -146,8 +148,8 @@ func (c *SubscriberConfig) Validate() error {
 	if c.BlockTime < time.Millisecond {
 		errs = append(errs, errors.New("subscriber: BlockTime must be at least 1ms"))
 	}
-	if c.HeartbeatInterval >= c.ClaimMinIdle {
-		errs = append(errs, errors.New("subscriber: HeartbeatInterval must be shorter than ClaimMinIdle, or live jobs get stolen"))
+	if c.HeartbeatInterval*3/2 >= c.ClaimMinIdle {
+		errs = append(errs, errors.New("subscriber: HeartbeatInterval must be under two thirds of ClaimMinIdle (an entry's idle time reaches 1.5×HeartbeatInterval between beats), or live jobs get stolen"))
 	}
 	if c.ClaimInterval <= 0 || c.HeartbeatInterval <= 0 {
 		errs = append(errs, errors.New("subscriber: ClaimInterval and HeartbeatInterval must be positive"))

@@ -291,6 +291,27 @@ func TestDeadLetterRefusedKeepsTheEntryPending(t *testing.T) {
 	}
 }
 
+// Between two beats an entry's idle time reaches 1.5×HeartbeatInterval
+// (the heartbeat looks every HeartbeatInterval/2 for entries idle that
+// long): a HeartbeatInterval that lets it reach ClaimMinIdle is refused.
+func TestHeartbeatMustBeatTheClaim(t *testing.T) {
+	t.Parallel()
+	rdb := testenv.Redis(t)
+	for _, tt := range []struct {
+		beat time.Duration
+		ok   bool
+	}{{6 * time.Second, true}, {7 * time.Second, false}, {10 * time.Second, false}} {
+		s, err := bus.NewSubscriber(bus.SubscriberConfig{Client: rdb, ConsumerGroup: "g", Consumer: "c",
+			ClaimMinIdle: 10 * time.Second, HeartbeatInterval: tt.beat, Logger: testLogger()})
+		if err == nil {
+			_ = s.Close()
+		}
+		if (err == nil) != tt.ok || (err != nil && !strings.Contains(err.Error(), "HeartbeatInterval")) {
+			t.Errorf("HeartbeatInterval %s with ClaimMinIdle 10s: %v, want accepted %v", tt.beat, err, tt.ok)
+		}
+	}
+}
+
 // Entries a crashed consumer held are claimed by a live one after
 // ClaimMinIdle, not after minutes.
 func TestEntriesOfADeadConsumerAreClaimed(t *testing.T) {
