@@ -415,10 +415,12 @@ func lockIDs(keys []string) []int64 {
 	return ids
 }
 
-// IsDataError reports whether err is PostgreSQL refusing the data itself
-// (SQLSTATE class 22, data exception: a value out of range, a NUL byte in
-// text...). Retrying such a write cannot succeed.
+// IsDataError reports whether err is PostgreSQL refusing the data itself:
+// SQLSTATE class 22, data exception (a value out of range, a NUL byte in
+// text...), or 54000, a value too large for its index (an event id of
+// kilobytes from a foreign publisher). Retrying such a write cannot
+// succeed.
 func IsDataError(err error) bool {
 	var pe *pq.Error
-	return errors.As(err, &pe) && pe.Code.Class() == "22"
+	return errors.As(err, &pe) && (pe.Code.Class() == "22" || pe.Code == "54000")
 }

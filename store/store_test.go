@@ -2,11 +2,14 @@ package store_test
 
 import (
 	"context"
+	"crypto/sha256"
 	"database/sql"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -436,4 +439,49 @@ func TestPreparedStatementSurvivesAResultTypeChange(t *testing.T) {
 	if n := count(t, db, "SELECT count(*) FROM processed_events"); n != 1+3+5-failed+1 {
 		t.Errorf("%d inbox rows, want %d", n, 1+3+5-failed+1)
 	}
+}
+
+// Writes PostgreSQL refuses for their data, whatever the retry, are data
+// errors (the projector dead-letters such an event at once); an error of
+// the connection or the server is not.
+func TestIsDataError(t *testing.T) {
+	t.Parallel()
+	st, _ := newStore(t)
+	ctx := t.Context()
+	inbox := func(id string) error {
+		return st.WithTx(ctx, func(tx *store.Tx) error {
+			_, err := tx.LockAndInbox(ctx, []string{"k"}, []store.InboxEntry{{EventID: id, EventType: "x"}})
+			return err
+		})
+	}
+	for _, tt := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"a NUL byte in text", inbox("a\x00b"), true},
+		// Over the 2,704 bytes a btree entry may hold: PostgreSQL's
+		// "index row size exceeds maximum" (54000).
+		{"an event id too long for its index", inbox(incompressible(4000)), true},
+		{"a closed database", func() error { _ = st.Close(); return inbox("fine") }(), false},
+	} {
+		if tt.err == nil {
+			t.Errorf("%s: no error", tt.name)
+			continue
+		}
+		if got := store.IsDataError(tt.err); got != tt.want {
+			t.Errorf("%s: IsDataError(%v) = %v, want %v", tt.name, tt.err, got, tt.want)
+		}
+	}
+}
+
+// incompressible returns n hex digits that PostgreSQL cannot compress to
+// fit a btree entry.
+func incompressible(n int) string {
+	var b strings.Builder
+	for i := 0; b.Len() < n; i++ {
+		sum := sha256.Sum256([]byte(strconv.Itoa(i)))
+		b.WriteString(hex.EncodeToString(sum[:]))
+	}
+	return b.String()[:n]
 }
