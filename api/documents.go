@@ -132,12 +132,12 @@ func (a *API) upload(r *http.Request) (int, any) {
 		declared string
 		notify   string
 	)
-	// On any failure after the bytes were stored, remove them again
-	// (unless identical bytes were there before: another document uses
-	// them).
+	// On any failure after the bytes were stored, remove them again,
+	// unless identical bytes were there before (another document uses
+	// them) or an upload of the same bytes came since (it relies on them).
 	cleanup := func() {
 		if haveFile && info.Created {
-			if err := a.cfg.Blobs.Delete(context.WithoutCancel(ctx), info.Key); err != nil {
+			if _, err := a.cfg.Blobs.DeleteIfUnchanged(context.WithoutCancel(ctx), info); err != nil {
 				a.log.Error("remove bytes of a refused upload", "blob_key", info.Key, "error", err)
 			}
 		}

@@ -392,6 +392,51 @@ func TestPostDocument_refusedKeepsEarlierBytes(t *testing.T) {
 	}
 }
 
+// TestPostDocument_refusedKeepsBytesOfAConcurrentUpload: two uploads of the
+// same bytes at once. The first stores them and is refused after (its
+// notify field comes late, and is not an address); the second, accepted
+// meanwhile, found them stored. The refused upload's cleanup must leave
+// them: the accepted document needs its bytes.
+func TestPostDocument_refusedKeepsBytesOfAConcurrentUpload(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	content := []byte("the same bytes, twice at once")
+	body, ct := multipartBody(t, filePart("first.txt", content), fieldPart("notify", "not an address"))
+	// Up to the notify part's headers: the file part is complete.
+	cut := bytes.Index(body, []byte(`name="notify"`))
+	pr, pw := io.Pipe()
+	first := make(chan response, 1)
+	go func() {
+		r, err := e.send(e.request(t, http.MethodPost, "/v1/documents", pr, "Content-Type", ct))
+		if err != nil {
+			t.Error(err)
+		}
+		first <- r
+	}()
+	if _, err := pw.Write(body[:cut]); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(filepath.Join(e.blobDir, blobPath(sha256Hex(content)))); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the first upload did not store its bytes")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	id := wantAcceptedDocument(t, e.upload(t, []part{filePart("second.txt", content)}))
+	if _, err := pw.Write(body[cut:]); err != nil {
+		t.Fatal(err)
+	}
+	_ = pw.Close()
+	wantError(t, <-first, http.StatusUnprocessableEntity, "validation_failed")
+	if got := e.readBlob(t, sha256Hex(content)); !bytes.Equal(got, content) {
+		t.Fatalf("the bytes of accepted document %s are %q, want them kept", id, got)
+	}
+}
+
 // TestPostDocument_publishFails covers a Redis that cannot take the event:
 // the client gets 503 and no doc_id. The stored bytes are removed when the
 // event surely was not appended; when that cannot be known (Redis stays

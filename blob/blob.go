@@ -45,7 +45,8 @@ type Info struct {
 	Created bool
 	// LastPut is when the bytes were last stored by any Put (a Put of
 	// identical bytes refreshes it). Retention uses it to spare bytes that a
-	// new upload just claimed. Only Stat and Walk set it.
+	// new upload just claimed. Stat and Walk set it, and a Put that created
+	// the bytes (for DeleteIfUnchanged).
 	LastPut time.Time
 }
 
@@ -74,6 +75,12 @@ type Store interface {
 	// Delete removes the bytes under key. Deleting an absent key is not an
 	// error, so a retried delete succeeds.
 	Delete(ctx context.Context, key string) error
+	// DeleteIfUnchanged removes the bytes under info.Key unless a Put
+	// stored them after info.LastPut, atomically with respect to Puts: a
+	// Put of the same bytes either keeps them or stores them anew. It
+	// reports whether it removed them. The cleanup of a failed upload and
+	// retention use it: concurrent uploads of identical bytes share them.
+	DeleteIfUnchanged(ctx context.Context, info Info) (bool, error)
 }
 
 // keyLen is the length of a hex-encoded SHA-256 digest.

@@ -9,8 +9,10 @@ import (
 	"io"
 	"io/fs"
 	"math"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -159,10 +161,9 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 	// Identical bytes are already stored: skip the fsync, which is the
 	// expensive part of a large Put. The link below still settles races.
 	// Touching the file records that a new upload relies on these bytes,
-	// so retention of an older failed upload spares them.
-	if _, err := os.Lstat(final); err == nil {
-		now := time.Now()
-		_ = os.Chtimes(final, now, now)
+	// so retention, or the cleanup of a failed upload that stored them,
+	// spares them (see DeleteIfUnchanged).
+	if touch(final) {
 		return info, nil
 	}
 
@@ -181,26 +182,49 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 	if err := d.makeFanOut(sum); err != nil {
 		return Info{}, fmt.Errorf("put blob %s: %w", sum, err)
 	}
+	// The bytes' time of storing, should this Put publish them: the link
+	// keeps it, and a Put of identical bytes after it touches the file.
+	written, err := os.Stat(tmp.Name())
+	if err != nil {
+		return Info{}, fmt.Errorf("put blob %s: %w", sum, err)
+	}
 
 	// A hard link, unlike a rename, fails if the final name exists. That
 	// makes publishing a create-if-absent step that is atomic across
 	// goroutines and processes, so exactly one concurrent Put of the same
 	// bytes reports Created; a rename would silently replace the file and
-	// let every writer claim it.
-	err = os.Link(tmp.Name(), final)
-	switch {
-	case errors.Is(err, fs.ErrExist):
-		now := time.Now()
-		_ = os.Chtimes(final, now, now)
-		return info, nil
-	case err != nil:
+	// let every writer claim it. If the file another Put published is
+	// removed before it is touched (the cleanup of that Put's failed
+	// upload), this Put publishes its own.
+	for attempt := 1; ; attempt++ {
+		err = os.Link(tmp.Name(), final)
+		if !errors.Is(err, fs.ErrExist) {
+			break
+		}
+		if touch(final) {
+			return info, nil
+		}
+		if attempt == 3 {
+			break
+		}
+	}
+	if err != nil {
 		return Info{}, fmt.Errorf("put blob %s: publish: %w", sum, err)
 	}
 	// Make the new directory entry durable before the caller reports the
 	// upload as accepted.
 	syncDir(filepath.Dir(final))
-	info.Created = true
+	info.Created, info.LastPut = true, written.ModTime()
 	return info, nil
+}
+
+// touch sets the modification time of the file at path to now, recording
+// that a Put stored its bytes again, and reports whether the file is
+// there. (A touch refused for another reason counts as done: the bytes are
+// there.)
+func touch(path string) bool {
+	now := time.Now()
+	return !errors.Is(os.Chtimes(path, now, now), fs.ErrNotExist)
 }
 
 // copyHashed copies at most maxBytes from r into w and returns the hex
@@ -480,6 +504,46 @@ func (d *Dir) Delete(ctx context.Context, key string) error {
 		return fmt.Errorf("delete blob %s: %w", key, err)
 	}
 	return nil
+}
+
+// DeleteIfUnchanged removes the bytes under info.Key unless a Put stored
+// them after info.LastPut (from Stat, Walk, or the Put that created them):
+// then another upload relies on them too. It reports whether it removed
+// them; absent bytes are not an error. See Store.DeleteIfUnchanged.
+//
+// The file is renamed out of its name first, and looked at after: a Put of
+// the same bytes that touched it before the rename is seen (and the file
+// is put back); one after the rename finds no file and publishes its own
+// copy. Modification times have nanoseconds on the file systems this runs
+// on (ext4, XFS), so a touch always changes the time.
+func (d *Dir) DeleteIfUnchanged(ctx context.Context, info Info) (bool, error) {
+	if err := d.check(ctx, info.Key); err != nil {
+		return false, fmt.Errorf("delete blob: %w", err)
+	}
+	final := d.path(info.Key)
+	aside := filepath.Join(d.tmp, tempPrefix+"delete-"+info.Key+"-"+strconv.FormatUint(rand.Uint64(), 36))
+	if err := os.Rename(final, aside); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return false, nil
+		}
+		return false, fmt.Errorf("delete blob %s: %w", info.Key, err)
+	}
+	fi, err := os.Stat(aside)
+	if err == nil && fi.ModTime().Equal(info.LastPut) {
+		if err := os.Remove(aside); err != nil {
+			// Out of its name, it is as good as gone; the start-up
+			// sweep of temp files removes it.
+			return true, fmt.Errorf("delete blob %s: %w", info.Key, err)
+		}
+		return true, nil
+	}
+	// Stored again meanwhile: put it back. Should a Put have published a
+	// copy since the rename, the same bytes replace it.
+	if err := os.Rename(aside, final); err != nil {
+		return false, fmt.Errorf("delete blob %s: put back bytes stored again: %w", info.Key, err)
+	}
+	syncDir(filepath.Dir(final))
+	return false, nil
 }
 
 // check returns ctx's error, or ErrInvalidKey if key is not a content

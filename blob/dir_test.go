@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -105,8 +106,13 @@ func TestDirRoundTrip(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Put: %v", err)
 			}
-			wantInfo := Info{Key: want, SHA256: want, Size: int64(len(tt.data)), Created: true}
-			if info != wantInfo {
+			st, err := d.Stat(ctx, want)
+			if err != nil {
+				t.Fatalf("Stat: %v", err)
+			}
+			// LastPut is the stored file's time, as Stat reads it.
+			wantInfo := Info{Key: want, SHA256: want, Size: int64(len(tt.data)), Created: true, LastPut: st.LastPut}
+			if info != wantInfo || info.LastPut.IsZero() {
 				t.Fatalf("Put = %+v, want %+v", info, wantInfo)
 			}
 			if tt.data == nil && info.Key != emptySHA256 {
@@ -119,7 +125,7 @@ func TestDirRoundTrip(t *testing.T) {
 			if got := readAll(t, d, info.Key); !bytes.Equal(got, tt.data) {
 				t.Errorf("Open read %d bytes, want %d bytes as put", len(got), len(tt.data))
 			}
-			st, err := d.Stat(ctx, info.Key)
+			st, err = d.Stat(ctx, info.Key)
 			if err != nil {
 				t.Fatalf("Stat: %v", err)
 			}
@@ -662,5 +668,87 @@ func TestDirWalk(t *testing.T) {
 	n := 0
 	if err := d.Walk(ctx, func(Info) error { n++; return stop }); !errors.Is(err, stop) || n != 1 {
 		t.Errorf("Walk with fn failing: %v after %d calls, want stop after 1", err, n)
+	}
+}
+
+// The cleanup of a failed upload removes the bytes its Put created, unless
+// another Put stored the same bytes since: that upload relies on them.
+func TestDeleteIfUnchanged(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	t.Run("untouched bytes go", func(t *testing.T) {
+		t.Parallel()
+		d, root := newTestDir(t)
+		info, err := d.Put(ctx, strings.NewReader("mine alone"), 100)
+		if err != nil || !info.Created || info.LastPut.IsZero() {
+			t.Fatalf("Put = %+v, %v; want created, with LastPut", info, err)
+		}
+		if gone, err := d.DeleteIfUnchanged(ctx, info); !gone || err != nil {
+			t.Fatalf("DeleteIfUnchanged = %v, %v; want removed", gone, err)
+		}
+		assertNothingStored(t, root)
+		if gone, err := d.DeleteIfUnchanged(ctx, info); gone || err != nil {
+			t.Fatalf("DeleteIfUnchanged of absent bytes = %v, %v; want false, nil", gone, err)
+		}
+	})
+	t.Run("bytes stored again stay", func(t *testing.T) {
+		t.Parallel()
+		d, _ := newTestDir(t)
+		first, err := d.Put(ctx, strings.NewReader("shared"), 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if second, err := d.Put(ctx, strings.NewReader("shared"), 100); err != nil || second.Created {
+			t.Fatalf("second Put = %+v, %v; want the stored bytes", second, err)
+		}
+		if gone, err := d.DeleteIfUnchanged(ctx, first); gone || err != nil {
+			t.Fatalf("DeleteIfUnchanged = %v, %v; want kept: the second upload relies on them", gone, err)
+		}
+		if got := readAll(t, d, first.Key); string(got) != "shared" {
+			t.Fatalf("read %q after the kept delete", got)
+		}
+		if files, _ := os.ReadDir(d.tmp); len(files) != 0 {
+			t.Fatalf("left in tmp: %v", files)
+		}
+	})
+}
+
+// Uploads of identical bytes racing the cleanup of a failed one: every Put
+// that succeeded can read its bytes afterwards, whichever order the file
+// system saw the steps in.
+func TestDeleteIfUnchangedRacingPuts(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	d, _ := newTestDir(t)
+	for i := range 200 {
+		content := "race " + strconv.Itoa(i)
+		failed, err := d.Put(ctx, strings.NewReader(content), 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		var kept Info
+		var putErr error
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			kept, putErr = d.Put(ctx, strings.NewReader(content), 100)
+		}()
+		go func() {
+			defer wg.Done()
+			if _, err := d.DeleteIfUnchanged(ctx, failed); err != nil {
+				t.Error(err)
+			}
+		}()
+		wg.Wait()
+		if putErr != nil {
+			t.Fatal(putErr)
+		}
+		if _, err := d.Stat(ctx, kept.Key); err != nil {
+			t.Fatalf("round %d: the bytes of a successful Put are gone: %v", i, err)
+		}
+		if _, err := d.DeleteIfUnchanged(ctx, Info{Key: kept.Key, LastPut: time.Unix(0, 0)}); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

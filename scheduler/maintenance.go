@@ -213,11 +213,14 @@ func removeUntouched(ctx context.Context, blobs blob.Store, keys []string, cutof
 		if !info.LastPut.Before(cutoff) {
 			continue
 		}
-		if err := blobs.Delete(ctx, k); err != nil {
+		// Unless an upload stored the same bytes since the Stat.
+		gone, err := blobs.DeleteIfUnchanged(ctx, info)
+		if err != nil {
 			errs = append(errs, err)
-			continue
 		}
-		removed++
+		if gone {
+			removed++
+		}
 	}
 	return removed, errors.Join(errs...)
 }
