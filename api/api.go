@@ -151,11 +151,42 @@ func (a *API) Handler() http.Handler {
 	a.route(mux, "POST /v1/events", a.postEvent)
 	a.route(mux, "POST /v1/events/batch", a.postEventBatch)
 	Ops(mux, a.cfg.Checks, a.cfg.Registry)
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+	return a.recoverer(unrouted(mux))
+}
+
+// unrouted answers, in JSON, what mux does not route: 404 for a path it
+// does not know, 405 (with Allow) for a method the path does not take.
+func unrouted(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, pattern := mux.Handler(r); pattern != "" {
+			mux.ServeHTTP(w, r)
+			return
+		}
+		// The mux's own answer tells 404 from 405 and names the allowed
+		// methods; only its plain-text body is replaced.
+		got := &headerRecorder{header: http.Header{}}
+		mux.ServeHTTP(got, r)
+		if got.status == http.StatusMethodNotAllowed {
+			allow := got.header.Get("Allow")
+			w.Header().Set("Allow", allow)
+			writeError(w, http.StatusMethodNotAllowed, "method_not_allowed",
+				r.Method+" is not allowed on "+r.URL.Path+"; allowed: "+allow)
+			return
+		}
 		writeError(w, http.StatusNotFound, "not_found", "no such endpoint: "+r.Method+" "+r.URL.Path)
 	})
-	return a.recoverer(mux)
 }
+
+// headerRecorder keeps the status and headers a handler writes, and drops
+// its body.
+type headerRecorder struct {
+	header http.Header
+	status int
+}
+
+func (h *headerRecorder) Header() http.Header         { return h.header }
+func (h *headerRecorder) Write(b []byte) (int, error) { return len(b), nil }
+func (h *headerRecorder) WriteHeader(status int)      { h.status = status }
 
 // Ops adds the operational endpoints every role serves: /healthz
 // (liveness, no dependencies), /readyz (dependencies; status words only) and

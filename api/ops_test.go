@@ -109,6 +109,8 @@ func TestMetrics(t *testing.T) {
 	}
 }
 
+// A path the API does not have is 404; a method a path does not take is
+// 405, naming the methods it does take (in Allow too). Both are JSON.
 func TestUnknownEndpoints(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
@@ -116,18 +118,33 @@ func TestUnknownEndpoints(t *testing.T) {
 		name   string
 		method string
 		path   string
+		allow  string // "" for a 404
 	}{
 		{name: "unknown path", method: http.MethodGet, path: "/v1/nothing"},
 		{name: "root", method: http.MethodGet, path: "/"},
 		{name: "old version", method: http.MethodPost, path: "/v0/documents"},
-		{name: "wrong method on a read", method: http.MethodDelete, path: "/v1/documents/0190a0c0-0000-7000-8000-000000000001"},
-		{name: "wrong method on a write", method: http.MethodPut, path: "/v1/emails"},
-		{name: "GET of a collection", method: http.MethodGet, path: "/v1/events"},
+		{name: "id with a trailing segment", method: http.MethodPost, path: "/v1/emails/0190a0c0-0000-7000-8000-000000000001/x"},
+		{name: "wrong method on a read", method: http.MethodDelete, path: "/v1/documents/0190a0c0-0000-7000-8000-000000000001", allow: "GET, HEAD"},
+		{name: "POST to a read", method: http.MethodPost, path: "/v1/emails/0190a0c0-0000-7000-8000-000000000001", allow: "GET, HEAD"},
+		{name: "wrong method on a write", method: http.MethodPut, path: "/v1/emails", allow: "POST"},
+		{name: "GET of a collection", method: http.MethodGet, path: "/v1/events", allow: "POST"},
+		{name: "POST to health", method: http.MethodPost, path: "/healthz", allow: "GET, HEAD"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			wantError(t, e.do(t, e.request(t, tt.method, tt.path, nil)), http.StatusNotFound, "not_found")
+			r := e.do(t, e.request(t, tt.method, tt.path, nil))
+			if tt.allow == "" {
+				wantError(t, r, http.StatusNotFound, "not_found")
+				return
+			}
+			detail := wantError(t, r, http.StatusMethodNotAllowed, "method_not_allowed")
+			if got := r.header.Get("Allow"); got != tt.allow {
+				t.Errorf("Allow = %q, want %q", got, tt.allow)
+			}
+			if !strings.Contains(detail.Message, tt.allow) {
+				t.Errorf("message %q does not name the allowed methods %q", detail.Message, tt.allow)
+			}
 		})
 	}
 }
