@@ -109,96 +109,39 @@ func (a *API) postDocument(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, a.cfg.MaxUploadBytes+multipartSlack)
-	a.idempotent(w, r, "upload", "", a.upload)
+	a.idempotent(w, r, "upload", "", a.uploadFingerprint, a.upload)
 }
 
 // upload streams the file part into blob storage and publishes
 // document.uploaded. It returns the response to send.
 func (a *API) upload(r *http.Request) (int, any) {
 	ctx := r.Context()
-	_, params, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
-	boundary := params["boundary"]
-	if boundary == "" {
-		return errResp(http.StatusUnsupportedMediaType, "unsupported_media_type", "the body is not multipart/form-data: no boundary")
-	}
-	// The multipart reader reads 4 KiB at a time; a large buffer under it
-	// turns those into memory copies instead of as many reads of the
-	// connection.
-	mr := multipart.NewReader(bufio.NewReaderSize(r.Body, 256<<10), boundary)
-	var (
-		info     blob.Info
-		haveFile bool
-		filename string
-		declared string
-		notify   string
-	)
+	var info blob.Info
+	stored := false
 	// On any failure after the bytes were stored, remove them again,
 	// unless identical bytes were there before (another document uses
 	// them) or an upload of the same bytes came since (it relies on them).
 	cleanup := func() {
-		if haveFile && info.Created {
+		if stored && info.Created {
 			if _, err := a.cfg.Blobs.DeleteIfUnchanged(context.WithoutCancel(ctx), info); err != nil {
 				a.log.Error("remove bytes of a refused upload", "blob_key", info.Key, "error", err)
 			}
 		}
 	}
-	for {
-		part, err := mr.NextPart()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			cleanup()
-			return uploadReadError(err, a.cfg.MaxUploadBytes)
-		}
-		switch part.FormName() {
-		case "file":
-			if haveFile {
-				part.Close()
-				cleanup()
-				return errResp(http.StatusBadRequest, "bad_request", "send exactly one field named file")
-			}
-			info, err = a.cfg.Blobs.Put(ctx, part, a.cfg.MaxUploadBytes)
-			part.Close()
-			if err != nil {
-				return uploadReadError(err, a.cfg.MaxUploadBytes)
-			}
-			haveFile = true
-			filename = cleanFilename(part.FileName())
-			declared = part.Header.Get("Content-Type")
-		case "notify":
-			b, err := io.ReadAll(io.LimitReader(part, 1025))
-			part.Close()
-			if err != nil {
-				cleanup()
-				return uploadReadError(err, a.cfg.MaxUploadBytes)
-			}
-			if len(b) > 1024 {
-				cleanup()
-				return validationResp("notify", "must be an email address of at most 1024 bytes")
-			}
-			notify = strings.TrimSpace(string(b))
-		default:
-			_, _ = io.Copy(io.Discard, part)
-			part.Close()
-		}
+	up, status, refused := a.readUpload(r, func(part io.Reader) (string, error) {
+		var err error
+		info, err = a.cfg.Blobs.Put(ctx, part, a.cfg.MaxUploadBytes)
+		stored = err == nil
+		return info.SHA256, err
+	})
+	if status != 0 {
+		cleanup()
+		return status, refused
 	}
-	if !haveFile {
-		return errResp(http.StatusBadRequest, "missing_file", "the multipart body has no field named file")
+	if call := idemCallFrom(ctx); call != nil {
+		call.fingerprint = up.fingerprint()
 	}
-	if notify != "" {
-		addr, err := events.ParseAddress(notify)
-		if err != nil {
-			cleanup()
-			return validationResp("notify", err.Error())
-		}
-		notify = addr.String()
-	}
-	if mt, _, err := mime.ParseMediaType(declared); err == nil {
-		declared = mt
-	} else {
-		declared = ""
-	}
+	filename, declared, notify := up.filename, up.declared, up.notify
 	ev := &events.DocumentUploaded{
 		DocID:               events.NewID(),
 		Filename:            filename,
@@ -226,6 +169,109 @@ func (a *API) upload(r *http.Request) (int, any) {
 		return out.status, out.body
 	}
 	return http.StatusAccepted, resp
+}
+
+// uploadForm is what an upload's multipart body holds, as it is recorded.
+type uploadForm struct {
+	sha256   string
+	filename string // cleaned
+	declared string // the file part's media type, without parameters
+	notify   string // normalised address, or ""
+}
+
+// fingerprint identifies the upload for its Idempotency-Key: a key reused
+// for other bytes, another name or another notify address is refused.
+func (u uploadForm) fingerprint() string {
+	return fingerprint([]byte("upload\x00" + u.sha256 + "\x00" + u.filename + "\x00" + u.declared + "\x00" + u.notify))
+}
+
+// readUpload reads an upload's multipart body, handing the file part to
+// keep, which returns its SHA-256. It returns the form, or the error
+// response (a non-zero status) for a body that is refused.
+func (a *API) readUpload(r *http.Request, keep func(io.Reader) (string, error)) (uploadForm, int, any) {
+	var up uploadForm
+	_, params, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	boundary := params["boundary"]
+	if boundary == "" {
+		st, resp := errResp(http.StatusUnsupportedMediaType, "unsupported_media_type", "the body is not multipart/form-data: no boundary")
+		return up, st, resp
+	}
+	// The multipart reader reads 4 KiB at a time; a large buffer under it
+	// turns those into memory copies instead of as many reads of the
+	// connection.
+	mr := multipart.NewReader(bufio.NewReaderSize(r.Body, 256<<10), boundary)
+	haveFile := false
+	refuse := func(st int, resp any) (uploadForm, int, any) { return up, st, resp }
+	for {
+		part, err := mr.NextPart()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return refuse(uploadReadError(err, a.cfg.MaxUploadBytes))
+		}
+		switch part.FormName() {
+		case "file":
+			if haveFile {
+				part.Close()
+				return refuse(errResp(http.StatusBadRequest, "bad_request", "send exactly one field named file"))
+			}
+			up.sha256, err = keep(part)
+			part.Close()
+			if err != nil {
+				return refuse(uploadReadError(err, a.cfg.MaxUploadBytes))
+			}
+			haveFile = true
+			up.filename = cleanFilename(part.FileName())
+			up.declared = part.Header.Get("Content-Type")
+		case "notify":
+			b, err := io.ReadAll(io.LimitReader(part, 1025))
+			part.Close()
+			if err != nil {
+				return refuse(uploadReadError(err, a.cfg.MaxUploadBytes))
+			}
+			if len(b) > 1024 {
+				return refuse(validationResp("notify", "must be an email address of at most 1024 bytes"))
+			}
+			up.notify = strings.TrimSpace(string(b))
+		default:
+			_, _ = io.Copy(io.Discard, part)
+			part.Close()
+		}
+	}
+	if !haveFile {
+		return refuse(errResp(http.StatusBadRequest, "missing_file", "the multipart body has no field named file"))
+	}
+	if up.notify != "" {
+		addr, err := events.ParseAddress(up.notify)
+		if err != nil {
+			return refuse(validationResp("notify", err.Error()))
+		}
+		up.notify = addr.String()
+	}
+	if mt, _, err := mime.ParseMediaType(up.declared); err == nil {
+		up.declared = mt
+	} else {
+		up.declared = ""
+	}
+	return up, 0, nil
+}
+
+// uploadFingerprint reads a repeated upload's body without storing it, for
+// the fingerprint its Idempotency-Key is checked against.
+func (a *API) uploadFingerprint(r *http.Request) (string, int, any) {
+	up, status, resp := a.readUpload(r, func(part io.Reader) (string, error) {
+		h := sha256.New()
+		n, err := io.Copy(h, io.LimitReader(part, a.cfg.MaxUploadBytes+1))
+		if err == nil && n > a.cfg.MaxUploadBytes {
+			err = blob.ErrTooLarge
+		}
+		return hex.EncodeToString(h.Sum(nil)), err
+	})
+	if status != 0 {
+		return "", status, resp
+	}
+	return up.fingerprint(), 0, nil
 }
 
 func uploadReadError(err error, limit int64) (int, any) {

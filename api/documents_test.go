@@ -689,9 +689,42 @@ func TestPostDocument_idempotencyKey(t *testing.T) {
 		if r.header.Get("Idempotent-Replayed") != "" {
 			t.Errorf("a fresh run says Idempotent-Replayed")
 		}
-		r = e.upload(t, []part{filePart("a.txt", []byte("x"))}, "Idempotency-Key", "k")
+		r = e.upload(t, []part{filePart("a.txt", []byte("x")), fieldPart("notify", "ops@example.com")}, "Idempotency-Key", "k")
 		if got := wantAcceptedDocument(t, r); got != id || r.header.Get("Idempotent-Replayed") != "true" {
 			t.Errorf("retry answered %s (replayed %q), want the replay of %s", got, r.header.Get("Idempotent-Replayed"), id)
+		}
+	})
+
+	t.Run("a key reused for another upload gets 422", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t)
+		upload := func(content, filename, notify string) response {
+			parts := []part{filePart(filename, []byte(content))}
+			if notify != "" {
+				parts = append(parts, fieldPart("notify", notify))
+			}
+			return e.upload(t, parts, "Idempotency-Key", "same-key")
+		}
+		id := wantAcceptedDocument(t, upload("the bytes", "a.txt", "ops@example.com"))
+		for _, tt := range []struct{ name, content, filename, notify string }{
+			{"other bytes", "other bytes", "a.txt", "ops@example.com"},
+			{"another name", "the bytes", "b.txt", "ops@example.com"},
+			{"another notify address", "the bytes", "a.txt", "dev@example.com"},
+			{"no notify address", "the bytes", "a.txt", ""},
+		} {
+			wantError(t, upload(tt.content, tt.filename, tt.notify), http.StatusUnprocessableEntity, "idempotency_key_reused")
+		}
+		// The same upload again (the address written differently, as the
+		// event records it the same) is the replay.
+		r := upload("the bytes", "a.txt", " ops@example.com ")
+		if got := wantAcceptedDocument(t, r); got != id || r.header.Get("Idempotent-Replayed") != "true" {
+			t.Errorf("retry answered %s (replayed %q), want the replay of %s", got, r.header.Get("Idempotent-Replayed"), id)
+		}
+		if n := len(e.entries(t, events.TypeDocumentUploaded)); n != 1 {
+			t.Errorf("%d document.uploaded entries, want 1", n)
+		}
+		if files := e.blobFiles(t); len(files) != 1 {
+			t.Errorf("blob dir holds %v, want the first upload's bytes only", files)
 		}
 	})
 
@@ -747,7 +780,9 @@ func TestPostDocument_idempotencyKey(t *testing.T) {
 			t.Fatal(err)
 		}
 		id := wantAcceptedDocument(t, <-done)
-		r = e.upload(t, []part{filePart("slow.txt", []byte("other"))}, "Idempotency-Key", "slow")
+		// The same upload (CreateFormFile's part type included) is replayed.
+		same := part{name: "file", filename: "slow.txt", contentType: "application/octet-stream", content: []byte("first half, second half")}
+		r = e.upload(t, []part{same}, "Idempotency-Key", "slow")
 		if got := wantAcceptedDocument(t, r); got != id {
 			t.Errorf("retry after the first finished answered %s, want %s", got, id)
 		}

@@ -72,7 +72,7 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	a.idempotent(w, r, "email", fingerprint(body), func(r *http.Request) (int, any) {
+	a.idempotent(w, r, "email", fingerprint(body), nil, func(r *http.Request) (int, any) {
 		var req emailRequest
 		if status, resp, ok := decodeStrict(body, &req); !ok {
 			return status, resp

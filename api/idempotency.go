@@ -44,7 +44,12 @@ func idemCallFrom(ctx context.Context) *idemCall {
 // again, which appends it only if it was not appended before, and answers
 // as the first request would have. A request arriving while the first has
 // not yet got that far gets 409. Without the header, op just runs.
-func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp string, op func(*http.Request) (int, any)) {
+//
+// A request whose fingerprint is known only once its body is read (an
+// upload, streamed into storage) passes fp "" and verify: op sets the
+// fingerprint it recorded (idemCall), and a later request with the key
+// gets verify's fingerprint of its own body, or verify's error response.
+func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp string, verify func(*http.Request) (string, int, any), op func(*http.Request) (int, any)) {
 	key := r.Header.Get("Idempotency-Key")
 	if key == "" {
 		status, body := op(r)
@@ -64,6 +69,15 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 		return
 	}
 	if !claimed {
+		if verify != nil && rec.Fingerprint != "" && (rec.Done || rec.Pending != nil) {
+			got, status, resp := verify(r)
+			if status != 0 {
+				raw, _ := json.Marshal(resp)
+				writeResult(w, status, raw)
+				return
+			}
+			fp = got
+		}
 		switch {
 		case rec.Fingerprint != fp:
 			writeError(w, http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
@@ -82,7 +96,7 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 	bg := context.WithoutCancel(r.Context())
 	switch {
 	case status >= 200 && status < 300:
-		if err := a.cfg.Idem.Complete(bg, rkey, idem.Record{Fingerprint: fp, Status: status, Body: raw}); err != nil {
+		if err := a.cfg.Idem.Complete(bg, rkey, idem.Record{Fingerprint: call.fingerprint, Status: status, Body: raw}); err != nil {
 			// A prepared record still answers retries correctly.
 			a.log.Error("store idempotent response", "error", err)
 		}
