@@ -23,8 +23,8 @@ const (
 	dlqAttempts      = "dlq_attempts"
 	dlqFirstFailedAt = "dlq_first_failed_at"
 	dlqLastFailedAt  = "dlq_last_failed_at"
-	// dlqRaw holds, as JSON, every field of an entry that could not be
-	// decoded, exactly as it was.
+	// dlqRaw holds every field of an entry that could not be decoded,
+	// exactly as it was, as a msgpack map of strings.
 	dlqRaw = "dlq_raw"
 )
 
@@ -214,12 +214,26 @@ func parseDeadLetter(group string, x redis.XMessage) DeadLetter {
 		}
 	}
 	if raw := str(v[dlqRaw]); raw != "" {
-		m := map[string]string{}
-		if json.Unmarshal([]byte(raw), &m) == nil {
+		if m, err := decodeRaw(raw); err == nil {
 			dl.Raw = m
 		}
 	}
 	return dl
+}
+
+// decodeRaw decodes the fields of an undecodable entry: a msgpack map of
+// strings, which keeps any bytes (dead letters written before held JSON,
+// which replaced bytes that are not UTF-8).
+func decodeRaw(raw string) (map[string]string, error) {
+	m := map[string]string{}
+	if strings.HasPrefix(raw, "{") {
+		return m, json.Unmarshal([]byte(raw), &m)
+	}
+	kv, err := decodeMetadataPairs(raw)
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i]] = kv[i+1]
+	}
+	return m, err
 }
 
 // replayFields rebuilds the original entry of a dead letter, with the
@@ -230,8 +244,8 @@ func replayFields(x redis.XMessage) ([]any, string, error) {
 		return nil, "", fmt.Errorf("dead letter %s names no stream", x.ID)
 	}
 	if raw := str(x.Values[dlqRaw]); raw != "" {
-		m := map[string]string{}
-		if err := json.Unmarshal([]byte(raw), &m); err != nil {
+		m, err := decodeRaw(raw)
+		if err != nil {
 			return nil, "", fmt.Errorf("dead letter %s: raw fields: %w", x.ID, err)
 		}
 		fields := make([]any, 0, 2*len(m))

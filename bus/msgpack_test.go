@@ -1,6 +1,7 @@
 package bus
 
 import (
+	"maps"
 	"reflect"
 	"testing"
 
@@ -80,4 +81,21 @@ func pairsMap(pairs []string) map[string]string {
 		m[pairs[i]] = pairs[i+1]
 	}
 	return m
+}
+
+// The raw fields of an undecodable entry's dead letter keep their bytes,
+// and dead letters written as JSON before still read.
+func TestDecodeRaw(t *testing.T) {
+	fields := map[string]string{"payload": "\xff\xfe\x00binary", "{": "}", "": ""}
+	got, err := decodeRaw(string(encodeMetadata(fields)))
+	if err != nil || !maps.Equal(got, fields) {
+		t.Fatalf("decodeRaw(msgpack) = %q, %v; want %q", got, err, fields)
+	}
+	got, err = decodeRaw(`{"foo":"bar"}`)
+	if err != nil || !maps.Equal(got, map[string]string{"foo": "bar"}) {
+		t.Fatalf("decodeRaw(JSON) = %q, %v", got, err)
+	}
+	if _, err := decodeRaw("\xc1"); err == nil {
+		t.Fatal("decodeRaw of neither msgpack nor JSON: no error")
+	}
 }

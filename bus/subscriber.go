@@ -1429,7 +1429,7 @@ func (sub *subscription) deadLetter(ctx context.Context, stream, id string, msg 
 // deadLetterRaw moves an entry that could not be decoded, with all its
 // fields as they were.
 func (sub *subscription) deadLetterRaw(ctx context.Context, stream string, e entry, reason string, attempts int) {
-	raw, _ := marshalJSON(e.valueMap())
+	raw := encodeMetadata(e.valueMap())
 	err := sub.writeDeadLetter(ctx, stream, e.id, []any{dlqRaw, raw}, reason, attempts)
 	if err != nil {
 		// It stays pending; the claim loop brings it back to try again.

@@ -259,6 +259,10 @@ func TestUndecodableEntriesAreDeadLetteredAndDoNotStall(t *testing.T) {
 	if list[0].Raw["foo"] != "bar" || list[0].Error == "" {
 		t.Fatalf("first dead letter = %+v", list[0])
 	}
+	// Fields are kept byte for byte, UTF-8 or not.
+	if got := list[1].Raw["metadata"]; got != "\xff\x00garbage" {
+		t.Fatalf("second dead letter's metadata field = %q, want the bytes as written", got)
+	}
 	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
 }
 
