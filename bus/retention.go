@@ -170,22 +170,28 @@ func (r *Retention) removeGoneConsumers(ctx context.Context, stream, group strin
 	for _, c := range consumers {
 		if c.Pending == 0 && c.Idle > r.cfg.ConsumerIdle {
 			// XGROUP DELCONSUMER of a consumer with pending entries would
-			// lose them; the check above and the command are not atomic,
-			// so re-check right before deleting.
-			p, err := r.cfg.Client.XPendingExt(ctx, &redis.XPendingExtArgs{
-				Stream: stream, Group: group, Start: "-", End: "+", Count: 1, Consumer: c.Name,
-			}).Result()
-			if err != nil || len(p) > 0 {
-				continue
-			}
-			if err := r.cfg.Client.XGroupDelConsumer(ctx, stream, group, c.Name).Err(); err != nil {
+			// lose them: the replica may have come back under its name
+			// since XINFO CONSUMERS. The script checks and deletes in one
+			// step.
+			removed, err := delIdleConsumer.Run(ctx, r.cfg.Client, []string{stream}, group, c.Name).Int()
+			if err != nil {
 				return err
 			}
-			r.cfg.Logger.Info("removed gone consumer", "stream", stream, "consumer_group", group, "consumer", c.Name, "idle", c.Idle)
+			if removed == 1 {
+				r.cfg.Logger.Info("removed gone consumer", "stream", stream, "consumer_group", group, "consumer", c.Name, "idle", c.Idle)
+			}
 		}
 	}
 	return nil
 }
+
+// delIdleConsumer deletes consumer ARGV[2] of group ARGV[1] on stream
+// KEYS[1] if it has nothing pending, and returns 1 if it did.
+var delIdleConsumer = redis.NewScript(`
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+`)
 
 func parseID(id string) (ms, seq uint64) {
 	a, b, _ := strings.Cut(id, "-")

@@ -3,6 +3,7 @@ package bus_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -13,32 +14,36 @@ import (
 	"github.com/conveyor/conveyor/bus"
 )
 
-// drainBeforeXPending acknowledges every pending entry of group right
-// before the retention pass asks XPENDING of it: a busy group that drains
-// between the pass's XINFO GROUPS and its XPENDING.
-type drainBeforeXPending struct {
-	rdb           *redis.Client
-	stream, group string
-	fired         atomic.Bool
-	err           error
+// onceBefore runs run once, right before the first command of the
+// client it hooks that match selects: a change made by another client
+// between two commands of the code under test.
+type onceBefore struct {
+	match func(redis.Cmder) bool
+	run   func(ctx context.Context) error
+	fired atomic.Bool
+	err   error
 }
 
-func (h *drainBeforeXPending) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *drainBeforeXPending) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+func (h *onceBefore) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *onceBefore) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return next
 }
-func (h *drainBeforeXPending) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+func (h *onceBefore) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		a := cmd.Args()
-		if strings.EqualFold(cmd.Name(), "xpending") && len(a) == 3 && a[2] == h.group && h.fired.CompareAndSwap(false, true) {
-			p, err := h.rdb.XPendingExt(ctx, &redis.XPendingExtArgs{Stream: h.stream, Group: h.group, Start: "-", End: "+", Count: 10_000}).Result()
-			for _, e := range p {
-				err = errors.Join(err, h.rdb.XAck(ctx, h.stream, h.group, e.ID).Err())
-			}
-			h.err = err
+		if h.match(cmd) && h.fired.CompareAndSwap(false, true) {
+			h.err = h.run(ctx)
 		}
 		return next(ctx, cmd)
 	}
+}
+
+// hookedClient returns a client of the fixture's Redis with hook.
+func hookedClient(t *testing.T, f *fixture, hook redis.Hook) *redis.Client {
+	opt := *f.rdb.Options()
+	c := redis.NewClient(&opt)
+	t.Cleanup(func() { _ = c.Close() })
+	c.AddHook(hook)
+	return c
 }
 
 // readAsGroup reads up to n new entries of the fixture's topic for group.
@@ -74,13 +79,22 @@ func TestRetentionGroupDrainingDuringThePass(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The pass's own client, with the hook; the fixture's client drains.
-	opt := *f.rdb.Options()
-	passClient := redis.NewClient(&opt)
-	t.Cleanup(func() { _ = passClient.Close() })
-	hook := &drainBeforeXPending{rdb: f.rdb, stream: f.topic, group: draining}
-	passClient.AddHook(hook)
-	ret, err := bus.NewRetention(bus.RetentionConfig{Client: passClient, Topology: topo, Logger: testLogger()})
+	// Right before the pass's XPENDING of the draining group, the group
+	// acknowledges what it holds (through the fixture's client).
+	hook := &onceBefore{
+		match: func(cmd redis.Cmder) bool {
+			a := cmd.Args()
+			return strings.EqualFold(cmd.Name(), "xpending") && len(a) == 3 && a[2] == draining
+		},
+		run: func(ctx context.Context) error {
+			p, err := f.rdb.XPendingExt(ctx, &redis.XPendingExtArgs{Stream: f.topic, Group: draining, Start: "-", End: "+", Count: 10_000}).Result()
+			for _, e := range p {
+				err = errors.Join(err, f.rdb.XAck(ctx, f.topic, draining, e.ID).Err())
+			}
+			return err
+		},
+	}
+	ret, err := bus.NewRetention(bus.RetentionConfig{Client: hookedClient(t, f, hook), Topology: topo, Logger: testLogger()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,15 +168,21 @@ func TestRetentionTrimsOnlyWhatEveryGroupAcknowledged(t *testing.T) {
 	}
 }
 
-func TestRetentionRemovesGoneConsumersOnly(t *testing.T) {
-	t.Parallel()
+// oneGroupOneEntry is a fixture whose topic has one group and one entry.
+func oneGroupOneEntry(t *testing.T) (*fixture, map[string][]string) {
 	f := newFixture(t)
-	ctx := t.Context()
 	topo := map[string][]string{f.group: {f.topic}}
-	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
+	if err := bus.EnsureGroups(t.Context(), f.rdb, topo); err != nil {
 		t.Fatal(err)
 	}
 	f.publish(1)
+	return f, topo
+}
+
+func TestRetentionRemovesGoneConsumersOnly(t *testing.T) {
+	t.Parallel()
+	f, topo := oneGroupOneEntry(t)
+	ctx := t.Context()
 	// "holder" keeps a pending entry; "idle" has none.
 	if err := f.rdb.XReadGroup(ctx, &redis.XReadGroupArgs{Group: f.group, Consumer: "holder", Streams: []string{f.topic, ">"}}).Err(); err != nil {
 		t.Fatal(err)
@@ -181,6 +201,44 @@ func TestRetentionRemovesGoneConsumersOnly(t *testing.T) {
 	}
 	if len(cs) != 1 || cs[0].Name != "holder" {
 		t.Fatalf("consumers after the pass: %+v (want only holder, which has a pending entry)", cs)
+	}
+}
+
+// A consumer that looked gone but read an entry just before its removal
+// (a replica back under its name) keeps it: its pending entries would be
+// lost with it.
+func TestRetentionKeepsAConsumerThatCameBack(t *testing.T) {
+	t.Parallel()
+	f, topo := oneGroupOneEntry(t)
+	ctx := t.Context()
+	if err := f.rdb.XGroupCreateConsumer(ctx, f.topic, f.group, "back").Err(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // idle longer than ConsumerIdle
+	// Right before the pass's command that removes it (a script, or a
+	// plain XGROUP DELCONSUMER), the consumer reads an entry.
+	hook := &onceBefore{
+		match: func(cmd redis.Cmder) bool {
+			name := strings.ToLower(cmd.Name())
+			return name == "evalsha" || name == "eval" ||
+				name == "xgroup" && len(cmd.Args()) > 1 && strings.EqualFold(fmt.Sprint(cmd.Args()[1]), "delconsumer")
+		},
+		run: func(ctx context.Context) error {
+			return f.rdb.XReadGroup(ctx, &redis.XReadGroupArgs{Group: f.group, Consumer: "back", Streams: []string{f.topic, ">"}}).Err()
+		},
+	}
+	ret, err := bus.NewRetention(bus.RetentionConfig{Client: hookedClient(t, f, hook), Topology: topo, ConsumerIdle: 10 * time.Millisecond, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ret.Pass(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !hook.fired.Load() || hook.err != nil {
+		t.Fatalf("the consumer did not read before its removal (fired %v, %v)", hook.fired.Load(), hook.err)
+	}
+	if n := pendingCount(t, f.rdb, f.topic, f.group); n != 1 {
+		t.Fatalf("%d entries pending after the pass, want the 1 the consumer read", n)
 	}
 }
 
