@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -460,7 +461,7 @@ func (b *byType) add(ev events.Event, id string) {
 // The rows' keys are already locked (Tx.LockAndInbox), which is what prevents
 // deadlocks between concurrent batches.
 func (b *byType) apply(ctx context.Context, tx *store.Tx) error {
-	sort.Sort(uploadsByDoc{b})
+	sort.Stable(uploadsByDoc{b})
 	sortBy(b.processed, func(e *events.DocumentProcessed) string { return e.DocID })
 	sortBy(b.failed, func(e *events.DocumentProcessingFailed) string { return e.DocID })
 	sortBy(b.requested, func(e *events.EmailRequested) string { return e.EmailID })
@@ -505,8 +506,10 @@ func (b *byType) apply(ctx context.Context, tx *store.Tx) error {
 	return nil
 }
 
+// sortBy sorts s by key, stably: events of one row stay in the order they
+// came in, the order the store applies them in.
 func sortBy[T any](s []T, key func(T) string) {
-	sort.Slice(s, func(i, j int) bool { return key(s[i]) < key(s[j]) })
+	slices.SortStableFunc(s, func(a, b T) int { return strings.Compare(key(a), key(b)) })
 }
 
 // uploadsByDoc sorts uploads and their event ids together by document.

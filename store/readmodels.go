@@ -397,7 +397,7 @@ func (tx *Tx) ApplyDocumentsUploaded(ctx context.Context, evs []*events.Document
 			rows[i].id = eventIDs[i]
 		}
 	}
-	rows = uniqueBy(rows, func(r row) string { return strings.ToLower(r.ev.DocID) })
+	rows, later := splitRepeats(rows, func(r row) string { return strings.ToLower(r.ev.DocID) })
 	var id, fn, dct, sha, key, notify, up, evID []string
 	var size []int64
 	for _, r := range rows {
@@ -410,6 +410,13 @@ func (tx *Tx) ApplyDocumentsUploaded(ctx context.Context, evs []*events.Document
 		pq.Array(id), pq.Array(fn), pq.Array(size), pq.Array(dct), pq.Array(sha), pq.Array(key), pq.Array(notify), pq.Array(up), pq.Array(evID))
 	if err != nil {
 		return fmt.Errorf("apply %d document uploads: %w", len(rows), err)
+	}
+	if len(later) > 0 {
+		evs, eventIDs = evs[:0:0], eventIDs[:0:0]
+		for _, r := range later {
+			evs, eventIDs = append(evs, r.ev), append(eventIDs, r.id)
+		}
+		return tx.ApplyDocumentsUploaded(ctx, evs, eventIDs)
 	}
 	return nil
 }
@@ -433,7 +440,7 @@ var qApplyDocumentsProcessed = readModelWrite(`
 // reached a final status. It may arrive before the upload's event: the row
 // is created and the upload fills in the rest later.
 func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.DocumentProcessed) error {
-	evs = uniqueBy(evs, func(e *events.DocumentProcessed) string { return strings.ToLower(e.DocID) })
+	evs, later := splitRepeats(evs, func(e *events.DocumentProcessed) string { return strings.ToLower(e.DocID) })
 	var id, ct, sum, at []string
 	var words, lines []int64
 	for _, e := range evs {
@@ -445,6 +452,9 @@ func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.Documen
 		pq.Array(id), pq.Array(ct), pq.Array(words), pq.Array(lines), pq.Array(sum), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d processed documents: %w", len(evs), err)
+	}
+	if len(later) > 0 {
+		return tx.ApplyDocumentsProcessed(ctx, later)
 	}
 	return nil
 }
@@ -464,7 +474,7 @@ var qApplyDocumentsFailed = readModelWrite(`
 // ApplyDocumentsFailed moves documents to failed, unless they already
 // reached a final status.
 func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentProcessingFailed) error {
-	evs = uniqueBy(evs, func(e *events.DocumentProcessingFailed) string { return strings.ToLower(e.DocID) })
+	evs, later := splitRepeats(evs, func(e *events.DocumentProcessingFailed) string { return strings.ToLower(e.DocID) })
 	var id, ct, reason, at []string
 	for _, e := range evs {
 		id, ct, reason, at = append(id, e.DocID), append(ct, e.ContentType), append(reason, e.Reason), append(at, ts(e.FailedAt))
@@ -474,6 +484,9 @@ func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentPr
 		pq.Array(id), pq.Array(ct), pq.Array(reason), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d failed documents: %w", len(evs), err)
+	}
+	if len(later) > 0 {
+		return tx.ApplyDocumentsFailed(ctx, later)
 	}
 	return nil
 }
@@ -493,7 +506,7 @@ var qApplyEmailsRequested = firstEvent("emails", "email_id", `
 // ApplyEmailsRequested records requested emails as queued, without moving
 // a status back.
 func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailRequested) error {
-	evs = uniqueBy(evs, func(e *events.EmailRequested) string { return strings.ToLower(e.EmailID) })
+	evs, later := splitRepeats(evs, func(e *events.EmailRequested) string { return strings.ToLower(e.EmailID) })
 	var id, to, subj, doc, at []string
 	for _, e := range evs {
 		id, to, subj, doc, at = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID), append(at, ts(e.RequestedAt))
@@ -502,6 +515,9 @@ func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailReque
 		pq.Array(id), pq.Array(to), pq.Array(subj), pq.Array(doc), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d requested emails: %w", len(evs), err)
+	}
+	if len(later) > 0 {
+		return tx.ApplyEmailsRequested(ctx, later)
 	}
 	return nil
 }
@@ -520,7 +536,7 @@ var qApplyEmailsScheduled = firstEvent("emails", "email_id", `
 // row that is already queued or final keeps its status (the email was due
 // before this event arrived).
 func (tx *Tx) ApplyEmailsScheduled(ctx context.Context, evs []*events.EmailScheduled) error {
-	evs = uniqueBy(evs, func(e *events.EmailScheduled) string { return strings.ToLower(e.EmailID) })
+	evs, later := splitRepeats(evs, func(e *events.EmailScheduled) string { return strings.ToLower(e.EmailID) })
 	var id, to, subj, doc, sendAt, at []string
 	for _, e := range evs {
 		id, to, subj, doc = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID)
@@ -530,6 +546,9 @@ func (tx *Tx) ApplyEmailsScheduled(ctx context.Context, evs []*events.EmailSched
 		pq.Array(id), pq.Array(to), pq.Array(subj), pq.Array(doc), pq.Array(sendAt), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d scheduled emails: %w", len(evs), err)
+	}
+	if len(later) > 0 {
+		return tx.ApplyEmailsScheduled(ctx, later)
 	}
 	return nil
 }
@@ -550,7 +569,7 @@ var qApplyEmailsSent = readModelWrite(`
 
 // ApplyEmailsSent moves emails to sent unless already final.
 func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) error {
-	evs = uniqueBy(evs, func(e *events.EmailSent) string { return strings.ToLower(e.EmailID) })
+	evs, later := splitRepeats(evs, func(e *events.EmailSent) string { return strings.ToLower(e.EmailID) })
 	var id, to, mid, at []string
 	var attempts []int64
 	for _, e := range evs {
@@ -562,6 +581,9 @@ func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) erro
 		pq.Array(id), pq.Array(to), pq.Array(mid), pq.Array(attempts), pq.Array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d sent emails: %w", len(evs), err)
+	}
+	if len(later) > 0 {
+		return tx.ApplyEmailsSent(ctx, later)
 	}
 	return nil
 }
@@ -580,7 +602,7 @@ var qApplyEmailsFailed = readModelWrite(`
 
 // ApplyEmailsFailed moves emails to failed unless already final.
 func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) error {
-	evs = uniqueBy(evs, func(e *events.EmailFailed) string { return strings.ToLower(e.EmailID) })
+	evs, later := splitRepeats(evs, func(e *events.EmailFailed) string { return strings.ToLower(e.EmailID) })
 	var id, reason, at []string
 	var attempts []int64
 	for _, e := range evs {
@@ -593,23 +615,35 @@ func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) 
 	if err != nil {
 		return fmt.Errorf("apply %d failed emails: %w", len(evs), err)
 	}
+	if len(later) > 0 {
+		return tx.ApplyEmailsFailed(ctx, later)
+	}
 	return nil
 }
 
-func uniqueBy[T any](in []T, key func(T) string) []T {
+// splitRepeats splits in, keeping its order, into the first event of each
+// row (by key) and the others. A multi-row statement may touch a row only
+// once, so the others are applied by a statement after it (and their
+// repeats by one after that), each event of a row after the one before, as
+// when they arrive one at a time: an update of a later event wins, an
+// outcome after the first one changes nothing, and PostgreSQL still checks
+// every event's data.
+func splitRepeats[T any](in []T, key func(T) string) (first, later []T) {
 	if len(in) < 2 {
-		return in
+		return in, nil
 	}
 	seen := make(map[string]bool, len(in))
-	out := in[:0:0]
+	first = in[:0:0]
 	for _, v := range in {
 		k := key(v)
-		if !seen[k] {
-			seen[k] = true
-			out = append(out, v)
+		if seen[k] {
+			later = append(later, v)
+			continue
 		}
+		seen[k] = true
+		first = append(first, v)
 	}
-	return out
+	return first, later
 }
 
 // StuckDocuments returns up to limit documents still processing that were

@@ -485,6 +485,49 @@ func dup[E any](ids []string, mk func(string) E) []E {
 // TestApplyUploadAndOutcomeInOneTransaction applies an upload and its
 // outcome in one transaction, in both orders, as one batch of the
 // projector may.
+// Several events of one row in one call apply one after another, in the
+// order given, as they would one at a time: the last update wins, the
+// first outcome is final, and a refused repeat fails the call instead of
+// being dropped unchecked.
+func TestApplyRepeatsOfARow(t *testing.T) {
+	t.Parallel()
+	st, _ := newStore(t)
+	ctx := t.Context()
+	id := events.NewID()
+	others := make([]*events.EmailRequested, 0, 40)
+	for range 40 { // enough rows that the order must be kept, not found
+		others = append(others, requested(events.NewID()))
+	}
+	first, second, third := requested(id), requested(id), requested(strings.ToUpper(id))
+	first.Subject, second.Subject, third.Subject = "first", "second", "third"
+	batch := append(append([]*events.EmailRequested{first}, others[:20]...), second)
+	batch = append(append(batch, others[20:]...), third)
+	if err := st.WithTx(ctx, func(tx *store.Tx) error { return tx.ApplyEmailsRequested(ctx, batch) }); err != nil {
+		t.Fatal(err)
+	}
+	if got := email(t, st, id); got.Subject.String != "third" {
+		t.Fatalf("subject %q, want the last request's", got.Subject.String)
+	}
+
+	a, b := sent(id), sent(id)
+	a.Attempts, b.Attempts = 2, 7
+	if err := st.WithTx(ctx, func(tx *store.Tx) error { return tx.ApplyEmailsSent(ctx, []*events.EmailSent{a, b}) }); err != nil {
+		t.Fatal(err)
+	}
+	if got := email(t, st, id); got.Status != store.EmailSent || got.Attempts != 2 {
+		t.Fatalf("status %s after %d attempts, want sent after the first send's 2", got.Status, got.Attempts)
+	}
+
+	poison := requested(id)
+	poison.DocID = "not-a-uuid"
+	err := st.WithTx(ctx, func(tx *store.Tx) error {
+		return tx.ApplyEmailsRequested(ctx, []*events.EmailRequested{requested(id), poison})
+	})
+	if !store.IsDataError(err) {
+		t.Fatalf("a refused repeat: %v, want PostgreSQL's data error", err)
+	}
+}
+
 func TestApplyUploadAndOutcomeInOneTransaction(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
