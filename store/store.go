@@ -417,10 +417,19 @@ func lockIDs(keys []string) []int64 {
 
 // IsDataError reports whether err is PostgreSQL refusing the data itself:
 // SQLSTATE class 22, data exception (a value out of range, a NUL byte in
-// text...), or 54000, a value too large for its index (an event id of
-// kilobytes from a foreign publisher). Retrying such a write cannot
-// succeed.
+// text...), or a value too large for its index (an event id of kilobytes
+// from a foreign publisher). Retrying such a write cannot succeed.
+//
+// The latter shares its code, 54000, with refusals of every write (the
+// server guarding against transaction id wraparound), which are not the
+// data's fault: it is told by the routine that raises it, whatever the
+// language of the message.
 func IsDataError(err error) bool {
 	var pe *pq.Error
-	return errors.As(err, &pe) && (pe.Code.Class() == "22" || pe.Code == "54000")
+	if !errors.As(err, &pe) {
+		return false
+	}
+	return pe.Code.Class() == "22" ||
+		pe.Code == "54000" && (pe.Routine == "_bt_check_third_page" || pe.Routine == "index_form_tuple" ||
+			pe.Routine == "" && strings.HasPrefix(pe.Message, "index row"))
 }
