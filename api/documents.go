@@ -139,7 +139,7 @@ func (a *API) upload(r *http.Request) (int, any) {
 		return status, refused
 	}
 	if call := idemCallFrom(ctx); call != nil {
-		call.fingerprint = up.fingerprint()
+		call.bodyFingerprint = up.fingerprint()
 	}
 	filename, declared, notify := up.filename, up.declared, up.notify
 	ev := &events.DocumentUploaded{

@@ -706,6 +706,17 @@ func TestPostDocument_idempotencyKey(t *testing.T) {
 			return e.upload(t, parts, "Idempotency-Key", "same-key")
 		}
 		id := wantAcceptedDocument(t, upload("the bytes", "a.txt", "ops@example.com"))
+		// The body's fingerprint has a field of its own: a replica that
+		// predates it compares the request fingerprint ("" for uploads)
+		// only, and keeps replaying during a rolling deploy.
+		raw, ok, err := e.idem.Get(t.Context(), "key:upload:same-key")
+		var rec idem.Record
+		if err != nil || !ok || json.Unmarshal([]byte(raw), &rec) != nil {
+			t.Fatalf("record of the key: %q, %v, %v", raw, ok, err)
+		}
+		if rec.Fingerprint != "" || rec.BodyFingerprint == "" {
+			t.Fatalf("record fingerprints %q / body %q, want none / the body's", rec.Fingerprint, rec.BodyFingerprint)
+		}
 		for _, tt := range []struct{ name, content, filename, notify string }{
 			{"other bytes", "other bytes", "a.txt", "ops@example.com"},
 			{"another name", "the bytes", "b.txt", "ops@example.com"},

@@ -21,6 +21,9 @@ const claimLease = 5 * time.Minute
 // accept through the context.
 type idemCall struct {
 	key, fingerprint string
+	// bodyFingerprint is set by an operation whose fingerprint is known
+	// once it read the body (see idempotent's verify).
+	bodyFingerprint string
 	// prepared is set once the record names the event to publish: from
 	// then on the key is kept even if the request fails.
 	prepared bool
@@ -46,9 +49,10 @@ func idemCallFrom(ctx context.Context) *idemCall {
 // not yet got that far gets 409. Without the header, op just runs.
 //
 // A request whose fingerprint is known only once its body is read (an
-// upload, streamed into storage) passes fp "" and verify: op sets the
-// fingerprint it recorded (idemCall), and a later request with the key
-// gets verify's fingerprint of its own body, or verify's error response.
+// upload, streamed into storage) also passes verify: op sets the body's
+// fingerprint (idemCall.bodyFingerprint), which is recorded, and a later
+// request with the key has verify read its body for the fingerprint to
+// compare, or gets verify's error response.
 func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp string, verify func(*http.Request) (string, int, any), op func(*http.Request) (int, any)) {
 	key := r.Header.Get("Idempotency-Key")
 	if key == "" {
@@ -69,17 +73,18 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 		return
 	}
 	if !claimed {
-		if verify != nil && rec.Fingerprint != "" && (rec.Done || rec.Pending != nil) {
+		reused := rec.Fingerprint != fp
+		if !reused && verify != nil && rec.BodyFingerprint != "" && (rec.Done || rec.Pending != nil) {
 			got, status, resp := verify(r)
 			if status != 0 {
 				raw, _ := json.Marshal(resp)
 				writeResult(w, status, raw)
 				return
 			}
-			fp = got
+			reused = got != rec.BodyFingerprint
 		}
 		switch {
-		case rec.Fingerprint != fp:
+		case reused:
 			writeError(w, http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
 		case rec.Done:
 			writeReplay(w, rec)
@@ -96,7 +101,7 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 	bg := context.WithoutCancel(r.Context())
 	switch {
 	case status >= 200 && status < 300:
-		if err := a.cfg.Idem.Complete(bg, rkey, idem.Record{Fingerprint: call.fingerprint, Status: status, Body: raw}); err != nil {
+		if err := a.cfg.Idem.Complete(bg, rkey, idem.Record{Fingerprint: fp, BodyFingerprint: call.bodyFingerprint, Status: status, Body: raw}); err != nil {
 			// A prepared record still answers retries correctly.
 			a.log.Error("store idempotent response", "error", err)
 		}
@@ -217,7 +222,7 @@ func (a *API) accept(ctx context.Context, viewKey string, view any, ev events.Ev
 		}
 		pending.ViewKey, pending.View = viewKey, rawView
 		rawResp, _ := json.Marshal(resp)
-		rec := idem.Record{Fingerprint: call.fingerprint, Status: http.StatusAccepted, Body: rawResp, Pending: pending}
+		rec := idem.Record{Fingerprint: call.fingerprint, BodyFingerprint: call.bodyFingerprint, Status: http.StatusAccepted, Body: rawResp, Pending: pending}
 		if err := a.cfg.Idem.Prepare(ctx, call.key, rec); err != nil {
 			a.log.Error("record prepared work", "event_type", ev.EventType(), "error", err)
 			// The record may have been written all the same (the Redis

@@ -10,6 +10,12 @@ type Record struct {
 	// Fingerprint identifies the request (for example a hash of its
 	// body), so a reused key with a different request can be refused.
 	Fingerprint string `json:"fp,omitempty"`
+	// BodyFingerprint identifies a request whose fingerprint is known only
+	// once its body is read (an upload, streamed into storage): it is
+	// recorded when the body has been, and checked against a later
+	// request's body. (A field of its own: replicas that predate it read
+	// Fingerprint only, and keep replaying.)
+	BodyFingerprint string `json:"bfp,omitempty"`
 	// Done is false while the first request is still running.
 	Done bool `json:"done"`
 	// Status and Body are the stored response.
