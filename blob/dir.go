@@ -28,6 +28,11 @@ const (
 	// tempPrefix marks the files Put creates, so that the start-up sweep
 	// only ever removes its own leftovers.
 	tempPrefix = "put-"
+	// asidePrefix marks stored bytes DeleteIfUnchanged took out of their
+	// name to look at. The start-up sweep puts back any it finds (left by
+	// a crash): they may be needed, and retention removes them later if
+	// not.
+	asidePrefix = "delete-"
 	// tempDirName is a sibling of the fan-out directories. It cannot clash
 	// with them: their names are two hex characters.
 	tempDirName = "tmp"
@@ -91,10 +96,53 @@ func NewDir(cfg DirConfig) (*Dir, error) {
 	if err := os.MkdirAll(d.tmp, 0o755); err != nil {
 		return nil, fmt.Errorf("create blob dir: %w", err)
 	}
+	if err := d.putBackAside(); err != nil {
+		return nil, fmt.Errorf("put back blobs left aside: %w", err)
+	}
 	if err := d.removeStaleTemps(time.Now().Add(-cfg.TempMaxAge)); err != nil {
 		return nil, fmt.Errorf("remove stale blob temp files: %w", err)
 	}
 	return d, nil
+}
+
+// putBackAside puts the bytes DeleteIfUnchanged left aside (a crash
+// between its rename and its decision) back under their names.
+func (d *Dir) putBackAside() error {
+	entries, err := os.ReadDir(d.tmp)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), asidePrefix)
+		if !ok || !e.Type().IsRegular() || len(rest) < keyLen || !validKey(rest[:keyLen]) {
+			continue
+		}
+		if err := d.putBack(filepath.Join(d.tmp, e.Name()), rest[:keyLen]); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// putBack links the file at aside to key's name (unless a Put stored the
+// bytes there again meanwhile) and removes aside.
+func (d *Dir) putBack(aside, key string) error {
+	if err := d.makeFanOut(key); err != nil {
+		return err
+	}
+	final := d.path(key)
+	if err := os.Link(aside, final); err != nil && !errors.Is(err, fs.ErrExist) {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // put back by another process
+		}
+		return fmt.Errorf("put back blob %s: %w", key, err)
+	}
+	syncDir(filepath.Dir(final))
+	if err := os.Remove(aside); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("put back blob %s: %w", key, err)
+	}
+	return nil
 }
 
 // removeStaleTemps removes the temp files last modified before cutoff.
@@ -218,13 +266,26 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 	return info, nil
 }
 
-// touch sets the modification time of the file at path to now, recording
-// that a Put stored its bytes again, and reports whether the file is
-// there. (A touch refused for another reason counts as done: the bytes are
-// there.)
+// touch records that a Put stored the bytes at path again, by moving the
+// file's modification time, and reports whether the file was there, under
+// that name, throughout: a touch of a file that DeleteIfUnchanged took out
+// of its name in the meantime does not count, and the Put stores its own
+// copy. (A touch refused for another reason, a file of another owner,
+// counts as done: the bytes are there.)
+//
+// The time set is 2 s ahead of now, so that it differs from the time the
+// bytes were written even on file systems that count in seconds.
 func touch(path string) bool {
-	now := time.Now()
-	return !errors.Is(os.Chtimes(path, now, now), fs.ErrNotExist)
+	before, err := os.Stat(path)
+	if err != nil {
+		return false
+	}
+	now := time.Now().Add(2 * time.Second)
+	if err := os.Chtimes(path, now, now); errors.Is(err, fs.ErrNotExist) {
+		return false
+	}
+	after, err := os.Stat(path)
+	return err == nil && os.SameFile(before, after)
 }
 
 // copyHashed copies at most maxBytes from r into w and returns the hex
@@ -404,6 +465,11 @@ func (d *Dir) Open(ctx context.Context, key string) (io.ReadCloser, error) {
 	}
 	f, err := os.Open(d.path(key))
 	if errors.Is(err, fs.ErrNotExist) {
+		if aside, _ := filepath.Glob(filepath.Join(d.tmp, asidePrefix+key+"-*")); len(aside) > 0 {
+			// DeleteIfUnchanged is looking at it, and may put it back:
+			// not known to be gone.
+			return nil, fmt.Errorf("open blob %s: being deleted or kept; try again", key)
+		}
 		return nil, fmt.Errorf("open blob %s: %w", key, ErrNotFound)
 	}
 	if err != nil {
@@ -521,7 +587,7 @@ func (d *Dir) DeleteIfUnchanged(ctx context.Context, info Info) (bool, error) {
 		return false, fmt.Errorf("delete blob: %w", err)
 	}
 	final := d.path(info.Key)
-	aside := filepath.Join(d.tmp, tempPrefix+"delete-"+info.Key+"-"+strconv.FormatUint(rand.Uint64(), 36))
+	aside := filepath.Join(d.tmp, asidePrefix+info.Key+"-"+strconv.FormatUint(rand.Uint64(), 36))
 	if err := os.Rename(final, aside); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return false, nil
@@ -529,18 +595,22 @@ func (d *Dir) DeleteIfUnchanged(ctx context.Context, info Info) (bool, error) {
 		return false, fmt.Errorf("delete blob %s: %w", info.Key, err)
 	}
 	fi, err := os.Stat(aside)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil // put back by a start-up sweep
+	}
 	if err == nil && fi.ModTime().Equal(info.LastPut) {
-		if err := os.Remove(aside); err != nil {
-			// Out of its name, it is as good as gone; the start-up
-			// sweep of temp files removes it.
-			return true, fmt.Errorf("delete blob %s: %w", info.Key, err)
+		if err := os.Remove(aside); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return false, fmt.Errorf("delete blob %s: %w", info.Key, err)
 		}
 		return true, nil
 	}
 	// Stored again meanwhile: put it back. Should a Put have published a
 	// copy since the rename, the same bytes replace it.
 	if err := os.Rename(aside, final); err != nil {
-		return false, fmt.Errorf("delete blob %s: put back bytes stored again: %w", info.Key, err)
+		if err := d.putBack(aside, info.Key); err != nil {
+			return false, fmt.Errorf("delete blob %s: bytes stored again: %w", info.Key, err)
+		}
+		return false, nil
 	}
 	syncDir(filepath.Dir(final))
 	return false, nil

@@ -752,3 +752,92 @@ func TestDeleteIfUnchangedRacingPuts(t *testing.T) {
 		}
 	}
 }
+
+// A Put that finds the bytes stored counts on them only if its touch hit
+// the file under its name: a touch racing DeleteIfUnchanged, which takes
+// the file out of its name, looks at it and removes it, must not report
+// the bytes there once they are gone.
+func TestTouchRacingDeleteIfUnchanged(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	d, _ := newTestDir(t)
+	content := []byte("contended")
+	key := sha256Hex(content)
+	if err := d.makeFanOut(key); err != nil {
+		t.Fatal(err)
+	}
+	final := d.path(key)
+	for i := range 5_000 {
+		if err := os.WriteFile(final, content, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		info, err := d.Stat(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var touched, removed bool
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			<-start
+			if i%2 == 0 {
+				runtime.Gosched()
+			}
+			touched = touch(final)
+		}()
+		go func() {
+			defer wg.Done()
+			<-start
+			removed, err = d.DeleteIfUnchanged(ctx, info)
+		}()
+		close(start)
+		wg.Wait()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if touched && removed {
+			t.Fatalf("round %d: the touch counted on bytes DeleteIfUnchanged removed", i)
+		}
+		if err := os.Remove(final); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			t.Fatal(err)
+		}
+	}
+}
+
+// Bytes a crash left aside (out of their name, in tmp) are put back when
+// the store is opened, however old, rather than swept as temp files.
+func TestNewDirPutsBackBytesLeftAside(t *testing.T) {
+	t.Parallel()
+	root := t.TempDir()
+	d, err := NewDir(DirConfig{Dir: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := d.Put(t.Context(), strings.NewReader("needed"), 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	aside := filepath.Join(d.tmp, asidePrefix+info.Key+"-crash")
+	if err := os.Rename(d.path(info.Key), aside); err != nil {
+		t.Fatal(err)
+	}
+	old := time.Now().Add(-48 * time.Hour)
+	if err := os.Chtimes(aside, old, old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Open(t.Context(), info.Key); err == nil || errors.Is(err, ErrNotFound) {
+		t.Fatalf("Open while the bytes are aside: %v, want an error that is not ErrNotFound", err)
+	}
+	d, err = NewDir(DirConfig{Dir: root, TempMaxAge: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readAll(t, d, info.Key); string(got) != "needed" {
+		t.Fatalf("read %q after reopening", got)
+	}
+	if files, _ := os.ReadDir(d.tmp); len(files) != 0 {
+		t.Fatalf("left in tmp: %v", files)
+	}
+}
