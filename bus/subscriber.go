@@ -1325,11 +1325,16 @@ func (s *Subscriber) handleNack(d *delivery) {
 		reason = failure.Error()
 	}
 	b := newBackoff(20*time.Millisecond, 2*time.Second)
+	written := false // the dead letter is, the entry is not acknowledged yet
 	for {
 		var err error
 		var o outcome
-		if IsPermanent(failure) || d.attempt >= s.cfg.Retry.MaxAttempts {
+		if written {
+			err = d.sub.ackDeadLettered(context.Background(), d.stream, d.id)
+			o = outcomeDeadLettered
+		} else if IsPermanent(failure) || d.attempt >= s.cfg.Retry.MaxAttempts {
 			err = d.sub.deadLetter(context.Background(), d.stream, d.id, d.message(), reason, d.attempt)
+			written = errors.As(err, new(errUnacked))
 			o = outcomeDeadLettered
 		} else {
 			err = d.sub.scheduleRetry(context.Background(), d, reason)
@@ -1467,17 +1472,30 @@ func (sub *subscription) writeDeadLetter(ctx context.Context, stream, id string,
 	if err != nil {
 		return fmt.Errorf("dead-letter %s/%s: %w", stream, id, err)
 	}
-	pipe := s.cfg.Client.Pipeline()
-	pipe.XAck(ctx, stream, s.cfg.ConsumerGroup, id)
-	if stream == sub.retry {
-		pipe.XDel(ctx, stream, id)
-	}
-	if _, err := pipe.Exec(ctx); err != nil {
-		return fmt.Errorf("dead-letter %s/%s: written, but not acknowledged: %w", stream, id, err)
+	if err := sub.ackDeadLettered(ctx, stream, id); err != nil {
+		return errUnacked{fmt.Errorf("dead-letter %s/%s: written, but not acknowledged: %w", stream, id, err)}
 	}
 	s.log.Error("message dead-lettered", "stream", origin, "entry_id", id, "attempts", attempts, "error", reason)
 	return nil
 }
+
+// ackDeadLettered acknowledges an entry whose dead letter is written (and
+// deletes it from the retry stream, where nothing else reads it).
+func (sub *subscription) ackDeadLettered(ctx context.Context, stream, id string) error {
+	pipe := sub.s.cfg.Client.Pipeline()
+	pipe.XAck(ctx, stream, sub.s.cfg.ConsumerGroup, id)
+	if stream == sub.retry {
+		pipe.XDel(ctx, stream, id)
+	}
+	_, err := pipe.Exec(ctx)
+	return err
+}
+
+// errUnacked is a dead letter written whose entry was not acknowledged:
+// only the acknowledgement is left to retry.
+type errUnacked struct{ error }
+
+func (e errUnacked) Unwrap() error { return e.error }
 
 // moveDueScript moves due members of a retry (or delay) set into a stream,
 // atomically, so that with several replicas each is moved exactly once.

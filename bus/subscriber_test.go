@@ -232,6 +232,52 @@ func TestPermanentErrorDeadLettersAtOnce(t *testing.T) {
 	}
 }
 
+// failFirstXAck fails, without sending it, the first pipeline holding an
+// XACK once the group's dead-letter stream has an entry.
+type failFirstXAck struct {
+	rdb   *redis.Client
+	dlq   string
+	fired atomic.Bool
+}
+
+func (h *failFirstXAck) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (h *failFirstXAck) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h *failFirstXAck) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, c := range cmds {
+			if strings.EqualFold(c.Name(), "xack") && !h.fired.Load() {
+				if n, _ := h.rdb.XLen(ctx, h.dlq).Result(); n > 0 && h.fired.CompareAndSwap(false, true) {
+					err := errors.New("connection lost (injected)")
+					for _, c := range cmds {
+						c.SetErr(err)
+					}
+					return err
+				}
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// A dead letter written whose acknowledgement failed is not written again:
+// only the acknowledgement is retried.
+func TestDeadLetterAckRetriedAlone(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	hook := &failFirstXAck{rdb: f.rdb, dlq: bus.DeadLetterStream(f.group)}
+	ch := f.subscribe(f.subscriber("c1", func(c *bus.SubscriberConfig) { c.Client = hookedClient(t, f, hook) }))
+	f.publish(1)
+	m := receive(t, ch)
+	bus.RecordFailure(m, bus.Permanent(errors.New("bad input")))
+	m.Nack()
+	eventually(t, "acknowledged", func() bool {
+		return hook.fired.Load() && pendingCount(t, f.rdb, f.topic, f.group) == 0
+	})
+	if n, err := bus.NewDeadLetters(f.rdb).Count(t.Context(), f.group); err != nil || n != 1 {
+		t.Fatalf("%d dead letters (%v), want the one", n, err)
+	}
+}
+
 // Entries that cannot be decoded go to the dead-letter stream with all
 // their fields, and the entries behind them still arrive.
 func TestUndecodableEntriesAreDeadLetteredAndDoNotStall(t *testing.T) {
