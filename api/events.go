@@ -171,7 +171,7 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 	}
 	if err != nil {
 		a.log.Error("publish event", "event_type", req.Type, "error", err)
-		writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept events right now; retry later")
+		writeError(w, http.StatusServiceUnavailable, "unavailable", unpublished(err, req.ID != ""))
 		return
 	}
 	res := acceptedEvent{EventID: id}
@@ -179,6 +179,20 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 		res.DeliverAt = &due
 	}
 	writeJSON(w, http.StatusAccepted, res)
+}
+
+// unpublished says what became of an event whose publish failed with err,
+// and whether sending it again is safe: a write cut off mid-way may have
+// been appended, and only an event with its own id is appended once.
+func unpublished(err error, ownID bool) string {
+	switch {
+	case !bus.MaybeWritten(err):
+		return "not published; send it again"
+	case ownID:
+		return "may have been published; send it again with the same id, which publishes it once"
+	default:
+		return `may have been published; sending it again may publish it twice (give events an "id" to publish them once)`
+	}
 }
 
 type batchRequest struct {
@@ -305,7 +319,7 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 		if err != nil && !errors.Is(err, bus.ErrAlreadyPublished) {
 			a.log.Error("publish event of a batch", "error", err)
 			results[i].Status = http.StatusServiceUnavailable
-			results[i].Error = &errorDetail{Code: "unavailable", Message: "not published; send it again"}
+			results[i].Error = &errorDetail{Code: "unavailable", Message: unpublished(err, parsed[i].ID != "")}
 		}
 	}
 	for i, j := range sameAs {

@@ -194,18 +194,30 @@ func TestPostEvent_refused(t *testing.T) {
 // retry is published rather than taken for a duplicate.
 func TestPostEvent_publishFails(t *testing.T) {
 	t.Parallel()
+	// The message says whether sending again is safe: a publish that
+	// failed before anything was sent surely did not append; one that may
+	// have sent something is appended once only under the event's own id.
+	const (
+		notPublished = "not published; send it again"
+		sameID       = "may have been published; send it again with the same id"
+		twice        = "sending it again may publish it twice"
+	)
 	tests := []struct {
-		name   string
-		client func(t testing.TB) redis.UniversalClient
-		body   func(id string) string
+		name    string
+		client  func(t testing.TB) redis.UniversalClient
+		body    func(id string) string
+		message string
 	}{
-		{name: "closed client", client: closedRedis, body: func(id string) string {
+		{name: "closed client", client: closedRedis, message: notPublished, body: func(id string) string {
 			return eventBody(events.TypeEmailRequested, id, emailData("ann@example.com"))
 		}},
-		{name: "nothing listening", client: deadRedis, body: func(id string) string {
+		{name: "nothing listening", client: deadRedis, message: sameID, body: func(id string) string {
 			return eventBody(events.TypeEmailRequested, id, emailData("ann@example.com"))
 		}},
-		{name: "delayed, closed client", client: closedRedis, body: func(id string) string {
+		{name: "nothing listening, no id", client: deadRedis, message: twice, body: func(string) string {
+			return eventBody(events.TypeEmailRequested, "", emailData("ann@example.com"))
+		}},
+		{name: "delayed, closed client", client: closedRedis, message: notPublished, body: func(id string) string {
 			return `{"type":"email.requested","id":"` + id + `","delay":"1h","data":` + emailData("ann@example.com") + `}`
 		}},
 	}
@@ -215,7 +227,10 @@ func TestPostEvent_publishFails(t *testing.T) {
 			e := newEnv(t, withPublisherRedis(tt.client(t)))
 			id := events.NewID()
 			for range 2 {
-				wantError(t, e.postJSON(t, "/v1/events", tt.body(id)), http.StatusServiceUnavailable, "unavailable")
+				detail := wantError(t, e.postJSON(t, "/v1/events", tt.body(id)), http.StatusServiceUnavailable, "unavailable")
+				if !strings.Contains(detail.Message, tt.message) {
+					t.Errorf("message %q, want it to say %q", detail.Message, tt.message)
+				}
 			}
 			if keys := e.keys(t, "idem:*"); len(keys) != 0 {
 				t.Errorf("records %v left behind", keys)
