@@ -125,23 +125,22 @@ func (d *Dir) putBackAside() error {
 	return errors.Join(errs...)
 }
 
-// putBack links the file at aside to key's name (unless a Put stored the
-// bytes there again meanwhile) and removes aside.
+// putBack renames the file at aside back to key's name. Should a Put have
+// stored the bytes there again meanwhile, the same bytes replace them, with
+// the later time of the two files' (the file aside was touched, or is the
+// older): whoever created the other copy then finds it changed and keeps it.
 func (d *Dir) putBack(aside, key string) error {
 	if err := d.makeFanOut(key); err != nil {
 		return err
 	}
 	final := d.path(key)
-	if err := os.Link(aside, final); err != nil && !errors.Is(err, fs.ErrExist) {
+	if err := os.Rename(aside, final); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil // put back by another process
 		}
 		return fmt.Errorf("put back blob %s: %w", key, err)
 	}
 	syncDir(filepath.Dir(final))
-	if err := os.Remove(aside); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("put back blob %s: %w", key, err)
-	}
 	return nil
 }
 
@@ -464,18 +463,36 @@ func (d *Dir) Open(ctx context.Context, key string) (io.ReadCloser, error) {
 		return nil, fmt.Errorf("open blob: %w", err)
 	}
 	f, err := os.Open(d.path(key))
-	if errors.Is(err, fs.ErrNotExist) {
-		if aside, _ := filepath.Glob(filepath.Join(d.tmp, asidePrefix+key+"-*")); len(aside) > 0 {
-			// DeleteIfUnchanged is looking at it, and may put it back:
-			// not known to be gone.
+	for try := 0; errors.Is(err, fs.ErrNotExist) && try < 3; try++ {
+		// DeleteIfUnchanged may be looking at it, and put it back: it is
+		// gone only if it is neither aside nor back under its name.
+		if d.isAside(key) {
 			return nil, fmt.Errorf("open blob %s: being deleted or kept; try again", key)
 		}
+		f, err = os.Open(d.path(key))
+	}
+	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("open blob %s: %w", key, ErrNotFound)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("open blob %s: %w", key, err)
 	}
 	return f, nil
+}
+
+// isAside reports whether DeleteIfUnchanged has key's bytes out of their
+// name.
+func (d *Dir) isAside(key string) bool {
+	entries, err := os.ReadDir(d.tmp)
+	if err != nil {
+		return false
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), asidePrefix+key+"-") {
+			return true
+		}
+	}
+	return false
 }
 
 // Stat returns the key and size of the bytes under key. See Store.Stat.
@@ -604,15 +621,10 @@ func (d *Dir) DeleteIfUnchanged(ctx context.Context, info Info) (bool, error) {
 		}
 		return true, nil
 	}
-	// Stored again meanwhile: put it back. Should a Put have published a
-	// copy since the rename, the same bytes replace it.
-	if err := os.Rename(aside, final); err != nil {
-		if err := d.putBack(aside, info.Key); err != nil {
-			return false, fmt.Errorf("delete blob %s: bytes stored again: %w", info.Key, err)
-		}
-		return false, nil
+	// Stored again meanwhile: put it back.
+	if err := d.putBack(aside, info.Key); err != nil {
+		return false, fmt.Errorf("delete blob %s: bytes stored again: %w", info.Key, err)
 	}
-	syncDir(filepath.Dir(final))
 	return false, nil
 }
 

@@ -841,3 +841,40 @@ func TestNewDirPutsBackBytesLeftAside(t *testing.T) {
 		t.Fatalf("left in tmp: %v", files)
 	}
 }
+
+// Bytes put back from aside over a copy a Put stored meanwhile keep the
+// touch that made them needed: the other copy's creator, failing, must not
+// remove them.
+func TestPutBackKeepsTheTouchedCopy(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	root := t.TempDir()
+	d, err := NewDir(DirConfig{Dir: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := d.Put(ctx, strings.NewReader("relied on"), 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !touch(d.path(first.Key)) { // another upload relies on them
+		t.Fatal("touch of stored bytes failed")
+	}
+	// A crash left them aside; then a Put stored them anew.
+	if err := os.Rename(d.path(first.Key), filepath.Join(d.tmp, asidePrefix+first.Key+"-crash")); err != nil {
+		t.Fatal(err)
+	}
+	again, err := d.Put(ctx, strings.NewReader("relied on"), 100)
+	if err != nil || !again.Created {
+		t.Fatalf("Put = %+v, %v; want new bytes", again, err)
+	}
+	if d, err = NewDir(DirConfig{Dir: root}); err != nil {
+		t.Fatal(err)
+	}
+	if gone, err := d.DeleteIfUnchanged(ctx, again); gone || err != nil {
+		t.Fatalf("DeleteIfUnchanged of the second copy = %v, %v; want kept: the first was touched", gone, err)
+	}
+	if got := readAll(t, d, first.Key); string(got) != "relied on" {
+		t.Fatalf("read %q", got)
+	}
+}

@@ -1472,8 +1472,19 @@ func (sub *subscription) writeDeadLetter(ctx context.Context, stream, id string,
 	if err != nil {
 		return fmt.Errorf("dead-letter %s/%s: %w", stream, id, err)
 	}
-	if err := sub.ackDeadLettered(ctx, stream, id); err != nil {
-		return errUnacked{fmt.Errorf("dead-letter %s/%s: written, but not acknowledged: %w", stream, id, err)}
+	// A few quick tries: an entry left pending is dead-lettered again when
+	// it comes back (a raw one, or one past MaxDeliveries).
+	ackErr := sub.ackDeadLettered(ctx, stream, id)
+	for wait := 50 * time.Millisecond; ackErr != nil && wait <= 200*time.Millisecond; wait *= 2 {
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return errUnacked{fmt.Errorf("dead-letter %s/%s: written, but not acknowledged: %w", stream, id, errors.Join(ackErr, ctx.Err()))}
+		}
+		ackErr = sub.ackDeadLettered(ctx, stream, id)
+	}
+	if ackErr != nil {
+		return errUnacked{fmt.Errorf("dead-letter %s/%s: written, but not acknowledged: %w", stream, id, ackErr)}
 	}
 	s.log.Error("message dead-lettered", "stream", origin, "entry_id", id, "attempts", attempts, "error", reason)
 	return nil

@@ -232,12 +232,13 @@ func TestPermanentErrorDeadLettersAtOnce(t *testing.T) {
 	}
 }
 
-// failFirstXAck fails, without sending it, the first pipeline holding an
-// XACK once the group's dead-letter stream has an entry.
+// failFirstXAck fails, without sending them, the first pipelines holding
+// an XACK once the group's dead-letter stream has an entry: more than
+// writeDeadLetter's own quick tries.
 type failFirstXAck struct {
-	rdb   *redis.Client
-	dlq   string
-	fired atomic.Bool
+	rdb    *redis.Client
+	dlq    string
+	failed atomic.Int32
 }
 
 func (h *failFirstXAck) DialHook(next redis.DialHook) redis.DialHook          { return next }
@@ -245,8 +246,8 @@ func (h *failFirstXAck) ProcessHook(next redis.ProcessHook) redis.ProcessHook { 
 func (h *failFirstXAck) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		for _, c := range cmds {
-			if strings.EqualFold(c.Name(), "xack") && !h.fired.Load() {
-				if n, _ := h.rdb.XLen(ctx, h.dlq).Result(); n > 0 && h.fired.CompareAndSwap(false, true) {
+			if strings.EqualFold(c.Name(), "xack") && h.failed.Load() < 5 {
+				if n, _ := h.rdb.XLen(ctx, h.dlq).Result(); n > 0 && h.failed.Add(1) <= 5 {
 					err := errors.New("connection lost (injected)")
 					for _, c := range cmds {
 						c.SetErr(err)
@@ -271,7 +272,7 @@ func TestDeadLetterAckRetriedAlone(t *testing.T) {
 	bus.RecordFailure(m, bus.Permanent(errors.New("bad input")))
 	m.Nack()
 	eventually(t, "acknowledged", func() bool {
-		return hook.fired.Load() && pendingCount(t, f.rdb, f.topic, f.group) == 0
+		return hook.failed.Load() >= 5 && pendingCount(t, f.rdb, f.topic, f.group) == 0
 	})
 	if n, err := bus.NewDeadLetters(f.rdb).Count(t.Context(), f.group); err != nil || n != 1 {
 		t.Fatalf("%d dead letters (%v), want the one", n, err)

@@ -462,12 +462,12 @@ func (b *byType) add(ev events.Event, id string) {
 // deadlocks between concurrent batches.
 func (b *byType) apply(ctx context.Context, tx *store.Tx) error {
 	sort.Stable(uploadsByDoc{b})
-	sortBy(b.processed, func(e *events.DocumentProcessed) string { return e.DocID })
-	sortBy(b.failed, func(e *events.DocumentProcessingFailed) string { return e.DocID })
-	sortBy(b.requested, func(e *events.EmailRequested) string { return e.EmailID })
-	sortBy(b.scheduled, func(e *events.EmailScheduled) string { return e.EmailID })
-	sortBy(b.sent, func(e *events.EmailSent) string { return e.EmailID })
-	sortBy(b.mailFail, func(e *events.EmailFailed) string { return e.EmailID })
+	sortBy(b.processed, func(e *events.DocumentProcessed) string { return strings.ToLower(e.DocID) })
+	sortBy(b.failed, func(e *events.DocumentProcessingFailed) string { return strings.ToLower(e.DocID) })
+	sortBy(b.requested, func(e *events.EmailRequested) string { return strings.ToLower(e.EmailID) })
+	sortBy(b.scheduled, func(e *events.EmailScheduled) string { return strings.ToLower(e.EmailID) })
+	sortBy(b.sent, func(e *events.EmailSent) string { return strings.ToLower(e.EmailID) })
+	sortBy(b.mailFail, func(e *events.EmailFailed) string { return strings.ToLower(e.EmailID) })
 	if len(b.uploaded) > 0 {
 		if err := tx.ApplyDocumentsUploaded(ctx, b.uploaded, b.uploadedIDs); err != nil {
 			return err
@@ -517,7 +517,7 @@ type uploadsByDoc struct{ b *byType }
 
 func (u uploadsByDoc) Len() int { return len(u.b.uploaded) }
 func (u uploadsByDoc) Less(i, j int) bool {
-	return u.b.uploaded[i].DocID < u.b.uploaded[j].DocID
+	return strings.ToLower(u.b.uploaded[i].DocID) < strings.ToLower(u.b.uploaded[j].DocID)
 }
 func (u uploadsByDoc) Swap(i, j int) {
 	u.b.uploaded[i], u.b.uploaded[j] = u.b.uploaded[j], u.b.uploaded[i]

@@ -430,6 +430,6 @@ func IsDataError(err error) bool {
 		return false
 	}
 	return pe.Code.Class() == "22" ||
-		pe.Code == "54000" && (pe.Routine == "_bt_check_third_page" || pe.Routine == "index_form_tuple" ||
+		pe.Code == "54000" && (pe.Routine == "_bt_check_third_page" || strings.HasPrefix(pe.Routine, "index_form_tuple") ||
 			pe.Routine == "" && strings.HasPrefix(pe.Message, "index row"))
 }

@@ -463,6 +463,9 @@ func TestIsDataError(t *testing.T) {
 		// Over the 2,704 bytes a btree entry may hold: PostgreSQL's
 		// "index row size exceeds maximum" (54000).
 		{"an event id too long for its index", inbox(incompressible(4000)), true},
+		// Over a page: refused while the index entry is formed
+		// (index_form_tuple, index_form_tuple_context from PostgreSQL 16).
+		{"an event id too long for an index page", inbox(incompressible(10_000)), true},
 		// The same code refuses every write near transaction id wraparound.
 		{"writes refused near wraparound", &pq.Error{Code: "54000", Routine: "GetNewTransactionId",
 			Message: `database is not accepting commands to avoid wraparound data loss in database "conveyor"`}, false},
