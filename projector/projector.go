@@ -261,9 +261,11 @@ func (p *Projector) work() {
 	}
 }
 
-// run applies a batch. If the batch transaction fails, each event is
-// retried in a transaction of its own, so one bad event cannot fail the
-// events it happened to share a batch with.
+// run applies a batch. If the batch transaction fails, the batch is
+// applied again in halves, each as run applies a batch: a half that fails
+// is halved again, down to single events. So one bad event cannot fail the
+// events it happened to share a batch with, and it costs about 2·log2(n)
+// transactions of a batch of n, not n.
 func (p *Projector) run(batch []*item) {
 	live := batch[:0:0]
 	for _, it := range batch {
@@ -297,16 +299,13 @@ func (p *Projector) run(batch []*item) {
 		}
 		return
 	}
-	p.log.Warn("batch transaction failed; applying its events one by one", "events", len(live), "error", err)
-	for _, it := range live {
-		// An event whose handler timed out during the batch is not
-		// applied: its delivery ends now, not after another try.
-		if err := it.ctx.Err(); err != nil {
-			it.done(err)
-			continue
-		}
-		it.done(permanentIfData(p.applyBatch([]*item{it})))
-	}
+	p.log.Warn("batch transaction failed; applying it in halves", "events", len(live), "error", err)
+	// An event whose handler timed out meanwhile is not applied again: run
+	// ends its delivery now, not after another try. Halves keep the
+	// order, so events of one row still apply in the order they came.
+	mid := len(live) / 2
+	p.run(live[:mid])
+	p.run(live[mid:])
 }
 
 // permanentIfData marks a single event's failure permanent when Postgres
