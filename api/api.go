@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -151,42 +152,33 @@ func (a *API) Handler() http.Handler {
 	a.route(mux, "POST /v1/events", a.postEvent)
 	a.route(mux, "POST /v1/events/batch", a.postEventBatch)
 	Ops(mux, a.cfg.Checks, a.cfg.Registry)
-	return a.recoverer(unrouted(mux))
+	mux.HandleFunc("/", unrouted(mux))
+	return a.recoverer(mux)
 }
 
-// unrouted answers, in JSON, what mux does not route: 404 for a path it
-// does not know, 405 (with Allow) for a method the path does not take.
-func unrouted(mux *http.ServeMux) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, pattern := mux.Handler(r); pattern != "" {
-			mux.ServeHTTP(w, r)
-			return
+// unrouted answers, in JSON, what no other pattern of mux matches: 405
+// (with Allow) for a path that other methods take, 404 otherwise. It asks
+// mux which methods the path takes only then, so routed requests are
+// matched once.
+func unrouted(mux *http.ServeMux) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var allow []string
+		for _, m := range []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete} {
+			probe := *r
+			probe.Method = m
+			if _, pattern := mux.Handler(&probe); pattern != "/" {
+				allow = append(allow, m)
+			}
 		}
-		// The mux's own answer tells 404 from 405 and names the allowed
-		// methods; only its plain-text body is replaced.
-		got := &headerRecorder{header: http.Header{}}
-		mux.ServeHTTP(got, r)
-		if got.status == http.StatusMethodNotAllowed {
-			allow := got.header.Get("Allow")
-			w.Header().Set("Allow", allow)
+		if len(allow) > 0 {
+			w.Header().Set("Allow", strings.Join(allow, ", "))
 			writeError(w, http.StatusMethodNotAllowed, "method_not_allowed",
-				r.Method+" is not allowed on "+r.URL.Path+"; allowed: "+allow)
+				r.Method+" is not allowed on "+r.URL.Path+"; allowed: "+strings.Join(allow, ", "))
 			return
 		}
 		writeError(w, http.StatusNotFound, "not_found", "no such endpoint: "+r.Method+" "+r.URL.Path)
-	})
+	}
 }
-
-// headerRecorder keeps the status and headers a handler writes, and drops
-// its body.
-type headerRecorder struct {
-	header http.Header
-	status int
-}
-
-func (h *headerRecorder) Header() http.Header         { return h.header }
-func (h *headerRecorder) Write(b []byte) (int, error) { return len(b), nil }
-func (h *headerRecorder) WriteHeader(status int)      { h.status = status }
 
 // Ops adds the operational endpoints every role serves: /healthz
 // (liveness, no dependencies), /readyz (dependencies; status words only) and

@@ -141,15 +141,14 @@ func (a *API) upload(r *http.Request) (int, any) {
 	if call := idemCallFrom(ctx); call != nil {
 		call.bodyFingerprint = up.fingerprint()
 	}
-	filename, declared, notify := up.filename, up.declared, up.notify
 	ev := &events.DocumentUploaded{
 		DocID:               events.NewID(),
-		Filename:            filename,
+		Filename:            up.filename,
 		Size:                info.Size,
 		SHA256:              info.SHA256,
 		BlobKey:             info.Key,
-		DeclaredContentType: declared,
-		Notify:              notify,
+		DeclaredContentType: up.declared,
+		Notify:              up.notify,
 		UploadedAt:          time.Now().UTC(),
 	}
 	view := DocumentView{

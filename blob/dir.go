@@ -597,8 +597,8 @@ func (d *Dir) Delete(ctx context.Context, key string) error {
 // The file is renamed out of its name first, and looked at after: a Put of
 // the same bytes that touched it before the rename is seen (and the file
 // is put back); one after the rename finds no file and publishes its own
-// copy. Modification times have nanoseconds on the file systems this runs
-// on (ext4, XFS), so a touch always changes the time.
+// copy. A touch always changes the time, even on file systems that count
+// in seconds (see touch).
 func (d *Dir) DeleteIfUnchanged(ctx context.Context, info Info) (bool, error) {
 	if err := d.check(ctx, info.Key); err != nil {
 		return false, fmt.Errorf("delete blob: %w", err)

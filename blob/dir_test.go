@@ -671,6 +671,18 @@ func TestDirWalk(t *testing.T) {
 	}
 }
 
+// wantStored checks that key holds content under its name and that nothing
+// is left in tmp (no temp file, no bytes aside).
+func wantStored(t *testing.T, d *Dir, key, content string) {
+	t.Helper()
+	if got := readAll(t, d, key); string(got) != content {
+		t.Fatalf("read %q, want %q", got, content)
+	}
+	if files, _ := os.ReadDir(d.tmp); len(files) != 0 {
+		t.Fatalf("left in tmp: %v", files)
+	}
+}
+
 // The cleanup of a failed upload removes the bytes its Put created, unless
 // another Put stored the same bytes since: that upload relies on them.
 func TestDeleteIfUnchanged(t *testing.T) {
@@ -704,12 +716,7 @@ func TestDeleteIfUnchanged(t *testing.T) {
 		if gone, err := d.DeleteIfUnchanged(ctx, first); gone || err != nil {
 			t.Fatalf("DeleteIfUnchanged = %v, %v; want kept: the second upload relies on them", gone, err)
 		}
-		if got := readAll(t, d, first.Key); string(got) != "shared" {
-			t.Fatalf("read %q after the kept delete", got)
-		}
-		if files, _ := os.ReadDir(d.tmp); len(files) != 0 {
-			t.Fatalf("left in tmp: %v", files)
-		}
+		wantStored(t, d, first.Key, "shared")
 	})
 }
 
@@ -834,12 +841,7 @@ func TestNewDirPutsBackBytesLeftAside(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := readAll(t, d, info.Key); string(got) != "needed" {
-		t.Fatalf("read %q after reopening", got)
-	}
-	if files, _ := os.ReadDir(d.tmp); len(files) != 0 {
-		t.Fatalf("left in tmp: %v", files)
-	}
+	wantStored(t, d, info.Key, "needed")
 }
 
 // Bytes put back from aside over a copy a Put stored meanwhile keep the
@@ -874,7 +876,5 @@ func TestPutBackKeepsTheTouchedCopy(t *testing.T) {
 	if gone, err := d.DeleteIfUnchanged(ctx, again); gone || err != nil {
 		t.Fatalf("DeleteIfUnchanged of the second copy = %v, %v; want kept: the first was touched", gone, err)
 	}
-	if got := readAll(t, d, first.Key); string(got) != "relied on" {
-		t.Fatalf("read %q", got)
-	}
+	wantStored(t, d, first.Key, "relied on")
 }
