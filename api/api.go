@@ -62,6 +62,12 @@ type Config struct {
 	Cache *cache.Client
 	// Idem keeps Idempotency-Key records and accepted markers. Required.
 	Idem *idem.Store
+	// IdempotencyLease bounds how long a request holds its Idempotency-Key
+	// before it has recorded its work, unless it keeps the claim: a running
+	// request extends it every third of the lease, so a slow upload keeps
+	// its key, while a request that dies blocks its key with 409 for at most
+	// this long. Defaults to 1 minute.
+	IdempotencyLease time.Duration
 	// CacheTTL defaults to 60s.
 	CacheTTL time.Duration
 	// MaxUploadBytes bounds an upload's file. Defaults to 32 MiB.
@@ -82,6 +88,9 @@ type Config struct {
 }
 
 func (c *Config) setDefaults() {
+	if c.IdempotencyLease == 0 {
+		c.IdempotencyLease = time.Minute
+	}
 	if c.CacheTTL == 0 {
 		c.CacheTTL = 60 * time.Second
 	}
@@ -122,6 +131,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Idem == nil {
 		errs = append(errs, errors.New("api: Idem is required"))
+	}
+	if c.IdempotencyLease < 0 {
+		errs = append(errs, errors.New("api: IdempotencyLease must be positive"))
 	}
 	return errors.Join(errs...)
 }

@@ -602,18 +602,25 @@ func TestPostDocument_retryAfterUnknownPrepare(t *testing.T) {
 }
 
 // lostWrites is a Redis client hook for a connection lost mid-write once
-// an idempotency key is claimed: a plain SET (not the claim's SET NX) is
-// written but its reply is lost, and DEL never reaches Redis.
+// an idempotency key is claimed: a write of the record (a plain SET, or the
+// owner-checked script's "set", not the claim's SET NX) is written but its
+// reply is lost, and a release (DEL, or the script's "release") never
+// reaches Redis.
 type lostWrites struct{}
 
 func (lostWrites) DialHook(next redis.DialHook) redis.DialHook { return next }
 
 func (lostWrites) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
+		args := cmd.Args()
+		script := cmd.Name() == "evalsha" || cmd.Name() == "eval"
 		switch {
-		case cmd.Name() == "set" && !slices.ContainsFunc(cmd.Args(), func(a any) bool { return a == "nx" }):
-			_ = next(ctx, cmd)
-		case cmd.Name() == "del":
+		case cmd.Name() == "set" && !slices.Contains(args, any("nx")),
+			script && slices.Contains(args, any("set")):
+			if err := next(ctx, cmd); err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT") {
+				return err // the client sends the script itself next
+			}
+		case cmd.Name() == "del", script && slices.Contains(args, any("release")):
 		default:
 			return next(ctx, cmd)
 		}
@@ -750,38 +757,93 @@ func TestPostDocument_idempotencyKey(t *testing.T) {
 	t.Run("a retry while the first upload still streams gets 409", func(t *testing.T) {
 		t.Parallel()
 		e := newEnv(t)
-		pr, pw := io.Pipe()
-		// Registered after the server's, so it runs first: a test that
-		// stops early ends the upload, and the server can close.
-		t.Cleanup(func() { _ = pw.CloseWithError(io.ErrUnexpectedEOF) })
-		mw := multipart.NewWriter(pw)
-		req := e.request(t, http.MethodPost, "/v1/documents", streamed{pr},
-			"Content-Type", mw.FormDataContentType(), "Idempotency-Key", "slow")
-		done := make(chan response, 1)
-		go func() {
-			r, err := e.send(req)
-			if err != nil {
-				t.Error(err)
-			}
-			done <- r
-		}()
-		fw, err := mw.CreateFormFile("file", "slow.txt")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := fw.Write([]byte("first half, ")); err != nil {
-			t.Fatal(err)
-		}
-		// The api writes the file to a temp file as it arrives: once one
-		// exists, the first request holds the key.
-		e.waitFor(t, "the upload's temp file", func() bool {
-			entries, _ := os.ReadDir(filepath.Join(e.blobDir, "tmp"))
-			return len(entries) > 0
-		})
+		finish := e.startSlowUpload(t, "slow")
 		r := e.upload(t, []part{filePart("slow.txt", []byte("other"))}, "Idempotency-Key", "slow")
 		wantError(t, r, http.StatusConflict, "request_in_progress")
+		e.acceptedOnce(t, finish(), "slow")
+	})
 
-		if _, err := fw.Write([]byte("second half")); err != nil {
+	// The first request keeps its claim for as long as it runs: a retry
+	// after several leases still finds it in progress.
+	t.Run("an upload slower than the key's lease keeps its key", func(t *testing.T) {
+		t.Parallel()
+		const lease = 600 * time.Millisecond
+		e := newEnv(t, withIdempotencyLease(lease))
+		finish := e.startSlowUpload(t, "slow")
+		time.Sleep(3 * lease)
+		r := e.upload(t, []part{filePart("slow.txt", []byte("other"))}, "Idempotency-Key", "slow")
+		wantError(t, r, http.StatusConflict, "request_in_progress")
+		e.acceptedOnce(t, finish(), "slow")
+	})
+
+	// A request stalled past its lease (a paused replica) whose key another
+	// request claimed meanwhile publishes nothing when it resumes, and
+	// leaves the other request's claim alone: that one does the work.
+	t.Run("an upload whose claim was taken over publishes nothing", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t)
+		finish := e.startSlowUpload(t, "slow")
+		rkey := "key:upload:slow"
+		if err := e.idem.Delete(t.Context(), rkey); err != nil { // the lease ran out
+			t.Fatal(err)
+		}
+		other, claimed, err := e.idem.Claim(t.Context(), rkey, "", time.Minute)
+		if err != nil || !claimed {
+			t.Fatalf("other request's claim: %v, %v", claimed, err)
+		}
+		wantError(t, finish(), http.StatusConflict, "request_in_progress")
+		e.noEntries(t, events.TypeDocumentUploaded)
+		rec, claimed, err := e.idem.Claim(t.Context(), rkey, "", time.Minute)
+		if err != nil || claimed || rec.Owner != other.Owner || rec.Pending != nil || rec.Done {
+			t.Errorf("record of the key %+v (claimed %v, %v), want the other request's claim", rec, claimed, err)
+		}
+		if files := e.blobFiles(t); len(files) != 0 {
+			t.Errorf("blob dir holds %v, want nothing: the upload was not accepted", files)
+		}
+	})
+}
+
+// slowBody is what startSlowUpload sends: its first half, then, when
+// finish is called, the rest.
+const slowBody = "first half, second half"
+
+// startSlowUpload starts an upload under Idempotency-Key key whose body
+// stops halfway, and returns once the api holds the key (its temp file
+// exists). finish sends the rest and returns the answer.
+func (e *env) startSlowUpload(t *testing.T, key string) (finish func() response) {
+	t.Helper()
+	pr, pw := io.Pipe()
+	// Registered after the server's, so it runs first: a test that
+	// stops early ends the upload, and the server can close.
+	t.Cleanup(func() { _ = pw.CloseWithError(io.ErrUnexpectedEOF) })
+	mw := multipart.NewWriter(pw)
+	req := e.request(t, http.MethodPost, "/v1/documents", streamed{pr},
+		"Content-Type", mw.FormDataContentType(), "Idempotency-Key", key)
+	done := make(chan response, 1)
+	go func() {
+		r, err := e.send(req)
+		if err != nil {
+			t.Error(err)
+		}
+		done <- r
+	}()
+	fw, err := mw.CreateFormFile("file", "slow.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	half := len(slowBody) / 2
+	if _, err := fw.Write([]byte(slowBody[:half])); err != nil {
+		t.Fatal(err)
+	}
+	// The api writes the file to a temp file as it arrives: once one
+	// exists, the first request holds the key.
+	e.waitFor(t, "the upload's temp file", func() bool {
+		entries, _ := os.ReadDir(filepath.Join(e.blobDir, "tmp"))
+		return len(entries) > 0
+	})
+	return func() response {
+		t.Helper()
+		if _, err := fw.Write([]byte(slowBody[half:])); err != nil {
 			t.Fatal(err)
 		}
 		if err := mw.Close(); err != nil {
@@ -790,21 +852,29 @@ func TestPostDocument_idempotencyKey(t *testing.T) {
 		if err := pw.Close(); err != nil {
 			t.Fatal(err)
 		}
-		id := wantAcceptedDocument(t, <-done)
-		// The same upload (CreateFormFile's part type included) is replayed.
-		same := part{name: "file", filename: "slow.txt", contentType: "application/octet-stream", content: []byte("first half, second half")}
-		r = e.upload(t, []part{same}, "Idempotency-Key", "slow")
-		if got := wantAcceptedDocument(t, r); got != id {
-			t.Errorf("retry after the first finished answered %s, want %s", got, id)
-		}
-		sum := sha256Hex([]byte("first half, second half"))
-		if files := e.blobFiles(t); !slices.Equal(files, []string{blobPath(sum)}) {
-			t.Errorf("blob dir holds %v, want only the first upload's bytes %s", files, blobPath(sum))
-		}
-		if n := len(e.entries(t, events.TypeDocumentUploaded)); n != 1 {
-			t.Errorf("%d document.uploaded entries, want 1", n)
-		}
-	})
+		return <-done
+	}
+}
+
+// acceptedOnce checks that first, the answer to startSlowUpload's upload,
+// accepted it, that a retry with the same upload and key replays it, and
+// that it was stored and published once.
+func (e *env) acceptedOnce(t *testing.T, first response, key string) {
+	t.Helper()
+	id := wantAcceptedDocument(t, first)
+	// The same upload (CreateFormFile's part type included) is replayed.
+	same := part{name: "file", filename: "slow.txt", contentType: "application/octet-stream", content: []byte(slowBody)}
+	r := e.upload(t, []part{same}, "Idempotency-Key", key)
+	if got := wantAcceptedDocument(t, r); got != id {
+		t.Errorf("retry after the first finished answered %s, want %s", got, id)
+	}
+	sum := sha256Hex([]byte(slowBody))
+	if files := e.blobFiles(t); !slices.Equal(files, []string{blobPath(sum)}) {
+		t.Errorf("blob dir holds %v, want only the first upload's bytes %s", files, blobPath(sum))
+	}
+	if n := len(e.entries(t, events.TypeDocumentUploaded)); n != 1 {
+		t.Errorf("%d document.uploaded entries, want 1", n)
+	}
 }
 
 // waitFor polls cond until it holds; the bound only ends a broken test.

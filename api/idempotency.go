@@ -12,15 +12,12 @@ import (
 	"github.com/conveyor/conveyor/idem"
 )
 
-// claimLease bounds how long a request holds its Idempotency-Key before it
-// has prepared its event; a request that dies in that window (or whose
-// release is lost with Redis) blocks its key with 409 for at most this long.
-const claimLease = 5 * time.Minute
-
 // idemCall is the Idempotency-Key of the request being served, handed to
 // accept through the context.
 type idemCall struct {
 	key, fingerprint string
+	// owner is the claim's token, which every write of the record names.
+	owner string
 	// bodyFingerprint is set by an operation whose fingerprint is known
 	// once it read the body (see idempotent's verify).
 	bodyFingerprint string
@@ -66,7 +63,7 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 		return
 	}
 	rkey := "key:" + scope + ":" + key
-	rec, claimed, err := a.cfg.Idem.Claim(r.Context(), rkey, fp, claimLease)
+	rec, claimed, err := a.cfg.Idem.Claim(r.Context(), rkey, fp, a.cfg.IdempotencyLease)
 	if err != nil {
 		a.log.Error("claim idempotency key", "error", err)
 		writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
@@ -95,13 +92,15 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 		}
 		return
 	}
-	call := &idemCall{key: rkey, fingerprint: fp}
+	call := &idemCall{key: rkey, fingerprint: fp, owner: rec.Owner}
+	stopKeeping := a.keepClaim(r.Context(), call)
 	status, body := op(r.WithContext(context.WithValue(r.Context(), idemCallKey{}, call)))
+	stopKeeping()
 	raw, _ := json.Marshal(body)
 	bg := context.WithoutCancel(r.Context())
 	switch {
 	case status >= 200 && status < 300:
-		if err := a.cfg.Idem.Complete(bg, rkey, idem.Record{Fingerprint: fp, BodyFingerprint: call.bodyFingerprint, Status: status, Body: raw}); err != nil {
+		if err := a.cfg.Idem.Complete(bg, rkey, idem.Record{Fingerprint: fp, BodyFingerprint: call.bodyFingerprint, Owner: call.owner, Status: status, Body: raw}); err != nil {
 			// A prepared record still answers retries correctly.
 			a.log.Error("store idempotent response", "error", err)
 		}
@@ -109,11 +108,51 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 		// The event may have been published: the record stays, and a
 		// retry finishes the request.
 	default:
-		if err := a.cfg.Idem.Release(bg, rkey); err != nil {
+		if err := a.cfg.Idem.Release(bg, rkey, call.owner); err != nil {
 			a.log.Error("release idempotency key", "error", err)
 		}
 	}
 	writeResult(w, status, raw)
+}
+
+// keepClaim extends call's claim every third of its lease until the returned
+// stop is called (which waits for it to stop), so that a request slower
+// than the lease keeps its key. Once the claim is lost (the request was
+// stalled past the lease and another request claimed the key), it stops:
+// Prepare then refuses, and this request publishes nothing.
+func (a *API) keepClaim(ctx context.Context, call *idemCall) (stop func()) {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(a.cfg.IdempotencyLease / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			err := a.cfg.Idem.Keep(ctx, call.key, call.owner, a.cfg.IdempotencyLease)
+			switch {
+			case errors.Is(err, idem.ErrClaimLost):
+				a.log.Warn("idempotency key claim lost while its request ran; the request will not publish", "key", call.key)
+				return
+			case err != nil && ctx.Err() == nil:
+				a.log.Warn("extend idempotency key claim; trying again", "key", call.key, "error", err)
+			}
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
+}
+
+// claimLost answers a request whose claim of its Idempotency-Key was lost
+// before it recorded its work: another request with the key now does it.
+func claimLost() acceptOutcome {
+	return acceptOutcome{status: http.StatusConflict, body: errBody("request_in_progress", "a request with this Idempotency-Key is still in progress")}
 }
 
 // finishPending answers a retry of a request that prepared its event: it
@@ -222,8 +261,12 @@ func (a *API) accept(ctx context.Context, viewKey string, view any, ev events.Ev
 		}
 		pending.ViewKey, pending.View = viewKey, rawView
 		rawResp, _ := json.Marshal(resp)
-		rec := idem.Record{Fingerprint: call.fingerprint, BodyFingerprint: call.bodyFingerprint, Status: http.StatusAccepted, Body: rawResp, Pending: pending}
+		rec := idem.Record{Fingerprint: call.fingerprint, BodyFingerprint: call.bodyFingerprint, Owner: call.owner, Status: http.StatusAccepted, Body: rawResp, Pending: pending}
 		if err := a.cfg.Idem.Prepare(ctx, call.key, rec); err != nil {
+			if errors.Is(err, idem.ErrClaimLost) {
+				a.log.Warn("idempotency key claimed by another request before this one recorded its work; not published", "key", call.key)
+				return claimLost()
+			}
 			a.log.Error("record prepared work", "event_type", ev.EventType(), "error", err)
 			// The record may have been written all the same (the Redis
 			// client retries a command whose connection broke), and if the

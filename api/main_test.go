@@ -76,6 +76,8 @@ type envConfig struct {
 	// checks returns the readiness checks; nil means those of production
 	// (the Redis and the database).
 	checks func(e *env) map[string]api.Check
+	// idemLease is the API's IdempotencyLease; 0 means its default.
+	idemLease time.Duration
 	// sharing, if set, is an env whose Redis prefix, database and blob
 	// directory this one uses: a second API replica of the same system.
 	sharing *env
@@ -99,6 +101,11 @@ func withIdemRedis(c redis.UniversalClient) envOption {
 // streams, database and stored bytes, its own Publisher.
 func withSharedState(other *env) envOption {
 	return func(cfg *envConfig) { cfg.sharing = other }
+}
+
+// withIdempotencyLease sets the API's IdempotencyLease.
+func withIdempotencyLease(d time.Duration) envOption {
+	return func(cfg *envConfig) { cfg.idemLease = d }
 }
 
 // withChecks sets the readiness checks, made once the env has its parts.
@@ -155,16 +162,17 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 		checks = cfg.checks(e)
 	}
 	a, err := api.New(api.Config{
-		Publisher:      pub,
-		Blobs:          blobs,
-		Reader:         e.store,
-		Cache:          e.cache,
-		Idem:           e.idem,
-		MaxUploadBytes: maxUpload,
-		MaxBatch:       maxBatch,
-		Checks:         checks,
-		Registry:       prometheus.NewRegistry(),
-		Logger:         discard,
+		Publisher:        pub,
+		Blobs:            blobs,
+		Reader:           e.store,
+		Cache:            e.cache,
+		Idem:             e.idem,
+		IdempotencyLease: cfg.idemLease,
+		MaxUploadBytes:   maxUpload,
+		MaxBatch:         maxBatch,
+		Checks:           checks,
+		Registry:         prometheus.NewRegistry(),
+		Logger:           discard,
 	})
 	if err != nil {
 		t.Fatal(err)

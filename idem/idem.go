@@ -9,6 +9,8 @@ package idem
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
@@ -103,55 +105,132 @@ func (s *Store) Delete(ctx context.Context, keys ...string) error {
 	return nil
 }
 
+// ErrClaimLost is returned by Prepare, Complete, Keep and Release when the
+// claim they act for is no longer the caller's: its lease ran out and
+// another request claimed the key, or the record was removed. The caller
+// must not publish work under the key; the other request does it.
+var ErrClaimLost = errors.New("idempotency key claim lost")
+
 // Claim starts an idempotent operation under key. If no record exists, it
-// stores a placeholder holding fingerprint and returns claimed = true: the
-// caller does the work, then calls Complete (or Release on failure). If a
-// record exists, it returns it: a completed record carries the stored
-// response; an in-progress one has Done = false.
+// stores a placeholder holding fingerprint and a random owner token for
+// lease, and returns it with claimed = true: the caller does the work
+// (calling Keep while it runs longer than a fraction of lease), then calls
+// Prepare and Complete (or Release on failure) with the returned record's
+// Owner. If a record exists, it returns it: a completed record carries the
+// stored response; an in-progress one has Done = false.
 func (s *Store) Claim(ctx context.Context, key, fingerprint string, lease time.Duration) (Record, bool, error) {
-	placeholder := Record{Fingerprint: fingerprint}
-	ok, err := s.rdb.SetNX(ctx, s.prefix+key, placeholder.encode(), lease).Result()
-	if err != nil {
-		return Record{}, false, fmt.Errorf("claim idempotency key: %w", err)
+	tok := make([]byte, 16)
+	_, _ = rand.Read(tok)
+	placeholder := Record{Fingerprint: fingerprint, Owner: hex.EncodeToString(tok)}
+	for {
+		ok, err := s.rdb.SetNX(ctx, s.prefix+key, placeholder.encode(), lease).Result()
+		if err != nil {
+			return Record{}, false, fmt.Errorf("claim idempotency key: %w", err)
+		}
+		if ok {
+			return placeholder, true, nil
+		}
+		raw, err := s.rdb.Get(ctx, s.prefix+key).Result()
+		if errors.Is(err, redis.Nil) {
+			continue // released or expired in between
+		}
+		if err != nil {
+			return Record{}, false, fmt.Errorf("read idempotency key: %w", err)
+		}
+		rec, err := decodeRecord(raw)
+		if err != nil {
+			return Record{}, false, fmt.Errorf("idempotency key record: %w", err)
+		}
+		return rec, false, nil
 	}
-	if ok {
-		return placeholder, true, nil
-	}
-	raw, err := s.rdb.Get(ctx, s.prefix+key).Result()
-	if errors.Is(err, redis.Nil) {
-		// Released or expired in between: try once more.
-		return s.Claim(ctx, key, fingerprint, lease)
-	}
-	if err != nil {
-		return Record{}, false, fmt.Errorf("read idempotency key: %w", err)
-	}
-	rec, err := decodeRecord(raw)
-	if err != nil {
-		return Record{}, false, fmt.Errorf("idempotency key record: %w", err)
-	}
-	return rec, false, nil
 }
 
-// Complete stores the response of a claimed operation for TTL.
+// ownedScript runs one write on an idempotency record only if the record
+// is still owned by ARGV[1]: KEYS[1] is the record; ARGV[2] is the
+// action: "set" (ARGV[3] the new record, ARGV[4] its TTL in ms), "keep"
+// (ARGV[4] the lease in ms) or "release". keep and release act only on a
+// claim that is not prepared, whose work was not recorded yet. It returns
+// 1 when it acted, 0 when the record is gone or owned by another request.
+// A record of a replica that predates owners has none, and matches no
+// owner: that request is served by that replica, which writes without
+// looking.
+var ownedScript = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local ok, r = pcall(cjson.decode, v)
+if not ok or type(r) ~= 'table' or r.own ~= ARGV[1] then return 0 end
+local placeholder = r.done ~= true and (r.pending == nil or r.pending == cjson.null)
+if ARGV[2] == 'set' then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+elseif ARGV[2] == 'keep' then
+  if not placeholder then return 1 end
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+elseif ARGV[2] == 'release' then
+  if not placeholder then return 0 end
+  redis.call('DEL', KEYS[1])
+end
+return 1`)
+
+// owned runs ownedScript; it returns ErrClaimLost when the script did not
+// act.
+func (s *Store) owned(ctx context.Context, what, key, owner, action, rec string, ttl time.Duration) error {
+	if owner == "" {
+		return fmt.Errorf("%s idempotency key %s: no owner", what, key)
+	}
+	n, err := ownedScript.Run(ctx, s.rdb, []string{s.prefix + key}, owner, action, rec, ttl.Milliseconds()).Int()
+	if err != nil {
+		return fmt.Errorf("%s idempotency key %s: %w", what, key, err)
+	}
+	if n == 0 {
+		return fmt.Errorf("%s idempotency key %s: %w", what, key, ErrClaimLost)
+	}
+	return nil
+}
+
+// Keep extends the lease of a claim that is still the caller's and not yet
+// prepared, so that work slower than the lease keeps its key. A prepared
+// record is kept for TTL already; Keep leaves it.
+func (s *Store) Keep(ctx context.Context, key, owner string, lease time.Duration) error {
+	return s.owned(ctx, "keep", key, owner, "keep", "", lease)
+}
+
+// Complete stores the response of an operation under key for TTL, if the
+// key is still owned by rec.Owner (the claim's owner, or the owner of a
+// prepared record that a retry finishes).
+//
+// A prepared record written by a replica that predates owners has none; a
+// retry that finishes it completes it unconditionally, as those replicas
+// did (it was prepared, so it is never released or claimed again).
 func (s *Store) Complete(ctx context.Context, key string, rec Record) error {
 	rec.Done = true
 	rec.Pending = nil
-	return s.Put(ctx, key, rec.encode(), 0)
+	if rec.Owner == "" {
+		return s.Put(ctx, key, rec.encode(), 0)
+	}
+	return s.owned(ctx, "complete", key, rec.Owner, "set", rec.encode(), s.ttl)
 }
 
-// Prepare records, under a claimed key, the event the operation is about
-// to publish and the response it will give, for TTL. From then on the key
-// is never released: the publish may have happened even if it reported an
-// error, so a retry must finish it rather than start over.
+// Prepare records, under a key claimed by rec.Owner, the event the
+// operation is about to publish and the response it will give, for TTL.
+// From then on the key is never released: the publish may have happened
+// even if it reported an error, so a retry must finish it rather than
+// start over. It returns ErrClaimLost if the claim is no longer the
+// caller's; the operation must then not publish.
 func (s *Store) Prepare(ctx context.Context, key string, rec Record) error {
 	if rec.Pending == nil {
 		return errors.New("prepare idempotency key: no pending event")
 	}
 	rec.Done = false
-	return s.Put(ctx, key, rec.encode(), 0)
+	return s.owned(ctx, "prepare", key, rec.Owner, "set", rec.encode(), s.ttl)
 }
 
-// Release drops a claim whose operation failed, so a retry can run it.
-func (s *Store) Release(ctx context.Context, key string) error {
-	return s.Delete(ctx, key)
+// Release drops a claim of owner whose operation failed before it was
+// prepared, so a retry can run it. A claim that is another request's by
+// now, or that was prepared, is left.
+func (s *Store) Release(ctx context.Context, key, owner string) error {
+	err := s.owned(ctx, "release", key, owner, "release", "", 0)
+	if errors.Is(err, ErrClaimLost) {
+		return nil
+	}
+	return err
 }

@@ -16,6 +16,9 @@ type Record struct {
 	// request's body. (A field of its own: replicas that predate it read
 	// Fingerprint only, and keep replaying.)
 	BodyFingerprint string `json:"bfp,omitempty"`
+	// Owner is the random token of the request that claimed the key; only
+	// it may prepare, complete or release the record (see Claim).
+	Owner string `json:"own,omitempty"`
 	// Done is false while the first request is still running.
 	Done bool `json:"done"`
 	// Status and Body are the stored response.

@@ -1,0 +1,172 @@
+package idem_test
+
+import (
+	"encoding/json"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/conveyor/conveyor/idem"
+	"github.com/conveyor/conveyor/internal/testenv"
+)
+
+// TestMain stops the shared redis-server after the tests.
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+func newStore(t *testing.T) (*idem.Store, func(key string) string) {
+	t.Helper()
+	prefix := testenv.Prefix(t)
+	s, err := idem.New(idem.Config{Redis: testenv.Redis(t), Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, func(key string) string { return prefix + key }
+}
+
+func pending(id string) *idem.Pending {
+	return &idem.Pending{EventType: "email.requested", EventID: id, Payload: json.RawMessage(`{}`)}
+}
+
+// TestClaimOwner: only the request that holds a claim writes its record. A
+// first request whose claim ran out while it worked, and which a second
+// request then claimed, can neither prepare, complete, keep nor release
+// it; the second request's claim and work stay.
+func TestClaimOwner(t *testing.T) {
+	t.Parallel()
+	s, full := newStore(t)
+	rdb := testenv.Redis(t)
+	ctx := t.Context()
+
+	first, claimed, err := s.Claim(ctx, "k", "fp", time.Minute)
+	if err != nil || !claimed || first.Owner == "" {
+		t.Fatalf("first claim: %+v, %v, %v; want claimed with an owner", first, claimed, err)
+	}
+	if rec, claimed, err := s.Claim(ctx, "k", "fp", time.Minute); err != nil || claimed || rec.Done || rec.Pending != nil {
+		t.Fatalf("claim of a claimed key: %+v, %v, %v; want the in-progress record", rec, claimed, err)
+	}
+
+	// The first claim runs out; a second request claims the key.
+	if err := rdb.Del(ctx, full("k")).Err(); err != nil {
+		t.Fatal(err)
+	}
+	second, claimed, err := s.Claim(ctx, "k", "fp", time.Minute)
+	if err != nil || !claimed || second.Owner == first.Owner {
+		t.Fatalf("second claim: %+v, %v, %v; want claimed with an owner of its own", second, claimed, err)
+	}
+
+	late := idem.Record{Fingerprint: "fp", Owner: first.Owner, Status: 202, Body: json.RawMessage(`{"id":"first"}`), Pending: pending("first")}
+	for name, err := range map[string]error{
+		"prepare":  s.Prepare(ctx, "k", late),
+		"complete": s.Complete(ctx, "k", late),
+		"keep":     s.Keep(ctx, "k", first.Owner, time.Hour),
+	} {
+		if !errors.Is(err, idem.ErrClaimLost) {
+			t.Errorf("%s by the first request: %v, want ErrClaimLost", name, err)
+		}
+	}
+	if err := s.Release(ctx, "k", first.Owner); err != nil {
+		t.Errorf("release by the first request: %v, want nil (nothing to release)", err)
+	}
+	rec, claimed, err := s.Claim(ctx, "k", "fp", time.Minute)
+	if err != nil || claimed || rec.Owner != second.Owner || rec.Pending != nil || rec.Done {
+		t.Fatalf("after the first request's writes: %+v, %v, %v; want the second request's claim", rec, claimed, err)
+	}
+	if ttl := rdb.PTTL(ctx, full("k")).Val(); ttl > time.Minute {
+		t.Errorf("claim's TTL %s after the first request's keep, want at most its lease", ttl)
+	}
+
+	// The second request's writes land.
+	own := idem.Record{Fingerprint: "fp", Owner: second.Owner, Status: 202, Body: json.RawMessage(`{"id":"second"}`), Pending: pending("second")}
+	if err := s.Prepare(ctx, "k", own); err != nil {
+		t.Fatalf("prepare by the owner: %v", err)
+	}
+	if rec, _, _ := s.Claim(ctx, "k", "fp", time.Minute); rec.Pending == nil || rec.Pending.EventID != "second" {
+		t.Fatalf("after prepare: %+v, want the second request's event", rec)
+	}
+	if err := s.Complete(ctx, "k", own); err != nil {
+		t.Fatalf("complete by the owner: %v", err)
+	}
+	if rec, _, _ := s.Claim(ctx, "k", "fp", time.Minute); !rec.Done || string(rec.Body) != `{"id":"second"}` {
+		t.Errorf("after complete: %+v, want the second request's response", rec)
+	}
+}
+
+// TestKeep: a claim kept by its owner outlives its lease; a prepared
+// record keeps its TTL (Keep does not shorten it) and is never released.
+func TestKeep(t *testing.T) {
+	t.Parallel()
+	s, full := newStore(t)
+	rdb := testenv.Redis(t)
+	ctx := t.Context()
+
+	rec, claimed, err := s.Claim(ctx, "k", "fp", 300*time.Millisecond)
+	if err != nil || !claimed {
+		t.Fatalf("claim: %v, %v", claimed, err)
+	}
+	for range 6 { // 600 ms: twice the lease
+		time.Sleep(100 * time.Millisecond)
+		if err := s.Keep(ctx, "k", rec.Owner, 300*time.Millisecond); err != nil {
+			t.Fatalf("keep: %v", err)
+		}
+	}
+	if got, claimed, err := s.Claim(ctx, "k", "fp", time.Minute); err != nil || claimed || got.Owner != rec.Owner {
+		t.Fatalf("after keeping the claim past its lease: %+v, %v, %v; want it still held", got, claimed, err)
+	}
+
+	rec.Pending = pending("e1")
+	if err := s.Prepare(ctx, "k", rec); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Keep(ctx, "k", rec.Owner, 300*time.Millisecond); err != nil {
+		t.Fatalf("keep of a prepared record: %v", err)
+	}
+	if ttl := rdb.PTTL(ctx, full("k")).Val(); ttl < time.Hour {
+		t.Errorf("prepared record's TTL %s after keep, want the records' TTL", ttl)
+	}
+	if err := s.Release(ctx, "k", rec.Owner); err != nil {
+		t.Fatal(err)
+	}
+	if got, claimed, _ := s.Claim(ctx, "k", "fp", time.Minute); claimed || got.Pending == nil {
+		t.Errorf("a prepared record was released: %+v, claimed %v", got, claimed)
+	}
+}
+
+// TestRelease: the owner's release frees the key for a retry.
+func TestRelease(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	ctx := t.Context()
+	rec, _, err := s.Claim(ctx, "k", "fp", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Release(ctx, "k", rec.Owner); err != nil {
+		t.Fatal(err)
+	}
+	if _, claimed, err := s.Claim(ctx, "k", "fp", time.Minute); err != nil || !claimed {
+		t.Errorf("claim after release: %v, %v; want claimed", claimed, err)
+	}
+}
+
+// TestCompleteOwnerless: a prepared record written by a replica that
+// predates owners is completed by the retry that finishes it.
+func TestCompleteOwnerless(t *testing.T) {
+	t.Parallel()
+	s, full := newStore(t)
+	rdb := testenv.Redis(t)
+	ctx := t.Context()
+	old := `{"fp":"fp","done":false,"status":202,"body":{"id":"e1"},"pending":{"type":"email.requested","id":"e1","payload":{}}}`
+	if err := rdb.Set(ctx, full("k"), old, time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	rec, claimed, err := s.Claim(ctx, "k", "fp", time.Minute)
+	if err != nil || claimed || rec.Pending == nil || rec.Owner != "" {
+		t.Fatalf("claim: %+v, %v, %v; want the old prepared record", rec, claimed, err)
+	}
+	if err := s.Complete(ctx, "k", rec); err != nil {
+		t.Fatalf("complete: %v", err)
+	}
+	if got, _, _ := s.Claim(ctx, "k", "fp", time.Minute); !got.Done || string(got.Body) != `{"id":"e1"}` {
+		t.Errorf("after complete: %+v, want done", got)
+	}
+}
