@@ -15,14 +15,21 @@ import (
 const EmailGroup = "email-sender"
 
 // Marks records that an effect happened, keyed by id, with set-if-absent
-// semantics. The email sender marks a sent email so a redelivered request
-// does not send it again.
+// semantics, and holds locks. The email sender marks a sent email so a
+// redelivered request does not send it again, and locks an email while it
+// sends it, so that two deliveries of one email at once (the request
+// published twice) do not both send it. *idem.Store implements it.
 type Marks interface {
 	// Get returns the value recorded for key, if any.
 	Get(ctx context.Context, key string) (string, bool, error)
 	// Set records value under key unless something is recorded already; it
 	// reports whether it recorded.
 	Set(ctx context.Context, key, value string) (bool, error)
+	// Lock takes the lock key for lease unless it is held; it returns the
+	// token that releases it.
+	Lock(ctx context.Context, key string, lease time.Duration) (token string, ok bool, err error)
+	// Unlock releases the lock key if token still holds it.
+	Unlock(ctx context.Context, key, token string) error
 }
 
 // EmailSenderConfig configures an EmailSender.
@@ -90,30 +97,71 @@ func (s *EmailSender) Register(r *bus.Router, opts ...bus.HandlerOption) error {
 	return bus.Handle(r, EmailGroup, s.Handle, opts...)
 }
 
-func sentKey(emailID string) string { return "email-sent:" + emailID }
+func sentKey(emailID string) string    { return "email-sent:" + emailID }
+func sendingKey(emailID string) string { return "email-sending:" + emailID }
+
+// afterSendTimeout bounds what follows a send the server accepted (the
+// sent mark, the email.sent event). It runs even when the handler's context
+// is cancelled (shutdown, the handler timeout): a mark given up on sends
+// the mail again on the redelivery.
+const afterSendTimeout = 30 * time.Second
+
+// errSendingElsewhere is returned while another delivery of the same email
+// is sending it; the retry finds it sent, or sends it if that send failed.
+var errSendingElsewhere = errors.New("another delivery of this email is sending it")
 
 // Handle sends one requested email.
 //
 // The sent mark is keyed by the email id and written only after the server
 // accepted the mail. A crash between the two sends the mail again on
 // redelivery: that window (one SET) is as small as an at-least-once world
-// allows, and the Message-ID lets receivers drop the copy.
+// allows, and the Message-ID lets receivers drop the copy. Two deliveries
+// of one email at once take turns: each sends only under the email's lock,
+// and looks at the mark again once it holds it.
 func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) error {
 	env, _ := bus.EnvelopeFrom(ctx)
 	parent := env.ID
 	if parent == "" {
 		parent = ev.EmailID
 	}
-	if _, sent, err := s.cfg.Marks.Get(ctx, sentKey(ev.EmailID)); err != nil {
-		return fmt.Errorf("check sent mark of email %s: %w", ev.EmailID, err)
-	} else if sent {
+	sent, err := s.sent(ctx, ev.EmailID)
+	if err != nil {
+		return err
+	}
+	if sent {
 		// Sent before; the publish below may not have happened then.
 		s.cfg.Logger.InfoContext(ctx, "email already sent; not sending again", "email_id", ev.EmailID, "event_id", env.ID)
 		return s.publishSent(ctx, parent, ev)
 	}
 
+	// The lock outlasts the longest send (the SMTP mailer's connection,
+	// then its message, each within Timeout), so it is only ever taken
+	// over from a holder that died.
+	token, locked, err := s.cfg.Marks.Lock(ctx, sendingKey(ev.EmailID), 2*s.cfg.Timeout+afterSendTimeout)
+	if err != nil {
+		return fmt.Errorf("lock email %s for sending: %w", ev.EmailID, err)
+	}
+	if !locked {
+		return fmt.Errorf("email %s: %w", ev.EmailID, errSendingElsewhere)
+	}
+	unlock := func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), afterSendTimeout)
+		defer cancel()
+		if err := s.cfg.Marks.Unlock(ctx, sendingKey(ev.EmailID), token); err != nil {
+			// It ends with its lease.
+			s.cfg.Logger.WarnContext(ctx, "unlock email after sending", "email_id", ev.EmailID, "error", err)
+		}
+	}
+	defer unlock()
+	// A delivery that held the lock until just now may have sent it.
+	if sent, err := s.sent(ctx, ev.EmailID); err != nil {
+		return err
+	} else if sent {
+		return s.publishSent(ctx, parent, ev)
+	}
+
 	sendCtx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
-	err := s.cfg.Mailer.Send(sendCtx, Mail{
+	err = s.cfg.Mailer.Send(sendCtx, Mail{
 		ID: ev.EmailID, From: s.cfg.From, To: ev.To, Subject: ev.Subject, Body: ev.Body, Date: ev.RequestedAt,
 	})
 	cancel()
@@ -123,10 +171,21 @@ func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) err
 		}
 		return fmt.Errorf("send email %s: %w", ev.EmailID, err)
 	}
-	if err := s.markSent(ctx, ev.EmailID); err != nil {
+	after, cancel := context.WithTimeout(context.WithoutCancel(ctx), afterSendTimeout)
+	defer cancel()
+	if err := s.markSent(after, ev.EmailID); err != nil {
 		return err
 	}
-	return s.publishSent(ctx, parent, ev)
+	return s.publishSent(after, parent, ev)
+}
+
+// sent reports whether the email's sent mark is there.
+func (s *EmailSender) sent(ctx context.Context, emailID string) (bool, error) {
+	_, sent, err := s.cfg.Marks.Get(ctx, sentKey(emailID))
+	if err != nil {
+		return false, fmt.Errorf("check sent mark of email %s: %w", emailID, err)
+	}
+	return sent, nil
 }
 
 // markSent records the send. It tries hard: failing here means the mail is

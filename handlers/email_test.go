@@ -1,8 +1,10 @@
 package handlers_test
 
 import (
+	"context"
 	"net/mail"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -327,5 +329,115 @@ func TestEmailThroughRouter(t *testing.T) {
 				t.Errorf("Mailpit received %d mails, want %d", mails, tt.wantMails)
 			}
 		})
+	}
+}
+
+// countingMailer counts sends; the first waits for hold (if set), and
+// each runs then (if set) before it succeeds, as a server that accepts the
+// mail.
+type countingMailer struct {
+	sends atomic.Int64
+	hold  chan struct{}
+	then  func()
+}
+
+func (m *countingMailer) Send(ctx context.Context, _ handlers.Mail) error {
+	if m.sends.Add(1) == 1 && m.hold != nil {
+		<-m.hold
+	}
+	if m.then != nil {
+		m.then()
+	}
+	return nil
+}
+
+// TestEmailConcurrentDeliveries: two deliveries of one email at once (the
+// request published twice) send it once. The second finds the email being
+// sent and is retried; its retry finds it sent, and does not send.
+func TestEmailConcurrentDeliveries(t *testing.T) {
+	t.Parallel()
+	f := newBus(t)
+	marks := newMarks(t, f)
+	mailer := &countingMailer{hold: make(chan struct{})}
+	s := newSender(t, f, mailer, marks)
+	req := request("reader@example.com", "Hello", "Body.")
+
+	first := make(chan error, 1)
+	go func() {
+		ctx, _ := handling(t, events.TypeEmailRequested)
+		first <- s.Handle(ctx, req)
+	}()
+	deadline := time.Now().Add(liveness)
+	for mailer.sends.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	ctx, _ := handling(t, events.TypeEmailRequested)
+	err := s.Handle(ctx, req)
+	if err == nil || bus.IsPermanent(err) || !strings.Contains(err.Error(), "another delivery of this email is sending it") {
+		t.Errorf("second delivery during the first's send: %v, want a retryable error", err)
+	}
+	close(mailer.hold)
+	if err := <-first; err != nil {
+		t.Fatalf("first delivery: %v", err)
+	}
+	retry, _ := handling(t, events.TypeEmailRequested)
+	if err := s.Handle(retry, req); err != nil {
+		t.Fatalf("retry of the second delivery: %v", err)
+	}
+	if n := mailer.sends.Load(); n != 1 {
+		t.Errorf("%d sends, want 1", n)
+	}
+	if n := len(f.entries(t, events.TypeEmailSent)); n != 2 {
+		t.Errorf("%d email.sent published, want one per completed delivery (2)", n)
+	}
+	if n, err := f.rdb.Exists(t.Context(), f.prefix+"idem:email-sending:"+req.EmailID).Result(); err != nil || n != 0 {
+		t.Errorf("sending lock left after the sends (%d, %v)", n, err)
+	}
+
+	// A failed send lets the next delivery send at once.
+	down := newSender(t, f, newSMTP(t, "smtp://"+closedPort(t)+"?tls=none"), marks)
+	other := request("reader@example.com", "Hello", "Body.")
+	ctx, _ = handling(t, events.TypeEmailRequested)
+	if err := down.Handle(ctx, other); err == nil || !strings.Contains(err.Error(), "send email") {
+		t.Fatalf("send to a closed port: %v, want a send error", err)
+	}
+	ctx, _ = handling(t, events.TypeEmailRequested)
+	if err := s.Handle(ctx, other); err != nil {
+		t.Fatalf("delivery after a failed send: %v", err)
+	}
+	if n := mailer.sends.Load(); n != 2 {
+		t.Errorf("%d sends, want 2", n)
+	}
+}
+
+// TestEmailCancelledAfterAcceptance: the handler's context is cancelled
+// (shutdown, the handler timeout) while the server accepts the mail. The
+// send is recorded all the same, so the redelivery does not send it again.
+func TestEmailCancelledAfterAcceptance(t *testing.T) {
+	t.Parallel()
+	f := newBus(t)
+	marks := newMarks(t, f)
+	mailer := &countingMailer{}
+	s := newSender(t, f, mailer, marks)
+	req := request("reader@example.com", "Hello", "Body.")
+	hctx, _ := handling(t, events.TypeEmailRequested)
+	ctx, cancel := context.WithCancel(hctx)
+	mailer.then = cancel
+	if err := s.Handle(ctx, req); err != nil {
+		t.Errorf("Handle cancelled after the server accepted: %v, want nil", err)
+	}
+	if _, ok, err := marks.Get(t.Context(), "email-sent:"+req.EmailID); err != nil || !ok {
+		t.Errorf("sent mark = %t, %v; want it recorded", ok, err)
+	}
+	mailer.then = nil
+	again, _ := handling(t, events.TypeEmailRequested)
+	if err := s.Handle(again, req); err != nil {
+		t.Fatalf("redelivery: %v", err)
+	}
+	if n := mailer.sends.Load(); n != 1 {
+		t.Errorf("%d sends, want 1", n)
+	}
+	if n := len(f.entries(t, events.TypeEmailSent)); n != 2 {
+		t.Errorf("%d email.sent published, want 2", n)
 	}
 }

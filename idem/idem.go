@@ -234,3 +234,32 @@ func (s *Store) Release(ctx context.Context, key, owner string) error {
 	}
 	return err
 }
+
+// Lock takes a lock named key for lease, unless another holder has it,
+// and returns its token; ok is false if it is held. A holder that dies
+// keeps it until the lease ends.
+func (s *Store) Lock(ctx context.Context, key string, lease time.Duration) (token string, ok bool, err error) {
+	tok := make([]byte, 16)
+	_, _ = rand.Read(tok)
+	token = hex.EncodeToString(tok)
+	ok, err = s.rdb.SetNX(ctx, s.prefix+key, token, lease).Result()
+	if err != nil {
+		return "", false, fmt.Errorf("lock %s: %w", key, err)
+	}
+	return token, ok, nil
+}
+
+var unlockScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0`)
+
+// Unlock releases the lock key if token still holds it (its lease may have
+// ended, and another holder taken it).
+func (s *Store) Unlock(ctx context.Context, key, token string) error {
+	if err := unlockScript.Run(ctx, s.rdb, []string{s.prefix + key}, token).Err(); err != nil {
+		return fmt.Errorf("unlock %s: %w", key, err)
+	}
+	return nil
+}
