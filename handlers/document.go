@@ -113,7 +113,13 @@ func (p *DocumentProcessor) Handle(ctx context.Context, ev *events.DocumentUploa
 	case err != nil:
 		return err
 	}
-	summary, err := p.cfg.Summarizer.Summarize(ctx, ex.Text)
+	// A document with no text (whitespace, images only) has nothing to
+	// summarize: a model asked about nothing answers with a request for the
+	// document, which would be stored and mailed as its summary.
+	var summary string
+	if strings.TrimSpace(ex.Text) != "" {
+		summary, err = p.cfg.Summarizer.Summarize(ctx, ex.Text)
+	}
 	if err != nil {
 		if bus.IsLastAttempt(ctx) {
 			return p.fail(ctx, parent, ev, ex.ContentType, fmt.Sprintf("summarizer failed %d times: %v", bus.Attempt(ctx), err))

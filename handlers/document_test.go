@@ -521,3 +521,33 @@ func TestDocumentThroughRouter(t *testing.T) {
 		})
 	}
 }
+
+// TestDocumentWithoutTextIsNotSummarized: a document with no text is
+// processed (0 words, no summary) without asking the summarizer, which
+// would answer something about the missing document.
+func TestDocumentWithoutTextIsNotSummarized(t *testing.T) {
+	t.Parallel()
+	f := newBus(t)
+	blobs := newBlobs(t)
+	srv := newChatServer(t, answer("Please provide the document."))
+	p := newProcessor(t, handlers.DocumentProcessorConfig{
+		Blobs:      blobs,
+		Publisher:  f.pub,
+		Summarizer: handlers.OpenAI{URL: srv.URL, ModelName: "m", Client: srv.Client()},
+	})
+	up := put(t, blobs, "blank.txt", " \n\t\n  \n", "")
+	ctx, _ := handling(t, events.TypeDocumentUploaded)
+	if err := p.Handle(ctx, up); err != nil {
+		t.Fatalf("Handle = %v", err)
+	}
+	got := f.entries(t, events.TypeDocumentProcessed)
+	if len(got) != 1 {
+		t.Fatalf("%d document.processed published, want 1", len(got))
+	}
+	if ev := decode[events.DocumentProcessed](t, got[0]); ev.Words != 0 || ev.Summary != "" {
+		t.Errorf("document.processed = %+v, want 0 words and no summary", ev)
+	}
+	if n := len(srv.calls()); n != 0 {
+		t.Errorf("summarizer asked %d times, want never", n)
+	}
+}

@@ -252,6 +252,26 @@ func TestEmailThroughRouter(t *testing.T) {
 			reason:       "smtp send",
 		},
 		{
+			// The relay refuses the sender, not the message: a setup
+			// problem that every email shares, left to the retries.
+			name:         "sender refused: failed after the retries",
+			url:          refusingSMTP(t, "550 5.7.1 sender address rejected"),
+			to:           "reader@allowed.test",
+			outcome:      events.TypeEmailFailed,
+			suffix:       "failed",
+			wantAttempts: 2,
+			reason:       "550",
+		},
+		{
+			name:         "message too large for the relay: failed without a retry",
+			url:          refusingSMTP(t, "552 5.3.4 message size exceeds fixed limit"),
+			to:           "reader@allowed.test",
+			outcome:      events.TypeEmailFailed,
+			suffix:       "failed",
+			wantAttempts: 1,
+			reason:       "552",
+		},
+		{
 			name:         "rejected: failed without a retry",
 			url:          mp.SMTPURL,
 			to:           "reader@elsewhere.test",

@@ -168,10 +168,20 @@ func quit(client *gomail.Client, conn *smtp.Client) {
 }
 
 // sendError wraps an error of an SMTP conversation that did not deliver the
-// message: permanent for a 5xx reply, to be retried otherwise.
+// message: permanent for a 5xx reply about the message or its recipient,
+// to be retried otherwise.
+//
+// A 5xx reply to MAIL FROM refuses the sender: this service's From
+// address, its account or its quota. That is setup every email shares, not
+// something wrong with this one, so it is retried (an operator can fix it
+// within RETRY_MAX_ATTEMPTS), except 552, a message larger than the
+// server takes.
 func sendError(err error) error {
 	var se *gomail.SendError
 	if errors.As(err, &se) && !se.IsTemp() && se.ErrorCode() >= 500 {
+		if se.Reason == gomail.ErrSMTPMailFrom && se.ErrorCode() != 552 {
+			return fmt.Errorf("smtp refused the sender: %w", err)
+		}
 		return bus.Permanent(fmt.Errorf("smtp rejected the message: %w", err))
 	}
 	return fmt.Errorf("smtp send: %w", err)

@@ -1,10 +1,13 @@
 package handlers_test
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -210,4 +213,49 @@ func runRouter(t *testing.T, r *bus.Router) {
 	case <-time.After(liveness):
 		t.Fatalf("router not running after %s", liveness)
 	}
+}
+
+// refusingSMTP starts an SMTP server on 127.0.0.1 that greets, answers
+// EHLO, and answers MAIL FROM with reply (say "550 5.7.1 sender
+// rejected"), as a relay that refuses this service's sender address. It
+// returns the server's smtp:// URL.
+func refusingSMTP(t *testing.T, reply string) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(liveness))
+				r := bufio.NewReader(c)
+				fmt.Fprint(c, "220 refusing.test ESMTP\r\n")
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					switch cmd := strings.ToUpper(strings.TrimSpace(line)); {
+					case strings.HasPrefix(cmd, "EHLO"), strings.HasPrefix(cmd, "HELO"):
+						fmt.Fprint(c, "250 refusing.test\r\n")
+					case strings.HasPrefix(cmd, "MAIL FROM"):
+						fmt.Fprint(c, reply+"\r\n")
+					case cmd == "QUIT":
+						fmt.Fprint(c, "221 bye\r\n")
+						return
+					default:
+						fmt.Fprint(c, "250 ok\r\n")
+					}
+				}
+			}()
+		}
+	}()
+	return "smtp://" + l.Addr().String() + "?tls=none"
 }
