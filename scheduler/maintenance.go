@@ -35,44 +35,74 @@ const MaxRedrives = 3
 // projector by its inbox, the processor by publishing its outcome under ids
 // derived from the upload's), so a document that was only slow is not
 // harmed, and one whose event was lost or dead-lettered gets processed.
+//
+// Documents that used up their re-drives stay stuck until an operator acts;
+// the job reads past them, page by page, so that they never hide newer
+// stuck documents, and re-drives at most redrivesPerRun per run.
 func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, after time.Duration, log *slog.Logger) Job {
 	return func(ctx context.Context, tick time.Time) error {
-		docs, err := st.StuckDocuments(ctx, tick.Add(-after), 500)
-		if err != nil {
-			return err
-		}
 		var errs []error
 		redriven := 0
-		for _, d := range docs {
-			key := "conveyor:redrive:" + d.DocID
-			n, err := rdb.Incr(ctx, key).Result()
+		var lastAt time.Time
+		var lastID string
+		for redriven < redrivesPerRun && ctx.Err() == nil {
+			docs, err := st.StuckDocuments(ctx, tick.Add(-after), lastAt, lastID, redrivePage)
 			if err != nil {
-				errs = append(errs, err)
-				continue
+				return errors.Join(append(errs, err)...)
 			}
-			rdb.Expire(ctx, key, 30*24*time.Hour)
-			if n > MaxRedrives {
-				if n == MaxRedrives+1 {
-					log.Error("document still processing after every re-drive; look at the dead letters", "doc_id", d.DocID, "redrives", MaxRedrives)
+			if len(docs) == 0 {
+				break
+			}
+			lastAt, lastID = docs[len(docs)-1].UploadedAt.Time, docs[len(docs)-1].DocID
+			keys := make([]string, len(docs))
+			for i, d := range docs {
+				keys[i] = redriveKey(d.DocID)
+			}
+			counts, err := rdb.MGet(ctx, keys...).Result()
+			if err != nil {
+				return errors.Join(append(errs, fmt.Errorf("read re-drive counts: %w", err))...)
+			}
+			for i, d := range docs {
+				if redriven >= redrivesPerRun {
+					break
 				}
-				continue
+				if c, _ := counts[i].(string); c != "" {
+					if n, _ := strconv.ParseInt(c, 10, 64); n > MaxRedrives {
+						continue // used up, and said so once
+					}
+				}
+				n, err := rdb.Incr(ctx, keys[i]).Result()
+				if err != nil {
+					errs = append(errs, err)
+					continue
+				}
+				rdb.Expire(ctx, keys[i], 30*24*time.Hour)
+				if n > MaxRedrives {
+					if n == MaxRedrives+1 {
+						log.Error("document still processing after every re-drive; look at the dead letters", "doc_id", d.DocID, "redrives", MaxRedrives)
+					}
+					continue
+				}
+				ev := &events.DocumentUploaded{
+					DocID:               d.DocID,
+					Filename:            d.Filename.String,
+					Size:                d.Size.Int64,
+					SHA256:              d.SHA256.String,
+					BlobKey:             d.BlobKey.String,
+					DeclaredContentType: d.DeclaredContentType.String,
+					Notify:              d.Notify.String,
+					UploadedAt:          d.UploadedAt.Time,
+				}
+				if _, err := pub.PublishEvent(ctx, ev, bus.WithID(d.UploadEventID.String), bus.WithOccurredAt(d.UploadedAt.Time)); err != nil {
+					errs = append(errs, fmt.Errorf("re-drive %s: %w", d.DocID, err))
+					continue
+				}
+				redriven++
+				log.Warn("re-drove a stuck document", "doc_id", d.DocID, "uploaded_at", d.UploadedAt.Time, "redrive", strconv.FormatInt(n, 10))
 			}
-			ev := &events.DocumentUploaded{
-				DocID:               d.DocID,
-				Filename:            d.Filename.String,
-				Size:                d.Size.Int64,
-				SHA256:              d.SHA256.String,
-				BlobKey:             d.BlobKey.String,
-				DeclaredContentType: d.DeclaredContentType.String,
-				Notify:              d.Notify.String,
-				UploadedAt:          d.UploadedAt.Time,
+			if len(docs) < redrivePage {
+				break
 			}
-			if _, err := pub.PublishEvent(ctx, ev, bus.WithID(d.UploadEventID.String), bus.WithOccurredAt(d.UploadedAt.Time)); err != nil {
-				errs = append(errs, fmt.Errorf("re-drive %s: %w", d.DocID, err))
-				continue
-			}
-			redriven++
-			log.Warn("re-drove a stuck document", "doc_id", d.DocID, "uploaded_at", d.UploadedAt.Time, "redrive", strconv.FormatInt(n, 10))
 		}
 		if redriven > 0 {
 			log.Info("stuck-document re-drive", "redriven", redriven)
@@ -80,6 +110,15 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 		return errors.Join(errs...)
 	}
 }
+
+func redriveKey(docID string) string { return "conveyor:redrive:" + docID }
+
+// redrivePage is how many stuck documents the re-drive reads at once, and
+// redrivesPerRun how many it re-drives at most per run.
+const (
+	redrivePage    = 500
+	redrivesPerRun = 500
+)
 
 // InboxRetention returns the inbox retention job: the projector's inbox
 // rows (one per applied event, which make a redelivered event change
@@ -183,16 +222,33 @@ func removeOrphanBlobs(ctx context.Context, st *store.Store, blobs blob.Store, w
 	return errors.Join(append(errs, err)...)
 }
 
+// expiredPage is how many blob keys of failed documents blob retention
+// reads at once.
+const expiredPage = 1000
+
 func removeFailedDocumentBlobs(ctx context.Context, st *store.Store, blobs blob.Store, cutoff time.Time, retention time.Duration, log *slog.Logger) error {
-	keys, err := st.ExpiredBlobKeys(ctx, cutoff, 30*24*time.Hour, 1000)
-	if err != nil {
-		return err
+	var errs []error
+	removed := 0
+	for after := ""; ctx.Err() == nil; {
+		keys, err := st.ExpiredBlobKeys(ctx, cutoff, 30*24*time.Hour, after, expiredPage)
+		if err != nil {
+			errs = append(errs, err)
+			break
+		}
+		n, err := removeUntouched(ctx, blobs, keys, cutoff)
+		removed += n
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if len(keys) < expiredPage {
+			break
+		}
+		after = keys[len(keys)-1]
 	}
-	removed, err := removeUntouched(ctx, blobs, keys, cutoff)
 	if removed > 0 {
 		log.Info("blob retention removed bytes of failed documents", "removed", removed, "older_than", retention)
 	}
-	return err
+	return errors.Join(append(errs, ctx.Err())...)
 }
 
 // removeUntouched deletes the blobs of keys that no upload stored at or

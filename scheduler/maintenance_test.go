@@ -1,6 +1,7 @@
 package scheduler_test
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -199,5 +200,103 @@ func TestInboxRetentionRefusesAShortRetention(t *testing.T) {
 		if err := scheduler.InboxRetention(st, r, logger())(t.Context(), time.Now()); err == nil {
 			t.Errorf("retention %s: no error", r)
 		}
+	}
+}
+
+// TestRedriveReadsPastDocumentsThatUsedUpTheirRedrives: more stuck
+// documents than one page that used up their re-drives (an incident an
+// operator has not dealt with yet) do not hide a newer stuck document.
+func TestRedriveReadsPastDocumentsThatUsedUpTheirRedrives(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	st := migrated(t)
+	rdb := testenv.Redis(t)
+	prefix := testenv.Prefix(t)
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	key := strings.Repeat("cd", 32)
+	now := time.Now()
+	const usedUp = 600
+	var ups []*events.DocumentUploaded
+	var ids []string
+	for i := range usedUp + 1 {
+		ups = append(ups, upload(events.NewID(), key, now.Add(-2*time.Hour+time.Duration(i)*time.Millisecond)))
+		ids = append(ids, events.NewID())
+	}
+	if err := st.WithTx(ctx, func(tx *store.Tx) error { return tx.ApplyDocumentsUploaded(ctx, ups, ids) }); err != nil {
+		t.Fatal(err)
+	}
+	for _, up := range ups[:usedUp] {
+		if err := rdb.Set(ctx, "conveyor:redrive:"+up.DocID, scheduler.MaxRedrives+1, time.Hour).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	newest := ups[usedUp]
+	t.Cleanup(func() {
+		for _, up := range ups {
+			rdb.Del(ctx, "conveyor:redrive:"+up.DocID)
+		}
+	})
+	if err := scheduler.Redrive(st, pub, rdb, 15*time.Minute, logger())(ctx, now); err != nil {
+		t.Fatal(err)
+	}
+	xs, err := rdb.XRange(ctx, prefix+events.TypeDocumentUploaded, "-", "+").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(xs) != 1 || xs[0].Values["_watermill_message_uuid"] != ids[usedUp] {
+		t.Fatalf("%d re-drives (%v), want one: the newest stuck document %s", len(xs), xs, newest.DocID)
+	}
+}
+
+// TestBlobRetentionRemovesMoreThanAPage: one run removes the bytes of
+// every expired failed document, however many there are.
+func TestBlobRetentionRemovesMoreThanAPage(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	st := migrated(t)
+	blobs, err := blob.NewDir(blob.DirConfig{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tick := time.Now().Add(30 * 24 * time.Hour)
+	old := tick.Add(-10 * 24 * time.Hour)
+	const n = 1_100
+	var ups []*events.DocumentUploaded
+	var fails []*events.DocumentProcessingFailed
+	var keys []string
+	for i := range n {
+		info, err := blobs.Put(ctx, strings.NewReader(fmt.Sprintf("failed document %d", i)), 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		doc := events.NewID()
+		keys = append(keys, info.Key)
+		ups = append(ups, upload(doc, info.Key, old))
+		fails = append(fails, &events.DocumentProcessingFailed{DocID: doc, Reason: "x", FailedAt: old})
+	}
+	err = st.WithTx(ctx, func(tx *store.Tx) error {
+		if err := tx.ApplyDocumentsUploaded(ctx, ups, nil); err != nil {
+			return err
+		}
+		return tx.ApplyDocumentsFailed(ctx, fails)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := scheduler.BlobRetention(st, blobs, 7*24*time.Hour, logger())(ctx, tick); err != nil {
+		t.Fatal(err)
+	}
+	kept := 0
+	for _, k := range keys {
+		if _, err := blobs.Stat(ctx, k); err == nil {
+			kept++
+		}
+	}
+	if kept != 0 {
+		t.Errorf("%d of %d expired blobs kept after a run, want none", kept, n)
 	}
 }

@@ -648,15 +648,21 @@ func splitRepeats[T any](in []T, key func(T) string) (first, later []T) {
 
 // StuckDocuments returns up to limit documents still processing that were
 // uploaded before cutoff, oldest first, with what is needed to re-publish
-// their upload.
-func (s *Store) StuckDocuments(ctx context.Context, cutoff time.Time, limit int) ([]Document, error) {
+// their upload. It returns those after the document (afterAt, afterID) in
+// that order: pass the last one returned to read the next page, and the
+// zero time and "" for the first.
+func (s *Store) StuckDocuments(ctx context.Context, cutoff, afterAt time.Time, afterID string, limit int) ([]Document, error) {
+	if afterID == "" {
+		afterID = "00000000-0000-0000-0000-000000000000"
+	}
 	var docs []Document
 	err := s.db.SelectContext(ctx, &docs, `
 		SELECT * FROM documents
 		WHERE status = 'processing' AND uploaded_at < $1
 		  AND upload_event_id IS NOT NULL AND blob_key IS NOT NULL
-		ORDER BY uploaded_at
-		LIMIT $2`, cutoff, limit)
+		  AND (uploaded_at, doc_id) > ($2, $3::uuid)
+		ORDER BY uploaded_at, doc_id
+		LIMIT $4`, cutoff, afterAt, afterID, limit)
 	if err != nil {
 		return nil, fmt.Errorf("stuck documents: %w", err)
 	}
@@ -716,17 +722,21 @@ func (s *Store) UnreferencedBlobKeys(ctx context.Context, keys []string) ([]stri
 // ExpiredBlobKeys returns up to limit blob keys whose every document failed
 // before cutoff: their bytes may be removed. Failures older than cutoff by
 // more than lookback are not looked at again (their bytes went on an
-// earlier pass).
-func (s *Store) ExpiredBlobKeys(ctx context.Context, cutoff time.Time, lookback time.Duration, limit int) ([]string, error) {
+// earlier pass). Keys come in order, those after after only: pass the last
+// one returned to read the next page, and "" for the first. (Removed bytes
+// leave their rows as they are, so the same keys come back on every pass
+// within lookback; without pages, a fixed set of them would hide the rest.)
+func (s *Store) ExpiredBlobKeys(ctx context.Context, cutoff time.Time, lookback time.Duration, after string, limit int) ([]string, error) {
 	var keys []string
 	err := s.db.SelectContext(ctx, &keys, `
 		SELECT DISTINCT d.blob_key FROM documents d
 		WHERE d.status = 'failed' AND d.processed_at < $1 AND d.processed_at >= $2
-		  AND d.blob_key IS NOT NULL
+		  AND d.blob_key IS NOT NULL AND d.blob_key > $3
 		  AND NOT EXISTS (
 		    SELECT 1 FROM documents o
 		    WHERE o.blob_key = d.blob_key AND NOT (o.status = 'failed' AND o.processed_at < $1))
-		LIMIT $3`, cutoff, cutoff.Add(-lookback), limit)
+		ORDER BY d.blob_key
+		LIMIT $4`, cutoff, cutoff.Add(-lookback), after, limit)
 	if err != nil {
 		return nil, fmt.Errorf("expired blob keys: %w", err)
 	}
