@@ -36,6 +36,7 @@ error, when it cannot be decoded, or when it crashed its consumer too often.
 Replay puts it on the group's retry stream with a fresh attempt count, so
 other groups of the stream are not affected.`,
 		vars: []string{"REDIS_URL"},
+		args: true,
 		flags: func(fs *flag.FlagSet) any {
 			return &dlqOpts{
 				group: fs.String("group", "", "consumer group (document-processor, email-sender, projector, ...)"),

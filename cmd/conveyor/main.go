@@ -45,7 +45,10 @@ type command struct {
 	vars []string
 	// flags adds the command's flags to fs.
 	flags func(fs *flag.FlagSet) any
-	run   func(ctx context.Context, env *environment, opts any, args []string) error
+	// args says the command takes positional arguments; without it, any is
+	// a usage error.
+	args bool
+	run  func(ctx context.Context, env *environment, opts any, args []string) error
 }
 
 // environment is what a command runs with.
@@ -104,10 +107,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if cmd.flags != nil {
 		opts = cmd.flags(fs)
 	}
-	if err := fs.Parse(args[1:]); err != nil {
+	if err := fs.Parse(flagsFirst(fs, args[1:])); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}
+		return 2
+	}
+	if !cmd.args && fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "conveyor %s: unexpected argument %q (run `conveyor %s --help`)\n", cmd.name, fs.Arg(0), cmd.name)
 		return 2
 	}
 	cfg, err := config.Load(getenv)
@@ -125,6 +132,46 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return 1
 	}
 	return 0
+}
+
+// flagsFirst lets flags come anywhere among a command's arguments: before,
+// after and between its positional ones (`dlq replay --group G --all` as well
+// as `dlq --group G replay --all`). Go's flag package stops at the first
+// positional argument, so flagsFirst moves every flag, with its value, ahead
+// of the positional arguments, which keep their order after a "--". A "--" in
+// args ends the flags: everything after it is positional. Flags that fs does
+// not define (and -h, --help) are moved too, so that Parse reports them.
+func flagsFirst(fs *flag.FlagSet, args []string) []string {
+	var flags, positional []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			positional = append(positional, args[i+1:]...)
+			break
+		}
+		if len(a) < 2 || a[0] != '-' {
+			positional = append(positional, a)
+			continue
+		}
+		flags = append(flags, a)
+		name := strings.TrimPrefix(strings.TrimPrefix(a, "-"), "-")
+		if strings.Contains(name, "=") {
+			continue
+		}
+		f := fs.Lookup(name)
+		if f == nil {
+			continue
+		}
+		if b, ok := f.Value.(interface{ IsBoolFlag() bool }); ok && b.IsBoolFlag() {
+			continue
+		}
+		// A flag that takes a value takes the next argument, as Parse does.
+		if i+1 < len(args) {
+			i++
+			flags = append(flags, args[i])
+		}
+	}
+	return append(append(flags, "--"), positional...)
 }
 
 func flagSet(c *command, out io.Writer) *flag.FlagSet {

@@ -1,0 +1,311 @@
+package main_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/embedded"
+	"github.com/conveyor/conveyor/internal/harness"
+	"github.com/conveyor/conveyor/internal/testenv"
+)
+
+// conveyor runs `conveyor <args...>` with env and returns its stdout, its
+// stderr and its exit status.
+func conveyor(t *testing.T, env []string, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	cmd := exec.CommandContext(t.Context(), harness.Binary(t), args...)
+	for _, k := range []string{"PATH", "HOME", "TMPDIR"} {
+		if v, ok := os.LookupEnv(k); ok {
+			cmd.Env = append(cmd.Env, k+"="+v)
+		}
+	}
+	cmd.Env = append(cmd.Env, env...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case errors.As(err, &exit):
+		code = exit.ExitCode()
+	case err != nil:
+		t.Fatalf("conveyor %v: %v", args, err)
+	}
+	return out.String(), errOut.String(), code
+}
+
+// deadLetters is a Redis holding real dead letters, written by a real
+// handler: two in group email-sender, one in document-processor.
+type deadLetters struct {
+	env  []string
+	rdb  *redis.Client
+	snap map[string][]redis.XMessage // by group
+}
+
+var dlqGroups = []string{"document-processor", "email-sender"}
+
+func startDeadLetters(t *testing.T) *deadLetters {
+	t.Helper()
+	r := testenv.StartRedis(t, embedded.RedisConfig{Dir: t.TempDir()})
+	d := &deadLetters{env: []string{"REDIS_URL=" + r.URL()}, rdb: redis.NewClient(&redis.Options{Addr: r.Addr()})}
+	t.Cleanup(func() { _ = d.rdb.Close() })
+	h := harness.Start(t, "handler", append([]string{"BLOB_DIR=" + t.TempDir(), "OUTBOX_DIR=" + t.TempDir(),
+		"CONSUMER_NAME=handler-1"}, d.env...), "handler")
+	h.WaitReady(t, time.Minute)
+	ctx := t.Context()
+	// Entries no handler can decode are dead-lettered at once.
+	for _, e := range []struct{ stream, v string }{
+		{"email.requested", "a"}, {"email.requested", "b"}, {"document.uploaded", "c"},
+	} {
+		if err := d.rdb.XAdd(ctx, &redis.XAddArgs{Stream: e.stream, Values: []any{"garbage", e.v}}).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := map[string]int64{"document-processor": 1, "email-sender": 2}
+	deadline := time.Now().Add(time.Minute)
+	for g, n := range want {
+		for d.count(t, g) != n {
+			if time.Now().After(deadline) {
+				t.Fatalf("group %s holds %d dead letters, want %d", g, d.count(t, g), n)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	// Stopped, the handler does not take back what is replayed.
+	if err := h.Stop(time.Minute); err != nil {
+		t.Fatalf("stop handler: %v", err)
+	}
+	d.snap = map[string][]redis.XMessage{}
+	for _, g := range dlqGroups {
+		xs, err := d.rdb.XRange(ctx, bus.DeadLetterStream(g), "-", "+").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.snap[g] = xs
+	}
+	return d
+}
+
+func (d *deadLetters) count(t *testing.T, group string) int64 {
+	t.Helper()
+	n, err := d.rdb.XLen(t.Context(), bus.DeadLetterStream(group)).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func (d *deadLetters) retries(t *testing.T, stream, group string) int64 {
+	t.Helper()
+	n, err := d.rdb.XLen(t.Context(), bus.RetryStream(stream, group)).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// reset puts back the dead letters as the handler wrote them, under their
+// ids, and removes what a replay added.
+func (d *deadLetters) reset(t *testing.T) {
+	t.Helper()
+	ctx := t.Context()
+	err := d.rdb.Del(ctx, bus.DeadLetterStream("document-processor"), bus.DeadLetterStream("email-sender"),
+		bus.RetryStream("document.uploaded", "document-processor"), bus.RetryStream("email.requested", "email-sender")).Err()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for g, xs := range d.snap {
+		for _, x := range xs {
+			if err := d.rdb.XAdd(ctx, &redis.XAddArgs{Stream: bus.DeadLetterStream(g), ID: x.ID, Values: x.Values}).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+func (d *deadLetters) ids(group string) []string {
+	var out []string
+	for _, x := range d.snap[group] {
+		out = append(out, x.ID)
+	}
+	return out
+}
+
+// Every form of the README's `dlq list`, with flags after the verb, before
+// it or both, lists exactly the dead letters asked for.
+func TestDLQListTakesFlagsAnywhere(t *testing.T) {
+	t.Parallel()
+	d := startDeadLetters(t)
+	for _, tc := range []struct {
+		args  []string
+		want  []string // ids, in order
+		group string   // "" for any
+	}{
+		{[]string{"dlq", "list", "--group", "email-sender", "--json"}, d.ids("email-sender"), "email-sender"},
+		{[]string{"dlq", "--group", "email-sender", "list", "--json"}, d.ids("email-sender"), "email-sender"},
+		{[]string{"dlq", "--json", "--group=email-sender", "list"}, d.ids("email-sender"), "email-sender"},
+		{[]string{"dlq", "list", "--json", "--group", "document-processor"}, d.ids("document-processor"), "document-processor"},
+		{[]string{"dlq", "list", "--limit", "1", "--json", "--group", "email-sender"}, d.ids("email-sender")[:1], "email-sender"},
+		{[]string{"dlq", "list", "--json"}, append(d.ids("document-processor"), d.ids("email-sender")...), ""},
+	} {
+		stdout, stderr, code := conveyor(t, d.env, tc.args...)
+		var got []bus.DeadLetter
+		if code != 0 || json.Unmarshal([]byte(stdout), &got) != nil {
+			t.Errorf("conveyor %s: exit %d, not a JSON list:\n%s%s", strings.Join(tc.args, " "), code, stdout, stderr)
+			continue
+		}
+		var ids []string
+		for _, dl := range got {
+			ids = append(ids, dl.ID)
+			if tc.group != "" && dl.Group != tc.group {
+				t.Errorf("conveyor %s lists a dead letter of %s", strings.Join(tc.args, " "), dl.Group)
+			}
+		}
+		if !slices.Equal(ids, tc.want) {
+			t.Errorf("conveyor %s lists %v, want %v", strings.Join(tc.args, " "), ids, tc.want)
+		}
+	}
+	// The README's plain form: a table of every group.
+	stdout, stderr, code := conveyor(t, d.env, "dlq", "list")
+	if code != 0 || !strings.Contains(stdout, "email-sender") || !strings.Contains(stdout, "document-processor") {
+		t.Errorf("conveyor dlq list: exit %d\n%s%s", code, stdout, stderr)
+	}
+}
+
+// `dlq show` prints the one dead letter asked for, whether --group comes
+// before the verb, after it, or after the id, and after a "--" an id may
+// look like a flag.
+func TestDLQShowTakesFlagsAnywhere(t *testing.T) {
+	t.Parallel()
+	d := startDeadLetters(t)
+	id := d.ids("email-sender")[1]
+	entry, _ := d.snap["email-sender"][1].Values["dlq_entry_id"].(string)
+	for _, args := range [][]string{
+		{"dlq", "show", "--group", "email-sender", id},
+		{"dlq", "show", id, "--group", "email-sender"},
+		{"dlq", "--group", "email-sender", "show", id},
+		{"dlq", "show", "--group=email-sender", "--", id},
+	} {
+		stdout, stderr, code := conveyor(t, d.env, args...)
+		if code != 0 {
+			t.Errorf("conveyor %s: exit %d\n%s", strings.Join(args, " "), code, stderr)
+			continue
+		}
+		dec := json.NewDecoder(strings.NewReader(stdout))
+		var got bus.DeadLetter
+		if err := dec.Decode(&got); err != nil {
+			t.Errorf("conveyor %s: %v\n%s", strings.Join(args, " "), err, stdout)
+			continue
+		}
+		if got.ID != id || got.Group != "email-sender" || got.Stream != "email.requested" ||
+			got.EntryID != entry || got.Raw["garbage"] == "" {
+			t.Errorf("conveyor %s shows %+v, want %s of email-sender", strings.Join(args, " "), got, id)
+		}
+		if err := dec.Decode(&struct{}{}); !errors.Is(err, io.EOF) {
+			t.Errorf("conveyor %s prints more than one dead letter:\n%s", strings.Join(args, " "), stdout)
+		}
+	}
+	// After "--", "--all" is an id, not the flag.
+	_, stderr, code := conveyor(t, d.env, "dlq", "show", "--group", "email-sender", "--", "--all")
+	if code != 1 || !strings.Contains(stderr, "get dead letter --all of email-sender") {
+		t.Errorf("conveyor dlq show --group email-sender -- --all: exit %d\n%s", code, stderr)
+	}
+}
+
+// `dlq replay --group G --all` in every order replays the dead letters of
+// G only, onto G's retry stream; `dlq purge --group G ID` deletes that one.
+func TestDLQReplayAndPurgeTakeFlagsAnywhere(t *testing.T) {
+	t.Parallel()
+	d := startDeadLetters(t)
+	for _, args := range [][]string{
+		{"dlq", "replay", "--group", "email-sender", "--all"},
+		{"dlq", "--group", "email-sender", "replay", "--all"},
+		{"dlq", "--all", "replay", "--group", "email-sender"},
+		{"dlq", "--group=email-sender", "--all", "replay"},
+	} {
+		d.reset(t)
+		stdout, stderr, code := conveyor(t, d.env, args...)
+		if code != 0 || strings.TrimSpace(stdout) != "replayed 2 dead letter(s) of email-sender" {
+			t.Errorf("conveyor %s: exit %d\n%s%s", strings.Join(args, " "), code, stdout, stderr)
+		}
+		if n := d.count(t, "email-sender"); n != 0 {
+			t.Errorf("conveyor %s: email-sender still holds %d dead letters", strings.Join(args, " "), n)
+		}
+		if n := d.retries(t, "email.requested", "email-sender"); n != 2 {
+			t.Errorf("conveyor %s: %d entries on email-sender's retry stream, want 2", strings.Join(args, " "), n)
+		}
+		if n, r := d.count(t, "document-processor"), d.retries(t, "document.uploaded", "document-processor"); n != 1 || r != 0 {
+			t.Errorf("conveyor %s: document-processor holds %d dead letters (want 1) and %d retries (want 0)", strings.Join(args, " "), n, r)
+		}
+	}
+	id := d.ids("email-sender")[0]
+	for _, args := range [][]string{
+		{"dlq", "purge", "--group", "email-sender", id},
+		{"dlq", "purge", id, "--group", "email-sender"},
+	} {
+		d.reset(t)
+		stdout, stderr, code := conveyor(t, d.env, args...)
+		if code != 0 || strings.TrimSpace(stdout) != "purged 1 dead letter(s) of email-sender" {
+			t.Errorf("conveyor %s: exit %d\n%s%s", strings.Join(args, " "), code, stdout, stderr)
+		}
+		left, err := d.rdb.XRange(t.Context(), bus.DeadLetterStream("email-sender"), "-", "+").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(left) != 1 || left[0].ID != d.ids("email-sender")[1] || d.count(t, "document-processor") != 1 {
+			t.Errorf("conveyor %s left %v in email-sender", strings.Join(args, " "), left)
+		}
+	}
+}
+
+// An unknown flag is an error wherever it is (exit 2, with the usage, and
+// nothing done); --help after the verb prints the usage; a command without
+// positional arguments refuses one instead of ignoring the flags after it.
+func TestCommandFlagErrorsAnywhere(t *testing.T) {
+	t.Parallel()
+	d := startDeadLetters(t)
+	for _, args := range [][]string{
+		{"dlq", "list", "--bogus"},
+		{"dlq", "replay", "--group", "email-sender", "--all", "--bogus"},
+		{"dlq", "replay", "--group", "email-sender", "--bogus", "--all"},
+	} {
+		stdout, stderr, code := conveyor(t, d.env, args...)
+		if code != 2 || stdout != "" || !strings.Contains(stderr, "flag provided but not defined: -bogus") ||
+			!strings.Contains(stderr, "conveyor dlq replay  --group G") {
+			t.Errorf("conveyor %s: exit %d\n%s%s", strings.Join(args, " "), code, stdout, stderr)
+		}
+	}
+	if n := d.count(t, "email-sender"); n != 2 {
+		t.Errorf("a refused replay changed the dead letters: %d left, want 2", n)
+	}
+	for _, args := range [][]string{{"dlq", "list", "--help"}, {"dlq", "replay", "--group", "email-sender", "-h"}} {
+		stdout, stderr, code := conveyor(t, d.env, args...)
+		if code != 0 || stdout != "" || !strings.Contains(stderr, "Flags:") || !strings.Contains(stderr, "-group") {
+			t.Errorf("conveyor %s: exit %d\n%s%s", strings.Join(args, " "), code, stdout, stderr)
+		}
+	}
+	if n := d.count(t, "email-sender"); n != 2 {
+		t.Errorf("replay --help replayed: %d left, want 2", n)
+	}
+	for _, args := range [][]string{{"schedules", "list", "--json"}, {"status", "groups", "--json"}, {"version", "x"}} {
+		stdout, stderr, code := conveyor(t, d.env, args...)
+		if code != 2 || stdout != "" || !strings.Contains(stderr, "unexpected argument \""+args[1]+"\"") {
+			t.Errorf("conveyor %s: exit %d\n%s%s", strings.Join(args, " "), code, stdout, stderr)
+		}
+	}
+	// Flags of other commands still take their values.
+	stdout, stderr, code := conveyor(t, d.env, "schedules", "--json")
+	if code != 0 || !json.Valid([]byte(stdout)) {
+		t.Errorf("conveyor schedules --json: exit %d\n%s%s", code, stdout, stderr)
+	}
+}
