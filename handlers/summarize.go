@@ -107,15 +107,32 @@ func (o OpenAI) Model() string { return "openai:" + o.ModelName }
 // maxPromptChars bounds the text sent to a remote model.
 const maxPromptChars = 24_000
 
+// systemPrompt is the instruction sent with every document.
+var systemPrompt = fmt.Sprintf("Summarize the user's document in at most %d characters. Reply with the summary only.", MaxSummaryChars)
+
+// cacheParams is what decides a summary besides the model's name and the
+// text: the endpoint and the instructions. The LLM cache keys on it, so
+// that another provider serving a model of the same name, or a changed
+// prompt, does not get the summaries cached before.
+func (o OpenAI) cacheParams() map[string]any {
+	return map[string]any{
+		"url":         strings.TrimRight(o.URL, "/"),
+		"system":      systemPrompt,
+		"temperature": 0,
+		"max_tokens":  120,
+	}
+}
+
 // Summarize implements Summarizer.
 func (o OpenAI) Summarize(ctx context.Context, text string) (string, error) {
 	text = cutAt(text, maxPromptChars)
+	params := o.cacheParams()
 	body, _ := json.Marshal(map[string]any{
 		"model":       o.ModelName,
-		"temperature": 0,
-		"max_tokens":  120,
+		"temperature": params["temperature"],
+		"max_tokens":  params["max_tokens"],
 		"messages": []map[string]string{
-			{"role": "system", "content": fmt.Sprintf("Summarize the user's document in at most %d characters. Reply with the summary only.", MaxSummaryChars)},
+			{"role": "system", "content": systemPrompt},
 			{"role": "user", "content": text},
 		},
 	})
@@ -169,6 +186,9 @@ type Cached struct {
 // Summarize implements Summarizer.
 func (c Cached) Summarize(ctx context.Context, text string) (string, error) {
 	req := cache.LLMRequest{Model: c.Summarizer.Model(), Prompt: text}
+	if p, ok := c.Summarizer.(interface{ cacheParams() map[string]any }); ok {
+		req.Params = p.cacheParams()
+	}
 	return c.LLM.Do(ctx, req, func(ctx context.Context) (string, error) {
 		return c.Summarizer.Summarize(ctx, text)
 	})

@@ -339,3 +339,25 @@ func TestCached(t *testing.T) {
 		})
 	}
 }
+
+// TestCachedKeysOnTheEndpoint: two providers serving a model of the same
+// name do not share cached summaries.
+func TestCachedKeysOnTheEndpoint(t *testing.T) {
+	t.Parallel()
+	llm := newLLMCache(t)
+	a := newChatServer(t, answer("Summary from A."))
+	b := newChatServer(t, answer("Summary from B."))
+	text := "The same document, summarized by two providers."
+	for _, tt := range []struct {
+		srv  *chatServer
+		want string
+	}{{a, "Summary from A."}, {b, "Summary from B."}, {a, "Summary from A."}} {
+		s := handlers.Cached{Summarizer: handlers.OpenAI{URL: tt.srv.URL, ModelName: "m", Client: tt.srv.Client()}, LLM: llm}
+		if got, err := s.Summarize(t.Context(), text); err != nil || got != tt.want {
+			t.Errorf("Summarize through %s = %q, %v; want %q", tt.srv.URL, got, err, tt.want)
+		}
+	}
+	if na, nb := len(a.calls()), len(b.calls()); na != 1 || nb != 1 {
+		t.Errorf("providers asked %d and %d times, want once each", na, nb)
+	}
+}
