@@ -162,7 +162,10 @@ func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) err
 
 	sendCtx, cancel := context.WithTimeout(ctx, s.cfg.Timeout)
 	err = s.cfg.Mailer.Send(sendCtx, Mail{
-		ID: ev.EmailID, From: s.cfg.From, To: ev.To, Subject: ev.Subject, Body: ev.Body, Date: ev.RequestedAt,
+		// Date is when the mail enters the mail system (RFC 5322 §3.6.1):
+		// now, not when it was requested, which is up to MAX_DELAY earlier
+		// for an email held back until its send_at.
+		ID: ev.EmailID, From: s.cfg.From, To: ev.To, Subject: ev.Subject, Body: ev.Body, Date: s.cfg.Now(),
 	})
 	cancel()
 	if err != nil {
