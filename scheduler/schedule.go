@@ -32,6 +32,9 @@ const (
 	// MissedSkip drops them: only future ticks fire.
 	MissedSkip = "skip"
 	// MissedCatchUp fires them on start, oldest first, up to CatchUpLimit.
+	// A tick whose firing fails (Redis unavailable) is retried for as long
+	// as its marker certainly lives, while a skip schedule gives it up
+	// when its next tick is due.
 	MissedCatchUp = "catch_up"
 )
 
@@ -42,7 +45,8 @@ type Schedule struct {
 	Name string `yaml:"name"`
 	// Cron is a cron expression with an optional seconds field
 	// ("*/5 * * * *" or "0 */5 * * * *"), or a descriptor such as
-	// "@hourly" or "@every 30s".
+	// "@hourly" or "@every 30s". "@every d" ticks at the multiples of d
+	// since the Unix epoch.
 	Cron string `yaml:"cron"`
 	// Timezone is an IANA zone name; defaults to UTC.
 	Timezone string `yaml:"timezone"`
@@ -131,6 +135,11 @@ func (s *Schedule) prepare() error {
 		fail("invalid cron expression %q: %v", s.Cron, err)
 	} else {
 		s.sched = sched
+		// An expression such as "0 0 30 2 *" parses but matches no date;
+		// it would never fire, so it is surely a mistake.
+		if s.next(time.Now()).IsZero() {
+			fail("cron expression %q never fires", s.Cron)
+		}
 	}
 	switch s.Missed {
 	case "":
@@ -157,9 +166,30 @@ func (s *Schedule) prepare() error {
 
 func (s *Schedule) enabled() bool { return s.Enabled == nil || *s.Enabled }
 
-// next returns the first tick strictly after t.
+// next returns the first tick strictly after t, or the zero time if the
+// schedule has none within five years.
 func (s *Schedule) next(t time.Time) time.Time {
+	if every, ok := s.sched.(cron.ConstantDelaySchedule); ok {
+		// robfig counts "@every" from the time it is asked, so replicas
+		// started at different times would compute different ticks, their
+		// tick keys would never collide, and each would publish its own.
+		// The multiples of the period since the Unix epoch are the same in
+		// every replica and across restarts.
+		return alignedNext(t, every.Delay)
+	}
 	return s.sched.Next(t.In(s.loc))
+}
+
+// alignedNext returns the first multiple of d since the Unix epoch strictly
+// after t, in UTC.
+func alignedNext(t time.Time, d time.Duration) time.Time {
+	n := t.UnixNano()
+	r := n % int64(d)
+	if r < 0 {
+		r += int64(d)
+	}
+	// Adding d to a time, not to nanoseconds, cannot overflow.
+	return time.Unix(0, n-r).UTC().Add(d)
 }
 
 // tickKey identifies one firing of the schedule.

@@ -8,18 +8,19 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/conveyor/conveyor/bus"
-	"github.com/conveyor/conveyor/events"
 )
 
 // Job is the work of a built-in schedule at one tick. It must be
 // idempotent: a tick's job runs once, but a failed job is only retried by
-// the next tick.
+// the next tick. It runs on its schedule's own goroutine, so it delays
+// no other schedule.
 type Job func(ctx context.Context, tick time.Time) error
 
 // Builtin is a built-in maintenance schedule.
@@ -99,7 +100,13 @@ func New(cfg Config) (*Scheduler, error) {
 		all = append(all, s)
 	}
 	for name := range cfg.File.Builtin {
-		if !known[name] {
+		switch {
+		case known[name]:
+		case name == BuiltinStuckDocuments, name == BuiltinBlobRetention, name == BuiltinInboxRetention:
+			// A built-in this replica does not run (it has no database):
+			// the same file serves the replicas that do.
+			cfg.Logger.Warn("the schedules file configures a built-in schedule this scheduler does not run", "builtin", name)
+		default:
 			errs = append(errs, fmt.Errorf("builtin schedule %q does not exist", name))
 		}
 	}
@@ -129,7 +136,7 @@ func New(cfg Config) (*Scheduler, error) {
 		log:       cfg.Logger.With("component", "scheduler"),
 		fired: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "conveyor_schedule_ticks_total",
-			Help: "Schedule ticks handled by this replica, by schedule and result (fired, already_fired, error).",
+			Help: "Schedule ticks handled by this replica, by schedule and result (fired, already_fired, error: a failed attempt or job, lost: a tick given up after failed attempts).",
 		}, []string{"schedule", "result"}),
 		moved: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "conveyor_delayed_events_moved_total",
@@ -154,150 +161,259 @@ func (s *Schedule) markerTTL(now time.Time) time.Duration {
 	return min(max(ttl, 10*time.Minute), 7*24*time.Hour)
 }
 
-// Run fires schedules and moves delayed events until ctx ends.
+// jobTimeout bounds one run of a built-in job.
+const jobTimeout = 10 * time.Minute
+
+// A tick that failed is retried after retryMin, doubling up to retryMax:
+// soon enough that a brief Redis outage delays ticks by about its length,
+// rarely enough that a long one costs little.
+const (
+	retryMin = 250 * time.Millisecond
+	retryMax = 5 * time.Second
+)
+
+// recordTimeout bounds writing a schedule's state, which is done even
+// while shutting down so that a fired tick is not caught up again.
+const recordTimeout = 5 * time.Second
+
+// Run fires schedules and moves delayed events until ctx ends. It returns
+// once every running built-in job has returned.
 func (sc *Scheduler) Run(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		sc.moveDelayed(ctx)
-	}()
-	sc.catchUp(ctx, time.Now())
-	sc.tickLoop(ctx)
-	<-done
+	var wg sync.WaitGroup
+	wg.Go(func() { sc.moveDelayed(ctx) })
+	// Catch-up fires the missed ticks up to start and each schedule's loop
+	// the ticks after it; one start time for both leaves no tick between.
+	start := time.Now()
+	for _, s := range sc.schedules {
+		if s.enabled() {
+			wg.Go(func() { sc.runSchedule(ctx, s, start) })
+		}
+	}
+	wg.Wait()
+	<-ctx.Done()
 	return nil
 }
 
-func (sc *Scheduler) tickLoop(ctx context.Context) {
-	active := make([]*Schedule, 0, len(sc.schedules))
-	for _, s := range sc.schedules {
-		if s.enabled() {
-			active = append(active, s)
-		}
-	}
-	if len(active) == 0 {
-		<-ctx.Done()
-		return
-	}
-	next := make(map[*Schedule]time.Time, len(active))
-	now := time.Now()
-	for _, s := range active {
-		next[s] = s.next(now)
-	}
+// runSchedule fires the ticks of one schedule after start, and its missed
+// ticks up to start, until ctx ends. Each schedule has a goroutine of its
+// own, so a long built-in job or a tick being retried delays only the
+// later ticks of its own schedule.
+//
+// Ticks are fired oldest first. A tick whose firing fails stays first and
+// is retried with a growing delay, so ticks that fall during a brief Redis
+// outage are fired after it. It is given up when the next tick is due
+// (skip) or when more than CatchUpLimit ticks wait (catch_up), and in any
+// case after half its marker's lifetime, since past that another replica's
+// marker for it may be gone and a retry could publish it twice.
+func (sc *Scheduler) runSchedule(ctx context.Context, s *Schedule, start time.Time) {
+	pending := sc.missed(ctx, s, start)
+	next := s.next(start)
+	var (
+		lastErr  error // why pending[0] failed; nil while it has not
+		attempts int   // failed attempts at pending[0]
+		backoff  time.Duration
+	)
 	for {
-		soonest := time.Time{}
-		for _, t := range next {
-			if soonest.IsZero() || t.Before(soonest) {
-				soonest = t
-			}
-		}
-		timer := time.NewTimer(time.Until(soonest))
-		select {
-		case <-ctx.Done():
-			timer.Stop()
-			return
-		case <-timer.C:
-		}
 		now := time.Now()
-		for _, s := range active {
-			for !next[s].After(now) {
-				sc.fire(ctx, s, next[s])
-				next[s] = s.next(next[s])
+		for !next.IsZero() && !next.After(now) {
+			pending = append(pending, next)
+			next = s.next(next)
+		}
+		for len(pending) > 0 {
+			head, why := pending[0], ""
+			switch {
+			case s.Missed == MissedCatchUp && len(pending) > s.CatchUpLimit:
+				why = "more ticks wait than catch_up_limit"
+			case lastErr == nil:
+			case now.After(head.Add(s.markerTTL(head) / 2)):
+				why = "its marker may have expired"
+			case s.Missed == MissedSkip && len(pending) > 1:
+				why = "the next tick is due"
 			}
+			if why == "" {
+				break
+			}
+			sc.fired.WithLabelValues(s.Name, "lost").Inc()
+			sc.log.Error("schedule tick given up: "+why, "schedule", s.Name, "tick", head,
+				"attempts", attempts, "error", lastErr)
+			sc.recordFailure(ctx, s, head, fmt.Errorf("given up (%s) after %d attempts: %v", why, attempts, lastErr))
+			pending = pending[1:]
+			lastErr, attempts = nil, 0
+		}
+		for len(pending) > 0 {
+			err := sc.fire(ctx, s, pending[0])
+			if ctx.Err() != nil {
+				return
+			}
+			if err != nil {
+				lastErr = err
+				attempts++
+				sc.fired.WithLabelValues(s.Name, "error").Inc()
+				if attempts == 1 {
+					sc.log.Warn("schedule tick failed; retrying", "schedule", s.Name, "tick", pending[0], "error", err)
+					sc.recordFailure(ctx, s, pending[0], err)
+				} else {
+					sc.log.Debug("schedule tick failed again", "schedule", s.Name, "tick", pending[0],
+						"attempts", attempts, "error", err)
+				}
+				break
+			}
+			pending = pending[1:]
+			lastErr, attempts = nil, 0
+		}
+		wait := time.Until(next)
+		switch {
+		case len(pending) > 0:
+			backoff = min(max(2*backoff, retryMin), retryMax)
+			if next.IsZero() || backoff < wait {
+				wait = backoff
+			}
+		case next.IsZero():
+			// Only a cron expression whose next match is more than five
+			// years away gets here (29 February after 2096): prepare
+			// refuses one that never matches.
+			sc.log.Error("schedule has no tick within five years; it stops firing", "schedule", s.Name, "cron", s.Cron)
+			return
+		default:
+			backoff = 0
+		}
+		if !sleep(ctx, wait) {
+			return
 		}
 	}
 }
 
-// catchUp fires, for catch_up schedules, the ticks missed since the last
-// recorded one (at most CatchUpLimit, the most recent), and reports skipped
-// ticks of skip schedules.
-func (sc *Scheduler) catchUp(ctx context.Context, now time.Time) {
-	for _, s := range sc.schedules {
-		if !s.enabled() {
-			continue
-		}
-		raw, err := sc.cfg.Redis.HGet(ctx, stateKey(s.Name), "last_tick").Result()
-		if err != nil {
-			continue // never fired, or Redis unavailable: nothing to catch up
-		}
-		last, err := time.Parse(time.RFC3339Nano, raw)
-		if err != nil {
-			continue
-		}
-		var missed []time.Time
-		for t := s.next(last); !t.After(now); t = s.next(t) {
-			missed = append(missed, t)
-			if len(missed) > 10_000 {
-				missed = missed[1:]
-			}
-		}
-		if len(missed) == 0 {
-			continue
-		}
-		if s.Missed == MissedSkip {
-			sc.log.Info("skipping missed ticks", "schedule", s.Name, "missed", len(missed), "since", last)
-			continue
-		}
-		if len(missed) > s.CatchUpLimit {
-			sc.log.Warn("too many missed ticks; catching up the most recent only", "schedule", s.Name,
-				"missed", len(missed), "catch_up_limit", s.CatchUpLimit)
-			missed = missed[len(missed)-s.CatchUpLimit:]
-		}
-		for _, t := range missed {
-			sc.fire(ctx, s, t)
-		}
+// sleep waits for d and reports whether ctx is still alive.
+func sleep(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
 	}
 }
 
-// fire handles one tick: publish (or run the job) unless another replica
-// already did.
-func (sc *Scheduler) fire(ctx context.Context, s *Schedule, tick time.Time) {
+// missed returns, for a catch_up schedule, the ticks since the last
+// recorded one up to start (at most CatchUpLimit, the most recent), and
+// reports skipped ticks of a skip schedule.
+func (sc *Scheduler) missed(ctx context.Context, s *Schedule, start time.Time) []time.Time {
+	raw, err := sc.cfg.Redis.HGet(ctx, stateKey(s.Name), "last_tick").Result()
+	if err != nil {
+		return nil // never fired, or Redis unavailable: nothing to catch up
+	}
+	last, err := time.Parse(time.RFC3339Nano, raw)
+	if err != nil {
+		return nil
+	}
+	var missed []time.Time
+	for t := s.next(last); !t.IsZero() && !t.After(start); t = s.next(t) {
+		if ctx.Err() != nil {
+			return nil
+		}
+		missed = append(missed, t)
+		if len(missed) > 10_000 {
+			missed = missed[1:]
+		}
+	}
+	if len(missed) == 0 {
+		return nil
+	}
+	if s.Missed == MissedSkip {
+		sc.log.Info("skipping missed ticks", "schedule", s.Name, "missed", len(missed), "since", last)
+		return nil
+	}
+	if len(missed) > s.CatchUpLimit {
+		sc.log.Warn("too many missed ticks; catching up the most recent only", "schedule", s.Name,
+			"missed", len(missed), "catch_up_limit", s.CatchUpLimit)
+		missed = missed[len(missed)-s.CatchUpLimit:]
+	}
+	return missed
+}
+
+// fire handles one tick: publish it (or claim it and run the job) unless
+// another replica already did. It returns an error only if the tick must
+// be tried again because the claim or the publish failed. A job that
+// fails after its claim is not retried, as the claim is taken (its next
+// tick runs it again), nor is a tick whose data makes no valid event; those
+// failures are recorded here and not returned.
+func (sc *Scheduler) fire(ctx context.Context, s *Schedule, tick time.Time) error {
 	key := s.tickKey(tick)
 	ttl := s.markerTTL(tick)
-	var (
-		won     bool
-		outcome string
-		err     error
-	)
 	if s.job != nil {
-		won, err = sc.cfg.Redis.SetNX(ctx, jobKey(key), sc.cfg.Identity, ttl).Result()
-		if err == nil && won {
-			jctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-			err = s.job(jctx, tick)
-			cancel()
+		won, err := sc.cfg.Redis.SetNX(ctx, jobKey(key), sc.cfg.Identity, ttl).Result()
+		if err != nil {
+			return fmt.Errorf("claim tick %s: %w", key, err)
 		}
-		outcome = "ok"
-	} else {
-		var ev events.Event
-		if ev, err = s.event(tick); err == nil {
-			won, _, err = sc.cfg.Publisher.PublishOnce(ctx, key, ttl, ev,
-				bus.WithID(s.tickID(tick)), bus.WithOccurredAt(tick))
+		if !won {
+			sc.fired.WithLabelValues(s.Name, "already_fired").Inc()
+			return nil
 		}
-		outcome = "published"
-	}
-	switch {
-	case err != nil:
-		sc.fired.WithLabelValues(s.Name, "error").Inc()
-		sc.log.Error("schedule tick failed", "schedule", s.Name, "tick", tick, "error", err)
-		if won || s.job == nil {
-			sc.record(ctx, s, tick, "error: "+err.Error())
+		jctx, cancel := context.WithTimeout(ctx, jobTimeout)
+		err = s.job(jctx, tick)
+		cancel()
+		if err != nil {
+			sc.fired.WithLabelValues(s.Name, "error").Inc()
+			sc.log.Error("built-in job failed", "schedule", s.Name, "tick", tick, "error", err)
+			sc.recordFailure(ctx, s, tick, err)
+			return nil
 		}
-	case won:
 		sc.fired.WithLabelValues(s.Name, "fired").Inc()
-		sc.log.Debug("schedule fired", "schedule", s.Name, "tick", tick)
-		sc.record(ctx, s, tick, outcome)
-	default:
-		sc.fired.WithLabelValues(s.Name, "already_fired").Inc()
+		sc.record(ctx, s, tick, "ok")
+		return nil
 	}
+	ev, err := s.event(tick)
+	if err != nil {
+		// The schedule's data makes no valid event at this tick: trying
+		// again would make the same one.
+		sc.fired.WithLabelValues(s.Name, "error").Inc()
+		sc.log.Error("schedule tick makes no valid event", "schedule", s.Name, "tick", tick, "error", err)
+		sc.recordFailure(ctx, s, tick, err)
+		return nil
+	}
+	won, _, err := sc.cfg.Publisher.PublishOnce(ctx, key, ttl, ev,
+		bus.WithID(s.tickID(tick)), bus.WithOccurredAt(tick))
+	if err != nil {
+		return err
+	}
+	if !won {
+		sc.fired.WithLabelValues(s.Name, "already_fired").Inc()
+		return nil
+	}
+	sc.fired.WithLabelValues(s.Name, "fired").Inc()
+	sc.log.Debug("schedule fired", "schedule", s.Name, "tick", tick)
+	sc.record(ctx, s, tick, "published")
+	return nil
 }
 
+// record notes a tick fired by this replica. last_tick is where catch-up
+// starts, so only a tick that was handled may set it.
 func (sc *Scheduler) record(ctx context.Context, s *Schedule, tick time.Time, outcome string) {
-	err := sc.cfg.Redis.HSet(ctx, stateKey(s.Name),
+	sc.writeState(ctx, s,
 		"last_tick", tick.UTC().Format(time.RFC3339Nano),
 		"last_fired_at", time.Now().UTC().Format(time.RFC3339Nano),
 		"outcome", outcome,
 		"fired_by", sc.cfg.Identity,
-	).Err()
-	if err != nil {
+	)
+}
+
+// recordFailure notes a failed tick for operators, leaving last_tick, so
+// that catch-up after a restart still covers the tick.
+func (sc *Scheduler) recordFailure(ctx context.Context, s *Schedule, tick time.Time, err error) {
+	sc.writeState(ctx, s,
+		"outcome", fmt.Sprintf("error at tick %s: %v", tick.UTC().Format(time.RFC3339Nano), err),
+		"fired_by", sc.cfg.Identity,
+	)
+}
+
+func (sc *Scheduler) writeState(ctx context.Context, s *Schedule, fields ...any) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
+	defer cancel()
+	if err := sc.cfg.Redis.HSet(ctx, stateKey(s.Name), fields...).Err(); err != nil {
 		sc.log.Warn("record schedule state", "schedule", s.Name, "error", err)
 	}
 }

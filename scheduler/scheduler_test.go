@@ -53,6 +53,7 @@ func TestBadSchedulesAreStartupErrorsNamingTheSchedule(t *testing.T) {
 		{name: "unknown event", yaml: "schedules:\n  - {name: x, cron: \"@hourly\", event: nope.happened}\n", want: []string{`"x"`, "unknown event type"}},
 		{name: "bad data", yaml: "schedules:\n  - {name: report, cron: \"@hourly\", event: email.requested, data: {to: nobody}}\n", want: []string{`"report"`, "data"}},
 		{name: "bad policy", yaml: "schedules:\n  - {name: p, cron: \"@hourly\", event: email.requested, missed: sometimes}\n", want: []string{`"p"`, "missed"}},
+		{name: "cron never fires", yaml: "schedules:\n  - {name: feb30, cron: \"0 0 30 2 *\", event: email.requested}\n", want: []string{`"feb30"`, "never fires"}},
 		{name: "unknown builtin", yaml: "builtin:\n  nope: {enabled: false}\n", want: []string{`"nope"`}},
 		{name: "two problems at once", yaml: "schedules:\n  - {name: a, cron: bad, event: email.requested}\n  - {name: b, cron: \"@daily\", event: nope}\n", want: []string{`"a"`, `"b"`}},
 	}
@@ -72,6 +73,14 @@ func TestBadSchedulesAreStartupErrorsNamingTheSchedule(t *testing.T) {
 				}
 			}
 		})
+	}
+	// The file of README configures built-ins; a replica without a
+	// database runs none, and still takes the file.
+	readme := "builtin:\n  blob-retention: {cron: \"@daily\"}\n  stuck-documents: {enabled: false}\n"
+	if f, err := scheduler.ParseFile([]byte(readme), "readme.yaml"); err != nil {
+		t.Errorf("README's file: %v", err)
+	} else if _, err := scheduler.New(scheduler.Config{Redis: rdb, Publisher: pub, File: f, Logger: logger()}); err != nil {
+		t.Errorf("a scheduler without built-ins refuses README's file: %v", err)
 	}
 	if _, err := scheduler.ParseFile([]byte("schedules:\n  - {name: a, crn: x}\n"), "typo.yaml"); err == nil || !strings.Contains(err.Error(), "crn") {
 		t.Errorf("an unknown key must be an error naming it: %v", err)

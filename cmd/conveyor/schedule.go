@@ -71,6 +71,10 @@ is published exactly once, whichever replicas are alive. Serves /healthz,
 			if err != nil {
 				return err
 			}
+			if a.store == nil {
+				log.Warn("no DATABASE_URL: the built-in maintenance schedules do not run, so the projector's inbox and stored upload bytes are never pruned and stuck documents are not re-driven; set DATABASE_URL (and BLOB_DIR) on the scheduler",
+					"builtins", []string{scheduler.BuiltinStuckDocuments, scheduler.BuiltinBlobRetention, scheduler.BuiltinInboxRetention})
+			}
 			log.Info("scheduler running")
 			g, gctx := errgroup.WithContext(ctx)
 			g.Go(func() error { return sc.Run(gctx) })

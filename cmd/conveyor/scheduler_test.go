@@ -71,6 +71,11 @@ func TestSchedulerReplicasFireEachTickOnce(t *testing.T) {
 			t.Errorf("%s: %v", p.Name, err)
 		}
 	}
+	// Without DATABASE_URL the built-in maintenance does not run, and the
+	// replicas say so.
+	if !strings.Contains(reps[1].Log(), "no DATABASE_URL: the built-in maintenance schedules do not run") {
+		t.Errorf("a scheduler without DATABASE_URL does not warn that maintenance is off:\n%s", reps[1].Log())
+	}
 
 	xs, err := rdb.XRange(t.Context(), events.TypeEmailRequested, "-", "+").Result()
 	if err != nil {
