@@ -28,6 +28,8 @@ type Marks interface {
 	// Lock takes the lock key for lease unless it is held; it returns the
 	// token that releases it.
 	Lock(ctx context.Context, key string, lease time.Duration) (token string, ok bool, err error)
+	// Extend renews the lock key for lease if token still holds it.
+	Extend(ctx context.Context, key, token string, lease time.Duration) error
 	// Unlock releases the lock key if token still holds it.
 	Unlock(ctx context.Context, key, token string) error
 }
@@ -46,6 +48,11 @@ type EmailSenderConfig struct {
 	// SMTP mailer's dial honours it; SMTPConfig.Timeout bounds the rest).
 	// Defaults to 30s.
 	Timeout time.Duration
+	// LockLease is how long an email's lock lasts unless its holder renews
+	// it, which a running send does every third of it: a holder that died
+	// (kill -9 during a send) blocks the email's redelivery for at most
+	// this long, well within its retries. Defaults to 15s.
+	LockLease time.Duration
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 	// Now defaults to time.Now.
@@ -66,6 +73,9 @@ func NewEmailSender(cfg EmailSenderConfig) (*EmailSender, error) {
 	}
 	if cfg.Timeout == 0 {
 		cfg.Timeout = 30 * time.Second
+	}
+	if cfg.LockLease == 0 {
+		cfg.LockLease = 15 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -134,25 +144,14 @@ func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) err
 		return s.publishSent(ctx, parent, ev)
 	}
 
-	// The lock outlasts the longest send (the SMTP mailer's connection,
-	// then its message, each within Timeout), so it is only ever taken
-	// over from a holder that died.
-	token, locked, err := s.cfg.Marks.Lock(ctx, sendingKey(ev.EmailID), 2*s.cfg.Timeout+afterSendTimeout)
+	token, locked, err := s.cfg.Marks.Lock(ctx, sendingKey(ev.EmailID), s.cfg.LockLease)
 	if err != nil {
 		return fmt.Errorf("lock email %s for sending: %w", ev.EmailID, err)
 	}
 	if !locked {
 		return fmt.Errorf("email %s: %w", ev.EmailID, errSendingElsewhere)
 	}
-	unlock := func() {
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), afterSendTimeout)
-		defer cancel()
-		if err := s.cfg.Marks.Unlock(ctx, sendingKey(ev.EmailID), token); err != nil {
-			// It ends with its lease.
-			s.cfg.Logger.WarnContext(ctx, "unlock email after sending", "email_id", ev.EmailID, "error", err)
-		}
-	}
-	defer unlock()
+	defer s.holdLock(ctx, ev.EmailID, token)()
 	// A delivery that held the lock until just now may have sent it.
 	if sent, err := s.sent(ctx, ev.EmailID); err != nil {
 		return err
@@ -180,6 +179,45 @@ func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) err
 		return err
 	}
 	return s.publishSent(after, parent, ev)
+}
+
+// holdLock renews the email's lock while the handler runs, and returns
+// the function that stops renewing and releases it. A release that fails
+// leaves the lock to end with its lease.
+func (s *EmailSender) holdLock(ctx context.Context, emailID, token string) (release func()) {
+	key := sendingKey(emailID)
+	bg := context.WithoutCancel(ctx)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(s.cfg.LockLease / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+			ctx, cancel := context.WithTimeout(bg, s.cfg.LockLease/3)
+			err := s.cfg.Marks.Extend(ctx, key, token, s.cfg.LockLease)
+			cancel()
+			if err != nil {
+				// The send goes on: stopping it half way could not take
+				// back what the server may already have.
+				s.cfg.Logger.WarnContext(bg, "renew the lock of an email being sent", "email_id", emailID, "error", err)
+			}
+		}
+	}()
+	return func() {
+		close(stop)
+		<-done
+		ctx, cancel := context.WithTimeout(bg, afterSendTimeout)
+		defer cancel()
+		if err := s.cfg.Marks.Unlock(ctx, key, token); err != nil {
+			s.cfg.Logger.WarnContext(ctx, "unlock email after sending", "email_id", emailID, "error", err)
+		}
+	}
 }
 
 // sent reports whether the email's sent mark is there.

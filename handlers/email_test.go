@@ -387,15 +387,7 @@ func TestEmailConcurrentDeliveries(t *testing.T) {
 	s := newSender(t, f, mailer, marks)
 	req := request("reader@example.com", "Hello", "Body.")
 
-	first := make(chan error, 1)
-	go func() {
-		ctx, _ := handling(t, events.TypeEmailRequested)
-		first <- s.Handle(ctx, req)
-	}()
-	deadline := time.Now().Add(liveness)
-	for mailer.sends.Load() == 0 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
+	first := sendingHeld(t, s, mailer, req)
 	ctx, _ := handling(t, events.TypeEmailRequested)
 	err := s.Handle(ctx, req)
 	if err == nil || bus.IsPermanent(err) || !strings.Contains(err.Error(), "another delivery of this email is sending it") {
@@ -465,4 +457,72 @@ func TestEmailCancelledAfterAcceptance(t *testing.T) {
 	if n := len(f.entries(t, events.TypeEmailSent)); n != 2 {
 		t.Errorf("%d email.sent published, want 2", n)
 	}
+}
+
+// TestEmailLockLease: a send keeps its email's lock past the lock's lease
+// by renewing it, while the lock of a holder that died (kill -9 during a
+// send) ends with its lease, and the email is sent by the redelivery.
+func TestEmailLockLease(t *testing.T) {
+	t.Parallel()
+	const lease = 300 * time.Millisecond
+	f := newBus(t)
+	marks := newMarks(t, f)
+	mailer := &countingMailer{hold: make(chan struct{})}
+	s, err := handlers.NewEmailSender(handlers.EmailSenderConfig{
+		Mailer: mailer, Marks: marks, Publisher: f.pub, Timeout: liveness, LockLease: lease, Logger: discard,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := request("reader@example.com", "Hello", "Body.")
+	first := sendingHeld(t, s, mailer, req)
+	time.Sleep(4 * lease)
+	ctx, _ := handling(t, events.TypeEmailRequested)
+	if err := s.Handle(ctx, req); err == nil || !strings.Contains(err.Error(), "another delivery of this email is sending it") {
+		t.Errorf("a delivery during a send longer than the lock's lease: %v, want a retryable error", err)
+	}
+	close(mailer.hold)
+	if err := <-first; err != nil {
+		t.Fatalf("first delivery: %v", err)
+	}
+	if n := mailer.sends.Load(); n != 1 {
+		t.Errorf("%d sends, want 1", n)
+	}
+
+	// A holder that died: its lock is never renewed nor released.
+	other := request("reader@example.com", "Hello", "Body.")
+	if _, ok, err := marks.Lock(t.Context(), "email-sending:"+other.EmailID, lease); err != nil || !ok {
+		t.Fatalf("lock as a holder that dies: %v, %v", ok, err)
+	}
+	ctx, _ = handling(t, events.TypeEmailRequested)
+	if err := s.Handle(ctx, other); err == nil {
+		t.Errorf("a delivery while a dead holder's lock lives: nil, want a retryable error")
+	}
+	time.Sleep(lease + 100*time.Millisecond)
+	ctx, _ = handling(t, events.TypeEmailRequested)
+	if err := s.Handle(ctx, other); err != nil {
+		t.Fatalf("redelivery after the dead holder's lease: %v", err)
+	}
+	if n := mailer.sends.Load(); n != 2 {
+		t.Errorf("%d sends, want 2", n)
+	}
+}
+
+// sendingHeld starts handling req with s on a goroutine and returns once
+// its send (held by mailer) started; the channel gets Handle's result.
+func sendingHeld(t *testing.T, s *handlers.EmailSender, mailer *countingMailer, req *events.EmailRequested) <-chan error {
+	t.Helper()
+	first := make(chan error, 1)
+	go func() {
+		ctx, _ := handling(t, events.TypeEmailRequested)
+		first <- s.Handle(ctx, req)
+	}()
+	deadline := time.Now().Add(liveness)
+	for mailer.sends.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no send after %s", liveness)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return first
 }

@@ -249,6 +249,26 @@ func (s *Store) Lock(ctx context.Context, key string, lease time.Duration) (toke
 	return token, ok, nil
 }
 
+var extendScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0`)
+
+// Extend renews the lock key for lease if token still holds it, and
+// returns ErrClaimLost if it does not (its lease ended, and another holder
+// may have taken it).
+func (s *Store) Extend(ctx context.Context, key, token string, lease time.Duration) error {
+	n, err := extendScript.Run(ctx, s.rdb, []string{s.prefix + key}, token, lease.Milliseconds()).Int()
+	if err != nil {
+		return fmt.Errorf("extend lock %s: %w", key, err)
+	}
+	if n == 0 {
+		return fmt.Errorf("extend lock %s: %w", key, ErrClaimLost)
+	}
+	return nil
+}
+
 var unlockScript = redis.NewScript(`
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
