@@ -159,6 +159,20 @@ func StartPostgres(ctx context.Context, cfg PostgresConfig) (*Postgres, error) {
 		return nil, fmt.Errorf("start postgres: %w", err)
 	}
 	p := &Postgres{cfg: cfg, binDir: binDir, dir: dir}
+	// initdb killed half way (Ctrl-C during a first start) leaves a folder
+	// with PG_VERSION that no server can start from, and cannot clean up
+	// after itself. The marker, written before initdb and removed after it,
+	// tells such a folder from a cluster: it is made again. (A cluster of a
+	// version that wrote no marker has none, and stays as it is.)
+	incomplete := initdbMarker(dir)
+	if _, err := os.Stat(incomplete); err == nil {
+		cfg.Logger.Warn("postgres cluster creation was interrupted before; creating it again", "dir", dir)
+		if err := os.RemoveAll(dir); err != nil {
+			return nil, fmt.Errorf("start postgres: remove the half-created cluster: %w", err)
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("start postgres: %w", err)
+	}
 	if os.Geteuid() == 0 {
 		if p.runAs, err = prepareRootDir(dir); err != nil {
 			return nil, fmt.Errorf("start postgres: %w", err)
@@ -167,7 +181,13 @@ func StartPostgres(ctx context.Context, cfg PostgresConfig) (*Postgres, error) {
 		return nil, fmt.Errorf("start postgres: create data folder: %w", err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); errors.Is(err, fs.ErrNotExist) {
+		if err := os.WriteFile(incomplete, nil, 0o600); err != nil {
+			return nil, fmt.Errorf("start postgres: %w", err)
+		}
 		if err := p.initdb(ctx); err != nil {
+			return nil, fmt.Errorf("start postgres: %w", err)
+		}
+		if err := os.Remove(incomplete); err != nil {
 			return nil, fmt.Errorf("start postgres: %w", err)
 		}
 	} else if err != nil {
@@ -357,6 +377,12 @@ func checkReachable(dir, username string, cred *syscall.Credential) error {
 }
 
 // initdb creates a new cluster in p.dir.
+// initdbMarker is the file beside the data folder dir that exists while
+// initdb creates a cluster in it.
+func initdbMarker(dir string) string {
+	return filepath.Join(filepath.Dir(dir), "."+filepath.Base(dir)+".initdb-incomplete")
+}
+
 func (p *Postgres) initdb(ctx context.Context) error {
 	cmd := exec.CommandContext(ctx, filepath.Join(p.binDir, "initdb"),
 		"-D", p.dir,

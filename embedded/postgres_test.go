@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // postgresDir returns a data folder that PostgreSQL can reach when the tests
@@ -202,5 +203,48 @@ func TestRemoveStalePID(t *testing.T) {
 				t.Errorf("removed = %v, want %v", removed, tt.wantRemove)
 			}
 		})
+	}
+}
+
+// TestPostgresFirstStartInterrupted: a first start cancelled while initdb
+// creates the cluster (Ctrl-C) leaves a folder no server starts from; the
+// next start creates the cluster again instead of waiting forever for a
+// server that cannot come up.
+func TestPostgresFirstStartInterrupted(t *testing.T) {
+	t.Parallel()
+	dir := postgresDir(t)
+	off := false
+	cfg := PostgresConfig{Dir: dir, Database: "app", Fsync: &off}
+	ctx, cancel := context.WithCancel(t.Context())
+	go func() {
+		// initdb writes PG_VERSION first, then spends seconds building the
+		// cluster: cancel in between.
+		deadline := time.Now().Add(time.Minute)
+		for time.Now().Before(deadline) {
+			if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); err == nil {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		cancel()
+	}()
+	if p, err := StartPostgres(ctx, cfg); err == nil {
+		_ = p.Stop(context.Background())
+		t.Fatal("StartPostgres cancelled during initdb succeeded")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); err != nil {
+		t.Fatalf("no PG_VERSION after the interrupted initdb (%v): the test did not interrupt it half way", err)
+	}
+
+	ctx, cancel2 := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel2()
+	p, err := StartPostgres(ctx, cfg)
+	if err != nil {
+		t.Fatalf("StartPostgres after an interrupted first start: %v", err)
+	}
+	t.Cleanup(func() { _ = p.Stop(context.Background()) })
+	var name string
+	if err := openDB(t, p.URL()).QueryRowContext(ctx, "SELECT current_database()").Scan(&name); err != nil || name != "app" {
+		t.Errorf("current_database() = %q, %v; want app", name, err)
 	}
 }
