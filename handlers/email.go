@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/conveyor/conveyor/bus"
@@ -134,6 +135,9 @@ func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) err
 	if parent == "" {
 		parent = ev.EmailID
 	}
+	// A UUID names the same email in capitals (the api and the store
+	// read ids so): the mark, the lock and the Message-ID use one spelling.
+	ev.EmailID = strings.ToLower(ev.EmailID)
 	sent, err := s.sent(ctx, ev.EmailID)
 	if err != nil {
 		return err

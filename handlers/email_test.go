@@ -411,6 +411,17 @@ func TestEmailConcurrentDeliveries(t *testing.T) {
 		t.Errorf("sending lock left after the sends (%d, %v)", n, err)
 	}
 
+	// The same email named in capitals is the same email.
+	upper := *req
+	upper.EmailID = strings.ToUpper(req.EmailID)
+	ctx, _ = handling(t, events.TypeEmailRequested)
+	if err := s.Handle(ctx, &upper); err != nil {
+		t.Fatalf("delivery of the email named in capitals: %v", err)
+	}
+	if n := mailer.sends.Load(); n != 1 {
+		t.Errorf("%d sends after the email named in capitals, want 1", n)
+	}
+
 	// A failed send lets the next delivery send at once.
 	down := newSender(t, f, newSMTP(t, "smtp://"+closedPort(t)+"?tls=none"), marks)
 	other := request("reader@example.com", "Hello", "Body.")
