@@ -424,15 +424,39 @@ func (sc *Scheduler) moveDelayed(ctx context.Context) {
 	if len(sc.cfg.Streams) == 0 {
 		return
 	}
+	// A stream whose move fails (Redis unavailable) is tried again after a
+	// delay that doubles up to retryMax, and its failure is logged once
+	// until it moves again, rather than every poll; the other streams keep
+	// their pace.
+	type failure struct {
+		backoff time.Duration
+		retryAt time.Time
+	}
+	failing := map[string]*failure{}
 	for {
 		wait := sc.cfg.DelayPoll
 		for _, stream := range sc.cfg.Streams {
+			f := failing[stream]
+			if f != nil && time.Now().Before(f.retryAt) {
+				wait = min(wait, time.Until(f.retryAt))
+				continue
+			}
 			n, next, err := bus.MoveDue(ctx, sc.cfg.Redis, stream, 1000)
 			if err != nil {
-				if ctx.Err() == nil {
-					sc.log.Warn("move delayed events", "stream", stream, "error", err)
+				if f == nil {
+					f = &failure{}
+					failing[stream] = f
+					if ctx.Err() == nil {
+						sc.log.Warn("move delayed events; retrying", "stream", stream, "error", err)
+					}
 				}
+				f.backoff = min(max(2*f.backoff, sc.cfg.DelayPoll), retryMax)
+				f.retryAt = time.Now().Add(f.backoff)
 				continue
+			}
+			if f != nil {
+				delete(failing, stream)
+				sc.log.Info("moving delayed events again", "stream", stream)
 			}
 			if n > 0 {
 				sc.moved.Add(float64(n))

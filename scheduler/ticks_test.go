@@ -1,9 +1,11 @@
 package scheduler_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net"
 	"slices"
 	"strings"
@@ -345,4 +347,63 @@ func running(t *testing.T, sc *scheduler.Scheduler) (stop func()) {
 		_ = sc.Run(ctx)
 	}()
 	return func() { cancel(); <-done }
+}
+
+// logBuffer collects log lines from several goroutines.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) count(s string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return strings.Count(b.buf.String(), s)
+}
+
+// During a Redis outage the move of delayed events backs off and says so
+// once per stream, instead of trying and logging every poll; once Redis is
+// back, due events move again.
+func TestDelayedMovesBackOffDuringAnOutage(t *testing.T) {
+	t.Parallel()
+	rdb := testenv.Redis(t)
+	prefix := testenv.Prefix(t)
+	flaky, f := faultyClient(t, rdb)
+	var logs logBuffer
+	streams := []string{prefix + events.TypeEmailRequested, prefix + events.TypeDocumentUploaded}
+	sc := newScheduler(t, flaky, prefix, scheduler.Config{
+		Streams: streams, DelayPoll: 20 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo})),
+	})
+	f.mode.Store(redisDown)
+	stop := running(t, sc)
+	defer stop()
+	time.Sleep(1500 * time.Millisecond) // 75 polls
+	if n := logs.count("move delayed events"); n != len(streams) {
+		t.Errorf("%d warnings in a 1.5 s outage, want one per stream (%d)", n, len(streams))
+	}
+	f.mode.Store(healthy)
+
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	ev := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now()}
+	if _, err := pub.PublishAt(t.Context(), time.Now(), ev); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the due event moved after the outage", func() bool {
+		n, _ := rdb.XLen(t.Context(), streams[0]).Result()
+		return n == 1
+	})
+	waitFor(t, 10*time.Second, "the log of moving again", func() bool {
+		return logs.count("moving delayed events again") == len(streams)
+	})
 }
