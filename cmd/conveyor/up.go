@@ -40,10 +40,12 @@ BLOB_DIR / OUTBOX_DIR are set.`,
 func runUp(ctx context.Context, env *environment, o any, _ []string) error {
 	opts := o.(*upOpts)
 	cfg := env.cfg
+	// set reports whether the user set a variable, as X or as X_FILE.
+	set := func(name string) bool { return env.getenv(name) != "" || env.getenv(name+"_FILE") != "" }
 	if *opts.dataDir != "" {
 		cfg.DataDir = *opts.dataDir
 	}
-	if cfg.LogFormat == "json" && env.getenv("LOG_FORMAT") == "" {
+	if cfg.LogFormat == "json" && !set("LOG_FORMAT") {
 		cfg.LogFormat = "text" // a laptop: readable logs unless asked otherwise
 	}
 	log := newLogger(cfg, os.Stderr)
@@ -51,10 +53,10 @@ func runUp(ctx context.Context, env *environment, o any, _ []string) error {
 	if err != nil {
 		return err
 	}
-	if env.getenv("BLOB_DIR") == "" {
+	if !set("BLOB_DIR") {
 		cfg.BlobDir = filepath.Join(dataDir, "blobs")
 	}
-	if env.getenv("OUTBOX_DIR") == "" {
+	if !set("OUTBOX_DIR") {
 		cfg.OutboxDir = filepath.Join(dataDir, "outbox")
 	}
 	ln, err := listen(cfg.HTTPAddr)
@@ -79,7 +81,7 @@ func runUp(ctx context.Context, env *environment, o any, _ []string) error {
 		}
 		stops = append(stops, func() { stopServer(log, "redis", r.Stop) })
 		cfg.RedisURL = r.URL()
-		if env.getenv("CACHE_REDIS_URL") == "" {
+		if !set("CACHE_REDIS_URL") {
 			cfg.CacheRedisURL = cfg.RedisURL
 		}
 		log.Info("started local redis-server", "url", cfg.RedisURL, "data", filepath.Join(dataDir, "redis"))

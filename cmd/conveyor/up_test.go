@@ -3,6 +3,7 @@ package main_test
 import (
 	"context"
 	"errors"
+	"io/fs"
 	"net/http"
 	"os"
 	"os/exec"
@@ -56,8 +57,8 @@ func alive(pid int) bool {
 }
 
 // `conveyor up` with neither REDIS_URL nor DATABASE_URL: it starts its own
-// redis-server and PostgreSQL, serves the pipeline, and on SIGINT stops
-// every process it started. A second run reuses the data.
+// redis-server and PostgreSQL, serves the pipeline, and on SIGINT (or
+// SIGHUP) stops every process it started. A second run reuses the data.
 func TestUpStartsAndStopsEverything(t *testing.T) {
 	t.Parallel()
 	// The folder must be enterable by the unprivileged user PostgreSQL runs
@@ -70,7 +71,14 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 	if err := os.Chmod(data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	env := []string{"CONVEYOR_DATA_DIR=" + data}
+	// Uploads go where BLOB_DIR_FILE says: any variable may come from a
+	// file, and up's own default must not override it.
+	blobs := filepath.Join(data, "my-blobs")
+	blobFile := filepath.Join(data, "blob-dir")
+	if err := os.WriteFile(blobFile, []byte(blobs+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"CONVEYOR_DATA_DIR=" + data, "BLOB_DIR_FILE=" + blobFile}
 
 	var docID string
 	for run := 1; run <= 2; run++ {
@@ -90,6 +98,16 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 			if !strings.Contains(up.Log(), "Conveyor is up: http://") {
 				t.Fatalf("no API URL printed:\n%s", up.Log())
 			}
+			stored := 0
+			_ = filepath.WalkDir(blobs, func(_ string, d fs.DirEntry, err error) error {
+				if err == nil && d.Type().IsRegular() {
+					stored++
+				}
+				return nil
+			})
+			if stored == 0 {
+				t.Errorf("no upload stored under BLOB_DIR_FILE's folder %s", blobs)
+			}
 		} else {
 			// The data of the first run is still there.
 			resp, err := http.Get(up.URL() + "/v1/documents/" + docID)
@@ -101,11 +119,17 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 				t.Fatalf("second run lost the document of the first: %d", resp.StatusCode)
 			}
 		}
-		if err := up.Signal(syscall.SIGINT); err != nil {
+		// Ctrl-C ends the first run; the second ends as when its terminal
+		// is closed.
+		sig := syscall.SIGINT
+		if run == 2 {
+			sig = syscall.SIGHUP
+		}
+		if err := up.Signal(sig); err != nil {
 			t.Fatal(err)
 		}
 		if !up.Wait(time.Minute) {
-			t.Fatal("conveyor up did not stop after SIGINT")
+			t.Fatalf("conveyor up did not stop after %v", sig)
 		}
 		if err := up.ExitErr(); err != nil {
 			t.Fatalf("conveyor up exited with %v:\n%s", err, up.Log())
