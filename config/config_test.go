@@ -32,6 +32,32 @@ func TestDefaults(t *testing.T) {
 	}
 }
 
+// TestStuckAfterOutlastsTheRetries: by default the stuck-document re-drive
+// waits out every retry of a document (1 s doubling to 10 min over 19
+// delays, 6,423 s, up to 20% more with jitter) and 15 minutes more, so it
+// re-publishes no document that is only waiting for a retry; it follows
+// the retry settings; a value set is kept.
+func TestStuckAfterOutlastsTheRetries(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		env  map[string]string
+		want time.Duration
+	}{
+		{map[string]string{}, 6423*time.Second*6/5 + 15*time.Minute},
+		{map[string]string{"RETRY_MAX_ATTEMPTS": "3", "RETRY_BACKOFF_MIN": "1m"}, 3*time.Minute*6/5 + 15*time.Minute},
+		{map[string]string{"STUCK_AFTER": "5m"}, 5 * time.Minute},
+	} {
+		tt.env["REDIS_URL"] = "redis://127.0.0.1:6379/0"
+		c, err := config.Load(env(tt.env))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.StuckAfter != tt.want {
+			t.Errorf("%v: STUCK_AFTER %s, want %s", tt.env, c.StuckAfter, tt.want)
+		}
+	}
+}
+
 // TestInboxRetentionBounds: an inbox kept too briefly would let redeliveries
 // apply twice, so a short INBOX_RETENTION is refused rather than honoured.
 func TestInboxRetentionBounds(t *testing.T) {

@@ -71,6 +71,10 @@ is published exactly once, whichever replicas are alive. Serves /healthz,
 			if err != nil {
 				return err
 			}
+			if w := env.cfg.RetryWindow(); a.store != nil && env.cfg.StuckAfter <= w {
+				log.Warn("STUCK_AFTER is within the retry window: the stuck-document re-drive re-publishes documents that only wait for a retry, and they are processed again",
+					"stuck_after", env.cfg.StuckAfter, "retry_window", w)
+			}
 			if a.store == nil {
 				log.Warn("no DATABASE_URL: the built-in maintenance schedules do not run, so the projector's inbox and stored upload bytes are never pruned and stuck documents are not re-driven; set DATABASE_URL (and BLOB_DIR) on the scheduler",
 					"builtins", []string{scheduler.BuiltinStuckDocuments, scheduler.BuiltinBlobRetention, scheduler.BuiltinInboxRetention})
