@@ -94,8 +94,11 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 	}
 	call := &idemCall{key: rkey, fingerprint: fp, owner: rec.Owner}
 	stopKeeping := a.keepClaim(r.Context(), call)
-	status, body := op(r.WithContext(context.WithValue(r.Context(), idemCallKey{}, call)))
-	stopKeeping()
+	status, body := func() (int, any) {
+		// Deferred: a panicking op must not leave the claim kept forever.
+		defer stopKeeping()
+		return op(r.WithContext(context.WithValue(r.Context(), idemCallKey{}, call)))
+	}()
 	raw, _ := json.Marshal(body)
 	bg := context.WithoutCancel(r.Context())
 	switch {

@@ -285,6 +285,13 @@ func TestCommandFlagErrorsAnywhere(t *testing.T) {
 			t.Errorf("conveyor %s: exit %d\n%s%s", strings.Join(args, " "), code, stdout, stderr)
 		}
 	}
+	// A flag left without its value, last, is an error too.
+	for _, args := range [][]string{{"dlq", "list", "--group"}, {"dlq", "replay", "--all", "--group"}} {
+		stdout, stderr, code := conveyor(t, d.env, args...)
+		if code != 2 || stdout != "" || !strings.Contains(stderr, "flag needs an argument: -group") {
+			t.Errorf("conveyor %s: exit %d\n%s%s", strings.Join(args, " "), code, stdout, stderr)
+		}
+	}
 	if n := d.count(t, "email-sender"); n != 2 {
 		t.Errorf("a refused replay changed the dead letters: %d left, want 2", n)
 	}

@@ -31,8 +31,13 @@ var version = ""
 func main() {
 	config.TuneGC(os.Getenv)
 	// SIGHUP too: a closed terminal stops `conveyor up` as Ctrl-C does,
-	// draining its work and stopping the servers it started.
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+	// draining its work and stopping the servers it started. Unless it is
+	// ignored (nohup): listening for it would undo that.
+	sigs := []os.Signal{os.Interrupt, syscall.SIGTERM}
+	if !signal.Ignored(syscall.SIGHUP) {
+		sigs = append(sigs, syscall.SIGHUP)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), sigs...)
 	defer stop()
 	os.Exit(run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
 }
@@ -168,10 +173,13 @@ func flagsFirst(fs *flag.FlagSet, args []string) []string {
 			continue
 		}
 		// A flag that takes a value takes the next argument, as Parse does.
-		if i+1 < len(args) {
-			i++
-			flags = append(flags, args[i])
+		// Without one, it is left last, with nothing after it to take,
+		// and Parse reports the missing value.
+		if i+1 == len(args) {
+			return flags
 		}
+		i++
+		flags = append(flags, args[i])
 	}
 	return append(append(flags, "--"), positional...)
 }
