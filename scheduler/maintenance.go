@@ -62,13 +62,15 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 			if err != nil {
 				return errors.Join(append(errs, fmt.Errorf("read re-drive counts: %w", err))...)
 			}
+			var usedUp []string
 			for i, d := range docs {
 				if redriven >= redrivesPerRun {
 					break
 				}
 				if c, _ := counts[i].(string); c != "" {
 					if n, _ := strconv.ParseInt(c, 10, 64); n > MaxRedrives {
-						continue // used up, and said so once
+						usedUp = append(usedUp, keys[i]) // and said so once
+						continue
 					}
 				}
 				n, err := rdb.Incr(ctx, keys[i]).Result()
@@ -76,7 +78,7 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 					errs = append(errs, err)
 					continue
 				}
-				rdb.Expire(ctx, keys[i], 30*24*time.Hour)
+				rdb.Expire(ctx, keys[i], redriveCountTTL)
 				if n > MaxRedrives {
 					if n == MaxRedrives+1 {
 						log.Error("document still processing after every re-drive; look at the dead letters", "doc_id", d.DocID, "redrives", MaxRedrives)
@@ -100,6 +102,19 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 				redriven++
 				log.Warn("re-drove a stuck document", "doc_id", d.DocID, "uploaded_at", d.UploadedAt.Time, "redrive", strconv.FormatInt(n, 10))
 			}
+			// A used-up count lives as long as its document is stuck, so
+			// that it is never re-driven again (one round trip per page).
+			if len(usedUp) > 0 {
+				_, err := rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+					for _, k := range usedUp {
+						p.Expire(ctx, k, redriveCountTTL)
+					}
+					return nil
+				})
+				if err != nil {
+					errs = append(errs, fmt.Errorf("keep re-drive counts: %w", err))
+				}
+			}
 			if len(docs) < redrivePage {
 				break
 			}
@@ -112,6 +127,10 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 }
 
 func redriveKey(docID string) string { return "conveyor:redrive:" + docID }
+
+// redriveCountTTL is how long a document's re-drive count lives after it
+// was last looked at: it goes once its document is no longer stuck.
+const redriveCountTTL = 30 * 24 * time.Hour
 
 // redrivePage is how many stuck documents the re-drive reads at once, and
 // redrivesPerRun how many it re-drives at most per run.

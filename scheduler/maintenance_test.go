@@ -250,6 +250,13 @@ func TestRedriveReadsPastDocumentsThatUsedUpTheirRedrives(t *testing.T) {
 	if len(xs) != 1 || xs[0].Values["_watermill_message_uuid"] != ids[usedUp] {
 		t.Fatalf("%d re-drives (%v), want one: the newest stuck document %s", len(xs), xs, newest.DocID)
 	}
+	// The used-up counts live on while their documents are stuck, so
+	// they are never re-driven again.
+	for _, up := range []*events.DocumentUploaded{ups[0], ups[usedUp-1]} {
+		if ttl := rdb.TTL(ctx, "conveyor:redrive:"+up.DocID).Val(); ttl < 24*time.Hour {
+			t.Errorf("used-up re-drive count of %s lives %s more, want it renewed", up.DocID, ttl)
+		}
+	}
 }
 
 // TestBlobRetentionRemovesMoreThanAPage: one run removes the bytes of

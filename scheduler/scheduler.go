@@ -302,9 +302,26 @@ func sleep(ctx context.Context, d time.Duration) bool {
 // recorded one up to start (at most CatchUpLimit, the most recent), and
 // reports skipped ticks of a skip schedule.
 func (sc *Scheduler) missed(ctx context.Context, s *Schedule, start time.Time) []time.Time {
-	raw, err := sc.cfg.Redis.HGet(ctx, stateKey(s.Name), "last_tick").Result()
-	if err != nil {
-		return nil // never fired, or Redis unavailable: nothing to catch up
+	// Redis unavailable at start (a whole system restarting): the last
+	// tick is read again until it answers, so that a catch_up schedule
+	// still catches up; nothing can be fired before anyway.
+	var raw string
+	for backoff := time.Duration(0); ; {
+		var err error
+		raw, err = sc.cfg.Redis.HGet(ctx, stateKey(s.Name), "last_tick").Result()
+		if errors.Is(err, redis.Nil) {
+			return nil // never fired: nothing to catch up
+		}
+		if err == nil {
+			break
+		}
+		if backoff == 0 {
+			sc.log.Warn("read the last tick of a schedule; retrying", "schedule", s.Name, "error", err)
+		}
+		backoff = min(max(2*backoff, retryMin), retryMax)
+		if !sleep(ctx, backoff) {
+			return nil
+		}
 	}
 	last, err := time.Parse(time.RFC3339Nano, raw)
 	if err != nil {

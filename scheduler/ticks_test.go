@@ -290,6 +290,37 @@ func TestNoTickFallsBetweenCatchUpAndTheFirstTick(t *testing.T) {
 	wantContiguous(t, ticks, time.Second, recorded.Add(time.Second), slices.MaxFunc(ticks, func(a, b time.Time) int { return a.Compare(b) }))
 }
 
+// A catch_up schedule whose scheduler starts while Redis is unavailable
+// (the whole system restarting) catches up once Redis answers: the ticks
+// since the last recorded one are all published.
+func TestCatchUpWaitsForRedisAtStart(t *testing.T) {
+	t.Parallel()
+	rdb := testenv.Redis(t)
+	prefix := testenv.Prefix(t)
+	name := uniqueName(prefix)
+	recorded := time.Now().Truncate(time.Second).Add(-3 * time.Second).UTC()
+	if err := rdb.HSet(t.Context(), "conveyor:schedule:"+name, "last_tick", recorded.Format(time.RFC3339Nano)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Del(context.Background(), "conveyor:schedule:"+name) })
+	flaky, f := faultyClient(t, rdb)
+	f.mode.Store(redisDown)
+	sc := newScheduler(t, flaky, prefix, scheduler.Config{File: scheduleFile(t, name, "@every 1s", "catch_up")})
+	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Second)
+	defer cancel()
+	go func() {
+		time.Sleep(1500 * time.Millisecond)
+		f.mode.Store(healthy)
+	}()
+	_ = sc.Run(ctx)
+
+	ticks := publishedTicks(t, rdb, prefix)
+	if len(ticks) == 0 {
+		t.Fatal("nothing published")
+	}
+	wantContiguous(t, ticks, time.Second, recorded.Add(time.Second), slices.MaxFunc(ticks, func(a, b time.Time) int { return a.Compare(b) }))
+}
+
 // A built-in job that runs long delays no user schedule, and Run returns
 // only after the job has.
 func TestABuiltinJobDelaysNoOtherSchedule(t *testing.T) {
