@@ -137,8 +137,11 @@ func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) err
 	}
 	// A UUID names the same email in capitals (the api and the store
 	// read ids so): the mark, the lock and the Message-ID use one spelling.
+	// (Marks written before ids were lowercased have the id as it came:
+	// the first look also tries that spelling.)
+	asGiven := ev.EmailID
 	ev.EmailID = strings.ToLower(ev.EmailID)
-	sent, err := s.sent(ctx, ev.EmailID)
+	sent, err := s.sent(ctx, ev.EmailID, asGiven)
 	if err != nil {
 		return err
 	}
@@ -153,11 +156,18 @@ func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) err
 		return fmt.Errorf("lock email %s for sending: %w", ev.EmailID, err)
 	}
 	if !locked {
+		if bus.IsLastAttempt(ctx) {
+			// The delivery holding the lock decides the email's outcome
+			// (sent, or failed after its own retries): this copy is not
+			// needed, and must not end in the dead letters.
+			s.cfg.Logger.InfoContext(ctx, "email being sent by another delivery; leaving it to that one", "email_id", ev.EmailID, "event_id", env.ID)
+			return nil
+		}
 		return fmt.Errorf("email %s: %w", ev.EmailID, errSendingElsewhere)
 	}
 	defer s.holdLock(ctx, ev.EmailID, token)()
 	// A delivery that held the lock until just now may have sent it.
-	if sent, err := s.sent(ctx, ev.EmailID); err != nil {
+	if sent, err := s.sent(ctx, ev.EmailID, ev.EmailID); err != nil {
 		return err
 	} else if sent {
 		return s.publishSent(ctx, parent, ev)
@@ -224,13 +234,23 @@ func (s *EmailSender) holdLock(ctx context.Context, emailID, token string) (rele
 	}
 }
 
-// sent reports whether the email's sent mark is there.
-func (s *EmailSender) sent(ctx context.Context, emailID string) (bool, error) {
-	_, sent, err := s.cfg.Marks.Get(ctx, sentKey(emailID))
-	if err != nil {
-		return false, fmt.Errorf("check sent mark of email %s: %w", emailID, err)
+// sent reports whether the email's sent mark is there, under emailID or,
+// if it differs, asGiven.
+func (s *EmailSender) sent(ctx context.Context, emailID, asGiven string) (bool, error) {
+	ids := []string{emailID}
+	if asGiven != emailID {
+		ids = append(ids, asGiven)
 	}
-	return sent, nil
+	for _, id := range ids {
+		_, sent, err := s.cfg.Marks.Get(ctx, sentKey(id))
+		if err != nil {
+			return false, fmt.Errorf("check sent mark of email %s: %w", emailID, err)
+		}
+		if sent {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // markSent records the send. It tries hard: failing here means the mail is

@@ -422,6 +422,21 @@ func TestEmailConcurrentDeliveries(t *testing.T) {
 		t.Errorf("%d sends after the email named in capitals, want 1", n)
 	}
 
+	// A mark written before ids were lowercased, under the id in capitals,
+	// still counts.
+	old := request("reader@example.com", "Hello", "Body.")
+	old.EmailID = strings.ToUpper(old.EmailID)
+	if _, err := marks.Set(t.Context(), "email-sent:"+old.EmailID, "2026-01-01T00:00:00Z"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, _ = handling(t, events.TypeEmailRequested)
+	if err := s.Handle(ctx, old); err != nil {
+		t.Fatalf("delivery of an email marked sent under its id in capitals: %v", err)
+	}
+	if n := mailer.sends.Load(); n != 1 {
+		t.Errorf("%d sends after the email marked sent in capitals, want 1", n)
+	}
+
 	// A failed send lets the next delivery send at once.
 	down := newSender(t, f, newSMTP(t, "smtp://"+closedPort(t)+"?tls=none"), marks)
 	other := request("reader@example.com", "Hello", "Body.")
@@ -536,4 +551,59 @@ func sendingHeld(t *testing.T, s *handlers.EmailSender, mailer *countingMailer, 
 		time.Sleep(time.Millisecond)
 	}
 	return first
+}
+
+// TestEmailDuplicateOnItsLastAttempt: a delivery of an email that finds it
+// being sent by another delivery on its last attempt leaves the email to
+// that one: it is neither dead-lettered nor failed, and the email is sent
+// once.
+func TestEmailDuplicateOnItsLastAttempt(t *testing.T) {
+	t.Parallel()
+	f := newBus(t)
+	mailer := &countingMailer{hold: make(chan struct{})}
+	s := newSender(t, f, mailer, newMarks(t, f))
+	router, err := bus.NewRouter(bus.RouterConfig{
+		Client: f.rdb, Consumer: "test-1", StreamPrefix: f.prefix, DrainTimeout: 5 * time.Second, Logger: discard,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	group := f.prefix + handlers.EmailGroup
+	if err := bus.Handle(router, group, s.Handle, bus.WithRetry(bus.RetryPolicy{MaxAttempts: 1})); err != nil {
+		t.Fatal(err)
+	}
+	runRouter(t, router)
+	req := request("reader@example.com", "Twice", "Body.")
+	for range 2 { // the request published twice, under two event ids
+		if _, err := f.pub.PublishEvent(t.Context(), req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The second delivery finds the first sending and finishes first.
+	deadline := time.Now().Add(liveness)
+	for {
+		pending, err := f.rdb.XPending(t.Context(), f.prefix+events.TypeEmailRequested, group).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if mailer.sends.Load() == 1 && pending.Count == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no second delivery finished while the first sends (pending %d, sends %d)", pending.Count, mailer.sends.Load())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	close(mailer.hold)
+	f.waitEntries(t, events.TypeEmailSent, 1)
+	f.waitAcked(t, events.TypeEmailRequested, group)
+	if dead, err := bus.NewDeadLetters(f.rdb).Count(t.Context(), group); err != nil || dead != 0 {
+		t.Errorf("dead letters = %d, %v; want none", dead, err)
+	}
+	if n := len(f.entries(t, events.TypeEmailFailed)); n != 0 {
+		t.Errorf("%d email.failed published", n)
+	}
+	if n := mailer.sends.Load(); n != 1 {
+		t.Errorf("%d sends, want 1", n)
+	}
 }
