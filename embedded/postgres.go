@@ -172,6 +172,15 @@ func StartPostgres(ctx context.Context, cfg PostgresConfig) (*Postgres, error) {
 		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("start postgres: %w", err)
+	} else if halfCreated(dir) {
+		// Left by a version that wrote no marker: PG_VERSION without the
+		// control file, which initdb writes later. Moved aside, not
+		// removed, since no marker proves it is ours to remove.
+		aside := fmt.Sprintf("%s.broken-%d", dir, time.Now().Unix())
+		cfg.Logger.Warn("postgres data folder holds a half-created cluster; moving it aside and creating the cluster again", "dir", dir, "moved_to", aside)
+		if err := os.Rename(dir, aside); err != nil {
+			return nil, fmt.Errorf("start postgres: move the half-created cluster aside: %w", err)
+		}
 	}
 	if os.Geteuid() == 0 {
 		if p.runAs, err = prepareRootDir(dir); err != nil {
@@ -377,6 +386,16 @@ func checkReachable(dir, username string, cred *syscall.Credential) error {
 }
 
 // initdb creates a new cluster in p.dir.
+// halfCreated reports whether dir has PG_VERSION but no global/pg_control:
+// an initdb killed before it wrote the control file.
+func halfCreated(dir string) bool {
+	if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); err != nil {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(dir, "global", "pg_control"))
+	return errors.Is(err, fs.ErrNotExist)
+}
+
 // initdbMarker is the file beside the data folder dir that exists while
 // initdb creates a cluster in it.
 func initdbMarker(dir string) string {

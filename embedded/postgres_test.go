@@ -3,6 +3,9 @@ package embedded
 import (
 	"context"
 	"database/sql"
+	"errors"
+	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -208,43 +211,63 @@ func TestRemoveStalePID(t *testing.T) {
 
 // TestPostgresFirstStartInterrupted: a first start cancelled while initdb
 // creates the cluster (Ctrl-C) leaves a folder no server starts from; the
-// next start creates the cluster again instead of waiting forever for a
-// server that cannot come up.
+// next start creates the cluster again instead of failing or waiting
+// forever for a server that cannot come up. A folder left so by a version
+// that wrote no marker (PG_VERSION, no control file) is moved aside.
 func TestPostgresFirstStartInterrupted(t *testing.T) {
 	t.Parallel()
-	dir := postgresDir(t)
-	off := false
-	cfg := PostgresConfig{Dir: dir, Database: "app", Fsync: &off}
-	ctx, cancel := context.WithCancel(t.Context())
-	go func() {
-		// initdb writes PG_VERSION first, then spends seconds building the
-		// cluster: cancel in between.
-		deadline := time.Now().Add(time.Minute)
-		for time.Now().Before(deadline) {
-			if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); err == nil {
-				break
+	for _, marker := range []bool{true, false} {
+		t.Run(fmt.Sprintf("marker=%v", marker), func(t *testing.T) {
+			t.Parallel()
+			dir := postgresDir(t)
+			off := false
+			cfg := PostgresConfig{Dir: dir, Database: "app", Fsync: &off}
+			ctx, cancel := context.WithCancel(t.Context())
+			go func() {
+				// initdb writes PG_VERSION first, then spends seconds
+				// building the cluster: cancel in between.
+				deadline := time.Now().Add(time.Minute)
+				for time.Now().Before(deadline) {
+					if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); err == nil {
+						break
+					}
+					time.Sleep(time.Millisecond)
+				}
+				cancel()
+			}()
+			if p, err := StartPostgres(ctx, cfg); err == nil {
+				_ = p.Stop(context.Background())
+				t.Fatal("StartPostgres cancelled during initdb succeeded")
 			}
-			time.Sleep(time.Millisecond)
-		}
-		cancel()
-	}()
-	if p, err := StartPostgres(ctx, cfg); err == nil {
-		_ = p.Stop(context.Background())
-		t.Fatal("StartPostgres cancelled during initdb succeeded")
-	}
-	if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); err != nil {
-		t.Fatalf("no PG_VERSION after the interrupted initdb (%v): the test did not interrupt it half way", err)
-	}
+			if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); err != nil {
+				t.Fatalf("no PG_VERSION after the interrupted initdb (%v): the test did not interrupt it half way", err)
+			}
+			if !marker {
+				// As an older version left it: no marker, and initdb
+				// killed before the control file.
+				if err := os.Remove(initdbMarker(dir)); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.Remove(filepath.Join(dir, "global", "pg_control")); err != nil && !errors.Is(err, fs.ErrNotExist) {
+					t.Fatal(err)
+				}
+			}
 
-	ctx, cancel2 := context.WithTimeout(t.Context(), 2*time.Minute)
-	defer cancel2()
-	p, err := StartPostgres(ctx, cfg)
-	if err != nil {
-		t.Fatalf("StartPostgres after an interrupted first start: %v", err)
-	}
-	t.Cleanup(func() { _ = p.Stop(context.Background()) })
-	var name string
-	if err := openDB(t, p.URL()).QueryRowContext(ctx, "SELECT current_database()").Scan(&name); err != nil || name != "app" {
-		t.Errorf("current_database() = %q, %v; want app", name, err)
+			ctx, cancel2 := context.WithTimeout(t.Context(), 2*time.Minute)
+			defer cancel2()
+			p, err := StartPostgres(ctx, cfg)
+			if err != nil {
+				t.Fatalf("StartPostgres after an interrupted first start: %v", err)
+			}
+			t.Cleanup(func() { _ = p.Stop(context.Background()) })
+			var name string
+			if err := openDB(t, p.URL()).QueryRowContext(ctx, "SELECT current_database()").Scan(&name); err != nil || name != "app" {
+				t.Errorf("current_database() = %q, %v; want app", name, err)
+			}
+			aside, _ := filepath.Glob(dir + ".broken-*")
+			if want := map[bool]int{true: 0, false: 1}[marker]; len(aside) != want {
+				t.Errorf("folders moved aside: %v, want %d", aside, want)
+			}
+		})
 	}
 }
