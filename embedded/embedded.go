@@ -56,6 +56,10 @@ const portFile = "conveyor.port"
 // it. A start on a port the caller did not choose retries on a new port.
 var errPortInUse = errors.New("port already in use")
 
+// errShmInUse marks a PostgreSQL start that failed because processes of a
+// killed server had not yet let go of its shared memory.
+var errShmInUse = errors.New("shared memory of the previous server still in use")
+
 // portAttempts is how many ports a start tries before giving up, when the
 // caller did not fix the port.
 const portAttempts = 3
@@ -273,6 +277,9 @@ func exitError(name string, port int, exit error, out *output) error {
 	tail := out.tail()
 	if strings.Contains(tail, "Address already in use") {
 		return fmt.Errorf("%s exited while starting on port %d (%w): %v\n%s", name, port, errPortInUse, exit, tail)
+	}
+	if strings.Contains(tail, "pre-existing shared memory block") {
+		return fmt.Errorf("%s exited while starting on port %d (%w): %v\n%s", name, port, errShmInUse, exit, tail)
 	}
 	return fmt.Errorf("%s exited while starting on port %d: %v\n%s", name, port, exit, tail)
 }

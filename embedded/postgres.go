@@ -150,11 +150,11 @@ func StartPostgres(ctx context.Context, cfg PostgresConfig) (*Postgres, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("start postgres: %w", err)
 	}
-	binDir, err := findPostgresBinDir(cfg.BinDir)
+	dir, err := filepath.Abs(cfg.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("start postgres: %w", err)
 	}
-	dir, err := filepath.Abs(cfg.Dir)
+	binDir, err := findPostgresBinDir(cfg.BinDir, clusterVersion(dir))
 	if err != nil {
 		return nil, fmt.Errorf("start postgres: %w", err)
 	}
@@ -240,9 +240,24 @@ func StartPostgres(ctx context.Context, cfg PostgresConfig) (*Postgres, error) {
 
 // findPostgresBinDir returns binDir if it is set, else the folder of the
 // newest PostgreSQL found, checking that it holds initdb and postgres.
-func findPostgresBinDir(binDir string) (string, error) {
+// clusterVersion returns the major version of the cluster in dir, from
+// its PG_VERSION, or 0 if there is none.
+func clusterVersion(dir string) int {
+	b, err := os.ReadFile(filepath.Join(dir, "PG_VERSION"))
+	if err != nil {
+		return 0
+	}
+	v, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return v
+}
+
+// findPostgresBinDir returns binDir if set, else the install folder of
+// PostgreSQL major version want if there is one (a cluster runs only on
+// its own major version: after an upgrade installs a newer one beside
+// it, the cluster keeps its own), else the default one.
+func findPostgresBinDir(binDir string, want int) (string, error) {
 	if binDir == "" {
-		binDir = defaultPostgresBinDir()
+		binDir = defaultPostgresBinDir(want)
 	}
 	if binDir == "" {
 		return "", fmt.Errorf("%w: postgres was not found on PATH or in /usr/lib/postgresql/*/bin; %s", ErrNotInstalled, postgresInstallHint)
@@ -259,17 +274,56 @@ func findPostgresBinDir(binDir string) (string, error) {
 // /usr/lib/postgresql/15/bin or /opt/homebrew/opt/postgresql@16/bin.
 var versionInPath = regexp.MustCompile(`postgresql[@/](\d+)`)
 
-// defaultPostgresBinDir returns the folder of the postgres on PATH, else
-// that of the newest version in the usual install folders, else "".
-func defaultPostgresBinDir() string {
+// defaultPostgresBinDir returns the install folder of major version want
+// (if not 0) in the usual install folders, else the folder of the postgres
+// on PATH, else that of the newest version in the usual install folders,
+// else "".
+func defaultPostgresBinDir(want int) string {
+	candidates := installedPostgres()
+	onPath := ""
 	if path, err := exec.LookPath("postgres"); err == nil {
 		// Resolve links such as /usr/local/bin/postgres, so that initdb is
 		// looked for next to the real binary.
 		if real, err := filepath.EvalSymlinks(path); err == nil {
 			path = real
 		}
-		return filepath.Dir(path)
+		onPath = filepath.Dir(path)
 	}
+	return pickPostgres(candidates, onPath, want)
+}
+
+// pickPostgres chooses among install folders (see defaultPostgresBinDir).
+func pickPostgres(candidates []string, onPath string, want int) string {
+	version := func(path string) int {
+		m := versionInPath.FindStringSubmatch(path)
+		if m == nil {
+			return 0
+		}
+		v, _ := strconv.Atoi(m[1]) // \d+ always parses, barring overflow
+		return v
+	}
+	if want > 0 {
+		if version(onPath) == want {
+			return onPath
+		}
+		for _, c := range candidates {
+			if version(c) == want {
+				return c
+			}
+		}
+	}
+	if onPath != "" {
+		return onPath
+	}
+	if len(candidates) == 0 {
+		return ""
+	}
+	return slices.MaxFunc(candidates, func(a, b string) int { return version(a) - version(b) })
+}
+
+// installedPostgres lists the install folders of PostgreSQL versions in
+// the usual places.
+func installedPostgres() []string {
 	var candidates []string
 	for _, pattern := range []string{
 		"/usr/lib/postgresql/*/bin",          // Debian, Ubuntu
@@ -284,18 +338,7 @@ func defaultPostgresBinDir() string {
 			}
 		}
 	}
-	if len(candidates) == 0 {
-		return ""
-	}
-	version := func(path string) int {
-		m := versionInPath.FindStringSubmatch(path)
-		if m == nil {
-			return 0
-		}
-		v, _ := strconv.Atoi(m[1]) // \d+ always parses, barring overflow
-		return v
-	}
-	return slices.MaxFunc(candidates, func(a, b string) int { return version(a) - version(b) })
+	return candidates
 }
 
 // prepareRootDir picks the unprivileged user that runs PostgreSQL for
@@ -434,7 +477,29 @@ func (p *Postgres) initdb(ctx context.Context) error {
 
 // start removes a stale lock file, runs the postmaster on p.port and waits
 // until it answers. The caller holds p.mu or owns p alone.
+//
+// Right after a kill -9, the killed server's processes may still be
+// letting go of its shared memory, which the new postmaster refuses to
+// share: it is tried again for a few seconds.
 func (p *Postgres) start(ctx context.Context) error {
+	deadline := time.Now().Add(shmWait)
+	for {
+		err := p.startOnce(ctx)
+		if !errors.Is(err, errShmInUse) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(pollInterval):
+		}
+	}
+}
+
+// shmWait bounds how long start waits for a killed server's shared memory.
+const shmWait = 10 * time.Second
+
+func (p *Postgres) startOnce(ctx context.Context) error {
 	if err := removeStalePID(p.dir); err != nil {
 		return err
 	}

@@ -271,3 +271,30 @@ func TestPostgresFirstStartInterrupted(t *testing.T) {
 		})
 	}
 }
+
+// TestPickPostgres: a cluster runs on the install of its own major
+// version when there is one, even with a newer one beside it or another
+// on PATH; without a cluster, the one on PATH, else the newest.
+func TestPickPostgres(t *testing.T) {
+	t.Parallel()
+	installs := []string{"/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/opt/homebrew/opt/postgresql@14/bin"}
+	for _, tt := range []struct {
+		candidates []string
+		onPath     string
+		want       int
+		pick       string
+	}{
+		{installs, "", 15, "/usr/lib/postgresql/15/bin"},
+		{installs, "", 14, "/opt/homebrew/opt/postgresql@14/bin"},
+		{installs, "", 0, "/usr/lib/postgresql/16/bin"},
+		{installs, "/usr/local/bin", 15, "/usr/lib/postgresql/15/bin"},
+		{installs, "/usr/local/bin", 0, "/usr/local/bin"},
+		{installs, "/usr/lib/postgresql/16/bin", 16, "/usr/lib/postgresql/16/bin"},
+		{installs, "", 13, "/usr/lib/postgresql/16/bin"}, // none of its version: the newest, whose error says why
+		{nil, "", 15, ""},
+	} {
+		if got := pickPostgres(tt.candidates, tt.onPath, tt.want); got != tt.pick {
+			t.Errorf("pickPostgres(%v, %q, %d) = %q, want %q", tt.candidates, tt.onPath, tt.want, got, tt.pick)
+		}
+	}
+}
