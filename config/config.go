@@ -63,9 +63,9 @@ type Var struct {
 
 // Vars lists every variable Conveyor reads, for --help and the README.
 var Vars = []Var{
-	{"REDIS_URL", "(conveyor up: a local redis-server)", "Redis for streams and idempotency records: redis://[:password@]host:port/db. Run it with AOF and maxmemory-policy noeviction."},
+	{"REDIS_URL", "(conveyor up: a local redis-server)", "Redis for streams and idempotency records: redis://[:password@]host:port/db, rediss:// for TLS, or unix:///path/redis.sock?db=0. Run it with AOF and maxmemory-policy noeviction."},
 	{"CACHE_REDIS_URL", "REDIS_URL", "Redis for the read cache; may be a separate instance with an LRU policy."},
-	{"DATABASE_URL", "(conveyor up: a local PostgreSQL)", "PostgreSQL for the read models: postgres://user:pass@host:5432/db?sslmode=disable."},
+	{"DATABASE_URL", "(conveyor up: a local PostgreSQL)", "PostgreSQL for the read models: postgres://user:pass@host:5432/db?sslmode=disable, or postgres:///db?host=/var/run/postgresql for a Unix socket."},
 	{"HTTP_ADDR", ":8080", "Listen address of the role's HTTP server (the API for `api`; /healthz, /readyz and /metrics for every role)."},
 	{"BLOB_DIR", "./data/blobs", "Directory of uploaded bytes, shared by api and handler replicas."},
 	{"SMTP_URL", "(none: emails go to OUTBOX_DIR)", "smtp://[user:pass@]host:port (STARTTLS if offered; ?tls=required|none) or smtps://host:port."},
@@ -143,8 +143,8 @@ func Load(getenv func(string) string) (Config, error) {
 	if c.LogFormat != "json" && c.LogFormat != "text" {
 		r.fail("LOG_FORMAT", "must be json or text, not %q", c.LogFormat)
 	}
-	r.url("REDIS_URL", c.RedisURL, "redis", "rediss")
-	r.url("CACHE_REDIS_URL", c.CacheRedisURL, "redis", "rediss")
+	r.url("REDIS_URL", c.RedisURL, "redis", "rediss", "unix")
+	r.url("CACHE_REDIS_URL", c.CacheRedisURL, "redis", "rediss", "unix")
 	r.url("DATABASE_URL", c.DatabaseURL, "postgres", "postgresql")
 	r.url("SMTP_URL", c.SMTPURL, "smtp", "smtps")
 	r.url("SUMMARIZER_URL", c.SummarizerURL, "http", "https")
@@ -271,12 +271,21 @@ func (r *reader) url(name, v string, schemes ...string) {
 		return
 	}
 	for _, s := range schemes {
-		if u.Scheme == s {
-			if u.Host == "" {
-				r.fail(name, "names no host")
-			}
-			return
+		if u.Scheme != s {
+			continue
 		}
+		switch {
+		case s == "unix":
+			// unix:///path/to/redis.sock
+			if u.Path == "" {
+				r.fail(name, "names no socket path")
+			}
+		case u.Host == "" && (s == "postgres" || s == "postgresql") && u.Query().Get("host") != "":
+			// postgres:///db?host=/var/run/postgresql: a Unix socket.
+		case u.Host == "":
+			r.fail(name, "names no host")
+		}
+		return
 	}
 	r.fail(name, "scheme must be one of %s, not %q", strings.Join(schemes, ", "), u.Scheme)
 }

@@ -58,6 +58,29 @@ func TestStuckAfterOutlastsTheRetries(t *testing.T) {
 	}
 }
 
+// TestUnixSocketURLs: Redis and PostgreSQL on Unix sockets are named as
+// their clients take them; a URL that names neither host nor socket is
+// refused.
+func TestUnixSocketURLs(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		name, value string
+		ok          bool
+	}{
+		{"REDIS_URL", "unix:///run/redis/redis.sock?db=1", true},
+		{"REDIS_URL", "unix://", false},
+		{"REDIS_URL", "redis://", false},
+		{"DATABASE_URL", "postgres:///conveyor?host=/var/run/postgresql", true},
+		{"DATABASE_URL", "postgres:///conveyor", false},
+	} {
+		vars := map[string]string{"REDIS_URL": "redis://127.0.0.1:6379/0", tt.name: tt.value}
+		_, err := config.Load(env(vars))
+		if ok := err == nil; ok != tt.ok {
+			t.Errorf("%s=%s: %v, want accepted %v", tt.name, tt.value, err, tt.ok)
+		}
+	}
+}
+
 // TestInboxRetentionBounds: an inbox kept too briefly would let redeliveries
 // apply twice, so a short INBOX_RETENTION is refused rather than honoured.
 func TestInboxRetentionBounds(t *testing.T) {

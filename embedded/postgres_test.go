@@ -81,6 +81,15 @@ func TestPostgresLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	t.Run("Unix socket URL", func(t *testing.T) {
+		// The form README gives for DATABASE_URL on a socket.
+		url := fmt.Sprintf("postgres:///app?host=%s&port=%d&user=postgres&sslmode=disable", p.sockDir, p.port)
+		var one int
+		if err := openDB(t, url).QueryRowContext(ctx, "SELECT 1").Scan(&one); err != nil || one != 1 {
+			t.Fatalf("query over %s: %d, %v", url, one, err)
+		}
+	})
+
 	t.Run("CreateDatabase", func(t *testing.T) {
 		for range 2 { // the second call finds it and does nothing
 			if err := p.CreateDatabase(ctx, "other-db"); err != nil {
