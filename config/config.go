@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/url"
 	"os"
 	"strconv"
@@ -88,7 +89,7 @@ var Vars = []Var{
 	{"CONVEYOR_DATA_DIR", "./.conveyor", "conveyor up only: where the local Redis and PostgreSQL keep their data."},
 	{"SCHEDULES_FILE", "(none: built-in schedules only)", "YAML file of periodic events (cron) and built-in schedule overrides, read by the scheduler."},
 	{"MAX_DELAY", "720h", "Longest accepted delay of a delayed event or email (30 days); further → 422."},
-	{"STUCK_AFTER", "the retry window + 15m (2h23m with the default retry settings)", "The stuck-document re-drive re-publishes documents still processing this long after upload; shorter than the retry window, it re-publishes documents that are only waiting for their retries."},
+	{"STUCK_AFTER", "the retry window + 15m (2h43m with the default retry settings)", "The stuck-document re-drive re-publishes documents still processing this long after upload; shorter than the retry window (computed from RETRY_* as set on the scheduler: set them as on the handlers), it re-publishes documents that are only waiting for their retries."},
 	{"INBOX_RETENTION", "168h", "The projector remembers an applied event (its inbox row) this long, so that a redelivery changes nothing twice; an event redelivered later is applied again (7 days). At least 24h."},
 	{"BLOB_RETENTION", "168h", "Stored bytes of failed documents are removed this long after the failure, and bytes no document refers to this long after they were stored, but never before 8 days, while a retry under an Idempotency-Key may still need them (7 days)."},
 }
@@ -120,12 +121,12 @@ func Load(getenv func(string) string) (Config, error) {
 		DataDir:          r.str("CONVEYOR_DATA_DIR", "./.conveyor"),
 		SchedulesFile:    r.str("SCHEDULES_FILE", ""),
 		MaxDelay:         r.duration("MAX_DELAY", 30*24*time.Hour),
-		StuckAfter:       r.duration("STUCK_AFTER", 0),
+		StuckAfter:       r.duration("STUCK_AFTER", -1), // -1: not set
 		BlobRetention:    r.duration("BLOB_RETENTION", 7*24*time.Hour),
 		InboxRetention:   r.duration("INBOX_RETENTION", 7*24*time.Hour),
 	}
-	if c.StuckAfter == 0 {
-		c.StuckAfter = c.RetryWindow() + 15*time.Minute
+	if c.StuckAfter == -1 {
+		c.StuckAfter = min(c.RetryWindow(), math.MaxInt64-15*time.Minute) + 15*time.Minute
 	}
 	c.CacheRedisURL = r.str("CACHE_REDIS_URL", c.RedisURL)
 	switch lvl := strings.ToLower(r.str("LOG_LEVEL", "info")); lvl {
@@ -290,18 +291,38 @@ func (r *reader) url(name, v string, schemes ...string) {
 	r.fail(name, "scheme must be one of %s, not %q", strings.Join(schemes, ", "), u.Scheme)
 }
 
-// RetryWindow is the longest a message can spend waiting for its retries
-// before its last attempt: the delays after each failed attempt but the
-// last (exponential from RETRY_BACKOFF_MIN, capped at RETRY_BACKOFF_MAX),
-// each at the top of its ±20% jitter.
+// RetryWindow is the longest a message can spend between its first
+// attempt and the end of its last: the delays after each failed attempt
+// but the last (exponential from RETRY_BACKOFF_MIN, capped at
+// RETRY_BACKOFF_MAX), each at the top of its ±20% jitter, plus a minute per
+// attempt for the attempt itself (a summarizer's timeout is 60 s). It
+// saturates instead of overflowing.
 func (c Config) RetryWindow() time.Duration {
-	var total time.Duration
-	d := c.RetryMinBackoff
-	for range c.RetryMaxAttempts - 1 {
-		total += min(d, c.RetryMaxBackoff)
-		if d < c.RetryMaxBackoff {
-			d *= 2
-		}
+	const most = time.Duration(math.MaxInt64)
+	n := int64(max(c.RetryMaxAttempts, 1))
+	total := time.Duration(0)
+	d := max(c.RetryMinBackoff, 0)
+	left := n - 1
+	if d == 0 {
+		left = 0 // no delays
 	}
-	return total * 6 / 5
+	for ; left > 0 && d < c.RetryMaxBackoff; left-- {
+		total += d
+		d = min(2*d, most/2)
+	}
+	capped := max(c.RetryMaxBackoff, 0)
+	if left > 0 && capped > 0 {
+		if left > int64(most/capped) || total > most-time.Duration(left)*capped {
+			return most
+		}
+		total += time.Duration(left) * capped
+	}
+	if total > most/6*5 {
+		return most
+	}
+	total = total * 6 / 5
+	if n > int64((most-total)/time.Minute) {
+		return most
+	}
+	return total + time.Duration(n)*time.Minute
 }

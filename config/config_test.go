@@ -1,6 +1,7 @@
 package config_test
 
 import (
+	"math"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -34,17 +35,20 @@ func TestDefaults(t *testing.T) {
 
 // TestStuckAfterOutlastsTheRetries: by default the stuck-document re-drive
 // waits out every retry of a document (1 s doubling to 10 min over 19
-// delays, 6,423 s, up to 20% more with jitter) and 15 minutes more, so it
-// re-publishes no document that is only waiting for a retry; it follows
-// the retry settings; a value set is kept.
+// delays, 6,423 s, up to 20% more with jitter, and a minute for each of the
+// 20 attempts) and 15 minutes more, so it re-publishes no document that is
+// only waiting for a retry; it follows the retry settings, saturating on
+// absurd ones; a value set is kept, and 0 is refused.
 func TestStuckAfterOutlastsTheRetries(t *testing.T) {
 	t.Parallel()
 	for _, tt := range []struct {
 		env  map[string]string
 		want time.Duration
 	}{
-		{map[string]string{}, 6423*time.Second*6/5 + 15*time.Minute},
-		{map[string]string{"RETRY_MAX_ATTEMPTS": "3", "RETRY_BACKOFF_MIN": "1m"}, 3*time.Minute*6/5 + 15*time.Minute},
+		{map[string]string{}, 6423*time.Second*6/5 + 20*time.Minute + 15*time.Minute},
+		{map[string]string{"RETRY_MAX_ATTEMPTS": "3", "RETRY_BACKOFF_MIN": "1m"}, 3*time.Minute*6/5 + 3*time.Minute + 15*time.Minute},
+		{map[string]string{"RETRY_MAX_ATTEMPTS": "2000000000", "RETRY_BACKOFF_MAX": "1000000h"}, time.Duration(math.MaxInt64)},
+		{map[string]string{"RETRY_MAX_ATTEMPTS": "2000000000"}, time.Duration(math.MaxInt64)},
 		{map[string]string{"STUCK_AFTER": "5m"}, 5 * time.Minute},
 	} {
 		tt.env["REDIS_URL"] = "redis://127.0.0.1:6379/0"
@@ -55,6 +59,9 @@ func TestStuckAfterOutlastsTheRetries(t *testing.T) {
 		if c.StuckAfter != tt.want {
 			t.Errorf("%v: STUCK_AFTER %s, want %s", tt.env, c.StuckAfter, tt.want)
 		}
+	}
+	if _, err := config.Load(env(map[string]string{"REDIS_URL": "redis://127.0.0.1:6379/0", "STUCK_AFTER": "0s"})); err == nil || !strings.Contains(err.Error(), "STUCK_AFTER") {
+		t.Errorf("STUCK_AFTER=0s: %v, want an error naming it", err)
 	}
 }
 

@@ -161,25 +161,27 @@ func StartPostgres(ctx context.Context, cfg PostgresConfig) (*Postgres, error) {
 	p := &Postgres{cfg: cfg, binDir: binDir, dir: dir}
 	// initdb killed half way (Ctrl-C during a first start) leaves a folder
 	// with PG_VERSION that no server can start from, and cannot clean up
-	// after itself. The marker, written before initdb and removed after it,
-	// tells such a folder from a cluster: it is made again. (A cluster of a
-	// version that wrote no marker has none, and stays as it is.)
+	// after itself. The marker, written before initdb and left only when
+	// initdb was stopped (on any other failure initdb empties the folder
+	// itself), tells such a folder from a cluster; so does PG_VERSION
+	// without the control file, for a folder of a version that wrote no
+	// marker. Such a folder is moved aside, never removed, and the cluster
+	// made again.
 	incomplete := initdbMarker(dir)
-	if _, err := os.Stat(incomplete); err == nil {
-		cfg.Logger.Warn("postgres cluster creation was interrupted before; creating it again", "dir", dir)
-		if err := os.RemoveAll(dir); err != nil {
-			return nil, fmt.Errorf("start postgres: remove the half-created cluster: %w", err)
+	_, markErr := os.Stat(incomplete)
+	if markErr != nil && !errors.Is(markErr, fs.ErrNotExist) {
+		return nil, fmt.Errorf("start postgres: %w", markErr)
+	}
+	if markErr == nil || halfCreated(dir) {
+		if _, err := os.Stat(dir); err == nil {
+			aside := fmt.Sprintf("%s.broken-%d", dir, time.Now().Unix())
+			cfg.Logger.Warn("postgres data folder holds a half-created cluster (its creation was interrupted); moving it aside and creating the cluster again", "dir", dir, "moved_to", aside)
+			if err := os.Rename(dir, aside); err != nil {
+				return nil, fmt.Errorf("start postgres: move the half-created cluster aside: %w", err)
+			}
 		}
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("start postgres: %w", err)
-	} else if halfCreated(dir) {
-		// Left by a version that wrote no marker: PG_VERSION without the
-		// control file, which initdb writes later. Moved aside, not
-		// removed, since no marker proves it is ours to remove.
-		aside := fmt.Sprintf("%s.broken-%d", dir, time.Now().Unix())
-		cfg.Logger.Warn("postgres data folder holds a half-created cluster; moving it aside and creating the cluster again", "dir", dir, "moved_to", aside)
-		if err := os.Rename(dir, aside); err != nil {
-			return nil, fmt.Errorf("start postgres: move the half-created cluster aside: %w", err)
+		if err := os.Remove(incomplete); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("start postgres: %w", err)
 		}
 	}
 	if os.Geteuid() == 0 {
@@ -190,14 +192,28 @@ func StartPostgres(ctx context.Context, cfg PostgresConfig) (*Postgres, error) {
 		return nil, fmt.Errorf("start postgres: create data folder: %w", err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); errors.Is(err, fs.ErrNotExist) {
-		if err := os.WriteFile(incomplete, nil, 0o600); err != nil {
+		// initdb refuses a folder with anything in it; say so before the
+		// marker, which must only ever name a folder initdb filled.
+		if entries, err := os.ReadDir(dir); err != nil {
 			return nil, fmt.Errorf("start postgres: %w", err)
+		} else if len(entries) > 0 {
+			return nil, fmt.Errorf("start postgres: data folder %s holds no PostgreSQL cluster and is not empty (%s, ...): empty it or choose another", dir, entries[0].Name())
+		}
+		marked := true
+		if err := os.WriteFile(incomplete, nil, 0o600); err != nil {
+			marked = false
+			cfg.Logger.Warn("cannot mark the cluster as being created; if this first start is interrupted, remove the data folder before the next", "dir", dir, "error", err)
 		}
 		if err := p.initdb(ctx); err != nil {
+			if ctx.Err() == nil && marked {
+				_ = os.Remove(incomplete) // initdb emptied the folder
+			}
 			return nil, fmt.Errorf("start postgres: %w", err)
 		}
-		if err := os.Remove(incomplete); err != nil {
-			return nil, fmt.Errorf("start postgres: %w", err)
+		if marked {
+			if err := os.Remove(incomplete); err != nil {
+				return nil, fmt.Errorf("start postgres: %w", err)
+			}
 		}
 	} else if err != nil {
 		return nil, fmt.Errorf("start postgres: %w", err)

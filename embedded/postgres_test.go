@@ -221,8 +221,9 @@ func TestRemoveStalePID(t *testing.T) {
 // TestPostgresFirstStartInterrupted: a first start cancelled while initdb
 // creates the cluster (Ctrl-C) leaves a folder no server starts from; the
 // next start creates the cluster again instead of failing or waiting
-// forever for a server that cannot come up. A folder left so by a version
-// that wrote no marker (PG_VERSION, no control file) is moved aside.
+// forever for a server that cannot come up. The half-created folder is
+// moved aside, also when a version that wrote no marker left it
+// (PG_VERSION, no control file).
 func TestPostgresFirstStartInterrupted(t *testing.T) {
 	t.Parallel()
 	for _, marker := range []bool{true, false} {
@@ -273,9 +274,9 @@ func TestPostgresFirstStartInterrupted(t *testing.T) {
 			if err := openDB(t, p.URL()).QueryRowContext(ctx, "SELECT current_database()").Scan(&name); err != nil || name != "app" {
 				t.Errorf("current_database() = %q, %v; want app", name, err)
 			}
-			aside, _ := filepath.Glob(dir + ".broken-*")
-			if want := map[bool]int{true: 0, false: 1}[marker]; len(aside) != want {
-				t.Errorf("folders moved aside: %v, want %d", aside, want)
+			// Moved aside, never removed.
+			if aside, _ := filepath.Glob(dir + ".broken-*"); len(aside) != 1 {
+				t.Errorf("folders moved aside: %v, want the half-created one", aside)
 			}
 		})
 	}
@@ -304,6 +305,32 @@ func TestPickPostgres(t *testing.T) {
 	} {
 		if got := pickPostgres(tt.candidates, tt.onPath, tt.want); got != tt.pick {
 			t.Errorf("pickPostgres(%v, %q, %d) = %q, want %q", tt.candidates, tt.onPath, tt.want, got, tt.pick)
+		}
+	}
+}
+
+// TestPostgresRefusesAFolderOfOtherFiles: a data folder that holds other
+// files and no cluster is refused, and its files stay, start after start.
+func TestPostgresRefusesAFolderOfOtherFiles(t *testing.T) {
+	t.Parallel()
+	dir := postgresDir(t)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	notes := filepath.Join(dir, "my-notes.sql")
+	if err := os.WriteFile(notes, []byte("SELECT 1;"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	off := false
+	for range 2 {
+		if p, err := StartPostgres(t.Context(), PostgresConfig{Dir: dir, Fsync: &off}); err == nil {
+			_ = p.Stop(context.Background())
+			t.Fatal("StartPostgres in a folder of other files succeeded")
+		} else if !strings.Contains(err.Error(), "not empty") {
+			t.Errorf("StartPostgres in a folder of other files: %v, want it to say the folder is not empty", err)
+		}
+		if _, err := os.Stat(notes); err != nil {
+			t.Fatalf("the folder's file is gone: %v", err)
 		}
 	}
 }

@@ -78,6 +78,9 @@ func NewEmailSender(cfg EmailSenderConfig) (*EmailSender, error) {
 	if cfg.LockLease == 0 {
 		cfg.LockLease = 15 * time.Second
 	}
+	if cfg.LockLease < 10*time.Millisecond {
+		return nil, fmt.Errorf("email sender: LockLease %s is under 10ms", cfg.LockLease)
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -151,15 +154,16 @@ func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) err
 		return s.publishSent(ctx, parent, ev)
 	}
 
-	token, locked, err := s.cfg.Marks.Lock(ctx, sendingKey(ev.EmailID), s.cfg.LockLease)
+	token, locked, err := s.lock(ctx, ev.EmailID)
 	if err != nil {
 		return fmt.Errorf("lock email %s for sending: %w", ev.EmailID, err)
 	}
 	if !locked {
 		if bus.IsLastAttempt(ctx) {
-			// The delivery holding the lock decides the email's outcome
-			// (sent, or failed after its own retries): this copy is not
-			// needed, and must not end in the dead letters.
+			// The lock outlived a wait longer than its lease: a live
+			// delivery holds it and renews it, and decides the email's
+			// outcome (sent, or failed after its own retries). This copy
+			// is not needed, and must not end in the dead letters.
 			s.cfg.Logger.InfoContext(ctx, "email being sent by another delivery; leaving it to that one", "email_id", ev.EmailID, "event_id", env.ID)
 			return nil
 		}
@@ -167,7 +171,7 @@ func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) err
 	}
 	defer s.holdLock(ctx, ev.EmailID, token)()
 	// A delivery that held the lock until just now may have sent it.
-	if sent, err := s.sent(ctx, ev.EmailID, ev.EmailID); err != nil {
+	if sent, err := s.sent(ctx, ev.EmailID, asGiven); err != nil {
 		return err
 	} else if sent {
 		return s.publishSent(ctx, parent, ev)
@@ -193,6 +197,28 @@ func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) err
 		return err
 	}
 	return s.publishSent(after, parent, ev)
+}
+
+// lock takes the email's lock. On the last attempt it waits for the lock
+// a little longer than its lease: the holder may be a delivery that died
+// (this same entry, claimed after a kill -9 on its last attempt), whose
+// lock then ends; only a live holder, renewing it, keeps it that long.
+func (s *EmailSender) lock(ctx context.Context, emailID string) (token string, ok bool, err error) {
+	var deadline time.Time
+	if bus.IsLastAttempt(ctx) {
+		deadline = time.Now().Add(s.cfg.LockLease + s.cfg.LockLease/2)
+	}
+	for {
+		token, ok, err = s.cfg.Marks.Lock(ctx, sendingKey(emailID), s.cfg.LockLease)
+		if err != nil || ok || !time.Now().Before(deadline) {
+			return token, ok, err
+		}
+		select {
+		case <-ctx.Done():
+			return "", false, ctx.Err()
+		case <-time.After(s.cfg.LockLease / 10):
+		}
+	}
 }
 
 // holdLock renews the email's lock while the handler runs, and returns

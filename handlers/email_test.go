@@ -28,11 +28,19 @@ func newMarks(t *testing.T, f *busFixture) *idem.Store {
 
 func newSender(t *testing.T, f *busFixture, mailer handlers.Mailer, marks handlers.Marks) *handlers.EmailSender {
 	t.Helper()
+	return newSenderWithLease(t, f, mailer, marks, 0)
+}
+
+// newSenderWithLease is newSender with the emails' lock lease (0: the
+// default).
+func newSenderWithLease(t *testing.T, f *busFixture, mailer handlers.Mailer, marks handlers.Marks, lease time.Duration) *handlers.EmailSender {
+	t.Helper()
 	s, err := handlers.NewEmailSender(handlers.EmailSenderConfig{
 		Mailer:    mailer,
 		Marks:     marks,
 		Publisher: f.pub,
 		Timeout:   liveness,
+		LockLease: lease,
 		Logger:    discard,
 	})
 	if err != nil {
@@ -490,19 +498,14 @@ func TestEmailCancelledAfterAcceptance(t *testing.T) {
 // send) ends with its lease, and the email is sent by the redelivery.
 func TestEmailLockLease(t *testing.T) {
 	t.Parallel()
-	const lease = 300 * time.Millisecond
+	const lease = time.Second
 	f := newBus(t)
 	marks := newMarks(t, f)
 	mailer := &countingMailer{hold: make(chan struct{})}
-	s, err := handlers.NewEmailSender(handlers.EmailSenderConfig{
-		Mailer: mailer, Marks: marks, Publisher: f.pub, Timeout: liveness, LockLease: lease, Logger: discard,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := newSenderWithLease(t, f, mailer, marks, lease)
 	req := request("reader@example.com", "Hello", "Body.")
 	first := sendingHeld(t, s, mailer, req)
-	time.Sleep(4 * lease)
+	time.Sleep(3 * lease)
 	ctx, _ := handling(t, events.TypeEmailRequested)
 	if err := s.Handle(ctx, req); err == nil || !strings.Contains(err.Error(), "another delivery of this email is sending it") {
 		t.Errorf("a delivery during a send longer than the lock's lease: %v, want a retryable error", err)
@@ -524,7 +527,7 @@ func TestEmailLockLease(t *testing.T) {
 	if err := s.Handle(ctx, other); err == nil {
 		t.Errorf("a delivery while a dead holder's lock lives: nil, want a retryable error")
 	}
-	time.Sleep(lease + 100*time.Millisecond)
+	time.Sleep(lease + 500*time.Millisecond)
 	ctx, _ = handling(t, events.TypeEmailRequested)
 	if err := s.Handle(ctx, other); err != nil {
 		t.Fatalf("redelivery after the dead holder's lease: %v", err)
@@ -561,17 +564,8 @@ func TestEmailDuplicateOnItsLastAttempt(t *testing.T) {
 	t.Parallel()
 	f := newBus(t)
 	mailer := &countingMailer{hold: make(chan struct{})}
-	s := newSender(t, f, mailer, newMarks(t, f))
-	router, err := bus.NewRouter(bus.RouterConfig{
-		Client: f.rdb, Consumer: "test-1", StreamPrefix: f.prefix, DrainTimeout: 5 * time.Second, Logger: discard,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	group := f.prefix + handlers.EmailGroup
-	if err := bus.Handle(router, group, s.Handle, bus.WithRetry(bus.RetryPolicy{MaxAttempts: 1})); err != nil {
-		t.Fatal(err)
-	}
+	s := newSenderWithLease(t, f, mailer, newMarks(t, f), time.Second)
+	router, group := lastAttemptRouter(t, f, s)
 	runRouter(t, router)
 	req := request("reader@example.com", "Twice", "Body.")
 	for range 2 { // the request published twice, under two event ids
@@ -606,4 +600,53 @@ func TestEmailDuplicateOnItsLastAttempt(t *testing.T) {
 	if n := mailer.sends.Load(); n != 1 {
 		t.Errorf("%d sends, want 1", n)
 	}
+}
+
+// TestEmailDeadHolderOnTheLastAttempt: a delivery on its last attempt that
+// finds the email's lock held by a delivery that died (this entry, claimed
+// after a kill -9 during its send) waits for that lock to end and sends
+// the email, instead of leaving it to a holder that is gone.
+func TestEmailDeadHolderOnTheLastAttempt(t *testing.T) {
+	t.Parallel()
+	const lease = time.Second
+	f := newBus(t)
+	marks := newMarks(t, f)
+	mailer := &countingMailer{}
+	s := newSenderWithLease(t, f, mailer, marks, lease)
+	router, group := lastAttemptRouter(t, f, s)
+	req := request("reader@example.com", "Dead holder", "Body.")
+	// The dead holder's lock: never renewed, never released.
+	if _, ok, err := marks.Lock(t.Context(), "email-sending:"+req.EmailID, lease); err != nil || !ok {
+		t.Fatalf("lock as a holder that dies: %v, %v", ok, err)
+	}
+	runRouter(t, router)
+	if _, err := f.pub.PublishEvent(t.Context(), req); err != nil {
+		t.Fatal(err)
+	}
+	f.waitEntries(t, events.TypeEmailSent, 1)
+	f.waitAcked(t, events.TypeEmailRequested, group)
+	if n := mailer.sends.Load(); n != 1 {
+		t.Errorf("%d sends, want 1", n)
+	}
+	if dead, err := bus.NewDeadLetters(f.rdb).Count(t.Context(), group); err != nil || dead != 0 {
+		t.Errorf("dead letters = %d, %v; want none", dead, err)
+	}
+}
+
+// lastAttemptRouter returns a router running s in the email sender's group
+// (also returned) with one attempt per event: every attempt is the last.
+// It is not running yet.
+func lastAttemptRouter(t *testing.T, f *busFixture, s *handlers.EmailSender) (*bus.Router, string) {
+	t.Helper()
+	router, err := bus.NewRouter(bus.RouterConfig{
+		Client: f.rdb, Consumer: "test-1", StreamPrefix: f.prefix, DrainTimeout: 5 * time.Second, Logger: discard,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	group := f.prefix + handlers.EmailGroup
+	if err := bus.Handle(router, group, s.Handle, bus.WithRetry(bus.RetryPolicy{MaxAttempts: 1})); err != nil {
+		t.Fatal(err)
+	}
+	return router, group
 }

@@ -283,6 +283,22 @@ func (sc *Scheduler) runSchedule(ctx context.Context, s *Schedule, start time.Ti
 	}
 }
 
+// permanentReply reports whether err is Redis answering with an error that
+// asking again does not change (WRONGTYPE, NOPERM), as opposed to a lost
+// connection or a Redis that is loading, failing over or busy.
+func permanentReply(err error) bool {
+	var reply redis.Error
+	if !errors.As(err, &reply) {
+		return false
+	}
+	for _, transient := range []string{"LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY", "CLUSTERDOWN"} {
+		if strings.HasPrefix(reply.Error(), transient) {
+			return false
+		}
+	}
+	return true
+}
+
 // sleep waits for d and reports whether ctx is still alive.
 func sleep(ctx context.Context, d time.Duration) bool {
 	if d <= 0 {
@@ -314,6 +330,12 @@ func (sc *Scheduler) missed(ctx context.Context, s *Schedule, start time.Time) [
 		}
 		if err == nil {
 			break
+		}
+		if permanentReply(err) {
+			// Redis answered, with an error (a key of another type, no
+			// permission): asking again changes nothing.
+			sc.log.Error("read the last tick of a schedule; not catching up", "schedule", s.Name, "error", err)
+			return nil
 		}
 		if backoff == 0 {
 			sc.log.Warn("read the last tick of a schedule; retrying", "schedule", s.Name, "error", err)
@@ -446,8 +468,9 @@ func (sc *Scheduler) moveDelayed(ctx context.Context) {
 	// until it moves again, rather than every poll; the other streams keep
 	// their pace.
 	type failure struct {
-		backoff time.Duration
-		retryAt time.Time
+		backoff  time.Duration
+		retryAt  time.Time
+		loggedAt time.Time
 	}
 	failing := map[string]*failure{}
 	for {
@@ -463,9 +486,11 @@ func (sc *Scheduler) moveDelayed(ctx context.Context) {
 				if f == nil {
 					f = &failure{}
 					failing[stream] = f
-					if ctx.Err() == nil {
-						sc.log.Warn("move delayed events; retrying", "stream", stream, "error", err)
-					}
+				}
+				// Once, then every few minutes while it lasts.
+				if ctx.Err() == nil && time.Since(f.loggedAt) >= 5*time.Minute {
+					f.loggedAt = time.Now()
+					sc.log.Warn("move delayed events; retrying", "stream", stream, "error", err)
 				}
 				f.backoff = min(max(2*f.backoff, sc.cfg.DelayPoll), retryMax)
 				f.retryAt = time.Now().Add(f.backoff)

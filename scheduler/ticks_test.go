@@ -306,7 +306,7 @@ func TestCatchUpWaitsForRedisAtStart(t *testing.T) {
 	flaky, f := faultyClient(t, rdb)
 	f.mode.Store(redisDown)
 	sc := newScheduler(t, flaky, prefix, scheduler.Config{File: scheduleFile(t, name, "@every 1s", "catch_up")})
-	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Second)
+	ctx, cancel := context.WithTimeout(t.Context(), 6*time.Second)
 	defer cancel()
 	go func() {
 		time.Sleep(1500 * time.Millisecond)
@@ -437,4 +437,21 @@ func TestDelayedMovesBackOffDuringAnOutage(t *testing.T) {
 	waitFor(t, 10*time.Second, "the log of moving again", func() bool {
 		return logs.count("moving delayed events again") == len(streams)
 	})
+}
+
+// A schedule whose state Redis refuses to read (a key of another type)
+// fires without catching up, instead of asking again forever.
+func TestStateRedisRefusesDoesNotStopASchedule(t *testing.T) {
+	t.Parallel()
+	rdb := testenv.Redis(t)
+	prefix := testenv.Prefix(t)
+	name := uniqueName(prefix)
+	if err := rdb.Set(t.Context(), "conveyor:schedule:"+name, "not a hash", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Del(context.Background(), "conveyor:schedule:"+name) })
+	sc := newScheduler(t, rdb, prefix, scheduler.Config{File: scheduleFile(t, name, "@every 1s", "catch_up")})
+	stop := running(t, sc)
+	defer stop()
+	waitFor(t, 10*time.Second, "a tick", func() bool { return len(publishedTicks(t, rdb, prefix)) > 0 })
 }

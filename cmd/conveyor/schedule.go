@@ -54,7 +54,7 @@ delayed events (POST /v1/events with deliver_at or delay, POST /v1/emails with
 send_at) into their streams when due. Replicas need no coordination: each tick
 is published exactly once, whichever replicas are alive. Serves /healthz,
 /readyz and /metrics on HTTP_ADDR.`,
-		vars: []string{"REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "SCHEDULES_FILE", "BLOB_DIR", "STUCK_AFTER", "BLOB_RETENTION", "INBOX_RETENTION", "SHUTDOWN_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT"},
+		vars: []string{"REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "SCHEDULES_FILE", "BLOB_DIR", "STUCK_AFTER", "RETRY_MAX_ATTEMPTS", "RETRY_BACKOFF_MIN", "RETRY_BACKOFF_MAX", "BLOB_RETENTION", "INBOX_RETENTION", "SHUTDOWN_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT"},
 		run: func(ctx context.Context, env *environment, _ any, _ []string) error {
 			log := newLogger(env.cfg, os.Stderr)
 			ln, err := listen(env.cfg.HTTPAddr)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
@@ -24,16 +25,28 @@ func TestHangup(t *testing.T) {
 			if ignored {
 				script = `trap '' HUP; ` + script
 			}
+			addr := "127.0.0.1:" + strconv.Itoa(harness.FreePort(t))
 			cmd := exec.Command("sh", "-c", script, bin)
-			cmd.Env = append(os.Environ(), "REDIS_URL="+testenv.RedisURL(t),
-				"HTTP_ADDR=127.0.0.1:"+strconv.Itoa(harness.FreePort(t)), "LOG_LEVEL=warn")
+			cmd.Env = append(os.Environ(), "REDIS_URL="+testenv.RedisURL(t), "HTTP_ADDR="+addr, "LOG_LEVEL=warn")
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
 			exited := make(chan error, 1)
 			go func() { exited <- cmd.Wait() }()
 			t.Cleanup(func() { _ = cmd.Process.Kill() })
-			time.Sleep(time.Second) // started, signals handled
+			// Serving: its signal handlers are in place.
+			deadline := time.Now().Add(time.Minute)
+			for {
+				resp, err := http.Get("http://" + addr + "/healthz")
+				if err == nil {
+					resp.Body.Close()
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("not serving after a minute: %v", err)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
 			if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
 				t.Fatal(err)
 			}
