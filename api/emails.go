@@ -137,8 +137,7 @@ func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, send
 		rawResp, _ := json.Marshal(resp)
 		if err := a.cfg.Idem.Prepare(ctx, call.key, idem.Record{Fingerprint: call.fingerprint, Owner: call.owner, Status: http.StatusAccepted, Body: rawResp, Pending: held}); err != nil {
 			if errors.Is(err, idem.ErrClaimLost) {
-				a.log.Warn("idempotency key claimed by another request before this one recorded its work; not published", "key", call.key)
-				out := claimLost()
+				out := a.claimLost(call.key)
 				return out.status, out.body
 			}
 			a.log.Error("record prepared work", "event_type", ev.EventType(), "error", err)

@@ -124,37 +124,22 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 // stalled past the lease and another request claimed the key), it stops:
 // Prepare then refuses, and this request publishes nothing.
 func (a *API) keepClaim(ctx context.Context, call *idemCall) (stop func()) {
-	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		t := time.NewTicker(a.cfg.IdempotencyLease / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			}
-			err := a.cfg.Idem.Keep(ctx, call.key, call.owner, a.cfg.IdempotencyLease)
-			switch {
-			case errors.Is(err, idem.ErrClaimLost):
+	lease := a.cfg.IdempotencyLease
+	return idem.Renew(ctx, lease/3,
+		func(ctx context.Context) error { return a.cfg.Idem.Keep(ctx, call.key, call.owner, lease) },
+		func(err error) {
+			if errors.Is(err, idem.ErrClaimLost) {
 				a.log.Warn("idempotency key claim lost while its request ran; the request will not publish", "key", call.key)
-				return
-			case err != nil && ctx.Err() == nil:
+			} else {
 				a.log.Warn("extend idempotency key claim; trying again", "key", call.key, "error", err)
 			}
-		}
-	}()
-	return func() {
-		cancel()
-		<-done
-	}
+		})
 }
 
 // claimLost answers a request whose claim of its Idempotency-Key was lost
 // before it recorded its work: another request with the key now does it.
-func claimLost() acceptOutcome {
+func (a *API) claimLost(key string) acceptOutcome {
+	a.log.Warn("idempotency key claimed by another request before this one recorded its work; not published", "key", key)
 	return acceptOutcome{status: http.StatusConflict, body: errBody("request_in_progress", "a request with this Idempotency-Key is still in progress")}
 }
 
@@ -267,8 +252,7 @@ func (a *API) accept(ctx context.Context, viewKey string, view any, ev events.Ev
 		rec := idem.Record{Fingerprint: call.fingerprint, BodyFingerprint: call.bodyFingerprint, Owner: call.owner, Status: http.StatusAccepted, Body: rawResp, Pending: pending}
 		if err := a.cfg.Idem.Prepare(ctx, call.key, rec); err != nil {
 			if errors.Is(err, idem.ErrClaimLost) {
-				a.log.Warn("idempotency key claimed by another request before this one recorded its work; not published", "key", call.key)
-				return claimLost()
+				return a.claimLost(call.key)
 			}
 			a.log.Error("record prepared work", "event_type", ev.EventType(), "error", err)
 			// The record may have been written all the same (the Redis

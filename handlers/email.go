@@ -10,6 +10,7 @@ import (
 
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/idem"
 )
 
 // EmailGroup is the consumer group of the email sender.
@@ -226,33 +227,16 @@ func (s *EmailSender) lock(ctx context.Context, emailID string) (token string, o
 // leaves the lock to end with its lease.
 func (s *EmailSender) holdLock(ctx context.Context, emailID, token string) (release func()) {
 	key := sendingKey(emailID)
-	bg := context.WithoutCancel(ctx)
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		t := time.NewTicker(s.cfg.LockLease / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-t.C:
-			}
-			ctx, cancel := context.WithTimeout(bg, s.cfg.LockLease/3)
-			err := s.cfg.Marks.Extend(ctx, key, token, s.cfg.LockLease)
-			cancel()
-			if err != nil {
-				// The send goes on: stopping it half way could not take
-				// back what the server may already have.
-				s.cfg.Logger.WarnContext(bg, "renew the lock of an email being sent", "email_id", emailID, "error", err)
-			}
-		}
-	}()
+	stop := idem.Renew(ctx, s.cfg.LockLease/3,
+		func(ctx context.Context) error { return s.cfg.Marks.Extend(ctx, key, token, s.cfg.LockLease) },
+		func(err error) {
+			// The send goes on: stopping it half way could not take back
+			// what the server may already have.
+			s.cfg.Logger.WarnContext(ctx, "renew the lock of an email being sent", "email_id", emailID, "error", err)
+		})
 	return func() {
-		close(stop)
-		<-done
-		ctx, cancel := context.WithTimeout(bg, afterSendTimeout)
+		stop()
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), afterSendTimeout)
 		defer cancel()
 		if err := s.cfg.Marks.Unlock(ctx, key, token); err != nil {
 			s.cfg.Logger.WarnContext(ctx, "unlock email after sending", "email_id", emailID, "error", err)

@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -119,9 +120,7 @@ var ErrClaimLost = errors.New("idempotency key claim lost")
 // Owner. If a record exists, it returns it: a completed record carries the
 // stored response; an in-progress one has Done = false.
 func (s *Store) Claim(ctx context.Context, key, fingerprint string, lease time.Duration) (Record, bool, error) {
-	tok := make([]byte, 16)
-	_, _ = rand.Read(tok)
-	placeholder := Record{Fingerprint: fingerprint, Owner: hex.EncodeToString(tok)}
+	placeholder := Record{Fingerprint: fingerprint, Owner: newToken()}
 	for {
 		ok, err := s.rdb.SetNX(ctx, s.prefix+key, placeholder.encode(), lease).Result()
 		if err != nil {
@@ -239,9 +238,7 @@ func (s *Store) Release(ctx context.Context, key, owner string) error {
 // and returns its token; ok is false if it is held. A holder that dies
 // keeps it until the lease ends.
 func (s *Store) Lock(ctx context.Context, key string, lease time.Duration) (token string, ok bool, err error) {
-	tok := make([]byte, 16)
-	_, _ = rand.Read(tok)
-	token = hex.EncodeToString(tok)
+	token = newToken()
 	ok, err = s.rdb.SetNX(ctx, s.prefix+key, token, lease).Result()
 	if err != nil {
 		return "", false, fmt.Errorf("lock %s: %w", key, err)
@@ -282,4 +279,49 @@ func (s *Store) Unlock(ctx context.Context, key, token string) error {
 		return fmt.Errorf("unlock %s: %w", key, err)
 	}
 	return nil
+}
+
+// newToken returns a random token that names one holder of a claim or lock.
+func newToken() string {
+	tok := make([]byte, 16)
+	_, _ = rand.Read(tok)
+	return hex.EncodeToString(tok)
+}
+
+// Renew calls renew every interval on a goroutine of its own until the
+// returned stop is called (stop waits for it), or until renew returns
+// ErrClaimLost: what it renews is someone else's by then. Every error goes
+// to failed. It runs on after ctx is cancelled (it keeps ctx's values
+// only), so that a claim or lock outlives a cancelled request until its
+// holder lets it go; each renew gets at most interval.
+func Renew(ctx context.Context, interval time.Duration, renew func(context.Context) error, failed func(error)) (stop func()) {
+	bg := context.WithoutCancel(ctx)
+	quit := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case <-t.C:
+			}
+			ctx, cancel := context.WithTimeout(bg, interval)
+			err := renew(ctx)
+			cancel()
+			if err != nil {
+				failed(err)
+			}
+			if errors.Is(err, ErrClaimLost) {
+				return
+			}
+		}
+	}()
+	var once sync.Once
+	return func() {
+		once.Do(func() { close(quit) })
+		<-done
+	}
 }
