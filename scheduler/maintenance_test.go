@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/conveyor/conveyor/blob"
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/config"
@@ -40,16 +42,12 @@ func TestRedriveRepublishesStuckDocumentsUnderTheirUploadID(t *testing.T) {
 	st := migrated(t)
 	rdb := testenv.Redis(t)
 	prefix := testenv.Prefix(t)
-	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: prefix})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pub.Close() })
+	pub := publisher(t, rdb, prefix)
 	key := strings.Repeat("ab", 32)
 	now := time.Now()
 	stuck, fresh, done := events.NewID(), events.NewID(), events.NewID()
 	stuckEvent := events.NewID()
-	err = st.WithTx(ctx, func(tx *store.Tx) error {
+	err := st.WithTx(ctx, func(tx *store.Tx) error {
 		if err := tx.ApplyDocumentsUploaded(ctx,
 			[]*events.DocumentUploaded{upload(stuck, key, now.Add(-time.Hour)), upload(fresh, key, now), upload(done, key, now.Add(-time.Hour))},
 			[]string{stuckEvent, events.NewID(), events.NewID()}); err != nil {
@@ -212,11 +210,7 @@ func TestRedriveReadsPastDocumentsThatUsedUpTheirRedrives(t *testing.T) {
 	st := migrated(t)
 	rdb := testenv.Redis(t)
 	prefix := testenv.Prefix(t)
-	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: prefix})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pub.Close() })
+	pub := publisher(t, rdb, prefix)
 	key := strings.Repeat("cd", 32)
 	now := time.Now()
 	const usedUp = 600
@@ -306,4 +300,15 @@ func TestBlobRetentionRemovesMoreThanAPage(t *testing.T) {
 	if kept != 0 {
 		t.Errorf("%d of %d expired blobs kept after a run, want none", kept, n)
 	}
+}
+
+// publisher returns a Publisher on rdb under prefix, closed at cleanup.
+func publisher(t *testing.T, rdb *redis.Client, prefix string) *bus.Publisher {
+	t.Helper()
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	return pub
 }

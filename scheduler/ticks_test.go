@@ -271,11 +271,7 @@ func TestNoTickFallsBetweenCatchUpAndTheFirstTick(t *testing.T) {
 	rdb := testenv.Redis(t)
 	prefix := testenv.Prefix(t)
 	name := uniqueName(prefix)
-	recorded := time.Now().Truncate(time.Second).Add(-3 * time.Second).UTC()
-	if err := rdb.HSet(t.Context(), "conveyor:schedule:"+name, "last_tick", recorded.Format(time.RFC3339Nano)).Err(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Del(context.Background(), "conveyor:schedule:"+name) })
+	recorded := recordLastTick(t, rdb, name, 3*time.Second)
 	slow, f := faultyClient(t, rdb)
 	f.hgetDelay.Store(int64(1500 * time.Millisecond))
 	sc := newScheduler(t, slow, prefix, scheduler.Config{File: scheduleFile(t, name, "@every 1s", "catch_up")})
@@ -283,11 +279,7 @@ func TestNoTickFallsBetweenCatchUpAndTheFirstTick(t *testing.T) {
 	defer cancel()
 	_ = sc.Run(ctx)
 
-	ticks := publishedTicks(t, rdb, prefix)
-	if len(ticks) == 0 {
-		t.Fatal("nothing published")
-	}
-	wantContiguous(t, ticks, time.Second, recorded.Add(time.Second), slices.MaxFunc(ticks, func(a, b time.Time) int { return a.Compare(b) }))
+	wantCaughtUp(t, rdb, prefix, recorded)
 }
 
 // A catch_up schedule whose scheduler starts while Redis is unavailable
@@ -298,11 +290,7 @@ func TestCatchUpWaitsForRedisAtStart(t *testing.T) {
 	rdb := testenv.Redis(t)
 	prefix := testenv.Prefix(t)
 	name := uniqueName(prefix)
-	recorded := time.Now().Truncate(time.Second).Add(-3 * time.Second).UTC()
-	if err := rdb.HSet(t.Context(), "conveyor:schedule:"+name, "last_tick", recorded.Format(time.RFC3339Nano)).Err(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rdb.Del(context.Background(), "conveyor:schedule:"+name) })
+	recorded := recordLastTick(t, rdb, name, 3*time.Second)
 	flaky, f := faultyClient(t, rdb)
 	f.mode.Store(redisDown)
 	sc := newScheduler(t, flaky, prefix, scheduler.Config{File: scheduleFile(t, name, "@every 1s", "catch_up")})
@@ -314,11 +302,7 @@ func TestCatchUpWaitsForRedisAtStart(t *testing.T) {
 	}()
 	_ = sc.Run(ctx)
 
-	ticks := publishedTicks(t, rdb, prefix)
-	if len(ticks) == 0 {
-		t.Fatal("nothing published")
-	}
-	wantContiguous(t, ticks, time.Second, recorded.Add(time.Second), slices.MaxFunc(ticks, func(a, b time.Time) int { return a.Compare(b) }))
+	wantCaughtUp(t, rdb, prefix, recorded)
 }
 
 // A built-in job that runs long delays no user schedule, and Run returns
@@ -454,4 +438,27 @@ func TestStateRedisRefusesDoesNotStopASchedule(t *testing.T) {
 	stop := running(t, sc)
 	defer stop()
 	waitFor(t, 10*time.Second, "a tick", func() bool { return len(publishedTicks(t, rdb, prefix)) > 0 })
+}
+
+// recordLastTick records, as the schedule name's last fired tick, the
+// whole second ago before now, and returns it.
+func recordLastTick(t *testing.T, rdb *redis.Client, name string, ago time.Duration) time.Time {
+	t.Helper()
+	recorded := time.Now().Truncate(time.Second).Add(-ago).UTC()
+	if err := rdb.HSet(t.Context(), "conveyor:schedule:"+name, "last_tick", recorded.Format(time.RFC3339Nano)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Del(context.Background(), "conveyor:schedule:"+name) })
+	return recorded
+}
+
+// wantCaughtUp checks that every second after recorded, up to the last
+// tick published under prefix, was published.
+func wantCaughtUp(t *testing.T, rdb *redis.Client, prefix string, recorded time.Time) {
+	t.Helper()
+	ticks := publishedTicks(t, rdb, prefix)
+	if len(ticks) == 0 {
+		t.Fatal("nothing published")
+	}
+	wantContiguous(t, ticks, time.Second, recorded.Add(time.Second), slices.MaxFunc(ticks, func(a, b time.Time) int { return a.Compare(b) }))
 }
