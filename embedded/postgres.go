@@ -159,30 +159,8 @@ func StartPostgres(ctx context.Context, cfg PostgresConfig) (*Postgres, error) {
 		return nil, fmt.Errorf("start postgres: %w", err)
 	}
 	p := &Postgres{cfg: cfg, binDir: binDir, dir: dir}
-	// initdb killed half way (Ctrl-C during a first start) leaves a folder
-	// with PG_VERSION that no server can start from, and cannot clean up
-	// after itself. The marker, written before initdb and left only when
-	// initdb was stopped (on any other failure initdb empties the folder
-	// itself), tells such a folder from a cluster; so does PG_VERSION
-	// without the control file, for a folder of a version that wrote no
-	// marker. Such a folder is moved aside, never removed, and the cluster
-	// made again.
-	incomplete := initdbMarker(dir)
-	_, markErr := os.Stat(incomplete)
-	if markErr != nil && !errors.Is(markErr, fs.ErrNotExist) {
-		return nil, fmt.Errorf("start postgres: %w", markErr)
-	}
-	if markErr == nil || halfCreated(dir) {
-		if _, err := os.Stat(dir); err == nil {
-			aside := fmt.Sprintf("%s.broken-%d", dir, time.Now().Unix())
-			cfg.Logger.Warn("postgres data folder holds a half-created cluster (its creation was interrupted); moving it aside and creating the cluster again", "dir", dir, "moved_to", aside)
-			if err := os.Rename(dir, aside); err != nil {
-				return nil, fmt.Errorf("start postgres: move the half-created cluster aside: %w", err)
-			}
-		}
-		if err := os.Remove(incomplete); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("start postgres: %w", err)
-		}
+	if err := setAsideHalfCreated(dir, cfg.Logger); err != nil {
+		return nil, fmt.Errorf("start postgres: %w", err)
 	}
 	if os.Geteuid() == 0 {
 		if p.runAs, err = prepareRootDir(dir); err != nil {
@@ -192,28 +170,8 @@ func StartPostgres(ctx context.Context, cfg PostgresConfig) (*Postgres, error) {
 		return nil, fmt.Errorf("start postgres: create data folder: %w", err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); errors.Is(err, fs.ErrNotExist) {
-		// initdb refuses a folder with anything in it; say so before the
-		// marker, which must only ever name a folder initdb filled.
-		if entries, err := os.ReadDir(dir); err != nil {
+		if err := p.createCluster(ctx); err != nil {
 			return nil, fmt.Errorf("start postgres: %w", err)
-		} else if len(entries) > 0 {
-			return nil, fmt.Errorf("start postgres: data folder %s holds no PostgreSQL cluster and is not empty (%s, ...): empty it or choose another", dir, entries[0].Name())
-		}
-		marked := true
-		if err := os.WriteFile(incomplete, nil, 0o600); err != nil {
-			marked = false
-			cfg.Logger.Warn("cannot mark the cluster as being created; if this first start is interrupted, remove the data folder before the next", "dir", dir, "error", err)
-		}
-		if err := p.initdb(ctx); err != nil {
-			if ctx.Err() == nil && marked {
-				_ = os.Remove(incomplete) // initdb emptied the folder
-			}
-			return nil, fmt.Errorf("start postgres: %w", err)
-		}
-		if marked {
-			if err := os.Remove(incomplete); err != nil {
-				return nil, fmt.Errorf("start postgres: %w", err)
-			}
 		}
 	} else if err != nil {
 		return nil, fmt.Errorf("start postgres: %w", err)
@@ -445,6 +403,64 @@ func checkReachable(dir, username string, cred *syscall.Credential) error {
 }
 
 // initdb creates a new cluster in p.dir.
+// setAsideHalfCreated moves aside the data folder dir if it holds a
+// half-created cluster, so that it is made again. initdb killed half way
+// (Ctrl-C during a first start) leaves a folder with PG_VERSION that no
+// server can start from, and cannot clean up after itself. Such a folder
+// has the marker (see createCluster) or, if an older version left it,
+// PG_VERSION without the control file. It is moved aside, never removed.
+func setAsideHalfCreated(dir string, log *slog.Logger) error {
+	marker := initdbMarker(dir)
+	_, err := os.Stat(marker)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	if err != nil && !halfCreated(dir) {
+		return nil
+	}
+	if _, err := os.Stat(dir); err == nil {
+		aside := fmt.Sprintf("%s.broken-%d", dir, time.Now().Unix())
+		log.Warn("postgres data folder holds a half-created cluster (its creation was interrupted); moving it aside and creating the cluster again", "dir", dir, "moved_to", aside)
+		if err := os.Rename(dir, aside); err != nil {
+			return fmt.Errorf("move the half-created cluster aside: %w", err)
+		}
+	}
+	if err := os.Remove(marker); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// createCluster runs initdb in the empty data folder. The marker beside
+// it, written first, stays only if initdb is stopped half way (on any
+// other failure initdb empties the folder itself), so that the next start
+// knows the folder for a half-created one.
+func (p *Postgres) createCluster(ctx context.Context) error {
+	// initdb refuses a folder with anything in it; say so before the
+	// marker, which must only ever name a folder initdb filled.
+	if entries, err := os.ReadDir(p.dir); err != nil {
+		return err
+	} else if len(entries) > 0 {
+		return fmt.Errorf("data folder %s holds no PostgreSQL cluster and is not empty (%s, ...): empty it or choose another", p.dir, entries[0].Name())
+	}
+	marker := initdbMarker(p.dir)
+	marked := true
+	if err := os.WriteFile(marker, nil, 0o600); err != nil {
+		marked = false
+		p.cfg.Logger.Warn("cannot mark the cluster as being created; if this first start is interrupted, remove the data folder before the next", "dir", p.dir, "error", err)
+	}
+	if err := p.initdb(ctx); err != nil {
+		if ctx.Err() == nil && marked {
+			_ = os.Remove(marker) // initdb emptied the folder
+		}
+		return err
+	}
+	if marked {
+		return os.Remove(marker)
+	}
+	return nil
+}
+
 // halfCreated reports whether dir has PG_VERSION but no global/pg_control:
 // an initdb killed before it wrote the control file.
 func halfCreated(dir string) bool {
