@@ -2,6 +2,7 @@ package bus
 
 import (
 	"errors"
+	"math"
 	"math/rand/v2"
 	"time"
 )
@@ -72,4 +73,34 @@ func (p RetryPolicy) Backoff(failedAttempt int) time.Duration {
 		d = time.Duration(float64(d) - spread + rand.Float64()*2*spread)
 	}
 	return max(d, 0)
+}
+
+// Window is the longest a message can wait for its retries: the delays
+// after each failed attempt but the last, each at the top of its jitter.
+// (The attempts' own run time comes on top.) It saturates instead of
+// overflowing.
+func (p RetryPolicy) Window() time.Duration {
+	p.setDefaults()
+	const most = time.Duration(math.MaxInt64)
+	var total time.Duration
+	left := int64(p.MaxAttempts - 1)
+	d := p.MinBackoff
+	if d <= 0 {
+		left = 0 // no delays
+	}
+	for ; left > 0 && d < p.MaxBackoff; left-- {
+		total += d
+		d = min(2*d, most/2)
+	}
+	if left > 0 {
+		if left > int64(most/p.MaxBackoff) || total > most-time.Duration(left)*p.MaxBackoff {
+			return most
+		}
+		total += time.Duration(left) * p.MaxBackoff
+	}
+	top := 1 + p.Jitter
+	if float64(total)*top >= float64(most) {
+		return most
+	}
+	return time.Duration(float64(total) * top)
 }

@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"net/url"
 	"os"
 	"strconv"
@@ -46,9 +45,11 @@ type Config struct {
 	DataDir          string
 	SchedulesFile    string
 	MaxDelay         time.Duration
-	StuckAfter       time.Duration
-	BlobRetention    time.Duration
-	InboxRetention   time.Duration
+	// StuckAfter is 0 unless STUCK_AFTER is set: the scheduler then derives
+	// it from the retry policy (see cmd/conveyor).
+	StuckAfter     time.Duration
+	BlobRetention  time.Duration
+	InboxRetention time.Duration
 }
 
 // MinInboxRetention is the shortest INBOX_RETENTION accepted: an event
@@ -121,12 +122,9 @@ func Load(getenv func(string) string) (Config, error) {
 		DataDir:          r.str("CONVEYOR_DATA_DIR", "./.conveyor"),
 		SchedulesFile:    r.str("SCHEDULES_FILE", ""),
 		MaxDelay:         r.duration("MAX_DELAY", 30*24*time.Hour),
-		StuckAfter:       r.duration("STUCK_AFTER", -1), // -1: not set
+		StuckAfter:       r.duration("STUCK_AFTER", -1), // -1: not set, made 0 below
 		BlobRetention:    r.duration("BLOB_RETENTION", 7*24*time.Hour),
 		InboxRetention:   r.duration("INBOX_RETENTION", 7*24*time.Hour),
-	}
-	if c.StuckAfter == -1 {
-		c.StuckAfter = min(c.RetryWindow(), math.MaxInt64-15*time.Minute) + 15*time.Minute
 	}
 	c.CacheRedisURL = r.str("CACHE_REDIS_URL", c.RedisURL)
 	switch lvl := strings.ToLower(r.str("LOG_LEVEL", "info")); lvl {
@@ -168,9 +166,12 @@ func Load(getenv func(string) string) (Config, error) {
 		r.fail("SHUTDOWN_TIMEOUT", "must be positive")
 	}
 	for name, d := range map[string]time.Duration{"MAX_DELAY": c.MaxDelay, "STUCK_AFTER": c.StuckAfter, "BLOB_RETENTION": c.BlobRetention} {
-		if d <= 0 {
+		if d <= 0 && !(name == "STUCK_AFTER" && d == -1) {
 			r.fail(name, "must be positive")
 		}
+	}
+	if c.StuckAfter == -1 {
+		c.StuckAfter = 0 // the default: the scheduler derives it from the retry policy
 	}
 	if c.InboxRetention < MinInboxRetention {
 		r.fail("INBOX_RETENTION", "must be at least %s: an event redelivered after its inbox row is gone is applied again", MinInboxRetention)
@@ -289,40 +290,4 @@ func (r *reader) url(name, v string, schemes ...string) {
 		return
 	}
 	r.fail(name, "scheme must be one of %s, not %q", strings.Join(schemes, ", "), u.Scheme)
-}
-
-// RetryWindow is the longest a message can spend between its first
-// attempt and the end of its last: the delays after each failed attempt
-// but the last (exponential from RETRY_BACKOFF_MIN, capped at
-// RETRY_BACKOFF_MAX), each at the top of its ±20% jitter, plus a minute per
-// attempt for the attempt itself (a summarizer's timeout is 60 s). It
-// saturates instead of overflowing.
-func (c Config) RetryWindow() time.Duration {
-	const most = time.Duration(math.MaxInt64)
-	n := int64(max(c.RetryMaxAttempts, 1))
-	total := time.Duration(0)
-	d := max(c.RetryMinBackoff, 0)
-	left := n - 1
-	if d == 0 {
-		left = 0 // no delays
-	}
-	for ; left > 0 && d < c.RetryMaxBackoff; left-- {
-		total += d
-		d = min(2*d, most/2)
-	}
-	capped := max(c.RetryMaxBackoff, 0)
-	if left > 0 && capped > 0 {
-		if left > int64(most/capped) || total > most-time.Duration(left)*capped {
-			return most
-		}
-		total += time.Duration(left) * capped
-	}
-	if total > most/6*5 {
-		return most
-	}
-	total = total * 6 / 5
-	if n > int64((most-total)/time.Minute) {
-		return most
-	}
-	return total + time.Duration(n)*time.Minute
 }

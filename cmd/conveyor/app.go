@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -205,11 +206,7 @@ func (a *app) router(concurrency int) (*bus.Router, error) {
 		Consumer:     a.lease.Name(),
 		Concurrency:  concurrency,
 		ClaimMinIdle: a.cfg.ClaimMinIdle,
-		Retry: bus.RetryPolicy{
-			MaxAttempts: a.cfg.RetryMaxAttempts,
-			MinBackoff:  a.cfg.RetryMinBackoff,
-			MaxBackoff:  a.cfg.RetryMaxBackoff,
-		},
+		Retry:        retryPolicy(a.cfg),
 		DrainTimeout: a.cfg.ShutdownTimeout,
 		Logger:       a.log,
 		Metrics:      a.metrics,
@@ -348,9 +345,34 @@ func runRouterAndServer(ctx context.Context, a *app, router *bus.Router, srv *ht
 // should delay the read models, not fill the dead-letter stream. With the
 // default backoff, 50 attempts span about seven hours.
 func (a *app) projectorRetry() bus.RetryPolicy {
-	return bus.RetryPolicy{
-		MaxAttempts: max(a.cfg.RetryMaxAttempts, 50),
-		MinBackoff:  a.cfg.RetryMinBackoff,
-		MaxBackoff:  a.cfg.RetryMaxBackoff,
+	p := retryPolicy(a.cfg)
+	p.MaxAttempts = max(p.MaxAttempts, 50)
+	return p
+}
+
+// retryPolicy is the retry policy of handlers, from RETRY_*.
+func retryPolicy(cfg config.Config) bus.RetryPolicy {
+	return bus.RetryPolicy{MaxAttempts: cfg.RetryMaxAttempts, MinBackoff: cfg.RetryMinBackoff, MaxBackoff: cfg.RetryMaxBackoff}
+}
+
+// handlerWindow is the longest a handler's message can take from its first
+// attempt to the end of its last: the retry policy's window plus a minute
+// per attempt for the attempt itself (a summarizer's timeout is 60 s).
+func handlerWindow(cfg config.Config) time.Duration {
+	const most = time.Duration(math.MaxInt64)
+	w, n := retryPolicy(cfg).Window(), time.Duration(max(cfg.RetryMaxAttempts, 1))
+	if n > (most-w)/time.Minute {
+		return most
 	}
+	return w + n*time.Minute
+}
+
+// stuckAfter is STUCK_AFTER, by default the handlers' window plus 15
+// minutes, so that the re-drive re-publishes no document that only waits
+// for a retry.
+func stuckAfter(cfg config.Config) time.Duration {
+	if cfg.StuckAfter > 0 {
+		return cfg.StuckAfter
+	}
+	return min(handlerWindow(cfg), math.MaxInt64-15*time.Minute) + 15*time.Minute
 }

@@ -71,9 +71,9 @@ is published exactly once, whichever replicas are alive. Serves /healthz,
 			if err != nil {
 				return err
 			}
-			if w := env.cfg.RetryWindow(); a.store != nil && env.cfg.StuckAfter <= w {
+			if w := handlerWindow(env.cfg); a.store != nil && stuckAfter(env.cfg) <= w {
 				log.Warn("STUCK_AFTER is within the retry window: the stuck-document re-drive re-publishes documents that only wait for a retry, and they are processed again",
-					"stuck_after", env.cfg.StuckAfter, "retry_window", w)
+					"stuck_after", stuckAfter(env.cfg), "retry_window", w)
 			}
 			if a.store == nil {
 				log.Warn("no DATABASE_URL: the built-in maintenance schedules do not run, so the projector's inbox and stored upload bytes are never pruned and stuck documents are not re-driven; set DATABASE_URL (and BLOB_DIR) on the scheduler",
@@ -149,7 +149,7 @@ func (a *app) builtinSchedules() []scheduler.Builtin {
 	}
 	return []scheduler.Builtin{
 		{Name: scheduler.BuiltinStuckDocuments, Cron: "*/5 * * * *",
-			Job: scheduler.Redrive(a.store, a.pub, a.rdb, a.cfg.StuckAfter, a.log)},
+			Job: scheduler.Redrive(a.store, a.pub, a.rdb, stuckAfter(a.cfg), a.log)},
 		{Name: scheduler.BuiltinBlobRetention, Cron: "@hourly",
 			Job: scheduler.BlobRetention(a.store, a.blobs, a.cfg.BlobRetention, a.log)},
 		{Name: scheduler.BuiltinInboxRetention, Cron: "* * * * *",
