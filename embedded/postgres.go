@@ -402,7 +402,6 @@ func checkReachable(dir, username string, cred *syscall.Credential) error {
 	}
 }
 
-// initdb creates a new cluster in p.dir.
 // setAsideHalfCreated moves aside the data folder dir if it holds a
 // half-created cluster, so that it is made again. initdb killed half way
 // (Ctrl-C during a first start) leaves a folder with PG_VERSION that no
@@ -477,6 +476,7 @@ func initdbMarker(dir string) string {
 	return filepath.Join(filepath.Dir(dir), "."+filepath.Base(dir)+".initdb-incomplete")
 }
 
+// initdb creates a new cluster in p.dir.
 func (p *Postgres) initdb(ctx context.Context) error {
 	cmd := exec.CommandContext(ctx, filepath.Join(p.binDir, "initdb"),
 		"-D", p.dir,
