@@ -2,6 +2,7 @@ package api
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -15,6 +16,7 @@ import (
 	"net/textproto"
 	"path"
 	"strings"
+	"syscall"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -109,7 +111,7 @@ func (a *API) postDocument(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, a.cfg.MaxUploadBytes+multipartSlack)
-	a.idempotent(w, r, "upload", "", a.uploadFingerprint, a.upload)
+	a.idempotent(w, r, "upload", "", a.verifyUpload, a.upload)
 }
 
 // upload streams the file part into blob storage and publishes
@@ -198,16 +200,24 @@ func (a *API) readUpload(r *http.Request, keep func(io.Reader) (string, error)) 
 	// The multipart reader reads 4 KiB at a time; a large buffer under it
 	// turns those into memory copies instead of as many reads of the
 	// connection.
-	mr := multipart.NewReader(bufio.NewReaderSize(r.Body, 256<<10), boundary)
+	body := newCloseWatch(r.Body, boundary)
+	mr := multipart.NewReader(bufio.NewReaderSize(body, 256<<10), boundary)
 	haveFile := false
 	refuse := func(st int, resp any) (uploadForm, int, any) { return up, st, resp }
 	for {
 		part, err := mr.NextPart()
-		if errors.Is(err, io.EOF) {
+		if errors.Is(err, io.EOF) && body.closed {
 			break
 		}
+		if errors.Is(err, io.EOF) {
+			// A body that ends without the close delimiter was cut:
+			// the fields after the cut would be lost without a word.
+			// (mime/multipart answers a cut right after a part's
+			// delimiter line with a plain io.EOF.)
+			err = fmt.Errorf("the body ends without its closing boundary: %w", io.ErrUnexpectedEOF)
+		}
 		if err != nil {
-			return refuse(uploadReadError(err, a.cfg.MaxUploadBytes))
+			return refuse(a.uploadReadError(err))
 		}
 		switch part.FormName() {
 		case "file":
@@ -218,7 +228,7 @@ func (a *API) readUpload(r *http.Request, keep func(io.Reader) (string, error)) 
 			up.sha256, err = keep(part)
 			part.Close()
 			if err != nil {
-				return refuse(uploadReadError(err, a.cfg.MaxUploadBytes))
+				return refuse(a.uploadReadError(err))
 			}
 			haveFile = true
 			up.filename = cleanFilename(part.FileName())
@@ -227,15 +237,18 @@ func (a *API) readUpload(r *http.Request, keep func(io.Reader) (string, error)) 
 			b, err := io.ReadAll(io.LimitReader(part, 1025))
 			part.Close()
 			if err != nil {
-				return refuse(uploadReadError(err, a.cfg.MaxUploadBytes))
+				return refuse(a.uploadReadError(err))
 			}
 			if len(b) > 1024 {
 				return refuse(validationResp("notify", "must be an email address of at most 1024 bytes"))
 			}
 			up.notify = strings.TrimSpace(string(b))
 		default:
-			_, _ = io.Copy(io.Discard, part)
+			_, err := io.Copy(io.Discard, part)
 			part.Close()
+			if err != nil {
+				return refuse(a.uploadReadError(err))
+			}
 		}
 	}
 	if !haveFile {
@@ -256,24 +269,84 @@ func (a *API) readUpload(r *http.Request, keep func(io.Reader) (string, error)) 
 	return up, 0, nil
 }
 
-// uploadFingerprint reads a repeated upload's body without storing it, for
-// the fingerprint its Idempotency-Key is checked against.
-func (a *API) uploadFingerprint(r *http.Request) (string, int, any) {
-	up, status, resp := a.readUpload(r, func(part io.Reader) (string, error) {
+// closeWatch passes a multipart body through and notes whether it held
+// the close delimiter ("--boundary--" after a line break).
+type closeWatch struct {
+	r      io.Reader
+	delim  []byte
+	tail   []byte // the last len(delim)-1 bytes read, to find a delimiter split between reads
+	closed bool
+}
+
+func newCloseWatch(r io.Reader, boundary string) *closeWatch {
+	delim := []byte("\r\n--" + boundary + "--")
+	// A body may begin with the delimiter: it has no line break before.
+	return &closeWatch{r: r, delim: delim, tail: []byte("\r\n")}
+}
+
+func (c *closeWatch) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if n > 0 && !c.closed {
+		b := p[:n]
+		keep := len(c.delim) - 1
+		joined := append(c.tail, b[:min(len(b), keep)]...)
+		c.closed = bytes.Contains(joined, c.delim) || bytes.Contains(b, c.delim)
+		if len(b) >= keep {
+			c.tail = append(c.tail[:0], b[len(b)-keep:]...)
+		} else {
+			c.tail = append(c.tail[:0], joined[max(0, len(joined)-keep):]...)
+		}
+	}
+	return n, err
+}
+
+// verifyUpload reads a repeated upload's body for the fingerprint its
+// Idempotency-Key was recorded with, and answers 422 if it differs. A
+// retry that will finish a prepared upload (pending) stores the bytes
+// again: its event refers to them, and since the first request stored
+// them, blob retention may have removed them (bytes a failed document
+// also used, say), while bytes stored now are kept for a retention.
+func (a *API) verifyUpload(r *http.Request, want string, pending bool) (int, any) {
+	ctx := r.Context()
+	var info blob.Info
+	stored := false
+	keep := func(part io.Reader) (string, error) {
 		h := sha256.New()
 		n, err := io.Copy(h, io.LimitReader(part, a.cfg.MaxUploadBytes+1))
 		if err == nil && n > a.cfg.MaxUploadBytes {
 			err = blob.ErrTooLarge
 		}
 		return hex.EncodeToString(h.Sum(nil)), err
-	})
-	if status != 0 {
-		return "", status, resp
 	}
-	return up.fingerprint(), 0, nil
+	if pending {
+		keep = func(part io.Reader) (string, error) {
+			var err error
+			info, err = a.cfg.Blobs.Put(ctx, part, a.cfg.MaxUploadBytes)
+			stored = err == nil
+			return info.SHA256, err
+		}
+	}
+	up, status, resp := a.readUpload(r, keep)
+	if status == 0 && up.fingerprint() == want {
+		return 0, nil
+	}
+	if stored && info.Created {
+		// Bytes of another request: they were not there before.
+		if _, err := a.cfg.Blobs.DeleteIfUnchanged(context.WithoutCancel(ctx), info); err != nil {
+			a.log.Error("remove bytes of a refused upload", "blob_key", info.Key, "error", err)
+		}
+	}
+	if status != 0 {
+		return status, resp
+	}
+	return keyReused()
 }
 
-func uploadReadError(err error, limit int64) (int, any) {
+// uploadReadError is the answer to an upload whose body could not be read
+// or stored: the client's fault (4xx), or the storage's (507 when it is
+// full, else 503, each logged: an operator must see them).
+func (a *API) uploadReadError(err error) (int, any) {
+	limit := a.cfg.MaxUploadBytes
 	var mbe *http.MaxBytesError
 	if errors.Is(err, blob.ErrTooLarge) || errors.As(err, &mbe) {
 		return errResp(http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("the document exceeds the limit of %d bytes", limit))
@@ -291,6 +364,11 @@ func uploadReadError(err error, limit int64) (int, any) {
 	if errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &hdrErr) || strings.Contains(err.Error(), "multipart") {
 		return errResp(http.StatusBadRequest, "bad_multipart", "the multipart body is malformed: "+err.Error())
 	}
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		a.log.Error("cannot store an upload: the blob storage is full", "error", err)
+		return errResp(http.StatusInsufficientStorage, "insufficient_storage", "the document storage is full; retry later")
+	}
+	a.log.Error("cannot store an upload", "error", err)
 	return errResp(http.StatusServiceUnavailable, "unavailable", "cannot store the document right now; retry later")
 }
 

@@ -22,6 +22,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/conveyor/conveyor/blob"
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/events"
 	"github.com/conveyor/conveyor/idem"
@@ -310,6 +311,26 @@ func TestPostDocument_refused(t *testing.T) {
 			},
 			status: http.StatusBadRequest, code: "bad_multipart",
 		},
+		{
+			// Each part read whole, but no closing boundary: the fields
+			// after the cut are lost, so the upload is refused.
+			name: "body cut after the file part's end",
+			req: func(t *testing.T, e *env) *http.Request {
+				body, ct := multipartBody(t, filePart("a.txt", small), fieldPart("notify", "ops@example.com"))
+				body = body[:bytes.Index(body, []byte("Content-Disposition: form-data; name=\"notify\""))]
+				return e.request(t, http.MethodPost, "/v1/documents", bytes.NewReader(body), "Content-Type", ct)
+			},
+			status: http.StatusBadRequest, code: "bad_multipart",
+		},
+		{
+			name: "body cut inside an unknown field after the file",
+			req: func(t *testing.T, e *env) *http.Request {
+				body, ct := multipartBody(t, filePart("a.txt", small), fieldPart("other", "some value"), fieldPart("notify", "ops@example.com"))
+				body = body[:bytes.Index(body, []byte("some val"))+len("some val")]
+				return e.request(t, http.MethodPost, "/v1/documents", bytes.NewReader(body), "Content-Type", ct)
+			},
+			status: http.StatusBadRequest, code: "bad_multipart",
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -323,6 +344,25 @@ func TestPostDocument_refused(t *testing.T) {
 			e.nothingKept(t)
 		})
 	}
+}
+
+// TestPostDocument_storageFull: a blob storage that is full answers 507,
+// not the 503 of a passing outage, and keeps nothing.
+func TestPostDocument_storageFull(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, withBlobs(func(s blob.Store) blob.Store { return fullStore{s} }))
+	r := e.upload(t, []part{filePart("a.txt", []byte("no room for these"))})
+	wantError(t, r, http.StatusInsufficientStorage, "insufficient_storage")
+	e.nothingKept(t)
+}
+
+// fullStore is a blob storage whose disk is full: Put reads part of the
+// bytes, then fails as a write to a full disk does.
+type fullStore struct{ blob.Store }
+
+func (fullStore) Put(_ context.Context, r io.Reader, _ int64) (blob.Info, error) {
+	_, _ = io.CopyN(io.Discard, r, 4)
+	return blob.Info{}, &os.PathError{Op: "write", Path: "tmp/put-1", Err: syscall.ENOSPC}
 }
 
 // uploadRequest builds an upload of parts.
@@ -563,6 +603,45 @@ func TestPostDocument_retryAfterSureFailure(t *testing.T) {
 	entries := e.entries(t, events.TypeDocumentUploaded)
 	if len(entries) != 1 {
 		t.Fatalf("%d document.uploaded entries, want 1", len(entries))
+	}
+	if got := e.readBlob(t, sha256Hex(content)); !bytes.Equal(got, content) {
+		t.Errorf("stored bytes %q, want %q: the published event %s refers to them", got, content, id)
+	}
+}
+
+// TestPostDocument_retryStoresTheBytesAgain: a retry that finishes a
+// prepared upload stores its bytes again, since the event it publishes
+// refers to them and they may have been removed since the first attempt
+// (blob retention removes the bytes of a failed document that had the same
+// content). A retry with other bytes under the key is refused and leaves
+// nothing behind.
+func TestPostDocument_retryStoresTheBytesAgain(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	stream := e.refuseAppends(t, events.TypeDocumentUploaded)
+	content := []byte("bytes removed before the retry")
+	wantError(t, e.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "removed-1"), http.StatusServiceUnavailable, "unavailable")
+	files := e.blobFiles(t)
+	if len(files) != 1 {
+		t.Fatalf("blob dir holds %v after a refused append under a key, want the bytes kept", files)
+	}
+	if err := os.Remove(filepath.Join(e.blobDir, files[0])); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.rdb.Del(t.Context(), stream).Err(); err != nil {
+		t.Fatal(err)
+	}
+
+	other := e.upload(t, []part{filePart("a.txt", []byte("other bytes"))}, "Idempotency-Key", "removed-1")
+	wantError(t, other, http.StatusUnprocessableEntity, "idempotency_key_reused")
+	if files := e.blobFiles(t); len(files) != 0 {
+		t.Fatalf("blob dir holds %v after a retry with other bytes was refused, want nothing", files)
+	}
+	e.noEntries(t, events.TypeDocumentUploaded)
+
+	id := wantAcceptedDocument(t, e.upload(t, []part{filePart("a.txt", content)}, "Idempotency-Key", "removed-1"))
+	if n := len(e.entries(t, events.TypeDocumentUploaded)); n != 1 {
+		t.Errorf("%d document.uploaded entries, want 1", n)
 	}
 	if got := e.readBlob(t, sha256Hex(content)); !bytes.Equal(got, content) {
 		t.Errorf("stored bytes %q, want %q: the published event %s refers to them", got, content, id)

@@ -48,9 +48,11 @@ func idemCallFrom(ctx context.Context) *idemCall {
 // A request whose fingerprint is known only once its body is read (an
 // upload, streamed into storage) also passes verify: op sets the body's
 // fingerprint (idemCall.bodyFingerprint), which is recorded, and a later
-// request with the key has verify read its body for the fingerprint to
-// compare, or gets verify's error response.
-func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp string, verify func(*http.Request) (string, int, any), op func(*http.Request) (int, any)) {
+// request with the key has verify read its body and compare it with the
+// recorded one (want), or gets verify's error response (keyReused if they
+// differ). pending says the later request will finish the prepared first
+// one.
+func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp string, verify func(r *http.Request, want string, pending bool) (int, any), op func(*http.Request) (int, any)) {
 	key := r.Header.Get("Idempotency-Key")
 	if key == "" {
 		status, body := op(r)
@@ -70,19 +72,18 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 		return
 	}
 	if !claimed {
-		reused := rec.Fingerprint != fp
-		if !reused && verify != nil && rec.BodyFingerprint != "" && (rec.Done || rec.Pending != nil) {
-			got, status, resp := verify(r)
-			if status != 0 {
-				raw, _ := json.Marshal(resp)
-				writeResult(w, status, raw)
+		if rec.Fingerprint != fp {
+			status, resp := keyReused()
+			writeJSON(w, status, resp)
+			return
+		}
+		if verify != nil && rec.BodyFingerprint != "" && (rec.Done || rec.Pending != nil) {
+			if status, resp := verify(r, rec.BodyFingerprint, !rec.Done); status != 0 {
+				writeJSON(w, status, resp)
 				return
 			}
-			reused = got != rec.BodyFingerprint
 		}
 		switch {
-		case reused:
-			writeError(w, http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
 		case rec.Done:
 			writeReplay(w, rec)
 		case rec.Pending != nil:
@@ -324,6 +325,12 @@ func (a *API) retryFor(ctx context.Context, d time.Duration, op func(context.Con
 
 // writeResult writes a handler's JSON result, with a Location header for
 // an accepted resource.
+// keyReused is the answer to a request whose Idempotency-Key was used with
+// another request.
+func keyReused() (int, any) {
+	return errResp(http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
+}
+
 func writeResult(w http.ResponseWriter, status int, raw []byte) {
 	if loc := locationOf(raw); loc != "" && status == http.StatusAccepted {
 		w.Header().Set("Location", loc)

@@ -76,6 +76,8 @@ type envConfig struct {
 	// checks returns the readiness checks; nil means those of production
 	// (the Redis and the database).
 	checks func(e *env) map[string]api.Check
+	// wrapBlobs, if set, wraps the API's blob storage.
+	wrapBlobs func(blob.Store) blob.Store
 	// idemLease is the API's IdempotencyLease; 0 means its default.
 	idemLease time.Duration
 	// sharing, if set, is an env whose Redis prefix, database and blob
@@ -106,6 +108,11 @@ func withSharedState(other *env) envOption {
 // withIdempotencyLease sets the API's IdempotencyLease.
 func withIdempotencyLease(d time.Duration) envOption {
 	return func(cfg *envConfig) { cfg.idemLease = d }
+}
+
+// withBlobs wraps the API's blob storage (to make it fail, say).
+func withBlobs(wrap func(blob.Store) blob.Store) envOption {
+	return func(cfg *envConfig) { cfg.wrapBlobs = wrap }
 }
 
 // withChecks sets the readiness checks, made once the env has its parts.
@@ -150,9 +157,12 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 			t.Fatal(err)
 		}
 	}
-	blobs, err := blob.NewDir(blob.DirConfig{Dir: e.blobDir})
-	if err != nil {
+	var blobs blob.Store
+	if blobs, err = blob.NewDir(blob.DirConfig{Dir: e.blobDir}); err != nil {
 		t.Fatal(err)
+	}
+	if cfg.wrapBlobs != nil {
+		blobs = cfg.wrapBlobs(blobs)
 	}
 	checks := map[string]api.Check{
 		"redis":    func(ctx context.Context) error { return e.rdb.Ping(ctx).Err() },
