@@ -12,9 +12,11 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -77,8 +79,9 @@ func (c DirConfig) Validate() error {
 // share one Dir (replicas on one volume): every step is safe against
 // concurrent writers of the same key.
 type Dir struct {
-	root string
-	tmp  string
+	root       string
+	tmp        string
+	tempMaxAge time.Duration
 }
 
 var _ Store = (*Dir)(nil)
@@ -91,7 +94,7 @@ func NewDir(cfg DirConfig) (*Dir, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("blob dir config: %w", err)
 	}
-	d := &Dir{root: filepath.Clean(cfg.Dir)}
+	d := &Dir{root: filepath.Clean(cfg.Dir), tempMaxAge: cfg.TempMaxAge}
 	d.tmp = filepath.Join(d.root, tempDirName)
 	if err := os.MkdirAll(d.tmp, 0o755); err != nil {
 		return nil, fmt.Errorf("create blob dir: %w", err)
@@ -99,10 +102,22 @@ func NewDir(cfg DirConfig) (*Dir, error) {
 	if err := d.putBackAside(); err != nil {
 		return nil, fmt.Errorf("put back blobs left aside: %w", err)
 	}
-	if err := d.removeStaleTemps(time.Now().Add(-cfg.TempMaxAge)); err != nil {
-		return nil, fmt.Errorf("remove stale blob temp files: %w", err)
+	if err := d.RemoveStaleTemps(); err != nil {
+		return nil, err
 	}
 	return d, nil
+}
+
+// RemoveStaleTemps removes the temp files older than DirConfig.TempMaxAge:
+// those of Puts that a crash interrupted. NewDir calls it; so does blob
+// retention, every hour, since a process killed mid-upload and restarted
+// at once leaves its temp files younger than that, and nothing else would
+// remove them until the next start.
+func (d *Dir) RemoveStaleTemps() error {
+	if err := d.removeStaleTemps(time.Now().Add(-d.tempMaxAge)); err != nil {
+		return fmt.Errorf("remove stale blob temp files: %w", err)
+	}
+	return nil
 }
 
 // putBackAside puts the bytes DeleteIfUnchanged left aside (a crash
@@ -140,8 +155,7 @@ func (d *Dir) putBack(aside, key string) error {
 		}
 		return fmt.Errorf("put back blob %s: %w", key, err)
 	}
-	syncDir(filepath.Dir(final))
-	return nil
+	return syncDir(filepath.Dir(final))
 }
 
 // removeStaleTemps removes the temp files last modified before cutoff.
@@ -211,7 +225,7 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 	// so retention, or the cleanup of a failed upload that stored them,
 	// spares them (see DeleteIfUnchanged).
 	if touch(final) {
-		return info, nil
+		return d.existing(info, final)
 	}
 
 	// Stored files are never modified; 0o644 lets other users (a backup
@@ -249,7 +263,7 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 			break
 		}
 		if touch(final) {
-			return info, nil
+			return d.existing(info, final)
 		}
 		if attempt == 3 {
 			break
@@ -260,8 +274,21 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 	}
 	// Make the new directory entry durable before the caller reports the
 	// upload as accepted.
-	syncDir(filepath.Dir(final))
+	if err := syncDir(filepath.Dir(final)); err != nil {
+		return Info{}, fmt.Errorf("put blob %s: %w", sum, err)
+	}
 	info.Created, info.LastPut = true, written.ModTime()
+	return info, nil
+}
+
+// existing returns the Info of a Put whose bytes were stored already, at
+// final. The Put that stored them may not have made their directory entry
+// durable yet (it links, then syncs the directory): this caller is about
+// to report its upload as accepted, so it syncs the directory too.
+func (d *Dir) existing(info Info, final string) (Info, error) {
+	if err := syncDir(filepath.Dir(final)); err != nil {
+		return Info{}, fmt.Errorf("put blob %s: %w", info.Key, err)
+	}
 	return info, nil
 }
 
@@ -436,7 +463,9 @@ func (d *Dir) makeFanOut(key string) error {
 		err := os.Mkdir(p, 0o755)
 		switch {
 		case err == nil:
-			syncDir(parent)
+			if err := syncDir(parent); err != nil {
+				return err
+			}
 		case !errors.Is(err, fs.ErrExist):
 			return fmt.Errorf("create fan-out dir: %w", err)
 		}
@@ -446,15 +475,23 @@ func (d *Dir) makeFanOut(key string) error {
 }
 
 // syncDir fsyncs a directory so that entries added to it survive a crash.
-// It is best effort: some platforms and file systems cannot fsync a
-// directory, and the file's own bytes are already synced by then.
-func syncDir(dir string) {
+// A file system that cannot fsync a directory (EINVAL, ENOTSUP), and
+// Windows, which has no such call, count as done; any other failure (EIO)
+// is returned: the entry may not survive a crash, and the upload must not
+// be accepted.
+func syncDir(dir string) error {
+	if runtime.GOOS == "windows" {
+		return nil
+	}
 	f, err := os.Open(dir)
 	if err != nil {
-		return
+		return fmt.Errorf("sync dir: %w", err)
 	}
-	_ = f.Sync()
-	_ = f.Close()
+	defer f.Close()
+	if err := f.Sync(); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOTSUP) && !errors.Is(err, errors.ErrUnsupported) {
+		return fmt.Errorf("sync dir %s: %w", dir, err)
+	}
+	return nil
 }
 
 // Open returns the stored bytes under key. See Store.Open.

@@ -182,7 +182,8 @@ const (
 // published (Redis went away mid-write) and that its client never retried.
 // They are kept for retention, and at least for OrphanMinAge: a retry
 // under the upload's Idempotency-Key can publish its event (which refers
-// to them) for as long as the key's record lives.
+// to them) for as long as the key's record lives. Temp files of uploads a
+// crash interrupted are removed too (see blob.Dir.RemoveStaleTemps).
 func BlobRetention(st *store.Store, blobs blob.Store, retention time.Duration, log *slog.Logger) Job {
 	return func(ctx context.Context, tick time.Time) error {
 		cutoff := tick.Add(-retention)
@@ -191,9 +192,16 @@ func BlobRetention(st *store.Store, blobs blob.Store, retention time.Duration, l
 			orphanCutoff := tick.Add(-max(retention, OrphanMinAge))
 			err = errors.Join(err, removeOrphanBlobs(ctx, st, blobs, w, orphanCutoff, log))
 		}
+		if s, ok := blobs.(tempSweeper); ok {
+			err = errors.Join(err, s.RemoveStaleTemps())
+		}
 		return err
 	}
 }
+
+// tempSweeper is blob storage that keeps temp files of Puts in progress
+// (blob.Dir): those of Puts a crash interrupted are removed once old.
+type tempSweeper interface{ RemoveStaleTemps() error }
 
 // OrphanMinAge is the least age of stored bytes no document refers to
 // before blob retention removes them: the lifetime of an Idempotency-Key

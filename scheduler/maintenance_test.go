@@ -1,7 +1,9 @@
 package scheduler_test
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -311,4 +313,38 @@ func publisher(t *testing.T, rdb *redis.Client, prefix string) *bus.Publisher {
 	}
 	t.Cleanup(func() { _ = pub.Close() })
 	return pub
+}
+
+// TestBlobRetentionRemovesStaleTempFiles: temp files of uploads a crash
+// interrupted, made after the storage was opened (a process killed
+// mid-upload and restarted at once), are removed by the hourly job once
+// they are older than the storage's TempMaxAge; a young one, a Put that may
+// still run, stays.
+func TestBlobRetentionRemovesStaleTempFiles(t *testing.T) {
+	t.Parallel()
+	st := migrated(t)
+	root := t.TempDir()
+	blobs, err := blob.NewDir(blob.DirConfig{Dir: root, TempMaxAge: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale, young := filepath.Join(root, "tmp", "put-crashed"), filepath.Join(root, "tmp", "put-running")
+	for _, f := range []string{stale, young} {
+		if err := os.WriteFile(f, []byte("partial upload"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	old := time.Now().Add(-2 * time.Hour)
+	if err := os.Chtimes(stale, old, old); err != nil {
+		t.Fatal(err)
+	}
+	if err := scheduler.BlobRetention(st, blobs, 7*24*time.Hour, logger())(t.Context(), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(stale); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("stale temp file: %v, want it removed", err)
+	}
+	if _, err := os.Stat(young); err != nil {
+		t.Errorf("young temp file: %v, want it kept", err)
+	}
 }
