@@ -59,12 +59,19 @@ type needs struct {
 	db, blobs, consumer bool
 }
 
+// newLogger returns the process's logger, in LOG_FORMAT at LOG_LEVEL, and
+// makes it slog's default: code that logs through slog.Default() (the
+// readiness checks' warnings) writes in the same format, at the same level.
 func newLogger(cfg config.Config, w *os.File) *slog.Logger {
 	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	var l *slog.Logger
 	if cfg.LogFormat == "text" {
-		return slog.New(slog.NewTextHandler(w, opts))
+		l = slog.New(slog.NewTextHandler(w, opts))
+	} else {
+		l = slog.New(slog.NewJSONHandler(w, opts))
 	}
-	return slog.New(slog.NewJSONHandler(w, opts))
+	slog.SetDefault(l)
+	return l
 }
 
 func redisClient(url string) (*redis.Client, error) {
@@ -75,6 +82,10 @@ func redisClient(url string) (*redis.Client, error) {
 	opt.PoolSize = max(opt.PoolSize, 128)
 	opt.MinIdleConns = 4
 	opt.DialTimeout = 3 * time.Second
+	// A context's deadline bounds the command (go-redis otherwise waits
+	// for its own read timeout): a readiness check of a Redis that hangs
+	// answers within its 2 s, not after 3 s or more.
+	opt.ContextTimeoutEnabled = true
 	return redis.NewClient(opt), nil
 }
 
