@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -125,6 +126,16 @@ func (r *Retention) trim(ctx context.Context, stream string) (int64, error) {
 		// Nobody has declared interest yet: keep everything.
 		return 0, nil
 	}
+	// A group the topology names for this stream that Redis does not
+	// have was deleted (every start creates them all): it is made again
+	// from the stream's start, and needs every entry there.
+	for _, want := range r.groupsOf(stream) {
+		if !slices.ContainsFunc(groups, func(g redis.XInfoGroup) bool { return g.Name == want }) {
+			r.cfg.Logger.Warn("a consumer group is missing from its stream; keeping every entry until it is created again",
+				"stream", stream, "consumer_group", want)
+			return 0, nil
+		}
+	}
 	// low is the oldest entry some group still needs: its oldest pending
 	// entry, or else the first one after what it was last given.
 	var low string
@@ -153,11 +164,42 @@ func (r *Retention) trim(ctx context.Context, stream string) (int64, error) {
 	if low == "" || low == "0-1" {
 		return 0, nil
 	}
-	n, err := rdb.XTrimMinIDApprox(ctx, stream, low, 0).Result()
-	if err != nil {
-		return 0, fmt.Errorf("trim %s: %w", stream, err)
+	// An approximate trim removes at most its LIMIT (by default 100
+	// nodes' worth, 10,000 entries) per call: a stream fed faster than
+	// that per pass would grow without bound. So it trims in steps until
+	// nothing is left below low, or trimSteps steps, which bounds a pass.
+	var total int64
+	for range trimSteps {
+		n, err := rdb.XTrimMinIDApprox(ctx, stream, low, trimStep).Result()
+		if err != nil {
+			return total, fmt.Errorf("trim %s: %w", stream, err)
+		}
+		total += n
+		if n == 0 {
+			break
+		}
 	}
-	return n, nil
+	return total, nil
+}
+
+// trimStep entries at most go in one XTRIM, and trimSteps of them in one
+// pass of one stream: up to a million entries, at 10,000 a call, each of
+// which Redis runs in well under a millisecond.
+const (
+	trimStep  = 10_000
+	trimSteps = 100
+)
+
+// groupsOf returns the groups the topology names for stream, a stream or
+// a group's retry stream (EnsureGroups creates the group on both).
+func (r *Retention) groupsOf(stream string) []string {
+	var out []string
+	for group, streams := range r.cfg.Topology {
+		if slices.ContainsFunc(streams, func(s string) bool { return s == stream || RetryStream(s, group) == stream }) {
+			out = append(out, group)
+		}
+	}
+	return out
 }
 
 // removeGoneConsumers deletes consumers with nothing pending that have not

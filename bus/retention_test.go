@@ -269,3 +269,71 @@ func TestInspectLag(t *testing.T) {
 		t.Fatalf("after reading: %+v, want lag 0 and 5 pending", g)
 	}
 }
+
+// A stream fed faster than one approximate XTRIM removes (10,000 entries by
+// default) is still trimmed to (nearly) nothing in one pass once every
+// group acknowledged everything.
+func TestRetentionTrimsMoreThanOneXTrimRemoves(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	topo := map[string][]string{f.group: {f.topic}}
+	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
+		t.Fatal(err)
+	}
+	const n = 35_000
+	pipe := f.rdb.Pipeline()
+	for i := range n {
+		pipe.XAdd(ctx, &redis.XAddArgs{Stream: f.topic, Values: []any{"i", i}})
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.rdb.XReadGroup(ctx, &redis.XReadGroupArgs{Group: f.group, Consumer: "c", Streams: []string{f.topic, ">"}, Count: n, NoAck: true}).Result(); err != nil {
+		t.Fatal(err)
+	}
+	ret, err := bus.NewRetention(bus.RetentionConfig{Client: f.rdb, Topology: topo, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	trimmed, err := ret.Pass(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := f.rdb.XLen(ctx, f.topic).Result(); left > 200 {
+		t.Fatalf("%d of %d entries left after one pass (%d trimmed), though every one was acknowledged", left, n, trimmed)
+	}
+}
+
+// A group of the topology that is missing from its stream (deleted; it is
+// made again from the stream's start) needs every entry: nothing is
+// trimmed, however far the other groups are.
+func TestRetentionKeepsEverythingForAMissingGroup(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	done, deleted := f.group+"-done", f.group+"-deleted"
+	topo := map[string][]string{done: {f.topic}, deleted: {f.topic}}
+	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
+		t.Fatal(err)
+	}
+	f.publish(1000)
+	for _, m := range readAsGroup(t, f, done, 1000) {
+		if err := f.rdb.XAck(ctx, f.topic, done, m.ID).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.rdb.XGroupDestroy(ctx, f.topic, deleted).Err(); err != nil {
+		t.Fatal(err)
+	}
+	ret, err := bus.NewRetention(bus.RetentionConfig{Client: f.rdb, Topology: topo, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ret.Pass(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := f.rdb.XLen(ctx, f.topic).Result(); n != 1000 {
+		t.Fatalf("stream holds %d entries, want all 1000: the deleted group is made again from the start", n)
+	}
+}
