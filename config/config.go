@@ -1,7 +1,9 @@
 // Package config reads Conveyor's configuration from the environment, once,
 // and validates it, reporting every problem together. It is the only reader
-// of the environment. Any variable X may instead be given as X_FILE, the
-// path of a file holding the value (for secrets mounted as files).
+// of the environment. Any variable X of [Vars] may instead be given as
+// X_FILE, the path of a file holding the value (for secrets mounted as
+// files). GOGC and GOMEMLIMIT are read by the Go runtime (and GOGC by
+// [TuneGC]) from the environment only: they have no _FILE form.
 //
 // config must not import other project packages.
 package config
@@ -69,11 +71,11 @@ var Vars = []Var{
 	{"CACHE_REDIS_URL", "REDIS_URL", "Redis for the read cache; may be a separate instance with an LRU policy."},
 	{"DATABASE_URL", "(conveyor up: a local PostgreSQL)", "PostgreSQL for the read models: postgres://user:pass@host:5432/db?sslmode=disable, or postgres:///db?host=/var/run/postgresql for a Unix socket."},
 	{"HTTP_ADDR", ":8080", "Listen address of the role's HTTP server (the API for `api`; /healthz, /readyz and /metrics for every role)."},
-	{"BLOB_DIR", "./data/blobs", "Directory of uploaded bytes, shared by api and handler replicas."},
+	{"BLOB_DIR", "./data/blobs (conveyor up: CONVEYOR_DATA_DIR/blobs)", "Directory of uploaded bytes, shared by api, handler and scheduler replicas (the scheduler's blob retention removes expired bytes from it)."},
 	{"SMTP_URL", "(none: emails go to OUTBOX_DIR)", "smtp://[user:pass@]host:port (STARTTLS if offered; ?tls=required|none) or smtps://host:port."},
 	{"SMTP_FROM", "Conveyor <conveyor@localhost>", "Sender address of emails."},
 	{"SMTP_TIMEOUT", "30s", "Timeout of each part of one SMTP send: connecting (with TLS and authentication), then the message."},
-	{"OUTBOX_DIR", "./data/outbox", "Where emails are written as .eml files when SMTP_URL is unset."},
+	{"OUTBOX_DIR", "./data/outbox (conveyor up: CONVEYOR_DATA_DIR/outbox)", "Where emails are written as .eml files when SMTP_URL is unset."},
 	{"CONSUMER_NAME", "hostname-N", "Consumer name of this replica in its consumer groups: unique per replica, stable across its restarts. By default the host name plus the lowest free index, leased in Redis."},
 	{"MAX_UPLOAD_BYTES", "33554432", "Largest accepted upload (32 MiB); larger uploads get 413 and nothing is kept."},
 	{"CACHE_TTL", "60s", "Time to live of cached reads (plus up to 10% jitter)."},
@@ -87,7 +89,7 @@ var Vars = []Var{
 	{"RETRY_BACKOFF_MAX", "10m", "Longest delay between retries."},
 	{"CLAIM_MIN_IDLE", "10s", "Idle time after which a dead consumer's messages are claimed by a live replica."},
 	{"SHUTDOWN_TIMEOUT", "20s", "How long a stopping process lets running requests and handlers finish. Keep the container stop grace period longer."},
-	{"CONVEYOR_DATA_DIR", "./.conveyor", "conveyor up only: where the local Redis and PostgreSQL keep their data."},
+	{"CONVEYOR_DATA_DIR", "./.conveyor", "conveyor up only: where the local Redis and PostgreSQL keep their data (redis/, postgres/), and uploads (blobs/) and outbox emails (outbox/) unless BLOB_DIR / OUTBOX_DIR are set. Run as root, it must be a folder the postgres user can enter."},
 	{"SCHEDULES_FILE", "(none: built-in schedules only)", "YAML file of periodic events (cron) and built-in schedule overrides, read by the scheduler."},
 	{"MAX_DELAY", "720h", "Longest accepted delay of a delayed event or email (30 days); further → 422."},
 	{"STUCK_AFTER", "the retry window + 15m (2h43m with the default retry settings)", "The stuck-document re-drive re-publishes documents still processing this long after upload; shorter than the retry window (computed from RETRY_* as set on the scheduler: set them as on the handlers), it re-publishes documents that are only waiting for their retries."},
@@ -267,9 +269,11 @@ func (r *reader) url(name, v string, schemes ...string) {
 	if v == "" {
 		return
 	}
+	// No message here quotes the value or the parser's error, which
+	// quotes the value: a URL may hold a password.
 	u, err := url.Parse(v)
 	if err != nil {
-		r.fail(name, "is not a URL: %v", err)
+		r.fail(name, "is not a valid URL (the value is not shown, as it may hold a password; percent-encode special characters such as / ? # %% @ in the user name or password)")
 		return
 	}
 	for _, s := range schemes {
@@ -289,5 +293,15 @@ func (r *reader) url(name, v string, schemes ...string) {
 		}
 		return
 	}
-	r.fail(name, "scheme must be one of %s, not %q", strings.Join(schemes, ", "), u.Scheme)
+	want := make([]string, len(schemes))
+	for i, s := range schemes {
+		want[i] = s + "://"
+	}
+	if u.Scheme == "" || u.Opaque != "" {
+		// Without "//" after it, what url.Parse took for a scheme may be a
+		// user name or a piece of a password ("app:pass@host").
+		r.fail(name, "must start with one of %s", strings.Join(want, ", "))
+		return
+	}
+	r.fail(name, "must start with one of %s, not %s://", strings.Join(want, ", "), u.Scheme)
 }

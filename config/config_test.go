@@ -193,3 +193,57 @@ func TestTuneGC(t *testing.T) {
 		t.Fatalf("TuneGC overrode GOGC from the environment: percent %d", p)
 	}
 }
+
+// TestURLErrorsHideSecrets: a URL that does not parse (here a password
+// with an unencoded '/' or '#', which url.Parse reads as the end of the
+// host) or has no scheme is reported by name only. The parser's own error
+// quotes the whole URL, password included, and configuration errors end up
+// in logs.
+func TestURLErrorsHideSecrets(t *testing.T) {
+	t.Parallel()
+	const password = "Zq9x/Kv7w#Rb4t"
+	dir := t.TempDir()
+	file := filepath.Join(dir, "database-url")
+	if err := os.WriteFile(file, []byte("postgres://app:"+password+"@db:5432/conveyor\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		env  map[string]string
+		bad  string // the variable the error must name
+	}{
+		{name: "redis", env: map[string]string{"REDIS_URL": "redis://:" + password + "@redis:6379/0"}, bad: "REDIS_URL"},
+		{name: "cache redis", env: map[string]string{"REDIS_URL": "redis://redis:6379/0", "CACHE_REDIS_URL": "rediss://default:" + password + "@cache:6380/0"}, bad: "CACHE_REDIS_URL"},
+		{name: "database", env: map[string]string{"DATABASE_URL": "postgres://app:" + password + "@db:5432/conveyor"}, bad: "DATABASE_URL"},
+		{name: "database from a file", env: map[string]string{"DATABASE_URL_FILE": file}, bad: "DATABASE_URL"},
+		{name: "database without scheme", env: map[string]string{"DATABASE_URL": "app:" + password + "@db:5432/conveyor"}, bad: "DATABASE_URL"},
+		{name: "password first, without scheme", env: map[string]string{"REDIS_URL": password + ":x@redis:6379"}, bad: "REDIS_URL"},
+		// A password pasted alone, with a ':' where the '/' is: url.Parse
+		// takes what precedes the ':' for a scheme.
+		{name: "bare password", env: map[string]string{"REDIS_URL": strings.ReplaceAll(password, "/", ":")}, bad: "REDIS_URL"},
+		{name: "smtp", env: map[string]string{"SMTP_URL": "smtp://mailer:" + password + "@mail:587"}, bad: "SMTP_URL"},
+		{name: "summarizer", env: map[string]string{"SUMMARIZER_URL": "https://user:" + password + "@llm.example/v1"}, bad: "SUMMARIZER_URL"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := config.Load(env(tt.env))
+			if err == nil {
+				t.Fatalf("Load accepted %v", tt.env)
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, tt.bad) {
+				t.Errorf("error does not name %s: %s", tt.bad, msg)
+			}
+			// Neither the password nor any piece of it of three or more
+			// characters.
+			for i := 0; i < len(password); i++ {
+				for j := i + 3; j <= len(password); j++ {
+					if strings.Contains(msg, password[i:j]) {
+						t.Fatalf("error shows %q, a piece of the password: %s", password[i:j], msg)
+					}
+				}
+			}
+		})
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -242,6 +243,28 @@ func TestDockerfile(t *testing.T) {
 		return false
 	}
 	build, final := stages[0], stages[len(stages)-1]
+	// The build image's Go is go.mod's go line, exactly: a floating tag
+	// builds with whatever release it names that day, and an older cached
+	// one refuses the module (the golang images set GOTOOLCHAIN=local).
+	gomod, err := os.ReadFile(filepath.Join(repoRoot(t), "go.mod"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	goLine := regexp.MustCompile(`(?m)^go\s+(\S+)\s*$`).FindSubmatch(gomod)
+	if goLine == nil {
+		t.Fatal("go.mod has no go line")
+	}
+	from := strings.Fields(build[0].text)
+	image := ""
+	for _, f := range from[1:] {
+		if !strings.HasPrefix(f, "--") {
+			image = f
+			break
+		}
+	}
+	if want := "golang:" + string(goLine[1]) + "-"; !strings.HasPrefix(image, want) && image != strings.TrimSuffix(want, "-") {
+		t.Errorf("build stage is FROM %s, want golang:%s (go.mod's go line), e.g. %sbookworm", image, goLine[1], want)
+	}
 	for _, want := range []string{"CGO_ENABLED=0", "-trimpath", "--mount=type=cache,target=/go/pkg/mod", "--mount=type=cache,target=/root/.cache/go-build", "./cmd/conveyor"} {
 		if !has(build, "run", want) {
 			t.Errorf("build stage RUN lacks %s", want)

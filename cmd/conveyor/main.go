@@ -1,6 +1,7 @@
 // Command conveyor runs every role of Conveyor from one binary:
 //
-//	conveyor api | handler | projector | migrate | up | healthcheck | dlq | version
+//	conveyor api | handler | projector | scheduler | migrate | up
+//	conveyor status | dlq | schedules | healthcheck | version
 //
 // Configuration comes from the environment (see `conveyor help`). Only this
 // package wires the other packages together.

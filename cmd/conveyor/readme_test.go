@@ -153,14 +153,45 @@ func TestReadmeWalkthrough(t *testing.T) {
 	if ran < 6 {
 		t.Fatalf("ran %d curl lines of the walkthrough", ran)
 	}
-	// The walkthrough's `conveyor status` against the same Redis.
-	m := regexp.MustCompile(`started local redis-server"? url=(\S+)`).FindStringSubmatch(up.Log())
+	// The walkthrough's `conveyor status`, run as README says: in a shell
+	// where the export line that conveyor up printed was pasted first.
+	m := regexp.MustCompile(`(?m)^  (export REDIS_URL=.*)$`).FindStringSubmatch(up.Log())
 	if m == nil {
-		t.Fatalf("no redis url in the log of conveyor up")
+		t.Fatalf("conveyor up printed no export line naming REDIS_URL:\n%s", up.Log())
 	}
-	out, err := harness.Run(t, t.Context(), []string{"REDIS_URL=" + m[1]}, "status")
-	if err != nil || !strings.Contains(out, "document.uploaded") {
-		t.Fatalf("conveyor status: %v\n%s", err, out)
+	if !strings.Contains(walk, "export REDIS_URL=") {
+		t.Errorf("README's walkthrough does not tell to paste the export line that conveyor up prints")
+	}
+	ranStatus := false
+	for _, line := range strings.Split(walk, "\n") {
+		line = strings.TrimSpace(line)
+		if !strings.HasPrefix(line, "go run ./cmd/conveyor ") {
+			continue
+		}
+		cmdline := strings.Replace(line, "go run ./cmd/conveyor", harness.Binary(t), 1)
+		// Only the pasted line configures the command: no other
+		// variable of the test's environment reaches it.
+		cmd := exec.CommandContext(t.Context(), "bash", "-c", m[1]+"\n"+cmdline)
+		cmd.Dir = root
+		cmd.Env = []string{"LOG_FORMAT=text"}
+		for _, k := range []string{"PATH", "HOME", "TMPDIR", "GORACE"} {
+			if v, ok := os.LookupEnv(k); ok {
+				cmd.Env = append(cmd.Env, k+"="+v)
+			}
+		}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s (after %s): %v\n%s", line, m[1], err, out)
+		}
+		if strings.HasSuffix(line, " status") {
+			if !strings.Contains(string(out), "document.uploaded") {
+				t.Fatalf("%s shows no document.uploaded stream:\n%s", line, out)
+			}
+			ranStatus = true
+		}
+	}
+	if !ranStatus {
+		t.Fatal("README's walkthrough runs no `go run ./cmd/conveyor status`")
 	}
 }
 

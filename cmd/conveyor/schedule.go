@@ -98,8 +98,10 @@ func schedulesCommand() *command {
 	return &command{
 		name:    "schedules",
 		summary: "list schedules with their next and last fire times and outcomes",
-		usage:   `Validates SCHEDULES_FILE and lists every schedule (built-in ones too) with its next fire time, last tick, when and by which replica it fired, and the outcome.`,
-		vars:    []string{"REDIS_URL", "SCHEDULES_FILE"},
+		usage: `Validates SCHEDULES_FILE and lists every schedule with its next fire time, last tick,
+when and by which replica it fired, and the outcome. The built-in schedules
+are listed only with DATABASE_URL (and BLOB_DIR), as on the scheduler.`,
+		vars: []string{"REDIS_URL", "DATABASE_URL", "BLOB_DIR", "SCHEDULES_FILE"},
 		flags: func(fs *flag.FlagSet) any {
 			return &schedulesOpts{json: fs.Bool("json", false, "print JSON")}
 		},

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/conveyor/conveyor/embedded"
@@ -21,14 +22,17 @@ type upOpts struct {
 func upCommand() *command {
 	return &command{
 		name:    "up",
-		summary: "run the whole pipeline in one process (starts local Redis/PostgreSQL if unconfigured)",
-		usage: `Runs the api, every handler and the projector in one process, for a laptop.
+		summary: "run api, handlers, projector and scheduler in one process (starts local Redis/PostgreSQL if unconfigured)",
+		usage: `Runs the api, every handler, the projector and the scheduler (schedules,
+delayed events and emails) in one process, for a laptop.
 If REDIS_URL is unset it starts a local redis-server (AOF on) and if
 DATABASE_URL is unset a local PostgreSQL, both with their data under
 CONVEYOR_DATA_DIR (default ./.conveyor), reused on the next run. It applies
 migrations, prints the API URL, and on Ctrl-C stops everything it started.
 Uploaded bytes and outbox emails also live under CONVEYOR_DATA_DIR unless
-BLOB_DIR / OUTBOX_DIR are set.`,
+BLOB_DIR / OUTBOX_DIR are set. For the servers it started it prints an
+export line to paste into another shell, so that conveyor status, dlq and
+schedules reach them (the local redis-server listens on a port of its own).`,
 		vars: append([]string{"CONVEYOR_DATA_DIR"}, allVars...),
 		flags: func(fs *flag.FlagSet) any {
 			return &upOpts{dataDir: fs.String("data", "", "data folder (overrides CONVEYOR_DATA_DIR)")}
@@ -74,6 +78,10 @@ func runUp(ctx context.Context, env *environment, o any, _ []string) error {
 		}
 	}()
 	serverLog := log.With("component", "embedded")
+	// started holds the variables that name what up started itself, for
+	// the commands run from another shell. A URL the user set is not
+	// printed: it may hold a password, and the user has it already.
+	var started [][2]string
 	if cfg.RedisURL == "" {
 		r, err := embedded.StartRedis(ctx, embedded.RedisConfig{Dir: filepath.Join(dataDir, "redis"), Logger: serverLog})
 		if err != nil {
@@ -85,6 +93,7 @@ func runUp(ctx context.Context, env *environment, o any, _ []string) error {
 			cfg.CacheRedisURL = cfg.RedisURL
 		}
 		log.Info("started local redis-server", "url", cfg.RedisURL, "data", filepath.Join(dataDir, "redis"))
+		started = append(started, [2]string{"REDIS_URL", cfg.RedisURL})
 	}
 	if cfg.DatabaseURL == "" {
 		p, err := embedded.StartPostgres(ctx, embedded.PostgresConfig{Dir: filepath.Join(dataDir, "postgres"), Logger: serverLog})
@@ -94,6 +103,11 @@ func runUp(ctx context.Context, env *environment, o any, _ []string) error {
 		stops = append(stops, func() { stopServer(log, "postgres", p.Stop) })
 		cfg.DatabaseURL = p.URL()
 		log.Info("started local PostgreSQL", "url", cfg.DatabaseURL, "data", filepath.Join(dataDir, "postgres"))
+		started = append(started, [2]string{"DATABASE_URL", cfg.DatabaseURL})
+	}
+	if len(started) > 0 && !set("BLOB_DIR") {
+		// schedules lists the built-in schedules, which need the blobs.
+		started = append(started, [2]string{"BLOB_DIR", cfg.BlobDir})
 	}
 
 	a, err := newApp(ctx, cfg, log, needs{db: true, blobs: true, consumer: true})
@@ -112,9 +126,33 @@ Conveyor is up: %[1]s
   email:    curl -H 'Content-Type: application/json' -d '{"to":"you@example.com","subject":"Hi","body":"Hello"}' %[1]s/v1/emails
   ready:    curl %[1]s/readyz
 Emails go to %[2]s unless SMTP_URL is set. Press Ctrl-C to stop.
-
 `, base, cfg.OutboxDir)
+	if len(started) > 0 {
+		fmt.Fprintf(env.stdout, `For conveyor status, dlq and schedules in another shell, paste first:
+  %s
+`, exportLine(started))
+	}
+	fmt.Fprintln(env.stdout)
 	return runAll(ctx, a, ln)
+}
+
+// exportLine is a shell line that sets vars (name, value pairs), each
+// value quoted.
+func exportLine(vars [][2]string) string {
+	var b strings.Builder
+	b.WriteString("export")
+	for _, v := range vars {
+		b.WriteString(" " + v[0] + "=" + shellQuote(v[1]))
+	}
+	return b.String()
+}
+
+// shellQuote quotes s for POSIX shells, unless it needs no quotes.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/:._-@") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 func displayAddr(addr net.Addr) string {

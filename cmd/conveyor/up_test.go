@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -97,6 +98,12 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 			}
 			if !strings.Contains(up.Log(), "Conveyor is up: http://") {
 				t.Fatalf("no API URL printed:\n%s", up.Log())
+			}
+			// The line to paste for status, dlq and schedules names the
+			// servers up started, and not BLOB_DIR, which the user set.
+			export := regexp.MustCompile(`(?m)^  export .*$`).FindString(up.Log())
+			if !strings.Contains(export, " REDIS_URL=redis://127.0.0.1:") || !strings.Contains(export, " DATABASE_URL='postgres://") || strings.Contains(export, "BLOB_DIR") {
+				t.Errorf("export line %q: want REDIS_URL and DATABASE_URL of the local servers, and no BLOB_DIR", export)
 			}
 			stored := 0
 			_ = filepath.WalkDir(blobs, func(_ string, d fs.DirEntry, err error) error {
