@@ -63,6 +63,48 @@ func NewDeadLetters(rdb redis.UniversalClient) *DeadLetters { return &DeadLetter
 // ErrDeadLetterNotFound is returned for an unknown dead-letter id.
 var ErrDeadLetterNotFound = errors.New("dead letter not found")
 
+// ErrBadDeadLetterID is returned for an id that is not a whole stream
+// entry id (milliseconds-sequence): Redis would take "1700000000000" for
+// the first entry of that millisecond, whichever it is.
+var ErrBadDeadLetterID = errors.New("not a dead-letter id (want milliseconds-sequence, as dlq list prints it)")
+
+// checkIDs returns ErrBadDeadLetterID for the first id that is not a whole
+// entry id.
+func checkIDs(ids []string) error {
+	for _, id := range ids {
+		ms, seq, ok := strings.Cut(id, "-")
+		if !ok || !digits(ms) || !digits(seq) {
+			return fmt.Errorf("%w: %q", ErrBadDeadLetterID, id)
+		}
+	}
+	return nil
+}
+
+func digits(s string) bool {
+	if s == "" || len(s) > 20 {
+		return false
+	}
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// last returns the id of the newest dead letter of group, or "" if there
+// is none.
+func (d *DeadLetters) last(ctx context.Context, group string) (string, error) {
+	xs, err := d.rdb.XRevRangeN(ctx, DeadLetterStream(group), "+", "-", 1).Result()
+	if err != nil {
+		return "", fmt.Errorf("read the newest dead letter of %s: %w", group, err)
+	}
+	if len(xs) == 0 {
+		return "", nil
+	}
+	return xs[0].ID, nil
+}
+
 // Count returns the number of dead letters of group.
 func (d *DeadLetters) Count(ctx context.Context, group string) (int64, error) {
 	n, err := d.rdb.XLen(ctx, DeadLetterStream(group)).Result()
@@ -75,8 +117,14 @@ func (d *DeadLetters) Count(ctx context.Context, group string) (int64, error) {
 // List returns up to limit dead letters of group, oldest first, starting
 // after the id after ("" for the start).
 func (d *DeadLetters) List(ctx context.Context, group, after string, limit int64) ([]DeadLetter, error) {
+	if limit < 1 {
+		return nil, fmt.Errorf("list dead letters of %s: the limit must be at least 1", group)
+	}
 	start := "-"
 	if after != "" {
+		if err := checkIDs([]string{after}); err != nil {
+			return nil, err
+		}
 		start = "(" + after
 	}
 	xs, err := d.rdb.XRangeN(ctx, DeadLetterStream(group), start, "+", limit).Result()
@@ -92,6 +140,9 @@ func (d *DeadLetters) List(ctx context.Context, group, after string, limit int64
 
 // Get returns one dead letter.
 func (d *DeadLetters) Get(ctx context.Context, group, id string) (DeadLetter, error) {
+	if err := checkIDs([]string{id}); err != nil {
+		return DeadLetter{}, err
+	}
 	xs, err := d.rdb.XRange(ctx, DeadLetterStream(group), id, id).Result()
 	if err != nil {
 		return DeadLetter{}, fmt.Errorf("get dead letter %s of %s: %w", id, group, err)
@@ -125,29 +176,44 @@ func (d *DeadLetters) Replay(ctx context.Context, group string, ids ...string) (
 	})
 }
 
-// Purge deletes dead letters; ids empty means all. It returns how many it
-// deleted.
+// Purge deletes dead letters; ids empty means all, that is every one there
+// when it starts: one dead-lettered meanwhile stays, to be seen first. It
+// returns how many it deleted, and ErrDeadLetterNotFound if some of ids
+// were not there (the others are deleted).
 func (d *DeadLetters) Purge(ctx context.Context, group string, ids ...string) (int, error) {
 	if len(ids) == 0 {
-		n, err := d.rdb.XLen(ctx, DeadLetterStream(group)).Result()
+		end, err := d.last(ctx, group)
+		if err != nil || end == "" {
+			return 0, err
+		}
+		n, err := d.rdb.XTrimMinID(ctx, DeadLetterStream(group), nextID(end)).Result()
 		if err != nil {
 			return 0, fmt.Errorf("purge dead letters of %s: %w", group, err)
 		}
-		if err := d.rdb.Del(ctx, DeadLetterStream(group)).Err(); err != nil {
-			return 0, fmt.Errorf("purge dead letters of %s: %w", group, err)
-		}
 		return int(n), nil
+	}
+	if err := checkIDs(ids); err != nil {
+		return 0, err
 	}
 	n, err := d.rdb.XDel(ctx, DeadLetterStream(group), ids...).Result()
 	if err != nil {
 		return 0, fmt.Errorf("purge dead letters of %s: %w", group, err)
 	}
+	if int(n) < len(ids) {
+		return int(n), fmt.Errorf("%w: %d of the %d ids in group %s", ErrDeadLetterNotFound, len(ids)-int(n), len(ids), group)
+	}
 	return int(n), nil
 }
 
 // each calls fn for the listed dead letters, or for all of them, in pages.
+// All is every one there when it starts: a replayed letter that fails
+// again comes back with a newer id, and must not be replayed again in the
+// same run.
 func (d *DeadLetters) each(ctx context.Context, group string, ids []string, fn func(redis.XMessage) error) (int, error) {
 	done := 0
+	if err := checkIDs(ids); err != nil {
+		return 0, err
+	}
 	if len(ids) > 0 {
 		for _, id := range ids {
 			xs, err := d.rdb.XRange(ctx, DeadLetterStream(group), id, id).Result()
@@ -164,9 +230,13 @@ func (d *DeadLetters) each(ctx context.Context, group string, ids []string, fn f
 		}
 		return done, nil
 	}
+	end, err := d.last(ctx, group)
+	if err != nil || end == "" {
+		return 0, err
+	}
 	start := "-"
 	for {
-		xs, err := d.rdb.XRangeN(ctx, DeadLetterStream(group), start, "+", 500).Result()
+		xs, err := d.rdb.XRangeN(ctx, DeadLetterStream(group), start, end, 500).Result()
 		if err != nil {
 			return done, fmt.Errorf("read dead letters of %s: %w", group, err)
 		}

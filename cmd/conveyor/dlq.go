@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 
@@ -17,6 +18,7 @@ import (
 type dlqOpts struct {
 	group *string
 	limit *int64
+	after *string
 	all   *bool
 	json  *bool
 }
@@ -26,7 +28,9 @@ func dlqCommand() *command {
 		name:    "dlq",
 		summary: "list, show, replay or purge dead letters",
 		usage: `Usage:
-  conveyor dlq list    [--group G] [--limit N] [--json]   dead letters (all groups without --group)
+  conveyor dlq list    [--group G [--after ID]] [--limit N] [--json]
+                                                          dead letters, oldest first (all groups
+                                                          without --group); --after pages on
   conveyor dlq show    --group G ID...                      one dead letter in full
   conveyor dlq replay  --group G (ID... | --all)            back to work, for that group only
   conveyor dlq purge   --group G (ID... | --all)            delete for good
@@ -41,6 +45,7 @@ other groups of the stream are not affected.`,
 			return &dlqOpts{
 				group: fs.String("group", "", "consumer group (document-processor, email-sender, projector, ...)"),
 				limit: fs.Int64("limit", 50, "list at most this many per group"),
+				after: fs.String("after", "", "list the dead letters after this id (the last one of the previous page); needs --group"),
 				all:   fs.Bool("all", false, "replay or purge every dead letter of the group"),
 				json:  fs.Bool("json", false, "print JSON"),
 			}
@@ -70,8 +75,26 @@ func runDLQ(ctx context.Context, env *environment, o any, args []string) error {
 		}
 		return nil
 	}
+	err = dlqVerb(ctx, env, dl, opts, verb, ids, needGroup)
+	if errors.Is(err, bus.ErrBadDeadLetterID) {
+		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	return err
+}
+
+func dlqVerb(ctx context.Context, env *environment, dl *bus.DeadLetters, opts *dlqOpts, verb string, ids []string, needGroup func() error) error {
+	var err error
 	switch verb {
 	case "list":
+		if len(ids) > 0 || *opts.all {
+			return fmt.Errorf("%w: list takes no ids and no --all", errUsage)
+		}
+		if *opts.limit < 1 {
+			return fmt.Errorf("%w: --limit must be at least 1", errUsage)
+		}
+		if *opts.after != "" && *opts.group == "" {
+			return fmt.Errorf("%w: --after needs --group", errUsage)
+		}
 		groups := []string{*opts.group}
 		if *opts.group == "" {
 			if groups, err = dl.Groups(ctx); err != nil {
@@ -79,9 +102,9 @@ func runDLQ(ctx context.Context, env *environment, o any, args []string) error {
 			}
 			sort.Strings(groups)
 		}
-		var all []bus.DeadLetter
+		all := []bus.DeadLetter{} // JSON [] when there are none
 		for _, g := range groups {
-			list, err := dl.List(ctx, g, "", *opts.limit)
+			list, err := dl.List(ctx, g, *opts.after, *opts.limit)
 			if err != nil {
 				return err
 			}
@@ -139,6 +162,9 @@ func runDLQ(ctx context.Context, env *environment, o any, args []string) error {
 			n, err = dl.Replay(ctx, *opts.group, ids...)
 		} else {
 			n, err = dl.Purge(ctx, *opts.group, ids...)
+		}
+		if errors.Is(err, bus.ErrBadDeadLetterID) {
+			return err // nothing was done
 		}
 		past := map[string]string{"replay": "replayed", "purge": "purged"}[verb]
 		fmt.Fprintf(env.stdout, "%s %d dead letter(s) of %s\n", past, n, *opts.group)

@@ -215,9 +215,9 @@ func TestDLQShowTakesFlagsAnywhere(t *testing.T) {
 			t.Errorf("conveyor %s prints more than one dead letter:\n%s", strings.Join(args, " "), stdout)
 		}
 	}
-	// After "--", "--all" is an id, not the flag.
+	// After "--", "--all" is an id, not the flag (and not a valid one).
 	_, stderr, code := conveyor(t, d.env, "dlq", "show", "--group", "email-sender", "--", "--all")
-	if code != 1 || !strings.Contains(stderr, "get dead letter --all of email-sender") {
+	if code != 2 || !strings.Contains(stderr, `not a dead-letter id (want milliseconds-sequence, as dlq list prints it): "--all"`) {
 		t.Errorf("conveyor dlq show --group email-sender -- --all: exit %d\n%s", code, stderr)
 	}
 }
@@ -309,6 +309,44 @@ func TestCommandFlagErrorsAnywhere(t *testing.T) {
 		if code != 2 || stdout != "" || !strings.Contains(stderr, "unexpected argument \""+args[1]+"\"") {
 			t.Errorf("conveyor %s: exit %d\n%s%s", strings.Join(args, " "), code, stdout, stderr)
 		}
+	}
+	// Ids are whole (a bare millisecond would pick whichever letter came
+	// first in it), limits positive, --after with a group.
+	for _, tc := range []struct{ args []string }{
+		{[]string{"dlq", "list", "--limit", "0"}},
+		{[]string{"dlq", "list", "--after", "1-0"}},
+		{[]string{"dlq", "show", "--group", "email-sender", "1700000000000"}},
+		{[]string{"dlq", "replay", "--group", "email-sender", "1700000000000"}},
+		{[]string{"dlq", "purge", "--group", "email-sender", "x-1"}},
+	} {
+		stdout, stderr, code := conveyor(t, d.env, tc.args...)
+		if code != 2 || stdout != "" {
+			t.Errorf("conveyor %s: exit %d, want 2\n%s%s", strings.Join(tc.args, " "), code, stdout, stderr)
+		}
+	}
+	if n := d.count(t, "email-sender"); n != 2 {
+		t.Errorf("a refused replay or purge changed the dead letters: %d left, want 2", n)
+	}
+	// Paging: a page of one, then the page after it.
+	var first, second []bus.DeadLetter
+	for _, page := range []struct {
+		after string
+		into  *[]bus.DeadLetter
+	}{{"", &first}, {"", &second}} {
+		after := page.after
+		if page.into == &second {
+			after = first[0].ID
+		}
+		stdout, stderr, code := conveyor(t, d.env, "dlq", "list", "--group", "email-sender", "--limit", "1", "--after", after, "--json")
+		if code != 0 || json.Unmarshal([]byte(stdout), page.into) != nil || len(*page.into) != 1 {
+			t.Fatalf("dlq list --limit 1 --after %q: exit %d\n%s%s", after, code, stdout, stderr)
+		}
+	}
+	if first[0].ID == second[0].ID || second[0].ID != d.snap["email-sender"][1].ID {
+		t.Errorf("pages hold %s then %s, want %s then %s", first[0].ID, second[0].ID, d.snap["email-sender"][0].ID, d.snap["email-sender"][1].ID)
+	}
+	if stdout, stderr, code := conveyor(t, d.env, "dlq", "list", "--group", "nobody", "--json"); code != 0 || stdout != "[]\n" {
+		t.Errorf("dlq list --json of a group without dead letters: exit %d, %q%s; want []", code, stdout, stderr)
 	}
 	// Flags of other commands still take their values.
 	stdout, stderr, code := conveyor(t, d.env, "schedules", "--json")
