@@ -73,12 +73,13 @@ func NewSMTP(cfg SMTPConfig) (*SMTP, error) {
 	if cfg.Timeout == 0 {
 		cfg.Timeout = 30 * time.Second
 	}
+	// Errors never quote the URL: it may hold a password.
 	u, err := url.Parse(cfg.URL)
 	if err != nil {
-		return nil, fmt.Errorf("SMTP URL: %w", err)
+		return nil, errors.New("SMTP URL is not a valid URL (percent-encode special characters in the user name or password)")
 	}
 	if u.Hostname() == "" {
-		return nil, fmt.Errorf("SMTP URL %q names no host", cfg.URL)
+		return nil, errors.New("SMTP URL names no host")
 	}
 	// One message per connection: without the NOOP go-mail sends before a
 	// message to check the connection (it is fresh) and the RSET after it

@@ -65,3 +65,19 @@ func TestNewSMTP(t *testing.T) {
 		})
 	}
 }
+
+// TestSMTPURLErrorsHideThePassword: an SMTP URL that does not parse (a '/'
+// or '#' in its password, not percent-encoded) is refused without quoting
+// any of it.
+func TestSMTPURLErrorsHideThePassword(t *testing.T) {
+	t.Parallel()
+	for _, u := range []string{"smtp://user:s3cr/etpw@mail.example.com:25", "smtp://user:s3cr#etpw@[mail.example.com:25", "s3cr/etpw"} {
+		_, err := NewSMTP(SMTPConfig{URL: u})
+		if err == nil {
+			t.Fatalf("NewSMTP(%q): no error", u)
+		}
+		if strings.Contains(err.Error(), "s3cr") || strings.Contains(err.Error(), "etpw") {
+			t.Errorf("NewSMTP(%q) = %q: the error quotes the password", u, err)
+		}
+	}
+}
