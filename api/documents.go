@@ -111,7 +111,29 @@ func (a *API) postDocument(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, a.cfg.MaxUploadBytes+multipartSlack)
+	rc := http.NewResponseController(w)
+	r = r.WithContext(context.WithValue(r.Context(), bodyReadKey{}, func() {
+		_ = rc.SetWriteDeadline(time.Now().Add(replyTime))
+	}))
 	a.idempotent(w, r, "upload", "", a.verifyUpload, a.upload)
+}
+
+// replyTime is how long an upload whose body is read has for storing,
+// publishing and answering. The server's write timeout runs from the
+// request's start, so a body that took most of it (a large file on a slow
+// link) would leave no time to answer: the event published, the client
+// would see a reset and upload again.
+const replyTime = time.Minute
+
+// bodyReadKey holds, in an upload's context, the function to call once its
+// body is read: it gives the reply its own time (replyTime).
+type bodyReadKey struct{}
+
+// bodyRead calls the function bodyReadKey holds in ctx, if any.
+func bodyRead(ctx context.Context) {
+	if f, ok := ctx.Value(bodyReadKey{}).(func()); ok {
+		f()
+	}
 }
 
 // upload streams the file part into blob storage and publishes
@@ -136,6 +158,7 @@ func (a *API) upload(r *http.Request) (int, any) {
 		stored = err == nil
 		return info.SHA256, err
 	})
+	bodyRead(ctx)
 	if status != 0 {
 		cleanup()
 		return status, refused
@@ -327,6 +350,7 @@ func (a *API) verifyUpload(r *http.Request, want string, pending bool) (int, any
 		}
 	}
 	up, status, resp := a.readUpload(r, keep)
+	bodyRead(ctx)
 	if status == 0 && up.fingerprint() == want {
 		return 0, nil
 	}

@@ -12,6 +12,7 @@ import (
 	"mime/multipart"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -965,5 +966,45 @@ func (e *env) waitFor(t testing.TB, what string, cond func() bool) {
 			t.Fatalf("no %s after %s", what, liveness)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestPostDocument_slowBodyStillAnswered: the server's write timeout runs
+// from the request's start; an upload whose body took longer than that
+// still gets its answer (the event is published: without an answer the
+// client would upload again).
+func TestPostDocument_slowBodyStillAnswered(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	srv := httptest.NewUnstartedServer(e.srv.Config.Handler)
+	srv.Config.WriteTimeout = 300 * time.Millisecond
+	srv.Start()
+	t.Cleanup(srv.Close)
+	body, ct := multipartBody(t, filePart("slow.txt", []byte("a body that arrives slowly")))
+	pr, pw := io.Pipe()
+	go func() {
+		// The body takes about a second: past the write timeout.
+		for i := 0; i < len(body); i += len(body)/4 + 1 {
+			_, _ = pw.Write(body[i:min(len(body), i+len(body)/4+1)])
+			time.Sleep(250 * time.Millisecond)
+		}
+		_ = pw.Close()
+	}()
+	req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, srv.URL+"/v1/documents", pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", ct)
+	resp, err := srv.Client().Do(req)
+	if err != nil {
+		t.Fatalf("upload whose body outlasted the write timeout: %v", err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("status %d, %q (%v), want 202", resp.StatusCode, raw, err)
+	}
+	if n := len(e.entries(t, events.TypeDocumentUploaded)); n != 1 {
+		t.Errorf("%d document.uploaded entries, want 1", n)
 	}
 }
