@@ -164,7 +164,7 @@ func (a *API) Handler() http.Handler {
 	a.route(mux, "POST /v1/events", a.postEvent)
 	a.route(mux, "POST /v1/events/batch", a.postEventBatch)
 	Ops(mux, a.cfg.Checks, a.cfg.Registry)
-	mux.HandleFunc("/", unrouted(mux))
+	mux.Handle("/", a.metrics.wrap(unmatchedRoute, unrouted(mux)))
 	return a.recoverer(mux)
 }
 

@@ -50,15 +50,30 @@ func (s *statusWriter) Write(b []byte) (int, error) {
 
 func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 
+// unmatchedRoute is the route label of requests no route takes (404, 405):
+// one label, whatever the path, so that scans cannot grow the series.
+const unmatchedRoute = "unmatched"
+
+// wrap records the requests of route. It records in a defer, so that a
+// handler's panic is counted too: as 500 if nothing was written yet, which
+// is what the recoverer, outside the mux, then answers.
 func (m *httpMetrics) wrap(route string, h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		sw := &statusWriter{ResponseWriter: w}
+		returned := false
+		defer func() {
+			status := sw.status
+			switch {
+			case status == 0 && !returned:
+				status = http.StatusInternalServerError
+			case status == 0:
+				status = http.StatusOK
+			}
+			m.requests.WithLabelValues(route, strconv.Itoa(status)).Inc()
+			m.duration.WithLabelValues(route).Observe(time.Since(start).Seconds())
+		}()
 		h.ServeHTTP(sw, r)
-		if sw.status == 0 {
-			sw.status = http.StatusOK
-		}
-		m.requests.WithLabelValues(route, strconv.Itoa(sw.status)).Inc()
-		m.duration.WithLabelValues(route).Observe(time.Since(start).Seconds())
+		returned = true
 	})
 }

@@ -3,11 +3,13 @@ package api_test
 import (
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
 
 	"github.com/conveyor/conveyor/api"
+	"github.com/conveyor/conveyor/blob"
 )
 
 func TestHealthz(t *testing.T) {
@@ -107,6 +109,37 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("/metrics has no line %q:\n%s", line, r.body)
 		}
 	}
+}
+
+// Requests no route takes (404, 405) are counted under one route label,
+// whatever their path, and a handler's panic is counted as the 500 it is
+// answered with.
+func TestMetricsCountUnmatchedAndPanics(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, withBlobs(func(s blob.Store) blob.Store { return panickingStore{s} }))
+	wantError(t, e.get(t, "/v1/nothing"), http.StatusNotFound, "not_found")
+	wantError(t, e.get(t, "/v1/other"), http.StatusNotFound, "not_found")
+	wantError(t, e.do(t, e.request(t, http.MethodPut, "/v1/emails", nil)), http.StatusMethodNotAllowed, "method_not_allowed")
+	wantError(t, e.upload(t, []part{filePart("a.txt", []byte("hello"))}), http.StatusInternalServerError, "internal")
+	r := e.get(t, "/metrics")
+	wantStatus(t, r, http.StatusOK)
+	for _, line := range []string{
+		`conveyor_http_requests_total{code="404",route="unmatched"} 2`,
+		`conveyor_http_requests_total{code="405",route="unmatched"} 1`,
+		`conveyor_http_requests_total{code="500",route="POST /v1/documents"} 1`,
+		`conveyor_http_request_duration_seconds_count{route="POST /v1/documents"} 1`,
+	} {
+		if !strings.Contains(string(r.body), line+"\n") {
+			t.Errorf("/metrics has no line %q:\n%s", line, r.body)
+		}
+	}
+}
+
+// panickingStore panics on Put, as a bug in a handler would.
+type panickingStore struct{ blob.Store }
+
+func (panickingStore) Put(context.Context, io.Reader, int64) (blob.Info, error) {
+	panic("blob store bug")
 }
 
 // A path the API does not have is 404; a method a path does not take is

@@ -3,8 +3,12 @@ package bus
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sort"
+	"strconv"
 	"strings"
+	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
@@ -12,9 +16,14 @@ import (
 
 // StreamStatus describes one stream and its consumer groups.
 type StreamStatus struct {
-	Stream string        `json:"stream"`
-	Length int64         `json:"length"`
-	Groups []GroupStatus `json:"groups"`
+	Stream string `json:"stream"`
+	Length int64  `json:"length"`
+	// Delayed events wait in the stream's delay set (PublishAt) until the
+	// scheduler appends them at their time; DelayedOverdue of them are past
+	// it. Overdue events that stay overdue mean no scheduler is running.
+	Delayed        int64         `json:"delayed"`
+	DelayedOverdue int64         `json:"delayed_overdue"`
+	Groups         []GroupStatus `json:"groups"`
 }
 
 // GroupStatus describes one consumer group on one stream.
@@ -40,7 +49,15 @@ type ConsumerStatus struct {
 type Status struct {
 	Streams     []StreamStatus   `json:"streams"`
 	DeadLetters map[string]int64 `json:"dead_letters"`
+	// DeadLetterCap is the length a dead-letter stream is trimmed to: at
+	// it, each new dead letter drops the oldest (see DefaultDeadLetterMaxLen).
+	DeadLetterCap int64 `json:"dead_letter_cap"`
 }
+
+// DefaultDeadLetterMaxLen is the default of SubscriberConfig.DeadLetterMaxLen,
+// which conveyor does not change: Inspect reports it as the cap of every
+// dead-letter stream, since Redis does not record the cap of a stream.
+const DefaultDeadLetterMaxLen = 100_000
 
 // Inspect reads the state of every stream and group of topology.
 func Inspect(ctx context.Context, rdb redis.UniversalClient, topology map[string][]string) (Status, error) {
@@ -55,7 +72,7 @@ func Inspect(ctx context.Context, rdb redis.UniversalClient, topology map[string
 		names = append(names, s)
 	}
 	sort.Strings(names)
-	st := Status{DeadLetters: map[string]int64{}}
+	st := Status{DeadLetters: map[string]int64{}, DeadLetterCap: DefaultDeadLetterMaxLen}
 	for _, s := range names {
 		ss := StreamStatus{Stream: s}
 		n, err := rdb.XLen(ctx, s).Result()
@@ -63,6 +80,14 @@ func Inspect(ctx context.Context, rdb redis.UniversalClient, topology map[string
 			return st, fmt.Errorf("length of %s: %w", s, err)
 		}
 		ss.Length = n
+		// Overdue: due (score, in ms) by now, as MoveDue picks them.
+		dp := rdb.Pipeline()
+		held := dp.ZCard(ctx, DelayedSet(s))
+		overdue := dp.ZCount(ctx, DelayedSet(s), "-inf", strconv.FormatInt(time.Now().UnixMilli(), 10))
+		if _, err := dp.Exec(ctx); err != nil {
+			return st, fmt.Errorf("delayed events of %s: %w", s, err)
+		}
+		ss.Delayed, ss.DelayedOverdue = held.Val(), overdue.Val()
 		var lastID string
 		if info, err := rdb.XInfoStream(ctx, s).Result(); err == nil {
 			lastID = info.LastGeneratedID
@@ -118,43 +143,66 @@ func Inspect(ctx context.Context, rdb redis.UniversalClient, topology map[string
 }
 
 // StatusCollector exports Inspect as Prometheus gauges on every scrape:
-// stream length, group pending, lag (what a KEDA redis-streams scaler reads)
-// and retrying entries, and dead letters per group.
+// stream length, delayed events, group pending, lag (what a KEDA
+// redis-streams scaler reads) and retrying entries, and dead letters per
+// group, with their cap. conveyor_status_up says whether the read worked:
+// when Redis is down or hung, the scrape still serves every other metric of
+// the process, within collectTimeout.
 type StatusCollector struct {
 	rdb      redis.UniversalClient
 	topology map[string][]string
+	log      *slog.Logger
+	// warned is when a failed read was last logged (unix ns): a Redis
+	// outage is logged once a minute, not on every scrape.
+	warned atomic.Int64
 
-	length, pending, lag, retrying, dead *prometheus.Desc
+	up, length, delayed, overdue, pending, lag, retrying, dead, deadCap *prometheus.Desc
 }
 
-// NewStatusCollector returns a collector for topology on rdb.
+// collectTimeout bounds a scrape's read of Redis, well under Prometheus's
+// default scrape timeout (10s).
+const collectTimeout = 2 * time.Second
+
+// NewStatusCollector returns a collector for topology on rdb. It logs a
+// failed read to slog.Default().
 func NewStatusCollector(rdb redis.UniversalClient, topology map[string][]string) *StatusCollector {
 	return &StatusCollector{
-		rdb: rdb, topology: topology,
+		rdb: rdb, topology: topology, log: slog.Default(),
+		up:       prometheus.NewDesc("conveyor_status_up", "1 if the last read of the streams' state from Redis worked, else 0 (and the other conveyor_stream_*, conveyor_group_*, conveyor_delayed_* and conveyor_dead_letters* series are missing).", nil, nil),
 		length:   prometheus.NewDesc("conveyor_stream_length", "Entries in the stream.", []string{"stream"}, nil),
+		delayed:  prometheus.NewDesc("conveyor_delayed_events", "Events held in the stream's delay set until their time.", []string{"stream"}, nil),
+		overdue:  prometheus.NewDesc("conveyor_delayed_events_overdue", "Delayed events past their time and not yet appended to the stream (by the scheduler).", []string{"stream"}, nil),
 		pending:  prometheus.NewDesc("conveyor_group_pending", "Entries delivered to the group and not yet acknowledged.", []string{"stream", "consumer_group"}, nil),
 		lag:      prometheus.NewDesc("conveyor_group_lag", "Entries not yet delivered to the group.", []string{"stream", "consumer_group"}, nil),
 		retrying: prometheus.NewDesc("conveyor_group_retrying", "Entries waiting for a retry.", []string{"stream", "consumer_group"}, nil),
 		dead:     prometheus.NewDesc("conveyor_dead_letters", "Entries in the group's dead-letter stream.", []string{"consumer_group"}, nil),
+		deadCap:  prometheus.NewDesc("conveyor_dead_letters_cap", "Length the group's dead-letter stream is trimmed to: at it, each new dead letter drops the oldest.", []string{"consumer_group"}, nil),
 	}
 }
 
 // Describe implements prometheus.Collector.
 func (c *StatusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.length, c.pending, c.lag, c.retrying, c.dead} {
+	for _, d := range []*prometheus.Desc{c.up, c.length, c.delayed, c.overdue, c.pending, c.lag, c.retrying, c.dead, c.deadCap} {
 		ch <- d
 	}
 }
 
 // Collect implements prometheus.Collector.
 func (c *StatusCollector) Collect(ch chan<- prometheus.Metric) {
-	st, err := Inspect(context.Background(), c.rdb, c.topology)
+	st, err := c.inspect()
 	if err != nil {
-		ch <- prometheus.NewInvalidMetric(c.length, err)
+		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, 0)
+		now, last := time.Now().UnixNano(), c.warned.Load()
+		if now-last >= int64(time.Minute) && c.warned.CompareAndSwap(last, now) {
+			c.log.Warn("read the streams' state for /metrics", "error", err)
+		}
 		return
 	}
+	ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, 1)
 	for _, s := range st.Streams {
 		ch <- prometheus.MustNewConstMetric(c.length, prometheus.GaugeValue, float64(s.Length), s.Stream)
+		ch <- prometheus.MustNewConstMetric(c.delayed, prometheus.GaugeValue, float64(s.Delayed), s.Stream)
+		ch <- prometheus.MustNewConstMetric(c.overdue, prometheus.GaugeValue, float64(s.DelayedOverdue), s.Stream)
 		for _, g := range s.Groups {
 			ch <- prometheus.MustNewConstMetric(c.pending, prometheus.GaugeValue, float64(g.Pending), s.Stream, g.Group)
 			if g.Lag >= 0 {
@@ -165,5 +213,31 @@ func (c *StatusCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for g, n := range st.DeadLetters {
 		ch <- prometheus.MustNewConstMetric(c.dead, prometheus.GaugeValue, float64(n), g)
+		ch <- prometheus.MustNewConstMetric(c.deadCap, prometheus.GaugeValue, float64(st.DeadLetterCap), g)
+	}
+}
+
+// inspect runs Inspect for at most collectTimeout. go-redis does not stop a
+// command's read at the context's deadline (unless the client was made
+// with ContextTimeoutEnabled) but at its ReadTimeout, and retries: against
+// a hung Redis, Inspect would hold the scrape for seconds. So it runs
+// aside, and is left to finish on its own past the timeout.
+func (c *StatusCollector) inspect() (Status, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), collectTimeout)
+	type result struct {
+		st  Status
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		defer cancel()
+		st, err := Inspect(ctx, c.rdb, c.topology)
+		done <- result{st, err}
+	}()
+	select {
+	case r := <-done:
+		return r.st, r.err
+	case <-ctx.Done():
+		return Status{}, fmt.Errorf("inspect streams: %w", ctx.Err())
 	}
 }

@@ -60,3 +60,14 @@ func (m *Metrics) handled(group, eventType string, err error, d time.Duration) {
 	}
 	m.handling.WithLabelValues(group, eventType, result).Observe(d.Seconds())
 }
+
+// deadLettered counts a dead letter of an entry that was never handed out
+// (undecodable, or delivered more than MaxDeliveries times): finish counts
+// the outcome of every delivery, and these never become one. Like finish,
+// it is called once the entry is acknowledged, so an entry whose dead
+// letter is written again (its acknowledgement failed) is counted once.
+func (s *Subscriber) deadLettered() {
+	if c := s.mOutcome[outcomeDeadLettered]; c != nil {
+		c.Inc()
+	}
+}

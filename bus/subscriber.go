@@ -123,7 +123,7 @@ func (c *SubscriberConfig) setDefaults() {
 		c.DrainTimeout = 20 * time.Second
 	}
 	if c.DeadLetterMaxLen == 0 {
-		c.DeadLetterMaxLen = 100_000
+		c.DeadLetterMaxLen = DefaultDeadLetterMaxLen
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -1112,9 +1112,11 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 		return true // a dead letter is written: read the clock again
 	}
 	if c := deliveryCount(counts, stream, e.id); c > int64(s.cfg.MaxDeliveries) {
-		sub.deadLetter(ctx, stream, e.id, em.message(true), fmt.Sprintf(
+		if sub.deadLetter(ctx, stream, e.id, em.message(true), fmt.Sprintf(
 			"delivered %d times without being acknowledged: its consumer probably crashes or hangs on it", c),
-			attemptOf(&em))
+			attemptOf(&em)) == nil {
+			s.deadLettered()
+		}
 		s.release(1)
 		return true // a dead letter is written: read the clock again
 	}
@@ -1439,7 +1441,9 @@ func (sub *subscription) deadLetterRaw(ctx context.Context, stream string, e ent
 	if err != nil {
 		// It stays pending; the claim loop brings it back to try again.
 		sub.s.log.Error("dead-letter undecodable entry", "stream", stream, "entry_id", e.id, "error", err)
+		return
 	}
+	sub.s.deadLettered()
 }
 
 func (sub *subscription) writeDeadLetter(ctx context.Context, stream, id string, fields []any, reason string, attempts int) error {
@@ -1509,25 +1513,48 @@ type errUnacked struct{ error }
 func (e errUnacked) Unwrap() error { return e.error }
 
 // moveDueScript moves due members of a retry (or delay) set into a stream,
-// atomically, so that with several replicas each is moved exactly once.
-// KEYS[1] = sorted set, KEYS[2] = stream; ARGV[1] = now (ms), ARGV[2] = limit.
-// Returns {moved, next due score or -1}.
+// atomically, so that with several replicas each is moved exactly once. A
+// member that is not an event's fields (msgpack of an even, non-empty list
+// that XADD takes) is set aside in a list, KEYS[3]: left in place, as the
+// earliest due it would stop every member behind it for good.
+// KEYS[1] = sorted set, KEYS[2] = stream, KEYS[3] = list of unreadable
+// members; ARGV[1] = now (ms), ARGV[2] = limit.
+// Returns {moved, next due score or -1, set aside}.
 var moveDueScript = redis.NewScript(`
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local moved, bad = 0, 0
 for _, m in ipairs(due) do
-  local f = cmsgpack.unpack(m)
-  redis.call('XADD', KEYS[2], '*', unpack(f))
+  local ok, f = pcall(cmsgpack.unpack, m)
+  local added = false
+  if ok and type(f) == 'table' and #f > 0 and #f % 2 == 0 then
+    local r = redis.pcall('XADD', KEYS[2], '*', unpack(f))
+    added = not (type(r) == 'table' and r.err)
+  end
+  if added then
+    moved = moved + 1
+  else
+    redis.call('RPUSH', KEYS[3], m)
+    bad = bad + 1
+  end
   redis.call('ZREM', KEYS[1], m)
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if nxt[2] then return {#due, nxt[2]} end
-return {#due, '-1'}
+if nxt[2] then return {moved, nxt[2], bad} end
+return {moved, '-1', bad}
 `)
 
+// ErrUnreadableDelayed is returned (wrapped) when a retry or delay set held
+// due members that are not events: they were set aside in a list named as
+// the set plus ":unreadable", for an operator to look at (LRANGE), and the
+// members behind them were moved.
+var ErrUnreadableDelayed = errors.New("due members that are not events were set aside")
+
 // moveDueTo runs moveDueScript once; it returns how many moved and when the
-// next one is due (zero time if none).
+// next one is due (zero time if none), and ErrUnreadableDelayed if some
+// were set aside.
 func moveDueTo(ctx context.Context, rdb redis.Scripter, set, stream string, limit int) (int, time.Time, error) {
-	res, err := moveDueScript.Run(ctx, rdb, []string{set, stream}, time.Now().UnixMilli(), limit).Slice()
+	aside := set + ":unreadable"
+	res, err := moveDueScript.Run(ctx, rdb, []string{set, stream, aside}, time.Now().UnixMilli(), limit).Slice()
 	if err != nil {
 		return 0, time.Time{}, err
 	}
@@ -1537,6 +1564,9 @@ func moveDueTo(ctx context.Context, rdb redis.Scripter, set, stream string, limi
 		if f, err := strconv.ParseFloat(s, 64); err == nil {
 			next = time.UnixMilli(int64(f))
 		}
+	}
+	if bad, _ := res[2].(int64); bad > 0 {
+		return int(moved), next, fmt.Errorf("%d of %s, in %s: %w", bad, set, aside, ErrUnreadableDelayed)
 	}
 	return int(moved), next, nil
 }
@@ -1551,6 +1581,11 @@ func (sub *subscription) moveDue() {
 	for {
 		wait := time.Second
 		moved, next, err := moveDueTo(context.Background(), s.cfg.Client, sub.delayed, sub.retry, 500)
+		if errors.Is(err, ErrUnreadableDelayed) {
+			// Set aside; the others moved. Not a failure of Redis.
+			s.log.Error("retries that are not events were set aside", "consumer_group", s.cfg.ConsumerGroup, "error", err)
+			err, wait = nil, 0
+		}
 		switch {
 		case err != nil:
 			s.setErr(err)

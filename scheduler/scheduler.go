@@ -482,6 +482,11 @@ func (sc *Scheduler) moveDelayed(ctx context.Context) {
 				continue
 			}
 			n, next, err := bus.MoveDue(ctx, sc.cfg.Redis, stream, 1000)
+			if errors.Is(err, bus.ErrUnreadableDelayed) {
+				// Set aside; the others moved. Not a failure of Redis.
+				sc.log.Error("delayed members that are not events were set aside", "stream", stream, "error", err)
+				err = nil
+			}
 			if err != nil {
 				if f == nil {
 					f = &failure{}

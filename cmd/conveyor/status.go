@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"sort"
+	"strconv"
 	"text/tabwriter"
 	"time"
 
@@ -19,10 +20,12 @@ type statusOpts struct {
 func statusCommand() *command {
 	return &command{
 		name:    "status",
-		summary: "show streams, consumer groups, lag, retries and dead letters",
-		usage: `Prints every stream with its length and, per consumer group, the entries
-pending (delivered, not acknowledged), lagging (not yet delivered) and waiting
-for a retry, its consumers, and the dead letters per group.`,
+		summary: "show streams, consumer groups, lag, retries, delayed events and dead letters",
+		usage: `Prints every stream with its length, its delayed events (held until their
+time, and how many of them are past it: overdue means no scheduler moves them)
+and, per consumer group, the entries pending (delivered, not acknowledged),
+lagging (not yet delivered) and waiting for a retry, its consumers, and the
+dead letters per group with the cap their stream is trimmed to.`,
 		vars: []string{"REDIS_URL"},
 		flags: func(fs *flag.FlagSet) any {
 			return &statusOpts{json: fs.Bool("json", false, "print JSON")}
@@ -45,7 +48,7 @@ for a retry, its consumers, and the dead letters per group.`,
 				return json.NewEncoder(env.stdout).Encode(st)
 			}
 			tw := tabwriter.NewWriter(env.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "STREAM\tLENGTH\tGROUP\tPENDING\tLAG\tRETRYING\tCONSUMERS")
+			fmt.Fprintln(tw, "STREAM\tLENGTH\tDELAYED\tOVERDUE\tGROUP\tPENDING\tLAG\tRETRYING\tCONSUMERS")
 			for _, s := range st.Streams {
 				for _, g := range s.Groups {
 					consumers := ""
@@ -59,7 +62,8 @@ for a retry, its consumers, and the dead letters per group.`,
 					if g.Lag < 0 {
 						lag = "?"
 					}
-					fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\t%d\t%s\n", s.Stream, s.Length, g.Group, g.Pending, lag, g.Retrying, consumers)
+					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%d\t%s\t%d\t%s\n", s.Stream, s.Length, s.Delayed, s.DelayedOverdue,
+						g.Group, g.Pending, lag, g.Retrying, consumers)
 				}
 			}
 			if err := tw.Flush(); err != nil {
@@ -72,9 +76,22 @@ for a retry, its consumers, and the dead letters per group.`,
 			sort.Strings(groups)
 			fmt.Fprintln(env.stdout)
 			for _, g := range groups {
-				fmt.Fprintf(env.stdout, "dead letters of %s: %d\n", g, st.DeadLetters[g])
+				n := st.DeadLetters[g]
+				fmt.Fprintf(env.stdout, "dead letters of %s: %d (cap %s)\n", g, n, thousands(st.DeadLetterCap))
+				if n >= st.DeadLetterCap {
+					fmt.Fprintf(env.stdout, "  at the cap: each new dead letter of %s drops the oldest\n", g)
+				}
 			}
 			return nil
 		},
 	}
+}
+
+// thousands writes n with commas between groups of three digits.
+func thousands(n int64) string {
+	s := strconv.FormatInt(n, 10)
+	for i := len(s) - 3; i > 0 && s[i-1] != '-'; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
 }

@@ -1,0 +1,65 @@
+package bus_test
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/internal/testenv"
+)
+
+// TestMoveDueSetsAsideWhatIsNotAnEvent: a due member of a delay set that is
+// not an event (garbage, or a list XADD refuses) is set aside, reported,
+// and does not stop the events due after it: left in place, as the
+// earliest due, it blocked every one behind it for good.
+func TestMoveDueSetsAsideWhatIsNotAnEvent(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	rdb := testenv.Redis(t)
+	prefix := testenv.Prefix(t)
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: prefix, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	ev := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now().UTC()}
+	if _, err := pub.PublishAt(ctx, time.Now().Add(time.Hour), ev); err != nil {
+		t.Fatal(err)
+	}
+	stream := prefix + events.TypeEmailRequested
+	set := bus.DelayedSet(stream)
+	held, err := rdb.ZRange(ctx, set, 0, -1).Result()
+	if err != nil || len(held) != 1 {
+		t.Fatalf("delay set holds %d members (%v), want the event", len(held), err)
+	}
+	// The event is due now, a minute after the two bad members.
+	if err := rdb.ZAdd(ctx, set, redis.Z{Score: float64(time.Now().Add(-time.Minute).UnixMilli()), Member: held[0]}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	past := float64(time.Now().Add(-time.Hour).UnixMilli())
+	for _, m := range []string{"garbage", "\x93\xa1a\xa1b\xa1c"} { // not msgpack of fields; an odd list
+		if err := rdb.ZAdd(ctx, set, redis.Z{Score: past, Member: m}).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	moved, _, err := bus.MoveDue(ctx, rdb, stream, 100)
+	if !errors.Is(err, bus.ErrUnreadableDelayed) {
+		t.Fatalf("MoveDue: %v, want ErrUnreadableDelayed", err)
+	}
+	if moved != 1 {
+		t.Errorf("moved %d, want the one event", moved)
+	}
+	if n, _ := rdb.XLen(ctx, stream).Result(); n != 1 {
+		t.Errorf("stream holds %d entries, want the event", n)
+	}
+	if n, _ := rdb.ZCard(ctx, set).Result(); n != 0 {
+		t.Errorf("delay set holds %d members, want none", n)
+	}
+	if aside, _ := rdb.LRange(ctx, set+":unreadable", 0, -1).Result(); len(aside) != 2 {
+		t.Errorf("set aside %q, want both unreadable members", aside)
+	}
+}
