@@ -36,6 +36,15 @@ type GroupStatus struct {
 	// Retrying entries wait in the group's retry set or retry stream.
 	Retrying  int64            `json:"retrying"`
 	Consumers []ConsumerStatus `json:"consumers"`
+	// Missing: the topology names the group, Redis does not have it (it
+	// was deleted; the next start of a role makes it again, from the
+	// stream's start, and retention keeps every entry until then).
+	Missing bool `json:"missing,omitempty"`
+	// Unlisted: Redis has the group, no role reads it (a retired or
+	// renamed group). Retention keeps what it has not acknowledged, so
+	// one with lag or pending entries keeps the stream from being
+	// trimmed: delete it (XGROUP DESTROY) once it is not needed.
+	Unlisted bool `json:"unlisted,omitempty"`
 }
 
 // ConsumerStatus describes one consumer of a group.
@@ -101,10 +110,21 @@ func Inspect(ctx context.Context, rdb redis.UniversalClient, topology map[string
 			known[gi.Name] = gi
 		}
 		groups := byStream[s]
+		listed := map[string]bool{}
+		for _, g := range groups {
+			listed[g] = true
+		}
+		for g := range known {
+			if !listed[g] {
+				groups = append(groups, g)
+			}
+		}
 		sort.Strings(groups)
 		for _, g := range groups {
-			gs := GroupStatus{Group: g, Lag: -1}
-			if gi, ok := known[g]; ok {
+			gs := GroupStatus{Group: g, Lag: -1, Unlisted: !listed[g]}
+			gi, ok := known[g]
+			gs.Missing = !ok
+			if ok {
 				gs.Pending, gs.Lag = gi.Pending, gi.Lag
 				// Redis's lag counter can stay too high after a restart
 				// that replayed the AOF (its entries-read counter lags the

@@ -250,3 +250,46 @@ func TestInspectDelayedEventsAndDeadLetterCap(t *testing.T) {
 		t.Fatalf("after MoveDue: %d delayed, %d overdue; want 1 and 0", held, overdue)
 	}
 }
+
+// TestInspectShowsMissingAndUnlistedGroups: a group of the topology that
+// Redis lacks (deleted) is marked missing, and a group Redis has that no
+// role reads (retired, renamed: it keeps entries from being trimmed) is
+// listed and marked.
+func TestInspectShowsMissingAndUnlistedGroups(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	kept, deleted, legacy := f.group+"-kept", f.group+"-deleted", f.group+"-legacy"
+	topo := map[string][]string{kept: {f.topic}, deleted: {f.topic}}
+	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.rdb.XGroupDestroy(ctx, f.topic, deleted).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.rdb.XGroupCreate(ctx, f.topic, legacy, "0").Err(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := bus.Inspect(ctx, f.rdb, topo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]bus.GroupStatus{}
+	for _, s := range st.Streams {
+		if s.Stream != f.topic {
+			continue
+		}
+		for _, g := range s.Groups {
+			got[g.Group] = g
+		}
+	}
+	if g, ok := got[kept]; !ok || g.Missing || g.Unlisted {
+		t.Errorf("%s: %+v (listed %v), want neither missing nor unlisted", kept, g, ok)
+	}
+	if g, ok := got[deleted]; !ok || !g.Missing {
+		t.Errorf("%s: %+v (listed %v), want it marked missing", deleted, g, ok)
+	}
+	if g, ok := got[legacy]; !ok || !g.Unlisted || g.Missing {
+		t.Errorf("%s: %+v (listed %v), want it listed and marked unlisted", legacy, g, ok)
+	}
+}

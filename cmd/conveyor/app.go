@@ -89,6 +89,20 @@ func redisClient(url string) (*redis.Client, error) {
 	return redis.NewClient(opt), nil
 }
 
+// cliRedisClient is redisClient for a command that runs a few commands and
+// exits (status, dlq): no idle connections kept ready, whose dials against
+// a Redis that is down would each log a line before the command's error.
+func cliRedisClient(url string) (*redis.Client, error) {
+	rdb, err := redisClient(url)
+	if err != nil {
+		return nil, err
+	}
+	opt := rdb.Options()
+	_ = rdb.Close()
+	opt.MinIdleConns, opt.PoolSize = 0, 4
+	return redis.NewClient(opt), nil
+}
+
 // waitFor retries check with backoff until it succeeds or ctx ends: at
 // start a dependency may still be coming up, and a process that exits on
 // that only crash-loops.

@@ -62,7 +62,7 @@ func runDLQ(ctx context.Context, env *environment, o any, args []string) error {
 	if err := env.cfg.Require("REDIS_URL"); err != nil {
 		return err
 	}
-	rdb, err := redisClient(env.cfg.RedisURL)
+	rdb, err := cliRedisClient(env.cfg.RedisURL)
 	if err != nil {
 		return err
 	}

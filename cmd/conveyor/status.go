@@ -35,7 +35,7 @@ dead letters per group with the cap their stream is trimmed to.`,
 			if err := env.cfg.Require("REDIS_URL"); err != nil {
 				return err
 			}
-			rdb, err := redisClient(env.cfg.RedisURL)
+			rdb, err := cliRedisClient(env.cfg.RedisURL)
 			if err != nil {
 				return err
 			}
@@ -62,8 +62,15 @@ dead letters per group with the cap their stream is trimmed to.`,
 					if g.Lag < 0 {
 						lag = "?"
 					}
+					group := g.Group
+					switch {
+					case g.Missing:
+						group += " (missing: made again at the next start)"
+					case g.Unlisted:
+						group += " (read by no role: keeps what it has not acknowledged)"
+					}
 					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%d\t%s\t%d\t%s\n", s.Stream, s.Length, s.Delayed, s.DelayedOverdue,
-						g.Group, g.Pending, lag, g.Retrying, consumers)
+						group, g.Pending, lag, g.Retrying, consumers)
 				}
 			}
 			if err := tw.Flush(); err != nil {
