@@ -20,6 +20,8 @@ import (
 	"time"
 	"unicode"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/conveyor/conveyor/blob"
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/events"
@@ -43,6 +45,13 @@ type DocumentProcessorConfig struct {
 	Summarizer Summarizer
 	// MaxBytes bounds the bytes read from one document. Defaults to 32 MiB.
 	MaxBytes int64
+	// MaxBytesInFlight bounds the bytes of the documents processed at once:
+	// a document that would pass it waits until others are done. Processing
+	// holds a few copies of a document (its bytes, its text, the
+	// extraction's), so without it a burst of large uploads at handler
+	// concurrency 64 could take gigabytes. Defaults to 128 MiB, or MaxBytes
+	// if that is larger (a document of MaxBytes must fit).
+	MaxBytesInFlight int64
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
 	// Now defaults to time.Now.
@@ -55,7 +64,8 @@ type DocumentProcessorConfig struct {
 // document.processing_failed, plus email.requested if the upload asked for
 // a notification.
 type DocumentProcessor struct {
-	cfg DocumentProcessorConfig
+	cfg      DocumentProcessorConfig
+	inFlight *semaphore.Weighted // bytes of the documents being processed
 }
 
 // NewDocumentProcessor returns a DocumentProcessor.
@@ -65,6 +75,9 @@ func NewDocumentProcessor(cfg DocumentProcessorConfig) (*DocumentProcessor, erro
 	}
 	if cfg.MaxBytes == 0 {
 		cfg.MaxBytes = 32 << 20
+	}
+	if cfg.MaxBytesInFlight == 0 {
+		cfg.MaxBytesInFlight = max(128<<20, cfg.MaxBytes)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -79,10 +92,13 @@ func NewDocumentProcessor(cfg DocumentProcessorConfig) (*DocumentProcessor, erro
 	if cfg.Publisher == nil {
 		errs = append(errs, errors.New("document processor: Publisher is required"))
 	}
+	if cfg.MaxBytesInFlight < cfg.MaxBytes {
+		errs = append(errs, fmt.Errorf("document processor: MaxBytesInFlight (%d) must be at least MaxBytes (%d)", cfg.MaxBytesInFlight, cfg.MaxBytes))
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
-	return &DocumentProcessor{cfg: cfg}, nil
+	return &DocumentProcessor{cfg: cfg, inFlight: semaphore.NewWeighted(cfg.MaxBytesInFlight)}, nil
 }
 
 // Register adds the handler to r.
@@ -98,6 +114,13 @@ func (p *DocumentProcessor) Handle(ctx context.Context, ev *events.DocumentUploa
 	parent := env.ID
 	if parent == "" {
 		parent = ev.DocID
+	}
+	if ev.Size > 0 && ev.Size <= p.cfg.MaxBytes {
+		// Held until the outcome is published: the text lives that long.
+		if err := p.inFlight.Acquire(ctx, ev.Size); err != nil {
+			return fmt.Errorf("wait for memory to process document %s: %w", ev.DocID, err)
+		}
+		defer p.inFlight.Release(ev.Size)
 	}
 	data, err := p.read(ctx, ev)
 	var ex Extraction

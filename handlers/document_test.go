@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -550,4 +551,72 @@ func TestDocumentWithoutTextIsNotSummarized(t *testing.T) {
 	if n := len(srv.calls()); n != 0 {
 		t.Errorf("summarizer asked %d times, want never", n)
 	}
+}
+
+// TestDocumentBytesInFlightAreBounded: documents whose bytes together pass
+// MaxBytesInFlight are not processed at once; within it they are.
+func TestDocumentBytesInFlightAreBounded(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		name     string
+		inFlight int64
+		want     int32 // most documents in the summarizer at once
+	}{
+		{name: "two do not fit", inFlight: 12, want: 1},
+		{name: "two fit", inFlight: 16, want: 2},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f := newBus(t)
+			blobs := newBlobs(t)
+			s := &meetingSummarizer{both: make(chan struct{})}
+			p := newProcessor(t, handlers.DocumentProcessorConfig{Blobs: blobs, Publisher: f.pub, Summarizer: s, MaxBytes: 8, MaxBytesInFlight: tt.inFlight})
+			ups := []*events.DocumentUploaded{put(t, blobs, "a.txt", "words a1", ""), put(t, blobs, "b.txt", "words b2", "")}
+			errs := make(chan error, len(ups))
+			for _, up := range ups {
+				go func() {
+					ctx, _ := handling(t, events.TypeDocumentUploaded)
+					errs <- p.Handle(ctx, up)
+				}()
+			}
+			for range ups {
+				if err := <-errs; err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := s.most.Load(); got != tt.want {
+				t.Errorf("at most %d documents in the summarizer at once, want %d", got, tt.want)
+			}
+		})
+	}
+}
+
+// meetingSummarizer waits in Summarize until a second call arrives, or
+// 300ms: two documents processed at once meet there, one at a time do not.
+// It records the most calls in it at once.
+type meetingSummarizer struct {
+	active, most atomic.Int32
+	both         chan struct{}
+	once         sync.Once
+}
+
+func (*meetingSummarizer) Model() string { return "meeting" }
+
+func (m *meetingSummarizer) Summarize(ctx context.Context, text string) (string, error) {
+	n := m.active.Add(1)
+	defer m.active.Add(-1)
+	for {
+		most := m.most.Load()
+		if n <= most || m.most.CompareAndSwap(most, n) {
+			break
+		}
+	}
+	if n == 2 {
+		m.once.Do(func() { close(m.both) })
+	}
+	select {
+	case <-m.both:
+	case <-time.After(300 * time.Millisecond):
+	}
+	return "summary", nil
 }
