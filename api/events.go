@@ -1,6 +1,7 @@
 package api
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -170,7 +171,7 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err != nil {
-		a.log.Error("publish event", "event_type", req.Type, "error", err)
+		a.log.Error("publish event", "event_type", req.Type, "event_id", id, "error", err)
 		writeError(w, http.StatusServiceUnavailable, "unavailable", unpublished(err, req.ID != ""))
 		return
 	}
@@ -314,13 +315,20 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 	for k, res := range a.cfg.Publisher.PublishBatch(ctx, nowEvs, nowOpts) {
 		outcomes, outIdx = append(outcomes, res.Err), append(outIdx, nowIdx[k])
 	}
+	var failed []string // ids of the events not published
+	var firstErr error
 	for k, err := range outcomes {
 		i := outIdx[k]
 		if err != nil && !errors.Is(err, bus.ErrAlreadyPublished) {
-			a.log.Error("publish event of a batch", "error", err)
+			failed = append(failed, results[i].EventID)
+			firstErr = cmp.Or(firstErr, err)
 			results[i].Status = http.StatusServiceUnavailable
 			results[i].Error = &errorDetail{Code: "unavailable", Message: unpublished(err, parsed[i].ID != "")}
 		}
+	}
+	if len(failed) > 0 {
+		// One line per batch, not per event: a Redis outage fails them all.
+		a.log.Error("publish events of a batch", "failed", len(failed), "of", len(outcomes), "event_ids", failed[:min(len(failed), 10)], "error", firstErr)
 	}
 	for i, j := range sameAs {
 		results[i].Status, results[i].Error = results[j].Status, results[j].Error

@@ -1284,7 +1284,11 @@ func (s *Subscriber) flushAcks(batch []*delivery) {
 		if s.hardCtx.Err() != nil {
 			s.log.Error("acks could not be written before shutdown; those entries will be delivered again",
 				"count", len(batch), "error", err)
-			break
+			// Counted as handed back: they will be delivered again.
+			for _, d := range batch {
+				s.finish(d, outcomeHandedBack)
+			}
+			return
 		}
 		s.log.Warn("write acks; retrying", "count", len(batch), "error", err)
 		b.sleep(nil)

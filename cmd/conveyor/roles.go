@@ -37,7 +37,7 @@ running requests finish within SHUTDOWN_TIMEOUT.`,
 				return err
 			}
 			defer a.close()
-			h, err := a.apiHandler()
+			h, err := a.apiHandler(nil)
 			if err != nil {
 				return err
 			}
@@ -47,7 +47,9 @@ running requests finish within SHUTDOWN_TIMEOUT.`,
 	}
 }
 
-func (a *app) apiHandler() (http.Handler, error) {
+// apiHandler returns the api's handler. router, if not nil, is a router
+// running in the same process (conveyor up): readiness checks it too.
+func (a *app) apiHandler(router *bus.Router) (http.Handler, error) {
 	a.reg.MustRegister(bus.NewStatusCollector(a.rdb, topology()))
 	srv, err := api.New(api.Config{
 		Publisher:      a.pub,
@@ -58,7 +60,7 @@ func (a *app) apiHandler() (http.Handler, error) {
 		CacheTTL:       a.cfg.CacheTTL,
 		MaxUploadBytes: a.cfg.MaxUploadBytes,
 		MaxDelay:       a.cfg.MaxDelay,
-		Checks:         a.checks(nil),
+		Checks:         a.checks(router),
 		Registry:       a.reg,
 		Logger:         a.log,
 	})
@@ -309,7 +311,7 @@ func runAll(ctx context.Context, a *app, ln net.Listener) error {
 	if err := p.Register(router, bus.WithRetry(a.projectorRetry())); err != nil {
 		return err
 	}
-	h, err := a.apiHandler()
+	h, err := a.apiHandler(router)
 	if err != nil {
 		return err
 	}
