@@ -23,6 +23,8 @@ func TestCloseWatch(t *testing.T) {
 		{"cut after a delimiter line", "--b0undary\r\n\r\nx\r\n--b0undary\r\n", false},
 		{"cut in the close delimiter", "--b0undary\r\n\r\nx\r\n--b0undary-", false},
 		{"delimiter text without its line break", "--b0undary\r\n\r\nx--b0undary--", false},
+		{"bare LF line breaks, closed", "--b0undary\nContent-Disposition: form-data; name=\"a\"\n\nx\n--b0undary--\n", true},
+		{"bare LF line breaks, cut", "--b0undary\n\nx\n--b0undary\n", false},
 	}
 	for _, tt := range tests {
 		for size := 1; size <= len(tt.body); size++ {

@@ -293,7 +293,8 @@ func (a *API) readUpload(r *http.Request, keep func(io.Reader) (string, error)) 
 }
 
 // closeWatch passes a multipart body through and notes whether it held
-// the close delimiter ("--boundary--" after a line break).
+// the close delimiter ("--boundary--" after a line break: CRLF, or a bare
+// LF, which mime/multipart takes too).
 type closeWatch struct {
 	r      io.Reader
 	delim  []byte
@@ -302,9 +303,9 @@ type closeWatch struct {
 }
 
 func newCloseWatch(r io.Reader, boundary string) *closeWatch {
-	delim := []byte("\r\n--" + boundary + "--")
+	delim := []byte("\n--" + boundary + "--")
 	// A body may begin with the delimiter: it has no line break before.
-	return &closeWatch{r: r, delim: delim, tail: []byte("\r\n")}
+	return &closeWatch{r: r, delim: delim, tail: []byte("\n")}
 }
 
 func (c *closeWatch) Read(p []byte) (int, error) {

@@ -323,14 +323,14 @@ func (a *API) retryFor(ctx context.Context, d time.Duration, op func(context.Con
 	}
 }
 
-// writeResult writes a handler's JSON result, with a Location header for
-// an accepted resource.
 // keyReused is the answer to a request whose Idempotency-Key was used with
 // another request.
 func keyReused() (int, any) {
 	return errResp(http.StatusUnprocessableEntity, "idempotency_key_reused", "this Idempotency-Key was used with a different request")
 }
 
+// writeResult writes a handler's JSON result, with a Location header for
+// an accepted resource.
 func writeResult(w http.ResponseWriter, status int, raw []byte) {
 	if loc := locationOf(raw); loc != "" && status == http.StatusAccepted {
 		w.Header().Set("Location", loc)

@@ -46,7 +46,8 @@ type DirConfig struct {
 	// Required.
 	Dir string
 	// TempMaxAge is the age after which a temp file left in Dir/tmp by an
-	// interrupted Put is removed when the store is opened. A Put in progress
+	// interrupted Put is removed: when the store is opened, and by
+	// RemoveStaleTemps (blob retention, hourly). A Put in progress
 	// keeps its file's modification time fresh, so a live upload is only at
 	// risk if it stalls for this long. Defaults to 1h.
 	TempMaxAge time.Duration

@@ -244,13 +244,15 @@ func (c *StatusCollector) Collect(ch chan<- prometheus.Metric) {
 // aside, and is left to finish on its own past the timeout.
 func (c *StatusCollector) inspect() (Status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), collectTimeout)
+	// Cancelled here, not by the goroutine: a result sent just before
+	// would otherwise race the cancellation in the select below.
+	defer cancel()
 	type result struct {
 		st  Status
 		err error
 	}
 	done := make(chan result, 1)
 	go func() {
-		defer cancel()
 		st, err := Inspect(ctx, c.rdb, c.topology)
 		done <- result{st, err}
 	}()

@@ -80,8 +80,9 @@ func TestStatusCollectorWithoutRedis(t *testing.T) {
 			t.Parallel()
 			off := false
 			r := testenv.StartRedis(t, embedded.RedisConfig{AppendOnly: &off})
-			// As cmd/conveyor makes its client: go-redis's default
-			// timeouts and retries.
+			// go-redis's default timeouts and retries, without
+			// ContextTimeoutEnabled (cmd/conveyor sets it): the collector
+			// must keep to its time even on such a client.
 			opt, err := redis.ParseURL(r.URL())
 			if err != nil {
 				t.Fatal(err)

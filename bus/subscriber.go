@@ -1530,7 +1530,9 @@ local moved, bad = 0, 0
 for _, m in ipairs(due) do
   local ok, f = pcall(cmsgpack.unpack, m)
   local added = false
-  if ok and type(f) == 'table' and #f > 0 and #f % 2 == 0 then
+  -- unpack takes at most about 8,000 values: a longer list would abort
+  -- the script, as the first of the due members, on every run.
+  if ok and type(f) == 'table' and #f > 0 and #f % 2 == 0 and #f <= 7998 then
     local r = redis.pcall('XADD', KEYS[2], '*', unpack(f))
     added = not (type(r) == 'table' and r.err)
   end

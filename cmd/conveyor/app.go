@@ -75,17 +75,12 @@ func newLogger(cfg config.Config, w *os.File) *slog.Logger {
 }
 
 func redisClient(url string) (*redis.Client, error) {
-	opt, err := redis.ParseURL(url)
+	opt, err := redisOptions(url)
 	if err != nil {
-		return nil, fmt.Errorf("parse redis url: %w", err)
+		return nil, err
 	}
 	opt.PoolSize = max(opt.PoolSize, 128)
 	opt.MinIdleConns = 4
-	opt.DialTimeout = 3 * time.Second
-	// A context's deadline bounds the command (go-redis otherwise waits
-	// for its own read timeout): a readiness check of a Redis that hangs
-	// answers within its 2 s, not after 3 s or more.
-	opt.ContextTimeoutEnabled = true
 	return redis.NewClient(opt), nil
 }
 
@@ -93,14 +88,28 @@ func redisClient(url string) (*redis.Client, error) {
 // exits (status, dlq): no idle connections kept ready, whose dials against
 // a Redis that is down would each log a line before the command's error.
 func cliRedisClient(url string) (*redis.Client, error) {
-	rdb, err := redisClient(url)
+	opt, err := redisOptions(url)
 	if err != nil {
 		return nil, err
 	}
-	opt := rdb.Options()
-	_ = rdb.Close()
-	opt.MinIdleConns, opt.PoolSize = 0, 4
+	// One try per command: against a Redis that is down, each retry's
+	// failed dial logs a line of its own; the command's error says it.
+	opt.PoolSize, opt.MaxRetries = 4, -1
 	return redis.NewClient(opt), nil
+}
+
+// redisOptions parses url with the settings every client here shares.
+func redisOptions(url string) (*redis.Options, error) {
+	opt, err := redis.ParseURL(url)
+	if err != nil {
+		return nil, fmt.Errorf("parse redis url: %w", err)
+	}
+	opt.DialTimeout = 3 * time.Second
+	// A context's deadline bounds the command (go-redis otherwise waits
+	// for its own read timeout): a readiness check of a Redis that hangs
+	// answers within its 2 s, not after 3 s or more.
+	opt.ContextTimeoutEnabled = true
+	return opt, nil
 }
 
 // waitFor retries check with backoff until it succeeds or ctx ends: at

@@ -294,7 +294,8 @@ func healthcheckCommand() *command {
 	}
 }
 
-// runAll runs the api, every handler and the projector in one process.
+// runAll runs the api, every handler, the projector and the scheduler in
+// one process.
 func runAll(ctx context.Context, a *app, ln net.Listener) error {
 	router, err := a.router(64)
 	if err != nil {
