@@ -34,8 +34,9 @@ type Publisher interface {
 	PublishBatch(ctx context.Context, evs []events.Event, opts [][]bus.PublishOption) []bus.PublishResult
 	// PublishAt holds ev back until at (durably, in Redis).
 	PublishAt(ctx context.Context, at time.Time, ev events.Event, opts ...bus.PublishOption) (string, error)
-	// CancelDelayed withdraws a held-back event that was not published yet.
-	CancelDelayed(ctx context.Context, eventType, id string) (bool, error)
+	// CancelDelayed withdraws a held-back event that was not published yet,
+	// held until at.
+	CancelDelayed(ctx context.Context, eventType, id string, at time.Time) (bool, error)
 	// Published reports whether a publish made with WithOnce appended the
 	// event with id.
 	Published(ctx context.Context, eventType, id string) (bool, error)

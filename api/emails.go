@@ -162,7 +162,7 @@ func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, send
 		}
 		if _, err := a.cfg.Publisher.PublishEvent(ctx, sched); err != nil {
 			a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
-			if _, cerr := a.cfg.Publisher.CancelDelayed(context.WithoutCancel(ctx), events.TypeEmailRequested, ev.EmailID); cerr != nil {
+			if _, cerr := a.cfg.Publisher.CancelDelayed(context.WithoutCancel(ctx), events.TypeEmailRequested, ev.EmailID, sendAt); cerr != nil {
 				a.log.Error("withdraw held-back email; it will still be sent", "email_id", ev.EmailID, "error", cerr)
 			}
 			return unavailable()

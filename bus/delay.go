@@ -3,6 +3,7 @@ package bus
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -48,12 +49,15 @@ func (p *Publisher) PublishAt(ctx context.Context, at time.Time, ev events.Event
 	return id, nil
 }
 
-// CancelDelayed removes a delayed event that was not moved yet; it reports
-// whether it found one. The api uses it to undo a delay whose follow-up
-// publish failed.
-func (p *Publisher) CancelDelayed(ctx context.Context, eventType, id string) (bool, error) {
+// CancelDelayed removes the delayed event id, held until at (as given to
+// PublishAt), if it was not moved yet; it reports whether it found it. The
+// api uses it to undo a delay whose follow-up publish failed. It reads only
+// the members held until at, not the whole set, which may hold every
+// scheduled email.
+func (p *Publisher) CancelDelayed(ctx context.Context, eventType, id string, at time.Time) (bool, error) {
 	set := DelayedSet(p.Stream(eventType))
-	members, err := p.cfg.Client.ZRange(ctx, set, 0, -1).Result()
+	ms := strconv.FormatInt(at.UnixMilli(), 10)
+	members, err := p.cfg.Client.ZRangeByScore(ctx, set, &redis.ZRangeBy{Min: ms, Max: ms}).Result()
 	if err != nil {
 		return false, err
 	}

@@ -70,3 +70,41 @@ func TestMoveDueSetsAsideWhatIsNotAnEvent(t *testing.T) {
 		t.Errorf("set aside %d members, want the %d unreadable ones", len(aside), len(bad))
 	}
 }
+
+// TestCancelDelayed withdraws one held-back event, found by its id among
+// those held until its time; another held until then, and one held until
+// another time, stay.
+func TestCancelDelayed(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	rdb := testenv.Redis(t)
+	prefix := testenv.Prefix(t)
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: prefix, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	at := time.Now().Add(time.Hour).Truncate(time.Millisecond)
+	var ids []string
+	for _, when := range []time.Time{at, at, at.Add(time.Minute)} {
+		ev := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now().UTC()}
+		id, err := pub.PublishAt(ctx, when, ev, bus.WithID(ev.EmailID))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	set := bus.DelayedSet(prefix + events.TypeEmailRequested)
+	if ok, err := pub.CancelDelayed(ctx, events.TypeEmailRequested, ids[2], at); err != nil || ok {
+		t.Errorf("CancelDelayed of an event held until another time = %v, %v; want not found", ok, err)
+	}
+	if ok, err := pub.CancelDelayed(ctx, events.TypeEmailRequested, ids[1], at); err != nil || !ok {
+		t.Fatalf("CancelDelayed = %v, %v; want found", ok, err)
+	}
+	if n, _ := rdb.ZCard(ctx, set).Result(); n != 2 {
+		t.Errorf("delay set holds %d events, want the 2 not withdrawn", n)
+	}
+	if ok, err := pub.CancelDelayed(ctx, events.TypeEmailRequested, ids[1], at); err != nil || ok {
+		t.Errorf("second CancelDelayed = %v, %v; want not found", ok, err)
+	}
+}
