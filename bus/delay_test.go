@@ -19,13 +19,7 @@ import (
 func TestMoveDueSetsAsideWhatIsNotAnEvent(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	rdb := testenv.Redis(t)
-	prefix := testenv.Prefix(t)
-	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: prefix, Logger: testLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pub.Close() })
+	rdb, prefix, pub := delayFixture(t)
 	ev := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now().UTC()}
 	if _, err := pub.PublishAt(ctx, time.Now().Add(time.Hour), ev); err != nil {
 		t.Fatal(err)
@@ -77,13 +71,7 @@ func TestMoveDueSetsAsideWhatIsNotAnEvent(t *testing.T) {
 func TestCancelDelayed(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	rdb := testenv.Redis(t)
-	prefix := testenv.Prefix(t)
-	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: prefix, Logger: testLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = pub.Close() })
+	rdb, prefix, pub := delayFixture(t)
 	at := time.Now().Add(time.Hour).Truncate(time.Millisecond)
 	var ids []string
 	for _, when := range []time.Time{at, at, at.Add(time.Minute)} {
@@ -107,4 +95,18 @@ func TestCancelDelayed(t *testing.T) {
 	if ok, err := pub.CancelDelayed(ctx, events.TypeEmailRequested, ids[1], at); err != nil || ok {
 		t.Errorf("second CancelDelayed = %v, %v; want not found", ok, err)
 	}
+}
+
+// delayFixture returns the test's Redis, a stream prefix of its own and a
+// Publisher on them.
+func delayFixture(t *testing.T) (*redis.Client, string, *bus.Publisher) {
+	t.Helper()
+	rdb := testenv.Redis(t)
+	prefix := testenv.Prefix(t)
+	pub, err := bus.NewPublisher(bus.PublisherConfig{Client: rdb, StreamPrefix: prefix, Logger: testLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = pub.Close() })
+	return rdb, prefix, pub
 }
