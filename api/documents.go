@@ -140,27 +140,11 @@ func bodyRead(ctx context.Context) {
 // document.uploaded. It returns the response to send.
 func (a *API) upload(r *http.Request) (int, any) {
 	ctx := r.Context()
-	var info blob.Info
-	stored := false
-	// On any failure after the bytes were stored, remove them again,
-	// unless identical bytes were there before (another document uses
-	// them) or an upload of the same bytes came since (it relies on them).
-	cleanup := func() {
-		if stored && info.Created {
-			if _, err := a.cfg.Blobs.DeleteIfUnchanged(context.WithoutCancel(ctx), info); err != nil {
-				a.log.Error("remove bytes of a refused upload", "blob_key", info.Key, "error", err)
-			}
-		}
-	}
-	up, status, refused := a.readUpload(r, func(part io.Reader) (string, error) {
-		var err error
-		info, err = a.cfg.Blobs.Put(ctx, part, a.cfg.MaxUploadBytes)
-		stored = err == nil
-		return info.SHA256, err
-	})
-	bodyRead(ctx)
+	put := &storedPart{a: a, ctx: ctx}
+	up, status, refused := a.readUpload(r, put.keep)
+	info := put.info
 	if status != 0 {
-		cleanup()
+		put.remove()
 		return status, refused
 	}
 	if call := idemCallFrom(ctx); call != nil {
@@ -186,7 +170,7 @@ func (a *API) upload(r *http.Request) (int, any) {
 		// written: after a lost connection it may have been, and an
 		// accepted document must find its bytes.
 		if !out.maybePublished {
-			cleanup()
+			put.remove()
 		} else {
 			a.log.Warn("keeping the bytes of an upload whose event may have been published", "doc_id", ev.DocID, "blob_key", info.Key)
 		}
@@ -213,6 +197,8 @@ func (u uploadForm) fingerprint() string {
 // keep, which returns its SHA-256. It returns the form, or the error
 // response (a non-zero status) for a body that is refused.
 func (a *API) readUpload(r *http.Request, keep func(io.Reader) (string, error)) (uploadForm, int, any) {
+	// However it ends, the body is read: the reply gets its own time.
+	defer bodyRead(r.Context())
 	var up uploadForm
 	_, params, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	boundary := params["boundary"]
@@ -331,9 +317,7 @@ func (c *closeWatch) Read(p []byte) (int, error) {
 // them, blob retention may have removed them (bytes a failed document
 // also used, say), while bytes stored now are kept for a retention.
 func (a *API) verifyUpload(r *http.Request, want string, pending bool) (int, any) {
-	ctx := r.Context()
-	var info blob.Info
-	stored := false
+	put := &storedPart{a: a, ctx: r.Context()}
 	keep := func(part io.Reader) (string, error) {
 		h := sha256.New()
 		n, err := io.Copy(h, io.LimitReader(part, a.cfg.MaxUploadBytes+1))
@@ -343,28 +327,45 @@ func (a *API) verifyUpload(r *http.Request, want string, pending bool) (int, any
 		return hex.EncodeToString(h.Sum(nil)), err
 	}
 	if pending {
-		keep = func(part io.Reader) (string, error) {
-			var err error
-			info, err = a.cfg.Blobs.Put(ctx, part, a.cfg.MaxUploadBytes)
-			stored = err == nil
-			return info.SHA256, err
-		}
+		keep = put.keep
 	}
 	up, status, resp := a.readUpload(r, keep)
-	bodyRead(ctx)
 	if status == 0 && up.fingerprint() == want {
 		return 0, nil
 	}
-	if stored && info.Created {
-		// Bytes of another request: they were not there before.
-		if _, err := a.cfg.Blobs.DeleteIfUnchanged(context.WithoutCancel(ctx), info); err != nil {
-			a.log.Error("remove bytes of a refused upload", "blob_key", info.Key, "error", err)
-		}
-	}
+	put.remove() // bytes of another request, or of a refused body
 	if status != 0 {
 		return status, resp
 	}
 	return keyReused()
+}
+
+// storedPart stores an upload's file part (keep, for readUpload) and can
+// remove it again (remove) when the request is refused after all.
+type storedPart struct {
+	a      *API
+	ctx    context.Context
+	info   blob.Info
+	stored bool
+}
+
+func (p *storedPart) keep(part io.Reader) (string, error) {
+	var err error
+	p.info, err = p.a.cfg.Blobs.Put(p.ctx, part, p.a.cfg.MaxUploadBytes)
+	p.stored = err == nil
+	return p.info.SHA256, err
+}
+
+// remove deletes the stored bytes, unless identical bytes were there
+// before (another document uses them) or an upload of the same bytes came
+// since (it relies on them).
+func (p *storedPart) remove() {
+	if !p.stored || !p.info.Created {
+		return
+	}
+	if _, err := p.a.cfg.Blobs.DeleteIfUnchanged(context.WithoutCancel(p.ctx), p.info); err != nil {
+		p.a.log.Error("remove bytes of a refused upload", "blob_key", p.info.Key, "error", err)
+	}
 }
 
 // uploadReadError is the answer to an upload whose body could not be read
