@@ -103,10 +103,10 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
 end
 return 0`)
 
-// MoveDue appends the due delayed events of stream to it, atomically, so
-// that with many processes each event is appended exactly once. It returns
-// how many it moved and when the next one is due (zero if none).
-func MoveDue(ctx context.Context, rdb redis.Scripter, stream string, limit int) (int, time.Time, error) {
+// MoveDue appends at most limit due delayed events of stream to it,
+// atomically, so that with many processes each event is appended exactly
+// once; a member that is not an event is set aside (see Moved).
+func MoveDue(ctx context.Context, rdb redis.Scripter, stream string, limit int) (Moved, error) {
 	return moveDueTo(ctx, rdb, DelayedSet(stream), stream, limit)
 }
 

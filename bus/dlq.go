@@ -73,23 +73,14 @@ var ErrBadDeadLetterID = errors.New("not a dead-letter id (want milliseconds-seq
 func checkIDs(ids []string) error {
 	for _, id := range ids {
 		ms, seq, ok := strings.Cut(id, "-")
-		if !ok || !digits(ms) || !digits(seq) {
+		if _, err := strconv.ParseUint(ms, 10, 64); err != nil || !ok {
+			return fmt.Errorf("%w: %q", ErrBadDeadLetterID, id)
+		}
+		if _, err := strconv.ParseUint(seq, 10, 64); err != nil {
 			return fmt.Errorf("%w: %q", ErrBadDeadLetterID, id)
 		}
 	}
 	return nil
-}
-
-func digits(s string) bool {
-	if s == "" || len(s) > 20 {
-		return false
-	}
-	for _, c := range s {
-		if c < '0' || c > '9' {
-			return false
-		}
-	}
-	return true
 }
 
 // last returns the id of the newest dead letter of group, or "" if there

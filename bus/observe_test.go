@@ -244,8 +244,8 @@ func TestInspectDelayedEventsAndDeadLetterCap(t *testing.T) {
 		}
 	}
 
-	if n, _, err := bus.MoveDue(ctx, f.rdb, stream, 10); err != nil || n != 1 {
-		t.Fatalf("MoveDue = %d, %v; want 1", n, err)
+	if m, err := bus.MoveDue(ctx, f.rdb, stream, 10); err != nil || m.N != 1 {
+		t.Fatalf("MoveDue = %d, %v; want 1", m.N, err)
 	}
 	if held, overdue := delayed(); held != 1 || overdue != 0 {
 		t.Fatalf("after MoveDue: %d delayed, %d overdue; want 1 and 0", held, overdue)

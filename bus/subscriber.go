@@ -1549,32 +1549,38 @@ if nxt[2] then return {moved, nxt[2], bad} end
 return {moved, '-1', bad}
 `)
 
-// ErrUnreadableDelayed is returned (wrapped) when a retry or delay set held
-// due members that are not events: they were set aside in a list named as
-// the set plus ":unreadable", for an operator to look at (LRANGE), and the
-// members behind them were moved.
-var ErrUnreadableDelayed = errors.New("due members that are not events were set aside")
+// Moved is what one move of due members of a retry or delay set did.
+type Moved struct {
+	// N members were appended to the stream.
+	N int
+	// Next is when the next member is due (zero if none is left).
+	Next time.Time
+	// SetAside members were not events: they are in the list UnreadableKey
+	// names, for an operator to look at (LRANGE), and the members behind
+	// them were moved.
+	SetAside int
+}
 
-// moveDueTo runs moveDueScript once; it returns how many moved and when the
-// next one is due (zero time if none), and ErrUnreadableDelayed if some
-// were set aside.
-func moveDueTo(ctx context.Context, rdb redis.Scripter, set, stream string, limit int) (int, time.Time, error) {
-	aside := set + ":unreadable"
-	res, err := moveDueScript.Run(ctx, rdb, []string{set, stream, aside}, time.Now().UnixMilli(), limit).Slice()
+// UnreadableKey is the list where the members of a retry or delay set that
+// are not events are set aside.
+func UnreadableKey(set string) string { return set + ":unreadable" }
+
+// moveDueTo runs moveDueScript once.
+func moveDueTo(ctx context.Context, rdb redis.Scripter, set, stream string, limit int) (Moved, error) {
+	res, err := moveDueScript.Run(ctx, rdb, []string{set, stream, UnreadableKey(set)}, time.Now().UnixMilli(), limit).Slice()
 	if err != nil {
-		return 0, time.Time{}, err
+		return Moved{}, err
 	}
-	moved, _ := res[0].(int64)
-	var next time.Time
+	var m Moved
+	n, _ := res[0].(int64)
+	aside, _ := res[2].(int64)
+	m.N, m.SetAside = int(n), int(aside)
 	if s, ok := res[1].(string); ok && s != "-1" {
 		if f, err := strconv.ParseFloat(s, 64); err == nil {
-			next = time.UnixMilli(int64(f))
+			m.Next = time.UnixMilli(int64(f))
 		}
 	}
-	if bad, _ := res[2].(int64); bad > 0 {
-		return int(moved), next, fmt.Errorf("%d of %s, in %s: %w", bad, set, aside, ErrUnreadableDelayed)
-	}
-	return int(moved), next, nil
+	return m, nil
 }
 
 // moveDue moves this group's due retries of the topic into its retry
@@ -1586,21 +1592,20 @@ func (sub *subscription) moveDue() {
 	b := newBackoff(100*time.Millisecond, 5*time.Second)
 	for {
 		wait := time.Second
-		moved, next, err := moveDueTo(context.Background(), s.cfg.Client, sub.delayed, sub.retry, 500)
-		if errors.Is(err, ErrUnreadableDelayed) {
-			// Set aside; the others moved. Not a failure of Redis.
-			s.log.Error("retries that are not events were set aside", "consumer_group", s.cfg.ConsumerGroup, "error", err)
-			err, wait = nil, 0
+		m, err := moveDueTo(context.Background(), s.cfg.Client, sub.delayed, sub.retry, 500)
+		if m.SetAside > 0 {
+			s.log.Error("retries that are not events were set aside", "consumer_group", s.cfg.ConsumerGroup,
+				"count", m.SetAside, "list", UnreadableKey(sub.delayed))
 		}
 		switch {
 		case err != nil:
 			s.setErr(err)
 			wait = b.next()
-		case moved == 500:
+		case m.N+m.SetAside == 500:
 			wait = 0
-		case !next.IsZero():
+		case !m.Next.IsZero():
 			b.reset()
-			wait = min(max(time.Until(next), time.Millisecond), time.Second)
+			wait = min(max(time.Until(m.Next), time.Millisecond), time.Second)
 		}
 		t := time.NewTimer(wait)
 		select {

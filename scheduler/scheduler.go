@@ -481,11 +481,10 @@ func (sc *Scheduler) moveDelayed(ctx context.Context) {
 				wait = min(wait, time.Until(f.retryAt))
 				continue
 			}
-			n, next, err := bus.MoveDue(ctx, sc.cfg.Redis, stream, 1000)
-			if errors.Is(err, bus.ErrUnreadableDelayed) {
-				// Set aside; the others moved. Not a failure of Redis.
-				sc.log.Error("delayed members that are not events were set aside", "stream", stream, "error", err)
-				err = nil
+			m, err := bus.MoveDue(ctx, sc.cfg.Redis, stream, 1000)
+			if m.SetAside > 0 {
+				sc.log.Error("delayed members that are not events were set aside", "stream", stream,
+					"count", m.SetAside, "list", bus.UnreadableKey(bus.DelayedSet(stream)))
 			}
 			if err != nil {
 				if f == nil {
@@ -505,14 +504,14 @@ func (sc *Scheduler) moveDelayed(ctx context.Context) {
 				delete(failing, stream)
 				sc.log.Info("moving delayed events again", "stream", stream)
 			}
-			if n > 0 {
-				sc.moved.Add(float64(n))
-				if n == 1000 {
-					wait = 0
-				}
+			if m.N > 0 {
+				sc.moved.Add(float64(m.N))
 			}
-			if !next.IsZero() {
-				wait = min(wait, max(time.Until(next), 0))
+			if m.N+m.SetAside == 1000 {
+				wait = 0
+			}
+			if !m.Next.IsZero() {
+				wait = min(wait, max(time.Until(m.Next), 0))
 			}
 		}
 		t := time.NewTimer(wait)
