@@ -1,6 +1,7 @@
 package bus
 
 import (
+	"context"
 	"errors"
 	"testing"
 
@@ -16,10 +17,7 @@ import (
 func TestDeadLettersAllMeansThoseThereAtTheStart(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	rdb := testenv.Redis(t)
-	group := testenv.Prefix(t) + "group"
-	stream := DeadLetterStream(group)
-	t.Cleanup(func() { _ = rdb.Del(ctx, stream).Err() })
+	rdb, group, stream := deadLetterFixture(t)
 	add := func(values any) string {
 		id, err := rdb.XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: values}).Result()
 		if err != nil {
@@ -63,10 +61,7 @@ func TestDeadLettersAllMeansThoseThereAtTheStart(t *testing.T) {
 func TestDeadLetterIDsAreWhole(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	rdb := testenv.Redis(t)
-	group := testenv.Prefix(t) + "group"
-	stream := DeadLetterStream(group)
-	t.Cleanup(func() { _ = rdb.Del(ctx, stream).Err() })
+	rdb, group, stream := deadLetterFixture(t)
 	for _, id := range []string{"1000-0", "1000-1"} {
 		if err := rdb.XAdd(ctx, &redis.XAddArgs{Stream: stream, ID: id, Values: []any{"i", id}}).Err(); err != nil {
 			t.Fatal(err)
@@ -93,4 +88,14 @@ func TestDeadLetterIDsAreWhole(t *testing.T) {
 	if _, err := d.List(ctx, group, "", 0); err == nil {
 		t.Error("List with limit 0: no error")
 	}
+}
+
+// deadLetterFixture returns the test's Redis, a group of the test's own and
+// that group's dead-letter stream, removed after the test.
+func deadLetterFixture(t *testing.T) (*redis.Client, string, string) {
+	rdb := testenv.Redis(t)
+	group := testenv.Prefix(t) + "group"
+	stream := DeadLetterStream(group)
+	t.Cleanup(func() { _ = rdb.Del(context.Background(), stream).Err() })
+	return rdb, group, stream
 }

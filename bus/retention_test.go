@@ -66,10 +66,7 @@ func TestRetentionGroupDrainingDuringThePass(t *testing.T) {
 	f := newFixture(t)
 	ctx := t.Context()
 	slow, draining, done := f.group+"-a", f.group+"-b", f.group+"-c"
-	topo := map[string][]string{slow: {f.topic}, draining: {f.topic}, done: {f.topic}}
-	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
-		t.Fatal(err)
-	}
+	topo := groupsOnTopic(t, f, slow, draining, done)
 	f.publish(3000)
 	read := func(group string, n int64) []redis.XMessage { return readAsGroup(t, f, group, n) }
 	slowMsgs := read(slow, 100) // 100 pending, 2900 unread
@@ -122,19 +119,10 @@ func TestRetentionTrimsOnlyWhatEveryGroupAcknowledged(t *testing.T) {
 	f := newFixture(t)
 	ctx := t.Context()
 	fast, slow := f.group+"-fast", f.group+"-slow"
-	topo := map[string][]string{fast: {f.topic}, slow: {f.topic}}
-	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
-		t.Fatal(err)
-	}
+	topo := groupsOnTopic(t, f, fast, slow)
 	f.publish(3000)
 	read := func(group string, n int64) []redis.XMessage { return readAsGroup(t, f, group, n) }
-	ack := func(group string, msgs []redis.XMessage) {
-		for _, m := range msgs {
-			if err := f.rdb.XAck(ctx, f.topic, group, m.ID).Err(); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
+	ack := func(group string, msgs []redis.XMessage) { ackAs(t, f, group, msgs) }
 	ack(fast, read(fast, 3000))
 	slowMsgs := read(slow, 2000)
 	ack(slow, slowMsgs[:1000]) // 1000 acked, 1000 pending, 1000 unread
@@ -249,10 +237,7 @@ func TestInspectLag(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
 	ctx := t.Context()
-	topo := map[string][]string{f.group: {f.topic}}
-	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
-		t.Fatal(err)
-	}
+	topo := groupsOnTopic(t, f, f.group)
 	f.publish(5)
 	st, err := bus.Inspect(ctx, f.rdb, topo)
 	if err != nil {
@@ -277,10 +262,7 @@ func TestRetentionTrimsMoreThanOneXTrimRemoves(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
 	ctx := t.Context()
-	topo := map[string][]string{f.group: {f.topic}}
-	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
-		t.Fatal(err)
-	}
+	topo := groupsOnTopic(t, f, f.group)
 	const n = 35_000
 	pipe := f.rdb.Pipeline()
 	for i := range n {
@@ -313,16 +295,9 @@ func TestRetentionKeepsEverythingForAMissingGroup(t *testing.T) {
 	f := newFixture(t)
 	ctx := t.Context()
 	done, deleted := f.group+"-done", f.group+"-deleted"
-	topo := map[string][]string{done: {f.topic}, deleted: {f.topic}}
-	if err := bus.EnsureGroups(ctx, f.rdb, topo); err != nil {
-		t.Fatal(err)
-	}
+	topo := groupsOnTopic(t, f, done, deleted)
 	f.publish(1000)
-	for _, m := range readAsGroup(t, f, done, 1000) {
-		if err := f.rdb.XAck(ctx, f.topic, done, m.ID).Err(); err != nil {
-			t.Fatal(err)
-		}
-	}
+	ackAs(t, f, done, readAsGroup(t, f, done, 1000))
 	if err := f.rdb.XGroupDestroy(ctx, f.topic, deleted).Err(); err != nil {
 		t.Fatal(err)
 	}
@@ -335,5 +310,29 @@ func TestRetentionKeepsEverythingForAMissingGroup(t *testing.T) {
 	}
 	if n, _ := f.rdb.XLen(ctx, f.topic).Result(); n != 1000 {
 		t.Fatalf("stream holds %d entries, want all 1000: the deleted group is made again from the start", n)
+	}
+}
+
+// groupsOnTopic creates groups on the fixture's topic and returns their
+// topology.
+func groupsOnTopic(t *testing.T, f *fixture, groups ...string) map[string][]string {
+	t.Helper()
+	topo := map[string][]string{}
+	for _, g := range groups {
+		topo[g] = []string{f.topic}
+	}
+	if err := bus.EnsureGroups(t.Context(), f.rdb, topo); err != nil {
+		t.Fatal(err)
+	}
+	return topo
+}
+
+// ackAs acknowledges msgs of the fixture's topic as group.
+func ackAs(t *testing.T, f *fixture, group string, msgs []redis.XMessage) {
+	t.Helper()
+	for _, m := range msgs {
+		if err := f.rdb.XAck(t.Context(), f.topic, group, m.ID).Err(); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
