@@ -41,10 +41,7 @@ func upload(doc, key string, at time.Time) *events.DocumentUploaded {
 func TestRedriveRepublishesStuckDocumentsUnderTheirUploadID(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	st := migrated(t)
-	rdb := testenv.Redis(t)
-	prefix := testenv.Prefix(t)
-	pub := publisher(t, rdb, prefix)
+	st, rdb, prefix, pub := redriveFixture(t)
 	key := strings.Repeat("ab", 32)
 	now := time.Now()
 	stuck, fresh, done := events.NewID(), events.NewID(), events.NewID()
@@ -209,10 +206,7 @@ func TestInboxRetentionRefusesAShortRetention(t *testing.T) {
 func TestRedriveReadsPastDocumentsThatUsedUpTheirRedrives(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	st := migrated(t)
-	rdb := testenv.Redis(t)
-	prefix := testenv.Prefix(t)
-	pub := publisher(t, rdb, prefix)
+	st, rdb, prefix, pub := redriveFixture(t)
 	key := strings.Repeat("cd", 32)
 	now := time.Now()
 	const usedUp = 600
@@ -347,4 +341,14 @@ func TestBlobRetentionRemovesStaleTempFiles(t *testing.T) {
 	if _, err := os.Stat(young); err != nil {
 		t.Errorf("young temp file: %v, want it kept", err)
 	}
+}
+
+// redriveFixture returns a migrated store, the test's Redis, a stream
+// prefix of its own and a publisher on them.
+func redriveFixture(t *testing.T) (*store.Store, *redis.Client, string, *bus.Publisher) {
+	t.Helper()
+	st := migrated(t)
+	rdb := testenv.Redis(t)
+	prefix := testenv.Prefix(t)
+	return st, rdb, prefix, publisher(t, rdb, prefix)
 }
