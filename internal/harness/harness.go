@@ -121,6 +121,8 @@ type Proc struct {
 	Env     []string
 	Addr    string // HTTP_ADDR, 127.0.0.1:port
 	LogPath string
+	// picked is set when Start chose Addr: WaitReady may choose another.
+	picked bool
 
 	t       testing.TB
 	bin     string
@@ -146,6 +148,7 @@ func Start(t testing.TB, name string, env []string, args ...string) *Proc {
 	}
 	if !hasAddr {
 		p.Addr = "127.0.0.1:" + strconv.Itoa(FreePort(t))
+		p.picked = true
 		env = append(env, "HTTP_ADDR="+p.Addr)
 	}
 	p.Env = env
@@ -216,11 +219,29 @@ func (p *Proc) PID() int {
 // URL returns the base URL of the process's HTTP server.
 func (p *Proc) URL() string { return "http://" + p.Addr }
 
-// WaitReady waits until GET /readyz answers 200, or fails the test.
+// WaitReady waits until GET /readyz answers 200, or fails the test. A
+// process whose port Start chose and that could not bind it (another
+// process of a test running in parallel took it between FreePort's check
+// and the bind) is started again on another port.
 func (p *Proc) WaitReady(t testing.TB, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for time.Now().Before(deadline) {
+		if p.Exited() && p.picked && strings.Contains(p.Log(), "address already in use") {
+			old := p.Addr
+			p.Addr = "127.0.0.1:" + strconv.Itoa(FreePort(t))
+			for i, kv := range p.Env {
+				if kv == "HTTP_ADDR="+old {
+					p.Env[i] = "HTTP_ADDR=" + p.Addr
+				}
+			}
+			t.Logf("%s could not bind %s; starting it again on %s", p.Name, old, p.Addr)
+			if err := os.Truncate(p.LogPath, 0); err != nil {
+				t.Fatal(err)
+			}
+			p.Restart(t)
+			continue
+		}
 		if p.Exited() {
 			t.Fatalf("%s exited before it was ready: %v", p.Name, p.ExitErr())
 		}
