@@ -180,7 +180,17 @@ func (p *DocumentProcessor) read(ctx context.Context, ev *events.DocumentUploade
 	}
 	rc, err := p.cfg.Blobs.Open(ctx, ev.BlobKey)
 	if errors.Is(err, blob.ErrNotFound) {
-		return nil, unprocessable("the stored bytes are missing")
+		// The api stored the bytes before it published the event, so
+		// they are missing here most likely because this replica's
+		// BLOB_DIR is not the api's (a volume not mounted or not
+		// shared): retried, on any replica of the group, rather than
+		// failing the document at once. Failed on the last attempt.
+		if bus.IsLastAttempt(ctx) {
+			return nil, unprocessable("the stored bytes are missing (%d attempts)", max(bus.Attempt(ctx), 1))
+		}
+		p.cfg.Logger.ErrorContext(ctx, "stored bytes of a document are missing; will retry: is BLOB_DIR the api's, and mounted?",
+			"doc_id", ev.DocID, "blob_key", ev.BlobKey, "attempt", bus.Attempt(ctx))
+		return nil, fmt.Errorf("open blob of document %s: %w", ev.DocID, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("open blob of document %s: %w", ev.DocID, err)
