@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -24,8 +25,10 @@ const (
 	// copyBufferSize bounds the memory one Put uses, whatever the upload
 	// size, and sets the size of each write.
 	copyBufferSize = 1 << 20
-	// copyBuffers is how many buffers one Put cycles through: one being
-	// read, one being hashed, one being written.
+	// copyBuffers is how many buffers one Put cycles through at most: one
+	// being read, one being hashed, one being written. It takes them from
+	// copyBufferPool as it needs them (an upload smaller than one buffer
+	// takes one) and puts them back when done.
 	copyBuffers = 3
 	// tempPrefix marks the files Put creates, so that the start-up sweep
 	// only ever removes its own leftovers.
@@ -315,6 +318,13 @@ func touch(path string) bool {
 	return err == nil && os.SameFile(before, after)
 }
 
+// copyBufferPool holds the copy buffers of finished Puts for the next
+// ones, so that a stream of uploads does not allocate megabytes each.
+var copyBufferPool = sync.Pool{New: func() any {
+	b := make([]byte, copyBufferSize)
+	return &b
+}}
+
 // copyHashed copies at most maxBytes from r into w and returns the hex
 // SHA-256 and the size of what it copied. It returns ErrTooLarge if r holds
 // more than maxBytes, and ctx's error if ctx ends during the copy.
@@ -339,8 +349,26 @@ func copyHashed(ctx context.Context, w io.Writer, r io.Reader, maxBytes int64) (
 		refs atomic.Int32
 	}
 	free := make(chan *chunk, copyBuffers)
-	for range copyBuffers {
-		free <- &chunk{buf: make([]byte, copyBufferSize)}
+	var taken []*[]byte // from copyBufferPool; put back once all is done
+	defer func() {
+		for _, b := range taken {
+			copyBufferPool.Put(b)
+		}
+	}()
+	// next returns a free buffer, or one more from the pool while fewer
+	// than copyBuffers are taken, or waits for one to come back.
+	next := func() *chunk {
+		select {
+		case c := <-free:
+			return c
+		default:
+		}
+		if len(taken) < copyBuffers {
+			b := copyBufferPool.Get().(*[]byte)
+			taken = append(taken, b)
+			return &chunk{buf: (*b)[:copyBufferSize]}
+		}
+		return <-free
 	}
 	release := func(c *chunk) {
 		if c.refs.Add(-1) == 0 {
@@ -380,7 +408,7 @@ func copyHashed(ctx context.Context, w io.Writer, r io.Reader, maxBytes int64) (
 	var n int64
 	var rerr error
 	for {
-		c := <-free
+		c := next()
 		m, err := fill(src, c.buf)
 		if m > 0 {
 			c.buf = c.buf[:m]
