@@ -19,6 +19,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/conveyor/conveyor/blob"
 	"github.com/conveyor/conveyor/bus"
@@ -75,6 +76,14 @@ type Config struct {
 	MaxUploadBytes int64
 	// MaxJSONBytes bounds JSON bodies. Defaults to 1 MiB.
 	MaxJSONBytes int64
+	// MaxConcurrentUploads bounds the uploads received at once: each holds
+	// up to about 3.3 MiB of buffers while its body streams in, so this
+	// bounds the memory of a burst (or of many slow clients). One more
+	// waits up to UploadWait for a slot, then gets 503 too_many_uploads
+	// with Retry-After. Defaults to 64.
+	MaxConcurrentUploads int
+	// UploadWait is how long an upload waits for a slot. Defaults to 5s.
+	UploadWait time.Duration
 	// MaxBatch bounds events per batch request. Defaults to 1000.
 	MaxBatch int
 	// MaxDelay bounds how far ahead an event or email may be scheduled.
@@ -100,6 +109,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxJSONBytes == 0 {
 		c.MaxJSONBytes = 1 << 20
+	}
+	if c.MaxConcurrentUploads == 0 {
+		c.MaxConcurrentUploads = 64
+	}
+	if c.UploadWait == 0 {
+		c.UploadWait = 5 * time.Second
 	}
 	if c.MaxBatch == 0 {
 		c.MaxBatch = 1000
@@ -136,6 +151,12 @@ func (c *Config) Validate() error {
 	if c.IdempotencyLease < 0 {
 		errs = append(errs, errors.New("api: IdempotencyLease must be positive"))
 	}
+	if c.MaxConcurrentUploads < 0 {
+		errs = append(errs, errors.New("api: MaxConcurrentUploads must be positive"))
+	}
+	if c.UploadWait < 0 {
+		errs = append(errs, errors.New("api: UploadWait must not be negative"))
+	}
 	return errors.Join(errs...)
 }
 
@@ -144,6 +165,7 @@ type API struct {
 	cfg     Config
 	log     *slog.Logger
 	metrics *httpMetrics
+	uploads *semaphore.Weighted // of MaxConcurrentUploads
 }
 
 // New returns an API.
@@ -152,7 +174,10 @@ func New(cfg Config) (*API, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &API{cfg: cfg, log: cfg.Logger, metrics: newHTTPMetrics(cfg.Registry)}, nil
+	return &API{
+		cfg: cfg, log: cfg.Logger, metrics: newHTTPMetrics(cfg.Registry),
+		uploads: semaphore.NewWeighted(int64(cfg.MaxConcurrentUploads)),
+	}, nil
 }
 
 // Handler returns the routes of the API.

@@ -110,12 +110,39 @@ func (a *API) postDocument(w http.ResponseWriter, r *http.Request) {
 			fmt.Sprintf("the document exceeds the limit of %d bytes", a.cfg.MaxUploadBytes))
 		return
 	}
+	if !a.uploadSlot(r.Context()) {
+		w.Header().Set("Retry-After", "2")
+		writeError(w, http.StatusServiceUnavailable, "too_many_uploads",
+			fmt.Sprintf("the server is receiving its limit of %d uploads at once; retry later", a.cfg.MaxConcurrentUploads))
+		return
+	}
+	defer a.uploadDone()
 	r.Body = http.MaxBytesReader(w, r.Body, a.cfg.MaxUploadBytes+multipartSlack)
 	rc := http.NewResponseController(w)
 	r = r.WithContext(context.WithValue(r.Context(), bodyReadKey{}, func() {
 		_ = rc.SetWriteDeadline(time.Now().Add(replyTime))
 	}))
 	a.idempotent(w, r, "upload", "", a.verifyUpload, a.upload)
+}
+
+// uploadSlot takes one of the MaxConcurrentUploads slots, waiting up to
+// UploadWait for one. It reports whether it got one; uploadDone gives it
+// back.
+func (a *API) uploadSlot(ctx context.Context) bool {
+	if !a.uploads.TryAcquire(1) {
+		ctx, cancel := context.WithTimeout(ctx, a.cfg.UploadWait)
+		defer cancel()
+		if a.uploads.Acquire(ctx, 1) != nil {
+			return false
+		}
+	}
+	a.metrics.uploads.Inc()
+	return true
+}
+
+func (a *API) uploadDone() {
+	a.metrics.uploads.Dec()
+	a.uploads.Release(1)
 }
 
 // replyTime is how long an upload whose body is read has for storing,

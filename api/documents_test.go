@@ -7,8 +7,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"mime/multipart"
 	"net"
 	"net/http"
@@ -1006,5 +1008,87 @@ func TestPostDocument_slowBodyStillAnswered(t *testing.T) {
 	}
 	if n := len(e.entries(t, events.TypeDocumentUploaded)); n != 1 {
 		t.Errorf("%d document.uploaded entries, want 1", n)
+	}
+}
+
+// TestPostDocument_concurrentUploadsAreBounded: with MaxConcurrentUploads
+// uploads receiving their bodies, one more waits for a slot: it gets one
+// when an upload ends within UploadWait, and 503 too_many_uploads with
+// Retry-After, keeping nothing, when none ends in time.
+func TestPostDocument_concurrentUploadsAreBounded(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, withUploadLimit(1, 300*time.Millisecond))
+	// A stalled upload: its body arrives up to the file's last bytes.
+	stalled := func() (finish func() response) {
+		body, ct := multipartBody(t, filePart("slow.txt", []byte("a slow client's upload")))
+		pr, pw := io.Pipe()
+		done := make(chan response, 1)
+		go func() {
+			r, err := e.send(e.request(t, http.MethodPost, "/v1/documents", pr, "Content-Type", ct))
+			if err != nil {
+				t.Error(err)
+			}
+			done <- r
+		}()
+		if _, err := pw.Write(body[:len(body)-20]); err != nil {
+			t.Fatal(err)
+		}
+		e.waitUploadsInFlight(t, 1)
+		return func() response {
+			if _, err := pw.Write(body[len(body)-20:]); err != nil {
+				t.Fatal(err)
+			}
+			_ = pw.Close()
+			return <-done
+		}
+	}
+
+	finish := stalled()
+	r := e.upload(t, []part{filePart("refused.txt", []byte("no slot for these bytes"))})
+	wantError(t, r, http.StatusServiceUnavailable, "too_many_uploads")
+	if got := r.header.Get("Retry-After"); got == "" {
+		t.Error("503 too_many_uploads without Retry-After")
+	}
+	if _, err := os.Stat(filepath.Join(e.blobDir, blobPath(sha256Hex([]byte("no slot for these bytes"))))); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the refused upload's bytes: stat = %v, want them never stored", err)
+	}
+	wantAcceptedDocument(t, finish())
+	e.waitUploadsInFlight(t, 0)
+
+	// A slot freed while an upload waits for it: the waiting one goes on.
+	e = newEnv(t, withUploadLimit(1, time.Minute))
+	finish = stalled()
+	waiting := make(chan response, 1)
+	go func() {
+		body, ct := multipartBody(t, filePart("waiting.txt", []byte("bytes that wait for a slot")))
+		r, err := e.send(e.request(t, http.MethodPost, "/v1/documents", bytes.NewReader(body), "Content-Type", ct))
+		if err != nil {
+			t.Error(err)
+		}
+		waiting <- r
+	}()
+	select {
+	case r := <-waiting:
+		t.Fatalf("an upload beyond the limit was answered while the other ran: %s", r)
+	case <-time.After(200 * time.Millisecond):
+	}
+	wantAcceptedDocument(t, finish())
+	wantAcceptedDocument(t, <-waiting)
+}
+
+// waitUploadsInFlight waits until /metrics shows n uploads in progress.
+func (e *env) waitUploadsInFlight(t *testing.T, n int) {
+	t.Helper()
+	want := fmt.Sprintf("conveyor_http_uploads_in_flight %d\n", n)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r := e.do(t, e.request(t, http.MethodGet, "/metrics", nil))
+		if strings.Contains(string(r.body), want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("uploads in flight never became %d:\n%s", n, r.body)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }

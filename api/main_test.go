@@ -80,6 +80,10 @@ type envConfig struct {
 	wrapBlobs func(blob.Store) blob.Store
 	// idemLease is the API's IdempotencyLease; 0 means its default.
 	idemLease time.Duration
+	// maxUploads and uploadWait are the API's MaxConcurrentUploads and
+	// UploadWait; 0 means their defaults.
+	maxUploads int
+	uploadWait time.Duration
 	// sharing, if set, is an env whose Redis prefix, database and blob
 	// directory this one uses: a second API replica of the same system.
 	sharing *env
@@ -108,6 +112,11 @@ func withSharedState(other *env) envOption {
 // withIdempotencyLease sets the API's IdempotencyLease.
 func withIdempotencyLease(d time.Duration) envOption {
 	return func(cfg *envConfig) { cfg.idemLease = d }
+}
+
+// withUploadLimit sets the API's MaxConcurrentUploads and UploadWait.
+func withUploadLimit(n int, wait time.Duration) envOption {
+	return func(cfg *envConfig) { cfg.maxUploads, cfg.uploadWait = n, wait }
 }
 
 // withBlobs wraps the API's blob storage (to make it fail, say).
@@ -172,17 +181,19 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 		checks = cfg.checks(e)
 	}
 	a, err := api.New(api.Config{
-		Publisher:        pub,
-		Blobs:            blobs,
-		Reader:           e.store,
-		Cache:            e.cache,
-		Idem:             e.idem,
-		IdempotencyLease: cfg.idemLease,
-		MaxUploadBytes:   maxUpload,
-		MaxBatch:         maxBatch,
-		Checks:           checks,
-		Registry:         prometheus.NewRegistry(),
-		Logger:           discard,
+		Publisher:            pub,
+		Blobs:                blobs,
+		Reader:               e.store,
+		Cache:                e.cache,
+		Idem:                 e.idem,
+		IdempotencyLease:     cfg.idemLease,
+		MaxUploadBytes:       maxUpload,
+		MaxBatch:             maxBatch,
+		MaxConcurrentUploads: cfg.maxUploads,
+		UploadWait:           cfg.uploadWait,
+		Checks:               checks,
+		Registry:             prometheus.NewRegistry(),
+		Logger:               discard,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -22,31 +22,33 @@ import (
 // Config is the whole configuration. Zero values never reach callers: Load
 // applies the documented defaults.
 type Config struct {
-	RedisURL         string
-	CacheRedisURL    string
-	DatabaseURL      string
-	HTTPAddr         string
-	BlobDir          string
-	SMTPURL          string
-	SMTPFrom         string
-	SMTPTimeout      time.Duration
-	OutboxDir        string
-	ConsumerName     string
-	MaxUploadBytes   int64
-	CacheTTL         time.Duration
-	LogLevel         slog.Level
-	LogFormat        string
-	SummarizerURL    string
-	SummarizerModel  string
-	SummarizerAPIKey string
-	RetryMaxAttempts int
-	RetryMinBackoff  time.Duration
-	RetryMaxBackoff  time.Duration
-	ClaimMinIdle     time.Duration
-	ShutdownTimeout  time.Duration
-	DataDir          string
-	SchedulesFile    string
-	MaxDelay         time.Duration
+	RedisURL       string
+	CacheRedisURL  string
+	DatabaseURL    string
+	HTTPAddr       string
+	BlobDir        string
+	SMTPURL        string
+	SMTPFrom       string
+	SMTPTimeout    time.Duration
+	OutboxDir      string
+	ConsumerName   string
+	MaxUploadBytes int64
+	// MaxConcurrentUploads bounds the uploads the api receives at once.
+	MaxConcurrentUploads int
+	CacheTTL             time.Duration
+	LogLevel             slog.Level
+	LogFormat            string
+	SummarizerURL        string
+	SummarizerModel      string
+	SummarizerAPIKey     string
+	RetryMaxAttempts     int
+	RetryMinBackoff      time.Duration
+	RetryMaxBackoff      time.Duration
+	ClaimMinIdle         time.Duration
+	ShutdownTimeout      time.Duration
+	DataDir              string
+	SchedulesFile        string
+	MaxDelay             time.Duration
 	// StuckAfter is 0 unless STUCK_AFTER is set: the scheduler then derives
 	// it from the retry policy (see cmd/conveyor).
 	StuckAfter     time.Duration
@@ -78,6 +80,7 @@ var Vars = []Var{
 	{"OUTBOX_DIR", "./data/outbox (conveyor up: CONVEYOR_DATA_DIR/outbox)", "Where emails are written as .eml files when SMTP_URL is unset."},
 	{"CONSUMER_NAME", "hostname-N", "Consumer name of this replica in its consumer groups: unique per replica, stable across its restarts. By default the host name plus the lowest free index, leased in Redis."},
 	{"MAX_UPLOAD_BYTES", "33554432", "Largest accepted upload (32 MiB); larger uploads get 413 and nothing is kept."},
+	{"MAX_CONCURRENT_UPLOADS", "64", "Uploads the api receives at once (each holds up to about 3.3 MiB of buffers while its body streams in); one more waits up to 5s for a slot, then gets 503 too_many_uploads with Retry-After."},
 	{"CACHE_TTL", "60s", "Time to live of cached reads (plus up to 10% jitter)."},
 	{"LOG_LEVEL", "info", "debug, info, warn or error."},
 	{"LOG_FORMAT", "json", "json or text."},
@@ -101,32 +104,33 @@ var Vars = []Var{
 func Load(getenv func(string) string) (Config, error) {
 	r := reader{getenv: getenv}
 	c := Config{
-		RedisURL:         r.str("REDIS_URL", ""),
-		DatabaseURL:      r.str("DATABASE_URL", ""),
-		HTTPAddr:         r.str("HTTP_ADDR", ":8080"),
-		BlobDir:          r.str("BLOB_DIR", "./data/blobs"),
-		SMTPURL:          r.str("SMTP_URL", ""),
-		SMTPFrom:         r.str("SMTP_FROM", "Conveyor <conveyor@localhost>"),
-		SMTPTimeout:      r.duration("SMTP_TIMEOUT", 30*time.Second),
-		OutboxDir:        r.str("OUTBOX_DIR", "./data/outbox"),
-		ConsumerName:     r.str("CONSUMER_NAME", ""),
-		MaxUploadBytes:   r.int64("MAX_UPLOAD_BYTES", 32<<20),
-		CacheTTL:         r.duration("CACHE_TTL", 60*time.Second),
-		LogFormat:        r.str("LOG_FORMAT", "json"),
-		SummarizerURL:    r.str("SUMMARIZER_URL", ""),
-		SummarizerModel:  r.str("SUMMARIZER_MODEL", "gpt-4o-mini"),
-		SummarizerAPIKey: r.str("SUMMARIZER_API_KEY", ""),
-		RetryMaxAttempts: int(r.int64("RETRY_MAX_ATTEMPTS", 20)),
-		RetryMinBackoff:  r.duration("RETRY_BACKOFF_MIN", time.Second),
-		RetryMaxBackoff:  r.duration("RETRY_BACKOFF_MAX", 10*time.Minute),
-		ClaimMinIdle:     r.duration("CLAIM_MIN_IDLE", 10*time.Second),
-		ShutdownTimeout:  r.duration("SHUTDOWN_TIMEOUT", 20*time.Second),
-		DataDir:          r.str("CONVEYOR_DATA_DIR", "./.conveyor"),
-		SchedulesFile:    r.str("SCHEDULES_FILE", ""),
-		MaxDelay:         r.duration("MAX_DELAY", 30*24*time.Hour),
-		StuckAfter:       r.duration("STUCK_AFTER", -1), // -1: not set, made 0 below
-		BlobRetention:    r.duration("BLOB_RETENTION", 7*24*time.Hour),
-		InboxRetention:   r.duration("INBOX_RETENTION", 7*24*time.Hour),
+		RedisURL:             r.str("REDIS_URL", ""),
+		DatabaseURL:          r.str("DATABASE_URL", ""),
+		HTTPAddr:             r.str("HTTP_ADDR", ":8080"),
+		BlobDir:              r.str("BLOB_DIR", "./data/blobs"),
+		SMTPURL:              r.str("SMTP_URL", ""),
+		SMTPFrom:             r.str("SMTP_FROM", "Conveyor <conveyor@localhost>"),
+		SMTPTimeout:          r.duration("SMTP_TIMEOUT", 30*time.Second),
+		OutboxDir:            r.str("OUTBOX_DIR", "./data/outbox"),
+		ConsumerName:         r.str("CONSUMER_NAME", ""),
+		MaxUploadBytes:       r.int64("MAX_UPLOAD_BYTES", 32<<20),
+		MaxConcurrentUploads: int(r.int64("MAX_CONCURRENT_UPLOADS", 64)),
+		CacheTTL:             r.duration("CACHE_TTL", 60*time.Second),
+		LogFormat:            r.str("LOG_FORMAT", "json"),
+		SummarizerURL:        r.str("SUMMARIZER_URL", ""),
+		SummarizerModel:      r.str("SUMMARIZER_MODEL", "gpt-4o-mini"),
+		SummarizerAPIKey:     r.str("SUMMARIZER_API_KEY", ""),
+		RetryMaxAttempts:     int(r.int64("RETRY_MAX_ATTEMPTS", 20)),
+		RetryMinBackoff:      r.duration("RETRY_BACKOFF_MIN", time.Second),
+		RetryMaxBackoff:      r.duration("RETRY_BACKOFF_MAX", 10*time.Minute),
+		ClaimMinIdle:         r.duration("CLAIM_MIN_IDLE", 10*time.Second),
+		ShutdownTimeout:      r.duration("SHUTDOWN_TIMEOUT", 20*time.Second),
+		DataDir:              r.str("CONVEYOR_DATA_DIR", "./.conveyor"),
+		SchedulesFile:        r.str("SCHEDULES_FILE", ""),
+		MaxDelay:             r.duration("MAX_DELAY", 30*24*time.Hour),
+		StuckAfter:           r.duration("STUCK_AFTER", -1), // -1: not set, made 0 below
+		BlobRetention:        r.duration("BLOB_RETENTION", 7*24*time.Hour),
+		InboxRetention:       r.duration("INBOX_RETENTION", 7*24*time.Hour),
 	}
 	c.CacheRedisURL = r.str("CACHE_REDIS_URL", c.RedisURL)
 	switch lvl := strings.ToLower(r.str("LOG_LEVEL", "info")); lvl {
@@ -151,6 +155,9 @@ func Load(getenv func(string) string) (Config, error) {
 	r.url("SUMMARIZER_URL", c.SummarizerURL, "http", "https")
 	if c.MaxUploadBytes < 1 {
 		r.fail("MAX_UPLOAD_BYTES", "must be positive")
+	}
+	if c.MaxConcurrentUploads < 1 || c.MaxConcurrentUploads > 1<<20 {
+		r.fail("MAX_CONCURRENT_UPLOADS", "must be between 1 and 1048576")
 	}
 	if c.CacheTTL <= 0 {
 		r.fail("CACHE_TTL", "must be positive")

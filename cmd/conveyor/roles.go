@@ -24,7 +24,7 @@ func apiCommand() *command {
 POST /v1/emails, GET /v1/emails/{id}, POST /v1/events, POST /v1/events/batch,
 plus /healthz, /readyz and /metrics. On SIGTERM it stops accepting and lets
 running requests finish within SHUTDOWN_TIMEOUT.`,
-		vars: []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "BLOB_DIR", "MAX_UPLOAD_BYTES", "MAX_DELAY", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT", "SHUTDOWN_TIMEOUT"},
+		vars: []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "BLOB_DIR", "MAX_UPLOAD_BYTES", "MAX_CONCURRENT_UPLOADS", "MAX_DELAY", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT", "SHUTDOWN_TIMEOUT"},
 		run: func(ctx context.Context, env *environment, _ any, _ []string) error {
 			log := newLogger(env.cfg, os.Stderr)
 			ln, err := listen(env.cfg.HTTPAddr)
@@ -52,17 +52,18 @@ running requests finish within SHUTDOWN_TIMEOUT.`,
 func (a *app) apiHandler(router *bus.Router) (http.Handler, error) {
 	a.reg.MustRegister(bus.NewStatusCollector(a.rdb, topology()))
 	srv, err := api.New(api.Config{
-		Publisher:      a.pub,
-		Blobs:          a.blobs,
-		Reader:         a.store,
-		Cache:          a.cache,
-		Idem:           a.idem,
-		CacheTTL:       a.cfg.CacheTTL,
-		MaxUploadBytes: a.cfg.MaxUploadBytes,
-		MaxDelay:       a.cfg.MaxDelay,
-		Checks:         a.checks(router),
-		Registry:       a.reg,
-		Logger:         a.log,
+		Publisher:            a.pub,
+		Blobs:                a.blobs,
+		Reader:               a.store,
+		Cache:                a.cache,
+		Idem:                 a.idem,
+		CacheTTL:             a.cfg.CacheTTL,
+		MaxUploadBytes:       a.cfg.MaxUploadBytes,
+		MaxConcurrentUploads: a.cfg.MaxConcurrentUploads,
+		MaxDelay:             a.cfg.MaxDelay,
+		Checks:               a.checks(router),
+		Registry:             a.reg,
+		Logger:               a.log,
 	})
 	if err != nil {
 		return nil, err
