@@ -227,8 +227,14 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 	// expensive part of a large Put. The link below still settles races.
 	// Touching the file records that a new upload relies on these bytes,
 	// so retention, or the cleanup of a failed upload that stored them,
-	// spares them (see DeleteIfUnchanged).
-	if touch(final) {
+	// spares them (see DeleteIfUnchanged). A stored file of another size
+	// is damaged (cut short on a failing disk, or by a partial restore):
+	// these bytes replace it, or every later upload of them would be
+	// accepted onto it and fail its processing.
+	damaged := false
+	if fi, err := os.Stat(final); err == nil && fi.Mode().IsRegular() && fi.Size() != size {
+		damaged = true
+	} else if touch(final) {
 		return d.existing(info, final)
 	}
 
@@ -262,6 +268,10 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 	// removed before it is touched (the cleanup of that Put's failed
 	// upload), this Put publishes its own.
 	for attempt := 1; ; attempt++ {
+		if damaged {
+			err = os.Rename(tmp.Name(), final)
+			break
+		}
 		err = os.Link(tmp.Name(), final)
 		if !errors.Is(err, fs.ErrExist) {
 			break

@@ -618,6 +618,37 @@ func TestPutOfStoredBytesRefreshesLastPut(t *testing.T) {
 	}
 }
 
+// TestPutReplacesDamagedBytes: a stored file of another size than the
+// bytes its name promises (cut short on a failing disk, or by a partial
+// restore) is replaced by the next Put of those bytes, rather than
+// trusted: every later upload of them would fail its processing.
+func TestPutReplacesDamagedBytes(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	d, root := newTestDir(t)
+	content := []byte("bytes that a failing disk cut short")
+	info, err := d.Put(ctx, bytes.NewReader(content), 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(d.path(info.Key), 5); err != nil {
+		t.Fatal(err)
+	}
+	again, err := d.Put(ctx, bytes.NewReader(content), 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !again.Created || again.Key != info.Key {
+		t.Errorf("Put over damaged bytes = %+v, want Created under key %s", again, info.Key)
+	}
+	if got := readAll(t, d, info.Key); !bytes.Equal(got, content) {
+		t.Fatalf("stored bytes = %q, want %q", got, content)
+	}
+	if files := storedFiles(t, root); len(files) != 1 {
+		t.Errorf("files = %v, want the one blob", files)
+	}
+}
+
 // Walk lists every stored blob once, with its size and LastPut, and
 // nothing else: not temp files, not strays in the fan-out directories.
 func TestDirWalk(t *testing.T) {
