@@ -464,6 +464,8 @@ func (a *API) getDocument(w http.ResponseWriter, r *http.Request) {
 	// of a row it creates.
 	view, err := cache.Fetch(r.Context(), a.cfg.Cache, store.DocumentKey(id), a.cfg.CacheTTL,
 		func(ctx context.Context) (DocumentView, error) {
+			ctx, cancel := context.WithTimeout(ctx, readTimeout)
+			defer cancel()
 			d, err := a.cfg.Reader.Document(ctx, id)
 			if err != nil {
 				return DocumentView{}, err
@@ -492,12 +494,20 @@ func (a *API) withAcceptedUpload(ctx context.Context, view DocumentView) Documen
 	return view
 }
 
+// readTimeout bounds the database read of a GET. The read is shared by
+// the concurrent GETs of one id (cache.Fetch), and outlives the request
+// that started it, so it needs a bound of its own.
+const readTimeout = 10 * time.Second
+
 // respondRead answers a read: the row, else what the api itself accepted
 // but the projector has not written yet, else 404.
 func (a *API) respondRead(w http.ResponseWriter, r *http.Request, err error, view any, acceptedKey, what string) {
 	switch {
 	case err == nil:
 		writeJSON(w, http.StatusOK, view)
+	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
+		// The client went away: nothing failed here.
+		writeError(w, 499, "client_closed", "the client went away")
 	case errors.Is(err, store.ErrNotFound):
 		raw, ok, aerr := a.cfg.Idem.Get(r.Context(), acceptedKey)
 		if aerr != nil {

@@ -185,6 +185,8 @@ func (a *API) getEmail(w http.ResponseWriter, r *http.Request) {
 	// As in getDocument, only a row read from the database is cached.
 	view, err := cache.Fetch(r.Context(), a.cfg.Cache, store.EmailKey(id), a.cfg.CacheTTL,
 		func(ctx context.Context) (EmailView, error) {
+			ctx, cancel := context.WithTimeout(ctx, readTimeout)
+			defer cancel()
 			e, err := a.cfg.Reader.Email(ctx, id)
 			if err != nil {
 				return EmailView{}, err

@@ -48,6 +48,11 @@ const (
 	// invalidations per second, 10 minutes is about 100 MB, where a day
 	// was 14 GB.
 	versionTTL = 10 * time.Minute
+
+	defaultRedisTimeout = 250 * time.Millisecond
+	// defaultRedisPause is how long Fetch leaves Redis alone after a
+	// failed call.
+	defaultRedisPause = time.Second
 )
 
 // Config configures a [Client].
@@ -75,6 +80,13 @@ type Config struct {
 	// means the default, 0.1: jitter cannot be switched off.
 	Jitter float64
 
+	// RedisTimeout bounds each Redis call of [Fetch]: a slow or hung Redis
+	// costs a read at most this long before it is served from its load,
+	// and after a failed call Fetch leaves Redis alone for a second (the
+	// reads in between go straight to their loads), so an outage does not
+	// cost every read the timeout. Defaults to 250ms.
+	RedisTimeout time.Duration
+
 	// Logger receives the warnings of a degraded cache (Redis unreachable,
 	// undecodable values). Defaults to slog.Default().
 	Logger *slog.Logger
@@ -89,6 +101,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.Jitter == 0 {
 		c.Jitter = defaultJitter
+	}
+	if c.RedisTimeout == 0 {
+		c.RedisTimeout = defaultRedisTimeout
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -106,6 +121,9 @@ func (c Config) Validate() error {
 	}
 	if c.TTL < 0 {
 		errs = append(errs, fmt.Errorf("cache: TTL %s must not be negative", c.TTL))
+	}
+	if c.RedisTimeout < 0 {
+		errs = append(errs, fmt.Errorf("cache: RedisTimeout %s must not be negative", c.RedisTimeout))
 	}
 	// Written so that NaN fails too.
 	if !(c.Jitter >= 0 && c.Jitter <= 1) {
@@ -132,6 +150,14 @@ type Client struct {
 	// there when the load's value is offered (see versionTTL).
 	guardedLoad time.Duration
 
+	// redisTimeout bounds each Redis call of Fetch.
+	redisTimeout time.Duration
+	// redisPause is how long Fetch leaves Redis alone after a failed call.
+	redisPause time.Duration
+	// skipUntil is when Fetch tries Redis again after a failed call (unix
+	// nanoseconds; 0 when nothing failed).
+	skipUntil atomic.Int64
+
 	// failing records, per kind of failure, whether the last attempt failed,
 	// so that an outage logs one warning rather than one per request.
 	failing [numFailures]atomic.Bool
@@ -150,7 +176,9 @@ func New(cfg Config) (*Client, error) {
 		jitter: cfg.Jitter,
 		logger: cfg.Logger,
 
-		guardedLoad: versionTTL / 2,
+		guardedLoad:  versionTTL / 2,
+		redisTimeout: cfg.RedisTimeout,
+		redisPause:   defaultRedisPause,
 	}, nil
 }
 

@@ -17,3 +17,6 @@ func (c *Client) GuardedLoad() time.Duration { return c.guardedLoad }
 
 // SetGuardedLoad shortens it, for a test of a load that outlasts it.
 func (c *Client) SetGuardedLoad(d time.Duration) { c.guardedLoad = d }
+
+// SetRedisPause sets how long Fetch leaves Redis alone after a failed call.
+func (c *Client) SetRedisPause(d time.Duration) { c.redisPause = d }

@@ -43,9 +43,10 @@ return 1
 // gets that result instead of loading again. Each caller gets its own copy,
 // decoded from the JSON that is stored, so callers never share mutable values
 // and a miss returns exactly what the next hit will. The shared load runs
-// detached from the cancellation of the caller that started it, so that one
-// client going away does not fail the others, but it keeps that caller's
-// deadline; every caller still stops waiting when its own ctx is done.
+// detached from the cancellation and the deadline of the caller that started
+// it, so that one client going away, or in a hurry, does not fail the others;
+// every caller still stops waiting when its own ctx is done. load must
+// therefore bound its own time (a query timeout, an HTTP client's).
 //
 // Errors from load are returned as they are and never cached; the next Fetch
 // calls load again. A load that returns [ErrNotCacheable] with its value gets
@@ -53,10 +54,12 @@ return 1
 // every caller sharing it (singleflight would otherwise crash the process).
 //
 // Fetch never fails because of the cache: if Redis cannot be read or
-// written, or holds a value that does not decode into T, Fetch serves from
-// load, logs a warning the first time this kind of failure occurs (then at
-// debug level until it recovers), and leaves the cache alone. A cache outage
-// therefore degrades to the database instead of becoming an API outage.
+// written (within Config.RedisTimeout), or holds a value that does not
+// decode into T, Fetch serves from load, logs a warning the first time this
+// kind of failure occurs (then at debug level until it recovers), and leaves
+// the cache alone; after a failed call, the Fetches of the next second do
+// not try Redis at all. A cache outage therefore degrades to the database
+// instead of becoming an API outage, or a slow one.
 //
 // # The stale-set guard
 //
@@ -93,7 +96,12 @@ func Fetch[T any](ctx context.Context, c *Client, key string, ttl time.Duration,
 		return zero, err
 	}
 
-	raw, err := c.rdb.Get(ctx, c.valueKey(key)).Bytes()
+	if c.redisPaused() {
+		return fetchLoad(ctx, c, key, ttl, false, load)
+	}
+	rctx, cancel := context.WithTimeout(ctx, c.redisTimeout)
+	raw, err := c.rdb.Get(rctx, c.valueKey(key)).Bytes()
+	cancel()
 	cacheUp := true
 	switch {
 	case err == nil:
@@ -113,7 +121,13 @@ func Fetch[T any](ctx context.Context, c *Client, key string, ttl time.Duration,
 		c.failed(ctx, failRead, key, err)
 		cacheUp = false
 	}
+	return fetchLoad(ctx, c, key, ttl, cacheUp, load)
+}
 
+// fetchLoad is Fetch after its first read of the cache: it joins (or
+// starts) the shared flight of key's load (see fill) and decodes its result.
+func fetchLoad[T any](ctx context.Context, c *Client, key string, ttl time.Duration, cacheUp bool, load func(ctx context.Context) (T, error)) (T, error) {
+	var zero T
 	flight := c.flights.DoChan(key, func() (any, error) {
 		usable := func(raw []byte) bool {
 			_, err := decode[T](raw)
@@ -145,8 +159,9 @@ func Fetch[T any](ctx context.Context, c *Client, key string, ttl time.Duration,
 // version, stores the result under the stale-set guard. It returns the
 // result as JSON.
 func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheUp bool, usable func([]byte) bool, load func(context.Context) (any, error)) (raw []byte, err error) {
-	ctx, cancel := detach(ctx)
-	defer cancel()
+	// Detached: the flight is shared, so it must not end with the
+	// cancellation or the deadline of the caller that started it.
+	ctx = context.WithoutCancel(ctx)
 	defer func() {
 		// DoChan runs fill on its own goroutine and re-panics there, where no
 		// HTTP server can recover it; an error keeps a bad request local.
@@ -166,7 +181,9 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 		// The load is timed from before the read: the read's own wait
 		// (a pool, retries) counts against the guard too.
 		start := time.Now()
-		vals, err := c.rdb.MGet(ctx, c.valueKey(key), c.versionKey(key)).Result()
+		rctx, cancel := context.WithTimeout(ctx, c.redisTimeout)
+		vals, err := c.rdb.MGet(rctx, c.valueKey(key), c.versionKey(key)).Result()
+		cancel()
 		if err != nil {
 			// Without a version the store cannot be guarded, so it is skipped.
 			c.failed(ctx, failRead, key, err)
@@ -201,7 +218,9 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 		return raw, nil
 	}
 	keys := []string{c.valueKey(key), c.versionKey(key)}
-	stored, err := setIfVersion.Run(ctx, c.rdb, keys, version, raw, max(1, c.expiry(ttl).Milliseconds())).Int()
+	rctx, cancel := context.WithTimeout(ctx, c.redisTimeout)
+	stored, err := setIfVersion.Run(rctx, c.rdb, keys, version, raw, max(1, c.expiry(ttl).Milliseconds())).Int()
+	cancel()
 	switch {
 	case err != nil:
 		c.failed(ctx, failStore, key, err)
@@ -220,14 +239,11 @@ func decode[T any](raw []byte) (T, error) {
 	return v, err
 }
 
-// detach returns a context that keeps ctx's values and deadline but not its
-// cancellation, for work shared by several callers.
-func detach(ctx context.Context) (context.Context, context.CancelFunc) {
-	detached := context.WithoutCancel(ctx)
-	if deadline, ok := ctx.Deadline(); ok {
-		return context.WithDeadline(detached, deadline)
-	}
-	return detached, func() {}
+// redisPaused reports whether a Redis call failed less than c.redisPause
+// ago: Fetch then does not try Redis.
+func (c *Client) redisPaused() bool {
+	until := c.skipUntil.Load()
+	return until != 0 && time.Now().UnixNano() < until
 }
 
 // failure is a kind of cache failure that Fetch absorbs.
@@ -256,6 +272,9 @@ func (f failure) String() string {
 // operator learns that the cache is degraded, then at debug level, so an
 // outage does not log once per request.
 func (c *Client) failed(ctx context.Context, f failure, key string, err error) {
+	if f != failDecode && ctx.Err() == nil {
+		c.skipUntil.Store(time.Now().Add(c.redisPause).UnixNano())
+	}
 	level := slog.LevelDebug
 	if ctx.Err() == nil && c.failing[f].CompareAndSwap(false, true) {
 		level = slog.LevelWarn

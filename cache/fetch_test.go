@@ -448,3 +448,100 @@ func TestFetchLoadOutlastingTheGuard(t *testing.T) {
 		}
 	}
 }
+
+// TestFetchRedisHung: a Redis that takes connections and never answers
+// costs a Fetch at most Config.RedisTimeout (the client's own read
+// timeout here is a minute), and after that failure the next Fetches do
+// not try Redis at all for a while: no new connection, no command.
+func TestFetchRedisHung(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	var conns atomic.Int32
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			t.Cleanup(func() { _ = conn.Close() })
+		}
+	}()
+	rdb := redis.NewClient(&redis.Options{
+		Addr: ln.Addr().String(), ReadTimeout: time.Minute, WriteTimeout: time.Minute,
+		ContextTimeoutEnabled: true, MaxRetries: -1, DialerRetries: 1,
+	})
+	t.Cleanup(func() { _ = rdb.Close() })
+	c := newClient(t, cache.Config{Redis: rdb, RedisTimeout: 100 * time.Millisecond})
+	c.SetRedisPause(time.Hour)
+
+	// Well under the client's minute: only RedisTimeout ends the wait.
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	for i := range 3 {
+		got, err := cache.Fetch(ctx, c, "k", 0, func(context.Context) (string, error) {
+			return "from database", nil
+		})
+		if err != nil || got != "from database" {
+			t.Fatalf("Fetch #%d = %q, %v; want the loaded value", i+1, got, err)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("%d connections to the hung Redis for 3 Fetches, want 1: after the first failure Fetch leaves Redis alone", n)
+	}
+}
+
+// TestFetchJoinerOutlivesTheStartersDeadline: a caller that joins a shared
+// load gets its result even when the caller that started it had a shorter
+// deadline and gave up.
+func TestFetchJoinerOutlivesTheStartersDeadline(t *testing.T) {
+	t.Parallel()
+	rdb := testenv.Redis(t) // a client of this test's own, so the hook sees only its commands
+	misses := &missCounter{}
+	rdb.AddHook(misses)
+	c := newClient(t, cache.Config{Redis: rdb})
+	misses.key.Store(c.ValueKey("shared"))
+	release := make(chan struct{})
+	started := make(chan struct{})
+	load := func(ctx context.Context) (string, error) {
+		close(started)
+		select {
+		case <-release:
+			return "value", nil
+		case <-ctx.Done():
+			return "", ctx.Err()
+		}
+	}
+	hurried, cancel := context.WithTimeout(t.Context(), 50*time.Millisecond)
+	defer cancel()
+	first := make(chan error, 1)
+	go func() {
+		_, err := cache.Fetch(hurried, c, "shared", 0, load)
+		first <- err
+	}()
+	<-started
+	if err := <-first; !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("the hurried caller's Fetch = %v, want its deadline", err)
+	}
+	joined := make(chan error, 1)
+	var got string
+	go func() {
+		var err error
+		got, err = cache.Fetch(t.Context(), c, "shared", 0, func(context.Context) (string, error) {
+			return "", errors.New("a second load: the caller did not join the first")
+		})
+		joined <- err
+	}()
+	// The load is still running: once the joiner missed the cache (its
+	// next step is to join the flight), finish it.
+	<-misses.all(2)
+	time.Sleep(50 * time.Millisecond)
+	close(release)
+	if err := <-joined; err != nil || got != "value" {
+		t.Fatalf("the joiner's Fetch = %q, %v; want the shared load's value", got, err)
+	}
+}
