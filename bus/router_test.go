@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -646,5 +647,57 @@ func TestRouterStopHandsBackWhatItReadAhead(t *testing.T) {
 	if back != n-2 || kept > 2 {
 		t.Fatalf("after the stop, %d entries claimable and %d not; want the %d read ahead claimable, and the 2 stuck ones not (or retried)",
 			back, kept, n-2)
+	}
+}
+
+// TestHardStopHandsBackCancelledHandlers: handlers still running when the
+// drain times out are cancelled, and fail with the context's error; on
+// their last attempt that failure must not dead-letter the entry, nor spend
+// an attempt on an earlier one: the stop caused it, not the event. The
+// entries stay pending and are delivered again.
+func TestHardStopHandsBackCancelledHandlers(t *testing.T) {
+	t.Parallel()
+	// Many, so that some return their error while the stop is still
+	// cancelling the others.
+	const stuckN = 64
+	f := newFixture(t)
+	r, err := bus.NewRouter(bus.RouterConfig{
+		Client: f.rdb, Consumer: "c1", StreamPrefix: f.topic + ":", Logger: testLogger(),
+		Concurrency: stuckN, ClaimMinIdle: time.Hour, DrainTimeout: 100 * time.Millisecond,
+		Retry: bus.RetryPolicy{MaxAttempts: 1},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stuck := make(chan struct{}, stuckN)
+	err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailSent) error {
+		stuck <- struct{}{}
+		<-ctx.Done()
+		return fmt.Errorf("send: %w", ctx.Err())
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := routerPublisher(t, f)
+	for range stuckN {
+		if _, err := pub.PublishEvent(t.Context(), &events.EmailSent{EmailID: events.NewID(), Attempts: 1, SentAt: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stop := runRouter(t, r)
+	for range stuckN {
+		select {
+		case <-stuck:
+		case <-time.After(30 * time.Second):
+			t.Fatal("the handlers never got stuck")
+		}
+	}
+	stop()
+	if dead, err := bus.NewDeadLetters(f.rdb).Count(t.Context(), f.group); err != nil || dead != 0 {
+		t.Errorf("dead letters = %d, %v; want none: the stop cancelled the handlers", dead, err)
+	}
+	stream := f.topic + ":" + events.TypeEmailSent
+	if n := pendingOf(t, f.rdb, stream, f.group, "c1"); n != stuckN {
+		t.Errorf("c1 holds %d entries after the stop, want the %d cancelled ones, to be delivered again", n, stuckN)
 	}
 }

@@ -1325,8 +1325,21 @@ func (s *Subscriber) nackLoop() {
 }
 
 func (s *Subscriber) handleNack(d *delivery) {
-	reason := "nacked without a recorded error"
+	if d.done.Load() {
+		// Handed back at a hard stop while its handler still ran: the
+		// entry stays pending and is delivered again. A retry or a dead
+		// letter written now would decide it for a failure that the stop
+		// itself most likely caused.
+		return
+	}
 	failure := d.failureErr()
+	if s.hardCtx.Err() != nil && errors.Is(failure, context.Canceled) {
+		// Failed because the hard stop cancelled it, not for the event:
+		// handed back, not retried (an attempt spent) or dead-lettered.
+		s.finish(d, outcomeHandedBack)
+		return
+	}
+	reason := "nacked without a recorded error"
 	if failure != nil {
 		reason = failure.Error()
 	}

@@ -140,7 +140,7 @@ func (p *DocumentProcessor) Handle(ctx context.Context, ev *events.DocumentUploa
 	switch {
 	case errors.As(err, &unproc):
 		return p.fail(ctx, parent, ev, ex.ContentType, unproc.reason)
-	case err != nil && bus.IsLastAttempt(ctx):
+	case err != nil && finalAttempt(ctx):
 		return p.fail(ctx, parent, ev, ex.ContentType, fmt.Sprintf("gave up after %d attempts: %v", bus.Attempt(ctx), err))
 	case err != nil:
 		return err
@@ -153,10 +153,18 @@ func (p *DocumentProcessor) Handle(ctx context.Context, ev *events.DocumentUploa
 		summary, err = p.cfg.Summarizer.Summarize(ctx, ex.Text)
 	}
 	if err != nil {
-		if bus.IsLastAttempt(ctx) {
-			return p.fail(ctx, parent, ev, ex.ContentType, fmt.Sprintf("summarizer failed %d times: %v", bus.Attempt(ctx), err))
+		if !bus.IsPermanent(err) && !finalAttempt(ctx) {
+			return fmt.Errorf("summarize document %s: %w", ev.DocID, err)
 		}
-		return fmt.Errorf("summarize document %s: %w", ev.DocID, err)
+		// The summarizer refuses this text for good (too long for the
+		// model, say), or failed on every attempt: the document's text
+		// and counts are there, so it is processed with the built-in
+		// summary rather than failed.
+		p.cfg.Logger.WarnContext(ctx, "summarizer failed; using the built-in summary", "doc_id", ev.DocID,
+			"attempt", bus.Attempt(ctx), "error", err)
+		if summary, err = (Extractive{}).Summarize(ctx, ex.Text); err != nil {
+			return p.fail(ctx, parent, ev, ex.ContentType, fmt.Sprintf("summarizer failed: %v", err))
+		}
 	}
 	done := &events.DocumentProcessed{
 		DocID:       ev.DocID,
@@ -167,6 +175,11 @@ func (p *DocumentProcessor) Handle(ctx context.Context, ev *events.DocumentUploa
 		ProcessedAt: p.cfg.Now().UTC(),
 	}
 	if _, err := p.cfg.Publisher.PublishEvent(ctx, done, bus.WithID(events.DerivedID(parent, "processed"))); err != nil {
+		if invalid := new(events.ValidationError); errors.As(err, &invalid) {
+			// What this document yields cannot be published, and no
+			// retry changes that: the document fails, with the reason.
+			return p.fail(ctx, parent, ev, ex.ContentType, "the outcome cannot be published: "+invalid.Error())
+		}
 		return fmt.Errorf("publish document.processed for %s: %w", ev.DocID, err)
 	}
 	return p.notify(ctx, parent, ev, "processed",
@@ -208,6 +221,14 @@ func (p *DocumentProcessor) read(ctx context.Context, ev *events.DocumentUploade
 		return nil, unprocessable("stored bytes fail the SHA-256 check (got %s, want %s)", sum, ev.SHA256)
 	}
 	return data, nil
+}
+
+// finalAttempt reports whether a failure now is the event's last: its last
+// attempt, and not one cut short by a shutdown or the handler's timeout
+// (ctx done), whose failure is not the event's (at a shutdown the entry is
+// handed back and delivered again).
+func finalAttempt(ctx context.Context) bool {
+	return bus.IsLastAttempt(ctx) && ctx.Err() == nil
 }
 
 func (p *DocumentProcessor) fail(ctx context.Context, parent string, ev *events.DocumentUploaded, contentType, reason string) error {

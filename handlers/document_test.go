@@ -431,6 +431,25 @@ func (b *flakyBlobs) openCount() int {
 	return b.opens
 }
 
+// runTwoAttemptRouter runs p in a router of the document processor's
+// group (returned), with two attempts per event and quick retries.
+func runTwoAttemptRouter(t *testing.T, f *busFixture, p *handlers.DocumentProcessor) string {
+	t.Helper()
+	router, err := bus.NewRouter(bus.RouterConfig{
+		Client: f.rdb, Consumer: "test-1", StreamPrefix: f.prefix, DrainTimeout: 5 * time.Second, Logger: discard,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	group := f.prefix + handlers.DocumentGroup
+	retry := bus.RetryPolicy{MaxAttempts: 2, MinBackoff: 10 * time.Millisecond}
+	if err := bus.Handle(router, group, p.Handle, bus.WithRetry(retry)); err != nil {
+		t.Fatal(err)
+	}
+	runRouter(t, router)
+	return group
+}
+
 // TestDocumentThroughRouter runs the processor in a real router with two
 // attempts per event: a transient failure is retried, and on the last
 // attempt the processor publishes document.processing_failed itself
@@ -480,22 +499,7 @@ func TestDocumentThroughRouter(t *testing.T) {
 			f := newBus(t)
 			blobs := &flakyBlobs{Store: newBlobs(t), failures: tt.failures, err: tt.openErr}
 			p := newProcessor(t, handlers.DocumentProcessorConfig{Blobs: blobs, Publisher: f.pub})
-			router, err := bus.NewRouter(bus.RouterConfig{
-				Client:       f.rdb,
-				Consumer:     "test-1",
-				StreamPrefix: f.prefix,
-				DrainTimeout: 5 * time.Second,
-				Logger:       discard,
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			group := f.prefix + handlers.DocumentGroup
-			retry := bus.RetryPolicy{MaxAttempts: 2, MinBackoff: 10 * time.Millisecond}
-			if err := bus.Handle(router, group, p.Handle, bus.WithRetry(retry)); err != nil {
-				t.Fatal(err)
-			}
-			runRouter(t, router)
+			group := runTwoAttemptRouter(t, f, p)
 
 			up := put(t, blobs, "doc.txt", "Some words.", "")
 			upID, err := f.pub.PublishEvent(t.Context(), up)
@@ -633,4 +637,94 @@ func (m *meetingSummarizer) Summarize(ctx context.Context, text string) (string,
 	case <-time.After(2 * time.Second):
 	}
 	return "summary", nil
+}
+
+// failingSummarizer fails every call with err.
+type failingSummarizer struct {
+	err   error
+	calls atomic.Int32
+}
+
+func (s *failingSummarizer) Model() string { return "failing" }
+
+func (s *failingSummarizer) Summarize(context.Context, string) (string, error) {
+	s.calls.Add(1)
+	return "", s.err
+}
+
+// TestDocumentSummarizerFallback: a summarizer that refuses the text for
+// good, or fails on every attempt, does not fail the document: its text and
+// counts are there, and it is processed with the built-in summary.
+func TestDocumentSummarizerFallback(t *testing.T) {
+	t.Parallel()
+	const text = "The first sentence says a lot. The second one says more. A third adds little."
+	want, err := handlers.Extractive{}.Summarize(t.Context(), text)
+	if err != nil || want == "" {
+		t.Fatalf("built-in summary = %q, %v", want, err)
+	}
+	tests := []struct {
+		name      string
+		err       error
+		wantCalls int32
+	}{
+		{name: "permanent", err: bus.Permanent(errors.New("400: context length exceeded")), wantCalls: 1},
+		{name: "failing on every attempt", err: errors.New("503: busy"), wantCalls: 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f := newBus(t)
+			blobs := newBlobs(t)
+			sum := &failingSummarizer{err: tt.err}
+			p := newProcessor(t, handlers.DocumentProcessorConfig{Blobs: blobs, Publisher: f.pub, Summarizer: sum})
+			group := runTwoAttemptRouter(t, f, p)
+			if _, err := f.pub.PublishEvent(t.Context(), put(t, blobs, "doc.txt", text, "")); err != nil {
+				t.Fatal(err)
+			}
+			got := decode[events.DocumentProcessed](t, f.waitEntries(t, events.TypeDocumentProcessed, 1)[0])
+			if got.Summary != want || got.Words != 15 {
+				t.Errorf("document.processed = %+v, want the built-in summary %q and 15 words", got, want)
+			}
+			f.waitAcked(t, events.TypeDocumentUploaded, group)
+			if n := sum.calls.Load(); n != tt.wantCalls {
+				t.Errorf("summarizer called %d times, want %d", n, tt.wantCalls)
+			}
+			if n := len(f.entries(t, events.TypeDocumentProcessingFailed)); n != 0 {
+				t.Errorf("%d document.processing_failed published", n)
+			}
+		})
+	}
+}
+
+// fixedSummarizer answers every text with summary.
+type fixedSummarizer struct{ summary string }
+
+func (fixedSummarizer) Model() string { return "fixed" }
+
+func (s fixedSummarizer) Summarize(context.Context, string) (string, error) { return s.summary, nil }
+
+// TestDocumentUnpublishableOutcomeFails: an outcome that cannot pass the
+// event's validation (a summary with a NUL byte, which PostgreSQL text
+// cannot hold) fails the document with the reason, rather than being
+// retried until it ends in the dead letters with no outcome at all.
+func TestDocumentUnpublishableOutcomeFails(t *testing.T) {
+	t.Parallel()
+	f := newBus(t)
+	blobs := newBlobs(t)
+	p := newProcessor(t, handlers.DocumentProcessorConfig{Blobs: blobs, Publisher: f.pub, Summarizer: fixedSummarizer{"a\x00b"}})
+	up := put(t, blobs, "doc.txt", "Some words here.", "reader@example.com")
+	ctx, _ := handling(t, events.TypeDocumentUploaded)
+	if err := p.Handle(ctx, up); err != nil {
+		t.Fatalf("Handle = %v, want nil: retrying cannot help", err)
+	}
+	got := f.entries(t, events.TypeDocumentProcessingFailed)
+	if len(got) != 1 {
+		t.Fatalf("%d document.processing_failed published, want 1", len(got))
+	}
+	if failed := decode[events.DocumentProcessingFailed](t, got[0]); !strings.Contains(failed.Reason, "cannot be published") {
+		t.Errorf("reason = %q, want it to say the outcome cannot be published", failed.Reason)
+	}
+	if n := len(f.entries(t, events.TypeDocumentProcessed)); n != 0 {
+		t.Errorf("%d document.processed published", n)
+	}
 }

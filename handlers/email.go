@@ -187,7 +187,7 @@ func (s *EmailSender) Handle(ctx context.Context, ev *events.EmailRequested) err
 	})
 	cancel()
 	if err != nil {
-		if bus.IsPermanent(err) || bus.IsLastAttempt(ctx) {
+		if bus.IsPermanent(err) || finalAttempt(ctx) {
 			return s.publishFailed(ctx, parent, ev, err)
 		}
 		return fmt.Errorf("send email %s: %w", ev.EmailID, err)
