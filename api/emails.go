@@ -110,9 +110,12 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 // email.scheduled, so reads show "scheduled" until it is due. The view for
 // reads is recorded last, as in accept.
 //
-// Without an Idempotency-Key, the held-back request is stored first: if the
-// second write fails it is withdrawn, so a 503 never leaves an email that
-// will still be sent. Under a key, both writes are first recorded with the
+// Without an Idempotency-Key, the held-back request is stored first: if
+// either write fails, it is withdrawn before the 503, so that a retry does
+// not send the email twice. If it cannot be withdrawn, the email will be
+// sent: after a failed notice, that is a 202 (reads show the email as
+// accepted); after a hold whose outcome is unknown, a 503 that says so.
+// Under a key, both writes are first recorded with the
 // key and each is made at most once by its id; a failure keeps the record,
 // and a retry finishes both writes instead of holding the email back twice.
 func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, sendAt time.Time) (int, any) {
@@ -156,16 +159,31 @@ func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, send
 			return unavailable()
 		}
 	} else {
+		// withdraw takes the held-back email out again, and reports
+		// whether it is surely not held (so it will not be sent).
+		withdraw := func() bool {
+			if _, err := a.cfg.Publisher.CancelDelayed(context.WithoutCancel(ctx), events.TypeEmailRequested, ev.EmailID, sendAt); err != nil {
+				a.log.Error("withdraw held-back email; it may still be sent", "email_id", ev.EmailID, "error", err)
+				return false
+			}
+			return true
+		}
 		if _, err := a.cfg.Publisher.PublishAt(ctx, sendAt, ev, bus.WithID(ev.EmailID)); err != nil {
 			a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
+			if bus.MaybeWritten(err) && !withdraw() {
+				return errResp(http.StatusServiceUnavailable, "unavailable", maybeAccepted)
+			}
 			return unavailable()
 		}
 		if _, err := a.cfg.Publisher.PublishEvent(ctx, sched); err != nil {
-			a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
-			if _, cerr := a.cfg.Publisher.CancelDelayed(context.WithoutCancel(ctx), events.TypeEmailRequested, ev.EmailID, sendAt); cerr != nil {
-				a.log.Error("withdraw held-back email; it will still be sent", "email_id", ev.EmailID, "error", cerr)
+			if withdraw() {
+				a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
+				return unavailable()
 			}
-			return unavailable()
+			// Held back, and it will be sent: accepted. Reads show it
+			// from the accepted marker below until it is sent.
+			a.log.Error("schedule email: held back, but its notice is not published; it will be sent, and shows as scheduled only to this api's reads until then",
+				"email_id", ev.EmailID, "error", err)
 		}
 	}
 	if err := a.cfg.Idem.Put(context.WithoutCancel(ctx), acceptedEmailKey(ev.EmailID), string(rawView), acceptedTTL); err != nil {

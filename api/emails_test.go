@@ -3,6 +3,7 @@ package api_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/conveyor/conveyor/api"
 	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/events"
 	"github.com/conveyor/conveyor/store"
@@ -218,9 +220,13 @@ func TestPostEmail_publishFails(t *testing.T) {
 		name   string
 		client func(t testing.TB) redis.UniversalClient
 		body   string
+		// maybe is whether the email may have been accepted all the same
+		// (a write may have landed before the connection broke): without
+		// a key to retry under, the answer must say so.
+		maybe bool
 	}{
 		{name: "closed client", client: closedRedis, body: `{"to":"ann@example.com","subject":"s","body":"b"}`},
-		{name: "nothing listening", client: deadRedis, body: `{"to":"ann@example.com","subject":"s","body":"b"}`},
+		{name: "nothing listening", client: deadRedis, body: `{"to":"ann@example.com","subject":"s","body":"b"}`, maybe: true},
 		{name: "scheduled, closed client", client: closedRedis,
 			body: `{"to":"ann@example.com","subject":"s","body":"b","send_at":"` + time.Now().Add(time.Hour).Format(time.RFC3339) + `"}`},
 	}
@@ -230,6 +236,9 @@ func TestPostEmail_publishFails(t *testing.T) {
 			e := newEnv(t, withPublisherRedis(tt.client(t)))
 			r := e.postJSON(t, "/v1/emails", tt.body)
 			wantError(t, r, http.StatusServiceUnavailable, "unavailable")
+			if got := strings.Contains(string(r.body), "may have been accepted"); got != tt.maybe {
+				t.Errorf("body %s: says the email may have been accepted: %v, want %v", r.body, got, tt.maybe)
+			}
 			if keys := e.keys(t, "idem:*"); len(keys) != 0 {
 				t.Errorf("records %v left behind", keys)
 			}
@@ -425,4 +434,58 @@ func TestPostEmail_scheduledNoticeRetried(t *testing.T) {
 	if es := e.entries(t, events.TypeEmailScheduled); len(es) != 1 {
 		t.Errorf("%d email.scheduled entries, want 1", len(es))
 	}
+}
+
+// faultyPublisher is a real Publisher whose PublishAt reports a lost
+// connection after it held the event back (so the outcome looks unknown),
+// and whose CancelDelayed fails, as when Redis goes away mid-request.
+type faultyPublisher struct {
+	api.Publisher
+	lostAfterHold bool
+}
+
+var errRedisGone = errors.New("read tcp 127.0.0.1:6379: connection reset by peer")
+
+func (p faultyPublisher) PublishAt(ctx context.Context, at time.Time, ev events.Event, opts ...bus.PublishOption) (string, error) {
+	id, err := p.Publisher.PublishAt(ctx, at, ev, opts...)
+	if err == nil && p.lostAfterHold {
+		return "", errRedisGone
+	}
+	return id, err
+}
+
+func (p faultyPublisher) CancelDelayed(context.Context, string, string, time.Time) (bool, error) {
+	return false, errRedisGone
+}
+
+// TestPostEmail_scheduledWithoutKeyNeverAnswers503ForAnEmailItSends: a
+// scheduled email without an Idempotency-Key, whose held-back request
+// cannot be withdrawn after a failure, will be sent. The answer must not
+// be a plain "retry later", whose retry would send it twice: a failed
+// notice gets 202, and a hold whose outcome is unknown a 503 that says the
+// email may have been accepted.
+func TestPostEmail_scheduledWithoutKeyNeverAnswers503ForAnEmailItSends(t *testing.T) {
+	t.Parallel()
+	sendAt := time.Now().Add(time.Hour).UTC().Truncate(time.Second)
+	req := `{"to":"ann@example.com","subject":"Later","body":"b","send_at":"` + sendAt.Format(time.RFC3339) + `"}`
+
+	t.Run("notice refused", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, withPublisher(func(p api.Publisher) api.Publisher { return faultyPublisher{Publisher: p} }))
+		e.refuseAppends(t, events.TypeEmailScheduled)
+		r := e.postJSON(t, "/v1/emails", req)
+		wantStatus(t, r, http.StatusAccepted)
+		if n, err := e.rdb.ZCard(t.Context(), bus.DelayedSet(e.prefix+events.TypeEmailRequested)).Result(); err != nil || n != 1 {
+			t.Errorf("%d held-back email.requested (%v), want the 1 accepted", n, err)
+		}
+	})
+	t.Run("hold of unknown outcome", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, withPublisher(func(p api.Publisher) api.Publisher { return faultyPublisher{Publisher: p, lostAfterHold: true} }))
+		r := e.postJSON(t, "/v1/emails", req)
+		wantError(t, r, http.StatusServiceUnavailable, "unavailable")
+		if !strings.Contains(string(r.body), "may have been accepted") {
+			t.Errorf("body %s, want it to say the email may have been accepted", r.body)
+		}
+	})
 }

@@ -228,6 +228,15 @@ type acceptOutcome struct {
 // finishes this request instead of accepting the work a second time.
 func (a *API) accept(ctx context.Context, viewKey string, view any, ev events.Event, resp any) (out acceptOutcome) {
 	unavailable := acceptOutcome{status: http.StatusServiceUnavailable, body: errBody("unavailable", "cannot accept work right now; retry later")}
+	if idemCallFrom(ctx) == nil {
+		defer func() {
+			// No key finishes this request on a retry: the client must
+			// know that a retry may do the work twice.
+			if out.maybePublished {
+				out.body = errBody("unavailable", maybeAccepted)
+			}
+		}()
+	}
 	rawView, err := json.Marshal(view)
 	if err != nil {
 		return acceptOutcome{status: http.StatusInternalServerError, body: errBody("internal", "internal error")}
@@ -289,6 +298,10 @@ func (a *API) accept(ctx context.Context, viewKey string, view any, ev events.Ev
 	}
 	return acceptOutcome{ok: true}
 }
+
+// maybeAccepted is the message of a 503 after which the work may have been
+// accepted after all, for a request without an Idempotency-Key.
+const maybeAccepted = "may have been accepted; sending it again may do the work twice (send an Idempotency-Key, and a retry with it finishes this request instead)"
 
 // settleFor bounds how long accept keeps asking Redis, after a publish
 // whose outcome is unknown, whether the event was appended.

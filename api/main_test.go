@@ -84,6 +84,8 @@ type envConfig struct {
 	// UploadWait; 0 means their defaults.
 	maxUploads int
 	uploadWait time.Duration
+	// wrapPub, if set, wraps the API's Publisher (to make a call fail).
+	wrapPub func(api.Publisher) api.Publisher
 	// sharing, if set, is an env whose Redis prefix, database and blob
 	// directory this one uses: a second API replica of the same system.
 	sharing *env
@@ -117,6 +119,11 @@ func withIdempotencyLease(d time.Duration) envOption {
 // withUploadLimit sets the API's MaxConcurrentUploads and UploadWait.
 func withUploadLimit(n int, wait time.Duration) envOption {
 	return func(cfg *envConfig) { cfg.maxUploads, cfg.uploadWait = n, wait }
+}
+
+// withPublisher wraps the API's Publisher (to make a call fail, say).
+func withPublisher(wrap func(api.Publisher) api.Publisher) envOption {
+	return func(cfg *envConfig) { cfg.wrapPub = wrap }
 }
 
 // withBlobs wraps the API's blob storage (to make it fail, say).
@@ -180,8 +187,12 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 	if cfg.checks != nil {
 		checks = cfg.checks(e)
 	}
+	var apiPub api.Publisher = pub
+	if cfg.wrapPub != nil {
+		apiPub = cfg.wrapPub(pub)
+	}
 	a, err := api.New(api.Config{
-		Publisher:            pub,
+		Publisher:            apiPub,
 		Blobs:                blobs,
 		Reader:               e.store,
 		Cache:                e.cache,
