@@ -46,9 +46,12 @@ type Config struct {
 	RetryMaxBackoff      time.Duration
 	ClaimMinIdle         time.Duration
 	ShutdownTimeout      time.Duration
-	DataDir              string
-	SchedulesFile        string
-	MaxDelay             time.Duration
+	// ShutdownDelay is how long the api keeps serving, unready, after
+	// SIGTERM before it stops accepting.
+	ShutdownDelay time.Duration
+	DataDir       string
+	SchedulesFile string
+	MaxDelay      time.Duration
 	// StuckAfter is 0 unless STUCK_AFTER is set: the scheduler then derives
 	// it from the retry policy (see cmd/conveyor).
 	StuckAfter     time.Duration
@@ -92,6 +95,7 @@ var Vars = []Var{
 	{"RETRY_BACKOFF_MAX", "10m", "Longest delay between retries."},
 	{"CLAIM_MIN_IDLE", "10s", "Idle time after which a dead consumer's messages are claimed by a live replica."},
 	{"SHUTDOWN_TIMEOUT", "20s", "How long a stopping process lets running requests and handlers finish. Keep the container stop grace period longer."},
+	{"SHUTDOWN_DELAY", "0s", "api only: how long it keeps serving after SIGTERM, with /readyz failing, before it stops accepting, so that a load balancer (Kubernetes endpoints) stops sending it requests first. Keep the grace period longer than this plus SHUTDOWN_TIMEOUT."},
 	{"CONVEYOR_DATA_DIR", "./.conveyor", "conveyor up only: where the local Redis and PostgreSQL keep their data (redis/, postgres/), and uploads (blobs/) and outbox emails (outbox/) unless BLOB_DIR / OUTBOX_DIR are set. Run as root, it must be a folder the postgres user can enter."},
 	{"SCHEDULES_FILE", "(none: built-in schedules only)", "YAML file of periodic events (cron) and built-in schedule overrides, read by the scheduler."},
 	{"MAX_DELAY", "720h", "Longest accepted delay of a delayed event or email (30 days); further → 422."},
@@ -125,6 +129,7 @@ func Load(getenv func(string) string) (Config, error) {
 		RetryMaxBackoff:      r.duration("RETRY_BACKOFF_MAX", 10*time.Minute),
 		ClaimMinIdle:         r.duration("CLAIM_MIN_IDLE", 10*time.Second),
 		ShutdownTimeout:      r.duration("SHUTDOWN_TIMEOUT", 20*time.Second),
+		ShutdownDelay:        r.duration("SHUTDOWN_DELAY", 0),
 		DataDir:              r.str("CONVEYOR_DATA_DIR", "./.conveyor"),
 		SchedulesFile:        r.str("SCHEDULES_FILE", ""),
 		MaxDelay:             r.duration("MAX_DELAY", 30*24*time.Hour),
@@ -170,6 +175,9 @@ func Load(getenv func(string) string) (Config, error) {
 	}
 	if c.ClaimMinIdle < time.Second {
 		r.fail("CLAIM_MIN_IDLE", "must be at least 1s")
+	}
+	if c.ShutdownDelay < 0 {
+		r.fail("SHUTDOWN_DELAY", "must not be negative")
 	}
 	if c.ShutdownTimeout <= 0 {
 		r.fail("SHUTDOWN_TIMEOUT", "must be positive")

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -53,6 +54,8 @@ type app struct {
 	reg      *prometheus.Registry
 	metrics  *bus.Metrics
 	lease    *bus.ConsumerLease
+	// stopping is set once a stop began (SHUTDOWN_DELAY: readiness fails).
+	stopping atomic.Bool
 }
 
 type needs struct {
@@ -112,6 +115,10 @@ func redisOptions(url string) (*redis.Options, error) {
 	return opt, nil
 }
 
+// errStoppedWhileStarting is the error of a command stopped while it
+// waited for Redis or PostgreSQL: exit status 0.
+var errStoppedWhileStarting = errors.New("stopped while starting")
+
 // waitFor retries check with backoff until it succeeds or ctx ends: at
 // start a dependency may still be coming up, and a process that exits on
 // that only crash-loops.
@@ -127,7 +134,7 @@ func waitFor(ctx context.Context, log *slog.Logger, what string, check func(cont
 		log.Warn("waiting for "+what, "error", err, "retry_in", wait)
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("%s not reachable: %w", what, err)
+			return fmt.Errorf("%w: %s not reachable: %w", errStoppedWhileStarting, what, err)
 		case <-time.After(wait):
 		}
 		wait = min(wait*2, 5*time.Second)
@@ -231,6 +238,14 @@ func (a *app) checks(router *bus.Router) map[string]api.Check {
 	if router != nil {
 		c["consumers"] = func(context.Context) error { return router.Err() }
 	}
+	if a.cfg.ShutdownDelay > 0 {
+		c["accepting"] = func(context.Context) error {
+			if a.stopping.Load() {
+				return errors.New("stopping")
+			}
+			return nil
+		}
+	}
 	return c
 }
 
@@ -282,16 +297,6 @@ func serve(ctx context.Context, srv *http.Server, ln net.Listener, timeout time.
 		return err
 	}
 	return nil
-}
-
-// listen opens the role's HTTP listener early, so a port conflict fails the
-// start instead of a running process.
-func listen(addr string) (net.Listener, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s (HTTP_ADDR): %w", addr, err)
-	}
-	return ln, nil
 }
 
 // opsHandler serves /healthz, /readyz and /metrics for roles without the API.

@@ -40,7 +40,32 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), sigs...)
 	defer stop()
+	go exitOnSecondSignal(ctx, stop, sigs)
+	if len(os.Args) > 1 && longRunning[os.Args[1]] {
+		// A server whose output goes to a pipe that closed (`| tee`
+		// ended by the same Ctrl-C) would otherwise die of SIGPIPE at
+		// its next log line, without draining or flushing its acks; its
+		// writes fail instead.
+		signal.Ignore(syscall.SIGPIPE)
+	}
 	os.Exit(run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
+}
+
+// longRunning names the commands that run until stopped.
+var longRunning = map[string]bool{"api": true, "handler": true, "projector": true, "scheduler": true, "up": true}
+
+// exitOnSecondSignal ends the process at once on a signal that arrives
+// while the first one's graceful stop runs (an impatient Ctrl-C): the
+// stop would otherwise take up to SHUTDOWN_TIMEOUT whatever the user does.
+// The servers `conveyor up` started die with it (on Linux; see embedded).
+func exitOnSecondSignal(ctx context.Context, stop context.CancelFunc, sigs []os.Signal) {
+	<-ctx.Done()
+	again := make(chan os.Signal, 1)
+	signal.Notify(again, sigs...)
+	stop()
+	s := <-again
+	fmt.Fprintf(os.Stderr, "conveyor: %v again: exiting now, without finishing the graceful stop\n", s)
+	os.Exit(130)
 }
 
 // command is one subcommand.
@@ -70,7 +95,7 @@ type environment struct {
 var allVars = []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "BLOB_DIR", "SMTP_URL", "SMTP_FROM",
 	"SMTP_TIMEOUT", "OUTBOX_DIR", "CONSUMER_NAME", "MAX_UPLOAD_BYTES", "MAX_CONCURRENT_UPLOADS", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT",
 	"SUMMARIZER_URL", "SUMMARIZER_MODEL", "SUMMARIZER_API_KEY", "RETRY_MAX_ATTEMPTS", "RETRY_BACKOFF_MIN",
-	"RETRY_BACKOFF_MAX", "CLAIM_MIN_IDLE", "SHUTDOWN_TIMEOUT", "SCHEDULES_FILE", "MAX_DELAY", "STUCK_AFTER", "BLOB_RETENTION", "INBOX_RETENTION"}
+	"RETRY_BACKOFF_MAX", "CLAIM_MIN_IDLE", "SHUTDOWN_TIMEOUT", "SHUTDOWN_DELAY", "SCHEDULES_FILE", "MAX_DELAY", "STUCK_AFTER", "BLOB_RETENTION", "INBOX_RETENTION"}
 
 func commands() []*command {
 	return []*command{
@@ -132,6 +157,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	env := &environment{cfg: cfg, getenv: getenv, stdout: stdout, stderr: stderr}
 	if err := cmd.run(ctx, env, opts, fs.Args()); err != nil {
+		if errors.Is(err, errStoppedWhileStarting) && ctx.Err() != nil {
+			// Stopped by a signal while it waited for its dependencies:
+			// as graceful as any stop.
+			fmt.Fprintf(stderr, "conveyor %s: %v\n", cmd.name, err)
+			return 0
+		}
 		if errors.Is(err, errUsage) {
 			fmt.Fprintf(stderr, "conveyor %s: %v\n", cmd.name, err)
 			return 2

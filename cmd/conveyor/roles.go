@@ -24,7 +24,7 @@ func apiCommand() *command {
 POST /v1/emails, GET /v1/emails/{id}, POST /v1/events, POST /v1/events/batch,
 plus /healthz, /readyz and /metrics. On SIGTERM it stops accepting and lets
 running requests finish within SHUTDOWN_TIMEOUT.`,
-		vars: []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "BLOB_DIR", "MAX_UPLOAD_BYTES", "MAX_CONCURRENT_UPLOADS", "MAX_DELAY", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT", "SHUTDOWN_TIMEOUT"},
+		vars: []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "BLOB_DIR", "MAX_UPLOAD_BYTES", "MAX_CONCURRENT_UPLOADS", "MAX_DELAY", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT", "SHUTDOWN_TIMEOUT", "SHUTDOWN_DELAY"},
 		run: func(ctx context.Context, env *environment, _ any, _ []string) error {
 			log := newLogger(env.cfg, os.Stderr)
 			ln, err := listen(env.cfg.HTTPAddr)
@@ -42,9 +42,27 @@ running requests finish within SHUTDOWN_TIMEOUT.`,
 				return err
 			}
 			log.Info("api listening", "addr", ln.Addr().String())
-			return serve(ctx, newServer(env.cfg.HTTPAddr, h, log), ln, env.cfg.ShutdownTimeout, log)
+			return serve(a.stopAfterDelay(ctx), newServer(env.cfg.HTTPAddr, h, log), ln, env.cfg.ShutdownTimeout, log)
 		},
 	}
+}
+
+// stopAfterDelay returns a context that ends SHUTDOWN_DELAY after ctx:
+// meanwhile the api's readiness fails (check "accepting"), so that load
+// balancers stop sending before it stops accepting.
+func (a *app) stopAfterDelay(ctx context.Context) context.Context {
+	if a.cfg.ShutdownDelay <= 0 {
+		return ctx
+	}
+	delayed, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	go func() {
+		<-ctx.Done()
+		a.stopping.Store(true)
+		a.log.Info("stopping: readiness fails now; the api stops accepting after SHUTDOWN_DELAY", "delay", a.cfg.ShutdownDelay)
+		time.Sleep(a.cfg.ShutdownDelay)
+		cancel()
+	}()
+	return delayed
 }
 
 // apiHandler returns the api's handler. router, if not nil, is a router

@@ -1,10 +1,14 @@
 package main
 
 import (
+	"errors"
+	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -76,5 +80,124 @@ func TestHangup(t *testing.T) {
 				t.Fatal("still running 30 s after SIGTERM")
 			}
 		})
+	}
+}
+
+// TestStartingProcessAnswersLiveness: a process that waits for its Redis
+// (down, here) answers /healthz at once, so a liveness probe does not kill
+// it in a loop, and 503 "starting" elsewhere; a SIGTERM then stops it with
+// exit status 0.
+func TestStartingProcessAnswersLiveness(t *testing.T) {
+	t.Parallel()
+	dead := "redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t))
+	p := harness.Start(t, "handler", []string{"REDIS_URL=" + dead}, "handler")
+	client := &http.Client{Timeout: 10 * time.Second} // a process that never answers fails the test
+	get := func(path string) (int, string) {
+		t.Helper()
+		deadline := time.Now().Add(time.Minute)
+		for {
+			resp, err := client.Get(p.URL() + path)
+			if err == nil {
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				return resp.StatusCode, string(b)
+			}
+			if time.Now().After(deadline) || p.Exited() {
+				t.Fatalf("GET %s: %v (exited: %v)", path, err, p.Exited())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if code, body := get("/healthz"); code != http.StatusOK {
+		t.Errorf("/healthz while waiting for Redis = %d %s, want 200", code, body)
+	}
+	if code, body := get("/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "starting") {
+		t.Errorf("/readyz while waiting for Redis = %d %s, want 503 starting", code, body)
+	}
+	for deadline := time.Now().Add(time.Minute); !strings.Contains(p.Log(), "waiting for redis"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) || p.Exited() {
+			t.Fatalf("the handler is not waiting for Redis:\n%s", p.Log())
+		}
+	}
+	if err := p.Stop(30 * time.Second); err != nil {
+		t.Errorf("SIGTERM while starting: %v, want exit status 0", err)
+	}
+}
+
+// TestSecondSignalExitsAtOnce: a second SIGTERM during a graceful stop that
+// waits for a slow upload ends the process at once (status 130) instead of
+// after SHUTDOWN_TIMEOUT.
+func TestSecondSignalExitsAtOnce(t *testing.T) {
+	t.Parallel()
+	p := harness.Start(t, "api", []string{
+		"REDIS_URL=" + testenv.RedisURL(t), "DATABASE_URL=" + testenv.DatabaseURL(t),
+		"BLOB_DIR=" + t.TempDir(), "SHUTDOWN_TIMEOUT=10m",
+	}, "api")
+	p.WaitReady(t, time.Minute)
+	// An upload whose body never ends: the graceful stop waits for it.
+	conn, err := net.Dial("tcp", p.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, "POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if err := p.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if p.Wait(time.Second) {
+		t.Fatalf("stopped before its upload ended: %v\n%s", p.ExitErr(), p.Log())
+	}
+	if err := p.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if !p.Wait(30 * time.Second) {
+		t.Fatal("still running 30 s after a second SIGTERM")
+	}
+	var exit *exec.ExitError
+	if err := p.ExitErr(); !errors.As(err, &exit) || exit.ExitCode() != 130 {
+		t.Errorf("exit = %v, want status 130", err)
+	}
+	if !strings.Contains(p.Log(), "again: exiting now") {
+		t.Errorf("no word of the second signal in the log:\n%s", p.Log())
+	}
+}
+
+// TestShutdownDelay: with SHUTDOWN_DELAY, a SIGTERM first makes the api's
+// readiness fail while it still serves, then the api stops (status 0).
+func TestShutdownDelay(t *testing.T) {
+	t.Parallel()
+	p := harness.Start(t, "api", []string{
+		"REDIS_URL=" + testenv.RedisURL(t), "DATABASE_URL=" + testenv.DatabaseURL(t),
+		"BLOB_DIR=" + t.TempDir(), "SHUTDOWN_DELAY=15s",
+	}, "api")
+	p.WaitReady(t, time.Minute)
+	if err := p.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	// Well within the delay, however slow the machine.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := http.Get(p.URL() + "/readyz")
+		if err != nil {
+			t.Fatalf("/readyz right after SIGTERM: %v, want it served (failing) for SHUTDOWN_DELAY", err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusServiceUnavailable && strings.Contains(string(b), `"accepting":"down"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz after SIGTERM = %d %s, want 503 with accepting down", resp.StatusCode, b)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !p.Wait(time.Minute) {
+		t.Fatal("still running a minute after SIGTERM")
+	}
+	if err := p.ExitErr(); err != nil {
+		t.Errorf("exit = %v, want 0", err)
 	}
 }
