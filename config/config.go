@@ -77,7 +77,7 @@ var Vars = []Var{
 	{"DATABASE_URL", "(conveyor up: a local PostgreSQL)", "PostgreSQL for the read models: postgres://user:pass@host:5432/db?sslmode=disable, or postgres:///db?host=/var/run/postgresql for a Unix socket."},
 	{"HTTP_ADDR", ":8080", "Listen address of the role's HTTP server (the API for `api`; /healthz, /readyz and /metrics for every role)."},
 	{"BLOB_DIR", "./data/blobs (conveyor up: CONVEYOR_DATA_DIR/blobs)", "Directory of uploaded bytes, shared by api, handler and scheduler replicas (the scheduler's blob retention removes expired bytes from it)."},
-	{"SMTP_URL", "(none: emails go to OUTBOX_DIR)", "smtp://[user:pass@]host:port (STARTTLS if offered; ?tls=required|none) or smtps://host:port."},
+	{"SMTP_URL", "(none: emails go to OUTBOX_DIR)", "smtp://[user:pass@]host:port (STARTTLS if offered; ?tls=required|none) or smtps://host:port. A user and password are sent only over TLS; add ?auth=plain-insecure to send them unencrypted (needed with tls=none)."},
 	{"SMTP_FROM", "Conveyor <conveyor@localhost>", "Sender address of emails."},
 	{"SMTP_TIMEOUT", "30s", "Timeout of each part of one SMTP send: connecting (with TLS and authentication), then the message."},
 	{"OUTBOX_DIR", "./data/outbox (conveyor up: CONVEYOR_DATA_DIR/outbox)", "Where emails are written as .eml files when SMTP_URL is unset."},

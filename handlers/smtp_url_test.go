@@ -28,6 +28,13 @@ func TestNewSMTP(t *testing.T) {
 		{name: "escaped credentials", url: "smtp://user%40example.com:p%40ss%20word@mail.example.com:2525", wantAddr: "mail.example.com:2525", wantTLS: "TLSOpportunistic"},
 		{name: "IPv6 host", url: "smtp://[::1]:2525?tls=none", wantAddr: "::1:2525", wantTLS: "NoTLS"},
 		{name: "bad tls value", url: "smtp://mail.example.com?tls=maybe", wantErr: "tls must be opportunistic, required or none"},
+		// A password is sent only inside TLS, unless the URL says
+		// otherwise: with tls=none it could only fail every send.
+		{name: "credentials with tls=none", url: "smtp://user:secret@mail.example.com?tls=none", wantErr: "auth=plain-insecure"},
+		{name: "credentials with tls=none, allowed", url: "smtp://user:secret@mail.example.com?tls=none&auth=plain-insecure", wantAddr: "mail.example.com:25", wantTLS: "NoTLS"},
+		{name: "credentials, allowed without TLS", url: "smtp://user:secret@mail.example.com?auth=plain-insecure", wantAddr: "mail.example.com:587", wantTLS: "TLSOpportunistic"},
+		{name: "tls=none without credentials", url: "smtp://mail.example.com?tls=none&auth=plain-insecure", wantAddr: "mail.example.com:25", wantTLS: "NoTLS"},
+		{name: "bad auth value", url: "smtp://user:secret@mail.example.com?auth=plain", wantErr: "auth must be plain-insecure"},
 		{name: "missing host", url: "smtp://", wantErr: "names no host"},
 		{name: "port without host", url: "smtp://:25", wantErr: "names no host"},
 		{name: "no scheme", url: "mail.example.com:25", wantErr: "names no host"},
@@ -71,7 +78,8 @@ func TestNewSMTP(t *testing.T) {
 // any of it.
 func TestSMTPURLErrorsHideThePassword(t *testing.T) {
 	t.Parallel()
-	for _, u := range []string{"smtp://user:s3cr/etpw@mail.example.com:25", "smtp://user:s3cr#etpw@[mail.example.com:25", "s3cr/etpw"} {
+	for _, u := range []string{"smtp://user:s3cr/etpw@mail.example.com:25", "smtp://user:s3cr#etpw@[mail.example.com:25", "s3cr/etpw",
+		"smtp://user:s3cretpw@mail.example.com?tls=none", "smtp://user:s3cretpw@mail.example.com?auth=yes"} {
 		_, err := NewSMTP(SMTPConfig{URL: u})
 		if err == nil {
 			t.Fatalf("NewSMTP(%q): no error", u)
