@@ -496,15 +496,18 @@ var qApplyEmailsRequested = firstEvent("emails", "email_id", `
 		SELECT t.id, 'queued', t.rcpt, t.subj, NULLIF(t.doc, '')::uuid, t.at
 		FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS t(id, rcpt, subj, doc, at)
 		ON CONFLICT (email_id) DO UPDATE SET
-		  recipient = EXCLUDED.recipient,
-		  subject = EXCLUDED.subject,
-		  doc_id = EXCLUDED.doc_id,
-		  requested_at = EXCLUDED.requested_at,
+		  recipient = COALESCE(emails.recipient, EXCLUDED.recipient),
+		  subject = COALESCE(emails.subject, EXCLUDED.subject),
+		  doc_id = COALESCE(emails.doc_id, EXCLUDED.doc_id),
+		  requested_at = COALESCE(emails.requested_at, EXCLUDED.requested_at),
 		  status = CASE WHEN emails.status = 'scheduled' THEN 'queued' ELSE emails.status END,
 		  updated_at = now()`)
 
 // ApplyEmailsRequested records requested emails as queued, without moving
-// a status back.
+// a status back. It fills in what the row lacks (email.sent may have been
+// projected first) but never rewrites what it has: a second request under
+// an email id already used (an upstream that reuses ids) is not the email
+// the sender sent, which went out once, to the first request's recipient.
 func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailRequested) error {
 	evs, later := splitRepeats(evs, func(e *events.EmailRequested) string { return strings.ToLower(e.EmailID) })
 	var id, to, subj, doc, at []string

@@ -310,6 +310,14 @@ func TestApplyEmails(t *testing.T) {
 				again.Attempts, again.MessageID = 9, "<other@example.com>"
 				return []events.Event{requested(id), sent(id), again}
 			}},
+		{name: "a second request under a used email id rewrites nothing",
+			want: mergeEmail(rowRequested, rowSent),
+			seq: func(id string) []events.Event {
+				other := requested(id)
+				other.To, other.Subject, other.DocID = "mallory@example.com", "Replaced", events.NewID()
+				other.RequestedAt = other.RequestedAt.Add(time.Hour)
+				return []events.Event{requested(id), sent(id), other}
+			}},
 		{name: "sent keeps the requested recipient",
 			want: mergeEmail(rowRequested, rowSent),
 			seq: func(id string) []events.Event {
