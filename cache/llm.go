@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -72,10 +73,15 @@ func NewLLM(cfg LLMConfig) (*LLM, error) {
 
 // Key returns the cache key of req: "llm:", the model, ":", and the hex
 // SHA-256 of the canonical JSON of the parameters (keys sorted, at every
-// level) and the normalised prompt. The prompt is normalised by trimming it
-// and collapsing every run of whitespace into one space; case is kept, since
-// it can change the answer. No parameters and empty parameters give the same
-// key. Key returns "" if the parameters cannot be encoded as JSON.
+// level), a line break, and the normalised prompt. The prompt is normalised
+// by trimming it and collapsing every run of whitespace into one space; case
+// is kept, since it can change the answer. No parameters and empty
+// parameters give the same key. Key returns "" if the parameters cannot be
+// encoded as JSON. (The JSON holds no raw line break, so the two parts
+// cannot be confused.)
+//
+// The prompt's words go straight into the hash: a prompt may be a whole
+// document, and copying it into words took many times its size.
 func (l *LLM) Key(req LLMRequest) string {
 	params := req.Params
 	if params == nil {
@@ -83,15 +89,24 @@ func (l *LLM) Key(req LLMRequest) string {
 	}
 	// encoding/json writes map keys in sorted order, which makes this
 	// encoding canonical.
-	canonical, err := json.Marshal(struct {
-		Params map[string]any `json:"params"`
-		Prompt string         `json:"prompt"`
-	}{params, normalizePrompt(req.Prompt)})
+	p, err := json.Marshal(params)
 	if err != nil {
 		return ""
 	}
-	sum := sha256.Sum256(canonical)
-	return "llm:" + req.Model + ":" + hex.EncodeToString(sum[:])
+	h := sha256.New()
+	w := bufio.NewWriterSize(h, 4<<10)
+	_, _ = w.Write(p) // writes to a hash do not fail
+	_ = w.WriteByte('\n')
+	first := true
+	for word := range strings.FieldsSeq(req.Prompt) {
+		if !first {
+			_ = w.WriteByte(' ')
+		}
+		_, _ = w.WriteString(word)
+		first = false
+	}
+	_ = w.Flush()
+	return "llm:" + req.Model + ":" + hex.EncodeToString(h.Sum(nil))
 }
 
 // Do returns the cached response to req, or calls call and caches its
@@ -112,10 +127,4 @@ func (l *LLM) Do(ctx context.Context, req LLMRequest, call func(ctx context.Cont
 		}
 		return resp, err
 	})
-}
-
-// normalizePrompt trims s and collapses every run of whitespace into one
-// space.
-func normalizePrompt(s string) string {
-	return strings.Join(strings.Fields(s), " ")
 }

@@ -2,9 +2,13 @@ package cache_test
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"math"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -173,5 +177,79 @@ func TestLLMDoUnencodableParams(t *testing.T) {
 	})
 	if err == nil {
 		t.Error("Do: no error, want one")
+	}
+}
+
+// plainKey is Key written the plain way, with the prompt's words joined in
+// memory: TestLLMKeyStreamsWhatItWouldJoin holds Key to it.
+func plainKey(req cache.LLMRequest) string {
+	params := req.Params
+	if params == nil {
+		params = map[string]any{}
+	}
+	p, err := json.Marshal(params)
+	if err != nil {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(string(p) + "\n" + strings.Join(strings.Fields(req.Prompt), " ")))
+	return "llm:" + req.Model + ":" + hex.EncodeToString(sum[:])
+}
+
+func TestLLMKeyStreamsWhatItWouldJoin(t *testing.T) {
+	t.Parallel()
+	llm := newLLM(t)
+	var allBytes strings.Builder
+	for c := range 256 {
+		allBytes.WriteByte(byte(c))
+	}
+	prompts := []struct{ name, prompt string }{
+		{"empty", ""},
+		{"white space only", " \t\n\u00a0\u2003 "},
+		{"words", "  Summarise   this\tdocument. \n\n Be brief.  "},
+		{"JSON and HTML specials", `"quoted" back\slash <b>bold</b> & more`},
+		{"control characters", "nul\x00 bell\x07 esc\x1b del\x7f bs\b ff\f"},
+		{"line and paragraph separators", "a\u2028b\u2029c"},
+		{"multibyte", "Grüße aus Köln. 日本語のテキスト。 🙂"},
+		{"invalid UTF-8", "caf\xe9 \xff\xfe half\xe2\x82 end"},
+		{"every byte", allBytes.String()},
+		{"long", strings.Repeat("word <&> ", 2000)},
+	}
+	params := []map[string]any{
+		nil,
+		{"temperature": 0.2, "max_tokens": 256, "url": "https://example.com/v1?a=1&b=<2>", "system": "Be \"brief\"."},
+		{"nested": map[string]any{"z": 1, "a": []any{"x", 2.5, nil, true}}},
+	}
+	for _, p := range prompts {
+		t.Run(p.name, func(t *testing.T) {
+			t.Parallel()
+			for _, params := range params {
+				req := cache.LLMRequest{Model: "m", Params: params, Prompt: p.prompt}
+				if got, want := llm.Key(req), plainKey(req); got != want {
+					t.Errorf("Key(%+v) = %s, want %s", req, got, want)
+				}
+			}
+		})
+	}
+}
+
+// TestLLMKeyAllocations: the key of a whole document as prompt allocates
+// next to nothing (it took 13 times the prompt's size, in word headers and
+// JSON). Not parallel: it reads the process's allocation counter.
+func TestLLMKeyAllocations(t *testing.T) {
+	llm := newLLM(t)
+	req := cache.LLMRequest{Model: "m", Params: map[string]any{"temperature": 0}, Prompt: strings.Repeat("a\n", 4<<20)}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	key := llm.Key(req)
+	runtime.ReadMemStats(&after)
+	n := after.TotalAlloc - before.TotalAlloc
+	t.Logf("Key of a %d-byte prompt allocated %d bytes", len(req.Prompt), n)
+	if key == "" {
+		t.Fatal("no key")
+	}
+	// It needs about 8 KiB; the margin is for what other goroutines of
+	// the process allocate meanwhile.
+	if n > 1<<20 {
+		t.Errorf("Key of a %d-byte prompt allocated %d bytes, want at most 1 MiB", len(req.Prompt), n)
 	}
 }

@@ -33,64 +33,196 @@ type Extraction struct {
 	Lines       int
 }
 
-// sniff returns the content type of data from its bytes alone; filename
-// only tells Markdown from plain text, which no byte signature can.
-func sniff(data []byte, filename string) string {
+// kind is how the text of a content type is extracted.
+type kind int
+
+const (
+	kindNone kind = iota // not a text document
+	kindText             // the bytes are the text
+	kindCSV
+	kindJSON
+	kindHTML
+)
+
+// kinds maps a content type to its extraction. A detected type not listed
+// takes the kind of its nearest listed ancestor in mimetype's tree, so that
+// application/geo+json is JSON and text/vtt, message/rfc822 or
+// text/tab-separated-values are text.
+var kinds = map[string]kind{
+	"text/plain":            kindText,
+	"text/csv":              kindCSV,
+	"application/json":      kindJSON,
+	"application/x-ndjson":  kindJSON, // a stream of JSON values; its parent is text/plain
+	"text/html":             kindHTML,
+	"application/xhtml+xml": kindHTML, // its parent is text/xml
+}
+
+// binaryTops are the top-level media types refused even when mimetype files
+// them under text/plain (SVG, ASCII Netpbm): they are pictures, not text.
+var binaryTops = []string{"image/", "audio/", "video/", "model/", "font/"}
+
+// textNames are the file name extensions that say what text a document is.
+var textNames = map[string]string{".txt": "text/plain", ".text": "text/plain", ".md": "text/markdown", ".markdown": "text/markdown"}
+
+// sniff returns the content type of data and how to extract its text. The
+// bytes decide, except that the name tells Markdown from plain text, which
+// no byte signature can, and that a .txt or .md name wins over a CSV or TSV
+// guess: that guess rests on commas or tabs in the first lines, which
+// letters and Markdown tables have too.
+func sniff(data []byte, filename string) (string, kind) {
 	m := mimetype.Detect(data)
 	ct, _, _ := strings.Cut(m.String(), ";")
-	if ct == "text/plain" {
-		switch strings.ToLower(filepath.Ext(filename)) {
-		case ".md", ".markdown":
-			return "text/markdown"
+	for _, top := range binaryTops {
+		if strings.HasPrefix(ct, top) {
+			return ct, kindNone
 		}
 	}
-	return ct
+	k := kindNone
+	for a := m; a != nil; a = a.Parent() {
+		base, _, _ := strings.Cut(a.String(), ";")
+		if found, ok := kinds[base]; ok {
+			k = found
+			break
+		}
+	}
+	if named := textNames[strings.ToLower(filepath.Ext(filename))]; named != "" {
+		switch ct {
+		case "text/plain", "text/csv", "text/tab-separated-values":
+			return named, kindText
+		}
+	}
+	return ct, k
 }
 
 // Extract sniffs the content type of a document and, for text-like
 // documents, extracts its text and counts words and lines. Unsupported or
 // corrupt input is an errUnprocessable.
+//
+// The text never holds a C0 control character other than tab, LF and CR:
+// the others (NUL above all, which PostgreSQL text cannot hold and which a
+// JSON \u0000 escape produces) become spaces. CRLF line ends become LF.
+//
+// A document sniffed as CSV that encoding/csv cannot read is, if it is
+// valid UTF-8 and not named .csv, processed as text/plain: sniffing guessed
+// CSV from commas, and the text is still text. Named .csv, it fails as
+// corrupt CSV, which tells its author something true.
 func Extract(data []byte, filename string) (Extraction, error) {
 	if len(data) == 0 {
 		return Extraction{}, unprocessable("the document is empty")
 	}
-	ct := sniff(data, filename)
+	ct, k := sniff(data, filename)
 	var text string
-	switch ct {
-	case "text/plain", "text/markdown":
+	switch k {
+	case kindText:
 		if !utf8.Valid(data) {
 			return Extraction{ContentType: ct}, unprocessable("text is not valid UTF-8")
 		}
-		text = string(data)
-	case "text/csv":
+		text = cleanText(data)
+	case kindCSV:
 		t, err := csvText(data)
-		if err != nil {
+		switch {
+		case err == nil:
+			text = cleanText(t)
+		case strings.EqualFold(filepath.Ext(filename), ".csv") || !utf8.Valid(data):
 			return Extraction{ContentType: ct}, unprocessable("corrupt CSV: %v", err)
+		default:
+			ct, text = "text/plain", cleanText(data)
 		}
-		text = t
-	case "application/json":
+	case kindJSON:
 		t, err := jsonText(data)
 		if err != nil {
 			return Extraction{ContentType: ct}, unprocessable("corrupt JSON: %v", err)
 		}
-		text = t
-	case "text/html":
+		text = cleanText(t)
+	case kindHTML:
 		if !utf8.Valid(data) {
 			return Extraction{ContentType: ct}, unprocessable("HTML is not valid UTF-8")
 		}
-		text = htmlText(data)
+		text = cleanText(htmlText(data))
 	default:
-		return Extraction{ContentType: ct}, unprocessable("unsupported content type %s: only plain text, Markdown, CSV, JSON and HTML are processed", ct)
+		return Extraction{ContentType: ct}, unprocessable("unsupported content type %s: only text documents (plain text, Markdown, CSV, JSON, HTML and the like) are processed", ct)
 	}
-	text = strings.TrimSpace(strings.ReplaceAll(text, "\r\n", "\n"))
-	return Extraction{ContentType: ct, Text: text, Words: len(strings.Fields(text)), Lines: countLines(text)}, nil
+	words, lines := countWordsLines(text)
+	return Extraction{ContentType: ct, Text: text, Words: words, Lines: lines}, nil
 }
 
-func countLines(text string) int {
-	if text == "" {
-		return 0
+// isControl reports the C0 control characters that text must not hold:
+// all but tab, LF and CR.
+func isControl[B byte | rune](c B) bool {
+	return c < 0x20 && c != '\t' && c != '\n' && c != '\r'
+}
+
+// cleanText returns s as a string with CRLF made LF, the control characters
+// of isControl made spaces, and surrounding whitespace trimmed. It copies s
+// at most once: a 32 MiB document is charged 32 MiB in flight.
+func cleanText[S string | []byte](s S) string {
+	dirty := false
+	for i := 0; i < len(s) && !dirty; i++ {
+		dirty = isControl(s[i]) || s[i] == '\r' && i+1 < len(s) && s[i+1] == '\n'
 	}
-	return strings.Count(text, "\n") + 1
+	if !dirty {
+		return strings.TrimSpace(string(s))
+	}
+	var b strings.Builder
+	b.Grow(len(s))
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '\r' && i+1 < len(s) && s[i+1] == '\n':
+		case isControl(c):
+			b.WriteByte(' ')
+		default:
+			b.WriteByte(c)
+		}
+	}
+	return strings.TrimSpace(b.String())
+}
+
+// isSeparator reports what separates words: white space as strings.Fields
+// sees it, and control characters.
+func isSeparator(r rune) bool { return unicode.IsSpace(r) || isControl(r) }
+
+// countWordsLines counts the words of text (as isSeparator splits them,
+// which for text from cleanText is as strings.Fields would) and its lines,
+// in one pass that allocates nothing: strings.Fields builds a 16-byte string
+// header per word, 8 times the size of a text of one-letter lines.
+func countWordsLines(text string) (words, lines int) {
+	if text == "" {
+		return 0, 0
+	}
+	inWord := false
+	for i := 0; i < len(text); {
+		var sep bool
+		if c := text[i]; c < utf8.RuneSelf {
+			sep = c <= ' ' // ASCII white space and control characters
+			if c == '\n' {
+				lines++
+			}
+			i++
+		} else {
+			r, size := utf8.DecodeRuneInString(text[i:])
+			sep = unicode.IsSpace(r)
+			i += size
+		}
+		if !sep && !inWord {
+			words++
+		}
+		inWord = !sep
+	}
+	return words, lines + 1
+}
+
+// writeWords writes the words of s, as isSeparator splits them, separated
+// by one space, and reports whether it wrote any.
+func writeWords(b *strings.Builder, s string) bool {
+	wrote := false
+	for w := range strings.FieldsFuncSeq(s, isSeparator) {
+		if wrote {
+			b.WriteByte(' ')
+		}
+		b.WriteString(w)
+		wrote = true
+	}
+	return wrote
 }
 
 // csvText puts each record on a line, its fields separated by spaces. A
@@ -100,7 +232,9 @@ func csvText(data []byte) (string, error) {
 	r := csv.NewReader(bytes.NewReader(data))
 	r.FieldsPerRecord = -1
 	r.LazyQuotes = false
+	r.ReuseRecord = true
 	var b strings.Builder
+	b.Grow(len(data))
 	for {
 		rec, err := r.Read()
 		if errors.Is(err, io.EOF) {
@@ -113,7 +247,7 @@ func csvText(data []byte) (string, error) {
 			if i > 0 {
 				b.WriteByte(' ')
 			}
-			b.WriteString(strings.Join(strings.Fields(field), " "))
+			writeWords(&b, field)
 		}
 		b.WriteByte('\n')
 	}
@@ -189,6 +323,7 @@ var inlineTags = map[string]bool{
 func htmlText(data []byte) string {
 	z := html.NewTokenizer(bytes.NewReader(data))
 	var b strings.Builder
+	b.Grow(len(data))
 	skip := 0
 	for {
 		switch tt := z.Next(); tt {
@@ -213,25 +348,37 @@ func htmlText(data []byte) string {
 		case html.TextToken:
 			if skip == 0 {
 				// Whitespace in the source, line breaks included, is
-				// layout: it separates words, nothing more.
-				b.WriteString(strings.Map(func(r rune) rune {
-					if unicode.IsSpace(r) {
-						return ' '
+				// layout: it separates words, nothing more. Line breaks
+				// become spaces here; collapseBlankLines collapses the
+				// rest.
+				for _, c := range z.Text() {
+					if c == '\n' {
+						c = ' '
 					}
-					return r
-				}, string(z.Text())))
+					b.WriteByte(c)
+				}
 			}
 		}
 	}
 }
 
+// collapseBlankLines collapses the white space of each line of s into
+// single spaces and drops the lines left empty.
 func collapseBlankLines(s string) string {
-	lines := strings.Split(s, "\n")
-	out := lines[:0]
-	for _, l := range lines {
-		if l = strings.Join(strings.Fields(l), " "); l != "" {
-			out = append(out, l)
+	var b strings.Builder
+	b.Grow(len(s))
+	for line := range strings.SplitSeq(s, "\n") {
+		first := true
+		for w := range strings.FieldsFuncSeq(line, isSeparator) {
+			switch {
+			case !first:
+				b.WriteByte(' ')
+			case b.Len() > 0:
+				b.WriteByte('\n')
+			}
+			b.WriteString(w)
+			first = false
 		}
 	}
-	return strings.Join(out, "\n")
+	return b.String()
 }

@@ -13,6 +13,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/cache"
 )
 
@@ -51,8 +52,9 @@ func (e Extractive) Summarize(_ context.Context, text string) (string, error) {
 
 // firstSentences returns whole leading sentences that fit in n characters;
 // if even the first does not fit, it is cut at a word boundary with "…".
+// White space and control characters between words become one space.
 func firstSentences(text string, n int) string {
-	text = strings.Join(strings.Fields(text), " ")
+	text = leadingWords(text, n+1)
 	if utf8.RuneCountInString(text) <= n {
 		return text
 	}
@@ -86,6 +88,44 @@ func firstSentences(text string, n int) string {
 		cut = len(string([]rune(text)[:n-1]))
 	}
 	return strings.TrimSpace(text[:cut]) + "…"
+}
+
+// summaryScanBytes bounds the bytes of a text that an extractive summary of
+// n characters reads: a few hundred KB hold its sentences many times over,
+// and a document may be 32 MiB.
+func summaryScanBytes(n int) int { return max(256<<10, 16*n) }
+
+// leadingWords returns the first n characters of the words of text joined by
+// single spaces, which is what firstSentences reads of
+// strings.Join(strings.Fields(text), " "), in memory of O(n) where
+// strings.Fields took a 16-byte header per word of the whole text. It reads
+// at most summaryScanBytes(n) bytes of text, so the summary of a longer
+// text is the same only if those bytes hold n characters of words (any
+// text but pathological white space). Control characters separate words, as
+// white space does, so that none reaches a summary.
+func leadingWords(text string, n int) string {
+	text = cutAt(text, summaryScanBytes(n))
+	var b strings.Builder
+	runes := 0
+	for w := range strings.FieldsFuncSeq(text, isSeparator) {
+		if runes > 0 {
+			if runes == n {
+				break
+			}
+			b.WriteByte(' ')
+			runes++
+		}
+		for i := 0; i < len(w); runes++ {
+			if runes == n {
+				return b.String()
+			}
+			// An invalid byte is one character, as for RuneCountInString.
+			_, size := utf8.DecodeRuneInString(w[i:])
+			b.WriteString(w[i : i+size])
+			i += size
+		}
+	}
+	return b.String()
 }
 
 // OpenAI summarizes with an OpenAI-compatible chat completions endpoint
@@ -158,7 +198,7 @@ func (o OpenAI) Summarize(ctx context.Context, text string) (string, error) {
 		return "", fmt.Errorf("summarize: read response: %w", err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("summarize: %s: %s", resp.Status, truncate(string(raw), 200))
+		return "", statusError(resp, raw)
 	}
 	var out struct {
 		Choices []struct {
@@ -170,10 +210,48 @@ func (o OpenAI) Summarize(ctx context.Context, text string) (string, error) {
 	if err := json.Unmarshal(raw, &out); err != nil {
 		return "", fmt.Errorf("summarize: decode response: %w", err)
 	}
-	if len(out.Choices) == 0 || strings.TrimSpace(out.Choices[0].Message.Content) == "" {
+	var summary string
+	if len(out.Choices) > 0 {
+		// firstSentences also drops control characters: a model can
+		// answer with a NUL, which would fail document.processed.
+		summary = firstSentences(out.Choices[0].Message.Content, MaxSummaryChars)
+	}
+	if summary == "" {
 		return "", errors.New("summarize: the model returned no summary")
 	}
-	return firstSentences(out.Choices[0].Message.Content, MaxSummaryChars), nil
+	return summary, nil
+}
+
+// statusError describes a response other than 200 OK, with the start of its
+// body. The endpoint refuses some requests as such (400 malformed, 413 too
+// large, 422 beyond the context length): they fail the same on every retry,
+// so their error is bus.Permanent. Rate limits (429), server errors (5xx)
+// and the rest stay transient: a wrong key or URL (401, 404) is the
+// operator's to fix, and the documents wait for it. Retry-After is
+// reported, not honoured: the bus's backoff decides when to retry.
+func statusError(resp *http.Response, body []byte) error {
+	msg := "summarize: " + resp.Status
+	if ra := resp.Header.Get("Retry-After"); ra != "" {
+		msg += " (retry after " + ra + ")"
+	}
+	// The body is the endpoint's, and may hold anything: no control
+	// character may reach a failure reason.
+	err := errors.New(stripControls(msg + ": " + truncate(string(body[:min(len(body), 512)]), 200)))
+	switch resp.StatusCode {
+	case http.StatusBadRequest, http.StatusRequestEntityTooLarge, http.StatusUnprocessableEntity:
+		return bus.Permanent(err)
+	}
+	return err
+}
+
+// stripControls makes the control characters of isControl spaces.
+func stripControls(s string) string {
+	return strings.Map(func(r rune) rune {
+		if isControl(r) {
+			return ' '
+		}
+		return r
+	}, s)
 }
 
 // Cached wraps a Summarizer with the LLM-response cache: the same model and
@@ -189,9 +267,11 @@ func (c Cached) Summarize(ctx context.Context, text string) (string, error) {
 	if p, ok := c.Summarizer.(interface{ cacheParams() map[string]any }); ok {
 		req.Params = p.cacheParams()
 	}
-	return c.LLM.Do(ctx, req, func(ctx context.Context) (string, error) {
+	summary, err := c.LLM.Do(ctx, req, func(ctx context.Context) (string, error) {
 		return c.Summarizer.Summarize(ctx, text)
 	})
+	// A summary cached before summaries were cleaned may hold a NUL.
+	return strings.TrimSpace(stripControls(summary)), err
 }
 
 // truncate cuts s to at most n bytes and marks the cut with "…" (three

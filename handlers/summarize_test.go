@@ -1,6 +1,7 @@
 package handlers_test
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"unicode/utf8"
 
+	"github.com/conveyor/conveyor/bus"
 	"github.com/conveyor/conveyor/cache"
 	"github.com/conveyor/conveyor/handlers"
 	"github.com/conveyor/conveyor/internal/testenv"
@@ -195,6 +197,9 @@ func TestOpenAI(t *testing.T) {
 		{name: "no choices", reply: chatReply{http.StatusOK, `{"choices":[]}`}, wantErr: "no summary"},
 		{name: "blank answer", reply: answer("  \n"), wantErr: "no summary"},
 		{name: "not JSON", reply: chatReply{http.StatusOK, `<html>proxy error</html>`}, wantErr: "decode response"},
+		{name: "control characters in the answer are dropped", reply: answer("Hello\x00 world.\x01\x1b"), want: "Hello world."},
+		{name: "an answer of control characters is no summary", reply: answer("\x00\x00 \x07"), wantErr: "no summary"},
+		{name: "control characters in an error body are dropped", reply: chatReply{http.StatusBadGateway, "bad\x00gateway\x01"}, wantErr: "502 Bad Gateway: bad gateway"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -203,6 +208,9 @@ func TestOpenAI(t *testing.T) {
 			// The trailing slash of a base URL is not doubled.
 			o := handlers.OpenAI{URL: srv.URL + "/v1/", ModelName: "test-model", APIKey: tt.apiKey, Client: srv.Client()}
 			got, err := o.Summarize(t.Context(), "Hello, world.\nThis is the document.")
+			if strings.ContainsFunc(got, isControl) || err != nil && strings.ContainsFunc(err.Error(), isControl) {
+				t.Errorf("Summarize = %q, %v: holds a control character", got, err)
+			}
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("Summarize = %q, %v; want an error containing %q", got, err, tt.wantErr)
@@ -239,6 +247,74 @@ func TestOpenAI(t *testing.T) {
 	}
 	if m := (handlers.OpenAI{ModelName: "gpt-x"}).Model(); m != "openai:gpt-x" {
 		t.Errorf("Model = %q, want openai:gpt-x", m)
+	}
+}
+
+// isControl reports the C0 control characters but tab, LF and CR: none may
+// reach a summary or a failure reason (PostgreSQL text cannot hold NUL).
+func isControl(r rune) bool { return r < 0x20 && r != '\t' && r != '\n' && r != '\r' }
+
+// TestOpenAIErrorClassification: a request the endpoint refuses as such
+// (too long for the context, malformed) fails the same way on every retry,
+// so its error is permanent; rate limits and server errors are transient.
+func TestOpenAIErrorClassification(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name          string
+		status        int
+		retryAfter    string
+		wantPermanent bool
+		wantErr       string
+	}{
+		{name: "bad request", status: http.StatusBadRequest, wantPermanent: true, wantErr: "400"},
+		{name: "too large", status: http.StatusRequestEntityTooLarge, wantPermanent: true, wantErr: "413"},
+		{name: "unprocessable", status: http.StatusUnprocessableEntity, wantPermanent: true, wantErr: "422"},
+		{name: "rate limited", status: http.StatusTooManyRequests, retryAfter: "30", wantErr: "429 Too Many Requests (retry after 30)"},
+		{name: "server error", status: http.StatusInternalServerError, wantErr: "500"},
+		{name: "unavailable", status: http.StatusServiceUnavailable, retryAfter: "Wed, 21 Oct 2015 07:28:00 GMT", wantErr: "(retry after Wed, 21 Oct 2015 07:28:00 GMT)"},
+		// A wrong key or URL is the operator's to fix; the documents
+		// are fine and wait for the fix.
+		{name: "unauthorized", status: http.StatusUnauthorized, wantErr: "401"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if tt.retryAfter != "" {
+					w.Header().Set("Retry-After", tt.retryAfter)
+				}
+				w.WriteHeader(tt.status)
+				_, _ = io.WriteString(w, `{"error":{"message":"maximum context length exceeded"}}`)
+			}))
+			t.Cleanup(srv.Close)
+			o := handlers.OpenAI{URL: srv.URL, ModelName: "m", Client: srv.Client()}
+			for _, s := range []handlers.Summarizer{o, handlers.Cached{Summarizer: o, LLM: newLLMCache(t)}} {
+				got, err := s.Summarize(t.Context(), "Some text.")
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.Contains(err.Error(), "maximum context length") {
+					t.Fatalf("%T: Summarize = %q, %v; want an error containing %q and the body", s, got, err, tt.wantErr)
+				}
+				if bus.IsPermanent(err) != tt.wantPermanent {
+					t.Errorf("%T: Summarize = %v: permanent %t, want %t", s, err, bus.IsPermanent(err), tt.wantPermanent)
+				}
+			}
+		})
+	}
+}
+
+// TestCachedDropsControlCharacters: a summary cached before summaries were
+// cleaned (24 hours of them) is cleaned on its way out.
+func TestCachedDropsControlCharacters(t *testing.T) {
+	t.Parallel()
+	llm := newLLMCache(t)
+	s := handlers.Cached{Summarizer: handlers.Extractive{}, LLM: llm}
+	text := "The document."
+	if _, err := llm.Do(t.Context(), cache.LLMRequest{Model: s.Model(), Prompt: text}, func(context.Context) (string, error) {
+		return "The\x00document.\x01", nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Summarize(t.Context(), text); err != nil || got != "The document." {
+		t.Errorf("Summarize = %q, %v; want %q", got, err, "The document.")
 	}
 }
 
