@@ -72,7 +72,7 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	a.idempotent(w, r, "email", fingerprint(body), nil, func(r *http.Request) (int, any) {
+	a.idempotent(w, r, "email", jsonFingerprint(body), nil, func(r *http.Request) (int, any) {
 		var req emailRequest
 		if status, resp, ok := decodeStrict(body, &req); !ok {
 			return status, resp
@@ -212,6 +212,20 @@ func (a *API) getEmail(w http.ResponseWriter, r *http.Request) {
 			return emailView(e), nil
 		})
 	a.respondRead(w, r, err, view, acceptedEmailKey(id), "email")
+}
+
+// jsonFingerprint is the fingerprint of a JSON body as a value: a retry
+// whose client encoded the same request again, with its members in another
+// order or other white space, has the same one. A body that is not JSON
+// has that of its bytes.
+func jsonFingerprint(body []byte) string {
+	var v any
+	if json.Unmarshal(body, &v) == nil {
+		if canonical, err := json.Marshal(v); err == nil { // map keys sorted
+			return fingerprint(canonical)
+		}
+	}
+	return fingerprint(body)
 }
 
 // readJSONBody checks the content type and reads a bounded JSON body,

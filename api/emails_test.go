@@ -299,6 +299,12 @@ func TestPostEmail_idempotencyKey(t *testing.T) {
 	if again.header.Get("Idempotent-Replayed") != "true" {
 		t.Errorf("Idempotent-Replayed = %q, want true", again.header.Get("Idempotent-Replayed"))
 	}
+	// The same request encoded again (members in another order, other
+	// white space) is the same request.
+	reencoded := e.postJSON(t, "/v1/emails", "{ \"body\": \"only once\",\n  \"subject\": \"Once\", \"to\": \"ann@example.com\" }", "Idempotency-Key", "email-1")
+	if got := wantAcceptedEmail(t, reencoded); got != id {
+		t.Errorf("retry encoded again answered %s, want %s", got, id)
+	}
 
 	other := e.postJSON(t, "/v1/emails", `{"to":"eve@example.com","subject":"Once","body":"only once"}`, "Idempotency-Key", "email-1")
 	wantError(t, other, http.StatusUnprocessableEntity, "idempotency_key_reused")
