@@ -495,3 +495,22 @@ func TestPostEmail_scheduledWithoutKeyNeverAnswers503ForAnEmailItSends(t *testin
 		}
 	})
 }
+
+// TestIdempotencyKeyMustBeOne: an empty Idempotency-Key, or two, is refused
+// with 400 rather than taken as no key: the client meant its request to be
+// safe to retry.
+func TestIdempotencyKeyMustBeOne(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	const body = `{"to":"ann@example.com","subject":"s","body":"b"}`
+	for name, keys := range map[string][]string{"empty": {""}, "blank": {"  "}, "two": {"k1", "k2"}} {
+		req := e.request(t, http.MethodPost, "/v1/emails", strings.NewReader(body), "Content-Type", "application/json")
+		for _, k := range keys {
+			req.Header.Add("Idempotency-Key", k)
+		}
+		wantError(t, e.do(t, req), http.StatusBadRequest, "bad_idempotency_key")
+		if n := len(e.entries(t, events.TypeEmailRequested)); n != 0 {
+			t.Fatalf("%s: %d email.requested published, want none", name, n)
+		}
+	}
+}

@@ -66,6 +66,12 @@ func dueTime(req eventRequest, now time.Time, maxDelay time.Duration) (time.Time
 			st, body := validationResp("delay", "must be a duration such as 90s or 2h30m")
 			return due, st, body
 		}
+		if d < 0 {
+			// Most likely a sign error on the client's side: refuse it
+			// rather than publish at once what was meant for later.
+			st, body := validationResp("delay", "must not be negative")
+			return due, st, body
+		}
 		due = now.Add(d)
 	}
 	if !due.After(now) {
@@ -82,8 +88,49 @@ func dueTime(req eventRequest, now time.Time, maxDelay time.Duration) (time.Time
 	return due.UTC(), 0, nil
 }
 
-// eventIDTTL is how long a client-chosen event id is remembered.
+// eventIDTTL is how long a client-chosen event id is remembered after the
+// event is delivered.
 const eventIDTTL = 7 * 24 * time.Hour
+
+// onceOption publishes an event with a client-chosen id once. The marker
+// outlives the delivery time by eventIDTTL: an event held back for up to
+// MaxDelay would otherwise forget its id before it is even delivered, and
+// a retry then would publish it a second time.
+func onceOption(due, now time.Time) bus.PublishOption {
+	ttl := eventIDTTL
+	if due.After(now) {
+		ttl += due.Sub(now)
+	}
+	return bus.WithOnce(ttl)
+}
+
+// decodeClipped is decodeStrict with the names of the members it refuses
+// clipped: they are the client's input, and the whole of an unknown 500 KB
+// member name need not come back.
+func decodeClipped(body []byte, v any) (int, any, bool) {
+	status, resp, ok := decodeStrict(body, v)
+	if eb, isBody := resp.(errorBody); !ok && isBody && len(eb.Error.Fields) > 0 {
+		fields := make([]events.FieldError, len(eb.Error.Fields))
+		for i, f := range eb.Error.Fields {
+			fields[i] = events.FieldError{Field: events.Clip(f.Field), Message: f.Message}
+		}
+		ve := &events.ValidationError{Fields: fields}
+		eb.Error.Fields, eb.Error.Message = fields, ve.Error()
+		resp = eb
+	}
+	return status, resp, ok
+}
+
+// resultID is the event_id of a refused member of a batch: the client's id
+// in the canonical form an accepted member's has (lower case), or none if
+// it is not a UUID (it names no event, and it is the client's input of any
+// length).
+func resultID(id string) string {
+	if !events.IsUUID(id) {
+		return ""
+	}
+	return strings.ToLower(id)
+}
 
 // parseEvent checks one upstream event; it returns the response on failure.
 func parseEvent(req eventRequest) (events.Event, string, int, any) {
@@ -97,7 +144,7 @@ func parseEvent(req eventRequest) (events.Event, string, int, any) {
 				fmt.Sprintf("event type %q is published by Conveyor itself, not accepted from outside", req.Type))
 			return nil, "", st, body
 		}
-		st, body := errResp(http.StatusBadRequest, "unknown_event_type", fmt.Sprintf("unknown event type %q", req.Type))
+		st, body := errResp(http.StatusBadRequest, "unknown_event_type", fmt.Sprintf("unknown event type %q", events.Clip(req.Type)))
 		return nil, "", st, body
 	}
 	if req.ID != "" && !events.IsUUID(req.ID) {
@@ -108,7 +155,10 @@ func parseEvent(req eventRequest) (events.Event, string, int, any) {
 		st, body := validationResp("data", "is required")
 		return nil, "", st, body
 	}
-	ev, err := events.Decode(req.Type, 0, req.Data)
+	// Strict: a member the event does not have is a mistake the client
+	// must hear of, not a field to drop (an unknown "send_at" would send
+	// the email at once).
+	ev, err := events.DecodeStrict(req.Type, 0, req.Data)
 	if err != nil {
 		var ve *events.ValidationError
 		if errors.As(err, &ve) {
@@ -138,7 +188,7 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req eventRequest
-	if status, resp, ok := decodeStrict(body, &req); !ok {
+	if status, resp, ok := decodeClipped(body, &req); !ok {
 		writeJSON(w, status, resp)
 		return
 	}
@@ -147,7 +197,8 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, status, resp)
 		return
 	}
-	due, status, resp := dueTime(req, time.Now(), a.cfg.MaxDelay)
+	now := time.Now()
+	due, status, resp := dueTime(req, now, a.cfg.MaxDelay)
 	if status != 0 {
 		writeJSON(w, status, resp)
 		return
@@ -158,7 +209,7 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 	// neither lose the event nor leave a mark that claims it.
 	opts := []bus.PublishOption{bus.WithID(id)}
 	if req.ID != "" {
-		opts = append(opts, bus.WithOnce(eventIDTTL))
+		opts = append(opts, onceOption(due, now))
 	}
 	var err error
 	if due.IsZero() {
@@ -204,9 +255,12 @@ type batchRequest struct {
 
 // BatchResult is the outcome of one event of a batch.
 type BatchResult struct {
-	EventID string       `json:"event_id,omitempty"`
-	Status  int          `json:"status"`
-	Error   *errorDetail `json:"error,omitempty"`
+	EventID string `json:"event_id,omitempty"`
+	Status  int    `json:"status"`
+	// DeliverAt is set, as POST /v1/events sets it, when this request
+	// held the event back.
+	DeliverAt *time.Time   `json:"deliver_at,omitempty"`
+	Error     *errorDetail `json:"error,omitempty"`
 }
 
 type batchResponse struct {
@@ -224,7 +278,7 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req batchRequest
-	if status, resp, ok := decodeStrict(body, &req); !ok {
+	if status, resp, ok := decodeClipped(body, &req); !ok {
 		writeJSON(w, status, resp)
 		return
 	}
@@ -247,7 +301,7 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 	dues := make([]time.Time, len(req.Events))
 	parsed := make([]eventRequest, len(req.Events))
 	for i, raw := range req.Events {
-		if status, resp, ok := decodeStrict(raw, &parsed[i]); !ok {
+		if status, resp, ok := decodeClipped(raw, &parsed[i]); !ok {
 			eb := resp.(errorBody)
 			results[i] = BatchResult{Status: status, Error: &eb.Error}
 			continue
@@ -256,13 +310,13 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 		ev, id, status, resp := parseEvent(er)
 		if ev == nil {
 			eb := resp.(errorBody)
-			results[i] = BatchResult{EventID: er.ID, Status: status, Error: &eb.Error}
+			results[i] = BatchResult{EventID: resultID(er.ID), Status: status, Error: &eb.Error}
 			continue
 		}
 		due, status, resp := dueTime(er, now, a.cfg.MaxDelay)
 		if status != 0 {
 			eb := resp.(errorBody)
-			results[i] = BatchResult{EventID: er.ID, Status: status, Error: &eb.Error}
+			results[i] = BatchResult{EventID: resultID(er.ID), Status: status, Error: &eb.Error}
 			continue
 		}
 		dues[i] = due
@@ -270,7 +324,7 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 		pubEvs = append(pubEvs, ev)
 		opts := []bus.PublishOption{bus.WithID(id)}
 		if er.ID != "" {
-			opts = append(opts, bus.WithOnce(eventIDTTL))
+			opts = append(opts, onceOption(due, now))
 		}
 		pubOpts = append(pubOpts, opts)
 		pubIdx = append(pubIdx, i)
@@ -319,6 +373,12 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 	var firstErr error
 	for k, err := range outcomes {
 		i := outIdx[k]
+		if err == nil && !dues[i].IsZero() {
+			// Held back by this request; an id published before
+			// (ErrAlreadyPublished) is answered without it, as the
+			// duplicate of POST /v1/events is.
+			results[i].DeliverAt = &dues[i]
+		}
 		if err != nil && !errors.Is(err, bus.ErrAlreadyPublished) {
 			failed = append(failed, results[i].EventID)
 			firstErr = cmp.Or(firstErr, err)

@@ -20,6 +20,18 @@ func emailData(to string) string {
 		events.NewID(), to)
 }
 
+// emailDataAt returns the data of an email.requested requested at at
+// (RFC 3339), which may be out of range.
+func emailDataAt(to, at string) string {
+	return fmt.Sprintf(`{"email_id":%q,"to":%q,"subject":"Hello","body":"Hi","requested_at":%q}`,
+		events.NewID(), to, at)
+}
+
+// withMember returns the JSON object obj with member ("name":value) added.
+func withMember(obj, member string) string {
+	return strings.TrimSuffix(obj, "}") + "," + member + "}"
+}
+
 // eventBody returns a POST /v1/events body.
 func eventBody(typ, id, data string) string {
 	if id == "" {
@@ -117,6 +129,75 @@ func TestPostEvent_accepted(t *testing.T) {
 			t.Errorf("%d held-back events (%v), want 1", n, err)
 		}
 	})
+
+	t.Run("zero delay publishes now", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t)
+		r := e.postJSON(t, "/v1/events", `{"type":"email.requested","delay":"0s","data":`+emailData("ann@example.com")+`}`)
+		a := wantAcceptedEvent(t, r)
+		if a.DeliverAt != nil {
+			t.Errorf("deliver_at %v, want none", a.DeliverAt)
+		}
+		if got := e.countIDs(t, events.TypeEmailRequested); !sameCounts(got, map[string]int{a.EventID: 1}) {
+			t.Errorf("stream ids %v, want %s once", got, a.EventID)
+		}
+	})
+
+	t.Run("data member in another case", func(t *testing.T) {
+		t.Parallel()
+		// encoding/json matches member names without regard to case, so
+		// "TO" is the field to, not an unknown member.
+		e := newEnv(t)
+		data := fmt.Sprintf(`{"email_id":%q,"TO":"ann@example.com","subject":"Hello","body":"Hi","requested_at":"2026-03-04T05:06:07Z"}`, events.NewID())
+		wantAcceptedEvent(t, e.postJSON(t, "/v1/events", eventBody(events.TypeEmailRequested, "", data)))
+	})
+}
+
+// TestPostEvent_onceMarkerOutlivesDelivery: a client-chosen id is
+// remembered for eventIDTTL (7 days) after the event is delivered, so that
+// a retry while an event is held back for up to MaxDelay (30 days) does
+// not publish it twice.
+func TestPostEvent_onceMarkerOutlivesDelivery(t *testing.T) {
+	t.Parallel()
+	const day = 24 * time.Hour
+	tests := []struct {
+		name  string
+		batch bool
+		// extra are the members that hold the event back, if any.
+		extra string
+		// ahead is how far ahead the event is delivered.
+		ahead time.Duration
+	}{
+		{name: "now", ahead: 0},
+		{name: "delay of 30 days", extra: `"delay":"720h",`, ahead: 30 * day},
+		{name: "deliver_at 20 days ahead", extra: `"deliver_at":"` + time.Now().Add(20*day).UTC().Format(time.RFC3339) + `",`, ahead: 20 * day},
+		{name: "batch, now", batch: true, ahead: 0},
+		{name: "batch, delay of 30 days", batch: true, extra: `"delay":"720h",`, ahead: 30 * day},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			id := events.NewID()
+			body := `{"type":"email.requested","id":"` + id + `",` + tt.extra + `"data":` + emailData("ann@example.com") + `}`
+			if tt.batch {
+				if a := e.postBatch(t, body); a.Accepted != 1 {
+					t.Fatalf("answer %+v, want it accepted", a)
+				}
+			} else {
+				wantAcceptedEvent(t, e.postJSON(t, "/v1/events", body))
+			}
+			ttl, err := e.rdb.PTTL(t.Context(), bus.OnceKey(e.prefix+events.TypeEmailRequested, id)).Result()
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := 7*day + tt.ahead
+			// deliver_at has whole seconds; the request took a moment.
+			if ttl > want+time.Second || ttl < want-time.Minute {
+				t.Errorf("the id is remembered for %v, want %v", ttl, want)
+			}
+		})
+	}
 }
 
 func TestPostEvent_refused(t *testing.T) {
@@ -131,6 +212,9 @@ func TestPostEvent_refused(t *testing.T) {
 		wantFields  []string
 		// dataFields: every field named is in the data.
 		dataFields bool
+		// short: the answer stays under 1 KB, however long the input it
+		// names.
+		short bool
 	}{
 		{name: "unknown type", body: eventBody("document.shredded", "", `{}`), status: 400, code: "unknown_event_type"},
 		{name: "internal type", body: eventBody(events.TypeDocumentProcessed, "", `{"doc_id":"`+events.NewID()+`"}`),
@@ -157,6 +241,33 @@ func TestPostEvent_refused(t *testing.T) {
 			status: 422, code: "validation_failed", wantFields: []string{"delay"}},
 		{name: "deliver_at and delay", body: `{"type":"email.requested","delay":"1m","deliver_at":"2030-01-01T00:00:00Z","data":` + valid + `}`,
 			status: 422, code: "validation_failed", wantFields: []string{"delay"}},
+		{name: "negative delay", body: `{"type":"email.requested","delay":"-5h","data":` + valid + `}`,
+			status: 422, code: "validation_failed", wantFields: []string{"delay"}},
+		{name: "unknown data member send_at", body: eventBody(events.TypeEmailRequested, "", withMember(valid, `"send_at":"2027-01-01T00:00:00Z"`)),
+			status: 422, code: "validation_failed", wantFields: []string{"data.send_at"}, dataFields: true},
+		{name: "unknown data member cc", body: eventBody(events.TypeEmailRequested, "", withMember(valid, `"cc":"b@example.com"`)),
+			status: 422, code: "validation_failed", wantFields: []string{"data.cc"}, dataFields: true},
+		{name: "unknown data member html", body: eventBody(events.TypeEmailRequested, "", withMember(valid, `"html":"<p>Hi</p>"`)),
+			status: 422, code: "validation_failed", wantFields: []string{"data.html"}, dataFields: true},
+		{name: "unknown data member docId", body: eventBody(events.TypeEmailRequested, "", withMember(valid, `"docId":"`+events.NewID()+`"`)),
+			status: 422, code: "validation_failed", wantFields: []string{"data.docId"}, dataFields: true},
+		{name: "unknown data member and invalid data", body: eventBody(events.TypeEmailRequested, "", `{"cc":"b@example.com","to":"nobody"}`),
+			status: 422, code: "validation_failed", wantFields: []string{"data.cc", "data.to", "data.email_id"}, dataFields: true},
+		{name: "time in year 0", body: eventBody(events.TypeEmailRequested, "", emailDataAt("ann@example.com", "0000-06-01T00:00:00Z")),
+			status: 422, code: "validation_failed", wantFields: []string{"data.requested_at"}, dataFields: true},
+		{name: "time in year 0 in UTC", body: eventBody(events.TypeEmailRequested, "", emailDataAt("ann@example.com", "0001-01-01T00:00:00+01:00")),
+			status: 422, code: "validation_failed", wantFields: []string{"data.requested_at"}, dataFields: true},
+		{name: "time in year 10000 in UTC", body: eventBody(events.TypeEmailRequested, "", emailDataAt("ann@example.com", "9999-12-31T23:00:00-05:00")),
+			status: 422, code: "validation_failed", wantFields: []string{"data.requested_at"}, dataFields: true},
+		{name: "address of 20 KB", body: eventBody(events.TypeEmailRequested, "", emailData(strings.Repeat("a", 20<<10)+"@example.com")),
+			status: 422, code: "validation_failed", wantFields: []string{"data.to"}, dataFields: true},
+		{name: "local part of 65 bytes", body: eventBody(events.TypeEmailRequested, "", emailData(strings.Repeat("a", 65)+"@example.com")),
+			status: 422, code: "validation_failed", wantFields: []string{"data.to"}, dataFields: true},
+		{name: "unknown type of 500 KB", body: eventBody(strings.Repeat("t", 500<<10), "", valid), status: 400, code: "unknown_event_type", short: true},
+		{name: "unknown member of 500 KB", body: `{"type":"email.requested","data":` + valid + `,"` + strings.Repeat("m", 500<<10) + `":1}`,
+			status: 422, code: "validation_failed", short: true},
+		{name: "unknown data member of 500 KB", body: eventBody(events.TypeEmailRequested, "", withMember(valid, `"`+strings.Repeat("m", 500<<10)+`":1`)),
+			status: 422, code: "validation_failed", dataFields: true, short: true},
 		{name: "malformed JSON", body: `{"type":`, status: 400, code: "malformed_json"},
 		{name: "a stray brace after the object", body: eventBody(events.TypeEmailRequested, "", valid) + "}", status: 400, code: "malformed_json"},
 		{name: "not an object", body: `"email.requested"`, status: 400, code: "malformed_json"},
@@ -184,6 +295,9 @@ func TestPostEvent_refused(t *testing.T) {
 						t.Errorf("field %q of the data is not prefixed with data.", f.Field)
 					}
 				}
+			}
+			if tt.short && len(r.body) > 1<<10 {
+				t.Errorf("answer of %d bytes echoes the input: %.300s…", len(r.body), r.body)
 			}
 			e.noEntries(t, events.Types()...)
 		})
@@ -241,9 +355,10 @@ func TestPostEvent_publishFails(t *testing.T) {
 
 // batchResult is one result of a batch.
 type batchResult struct {
-	EventID string          `json:"event_id"`
-	Status  int             `json:"status"`
-	Error   json.RawMessage `json:"error"`
+	EventID   string          `json:"event_id"`
+	Status    int             `json:"status"`
+	DeliverAt *time.Time      `json:"deliver_at"`
+	Error     json.RawMessage `json:"error"`
 }
 
 type batchAnswer struct {
@@ -443,5 +558,74 @@ func TestBatchMalformedMemberAndIDCase(t *testing.T) {
 	}
 	if n := len(e.entries(t, events.TypeEmailRequested)); n != 1 {
 		t.Fatalf("%d entries; the id in capitals and in lower case are one event", n)
+	}
+}
+
+// TestPostEventBatch_results: a refused member's event_id is its id in the
+// canonical form an accepted one's has, and a held-back member's result
+// carries deliver_at as the answer of POST /v1/events does.
+func TestPostEventBatch_results(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	upper := strings.ToUpper(events.NewID())
+	upper2 := strings.ToUpper(events.NewID())
+	later := events.NewID()
+	before := time.Now()
+	a := e.postBatch(t,
+		eventBody(events.TypeEmailRequested, upper, `{"to":"nobody"}`),
+		eventBody(events.TypeEmailRequested, "bad-id", emailData("a@example.com")),
+		`{"type":"email.requested","id":"`+upper2+`","delay":"-5h","data":`+emailData("a@example.com")+`}`,
+		`{"type":"email.requested","id":"`+later+`","delay":"1h","data":`+emailData("later@example.com")+`}`,
+		eventBody(events.TypeEmailRequested, "", emailData("now@example.com")),
+		eventBody(events.TypeEmailRequested, "", withMember(emailData("a@example.com"), `"cc":"b@example.com"`)),
+		eventBody(strings.Repeat("t", 100<<10), "", emailData("a@example.com")),
+	)
+	tests := []struct {
+		name      string
+		status    int
+		eventID   string // "*": any UUID
+		deliverAt bool
+		field     string
+	}{
+		{name: "invalid data, id in capitals", status: 422, eventID: strings.ToLower(upper), field: "data.to"},
+		{name: "id not a UUID", status: 422, eventID: "", field: "id"},
+		{name: "negative delay, id in capitals", status: 422, eventID: strings.ToLower(upper2), field: "delay"},
+		{name: "held back", status: 202, eventID: later, deliverAt: true},
+		{name: "now", status: 202, eventID: "*"},
+		{name: "unknown data member", status: 422, field: "data.cc"},
+		{name: "unknown type of 100 KB", status: 400},
+	}
+	for i, tt := range tests {
+		res := a.Results[i]
+		if res.Status != tt.status {
+			t.Errorf("%s: status %d %s, want %d", tt.name, res.Status, res.Error, tt.status)
+		}
+		if tt.eventID == "*" && !events.IsUUID(res.EventID) || tt.eventID != "*" && res.EventID != tt.eventID {
+			t.Errorf("%s: event_id %q, want %q", tt.name, res.EventID, tt.eventID)
+		}
+		switch {
+		case !tt.deliverAt && res.DeliverAt != nil:
+			t.Errorf("%s: deliver_at %v, want none", tt.name, res.DeliverAt)
+		case tt.deliverAt && (res.DeliverAt == nil || res.DeliverAt.Before(before.Add(59*time.Minute)) || res.DeliverAt.After(time.Now().Add(61*time.Minute))):
+			t.Errorf("%s: deliver_at %v, want in about an hour", tt.name, res.DeliverAt)
+		}
+		if tt.field != "" {
+			if detail, _ := checkErrorShape([]byte(`{"error":` + string(res.Error) + `}`)); !detail.names(tt.field) {
+				t.Errorf("%s: error %s, want %s named", tt.name, res.Error, tt.field)
+			}
+		}
+		if len(res.Error) > 1<<10 {
+			t.Errorf("%s: error of %d bytes echoes the input: %.300s…", tt.name, len(res.Error), res.Error)
+		}
+	}
+
+	// Sent again, the held-back event is published before: 202 without
+	// deliver_at, as POST /v1/events answers a duplicate.
+	b := e.postBatch(t, `{"type":"email.requested","id":"`+later+`","delay":"1h","data":`+emailData("later@example.com")+`}`)
+	if res := b.Results[0]; res.Status != http.StatusAccepted || res.EventID != later || res.DeliverAt != nil {
+		t.Errorf("held-back event again: %+v, want 202 with its id and no deliver_at", res)
+	}
+	if d := wantAcceptedEvent(t, e.postJSON(t, "/v1/events", `{"type":"email.requested","id":"`+later+`","delay":"1h","data":`+emailData("later@example.com")+`}`)); !d.Duplicate || d.DeliverAt != nil {
+		t.Errorf("held-back event posted again: %+v, want a duplicate without deliver_at", d)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/conveyor/conveyor/bus"
@@ -53,6 +54,13 @@ func idemCallFrom(ctx context.Context) *idemCall {
 // differ). pending says the later request will finish the prepared first
 // one.
 func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp string, verify func(r *http.Request, want string, pending bool) (int, any), op func(*http.Request) (int, any)) {
+	keys := r.Header.Values("Idempotency-Key")
+	if len(keys) > 1 || len(keys) == 1 && strings.TrimSpace(keys[0]) == "" {
+		// A client that sends the header means to be safe to retry; an
+		// empty or repeated one would silently make it unsafe.
+		writeError(w, http.StatusBadRequest, "bad_idempotency_key", "send one Idempotency-Key, not empty")
+		return
+	}
 	key := r.Header.Get("Idempotency-Key")
 	if key == "" {
 		status, body := op(r)

@@ -2,6 +2,7 @@ package events
 
 import (
 	"net/mail"
+	"strings"
 	"testing"
 )
 
@@ -15,6 +16,45 @@ var addressSeeds = []string{
 	"a@example.com ", "a b@example.com", "é@example.com", "a@exämple.com", "a\x00@example.com",
 	"a\t@example.com", "a@example.com\x7f", "a(b)@example.com", "a,b@example.com", "a;b@example.com",
 	"a\\b@example.com", "<a@example.com>", "a@example.com>", "a:b@example.com",
+	// At and over the RFC 5321 limits: 64 bytes before the @, 254 in all.
+	strings.Repeat("a", 64) + "@example.com", strings.Repeat("a", 65) + "@example.com",
+	"a@" + strings.Repeat("b", 248) + ".com", "a@" + strings.Repeat("b", 249) + ".com",
+	"Name <" + strings.Repeat("a", 65) + "@example.com>",
+}
+
+// TestAddressLength: RFC 5321 bounds the address (not its display name)
+// to 254 bytes, of which at most 64 before the @.
+func TestAddressLength(t *testing.T) {
+	t.Parallel()
+	domain := func(n int) string { return strings.Repeat("d", n-4) + ".com" } // n bytes
+	tests := []struct {
+		name    string
+		addr    string
+		wantErr bool
+	}{
+		{name: "local part of 64", addr: strings.Repeat("a", 64) + "@example.com"},
+		{name: "local part of 65", addr: strings.Repeat("a", 65) + "@example.com", wantErr: true},
+		{name: "254 in all", addr: "a@" + domain(252)},
+		{name: "255 in all", addr: "a@" + domain(253), wantErr: true},
+		{name: "20 KB", addr: strings.Repeat("a", 20<<10) + "@example.com", wantErr: true},
+		{name: "20 KB domain", addr: "a@" + domain(20<<10), wantErr: true},
+		{name: "display name does not count", addr: strings.Repeat("N", 300) + " <a@example.com>"},
+		{name: "long local part with a display name", addr: "Name <" + strings.Repeat("a", 65) + "@example.com>", wantErr: true},
+		{name: "long quoted local part", addr: `"` + strings.Repeat("a b", 22) + `"@example.com`, wantErr: true},
+		{name: "multi-byte local part counts bytes", addr: strings.Repeat("é", 33) + "@example.com", wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := ParseAddress(tt.addr)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("ParseAddress(%.80q…) err = %v, want an error: %v", tt.addr, err, tt.wantErr)
+			}
+			if err != nil && !strings.Contains(err.Error(), "at most 254 bytes") {
+				t.Errorf("err = %q, want it to give the limits", err)
+			}
+		})
+	}
 }
 
 // TestPlainAddressAgreesWithNetMail checks that whatever the fast path

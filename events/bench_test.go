@@ -50,6 +50,23 @@ func BenchmarkDecode(b *testing.B) {
 	}
 }
 
+// BenchmarkDecodeStrict measures events.DecodeStrict, which the API runs
+// once per event it accepts: Decode plus the check for unknown members.
+func BenchmarkDecodeStrict(b *testing.B) {
+	ev := benchEvents()[2] // email.requested, the one the API accepts
+	payload, err := json.Marshal(ev)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.SetBytes(int64(len(payload)))
+	for b.Loop() {
+		if _, err := events.DecodeStrict(ev.EventType(), ev.EventVersion(), payload); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkMarshal measures the JSON encoding of a payload, as the publisher
 // does it for every event.
 func BenchmarkMarshal(b *testing.B) {

@@ -8,14 +8,17 @@
 package events
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
 	"reflect"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	fastjson "github.com/goccy/go-json"
 )
@@ -117,13 +120,86 @@ func Decode(typ string, version int, payload []byte) (Event, error) {
 	}
 	spec, ok := Lookup(typ, version)
 	if !ok {
-		return nil, fmt.Errorf("%w: %q version %d", ErrUnknownType, typ, version)
+		return nil, fmt.Errorf("%w: %q version %d", ErrUnknownType, Clip(typ), version)
 	}
 	ev := spec.New()
 	if err := DecodeInto(ev, payload); err != nil {
 		return nil, err
 	}
 	return ev, nil
+}
+
+// DecodeStrict is Decode for a payload from outside Conveyor (the HTTP
+// API): it also refuses a member the event does not have, naming it first
+// among the problems, so that a misspelt or unsupported field ("send_at",
+// "cc") is not silently dropped.
+//
+// Consumers use Decode, which ignores unknown members: a consumer older
+// than the producer of an event must handle it rather than dead-letter it.
+// The check is a second decode by encoding/json, which only the API pays,
+// so the consumers' decode is as fast as before.
+func DecodeStrict(typ string, version int, payload []byte) (Event, error) {
+	if version == 0 {
+		version = LatestVersion(typ)
+	}
+	ev, err := Decode(typ, version, payload)
+	if errors.Is(err, ErrUnknownType) {
+		return nil, err
+	}
+	spec, _ := Lookup(typ, version) // known: Decode found it
+	field, ok := unknownField(spec.New(), payload)
+	if !ok {
+		return ev, err
+	}
+	fields := []FieldError{{Field: field, Message: "is not a known field"}}
+	var ve *ValidationError
+	if errors.As(err, &ve) {
+		fields = append(fields, ve.Fields...)
+	}
+	return nil, &ValidationError{Fields: fields}
+}
+
+// unknownField returns the first member of the JSON object payload that
+// encoding/json would not decode into ev (a pointer to a zero event
+// struct), clipped for an error message. encoding/json stops at the first
+// error, so a member after a value of the wrong JSON type is not seen;
+// Decode refuses such a payload anyway.
+func unknownField(ev Event, payload []byte) (string, bool) {
+	dec := json.NewDecoder(bytes.NewReader(payload))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(ev)
+	if err == nil {
+		return "", false
+	}
+	// encoding/json has no type for this error: its text is
+	// `json: unknown field "name"`.
+	quoted, ok := strings.CutPrefix(err.Error(), "json: unknown field ")
+	if !ok {
+		return "", false
+	}
+	name, uerr := strconv.Unquote(quoted)
+	if uerr != nil {
+		name = quoted
+	}
+	return Clip(name), true
+}
+
+// MaxEcho bounds how much of a value from outside Clip keeps.
+const MaxEcho = 64
+
+// Clip returns s cut to at most MaxEcho bytes, on a UTF-8 boundary and
+// followed by "…" when it was cut. Error messages and field names that
+// echo input go through it, so a 500 KB type or member name does not come
+// back whole in the answer or in every log line.
+func Clip(s string) string {
+	if len(s) <= MaxEcho {
+		return s
+	}
+	n := MaxEcho
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
 }
 
 // DecodeInto parses payload into ev, a pointer to a zero event struct of
@@ -224,9 +300,17 @@ func (v *validator) maxLen(field, value string, n int) {
 	}
 }
 
+// time requires a time that the projector can store and format: RFC 3339
+// has four-digit years, so its UTC form must fall in years 1 to 9999 (a
+// time of "0001-01-01T00:00:00+01:00" is in year 0 in UTC). PostgreSQL
+// would refuse the others, and the event would be dead-lettered after
+// the API accepted it.
 func (v *validator) time(field string, t time.Time) {
-	if t.IsZero() {
+	switch y := t.UTC().Year(); {
+	case t.IsZero():
 		v.add(field, "is required (RFC 3339 time)")
+	case y < 1 || y > 9999:
+		v.add(field, "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z")
 	}
 }
 

@@ -40,6 +40,29 @@ func TestDecode(t *testing.T) {
 			payload: `{"doc_id":"1","content_type":"text/plain","processed_at":"2026-01-01T00:00:00Z"}`, wantField: "doc_id"},
 		{name: "negative words", typ: events.TypeDocumentProcessed,
 			payload: `{"doc_id":"` + id + `","content_type":"text/plain","words":-1,"processed_at":"2026-01-01T00:00:00Z"}`, wantField: "words"},
+		// Times: the UTC form must have a year of 1 to 9999, which RFC
+		// 3339 can write and PostgreSQL can store.
+		{name: "time in year 0", typ: events.TypeEmailRequested,
+			payload: emailPayload(id, "a@example.com", "0000-06-01T00:00:00Z"), wantField: "requested_at"},
+		{name: "time in year 1 but year 0 in UTC", typ: events.TypeEmailRequested,
+			payload: emailPayload(id, "a@example.com", "0001-01-01T00:00:00+01:00"), wantField: "requested_at"},
+		{name: "time in year 9999 but 10000 in UTC", typ: events.TypeEmailRequested,
+			payload: emailPayload(id, "a@example.com", "9999-12-31T23:30:00-01:00"), wantField: "requested_at"},
+		{name: "first representable time", typ: events.TypeEmailRequested,
+			payload: emailPayload(id, "a@example.com", "0001-01-01T00:00:01Z")},
+		{name: "last representable time", typ: events.TypeEmailRequested,
+			payload: emailPayload(id, "a@example.com", "9999-12-31T23:59:59.999999999Z")},
+		{name: "time out of range, other type", typ: events.TypeDocumentProcessed,
+			payload: `{"doc_id":"` + id + `","content_type":"text/plain","processed_at":"0000-12-31T23:00:00Z"}`, wantField: "processed_at"},
+		{name: "both times of email.scheduled", typ: events.TypeEmailScheduled,
+			payload: `{"email_id":"` + id + `","to":"a@example.com","send_at":"0000-01-01T00:00:00Z","scheduled_at":"2026-01-01T00:00:00Z"}`, wantField: "send_at"},
+		// Addresses: RFC 5321 limits.
+		{name: "local part of 64 bytes", typ: events.TypeEmailRequested,
+			payload: emailPayload(id, strings.Repeat("a", 64)+"@example.com", "2026-01-01T00:00:00Z")},
+		{name: "local part of 65 bytes", typ: events.TypeEmailRequested,
+			payload: emailPayload(id, strings.Repeat("a", 65)+"@example.com", "2026-01-01T00:00:00Z"), wantField: "to"},
+		{name: "address of 20 KB", typ: events.TypeEmailRequested,
+			payload: emailPayload(id, "a@"+strings.Repeat("b", 20<<10)+".com", "2026-01-01T00:00:00Z"), wantField: "to"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -71,6 +94,117 @@ func TestDecode(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// emailPayload returns an email.requested payload, valid but for to and
+// requestedAt.
+func emailPayload(id, to, requestedAt string) string {
+	return fmt.Sprintf(`{"email_id":%q,"to":%q,"subject":"hi","body":"x","requested_at":%q}`, id, to, requestedAt)
+}
+
+// DecodeStrict refuses members the event does not have; Decode, which the
+// consumers use, keeps ignoring them.
+func TestDecodeStrict(t *testing.T) {
+	t.Parallel()
+	id := events.NewID()
+	valid := strings.TrimSuffix(emailPayload(id, "a@example.com", "2026-01-01T00:00:00Z"), "}")
+	long := strings.Repeat("x", 1000)
+	tests := []struct {
+		name    string
+		payload string
+		// unknown is the member named first as not known, if any.
+		unknown string
+		// wantFields are the fields named after it, in order; none and
+		// no unknown means valid.
+		wantFields []string
+		// lenientErr: Decode refuses the payload too.
+		lenientErr bool
+	}{
+		{name: "valid", payload: valid + `}`},
+		{name: "member in another case", payload: `{"email_id":"` + id + `","TO":"a@example.com","subject":"hi","body":"x","requested_at":"2026-01-01T00:00:00Z"}`},
+		{name: "send_at", payload: valid + `,"send_at":"2027-01-01T00:00:00Z"}`, unknown: "send_at"},
+		{name: "cc", payload: valid + `,"cc":"b@example.com"}`, unknown: "cc"},
+		{name: "html", payload: valid + `,"html":"<p>x</p>"}`, unknown: "html"},
+		{name: "docId", payload: valid + `,"docId":"` + id + `"}`, unknown: "docId"},
+		{name: "unknown member first", payload: `{"cc":null,` + valid[1:] + `}`, unknown: "cc"},
+		{name: "unknown member and invalid fields", payload: `{"cc":"b@example.com","to":"nobody"}`, unknown: "cc",
+			wantFields: []string{"email_id", "to", "subject", "body", "requested_at"}, lenientErr: true},
+		{name: "long unknown member clipped", payload: valid + `,"` + long + `":1}`, unknown: events.Clip(long)},
+		{name: "escaped unknown member", payload: valid + `,"c\u0063":1}`, unknown: "cc"},
+		{name: "invalid only", payload: `{"to":"nobody"}`, wantFields: []string{"email_id", "to", "subject", "body", "requested_at"}, lenientErr: true},
+		{name: "not an object", payload: `"hello"`, wantFields: []string{"data"}, lenientErr: true},
+		{name: "malformed", payload: valid + `,"cc":`, wantFields: []string{"data"}, lenientErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			ev, err := events.DecodeStrict(events.TypeEmailRequested, 0, []byte(tt.payload))
+			want := tt.wantFields
+			if tt.unknown != "" {
+				want = append([]string{tt.unknown}, want...)
+			}
+			if len(want) == 0 {
+				if err != nil || ev.EventType() != events.TypeEmailRequested {
+					t.Fatalf("DecodeStrict = %v, %v; want an email.requested", ev, err)
+				}
+			} else {
+				var ve *events.ValidationError
+				if !errors.As(err, &ve) || ev != nil {
+					t.Fatalf("DecodeStrict = %v, %v; want a ValidationError", ev, err)
+				}
+				var got []string
+				for _, f := range ve.Fields {
+					got = append(got, f.Field)
+				}
+				if strings.Join(got, ",") != strings.Join(want, ",") {
+					t.Fatalf("fields %q, want %q", got, want)
+				}
+				if tt.unknown != "" && ve.Fields[0].Message != "is not a known field" {
+					t.Errorf("message %q for the unknown member", ve.Fields[0].Message)
+				}
+			}
+			// A consumer reads what a newer producer added.
+			if _, err := events.Decode(events.TypeEmailRequested, 0, []byte(tt.payload)); (err != nil) != tt.lenientErr {
+				t.Errorf("Decode err = %v, want an error: %v", err, tt.lenientErr)
+			}
+		})
+	}
+	if _, err := events.DecodeStrict("nope.happened", 0, []byte(`{}`)); !errors.Is(err, events.ErrUnknownType) {
+		t.Errorf("DecodeStrict of an unknown type: %v, want ErrUnknownType", err)
+	}
+}
+
+func TestClip(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		in   string
+		want string
+	}{
+		{name: "empty", in: "", want: ""},
+		{name: "short", in: "abc", want: "abc"},
+		{name: "MaxEcho bytes", in: strings.Repeat("a", events.MaxEcho), want: strings.Repeat("a", events.MaxEcho)},
+		{name: "one byte more", in: strings.Repeat("a", events.MaxEcho+1), want: strings.Repeat("a", events.MaxEcho) + "…"},
+		{name: "500 KB", in: strings.Repeat("a", 500<<10), want: strings.Repeat("a", events.MaxEcho) + "…"},
+		{name: "cut before a rune", in: strings.Repeat("a", events.MaxEcho-1) + "é" + "b", want: strings.Repeat("a", events.MaxEcho-1) + "…"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			if got := events.Clip(tt.in); got != tt.want {
+				t.Errorf("Clip = %q (%d bytes), want %q", got, len(got), tt.want)
+			}
+		})
+	}
+}
+
+// An unknown type is not echoed whole.
+func TestDecodeUnknownTypeClipped(t *testing.T) {
+	t.Parallel()
+	_, err := events.Decode(strings.Repeat("t", 500<<10), 0, []byte(`{}`))
+	if !errors.Is(err, events.ErrUnknownType) || len(err.Error()) > 200 {
+		t.Fatalf("err (%d bytes) = %.200v…, want ErrUnknownType in at most 200 bytes", len(err.Error()), err)
 	}
 }
 
@@ -191,6 +325,22 @@ func ExampleDecode() {
 	// Output:
 	// email.requested ops@example.com 2026-11-28
 	// invalid event: email_id: is required; to: must be a valid email address; subject: is required; body: is required; requested_at: is required (RFC 3339 time)
+}
+
+func ExampleDecodeStrict() {
+	// "send_at" is a member of POST /v1/emails, not of email.requested.
+	payload := []byte(`{"email_id":"0190a0b0-0000-7000-8000-000000000001","to":"ops@example.com",` +
+		`"subject":"Report ready","body":"See attachment.","requested_at":"2026-11-28T10:00:00Z",` +
+		`"send_at":"2027-01-01T00:00:00Z"}`)
+	_, err := events.DecodeStrict(events.TypeEmailRequested, 1, payload)
+	fmt.Println(err)
+
+	// A consumer's Decode reads what it knows of an event from a newer producer.
+	ev, err := events.Decode(events.TypeEmailRequested, 1, payload)
+	fmt.Println(ev.EventType(), err)
+	// Output:
+	// invalid event: send_at: is not a known field
+	// email.requested <nil>
 }
 
 // FuzzFastDecodeAgreesWithEncodingJSON: the fast decoder used by Decode

@@ -1,6 +1,7 @@
 package events
 
 import (
+	"fmt"
 	"net/mail"
 	"strings"
 	"time"
@@ -14,6 +15,12 @@ const (
 	MaxBodyBytes     = 1 << 20
 	MaxReasonBytes   = 2000
 	MaxSummaryBytes  = 2000
+	// MaxLocalPartBytes and MaxAddressBytes are the RFC 5321 limits of an
+	// address (without display name): a mail server may refuse a longer
+	// one, and nothing should store 20 KB as an address. 254 is the
+	// 256-octet path limit less its angle brackets.
+	MaxLocalPartBytes = 64
+	MaxAddressBytes   = 254
 )
 
 // DocumentUploaded says the api stored an upload's bytes and accepted it.
@@ -288,6 +295,9 @@ func parseAddress(s string) (*mail.Address, error) {
 	if at < 1 || !strings.Contains(addr[at+1:], ".") && addr[at+1:] != "localhost" {
 		return nil, errInvalidAddress
 	}
+	if at > MaxLocalPartBytes || len(addr) > MaxAddressBytes {
+		return nil, errAddressTooLong
+	}
 	return a, nil
 }
 
@@ -331,6 +341,8 @@ type addressError struct{}
 func (addressError) Error() string { return "must be a valid email address" }
 
 var errInvalidAddress error = addressError{}
+
+var errAddressTooLong = fmt.Errorf("must be at most %d bytes, with at most %d before the @", MaxAddressBytes, MaxLocalPartBytes)
 
 func isHex(s string, n int) bool {
 	if len(s) != n {

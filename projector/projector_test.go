@@ -609,8 +609,9 @@ func TestGroupCommit(t *testing.T) {
 }
 
 // TestBadEventFailsOnlyItself puts an event that passes validation but that
-// PostgreSQL rejects (a time beyond the timestamptz range; no JSON payload
-// can carry it, so only a direct call can build it) into a batch with good
+// PostgreSQL rejects (a summary that is not valid UTF-8; no JSON payload can
+// carry it, since decoding replaces such bytes, so only a direct call can
+// build it) into a batch with good
 // events. The batch transaction fails; the projector then applies it in
 // halves, and halves of the failing half, so only the bad one fails,
 // permanently, and the others commit, in a few transactions rather than
@@ -622,7 +623,7 @@ func TestBadEventFailsOnlyItself(t *testing.T) {
 	p, reg := f.projector(t, newCache(t, f.rdb), func(c *projector.Config) { c.Logger = slog.New(logs) })
 
 	badDoc := events.NewID()
-	bad := &events.DocumentProcessed{DocID: badDoc, ContentType: "text/plain", Words: 1, ProcessedAt: time.Date(300000, 1, 1, 0, 0, 0, 0, time.UTC)}
+	bad := &events.DocumentProcessed{DocID: badDoc, ContentType: "text/plain", Words: 1, Summary: "caf\xe9", ProcessedAt: time.Now()}
 	if err := bad.Validate(); err != nil {
 		t.Fatalf("the bad event must pass validation to reach the database: %v", err)
 	}
