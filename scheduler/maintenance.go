@@ -145,11 +145,12 @@ const (
 // the inbox does not grow forever. An event redelivered later than that is
 // applied again, so a retention under config.MinInboxRetention is refused.
 //
-// Jobs run one after another in the scheduler's tick loop, so one run
-// deletes at most inboxPerRun rows (about a second or two of statements):
-// run every minute, that keeps up with about 8,000 applied events a second,
-// and a backlog, such as the whole inbox after an upgrade, goes down over
-// successive runs without holding up the other schedules.
+// One run deletes at most inboxPerRun rows (about a second or two of
+// statements): run every minute, that keeps up with about 8,000 applied
+// events a second, and a backlog, such as the whole inbox after an
+// upgrade, goes down over successive runs, none of them long (runs of a
+// job never overlap: a tick that finds the last run still going is
+// skipped).
 func InboxRetention(st *store.Store, retention time.Duration, log *slog.Logger) Job {
 	return func(ctx context.Context, tick time.Time) error {
 		if retention < config.MinInboxRetention {

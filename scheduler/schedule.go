@@ -27,14 +27,17 @@ import (
 )
 
 // Missed-tick policies: what happens to ticks that fell while no replica
-// ran.
+// ran, and to ticks that came due at once because the replica was paused
+// or its clock stepped, or while a failed tick was retried.
 const (
-	// MissedSkip drops them: only future ticks fire.
+	// MissedSkip drops them: missed ticks do not fire, and of ticks due at
+	// once only the latest does.
 	MissedSkip = "skip"
-	// MissedCatchUp fires them on start, oldest first, up to CatchUpLimit.
-	// A tick whose firing fails (Redis unavailable) is retried for as long
-	// as its marker certainly lives, while a skip schedule gives it up
-	// when its next tick is due.
+	// MissedCatchUp fires them, oldest first, up to CatchUpLimit (the most
+	// recent). A tick whose firing fails (Redis unavailable) is retried
+	// while no more than CatchUpLimit ticks wait, while a skip schedule
+	// gives it up when its next tick is due. No tick fires later than its
+	// marker certainly lives (maxAge).
 	MissedCatchUp = "catch_up"
 )
 
@@ -66,6 +69,10 @@ type Schedule struct {
 
 	sched cron.Schedule
 	loc   *time.Location
+	// wall, set for an expression that fires at fixed times of day, is
+	// its spec matched against the wall clock of wallLoc (see wallNext).
+	wall    *cron.SpecSchedule
+	wallLoc *time.Location
 	// job, if set, runs instead of publishing an event (built-in
 	// maintenance).
 	job Job
@@ -135,6 +142,15 @@ func (s *Schedule) prepare() error {
 		fail("invalid cron expression %q: %v", s.Cron, err)
 	} else {
 		s.sched = sched
+		if spec, ok := sched.(*cron.SpecSchedule); ok && fixedTimeOfDay(s.Cron) {
+			wall := *spec
+			s.wallLoc = s.loc
+			if spec.Location != time.Local { // CRON_TZ=... in the expression
+				s.wallLoc = spec.Location
+			}
+			wall.Location = time.UTC
+			s.wall = &wall
+		}
 		// An expression such as "0 0 30 2 *" parses but matches no date;
 		// it would never fire, so it is surely a mistake.
 		if s.next(time.Now()).IsZero() {
@@ -177,7 +193,92 @@ func (s *Schedule) next(t time.Time) time.Time {
 		// every replica and across restarts.
 		return alignedNext(t, every.Delay)
 	}
+	if s.wall != nil {
+		return s.wallNext(t)
+	}
 	return s.sched.Next(t.In(s.loc))
+}
+
+// fixedTimeOfDay reports whether a cron expression fires at fixed times of
+// day: neither its minute nor its hour field is a wildcard ("*", "*/n",
+// "?"), as in "30 2 * * *" or "@daily". As in Vixie cron, only those are
+// adjusted around daylight saving changes; an expression such as "* * * *
+// *" or "@hourly" fires by the clock as it goes, every minute or hour that
+// passes.
+func fixedTimeOfDay(expr string) bool {
+	fields := strings.Fields(expr)
+	if len(fields) > 0 && (strings.HasPrefix(fields[0], "TZ=") || strings.HasPrefix(fields[0], "CRON_TZ=")) {
+		fields = fields[1:]
+	}
+	var minute, hour string
+	switch {
+	case len(fields) == 1 && strings.HasPrefix(fields[0], "@"):
+		// @yearly, @monthly, @weekly, @daily: midnight; @hourly: every hour.
+		return fields[0] != "@hourly"
+	case len(fields) == 5:
+		minute, hour = fields[0], fields[1]
+	case len(fields) == 6:
+		minute, hour = fields[1], fields[2]
+	default:
+		return false
+	}
+	wild := func(f string) bool { return strings.HasPrefix(f, "*") || strings.HasPrefix(f, "?") }
+	return !wild(minute) && !wild(hour)
+}
+
+// wallNext is next for an expression that fires at fixed times of day, so
+// that it fires once on the days daylight saving time begins and ends, as
+// cron users expect: robfig matches instants, so "30 2 * * *" in
+// Europe/Berlin would not fire on the day 02:30 does not exist and fire
+// twice on the day it exists twice. Ticks are matched against wall-clock
+// times instead, each then fired at the first instant that shows it, or,
+// if the clock skips it, at the end of the skipped hour.
+func (s *Schedule) wallNext(t time.Time) time.Time {
+	// The wall clock reading of t, as a time in UTC (no daylight saving).
+	w := t.In(s.wallLoc)
+	y, mo, d := w.Date()
+	h, mi, sec := w.Clock()
+	w = time.Date(y, mo, d, h, mi, sec, w.Nanosecond(), time.UTC)
+	for {
+		// After the clock went back, the next wall time may have shown
+		// first before t: it has fired then, so the one after is next.
+		if w = s.wall.Next(w); w.IsZero() {
+			return w
+		}
+		if at := firstInstant(w, s.wallLoc); at.After(t) {
+			return at
+		}
+	}
+}
+
+// firstInstant returns the first instant whose wall clock in loc reads w
+// (w's fields, read in UTC). When the clock skips w (it moves forward past
+// it), it returns the instant it moves: the first instant after the gap.
+func firstInstant(w time.Time, loc *time.Location) time.Time {
+	// Zone offsets are within a day of UTC: every instant that can read w
+	// is within two days of w read in UTC.
+	horizon := w.Add(48 * time.Hour)
+	at := w.Add(-48 * time.Hour).In(loc)
+	prevOff, first := 0, true
+	for {
+		_, off := at.Zone()
+		start, end := at.ZoneBounds()
+		shift := time.Duration(off) * time.Second
+		// The instant of this zone period that reads w, if any.
+		if c := w.Add(-shift); (start.IsZero() || !c.Before(start)) && (end.IsZero() || c.Before(end)) {
+			return c.In(loc)
+		}
+		// A forward change at start skipped the wall times from start in
+		// the previous offset up to start in this one.
+		if !first && off > prevOff && !w.Before(start.Add(time.Duration(prevOff)*time.Second)) && w.Before(start.Add(shift)) {
+			return start
+		}
+		if end.IsZero() || end.After(horizon) {
+			// Not reached: every wall time is read or skipped.
+			return time.Date(w.Year(), w.Month(), w.Day(), w.Hour(), w.Minute(), w.Second(), w.Nanosecond(), loc)
+		}
+		prevOff, first, at = off, false, end
+	}
 }
 
 // alignedNext returns the first multiple of d since the Unix epoch strictly

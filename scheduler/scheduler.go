@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,7 +21,8 @@ import (
 // Job is the work of a built-in schedule at one tick. It must be
 // idempotent: a tick's job runs once, but a failed job is only retried by
 // the next tick. It runs on its schedule's own goroutine, so it delays
-// no other schedule.
+// no other schedule, and under its schedule's run lock, so that two runs
+// never overlap, in one replica or across replicas.
 type Job func(ctx context.Context, tick time.Time) error
 
 // Builtin is a built-in maintenance schedule.
@@ -63,6 +65,13 @@ type Scheduler struct {
 	log       *slog.Logger
 	fired     *prometheus.CounterVec
 	moved     prometheus.Counter
+	// clock is the time of the fire loop; tests replace it.
+	clock clock
+	// token marks the tick claims and run locks this Scheduler holds:
+	// its identity, which several schedulers may share, and a random part.
+	token string
+	// lease is how long a built-in job's run lock lives unless renewed.
+	lease time.Duration
 }
 
 // New validates every schedule (reporting every problem, each naming its
@@ -136,12 +145,15 @@ func New(cfg Config) (*Scheduler, error) {
 		log:       cfg.Logger.With("component", "scheduler"),
 		fired: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "conveyor_schedule_ticks_total",
-			Help: "Schedule ticks handled by this replica, by schedule and result (fired, already_fired, error: a failed attempt or job, lost: a tick given up after failed attempts).",
+			Help: "Schedule ticks handled by this replica, by schedule and result (fired, already_fired, error: a failed attempt or job, lost: a tick given up after failed attempts, skipped: a tick not fired because it came too late for its missed policy or its marker, or its built-in job was still running).",
 		}, []string{"schedule", "result"}),
 		moved: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "conveyor_delayed_events_moved_total",
 			Help: "Delayed events this replica moved into their streams.",
 		}),
+		clock: realClock{},
+		token: cfg.Identity + "#" + rand.Text(),
+		lease: jobLease,
 	}
 	if cfg.Registerer != nil {
 		cfg.Registerer.MustRegister(sc.fired, sc.moved)
@@ -151,18 +163,53 @@ func New(cfg Config) (*Scheduler, error) {
 
 func stateKey(name string) string { return "conveyor:schedule:" + name }
 func jobKey(key string) string    { return "conveyor:schedule-job:" + key }
+func lockKey(name string) string  { return "conveyor:schedule-lock:" + name }
 
-// markerTTL keeps a tick's marker long enough for every replica that could
-// still try the tick, and not much longer.
-func (s *Schedule) markerTTL(now time.Time) time.Duration {
-	a := s.next(now)
+// Tick markers live between minMarkerTTL and maxMarkerTTL.
+const (
+	minMarkerTTL = 10 * time.Minute
+	maxMarkerTTL = 2 * 366 * 24 * time.Hour
+)
+
+// markerTTL keeps a tick's marker twice as long as any replica may fire
+// the tick (maxAge), and not much longer: the margin covers replicas whose
+// clocks run somewhat behind Redis's or each other's.
+func (s *Schedule) markerTTL(tick time.Time) time.Duration {
+	a := s.next(tick)
 	period := s.next(a).Sub(a)
-	ttl := period * time.Duration(s.CatchUpLimit+2)
-	return min(max(ttl, 10*time.Minute), 7*24*time.Hour)
+	n := time.Duration(2 * (s.CatchUpLimit + 2))
+	ttl := maxMarkerTTL
+	if period < maxMarkerTTL/n {
+		ttl = period * n
+	}
+	return min(max(ttl, minMarkerTTL), maxMarkerTTL)
+}
+
+// maxAge is how late a tick may be fired: half its marker's life, so that
+// a replica that fires it finds the marker of any replica that fired it
+// before; past that, firing it could publish it twice. It covers
+// CatchUpLimit+2 periods, so catch-up is not cut short.
+func (s *Schedule) maxAge(tick time.Time) time.Duration { return s.markerTTL(tick) / 2 }
+
+// keep is how many due ticks the missed policy fires: the latest, or the
+// CatchUpLimit most recent.
+func (s *Schedule) keep() int {
+	if s.Missed == MissedCatchUp {
+		return s.CatchUpLimit
+	}
+	return 1
 }
 
 // jobTimeout bounds one run of a built-in job.
 const jobTimeout = 10 * time.Minute
+
+// jobLease is how long a built-in job's run lock lives unless renewed. It
+// is renewed every third of that while the job runs, so a replica that
+// dies mid-run holds its job off for at most a minute.
+const jobLease = time.Minute
+
+// errLockLost ends a built-in job whose run lock could not be renewed.
+var errLockLost = errors.New("run lock lost: another replica may run the job now")
 
 // A tick that failed is retried after retryMin, doubling up to retryMax:
 // soon enough that a brief Redis outage delays ticks by about its length,
@@ -172,9 +219,29 @@ const (
 	retryMax = 5 * time.Second
 )
 
+// maxSleep bounds each wait for the next tick. A wait counts elapsed time,
+// which a suspended machine or a wall clock stepped forward do not advance:
+// waking at least every minute to read the clock again bounds how late
+// such a change makes a tick.
+const maxSleep = time.Minute
+
 // recordTimeout bounds writing a schedule's state, which is done even
 // while shutting down so that a fired tick is not caught up again.
 const recordTimeout = 5 * time.Second
+
+// clock is the time of the fire loop. Tests replace it to stall the
+// process or step its clock without waiting.
+type clock interface {
+	Now() time.Time
+	// Sleep waits for d to elapse and reports whether ctx is still alive.
+	// Like a timer, it counts elapsed time, not the wall clock.
+	Sleep(ctx context.Context, d time.Duration) bool
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time                                  { return time.Now() }
+func (realClock) Sleep(ctx context.Context, d time.Duration) bool { return sleep(ctx, d) }
 
 // Run fires schedules and moves delayed events until ctx ends. It returns
 // once every running built-in job has returned.
@@ -183,7 +250,7 @@ func (sc *Scheduler) Run(ctx context.Context) error {
 	wg.Go(func() { sc.moveDelayed(ctx) })
 	// Catch-up fires the missed ticks up to start and each schedule's loop
 	// the ticks after it; one start time for both leaves no tick between.
-	start := time.Now()
+	start := sc.clock.Now()
 	for _, s := range sc.schedules {
 		if s.enabled() {
 			wg.Go(func() { sc.runSchedule(ctx, s, start) })
@@ -201,10 +268,13 @@ func (sc *Scheduler) Run(ctx context.Context) error {
 //
 // Ticks are fired oldest first. A tick whose firing fails stays first and
 // is retried with a growing delay, so ticks that fall during a brief Redis
-// outage are fired after it. It is given up when the next tick is due
-// (skip) or when more than CatchUpLimit ticks wait (catch_up), and in any
-// case after half its marker's lifetime, since past that another replica's
-// marker for it may be gone and a retry could publish it twice.
+// outage are fired after it. Whenever more ticks are due than the missed
+// policy fires, the oldest are given up: all but the latest (skip), or all
+// but the CatchUpLimit most recent (catch_up). That holds for a tick being
+// retried as for a backlog of ticks that came due while the process was
+// paused or its clock stepped forward, which is not published at once. And
+// a tick older than maxAge is never fired, since another replica's marker
+// for it may be gone and firing it could publish it twice.
 func (sc *Scheduler) runSchedule(ctx context.Context, s *Schedule, start time.Time) {
 	pending := sc.missed(ctx, s, start)
 	next := s.next(start)
@@ -212,61 +282,77 @@ func (sc *Scheduler) runSchedule(ctx context.Context, s *Schedule, start time.Ti
 		lastErr  error // why pending[0] failed; nil while it has not
 		attempts int   // failed attempts at pending[0]
 		backoff  time.Duration
+		skipped  skippedTicks // given up before any attempt
 	)
+	// shed gives up, oldest first, the ticks that must not be fired at now.
+	shed := func(now time.Time) {
+		for len(pending) > 0 {
+			why := s.giveUpReason(pending, now)
+			if why == "" {
+				return
+			}
+			if attempts > 0 {
+				sc.giveUp(ctx, s, pending[0], why, attempts, lastErr)
+				lastErr, attempts = nil, 0
+			} else {
+				skipped.add(pending[0])
+			}
+			pending = pending[1:]
+		}
+	}
 	for {
-		now := time.Now()
+		now := sc.clock.Now()
 		for !next.IsZero() && !next.After(now) {
 			pending = append(pending, next)
 			next = s.next(next)
-		}
-		for len(pending) > 0 {
-			head, why := pending[0], ""
-			switch {
-			case s.Missed == MissedCatchUp && len(pending) > s.CatchUpLimit:
-				why = "more ticks wait than catch_up_limit"
-			case lastErr == nil:
-			case now.After(head.Add(s.markerTTL(head) / 2)):
-				why = "its marker may have expired"
-			case s.Missed == MissedSkip && len(pending) > 1:
-				why = "the next tick is due"
+			if len(pending) > s.keep()+1 {
+				shed(now) // a long backlog is never held whole
 			}
-			if why == "" {
-				break
-			}
-			sc.fired.WithLabelValues(s.Name, "lost").Inc()
-			sc.log.Error("schedule tick given up: "+why, "schedule", s.Name, "tick", head,
-				"attempts", attempts, "error", lastErr)
-			sc.recordFailure(ctx, s, head, fmt.Errorf("given up (%s) after %d attempts: %v", why, attempts, lastErr))
-			pending = pending[1:]
-			lastErr, attempts = nil, 0
 		}
-		for len(pending) > 0 {
-			err := sc.fire(ctx, s, pending[0])
+		shed(now)
+		if skipped.n > 0 {
+			sc.reportSkipped(ctx, s, skipped)
+			skipped = skippedTicks{}
+		}
+		var wait time.Duration
+		switch {
+		case len(pending) > 0:
+			tick := pending[0]
+			ran, err := sc.fire(ctx, s, tick)
 			if ctx.Err() != nil {
 				return
 			}
-			if err != nil {
-				lastErr = err
-				attempts++
-				sc.fired.WithLabelValues(s.Name, "error").Inc()
-				if attempts == 1 {
-					sc.log.Warn("schedule tick failed; retrying", "schedule", s.Name, "tick", pending[0], "error", err)
-					sc.recordFailure(ctx, s, pending[0], err)
-				} else {
-					sc.log.Debug("schedule tick failed again", "schedule", s.Name, "tick", pending[0],
-						"attempts", attempts, "error", err)
+			if err == nil {
+				pending = pending[1:]
+				lastErr, attempts, backoff = nil, 0, 0
+				if ran {
+					pending, next = sc.skipWhileRan(s, pending, next)
 				}
-				break
+				continue
 			}
-			pending = pending[1:]
-			lastErr, attempts = nil, 0
-		}
-		wait := time.Until(next)
-		switch {
-		case len(pending) > 0:
+			if sc.handledElsewhere(ctx, s, tick) {
+				// Another replica fired it (or this one, whose reply was
+				// lost): nothing is lost and there is nothing to retry.
+				sc.fired.WithLabelValues(s.Name, "already_fired").Inc()
+				sc.log.Debug("schedule tick failed here, but it was fired", "schedule", s.Name, "tick", tick, "error", err)
+				pending = pending[1:]
+				lastErr, attempts, backoff = nil, 0, 0
+				continue
+			}
+			lastErr = err
+			attempts++
+			sc.fired.WithLabelValues(s.Name, "error").Inc()
+			if attempts == 1 {
+				sc.log.Warn("schedule tick failed; retrying", "schedule", s.Name, "tick", tick, "error", err)
+				sc.recordFailure(ctx, s, tick, err)
+			} else {
+				sc.log.Debug("schedule tick failed again", "schedule", s.Name, "tick", tick,
+					"attempts", attempts, "error", err)
+			}
 			backoff = min(max(2*backoff, retryMin), retryMax)
-			if next.IsZero() || backoff < wait {
-				wait = backoff
+			wait = backoff
+			if !next.IsZero() {
+				wait = min(wait, next.Sub(sc.clock.Now()))
 			}
 		case next.IsZero():
 			// Only a cron expression whose next match is more than five
@@ -275,12 +361,93 @@ func (sc *Scheduler) runSchedule(ctx context.Context, s *Schedule, start time.Ti
 			sc.log.Error("schedule has no tick within five years; it stops firing", "schedule", s.Name, "cron", s.Cron)
 			return
 		default:
-			backoff = 0
+			wait = next.Sub(now)
 		}
-		if !sleep(ctx, wait) {
+		if !sc.clock.Sleep(ctx, min(wait, maxSleep)) {
 			return
 		}
 	}
+}
+
+// giveUpReason says why pending[0] must not be fired at now, or returns ""
+// if it may be.
+func (s *Schedule) giveUpReason(pending []time.Time, now time.Time) string {
+	switch head := pending[0]; {
+	case now.Sub(head) > s.maxAge(head):
+		return "its marker may have expired"
+	case s.Missed == MissedCatchUp && len(pending) > s.CatchUpLimit:
+		return "more ticks wait than catch_up_limit"
+	case s.Missed == MissedSkip && len(pending) > 1:
+		return "the next tick is due"
+	}
+	return ""
+}
+
+// giveUp drops a tick whose attempts failed. It is lost unless another
+// replica fired it meanwhile.
+func (sc *Scheduler) giveUp(ctx context.Context, s *Schedule, tick time.Time, why string, attempts int, lastErr error) {
+	if sc.handledElsewhere(ctx, s, tick) {
+		sc.fired.WithLabelValues(s.Name, "already_fired").Inc()
+		sc.log.Debug("schedule tick given up here, but it was fired", "schedule", s.Name, "tick", tick,
+			"attempts", attempts, "error", lastErr)
+		return
+	}
+	sc.fired.WithLabelValues(s.Name, "lost").Inc()
+	sc.log.Error("schedule tick given up: "+why, "schedule", s.Name, "tick", tick,
+		"attempts", attempts, "error", lastErr)
+	sc.recordFailure(ctx, s, tick, fmt.Errorf("given up (%s) after %d attempts: %v", why, attempts, lastErr))
+}
+
+// skippedTicks counts ticks given up before any attempt.
+type skippedTicks struct {
+	n           int
+	first, last time.Time
+}
+
+func (k *skippedTicks) add(tick time.Time) {
+	if k.n == 0 {
+		k.first = tick
+	}
+	k.n++
+	k.last = tick
+}
+
+// reportSkipped logs ticks the missed policy gave up: ticks that came due
+// while this replica was paused, or whose clock stepped forward, or
+// missed ticks too old to catch up. If another replica recorded a later
+// tick meanwhile, it kept the schedule going and nothing was missed.
+func (sc *Scheduler) reportSkipped(ctx context.Context, s *Schedule, k skippedTicks) {
+	sc.fired.WithLabelValues(s.Name, "skipped").Add(float64(k.n))
+	args := []any{"schedule", s.Name, "missed", s.Missed, "skipped", k.n, "first", k.first, "last", k.last}
+	rctx, cancel := context.WithTimeout(ctx, recordTimeout)
+	defer cancel()
+	if last, err := sc.lastTick(rctx, s); err == nil && !last.Before(k.last) {
+		sc.log.Info("schedule ticks came due while this replica could not fire them; another replica did", args...)
+		return
+	}
+	sc.log.Warn("schedule ticks came late (process paused, clock stepped); skipped as the missed policy says", args...)
+}
+
+// skipWhileRan skips the ticks that came due while this replica ran the
+// schedule's job: they found the job running, and, as on the other
+// replicas, which find its run lock taken, are skipped rather than run
+// one after another once it ends.
+func (sc *Scheduler) skipWhileRan(s *Schedule, pending []time.Time, next time.Time) ([]time.Time, time.Time) {
+	end := sc.clock.Now()
+	n := 0
+	for len(pending) > 0 && !pending[0].After(end) {
+		pending = pending[1:]
+		n++
+	}
+	for !next.IsZero() && !next.After(end) {
+		next = s.next(next)
+		n++
+	}
+	if n > 0 {
+		sc.fired.WithLabelValues(s.Name, "skipped").Add(float64(n))
+		sc.log.Debug("built-in job ran past its next ticks; skipped them", "schedule", s.Name, "skipped", n)
+	}
+	return pending, next
 }
 
 // permanentReply reports whether err is Redis answering with an error that
@@ -314,6 +481,15 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
+// lastTick reads the last tick recorded for s; redis.Nil if there is none.
+func (sc *Scheduler) lastTick(ctx context.Context, s *Schedule) (time.Time, error) {
+	raw, err := sc.cfg.Redis.HGet(ctx, stateKey(s.Name), "last_tick").Result()
+	if err != nil {
+		return time.Time{}, err
+	}
+	return time.Parse(time.RFC3339Nano, raw)
+}
+
 // missed returns, for a catch_up schedule, the ticks since the last
 // recorded one up to start (at most CatchUpLimit, the most recent), and
 // reports skipped ticks of a skip schedule.
@@ -321,15 +497,19 @@ func (sc *Scheduler) missed(ctx context.Context, s *Schedule, start time.Time) [
 	// Redis unavailable at start (a whole system restarting): the last
 	// tick is read again until it answers, so that a catch_up schedule
 	// still catches up; nothing can be fired before anyway.
-	var raw string
+	var last time.Time
 	for backoff := time.Duration(0); ; {
 		var err error
-		raw, err = sc.cfg.Redis.HGet(ctx, stateKey(s.Name), "last_tick").Result()
+		last, err = sc.lastTick(ctx, s)
 		if errors.Is(err, redis.Nil) {
 			return nil // never fired: nothing to catch up
 		}
 		if err == nil {
 			break
+		}
+		var parse *time.ParseError
+		if errors.As(err, &parse) {
+			return nil
 		}
 		if permanentReply(err) {
 			// Redis answered, with an error (a key of another type, no
@@ -341,13 +521,9 @@ func (sc *Scheduler) missed(ctx context.Context, s *Schedule, start time.Time) [
 			sc.log.Warn("read the last tick of a schedule; retrying", "schedule", s.Name, "error", err)
 		}
 		backoff = min(max(2*backoff, retryMin), retryMax)
-		if !sleep(ctx, backoff) {
+		if !sc.clock.Sleep(ctx, backoff) {
 			return nil
 		}
-	}
-	last, err := time.Parse(time.RFC3339Nano, raw)
-	if err != nil {
-		return nil
 	}
 	var missed []time.Time
 	for t := s.next(last); !t.IsZero() && !t.After(start); t = s.next(t) {
@@ -374,37 +550,18 @@ func (sc *Scheduler) missed(ctx context.Context, s *Schedule, start time.Time) [
 	return missed
 }
 
-// fire handles one tick: publish it (or claim it and run the job) unless
-// another replica already did. It returns an error only if the tick must
-// be tried again because the claim or the publish failed. A job that
-// fails after its claim is not retried, as the claim is taken (its next
-// tick runs it again), nor is a tick whose data makes no valid event; those
-// failures are recorded here and not returned.
-func (sc *Scheduler) fire(ctx context.Context, s *Schedule, tick time.Time) error {
-	key := s.tickKey(tick)
-	ttl := s.markerTTL(tick)
+// fire handles one tick: publish it, or run its built-in job, unless
+// another replica already did. It reports whether it ran the job, and
+// returns an error only if the tick must be tried again because the claim
+// or the publish failed. A job that fails after its claim is not retried,
+// as the claim is taken (its next tick runs it again), nor is a tick whose
+// data makes no valid event; those failures are recorded here and not
+// returned.
+func (sc *Scheduler) fire(ctx context.Context, s *Schedule, tick time.Time) (ran bool, err error) {
 	if s.job != nil {
-		won, err := sc.cfg.Redis.SetNX(ctx, jobKey(key), sc.cfg.Identity, ttl).Result()
-		if err != nil {
-			return fmt.Errorf("claim tick %s: %w", key, err)
-		}
-		if !won {
-			sc.fired.WithLabelValues(s.Name, "already_fired").Inc()
-			return nil
-		}
-		jctx, cancel := context.WithTimeout(ctx, jobTimeout)
-		err = s.job(jctx, tick)
-		cancel()
-		if err != nil {
-			sc.fired.WithLabelValues(s.Name, "error").Inc()
-			sc.log.Error("built-in job failed", "schedule", s.Name, "tick", tick, "error", err)
-			sc.recordFailure(ctx, s, tick, err)
-			return nil
-		}
-		sc.fired.WithLabelValues(s.Name, "fired").Inc()
-		sc.record(ctx, s, tick, "ok")
-		return nil
+		return sc.runJob(ctx, s, tick)
 	}
+	key := s.tickKey(tick)
 	ev, err := s.event(tick)
 	if err != nil {
 		// The schedule's data makes no valid event at this tick: trying
@@ -412,47 +569,224 @@ func (sc *Scheduler) fire(ctx context.Context, s *Schedule, tick time.Time) erro
 		sc.fired.WithLabelValues(s.Name, "error").Inc()
 		sc.log.Error("schedule tick makes no valid event", "schedule", s.Name, "tick", tick, "error", err)
 		sc.recordFailure(ctx, s, tick, err)
-		return nil
+		return false, nil
 	}
-	won, _, err := sc.cfg.Publisher.PublishOnce(ctx, key, ttl, ev,
+	won, _, err := sc.cfg.Publisher.PublishOnce(ctx, key, s.markerTTL(tick), ev,
 		bus.WithID(s.tickID(tick)), bus.WithOccurredAt(tick))
 	if err != nil {
-		return err
+		return false, err
 	}
 	if !won {
 		sc.fired.WithLabelValues(s.Name, "already_fired").Inc()
-		return nil
+		return false, nil
 	}
 	sc.fired.WithLabelValues(s.Name, "fired").Inc()
 	sc.log.Debug("schedule fired", "schedule", s.Name, "tick", tick)
 	sc.record(ctx, s, tick, "published")
-	return nil
+	return false, nil
 }
 
+// handledElsewhere reports whether the tick's marker shows that it was
+// fired: published, or its job claimed by another Scheduler. An unknown
+// answer (Redis unavailable) is no.
+func (sc *Scheduler) handledElsewhere(ctx context.Context, s *Schedule, tick time.Time) bool {
+	ctx, cancel := context.WithTimeout(ctx, recordTimeout)
+	defer cancel()
+	if s.job != nil {
+		owner, err := sc.cfg.Redis.Get(ctx, jobKey(s.tickKey(tick))).Result()
+		return err == nil && owner != sc.token
+	}
+	// A marker means the event is in its stream (PublishOnce).
+	n, err := sc.cfg.Redis.Exists(ctx, bus.OnceKey(sc.cfg.Publisher.Stream(s.Event), s.tickKey(tick))).Result()
+	return err == nil && n > 0
+}
+
+// runJob claims a built-in job's tick and runs the job, holding the
+// schedule's run lock. The claim makes each tick run once; the lock keeps
+// runs from overlapping: a tick whose job still runs (a slow run of an
+// earlier tick, here or in another replica) is skipped, not queued. It
+// reports whether the job ran.
+func (sc *Scheduler) runJob(ctx context.Context, s *Schedule, tick time.Time) (bool, error) {
+	key := jobKey(s.tickKey(tick))
+	won, err := sc.cfg.Redis.SetNX(ctx, key, sc.token, s.markerTTL(tick)).Result()
+	if err != nil {
+		return false, fmt.Errorf("claim tick %s: %w", key, err)
+	}
+	if !won {
+		// Unless an earlier attempt of this Scheduler claimed it and then
+		// failed to take the lock.
+		owner, err := sc.cfg.Redis.Get(ctx, key).Result()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return false, fmt.Errorf("claim tick %s: %w", key, err)
+		}
+		if owner != sc.token {
+			sc.fired.WithLabelValues(s.Name, "already_fired").Inc()
+			return false, nil
+		}
+	}
+	locked, err := lockScript.Run(ctx, sc.cfg.Redis, []string{lockKey(s.Name)}, sc.token, sc.lease.Milliseconds()).Int()
+	if err != nil {
+		return false, fmt.Errorf("lock job %s: %w", s.Name, err)
+	}
+	if locked == 0 {
+		sc.fired.WithLabelValues(s.Name, "skipped").Inc()
+		sc.log.Info("built-in job still running; skipping its tick", "schedule", s.Name, "tick", tick)
+		return false, nil
+	}
+	err = sc.runLocked(ctx, s, tick)
+	if err != nil {
+		sc.fired.WithLabelValues(s.Name, "error").Inc()
+		sc.log.Error("built-in job failed", "schedule", s.Name, "tick", tick, "error", err)
+		sc.recordFailure(ctx, s, tick, err)
+		return true, nil
+	}
+	sc.fired.WithLabelValues(s.Name, "fired").Inc()
+	sc.record(ctx, s, tick, "ok")
+	return true, nil
+}
+
+// runLocked runs the job of s, whose run lock this Scheduler holds,
+// renewing the lock while it runs and releasing it after. A run whose lock
+// cannot be renewed in time is cancelled, as another replica may start
+// one.
+func (sc *Scheduler) runLocked(ctx context.Context, s *Schedule, tick time.Time) error {
+	jctx, lost := context.WithCancelCause(ctx)
+	defer lost(nil)
+	jctx, cancel := context.WithTimeout(jctx, jobTimeout)
+	defer cancel()
+	renewing := make(chan struct{})
+	go func() {
+		defer close(renewing)
+		sc.keepLock(jctx, s, lost)
+	}()
+	err := s.job(jctx, tick)
+	if cause := context.Cause(jctx); errors.Is(cause, errLockLost) {
+		err = errors.Join(err, cause)
+	}
+	cancel()
+	<-renewing
+	// Released even while shutting down, so that another replica need not
+	// wait for the lease to run out.
+	uctx, ucancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
+	defer ucancel()
+	if uerr := unlockScript.Run(uctx, sc.cfg.Redis, []string{lockKey(s.Name)}, sc.token).Err(); uerr != nil {
+		sc.log.Warn("release the run lock of a built-in job; it expires by itself", "schedule", s.Name,
+			"lease", sc.lease, "error", uerr)
+	}
+	return err
+}
+
+// keepLock renews the run lock of s every third of its lease until ctx
+// ends. It cancels the run (lost) when the lock is another's, or when it
+// could not be renewed for so long that it may expire before the next
+// renewal. The lease runs in Redis's time, so this counts real time.
+func (sc *Scheduler) keepLock(ctx context.Context, s *Schedule, lost context.CancelCauseFunc) {
+	every := sc.lease / 3
+	t := time.NewTicker(every)
+	defer t.Stop()
+	renewed := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		ok, err := renewScript.Run(ctx, sc.cfg.Redis, []string{lockKey(s.Name)}, sc.token, sc.lease.Milliseconds()).Int()
+		switch {
+		case ctx.Err() != nil:
+			return
+		case err == nil && ok == 1:
+			renewed = time.Now()
+		case err == nil:
+			sc.log.Warn("built-in job lost its run lock; cancelling it", "schedule", s.Name)
+			lost(errLockLost)
+			return
+		case time.Since(renewed)+every >= sc.lease:
+			sc.log.Warn("renew the run lock of a built-in job; cancelling it", "schedule", s.Name, "error", err)
+			lost(fmt.Errorf("%w: %w", errLockLost, err))
+			return
+		default:
+			sc.log.Debug("renew the run lock of a built-in job; retrying", "schedule", s.Name, "error", err)
+		}
+	}
+}
+
+// lockScript takes a run lock (KEYS[1]) for ARGV[1] for ARGV[2] ms, unless
+// another holds it; a holder taking it again extends it.
+var lockScript = redis.NewScript(`
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1`)
+
+// renewScript extends a run lock (KEYS[1]) by ARGV[2] ms if ARGV[1] holds
+// it.
+var renewScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0`)
+
+// unlockScript releases a run lock (KEYS[1]) if ARGV[1] holds it.
+var unlockScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0`)
+
+// recordScript records a fired tick in a schedule's state (KEYS[1]):
+// last_tick = ARGV[1] and the field-value pairs after it, unless the state
+// already records this tick or a later one. A replica that fires an older
+// tick after another fired a newer one (it was slow, or its clock is
+// behind) must not move last_tick back: catch-up would fire the ticks
+// between again. Ticks are RFC 3339 in UTC, compared by their fields.
+var recordScript = redis.NewScript(`
+local function order(t)
+  local y, mo, d, h, mi, s, frac = string.match(t, '^(%d%d%d%d)-(%d%d)-(%d%d)T(%d%d):(%d%d):(%d%d)%.?(%d*)Z$')
+  if not y then
+    return nil
+  end
+  return tonumber(y .. mo .. d .. h .. mi .. s), tonumber(string.sub(frac .. '000000000', 1, 9))
+end
+local cur = redis.call('HGET', KEYS[1], 'last_tick')
+if cur then
+  local cs, cf = order(cur)
+  local ns, nf = order(ARGV[1])
+  if cs and ns and (cs > ns or (cs == ns and cf >= nf)) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], 'last_tick', unpack(ARGV))
+return 1`)
+
 // record notes a tick fired by this replica. last_tick is where catch-up
-// starts, so only a tick that was handled may set it.
+// starts, so only a tick that was handled may set it, and only forward.
 func (sc *Scheduler) record(ctx context.Context, s *Schedule, tick time.Time, outcome string) {
-	sc.writeState(ctx, s,
-		"last_tick", tick.UTC().Format(time.RFC3339Nano),
-		"last_fired_at", time.Now().UTC().Format(time.RFC3339Nano),
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
+	defer cancel()
+	err := recordScript.Run(ctx, sc.cfg.Redis, []string{stateKey(s.Name)},
+		tick.UTC().Format(time.RFC3339Nano),
+		"last_fired_at", sc.clock.Now().UTC().Format(time.RFC3339Nano),
 		"outcome", outcome,
 		"fired_by", sc.cfg.Identity,
-	)
+	).Err()
+	if err != nil {
+		sc.log.Warn("record schedule state", "schedule", s.Name, "error", err)
+	}
 }
 
 // recordFailure notes a failed tick for operators, leaving last_tick, so
 // that catch-up after a restart still covers the tick.
 func (sc *Scheduler) recordFailure(ctx context.Context, s *Schedule, tick time.Time, err error) {
-	sc.writeState(ctx, s,
-		"outcome", fmt.Sprintf("error at tick %s: %v", tick.UTC().Format(time.RFC3339Nano), err),
-		"fired_by", sc.cfg.Identity,
-	)
-}
-
-func (sc *Scheduler) writeState(ctx context.Context, s *Schedule, fields ...any) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
 	defer cancel()
-	if err := sc.cfg.Redis.HSet(ctx, stateKey(s.Name), fields...).Err(); err != nil {
+	err = sc.cfg.Redis.HSet(ctx, stateKey(s.Name),
+		"outcome", fmt.Sprintf("error at tick %s: %v", tick.UTC().Format(time.RFC3339Nano), err),
+		"fired_by", sc.cfg.Identity,
+	).Err()
+	if err != nil {
 		sc.log.Warn("record schedule state", "schedule", s.Name, "error", err)
 	}
 }
@@ -541,7 +875,7 @@ type Info struct {
 
 // List returns every schedule with its next fire time and its last firing.
 func (sc *Scheduler) List(ctx context.Context) ([]Info, error) {
-	now := time.Now()
+	now := sc.clock.Now()
 	var out []Info
 	for _, s := range sc.schedules {
 		in := Info{Name: s.Name, Cron: s.Cron, Timezone: s.loc.String(), Missed: s.Missed, Enabled: s.enabled()}
