@@ -94,47 +94,9 @@ func New(cfg Config) (*Scheduler, error) {
 	if cfg.Publisher == nil {
 		errs = append(errs, errors.New("scheduler: Publisher is required"))
 	}
-	var all []*Schedule
-	names := map[string]bool{}
-	known := map[string]bool{}
-	for _, b := range cfg.Builtins {
-		known[b.Name] = true
-		s := &Schedule{Name: b.Name, Cron: b.Cron, Missed: MissedSkip, job: b.Job}
-		if o, ok := cfg.File.Builtin[b.Name]; ok {
-			s.Enabled = o.Enabled
-			if o.Cron != "" {
-				s.Cron = o.Cron
-			}
-		}
-		all = append(all, s)
-	}
-	for name := range cfg.File.Builtin {
-		switch {
-		case known[name]:
-		case name == BuiltinStuckDocuments, name == BuiltinBlobRetention, name == BuiltinInboxRetention:
-			// A built-in this replica does not run (it has no database):
-			// the same file serves the replicas that do.
-			cfg.Logger.Warn("the schedules file configures a built-in schedule this scheduler does not run", "builtin", name)
-		default:
-			errs = append(errs, fmt.Errorf("builtin schedule %q does not exist", name))
-		}
-	}
-	for i := range cfg.File.Schedules {
-		s := cfg.File.Schedules[i]
-		all = append(all, &s)
-	}
-	var active []*Schedule
-	for _, s := range all {
-		if err := s.prepare(); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if names[s.Name] {
-			errs = append(errs, fmt.Errorf("schedule %q: defined twice", s.Name))
-			continue
-		}
-		names[s.Name] = true
-		active = append(active, s)
+	active, err := cfg.File.schedules(cfg.Builtins, cfg.Logger)
+	if err != nil {
+		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
@@ -159,6 +121,67 @@ func New(cfg Config) (*Scheduler, error) {
 		cfg.Registerer.MustRegister(sc.fired, sc.moved)
 	}
 	return sc, nil
+}
+
+// schedules validates the file's schedules and its overrides of builtins,
+// reporting every problem (each naming its schedule), and returns the
+// schedules to run: builtins (as overridden) and the file's.
+func (f File) schedules(builtins []Builtin, log *slog.Logger) ([]*Schedule, error) {
+	var errs []error
+	var all []*Schedule
+	names := map[string]bool{}
+	known := map[string]bool{}
+	for _, b := range builtins {
+		known[b.Name] = true
+		s := &Schedule{Name: b.Name, Cron: b.Cron, Missed: MissedSkip, job: b.Job}
+		if o, ok := f.Builtin[b.Name]; ok {
+			s.Enabled = o.Enabled
+			if o.Cron != "" {
+				s.Cron = o.Cron
+			}
+		}
+		all = append(all, s)
+	}
+	for name := range f.Builtin {
+		switch {
+		case known[name]:
+		case name == BuiltinStuckDocuments, name == BuiltinBlobRetention, name == BuiltinInboxRetention:
+			// A built-in this replica does not run (it has no database):
+			// the same file serves the replicas that do.
+			log.Warn("the schedules file configures a built-in schedule this scheduler does not run", "builtin", name)
+		default:
+			errs = append(errs, fmt.Errorf("builtin schedule %q does not exist", name))
+		}
+	}
+	for i := range f.Schedules {
+		s := f.Schedules[i]
+		all = append(all, &s)
+	}
+	var active []*Schedule
+	for _, s := range all {
+		if err := s.prepare(); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if names[s.Name] {
+			errs = append(errs, fmt.Errorf("schedule %q: defined twice", s.Name))
+			continue
+		}
+		names[s.Name] = true
+		active = append(active, s)
+	}
+	return active, errors.Join(errs...)
+}
+
+// Validate checks a schedules file as New would, without Redis: a
+// command can refuse a bad file before it waits for its servers.
+func (f File) Validate() error {
+	var builtins []Builtin
+	for _, name := range []string{BuiltinStuckDocuments, BuiltinBlobRetention, BuiltinInboxRetention} {
+		builtins = append(builtins, Builtin{Name: name, Cron: "@every 1m", Job: func(context.Context, time.Time) error { return nil }})
+	}
+	_, err := f.schedules(builtins, slog.New(slog.DiscardHandler))
+	return err
 }
 
 func stateKey(name string) string { return "conveyor:schedule:" + name }

@@ -3,6 +3,7 @@ package scheduler_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"os"
 	"strings"
@@ -202,5 +203,30 @@ func TestDelayedEventsMoveOnceWhenDue(t *testing.T) {
 		if movedMS < due[id].UnixMilli() {
 			t.Errorf("event %s moved %dms before it was due", id, due[id].UnixMilli()-movedMS)
 		}
+	}
+}
+
+// TestFileValidate checks a schedules file as New does, without Redis.
+func TestFileValidate(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		name, yaml, wantErr string
+	}{
+		{name: "good", yaml: fmt.Sprintf(emailSchedule, "report") + "builtin:\n  inbox-retention: {cron: \"* * * * *\"}\n"},
+		{name: "bad cron", yaml: "schedules:\n  - {name: report, cron: \"0 25 * * *\", event: email.requested}\n", wantErr: `"report"`},
+		{name: "unknown builtin", yaml: "builtin:\n  no-such-job: {cron: \"* * * * *\"}\n", wantErr: `"no-such-job"`},
+		{name: "bad builtin cron", yaml: "builtin:\n  blob-retention: {cron: \"61 * * * *\"}\n", wantErr: `"blob-retention"`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f, err := scheduler.ParseFile([]byte(tt.yaml), "test.yaml")
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = f.Validate()
+			if tt.wantErr == "" && err != nil || tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)) {
+				t.Errorf("Validate = %v, want an error naming %s", err, tt.wantErr)
+			}
+		})
 	}
 }

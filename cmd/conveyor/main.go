@@ -107,6 +107,10 @@ func commands() []*command {
 // errUsage marks an error caused by bad arguments: exit status 2.
 var errUsage = errors.New("usage")
 
+// errConfig marks an invalid configuration found by a command (exit
+// status 2, as one config.Load finds).
+var errConfig = errors.New("invalid configuration")
+
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	cmds := commands()
 	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" || args[0] == "-help" {
@@ -163,7 +167,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			fmt.Fprintf(stderr, "conveyor %s: %v\n", cmd.name, err)
 			return 0
 		}
-		if errors.Is(err, errUsage) {
+		if errors.Is(err, errUsage) || errors.Is(err, errConfig) {
 			fmt.Fprintf(stderr, "conveyor %s: %v\n", cmd.name, err)
 			return 2
 		}

@@ -11,9 +11,27 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/conveyor/conveyor/config"
 	"github.com/conveyor/conveyor/events"
 	"github.com/conveyor/conveyor/scheduler"
 )
+
+// checkSchedulesFile refuses a bad SCHEDULES_FILE at once (exit status 2),
+// before the command waits for Redis (or up starts its servers), which
+// would report it only once they answer.
+func checkSchedulesFile(cfg config.Config) error {
+	if cfg.SchedulesFile == "" {
+		return nil
+	}
+	f, err := scheduler.LoadFile(cfg.SchedulesFile)
+	if err == nil {
+		err = f.Validate()
+	}
+	if err != nil {
+		return fmt.Errorf("%w: SCHEDULES_FILE: %w", errConfig, err)
+	}
+	return nil
+}
 
 // newScheduler builds the scheduler with the user's schedules and the
 // built-in ones.
@@ -56,6 +74,9 @@ is published exactly once, whichever replicas are alive. Serves /healthz,
 /readyz and /metrics on HTTP_ADDR.`,
 		vars: []string{"REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "SCHEDULES_FILE", "BLOB_DIR", "STUCK_AFTER", "RETRY_MAX_ATTEMPTS", "RETRY_BACKOFF_MIN", "RETRY_BACKOFF_MAX", "BLOB_RETENTION", "INBOX_RETENTION", "SHUTDOWN_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT"},
 		run: func(ctx context.Context, env *environment, _ any, _ []string) error {
+			if err := checkSchedulesFile(env.cfg); err != nil {
+				return err
+			}
 			log := newLogger(env.cfg, os.Stderr)
 			ln, err := listen(env.cfg.HTTPAddr)
 			if err != nil {

@@ -2,12 +2,15 @@ package main_test
 
 import (
 	"bytes"
+	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -251,17 +254,24 @@ func xsEmailID(x redis.XMessage) string {
 // names the schedule.
 func TestSchedulerRefusesBadSchedules(t *testing.T) {
 	t.Parallel()
-	rs := testenv.StartRedis(t, embedded.RedisConfig{Dir: t.TempDir()})
 	file := filepath.Join(t.TempDir(), "bad.yaml")
 	if err := os.WriteFile(file, []byte("schedules:\n  - {name: nightly-report, cron: \"0 25 * * *\", event: email.requested}\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, err := harness.Run(t, t.Context(), []string{"REDIS_URL=" + rs.URL(), "SCHEDULES_FILE=" + file, "HTTP_ADDR=127.0.0.1:0"}, "scheduler")
-	if err == nil {
-		t.Fatalf("scheduler started with a bad schedule:\n%s", out)
-	}
-	if !strings.Contains(out, `"nightly-report"`) || !strings.Contains(out, "invalid cron") {
-		t.Fatalf("error does not name the schedule and the problem:\n%s", out)
+	// Refused at once as a configuration error, though Redis is down:
+	// not only once the scheduler reaches it, which may be never.
+	dead := "redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t))
+	for _, cmd := range []string{"scheduler", "up"} {
+		ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+		out, err := harness.Run(t, ctx, []string{"REDIS_URL=" + dead, "DATABASE_URL=postgres://127.0.0.1:1/x", "SCHEDULES_FILE=" + file, "HTTP_ADDR=127.0.0.1:0"}, cmd)
+		cancel()
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 2 {
+			t.Fatalf("%s with a bad schedule: %v, want exit status 2 at once:\n%s", cmd, err, out)
+		}
+		if !strings.Contains(out, `"nightly-report"`) || !strings.Contains(out, "invalid cron") {
+			t.Fatalf("%s: error does not name the schedule and the problem:\n%s", cmd, out)
+		}
 	}
 }
 

@@ -52,6 +52,9 @@ func runUp(ctx context.Context, env *environment, o any, _ []string) error {
 	if cfg.LogFormat == "json" && !set("LOG_FORMAT") {
 		cfg.LogFormat = "text" // a laptop: readable logs unless asked otherwise
 	}
+	if err := checkSchedulesFile(cfg); err != nil {
+		return err
+	}
 	log := newLogger(cfg, os.Stderr)
 	dataDir, err := filepath.Abs(cfg.DataDir)
 	if err != nil {
