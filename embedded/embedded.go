@@ -11,6 +11,13 @@
 // signal if the parent dies, so a crashed parent does not leave servers
 // holding ports and data folders.
 //
+// Each server holds a lock (flock) on its data folder, which the server's
+// processes inherit, so that a second start on the same folder is refused
+// (ErrInUse) for as long as any of them is alive, and the kernel drops the
+// lock once they are all gone, however they ended. A server that dies
+// without being stopped is restarted on the same port and data; if it
+// cannot be, Failed and Err report it.
+//
 // The servers are for development and tests only: they listen on 127.0.0.1,
 // Redis has no password and PostgreSQL trusts every local connection.
 //
@@ -23,10 +30,12 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -60,6 +69,14 @@ var errPortInUse = errors.New("port already in use")
 // killed server had not yet let go of its shared memory.
 var errShmInUse = errors.New("shared memory of the previous server still in use")
 
+// errPIDFileInUse marks a PostgreSQL start that failed because a lock file
+// (postmaster.pid, or the socket's) named a live process, such as a
+// postmaster of a killed `conveyor up` that is still shutting down.
+var errPIDFileInUse = errors.New("lock file of the previous server still in use")
+
+// lockFileExists matches PostgreSQL's refusal to start over a lock file.
+var lockFileExists = regexp.MustCompile(`FATAL: +lock file ".*" already exists`)
+
 // portAttempts is how many ports a start tries before giving up, when the
 // caller did not fix the port.
 const portAttempts = 3
@@ -85,13 +102,24 @@ func findBinary(name, hint string) (string, error) {
 // zero, else the one recorded in dir by an earlier run if it is still free,
 // else a free port. pinned reports whether the port must not be changed if
 // it turns out to be taken.
-func choosePort(dir string, configured int) (port int, pinned bool, err error) {
+//
+// The caller holds the lock on dir, so a recorded port that is taken is
+// not taken by a server on dir: moving to another port starts no second
+// server on the same data. log says who took it, because the URLs change.
+func choosePort(dir string, configured int, log *slog.Logger, server string) (port int, pinned bool, err error) {
 	if configured != 0 {
 		return configured, true, nil
 	}
 	if b, err := os.ReadFile(filepath.Join(dir, portFile)); err == nil {
-		if p, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && p > 0 && p < 65536 && portFree(p) {
-			return p, false, nil
+		if p, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && p > 0 && p < 65536 {
+			if portFree(p) {
+				return p, false, nil
+			}
+			held := "another process"
+			if who := portListener(p); who != "" {
+				held = who
+			}
+			log.Warn("the port of the last run is taken; starting on another one", "server", server, "port", p, "held_by", held)
 		}
 	}
 	p, err := freePort()
@@ -272,14 +300,21 @@ func (r *ring) String() string {
 
 // exitError describes a server that exited while starting, quoting its
 // output. It is marked errPortInUse when the output says the port was
-// taken.
+// taken, and then says by whom if that can be told.
 func exitError(name string, port int, exit error, out *output) error {
 	tail := out.tail()
 	if strings.Contains(tail, "Address already in use") {
-		return fmt.Errorf("%s exited while starting on port %d (%w): %v\n%s", name, port, errPortInUse, exit, tail)
+		held := ""
+		if who := portListener(port); who != "" {
+			held = ", held by " + who
+		}
+		return fmt.Errorf("%s exited while starting on port %d (%w%s): %v\n%s", name, port, errPortInUse, held, exit, tail)
 	}
 	if strings.Contains(tail, "pre-existing shared memory block") {
 		return fmt.Errorf("%s exited while starting on port %d (%w): %v\n%s", name, port, errShmInUse, exit, tail)
+	}
+	if lockFileExists.MatchString(tail) {
+		return fmt.Errorf("%s exited while starting on port %d (%w): %v\n%s", name, port, errPIDFileInUse, exit, tail)
 	}
 	return fmt.Errorf("%s exited while starting on port %d: %v\n%s", name, port, exit, tail)
 }

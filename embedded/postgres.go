@@ -18,7 +18,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -80,6 +79,9 @@ type PostgresConfig struct {
 	// is killed, not only if the machine crashes: keep it on in tests that
 	// kill PostgreSQL and then count rows.
 	Fsync *bool
+
+	// restart says how a server that died is restarted; tests shorten it.
+	restart restartPolicy
 }
 
 func (c *PostgresConfig) setDefaults() {
@@ -128,15 +130,18 @@ type Postgres struct {
 	// PostgreSQL refuses to run as; nil otherwise.
 	runAs *syscall.Credential
 
-	// mu serialises Stop, Kill and Restart, and guards proc.
-	mu   sync.Mutex
-	proc *process
+	sup *supervisor
 }
 
 // StartPostgres initialises cfg.Dir if it holds no cluster yet, starts the
 // postmaster, waits until it answers `SELECT 1` over TCP, and creates
 // cfg.Database if it is missing. ctx bounds the start only: the server runs
-// until Stop or Kill.
+// until Stop or Kill, and is restarted if it dies meanwhile (see
+// [Postgres.Failed]).
+//
+// The data folder is locked while the server runs, through the file
+// .NAME.lock beside it (PGDATA itself must be empty for initdb): an error
+// wraps [ErrInUse] if another server holds it.
 //
 // When the current user is root, initdb and postgres run as the system user
 // "postgres" (or "nobody" if there is none), which must be able to enter
@@ -159,57 +164,95 @@ func StartPostgres(ctx context.Context, cfg PostgresConfig) (*Postgres, error) {
 		return nil, fmt.Errorf("start postgres: %w", err)
 	}
 	p := &Postgres{cfg: cfg, binDir: binDir, dir: dir}
-	if err := setAsideHalfCreated(dir, cfg.Logger); err != nil {
-		return nil, fmt.Errorf("start postgres: %w", err)
+	p.sup = &supervisor{
+		name:     "postgres",
+		logger:   cfg.Logger,
+		policy:   cfg.restart,
+		lockPath: postgresLockPath(dir),
+		lockWhat: "postgres data folder " + dir,
+		start:    p.start,
 	}
-	if os.Geteuid() == 0 {
-		if p.runAs, err = prepareRootDir(dir); err != nil {
-			return nil, fmt.Errorf("start postgres: %w", err)
-		}
-	} else if err := mkdirAll(dir, 0o700); err != nil {
+	p.sup.policy.setDefaults()
+	if err := mkdirAll(filepath.Dir(dir), 0o755); err != nil {
 		return nil, fmt.Errorf("start postgres: create data folder: %w", err)
 	}
-	if _, err := os.Stat(filepath.Join(dir, "PG_VERSION")); errors.Is(err, fs.ErrNotExist) {
-		if err := p.createCluster(ctx); err != nil {
-			return nil, fmt.Errorf("start postgres: %w", err)
-		}
-	} else if err != nil {
-		return nil, fmt.Errorf("start postgres: %w", err)
-	}
-
-	p.sockDir = dir
-	if len(dir)+len("/.s.PGSQL.65535") > maxSocketPath {
-		// We connect over TCP; the socket is only a convenience for psql.
-		p.sockDir = ""
-		cfg.Logger.Warn("postgres data folder path too long for a Unix socket; listening on TCP only", "dir", dir)
-	}
-	port, pinned, err := choosePort(dir, cfg.Port)
+	// Locked before anything else: a second start must neither move
+	// aside nor initialise a folder that the first is creating, nor
+	// start a server on it.
+	lock, err := lockDir(ctx, p.sup.lockPath, p.sup.lockWhat)
 	if err != nil {
 		return nil, fmt.Errorf("start postgres: %w", err)
 	}
-	for attempt := 1; ; attempt++ {
-		p.port = port
-		err = p.start(ctx)
-		if err == nil {
-			break
-		}
-		if pinned || attempt == portAttempts || !errors.Is(err, errPortInUse) {
-			return nil, fmt.Errorf("start postgres: %w", err)
-		}
-		if port, err = freePort(); err != nil {
-			return nil, fmt.Errorf("start postgres: %w", err)
-		}
+	proc, err := p.startFirst(ctx, lock)
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("start postgres: %w", err), lock.release())
 	}
-	if err := recordPort(dir, p.port); err != nil {
-		return nil, errors.Join(fmt.Errorf("start postgres: %w", err), p.Kill())
-	}
+	p.sup.begin(proc, lock)
 	if err := p.CreateDatabase(ctx, cfg.Database); err != nil {
 		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cleanupStopTimeout)
 		defer cancel()
 		return nil, errors.Join(fmt.Errorf("start postgres: %w", err), p.Stop(stopCtx))
 	}
-	cfg.Logger.Info("postgres started", "addr", net.JoinHostPort("127.0.0.1", strconv.Itoa(p.port)), "pid", p.PID(), "dir", dir)
+	cfg.Logger.Info("postgres started", "addr", net.JoinHostPort("127.0.0.1", strconv.Itoa(p.port)), "pid", proc.pid(), "dir", dir)
 	return p, nil
+}
+
+// postgresLockPath returns the lock file of the data folder dir: beside
+// it, like the initdb marker, because initdb wants an empty folder.
+func postgresLockPath(dir string) string {
+	return filepath.Join(filepath.Dir(dir), "."+filepath.Base(dir)+".lock")
+}
+
+// startFirst prepares the data folder (creating the cluster if needed),
+// chooses the port, starts the server and records the port.
+func (p *Postgres) startFirst(ctx context.Context, lock *dirLock) (*process, error) {
+	if err := setAsideHalfCreated(p.dir, p.cfg.Logger); err != nil {
+		return nil, err
+	}
+	if os.Geteuid() == 0 {
+		var err error
+		if p.runAs, err = prepareRootDir(p.dir); err != nil {
+			return nil, err
+		}
+	} else if err := mkdirAll(p.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data folder: %w", err)
+	}
+	if _, err := os.Stat(filepath.Join(p.dir, "PG_VERSION")); errors.Is(err, fs.ErrNotExist) {
+		if err := p.createCluster(ctx); err != nil {
+			return nil, err
+		}
+	} else if err != nil {
+		return nil, err
+	}
+
+	p.sockDir = p.dir
+	if len(p.dir)+len("/.s.PGSQL.65535") > maxSocketPath {
+		// We connect over TCP; the socket is only a convenience for psql.
+		p.sockDir = ""
+		p.cfg.Logger.Warn("postgres data folder path too long for a Unix socket; listening on TCP only", "dir", p.dir)
+	}
+	port, pinned, err := choosePort(p.dir, p.cfg.Port, p.cfg.Logger, "postgres")
+	if err != nil {
+		return nil, err
+	}
+	var proc *process
+	for attempt := 1; ; attempt++ {
+		p.port = port
+		proc, err = p.start(ctx, lock)
+		if err == nil {
+			break
+		}
+		if pinned || attempt == portAttempts || !errors.Is(err, errPortInUse) {
+			return nil, err
+		}
+		if port, err = freePort(); err != nil {
+			return nil, err
+		}
+	}
+	if err := recordPort(p.dir, p.port); err != nil {
+		return nil, errors.Join(err, proc.kill())
+	}
+	return proc, nil
 }
 
 // findPostgresBinDir returns binDir if it is set, else the folder of the
@@ -507,33 +550,35 @@ func (p *Postgres) initdb(ctx context.Context) error {
 	return nil
 }
 
-// start removes a stale lock file, runs the postmaster on p.port and waits
-// until it answers. The caller holds p.mu or owns p alone.
+// start removes stale lock files, runs the postmaster on p.port and waits
+// until it answers.
 //
-// Right after a kill -9, the killed server's processes may still be
-// letting go of its shared memory, which the new postmaster refuses to
-// share: it is tried again for a few seconds.
-func (p *Postgres) start(ctx context.Context) error {
-	deadline := time.Now().Add(shmWait)
+// Right after a kill -9, what the killed server left may still be in use
+// for a moment: its shared memory, by its processes exiting on a busy
+// machine, which the new postmaster refuses to share; or its lock files
+// (postmaster.pid, the socket's), by a postmaster still shutting down. The
+// start is tried again for a few seconds.
+func (p *Postgres) start(ctx context.Context, lock *dirLock) (*process, error) {
+	deadline := time.Now().Add(leftoverWait)
 	for {
-		err := p.startOnce(ctx)
-		if !errors.Is(err, errShmInUse) || time.Now().After(deadline) {
-			return err
+		proc, err := p.startOnce(ctx, lock)
+		if (!errors.Is(err, errShmInUse) && !errors.Is(err, errPIDFileInUse)) || time.Now().After(deadline) {
+			return proc, err
 		}
 		select {
 		case <-ctx.Done():
-			return err
+			return nil, err
 		case <-time.After(pollInterval):
 		}
 	}
 }
 
-// shmWait bounds how long start waits for a killed server's shared memory.
-const shmWait = 10 * time.Second
+// leftoverWait bounds how long start waits for what a killed server left.
+const leftoverWait = 10 * time.Second
 
-func (p *Postgres) startOnce(ctx context.Context) error {
-	if err := removeStalePID(p.dir); err != nil {
-		return err
+func (p *Postgres) startOnce(ctx context.Context, lock *dirLock) (*process, error) {
+	if err := removeStaleLocks(p.dir, p.sockDir, p.port); err != nil {
+		return nil, err
 	}
 	args := []string{
 		"-D", p.dir,
@@ -551,27 +596,39 @@ func (p *Postgres) startOnce(ctx context.Context) error {
 	cmd.Dir = p.dir
 	out, err := newOutput(filepath.Join(p.dir, postgresLogFile), nil, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// SIGINT is PostgreSQL's fast shutdown: roll back open transactions,
 	// checkpoint and exit, without waiting for clients to disconnect.
-	proc, err := startProcess("postgres", cmd, out, syscall.SIGINT, p.runAs, p.cfg.Logger)
+	proc, err := startProcess("postgres", cmd, out, syscall.SIGINT, p.runAs, lock, p.cfg.Logger)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := proc.waitReady(ctx, p.port, p.probe); err != nil {
-		return err
+		return nil, err
 	}
-	p.proc = proc
-	return nil
+	return proc, nil
 }
 
-// removeStalePID removes postmaster.pid if the process it names is gone.
-// A postmaster killed with SIGKILL leaves the file behind, and PostgreSQL
-// would refuse to start if the pid in it had been reused by a live process
-// meanwhile. A file naming a live postgres is left for PostgreSQL to judge.
-func removeStalePID(dir string) error {
-	path := filepath.Join(dir, "postmaster.pid")
+// removeStaleLocks removes the lock files of a postmaster that is gone:
+// postmaster.pid in dir and, unless sockDir is "", the lock file of the
+// socket for port in sockDir. A postmaster killed with SIGKILL leaves both
+// behind, and PostgreSQL would refuse to start if the pid in them had been
+// reused by a live process meanwhile, or named a zombie.
+func removeStaleLocks(dir, sockDir string, port int) error {
+	if err := removeStalePID(filepath.Join(dir, "postmaster.pid")); err != nil {
+		return err
+	}
+	if sockDir == "" {
+		return nil
+	}
+	return removeStalePID(filepath.Join(sockDir, ".s.PGSQL."+strconv.Itoa(port)+".lock"))
+}
+
+// removeStalePID removes the PostgreSQL lock file path if the process it
+// names is gone (or a zombie). A file naming a live postgres is left for
+// PostgreSQL to judge.
+func removeStalePID(path string) error {
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
@@ -589,13 +646,6 @@ func removeStalePID(dir string) error {
 		return fmt.Errorf("remove stale lock file: %w", err)
 	}
 	return nil
-}
-
-// pidAlive reports whether a process with this pid exists (EPERM means it
-// exists but belongs to someone else).
-func pidAlive(pid int) bool {
-	err := syscall.Kill(pid, 0)
-	return err == nil || errors.Is(err, syscall.EPERM)
 }
 
 // probe runs SELECT 1 over TCP in the postgres database, which always
@@ -630,46 +680,41 @@ func (p *Postgres) URLFor(database string) string {
 
 // PID returns the process id of the postmaster started last. It keeps its
 // value after Stop and Kill, so that a caller can check the process is gone.
-func (p *Postgres) PID() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.proc == nil {
-		return 0
-	}
-	return p.proc.pid()
-}
+func (p *Postgres) PID() int { return p.sup.pid() }
+
+// Failed returns a channel that is closed when the server has died and
+// could not be restarted; Err then says why. A postmaster that dies
+// without Stop or Kill is restarted on the same port and data (after crash
+// recovery), with a growing delay, and each restart is logged; only when
+// several restarts in a row fail, or die soon after starting, does it stay
+// down. A caller that cannot work without the server, such as `conveyor
+// up`, should stop when the channel is closed. Stop and Kill do not close
+// it; after it is closed, a successful Restart replaces it.
+func (p *Postgres) Failed() <-chan struct{} { return p.sup.failedChan() }
+
+// Err returns why the server is down for good, wrapping [ErrDown], once
+// Failed is closed, and nil before.
+func (p *Postgres) Err() error { return p.sup.failErr() }
 
 // Stop shuts the server down with a fast shutdown (SIGINT to the
 // postmaster: open transactions are rolled back, committed data is
 // checkpointed) and waits for the postmaster and all its processes to
 // exit. If ctx ends first, the server is killed and the error wraps
-// ctx.Err(). Stopping a server that is not running does nothing.
+// ctx.Err(). Stop releases the data folder. Stopping a server that is not
+// running does nothing.
 func (p *Postgres) Stop(ctx context.Context) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.stop(ctx)
-}
-
-func (p *Postgres) stop(ctx context.Context) error {
-	if p.proc == nil {
-		return nil
-	}
-	if err := p.proc.stop(ctx); err != nil {
+	if err := p.sup.stop(ctx); err != nil {
 		return fmt.Errorf("postgres on port %d: %w", p.port, err)
 	}
 	return nil
 }
 
 // Kill sends SIGKILL to the postmaster and all its processes and waits
-// until they are gone, the way a crash would end them. Committed data
-// survives (see PostgresConfig.Fsync); the next start runs crash recovery.
+// until they are gone, the way a crash would end them, but it is not
+// restarted. Committed data survives (see PostgresConfig.Fsync); the next
+// start runs crash recovery. Kill releases the data folder.
 func (p *Postgres) Kill() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.proc == nil {
-		return nil
-	}
-	if err := p.proc.kill(); err != nil {
+	if err := p.sup.kill(); err != nil {
 		return fmt.Errorf("postgres on port %d: %w", p.port, err)
 	}
 	return nil
@@ -679,15 +724,11 @@ func (p *Postgres) Kill() error {
 // Stop or Kill (a running server is stopped first), and returns once it
 // answers, which after a Kill is when crash recovery is done.
 func (p *Postgres) Restart(ctx context.Context) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if err := p.stop(ctx); err != nil {
+	proc, err := p.sup.restart(ctx)
+	if err != nil {
 		return fmt.Errorf("restart postgres: %w", err)
 	}
-	if err := p.start(ctx); err != nil {
-		return fmt.Errorf("restart postgres: %w", err)
-	}
-	p.cfg.Logger.Info("postgres restarted", "port", p.port, "pid", p.proc.pid())
+	p.cfg.Logger.Info("postgres restarted", "port", p.port, "pid", proc.pid())
 	return nil
 }
 

@@ -207,7 +207,7 @@ func TestRemoveStalePID(t *testing.T) {
 			if err := os.WriteFile(path, []byte(tt.content), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			if err := removeStalePID(dir); err != nil {
+			if err := removeStalePID(path); err != nil {
 				t.Fatalf("removeStalePID: %v", err)
 			}
 			_, err := os.Stat(path)

@@ -3,6 +3,7 @@ package embedded
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
@@ -73,4 +74,67 @@ func processName(pid int) string {
 		return ""
 	}
 	return strings.TrimSpace(string(b))
+}
+
+// pidAlive reports whether the process pid exists and is not a zombie
+// (EPERM means it exists but belongs to someone else). A zombie has exited
+// and holds nothing; its pid stays taken only until its parent reaps it,
+// which never happens when the parent was killed too and the container's
+// init does not reap orphans.
+func pidAlive(pid int) bool {
+	if err := syscall.Kill(pid, 0); err != nil && !errors.Is(err, syscall.EPERM) {
+		return false
+	}
+	if state, _, ok := procStat(pid); ok && (state == 'Z' || state == 'X') {
+		return false
+	}
+	return true
+}
+
+// portListener describes the process that listens on TCP port on this
+// host, such as "redis-server (pid 1234)", or returns "" if it cannot
+// tell (a process of another user, or in another container).
+func portListener(port int) string {
+	sockets := map[string]bool{}
+	for _, table := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(table)
+		if err != nil {
+			continue
+		}
+		// sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 10 || f[3] != "0A" { // 0A is LISTEN
+				continue
+			}
+			i := strings.LastIndexByte(f[1], ':')
+			if p, err := strconv.ParseUint(f[1][i+1:], 16, 16); err == nil && int(p) == port && f[9] != "0" {
+				sockets["socket:["+f[9]+"]"] = true
+			}
+		}
+	}
+	if len(sockets) == 0 {
+		return ""
+	}
+	procs, err := os.ReadDir("/proc")
+	if err != nil {
+		return ""
+	}
+	for _, e := range procs {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		fdDir := "/proc/" + e.Name() + "/fd"
+		fds, err := os.ReadDir(fdDir)
+		if err != nil {
+			continue // gone, or another user's
+		}
+		for _, fd := range fds {
+			if link, err := os.Readlink(fdDir + "/" + fd.Name()); err == nil && sockets[link] {
+				return fmt.Sprintf("%s (pid %d)", processName(pid), pid)
+			}
+		}
+	}
+	return ""
 }

@@ -24,3 +24,14 @@ func groupAlive(pgid int) bool {
 // processName returns "", because the command name of another process is
 // not available without /proc; callers then trust the pid alone.
 func processName(int) string { return "" }
+
+// pidAlive reports whether a process with this pid exists (EPERM means it
+// exists but belongs to someone else). Without /proc, zombies cannot be
+// told apart.
+func pidAlive(pid int) bool {
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+// portListener returns "": finding the process behind a port needs /proc.
+func portListener(int) string { return "" }

@@ -41,9 +41,17 @@ type process struct {
 // startProcess starts cmd in its own process group. stopSig is the signal
 // that stops the server gracefully; on Linux the server also receives it
 // when the parent dies. cred, if not nil, is the user to run as.
-func startProcess(name string, cmd *exec.Cmd, out *output, stopSig syscall.Signal, cred *syscall.Credential, logger *slog.Logger) (*process, error) {
+//
+// The server inherits a descriptor of lock, the lock on its data folder
+// (as fd 3, which neither Redis nor PostgreSQL uses or closes), and so do
+// the processes it forks. The folder then stays locked while any of them
+// lives: if our process dies and its servers outlive it, a second start on
+// the folder is refused instead of starting a second server on the same
+// files.
+func startProcess(name string, cmd *exec.Cmd, out *output, stopSig syscall.Signal, cred *syscall.Credential, lock *dirLock, logger *slog.Logger) (*process, error) {
 	cmd.Stdout, cmd.Stderr = out.stdout, out.stderr
 	cmd.SysProcAttr = sysProcAttr(stopSig, cred)
+	cmd.ExtraFiles = []*os.File{lock.f}
 	err := cmd.Start()
 	out.closeFile() // the child has its own copy of the log file
 	if err != nil {
@@ -52,6 +60,10 @@ func startProcess(name string, cmd *exec.Cmd, out *output, stopSig syscall.Signa
 	p := &process{name: name, cmd: cmd, out: out, stopSig: stopSig, logger: logger, done: make(chan struct{})}
 	p.quiet.Store(true)
 	go p.reap()
+	if err := lock.record(p.pid()); err != nil {
+		// The pid only makes a second start's error more precise.
+		logger.Warn("cannot record the server's pid in the lock file", "server", name, "error", err)
+	}
 	return p, nil
 }
 

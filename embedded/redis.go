@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"sync"
 	"syscall"
 	"time"
 
@@ -24,8 +23,9 @@ const redisLogFile = "redis.log"
 
 // RedisConfig configures [StartRedis].
 type RedisConfig struct {
-	// Dir is the data folder: the append-only file, the log and the port of
-	// the last run live there. It is created if missing. Required.
+	// Dir is the data folder: the append-only file, the log, the port of
+	// the last run and the lock that keeps a second server off the folder
+	// live there. It is created if missing. Required.
 	Dir string
 
 	// Port is the TCP port on 127.0.0.1. Zero reuses the port recorded in
@@ -57,6 +57,9 @@ type RedisConfig struct {
 	// Stdout and Stderr receive the server's own output. Each one that is
 	// nil defaults to the file redis.log in Dir.
 	Stdout, Stderr io.Writer
+
+	// restart says how a server that died is restarted; tests shorten it.
+	restart restartPolicy
 }
 
 func (c *RedisConfig) setDefaults() {
@@ -98,17 +101,18 @@ type Redis struct {
 	cfg    RedisConfig
 	binary string
 	dir    string
-	port   int
-
-	// mu serialises Stop, Kill and Restart, and guards proc.
-	mu   sync.Mutex
-	proc *process
+	port   int // fixed once StartRedis returns
+	sup    *supervisor
 }
 
 // StartRedis starts redis-server in cfg.Dir and returns once it answers
-// PING. ctx bounds the start only: the server runs until Stop or Kill. An
-// error wraps [ErrNotInstalled] if redis-server cannot be found, and quotes
-// the server's output if it exited while starting.
+// PING. ctx bounds the start only: the server runs until Stop or Kill, and
+// is restarted if it dies meanwhile (see [Redis.Failed]).
+//
+// The data folder is locked while the server runs: an error wraps
+// [ErrInUse] if another server holds it. An error wraps [ErrNotInstalled]
+// if redis-server cannot be found, and quotes the server's output if it
+// exited while starting.
 func StartRedis(ctx context.Context, cfg RedisConfig) (*Redis, error) {
 	cfg.setDefaults()
 	if err := cfg.Validate(); err != nil {
@@ -125,34 +129,62 @@ func StartRedis(ctx context.Context, cfg RedisConfig) (*Redis, error) {
 	if err := mkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("start redis: create data folder: %w", err)
 	}
-	port, pinned, err := choosePort(dir, cfg.Port)
+	r := &Redis{cfg: cfg, binary: binary, dir: dir}
+	r.sup = &supervisor{
+		name:     "redis-server",
+		logger:   cfg.Logger,
+		policy:   cfg.restart,
+		lockPath: filepath.Join(dir, redisLockFile),
+		lockWhat: "redis data folder " + dir,
+		start:    r.start,
+	}
+	r.sup.policy.setDefaults()
+	// Locked before the port is chosen: a recorded port taken by a
+	// server on this folder must stop this start, not move it.
+	lock, err := lockDir(ctx, r.sup.lockPath, r.sup.lockWhat)
 	if err != nil {
 		return nil, fmt.Errorf("start redis: %w", err)
 	}
-	r := &Redis{cfg: cfg, binary: binary, dir: dir}
+	p, err := r.startFirst(ctx, lock)
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("start redis: %w", err), lock.release())
+	}
+	r.sup.begin(p, lock)
+	cfg.Logger.Info("redis started", "addr", r.Addr(), "pid", p.pid(), "dir", dir)
+	return r, nil
+}
+
+// redisLockFile is the lock file in the data folder (see dirLock).
+const redisLockFile = "conveyor.lock"
+
+// startFirst chooses the port, starts the server and records the port.
+func (r *Redis) startFirst(ctx context.Context, lock *dirLock) (*process, error) {
+	port, pinned, err := choosePort(r.dir, r.cfg.Port, r.cfg.Logger, "redis")
+	if err != nil {
+		return nil, err
+	}
+	var p *process
 	for attempt := 1; ; attempt++ {
 		r.port = port
-		err = r.start(ctx)
+		p, err = r.start(ctx, lock)
 		if err == nil {
 			break
 		}
 		if pinned || attempt == portAttempts || !errors.Is(err, errPortInUse) {
-			return nil, fmt.Errorf("start redis: %w", err)
+			return nil, err
 		}
 		if port, err = freePort(); err != nil {
-			return nil, fmt.Errorf("start redis: %w", err)
+			return nil, err
 		}
 	}
-	if err := recordPort(dir, r.port); err != nil {
-		return nil, errors.Join(fmt.Errorf("start redis: %w", err), r.Kill())
+	if err := recordPort(r.dir, r.port); err != nil {
+		return nil, errors.Join(err, p.kill())
 	}
-	cfg.Logger.Info("redis started", "addr", r.Addr(), "pid", r.PID(), "dir", dir)
-	return r, nil
+	return p, nil
 }
 
-// start runs the server on r.port and waits until it answers PING. The
-// caller holds r.mu or owns r alone.
-func (r *Redis) start(ctx context.Context) error {
+// start runs a server on r.port and waits until it answers PING.
+func (r *Redis) start(ctx context.Context, lock *dirLock) (*process, error) {
 	appendOnly := "no"
 	if *r.cfg.AppendOnly {
 		appendOnly = "yes"
@@ -175,18 +207,17 @@ func (r *Redis) start(ctx context.Context) error {
 	cmd.Dir = r.dir
 	out, err := newOutput(filepath.Join(r.dir, redisLogFile), r.cfg.Stdout, r.cfg.Stderr)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// SIGTERM makes Redis flush the AOF and exit.
-	p, err := startProcess("redis-server", cmd, out, syscall.SIGTERM, nil, r.cfg.Logger)
+	p, err := startProcess("redis-server", cmd, out, syscall.SIGTERM, nil, lock, r.cfg.Logger)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := p.waitReady(ctx, r.port, r.ping); err != nil {
-		return err
+		return nil, err
 	}
-	r.proc = p
-	return nil
+	return p, nil
 }
 
 // ping sends one PING on a fresh connection.
@@ -214,45 +245,40 @@ func (r *Redis) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Ito
 
 // PID returns the process id of the server started last. It keeps its
 // value after Stop and Kill, so that a caller can check the process is gone.
-func (r *Redis) PID() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.proc == nil {
-		return 0
-	}
-	return r.proc.pid()
-}
+func (r *Redis) PID() int { return r.sup.pid() }
+
+// Failed returns a channel that is closed when the server has died and
+// could not be restarted; Err then says why. A server that dies without
+// Stop or Kill is restarted on the same port and data, with a growing
+// delay, and each restart is logged; only when several restarts in a row
+// fail, or die soon after starting, does it stay down. A caller that
+// cannot work without the server, such as `conveyor up`, should stop when
+// the channel is closed. Stop and Kill do not close it; after it is
+// closed, a successful Restart replaces it.
+func (r *Redis) Failed() <-chan struct{} { return r.sup.failedChan() }
+
+// Err returns why the server is down for good, wrapping [ErrDown], once
+// Failed is closed, and nil before.
+func (r *Redis) Err() error { return r.sup.failErr() }
 
 // Stop shuts the server down gracefully: SIGTERM, on which Redis flushes
 // the AOF, then a wait for it and everything it started to exit. If ctx
-// ends first, the server is killed and the error wraps ctx.Err(). Stopping
-// a server that is not running does nothing.
+// ends first, the server is killed and the error wraps ctx.Err(). Stop
+// releases the data folder. Stopping a server that is not running does
+// nothing.
 func (r *Redis) Stop(ctx context.Context) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.stop(ctx)
-}
-
-func (r *Redis) stop(ctx context.Context) error {
-	if r.proc == nil {
-		return nil
-	}
-	if err := r.proc.stop(ctx); err != nil {
+	if err := r.sup.stop(ctx); err != nil {
 		return fmt.Errorf("redis on port %d: %w", r.port, err)
 	}
 	return nil
 }
 
 // Kill sends SIGKILL to the server and everything it started, and waits
-// until they are gone, the way a crash would end them. Writes already
-// handed to the kernel (see RedisConfig.AppendFsync) survive.
+// until they are gone, the way a crash would end them, but it is not
+// restarted. Writes already handed to the kernel (see
+// RedisConfig.AppendFsync) survive. Kill releases the data folder.
 func (r *Redis) Kill() error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.proc == nil {
-		return nil
-	}
-	if err := r.proc.kill(); err != nil {
+	if err := r.sup.kill(); err != nil {
 		return fmt.Errorf("redis on port %d: %w", r.port, err)
 	}
 	return nil
@@ -262,14 +288,10 @@ func (r *Redis) Kill() error {
 // Stop or Kill (a running server is stopped first), and returns once it
 // answers PING, which it does only after loading the AOF.
 func (r *Redis) Restart(ctx context.Context) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if err := r.stop(ctx); err != nil {
+	p, err := r.sup.restart(ctx)
+	if err != nil {
 		return fmt.Errorf("restart redis: %w", err)
 	}
-	if err := r.start(ctx); err != nil {
-		return fmt.Errorf("restart redis: %w", err)
-	}
-	r.cfg.Logger.Info("redis restarted", "addr", r.Addr(), "pid", r.proc.pid())
+	r.cfg.Logger.Info("redis restarted", "addr", r.Addr(), "pid", p.pid())
 	return nil
 }

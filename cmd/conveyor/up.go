@@ -56,6 +56,10 @@ func runUp(ctx context.Context, env *environment, o any, _ []string) error {
 		return err
 	}
 	log := newLogger(cfg, os.Stderr)
+	// A local server that dies is restarted (embedded); one that keeps
+	// dying stops the whole process, with its cause.
+	ctx, serverDown := context.WithCancelCause(ctx)
+	defer serverDown(nil)
 	dataDir, err := filepath.Abs(cfg.DataDir)
 	if err != nil {
 		return err
@@ -91,6 +95,7 @@ func runUp(ctx context.Context, env *environment, o any, _ []string) error {
 			return friendly(err, "redis-server")
 		}
 		stops = append(stops, func() { stopServer(log, "redis", r.Stop) })
+		go watchServer(ctx, serverDown, "redis-server", r.Failed(), r.Err)
 		cfg.RedisURL = r.URL()
 		if !set("CACHE_REDIS_URL") {
 			cfg.CacheRedisURL = cfg.RedisURL
@@ -104,6 +109,7 @@ func runUp(ctx context.Context, env *environment, o any, _ []string) error {
 			return friendly(err, "postgres")
 		}
 		stops = append(stops, func() { stopServer(log, "postgres", p.Stop) })
+		go watchServer(ctx, serverDown, "postgres", p.Failed(), p.Err)
 		cfg.DatabaseURL = p.URL()
 		log.Info("started local PostgreSQL", "url", cfg.DatabaseURL, "data", filepath.Join(dataDir, "postgres"))
 		started = append(started, [2]string{"DATABASE_URL", cfg.DatabaseURL})
@@ -136,7 +142,21 @@ Emails go to %[2]s unless SMTP_URL is set. Press Ctrl-C to stop.
 `, exportLine(started))
 	}
 	fmt.Fprintln(env.stdout)
-	return runAll(ctx, a, ln)
+	err = runAll(ctx, a, ln)
+	if cause := context.Cause(ctx); errors.Is(cause, embedded.ErrDown) {
+		return errors.Join(cause, err)
+	}
+	return err
+}
+
+// watchServer stops up, through cancel, with the error of a local server
+// that failed for good (it kept dying however often it was restarted).
+func watchServer(ctx context.Context, cancel context.CancelCauseFunc, name string, failed <-chan struct{}, errOf func() error) {
+	select {
+	case <-failed:
+		cancel(fmt.Errorf("local %s: %w", name, errOf()))
+	case <-ctx.Done():
+	}
 }
 
 // exportLine is a shell line that sets vars (name, value pairs), each
@@ -185,6 +205,9 @@ func friendly(err error, what string) error {
 	if errors.Is(err, embedded.ErrNotInstalled) {
 		return fmt.Errorf("%s is needed when %s is unset.\n%v\nOr point REDIS_URL and DATABASE_URL at running servers, or use `docker compose up` (see README.md)",
 			what, map[string]string{"redis-server": "REDIS_URL", "postgres": "DATABASE_URL"}[what], err)
+	}
+	if errors.Is(err, embedded.ErrInUse) {
+		return fmt.Errorf("start local %s: %w\n(or give this one a data folder of its own: --data or CONVEYOR_DATA_DIR)", what, err)
 	}
 	return fmt.Errorf("start local %s: %w", what, err)
 }

@@ -125,6 +125,16 @@ func TestUpStartsAndStopsEverything(t *testing.T) {
 			if resp.StatusCode != http.StatusOK {
 				t.Fatalf("second run lost the document of the first: %d", resp.StatusCode)
 			}
+			// Another up on the same data while this one runs is
+			// refused: two redis-servers on one append-only file lose
+			// acknowledged writes.
+			other := harness.Start(t, "up-same-data", env, "up")
+			if !other.Wait(time.Minute) {
+				t.Fatal("a second conveyor up on the same data folder is still running")
+			}
+			if other.ExitErr() == nil || !strings.Contains(other.Log(), "in use by another conveyor up") {
+				t.Fatalf("a second conveyor up on the same data folder: exit %v, want it refused:\n%s", other.ExitErr(), other.Log())
+			}
 		}
 		// Ctrl-C ends the first run; the second ends as when its terminal
 		// is closed.
