@@ -494,9 +494,10 @@ func dup[E any](ids []string, mk func(string) E) []E {
 // outcome in one transaction, in both orders, as one batch of the
 // projector may.
 // Several events of one row in one call apply one after another, in the
-// order given, as they would one at a time: the last update wins, the
-// first outcome is final, and a refused repeat fails the call instead of
-// being dropped unchecked.
+// order given, as they would one at a time: the first request's subject
+// stays (a request fills in an email, never rewrites it), the first
+// outcome is final, and a refused repeat fails the call instead of being
+// dropped unchecked.
 func TestApplyRepeatsOfARow(t *testing.T) {
 	t.Parallel()
 	st, _ := newStore(t)
@@ -513,8 +514,8 @@ func TestApplyRepeatsOfARow(t *testing.T) {
 	if err := st.WithTx(ctx, func(tx *store.Tx) error { return tx.ApplyEmailsRequested(ctx, batch) }); err != nil {
 		t.Fatal(err)
 	}
-	if got := email(t, st, id); got.Subject.String != "third" {
-		t.Fatalf("subject %q, want the last request's", got.Subject.String)
+	if got := email(t, st, id); got.Subject.String != "first" {
+		t.Fatalf("subject %q, want the first request's", got.Subject.String)
 	}
 
 	a, b := sent(id), sent(id)
@@ -632,7 +633,8 @@ func TestCreated(t *testing.T) {
 	t.Run("a call with a row an earlier statement wrote", func(t *testing.T) {
 		// email.scheduled creates one row; email.requested then offers that
 		// row and a new one: the insert adds the new one only, and the row
-		// the earlier statement wrote must still get the request's update.
+		// the earlier statement wrote must still get the request's update
+		// (queued), keeping what it had (the subject).
 		early, fresh := events.NewID(), events.NewID()
 		err := st.WithTx(t.Context(), func(tx *store.Tx) error {
 			if err := applyOne(t.Context(), tx, scheduled(early)); err != nil {
@@ -649,9 +651,9 @@ func TestCreated(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, id := range []string{early, fresh} {
-			if e := email(t, st, id); e.Status != store.EmailQueued || e.Subject != str("Your document") {
-				t.Errorf("email %s: %+v, want queued with the request's subject", id, e)
+		for id, subject := range map[string]string{early: "later", fresh: "Your document"} {
+			if e := email(t, st, id); e.Status != store.EmailQueued || e.Subject != str(subject) {
+				t.Errorf("email %s: %+v, want queued with subject %q", id, e, subject)
 			}
 		}
 	})

@@ -161,9 +161,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	env := &environment{cfg: cfg, getenv: getenv, stdout: stdout, stderr: stderr}
 	if err := cmd.run(ctx, env, opts, fs.Args()); err != nil {
-		if errors.Is(err, errStoppedWhileStarting) && ctx.Err() != nil {
-			// Stopped by a signal while it waited for its dependencies:
-			// as graceful as any stop.
+		if ctx.Err() != nil && (errors.Is(err, errStoppedWhileStarting) || errors.Is(err, context.Canceled)) {
+			// Stopped by a signal while it started (waited for its
+			// dependencies, created groups, leased its name): as graceful
+			// as any stop.
 			fmt.Fprintf(stderr, "conveyor %s: %v\n", cmd.name, err)
 			return 0
 		}
