@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -20,9 +21,16 @@ func listen(addr string) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s (HTTP_ADDR): %w", addr, err)
 	}
+	return answerEarly(ln), nil
+}
+
+// answerEarly answers on ln until the role's server takes it over (see
+// listen).
+func answerEarly(ln net.Listener) *earlyListener {
 	l := &earlyListener{
 		Listener: ln,
 		conns:    make(chan net.Conn),
+		handed:   make(chan net.Conn),
 		failed:   make(chan struct{}),
 		closed:   make(chan struct{}),
 		takeover: make(chan struct{}),
@@ -33,7 +41,7 @@ func listen(addr string) (net.Listener, error) {
 	// server after the takeover.
 	starting.SetKeepAlivesEnabled(false)
 	go func() { _ = starting.Serve(startingListener{l}) }()
-	return l, nil
+	return l
 }
 
 // answerStarting answers the requests that arrive before the role's server
@@ -61,6 +69,7 @@ func answerStarting(w http.ResponseWriter, r *http.Request) {
 type earlyListener struct {
 	net.Listener
 	conns    chan net.Conn
+	handed   chan net.Conn // a connection the starting server took after the takeover
 	err      error         // why the listener failed, once failed is closed
 	failed   chan struct{} // closed when the listener's Accept failed
 	closed   chan struct{} // closed by Close
@@ -69,13 +78,25 @@ type earlyListener struct {
 }
 
 func (l *earlyListener) acceptLoop() {
+	var wait time.Duration
 	for {
 		c, err := l.Listener.Accept()
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			// Out of file descriptors, say: passing, as http.Server
+			// treats it, so retried after a pause.
+			wait = min(max(2*wait, 5*time.Millisecond), time.Second)
+			select {
+			case <-time.After(wait):
+				continue
+			case <-l.closed:
+			}
+		}
 		if err != nil {
 			l.err = err
 			close(l.failed)
 			return
 		}
+		wait = 0
 		select {
 		case l.conns <- c:
 		case <-l.closed:
@@ -90,6 +111,8 @@ func (l *earlyListener) Accept() (net.Conn, error) {
 	l.once.takeover.Do(func() { close(l.takeover) })
 	select {
 	case c := <-l.conns:
+		return c, nil
+	case c := <-l.handed:
 		return c, nil
 	case <-l.failed:
 		return nil, l.err
@@ -113,7 +136,21 @@ type startingListener struct{ l *earlyListener }
 func (s startingListener) Accept() (net.Conn, error) {
 	select {
 	case c := <-s.l.conns:
-		return c, nil
+		select {
+		case <-s.l.takeover:
+			// Taken in the instant of the takeover: the role's server
+			// answers it, not "starting".
+			go func() {
+				select {
+				case s.l.handed <- c:
+				case <-s.l.closed:
+					_ = c.Close()
+				}
+			}()
+			return nil, net.ErrClosed
+		default:
+			return c, nil
+		}
 	case <-s.l.takeover:
 		return nil, net.ErrClosed
 	case <-s.l.failed:
