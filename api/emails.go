@@ -72,7 +72,9 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	a.idempotent(w, r, "email", jsonFingerprint(body), nil, func(r *http.Request) (int, any) {
+	// A record written before fingerprints were of the JSON as a value
+	// holds that of the bytes: a retry of it must still match.
+	a.idempotent(w, r, "email", []string{jsonFingerprint(body), fingerprint(body)}, nil, func(r *http.Request) (int, any) {
 		var req emailRequest
 		if status, resp, ok := decodeStrict(body, &req); !ok {
 			return status, resp
@@ -84,7 +86,7 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 			Body:        req.Body,
 			RequestedAt: time.Now().UTC(),
 		}
-		if err := ev.Validate(); err != nil {
+		if err := events.ValidateIngest(ev); err != nil {
 			var ve *events.ValidationError
 			if errors.As(err, &ve) {
 				return http.StatusUnprocessableEntity, errorBody{Error: errorDetail{Code: "validation_failed", Message: ve.Error(), Fields: ve.Fields}}
@@ -160,13 +162,15 @@ func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, send
 		}
 	} else {
 		// withdraw takes the held-back email out again, and reports
-		// whether it is surely not held (so it will not be sent).
+		// whether it did, so that it will not be sent. Not finding it
+		// does not say that: a send_at that passed meanwhile puts it in
+		// the stream at once, and the scheduler may have moved it.
 		withdraw := func() bool {
-			if _, err := a.cfg.Publisher.CancelDelayed(context.WithoutCancel(ctx), events.TypeEmailRequested, ev.EmailID, sendAt); err != nil {
+			removed, err := a.cfg.Publisher.CancelDelayed(context.WithoutCancel(ctx), events.TypeEmailRequested, ev.EmailID, sendAt)
+			if err != nil {
 				a.log.Error("withdraw held-back email; it may still be sent", "email_id", ev.EmailID, "error", err)
-				return false
 			}
-			return true
+			return removed
 		}
 		if _, err := a.cfg.Publisher.PublishAt(ctx, sendAt, ev, bus.WithID(ev.EmailID)); err != nil {
 			a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)

@@ -2,6 +2,8 @@ package api_test
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -448,6 +450,9 @@ func TestPostEmail_scheduledNoticeRetried(t *testing.T) {
 type faultyPublisher struct {
 	api.Publisher
 	lostAfterHold bool
+	// movedAlready makes CancelDelayed find nothing, without an error, as
+	// after the scheduler moved the email into its stream.
+	movedAlready bool
 }
 
 var errRedisGone = errors.New("read tcp 127.0.0.1:6379: connection reset by peer")
@@ -461,6 +466,9 @@ func (p faultyPublisher) PublishAt(ctx context.Context, at time.Time, ev events.
 }
 
 func (p faultyPublisher) CancelDelayed(context.Context, string, string, time.Time) (bool, error) {
+	if p.movedAlready {
+		return false, nil
+	}
 	return false, errRedisGone
 }
 
@@ -484,6 +492,12 @@ func TestPostEmail_scheduledWithoutKeyNeverAnswers503ForAnEmailItSends(t *testin
 		if n, err := e.rdb.ZCard(t.Context(), bus.DelayedSet(e.prefix+events.TypeEmailRequested)).Result(); err != nil || n != 1 {
 			t.Errorf("%d held-back email.requested (%v), want the 1 accepted", n, err)
 		}
+	})
+	t.Run("notice refused, email moved on already", func(t *testing.T) {
+		t.Parallel()
+		e := newEnv(t, withPublisher(func(p api.Publisher) api.Publisher { return faultyPublisher{Publisher: p, movedAlready: true} }))
+		e.refuseAppends(t, events.TypeEmailScheduled)
+		wantStatus(t, e.postJSON(t, "/v1/emails", req), http.StatusAccepted)
 	})
 	t.Run("hold of unknown outcome", func(t *testing.T) {
 		t.Parallel()
@@ -512,5 +526,34 @@ func TestIdempotencyKeyMustBeOne(t *testing.T) {
 		if n := len(e.entries(t, events.TypeEmailRequested)); n != 0 {
 			t.Fatalf("%s: %d email.requested published, want none", name, n)
 		}
+	}
+}
+
+// TestPostEmail_keyOfARecordWithTheBytesFingerprint: a record written
+// before fingerprints were of the JSON as a value holds the fingerprint of
+// the body's bytes; a retry of its request still matches it.
+func TestPostEmail_keyOfARecordWithTheBytesFingerprint(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	body := `{"to":"ann@example.com","subject":"Once","body":"only once"}`
+	id := wantAcceptedEmail(t, e.postJSON(t, "/v1/emails", body, "Idempotency-Key", "legacy-1"))
+	// The record as the earlier api wrote it.
+	key := e.prefix + "idem:key:email:legacy-1"
+	raw, err := e.rdb.Get(t.Context(), key).Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec map[string]any
+	if err := json.Unmarshal(raw, &rec); err != nil {
+		t.Fatalf("record %s: %v", raw, err)
+	}
+	sum := sha256.Sum256([]byte(body))
+	rec["fp"] = hex.EncodeToString(sum[:])
+	raw, _ = json.Marshal(rec)
+	if err := e.rdb.Set(t.Context(), key, raw, time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if got := wantAcceptedEmail(t, e.postJSON(t, "/v1/emails", body, "Idempotency-Key", "legacy-1")); got != id {
+		t.Errorf("retry answered %s, want the replay of %s", got, id)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -37,7 +38,9 @@ func idemCallFrom(ctx context.Context) *idemCall {
 // idempotent runs op at most once per Idempotency-Key header value. The
 // first request runs op; its response is stored (if 2xx) and replayed to
 // later requests with the same key. A key reused with a different request
-// gets 422.
+// gets 422: a request is the same if its fingerprint is one of fps (the
+// first is recorded; the others are earlier forms of it, which records
+// written before may hold).
 //
 // Accepting work ends in a publish whose outcome can be unknown (Redis
 // went away mid-write). So before publishing, accept records the event
@@ -53,7 +56,8 @@ func idemCallFrom(ctx context.Context) *idemCall {
 // recorded one (want), or gets verify's error response (keyReused if they
 // differ). pending says the later request will finish the prepared first
 // one.
-func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp string, verify func(r *http.Request, want string, pending bool) (int, any), op func(*http.Request) (int, any)) {
+func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope string, fps []string, verify func(r *http.Request, want string, pending bool) (int, any), op func(*http.Request) (int, any)) {
+	fp := fps[0]
 	keys := r.Header.Values("Idempotency-Key")
 	if len(keys) > 1 || len(keys) == 1 && strings.TrimSpace(keys[0]) == "" {
 		// A client that sends the header means to be safe to retry; an
@@ -80,7 +84,7 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope, fp strin
 		return
 	}
 	if !claimed {
-		if rec.Fingerprint != fp {
+		if !slices.Contains(fps, rec.Fingerprint) {
 			status, resp := keyReused()
 			writeJSON(w, status, resp)
 			return

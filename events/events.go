@@ -132,7 +132,7 @@ func Decode(typ string, version int, payload []byte) (Event, error) {
 // DecodeStrict is Decode for a payload from outside Conveyor (the HTTP
 // API): it also refuses a member the event does not have, naming it first
 // among the problems, so that a misspelt or unsupported field ("send_at",
-// "cc") is not silently dropped.
+// "cc") is not silently dropped, and applies ValidateIngest.
 //
 // Consumers use Decode, which ignores unknown members: a consumer older
 // than the producer of an event must handle it rather than dead-letter it.
@@ -149,6 +149,11 @@ func DecodeStrict(typ string, version int, payload []byte) (Event, error) {
 	spec, _ := Lookup(typ, version) // known: Decode found it
 	field, ok := unknownField(spec.New(), payload)
 	if !ok {
+		if err == nil {
+			if err = ValidateIngest(ev); err != nil {
+				return nil, err
+			}
+		}
 		return ev, err
 	}
 	fields := []FieldError{{Field: field, Message: "is not a known field"}}

@@ -262,6 +262,9 @@ func (e *EmailFailed) Validate() error {
 
 // ParseAddress accepts one email address, optionally with a display name,
 // and returns its normalised form. Errors read well after a field name.
+//
+// Unlike the validation of decoded events, it applies RFC 5321's lengths
+// (addressLength): it checks addresses entering Conveyor.
 func ParseAddress(s string) (*mail.Address, error) {
 	a, err := parseAddress(s)
 	if err != nil {
@@ -270,7 +273,47 @@ func ParseAddress(s string) (*mail.Address, error) {
 	if a == nil {
 		a = &mail.Address{Address: s}
 	}
+	if err := addressLength(a.Address); err != nil {
+		return nil, err
+	}
 	return a, nil
+}
+
+// addressLength applies RFC 5321's limits to addr, an address without
+// display name.
+func addressLength(addr string) error {
+	if at := strings.LastIndexByte(addr, '@'); at > MaxLocalPartBytes || len(addr) > MaxAddressBytes {
+		return errAddressTooLong
+	}
+	return nil
+}
+
+// ValidateIngest is ev.Validate plus the limits only what enters Conveyor
+// must meet (RFC 5321's address lengths): the API applies it. Consumers
+// apply Validate alone, so that events accepted before such a limit
+// existed, still in streams or held back, are handled rather than
+// dead-lettered.
+func ValidateIngest(ev Event) error {
+	if err := ev.Validate(); err != nil {
+		return err
+	}
+	var v validator
+	check := func(field, s string) {
+		if _, err := ParseAddress(s); err != nil {
+			v.add(field, err.Error())
+		}
+	}
+	switch e := ev.(type) {
+	case *EmailRequested:
+		check("to", e.To)
+	case *EmailScheduled:
+		check("to", e.To)
+	case *DocumentUploaded:
+		if e.Notify != "" {
+			check("notify", e.Notify)
+		}
+	}
+	return v.err()
 }
 
 // parseAddress is ParseAddress without its allocation in the common case,
@@ -294,9 +337,6 @@ func parseAddress(s string) (*mail.Address, error) {
 	at := strings.LastIndexByte(addr, '@')
 	if at < 1 || !strings.Contains(addr[at+1:], ".") && addr[at+1:] != "localhost" {
 		return nil, errInvalidAddress
-	}
-	if at > MaxLocalPartBytes || len(addr) > MaxAddressBytes {
-		return nil, errAddressTooLong
 	}
 	return a, nil
 }
