@@ -267,11 +267,12 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 	// let every writer claim it. If the file another Put published is
 	// removed before it is touched (the cleanup of that Put's failed
 	// upload), this Put publishes its own.
-	for attempt := 1; ; attempt++ {
-		if damaged {
-			err = os.Rename(tmp.Name(), final)
-			break
+	if damaged {
+		if err := d.removeDamaged(final, size); err != nil {
+			return Info{}, fmt.Errorf("put blob %s: replace damaged file: %w", sum, err)
 		}
+	}
+	for attempt := 1; ; attempt++ {
 		err = os.Link(tmp.Name(), final)
 		if !errors.Is(err, fs.ErrExist) {
 			break
@@ -304,6 +305,33 @@ func (d *Dir) existing(info Info, final string) (Info, error) {
 		return Info{}, fmt.Errorf("put blob %s: %w", info.Key, err)
 	}
 	return info, nil
+}
+
+// removeDamaged takes the file at final, found damaged (not of size
+// bytes), out of its name, so that the Put's link publishes its bytes in
+// its place; the link still settles races, so exactly one of several Puts
+// replacing it reports Created. A file that turns out to be whole (another
+// Put replaced the damaged one first) is put back under its name.
+func (d *Dir) removeDamaged(final string, size int64) error {
+	f, err := os.CreateTemp(d.tmp, tempPrefix+"damaged-*")
+	if err != nil {
+		return err
+	}
+	aside := f.Name()
+	_ = f.Close()
+	defer os.Remove(aside)
+	if err := os.Rename(final, aside); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // another Put took it out first
+		}
+		return err
+	}
+	if fi, err := os.Stat(aside); err == nil && fi.Size() == size {
+		if err := os.Link(aside, final); err != nil && !errors.Is(err, fs.ErrExist) {
+			return err
+		}
+	}
+	return nil
 }
 
 // touch records that a Put stored the bytes at path again, by moving the

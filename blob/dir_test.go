@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -646,6 +647,50 @@ func TestPutReplacesDamagedBytes(t *testing.T) {
 	}
 	if files := storedFiles(t, root); len(files) != 1 {
 		t.Errorf("files = %v, want the one blob", files)
+	}
+}
+
+// TestConcurrentPutsOverDamagedBytes: several Puts of the same bytes that
+// all find the stored file damaged replace it once: exactly one reports
+// Created, as over a missing file (a refused upload's cleanup removes only
+// what its Put created).
+func TestConcurrentPutsOverDamagedBytes(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	content := bytes.Repeat([]byte("whole bytes "), 1000)
+	for round := range 20 {
+		d, root := newTestDir(t)
+		info, err := d.Put(ctx, bytes.NewReader(content), 1<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(d.path(info.Key), 5); err != nil {
+			t.Fatal(err)
+		}
+		var created atomic.Int32
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Go(func() {
+				got, err := d.Put(ctx, bytes.NewReader(content), 1<<20)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if got.Created {
+					created.Add(1)
+				}
+			})
+		}
+		wg.Wait()
+		if n := created.Load(); n != 1 {
+			t.Fatalf("round %d: %d of 4 Puts over damaged bytes report Created, want 1", round, n)
+		}
+		if got := readAll(t, d, info.Key); !bytes.Equal(got, content) {
+			t.Fatalf("round %d: stored bytes are %d long, want the %d whole ones", round, len(got), len(content))
+		}
+		if files := storedFiles(t, root); len(files) != 1 {
+			t.Fatalf("round %d: files = %v, want the one blob", round, files)
+		}
 	}
 }
 
