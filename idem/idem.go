@@ -246,6 +246,24 @@ func (s *Store) Lock(ctx context.Context, key string, lease time.Duration) (toke
 	return token, ok, nil
 }
 
+// LockAs is Lock with the caller's token, which names the holder across
+// its calls: a holder taking its lock again (a retry after a reply it did
+// not get) holds it still, with its lease renewed.
+func (s *Store) LockAs(ctx context.Context, key, token string, lease time.Duration) (bool, error) {
+	ok, err := s.rdb.SetNX(ctx, s.prefix+key, token, lease).Result()
+	if err != nil {
+		return false, fmt.Errorf("lock %s: %w", key, err)
+	}
+	if ok {
+		return true, nil
+	}
+	err = s.Extend(ctx, key, token, lease)
+	if errors.Is(err, ErrClaimLost) {
+		return false, nil // another holder's
+	}
+	return err == nil, err
+}
+
 var extendScript = redis.NewScript(`
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])

@@ -170,3 +170,26 @@ func TestCompleteOwnerless(t *testing.T) {
 		t.Errorf("after complete: %+v, want done", got)
 	}
 }
+
+// TestLockAs: a holder that takes its lock again with its token still
+// holds it (a retry after a lost reply); another token does not get it.
+func TestLockAs(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	ctx := t.Context()
+	for i, tt := range []struct {
+		token string
+		want  bool
+	}{{"a", true}, {"a", true}, {"b", false}} {
+		got, err := s.LockAs(ctx, "job", tt.token, time.Minute)
+		if err != nil || got != tt.want {
+			t.Fatalf("LockAs #%d by %s = %v, %v; want %v", i+1, tt.token, got, err, tt.want)
+		}
+	}
+	if err := s.Unlock(ctx, "job", "a"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.LockAs(ctx, "job", "b", time.Minute); err != nil || !got {
+		t.Fatalf("LockAs after the unlock = %v, %v; want it taken", got, err)
+	}
+}

@@ -16,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/conveyor/conveyor/bus"
+	"github.com/conveyor/conveyor/idem"
 )
 
 // Job is the work of a built-in schedule at one tick. It must be
@@ -72,6 +73,8 @@ type Scheduler struct {
 	token string
 	// lease is how long a built-in job's run lock lives unless renewed.
 	lease time.Duration
+	// locks holds the run locks of built-in jobs, by schedule name.
+	locks *idem.Store
 }
 
 // New validates every schedule (reporting every problem, each naming its
@@ -116,6 +119,9 @@ func New(cfg Config) (*Scheduler, error) {
 		clock: realClock{},
 		token: cfg.Identity + "#" + rand.Text(),
 		lease: jobLease,
+	}
+	if sc.locks, err = idem.New(idem.Config{Redis: cfg.Redis, Prefix: lockPrefix}); err != nil {
+		return nil, err
 	}
 	if cfg.Registerer != nil {
 		cfg.Registerer.MustRegister(sc.fired, sc.moved)
@@ -186,7 +192,10 @@ func (f File) Validate() error {
 
 func stateKey(name string) string { return "conveyor:schedule:" + name }
 func jobKey(key string) string    { return "conveyor:schedule-job:" + key }
-func lockKey(name string) string  { return "conveyor:schedule-lock:" + name }
+func lockKey(name string) string  { return lockPrefix + name }
+
+// lockPrefix names the run locks of built-in jobs (idem locks).
+const lockPrefix = "conveyor:schedule-lock:"
 
 // Tick markers live between minMarkerTTL and maxMarkerTTL.
 const (
@@ -647,11 +656,11 @@ func (sc *Scheduler) runJob(ctx context.Context, s *Schedule, tick time.Time) (b
 			return false, nil
 		}
 	}
-	locked, err := lockScript.Run(ctx, sc.cfg.Redis, []string{lockKey(s.Name)}, sc.token, sc.lease.Milliseconds()).Int()
+	locked, err := sc.locks.LockAs(ctx, s.Name, sc.token, sc.lease)
 	if err != nil {
 		return false, fmt.Errorf("lock job %s: %w", s.Name, err)
 	}
-	if locked == 0 {
+	if !locked {
 		sc.fired.WithLabelValues(s.Name, "skipped").Inc()
 		sc.log.Info("built-in job still running; skipping its tick", "schedule", s.Name, "tick", tick)
 		return false, nil
@@ -677,87 +686,50 @@ func (sc *Scheduler) runLocked(ctx context.Context, s *Schedule, tick time.Time)
 	defer lost(nil)
 	jctx, cancel := context.WithTimeout(jctx, jobTimeout)
 	defer cancel()
-	renewing := make(chan struct{})
-	go func() {
-		defer close(renewing)
-		sc.keepLock(jctx, s, lost)
-	}()
+	stopRenewing := sc.keepLock(jctx, s, lost)
 	err := s.job(jctx, tick)
 	if cause := context.Cause(jctx); errors.Is(cause, errLockLost) {
 		err = errors.Join(err, cause)
 	}
-	cancel()
-	<-renewing
+	stopRenewing()
 	// Released even while shutting down, so that another replica need not
 	// wait for the lease to run out.
 	uctx, ucancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
 	defer ucancel()
-	if uerr := unlockScript.Run(uctx, sc.cfg.Redis, []string{lockKey(s.Name)}, sc.token).Err(); uerr != nil {
+	if uerr := sc.locks.Unlock(uctx, s.Name, sc.token); uerr != nil {
 		sc.log.Warn("release the run lock of a built-in job; it expires by itself", "schedule", s.Name,
 			"lease", sc.lease, "error", uerr)
 	}
 	return err
 }
 
-// keepLock renews the run lock of s every third of its lease until ctx
-// ends. It cancels the run (lost) when the lock is another's, or when it
-// could not be renewed for so long that it may expire before the next
-// renewal. The lease runs in Redis's time, so this counts real time.
-func (sc *Scheduler) keepLock(ctx context.Context, s *Schedule, lost context.CancelCauseFunc) {
+// keepLock renews the run lock of s every third of its lease until the
+// returned stop is called. It cancels the run (lost) when the lock is
+// another's, or when it could not be renewed for so long that it may
+// expire before the next renewal. The lease runs in Redis's time, so this
+// counts real time.
+func (sc *Scheduler) keepLock(ctx context.Context, s *Schedule, lost context.CancelCauseFunc) (stop func()) {
 	every := sc.lease / 3
-	t := time.NewTicker(every)
-	defer t.Stop()
-	renewed := time.Now()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		ok, err := renewScript.Run(ctx, sc.cfg.Redis, []string{lockKey(s.Name)}, sc.token, sc.lease.Milliseconds()).Int()
-		switch {
-		case ctx.Err() != nil:
-			return
-		case err == nil && ok == 1:
+	renewed := time.Now() // only the renewing goroutine reads and writes it
+	return idem.Renew(ctx, every, func(ctx context.Context) error {
+		err := sc.locks.Extend(ctx, s.Name, sc.token, sc.lease)
+		if err == nil {
 			renewed = time.Now()
-		case err == nil:
+		}
+		return err
+	}, func(err error) {
+		switch {
+		case errors.Is(err, idem.ErrClaimLost):
 			sc.log.Warn("built-in job lost its run lock; cancelling it", "schedule", s.Name)
 			lost(errLockLost)
-			return
 		case time.Since(renewed)+every >= sc.lease:
 			sc.log.Warn("renew the run lock of a built-in job; cancelling it", "schedule", s.Name, "error", err)
 			lost(fmt.Errorf("%w: %w", errLockLost, err))
-			return
 		default:
 			sc.log.Debug("renew the run lock of a built-in job; retrying", "schedule", s.Name, "error", err)
 		}
-	}
+	})
 }
-
-// lockScript takes a run lock (KEYS[1]) for ARGV[1] for ARGV[2] ms, unless
-// another holds it; a holder taking it again extends it.
-var lockScript = redis.NewScript(`
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1`)
-
-// renewScript extends a run lock (KEYS[1]) by ARGV[2] ms if ARGV[1] holds
-// it.
-var renewScript = redis.NewScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0`)
-
-// unlockScript releases a run lock (KEYS[1]) if ARGV[1] holds it.
-var unlockScript = redis.NewScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0`)
 
 // recordScript records a fired tick in a schedule's state (KEYS[1]):
 // last_tick = ARGV[1] and the field-value pairs after it, unless the state
