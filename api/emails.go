@@ -286,7 +286,9 @@ func decodeStrict(body []byte, v any) (int, any, bool) {
 			st, resp := validationResp(te.Field, msg)
 			return st, resp, false
 		case strings.HasPrefix(err.Error(), "json: unknown field "):
-			field := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
+			// The name is the client's input: clipped, so that a 500 KB
+			// one does not come back whole.
+			field := events.Clip(strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`))
 			st, resp := validationResp(field, "is not a known field")
 			return st, resp, false
 		default:

@@ -104,23 +104,6 @@ func onceOption(due, now time.Time) bus.PublishOption {
 	return bus.WithOnce(ttl)
 }
 
-// decodeClipped is decodeStrict with the names of the members it refuses
-// clipped: they are the client's input, and the whole of an unknown 500 KB
-// member name need not come back.
-func decodeClipped(body []byte, v any) (int, any, bool) {
-	status, resp, ok := decodeStrict(body, v)
-	if eb, isBody := resp.(errorBody); !ok && isBody && len(eb.Error.Fields) > 0 {
-		fields := make([]events.FieldError, len(eb.Error.Fields))
-		for i, f := range eb.Error.Fields {
-			fields[i] = events.FieldError{Field: events.Clip(f.Field), Message: f.Message}
-		}
-		ve := &events.ValidationError{Fields: fields}
-		eb.Error.Fields, eb.Error.Message = fields, ve.Error()
-		resp = eb
-	}
-	return status, resp, ok
-}
-
 // resultID is the event_id of a refused member of a batch: the client's id
 // in the canonical form an accepted member's has (lower case), or none if
 // it is not a UUID (it names no event, and it is the client's input of any
@@ -188,7 +171,7 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req eventRequest
-	if status, resp, ok := decodeClipped(body, &req); !ok {
+	if status, resp, ok := decodeStrict(body, &req); !ok {
 		writeJSON(w, status, resp)
 		return
 	}
@@ -278,7 +261,7 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req batchRequest
-	if status, resp, ok := decodeClipped(body, &req); !ok {
+	if status, resp, ok := decodeStrict(body, &req); !ok {
 		writeJSON(w, status, resp)
 		return
 	}
@@ -301,7 +284,7 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 	dues := make([]time.Time, len(req.Events))
 	parsed := make([]eventRequest, len(req.Events))
 	for i, raw := range req.Events {
-		if status, resp, ok := decodeClipped(raw, &parsed[i]); !ok {
+		if status, resp, ok := decodeStrict(raw, &parsed[i]); !ok {
 			eb := resp.(errorBody)
 			results[i] = BatchResult{Status: status, Error: &eb.Error}
 			continue

@@ -132,7 +132,7 @@ func Decode(typ string, version int, payload []byte) (Event, error) {
 // DecodeStrict is Decode for a payload from outside Conveyor (the HTTP
 // API): it also refuses a member the event does not have, naming it first
 // among the problems, so that a misspelt or unsupported field ("send_at",
-// "cc") is not silently dropped, and applies ValidateIngest.
+// "cc") is not silently dropped, and validates as ValidateIngest does.
 //
 // Consumers use Decode, which ignores unknown members: a consumer older
 // than the producer of an event must handle it rather than dead-letter it.
@@ -150,7 +150,8 @@ func DecodeStrict(typ string, version int, payload []byte) (Event, error) {
 	field, ok := unknownField(spec.New(), payload)
 	if !ok {
 		if err == nil {
-			if err = ValidateIngest(ev); err != nil {
+			// Decode has validated it: only what ingest adds is left.
+			if err = ingestLimits(ev); err != nil {
 				return nil, err
 			}
 		}

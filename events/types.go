@@ -297,6 +297,11 @@ func ValidateIngest(ev Event) error {
 	if err := ev.Validate(); err != nil {
 		return err
 	}
+	return ingestLimits(ev)
+}
+
+// ingestLimits checks what ValidateIngest adds to Validate.
+func ingestLimits(ev Event) error {
 	var v validator
 	check := func(field, s string) {
 		if _, err := ParseAddress(s); err != nil {
