@@ -129,12 +129,10 @@ func (a *API) postDocument(w http.ResponseWriter, r *http.Request) {
 // UploadWait for one. It reports whether it got one; uploadDone gives it
 // back.
 func (a *API) uploadSlot(ctx context.Context) bool {
-	if !a.uploads.TryAcquire(1) {
-		ctx, cancel := context.WithTimeout(ctx, a.cfg.UploadWait)
-		defer cancel()
-		if a.uploads.Acquire(ctx, 1) != nil {
-			return false
-		}
+	ctx, cancel := context.WithTimeout(ctx, a.cfg.UploadWait)
+	defer cancel()
+	if a.uploads.Acquire(ctx, 1) != nil {
+		return false
 	}
 	a.metrics.uploads.Inc()
 	return true

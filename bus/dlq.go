@@ -73,10 +73,9 @@ var ErrBadDeadLetterID = errors.New("not a dead-letter id (want milliseconds-seq
 func checkIDs(ids []string) error {
 	for _, id := range ids {
 		ms, seq, ok := strings.Cut(id, "-")
-		if _, err := strconv.ParseUint(ms, 10, 64); err != nil || !ok {
-			return fmt.Errorf("%w: %q", ErrBadDeadLetterID, id)
-		}
-		if _, err := strconv.ParseUint(seq, 10, 64); err != nil {
+		_, msErr := strconv.ParseUint(ms, 10, 64)
+		_, seqErr := strconv.ParseUint(seq, 10, 64)
+		if !ok || msErr != nil || seqErr != nil {
 			return fmt.Errorf("%w: %q", ErrBadDeadLetterID, id)
 		}
 	}
