@@ -2,6 +2,8 @@ package store
 
 import (
 	"context"
+	"io/fs"
+	"time"
 
 	"github.com/lib/pq"
 )
@@ -47,3 +49,24 @@ func (tx *Tx) InsertedAtTopLevel(ctx context.Context, ids []string) (int, error)
 
 // PlainInboxMin is the smallest batch the inbox records with a plain insert.
 const PlainInboxMin = plainInboxMin
+
+// MigrateFS is Migrate with the migrations of fsys (NNNN_name.sql at its
+// root), a lock timeout of lockTimeout, and retries after retry, doubling
+// up to four times retry.
+func (s *Store) MigrateFS(ctx context.Context, fsys fs.FS, lockTimeout, retry time.Duration) ([]string, error) {
+	return s.migrate(ctx, fsys, migrateOptions{lockTimeout: lockTimeout, retryMin: retry, retryMax: 4 * retry})
+}
+
+// Setting is the value of a setting on one of s's connections (the only
+// one, with MaxOpenConns 1).
+func (s *Store) Setting(ctx context.Context, name string) (string, error) {
+	var v string
+	err := s.db.GetContext(ctx, &v, "SELECT current_setting($1)", name)
+	return v, err
+}
+
+// DocumentColumns and EmailColumns are the columns the getters read.
+const (
+	DocumentColumns = documentColumns
+	EmailColumns    = emailColumns
+)

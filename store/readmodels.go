@@ -53,15 +53,31 @@ type Email struct {
 	UpdatedAt   time.Time      `db:"updated_at"`
 }
 
+// documentColumns and emailColumns are the columns of Document and Email,
+// named rather than SELECT *: sqlx refuses a row with a column its struct
+// lacks, so with SELECT * a migration adding a column would break the
+// readers of binaries built before it while a deploy rolls out (and a
+// binary rolled back after it). TestColumnLists keeps them in step with the
+// structs' db tags.
+const (
+	documentColumns = `doc_id, status, filename, size, declared_content_type, content_type, sha256, blob_key, notify,
+		words, lines, summary, error, uploaded_at, processed_at, updated_at, upload_event_id`
+	emailColumns = `email_id, status, recipient, subject, doc_id, attempts, message_id, error,
+		requested_at, send_at, sent_at, failed_at, updated_at`
+)
+
 // Document statuses. A status only moves forward: processing → processed
-// or failed.
+// or failed. A final outcome gives way only to an outcome with an earlier
+// event time (see ApplyDocumentsProcessed).
 const (
 	DocumentProcessing = "processing"
 	DocumentProcessed  = "processed"
 	DocumentFailed     = "failed"
 )
 
-// Email statuses: scheduled → queued → sent or failed.
+// Email statuses: scheduled → queued → sent or failed. A final outcome
+// gives way only to an outcome with an earlier event time (see
+// ApplyEmailsSent).
 const (
 	EmailScheduled = "scheduled"
 	EmailQueued    = "queued"
@@ -86,7 +102,7 @@ func (s *Store) Document(ctx context.Context, id string) (Document, error) {
 	if !events.IsUUID(id) {
 		return d, fmt.Errorf("document %q: %w", id, ErrNotFound)
 	}
-	err := s.db.GetContext(ctx, &d, "SELECT * FROM documents WHERE doc_id = $1", id)
+	err := s.db.GetContext(ctx, &d, "SELECT "+documentColumns+" FROM documents WHERE doc_id = $1", id)
 	if errors.Is(err, sql.ErrNoRows) {
 		return d, fmt.Errorf("document %s: %w", id, ErrNotFound)
 	}
@@ -103,7 +119,7 @@ func (s *Store) Email(ctx context.Context, id string) (Email, error) {
 	if !events.IsUUID(id) {
 		return e, fmt.Errorf("email %q: %w", id, ErrNotFound)
 	}
-	err := s.db.GetContext(ctx, &e, "SELECT * FROM emails WHERE email_id = $1", id)
+	err := s.db.GetContext(ctx, &e, "SELECT "+emailColumns+" FROM emails WHERE email_id = $1", id)
 	if errors.Is(err, sql.ErrNoRows) {
 		return e, fmt.Errorf("email %s: %w", id, ErrNotFound)
 	}
@@ -434,11 +450,21 @@ var qApplyDocumentsProcessed = readModelWrite(`
 		  error = NULL,
 		  processed_at = EXCLUDED.processed_at,
 		  updated_at = now()
-		WHERE documents.status = 'processing'`)
+		WHERE documents.status = 'processing' OR documents.processed_at > EXCLUDED.processed_at`)
 
 // ApplyDocumentsProcessed moves documents to processed, unless they already
-// reached a final status. It may arrive before the upload's event: the row
-// is created and the upload fills in the rest later.
+// hold an outcome (processed or failed) whose time is earlier than this
+// one's or the same. It may arrive before the upload's event: the row is
+// created and the upload fills in the rest later.
+//
+// Of a document's outcomes the earliest one wins, by event time
+// (processed_at holds either outcome's), not the first one applied: the
+// projector applies processed before failed within a batch, so "the first
+// applied wins" would give a different row for the same two events
+// depending on whether they shared a batch. A tie keeps the row as it is.
+// The winner writes every outcome column (processed clears error, failed
+// clears words, lines and summary), so the row holds the winner's facts
+// alone, whichever outcome it replaced.
 func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.DocumentProcessed) error {
 	evs, later := splitRepeats(evs, func(e *events.DocumentProcessed) string { return strings.ToLower(e.DocID) })
 	var id, ct, sum, at []string
@@ -466,13 +492,18 @@ var qApplyDocumentsFailed = readModelWrite(`
 		ON CONFLICT (doc_id) DO UPDATE SET
 		  status = 'failed',
 		  content_type = EXCLUDED.content_type,
+		  words = NULL,
+		  lines = NULL,
+		  summary = NULL,
 		  error = EXCLUDED.error,
 		  processed_at = EXCLUDED.processed_at,
 		  updated_at = now()
-		WHERE documents.status = 'processing'`)
+		WHERE documents.status = 'processing' OR documents.processed_at > EXCLUDED.processed_at`)
 
-// ApplyDocumentsFailed moves documents to failed, unless they already
-// reached a final status.
+// ApplyDocumentsFailed moves documents to failed, unless they already hold
+// an outcome whose time is earlier than this failure's or the same (see
+// ApplyDocumentsProcessed). A failure that replaces a later processed
+// outcome clears its words, lines and summary.
 func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentProcessingFailed) error {
 	evs, later := splitRepeats(evs, func(e *events.DocumentProcessingFailed) string { return strings.ToLower(e.DocID) })
 	var id, ct, reason, at []string
@@ -567,10 +598,18 @@ var qApplyEmailsSent = readModelWrite(`
 		  attempts = EXCLUDED.attempts,
 		  sent_at = EXCLUDED.sent_at,
 		  error = NULL,
+		  failed_at = NULL,
 		  updated_at = now()
-		WHERE emails.status IN ('scheduled', 'queued')`)
+		WHERE emails.status IN ('scheduled', 'queued')
+		   OR CASE emails.status WHEN 'sent' THEN emails.sent_at ELSE emails.failed_at END > EXCLUDED.sent_at`)
 
-// ApplyEmailsSent moves emails to sent unless already final.
+// ApplyEmailsSent moves emails to sent unless they already hold an outcome
+// (sent or failed) whose time (sent_at or failed_at) is earlier than this
+// send's or the same: as with documents (see ApplyDocumentsProcessed), the
+// earliest outcome wins whatever the order or batching of its events, and
+// a tie keeps the row. A send that replaces a later failure clears its
+// error and failed_at. A losing send changes nothing, not even a missing
+// recipient: the request fills that in.
 func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) error {
 	evs, later := splitRepeats(evs, func(e *events.EmailSent) string { return strings.ToLower(e.EmailID) })
 	var id, to, mid, at []string
@@ -600,10 +639,16 @@ var qApplyEmailsFailed = readModelWrite(`
 		  error = EXCLUDED.error,
 		  attempts = EXCLUDED.attempts,
 		  failed_at = EXCLUDED.failed_at,
+		  message_id = NULL,
+		  sent_at = NULL,
 		  updated_at = now()
-		WHERE emails.status IN ('scheduled', 'queued')`)
+		WHERE emails.status IN ('scheduled', 'queued')
+		   OR CASE emails.status WHEN 'sent' THEN emails.sent_at ELSE emails.failed_at END > EXCLUDED.failed_at`)
 
-// ApplyEmailsFailed moves emails to failed unless already final.
+// ApplyEmailsFailed moves emails to failed unless they already hold an
+// outcome whose time is earlier than this failure's or the same (see
+// ApplyEmailsSent). A failure that replaces a later send clears its
+// message_id and sent_at.
 func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) error {
 	evs, later := splitRepeats(evs, func(e *events.EmailFailed) string { return strings.ToLower(e.EmailID) })
 	var id, reason, at []string
@@ -628,9 +673,10 @@ func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) 
 // row (by key) and the others. A multi-row statement may touch a row only
 // once, so the others are applied by a statement after it (and their
 // repeats by one after that), each event of a row after the one before, as
-// when they arrive one at a time: an update of a later event wins, an
-// outcome after the first one changes nothing, and PostgreSQL still checks
-// every event's data.
+// when they arrive one at a time: an update of a later event wins, a
+// repeated outcome replaces the one before only if its event time is
+// earlier (so the earliest wins, as across batches), and PostgreSQL still
+// checks every event's data.
 func splitRepeats[T any](in []T, key func(T) string) (first, later []T) {
 	if len(in) < 2 {
 		return in, nil
@@ -660,7 +706,7 @@ func (s *Store) StuckDocuments(ctx context.Context, cutoff, afterAt time.Time, a
 	}
 	var docs []Document
 	err := s.db.SelectContext(ctx, &docs, `
-		SELECT * FROM documents
+		SELECT `+documentColumns+` FROM documents
 		WHERE status = 'processing' AND uploaded_at < $1
 		  AND upload_event_id IS NOT NULL AND blob_key IS NOT NULL
 		  AND (uploaded_at, doc_id) > ($2, $3::uuid)

@@ -170,8 +170,9 @@ func mergeEmail(req, outcome store.Email) store.Email {
 
 // TestApplyDocuments applies sequences of document events, each in its own
 // transaction, and checks the row they leave. Statuses only move forward, so
-// the arrival order of an upload and its outcome does not matter, and the
-// first outcome wins.
+// the arrival order of an upload and its outcome does not matter, and of
+// two outcomes the earliest (by event time) wins, in either order (see
+// TestEarliestOutcomeWins).
 func TestApplyDocuments(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
@@ -193,11 +194,11 @@ func TestApplyDocuments(t *testing.T) {
 			seq: func(id string) []events.Event { return []events.Event{uploaded(id), docFailed(id)} }},
 		{name: "failed before uploaded", want: mergeDoc(rowUploaded, rowDocFailed),
 			seq: func(id string) []events.Event { return []events.Event{docFailed(id), uploaded(id)} }},
-		{name: "processed is final: a later failure changes nothing", want: mergeDoc(rowUploaded, rowProcessed),
+		{name: "a failure after the success changes nothing", want: mergeDoc(rowUploaded, rowProcessed),
 			seq: func(id string) []events.Event { return []events.Event{uploaded(id), processed(id), docFailed(id)} }},
-		{name: "failed is final: a later success changes nothing", want: mergeDoc(rowUploaded, rowDocFailed),
+		{name: "a success before the failure replaces it", want: mergeDoc(rowUploaded, rowProcessed),
 			seq: func(id string) []events.Event { return []events.Event{uploaded(id), docFailed(id), processed(id)} }},
-		{name: "failed is final without an upload", want: rowDocFailed,
+		{name: "a success before the failure replaces it without an upload", want: rowProcessed,
 			seq: func(id string) []events.Event { return []events.Event{docFailed(id), processed(id)} }},
 		{name: "an upload repeated after the outcome keeps it", want: mergeDoc(rowUploaded, rowProcessed),
 			seq: func(id string) []events.Event { return []events.Event{uploaded(id), processed(id), uploaded(id)} }},
@@ -300,9 +301,9 @@ func TestApplyEmails(t *testing.T) {
 			seq: func(id string) []events.Event { return []events.Event{requested(id), sent(id), requested(id)} }},
 		{name: "a later request does not move failed back", want: mergeEmail(rowRequested, rowMailFailed),
 			seq: func(id string) []events.Event { return []events.Event{requested(id), mailFailed(id), requested(id)} }},
-		{name: "sent is final", want: mergeEmail(rowRequested, rowSent),
+		{name: "a failure after the send changes nothing", want: mergeEmail(rowRequested, rowSent),
 			seq: func(id string) []events.Event { return []events.Event{requested(id), sent(id), mailFailed(id)} }},
-		{name: "failed is final", want: mergeEmail(rowRequested, rowMailFailed),
+		{name: "a send before the failure replaces it", want: mergeEmail(rowRequested, rowSent),
 			seq: func(id string) []events.Event { return []events.Event{requested(id), mailFailed(id), sent(id)} }},
 		{name: "a repeated sent does not change attempts", want: mergeEmail(rowRequested, rowSent),
 			seq: func(id string) []events.Event {
@@ -495,9 +496,9 @@ func dup[E any](ids []string, mk func(string) E) []E {
 // projector may.
 // Several events of one row in one call apply one after another, in the
 // order given, as they would one at a time: the first request's subject
-// stays (a request fills in an email, never rewrites it), the first
-// outcome is final, and a refused repeat fails the call instead of being
-// dropped unchecked.
+// stays (a request fills in an email, never rewrites it), of two outcomes
+// with the same time the first stays, and a refused repeat fails the call
+// instead of being dropped unchecked.
 func TestApplyRepeatsOfARow(t *testing.T) {
 	t.Parallel()
 	st, _ := newStore(t)

@@ -14,7 +14,9 @@ import (
 	"fmt"
 	"hash/fnv"
 	"io/fs"
+	"log/slog"
 	"net/url"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -40,6 +42,9 @@ type Config struct {
 	MaxOpenConns int
 	// ConnMaxLifetime defaults to 30m.
 	ConnMaxLifetime time.Duration
+	// Logger receives what Migrate has to say while it waits (a migration
+	// waiting for a lock). Defaults to slog.Default().
+	Logger *slog.Logger
 }
 
 func (c *Config) setDefaults() {
@@ -48,6 +53,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.ConnMaxLifetime == 0 {
 		c.ConnMaxLifetime = 30 * time.Minute
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
 	}
 }
 
@@ -65,7 +73,8 @@ func (c *Config) Validate() error {
 
 // Store is a handle on the database.
 type Store struct {
-	db *sqlx.DB
+	db  *sqlx.DB
+	log *slog.Logger
 	// stmts holds the prepared read-model writes, by query text (see
 	// readModelWrites).
 	stmts       sync.Map
@@ -91,7 +100,7 @@ func Open(cfg Config) (*Store, error) {
 	db.SetMaxOpenConns(cfg.MaxOpenConns)
 	db.SetMaxIdleConns(cfg.MaxOpenConns)
 	db.SetConnMaxLifetime(cfg.ConnMaxLifetime)
-	return &Store{db: db}, nil
+	return &Store{db: db, log: cfg.Logger}, nil
 }
 
 // withOneRoundTrip turns on lib/pq's binary_parameters unless the URL sets
@@ -311,8 +320,10 @@ type migration struct {
 	sql     string
 }
 
-func loadMigrations() ([]migration, error) {
-	entries, err := fs.ReadDir(migrationFiles, "migrations")
+// loadMigrations reads the migrations of fsys, named NNNN_name.sql at its
+// root, in the order of their versions.
+func loadMigrations(fsys fs.FS) ([]migration, error) {
+	entries, err := fs.ReadDir(fsys, ".")
 	if err != nil {
 		return nil, err
 	}
@@ -324,7 +335,7 @@ func loadMigrations() ([]migration, error) {
 		if !ok || err != nil || !strings.HasSuffix(name, ".sql") {
 			return nil, fmt.Errorf("migration file %q must be named NNNN_name.sql", name)
 		}
-		body, err := fs.ReadFile(migrationFiles, "migrations/"+name)
+		body, err := fs.ReadFile(fsys, name)
 		if err != nil {
 			return nil, err
 		}
@@ -339,11 +350,49 @@ func loadMigrations() ([]migration, error) {
 	return out, nil
 }
 
-// Migrate applies the embedded migrations that are not applied yet, each in
-// its own transaction, under an advisory lock. It returns the names of the
-// migrations it applied.
+// migrateOptions are the settings of migrate. Tests shorten them.
+type migrateOptions struct {
+	// lockTimeout bounds each wait of a migration's statements for a lock.
+	lockTimeout time.Duration
+	// retryMin is the wait before the second attempt of a migration that
+	// timed out on a lock; it doubles per attempt, up to retryMax.
+	retryMin, retryMax time.Duration
+}
+
+// defaultMigrateOptions are Migrate's. A lock timeout of 5s is what the
+// readers of a table may wait behind a migration that waits for the table:
+// see Migrate.
+var defaultMigrateOptions = migrateOptions{lockTimeout: 5 * time.Second, retryMin: time.Second, retryMax: 15 * time.Second}
+
+// Migrate applies the embedded migrations that are not applied yet, in
+// order, under an advisory lock. It returns the names of the migrations it
+// applied.
+//
+// Each migration runs in its own transaction, with its version recorded in
+// the same one, and with a lock timeout of 5s. PostgreSQL queues every
+// later request for a table's lock behind a waiting ALTER TABLE, reads
+// included: without the timeout, a migration waiting for a session that
+// keeps a transaction open on the table (an idle psql, a long report)
+// would hold up every read and write of it for as long as it waits. With
+// it, the migration gives up after 5s, rolls back and tries again after a
+// backoff (1s, 2s, 4s... up to 15s), until ctx is done; the readers wait
+// at most 5s per attempt. Each wait is logged, and the error once ctx is
+// done names the tables and the sessions that hold them.
+//
+// Every migration runs in a transaction: one that needs to run outside
+// (CREATE INDEX CONCURRENTLY, for a large table) needs a way to say so
+// first.
 func (s *Store) Migrate(ctx context.Context) ([]string, error) {
-	migs, err := loadMigrations()
+	sub, err := fs.Sub(migrationFiles, "migrations")
+	if err != nil {
+		return nil, fmt.Errorf("load migrations: %w", err)
+	}
+	return s.migrate(ctx, sub, defaultMigrateOptions)
+}
+
+// migrate is Migrate with the migrations of fsys and opt.
+func (s *Store) migrate(ctx context.Context, fsys fs.FS, opt migrateOptions) ([]string, error) {
+	migs, err := loadMigrations(fsys)
 	if err != nil {
 		return nil, fmt.Errorf("load migrations: %w", err)
 	}
@@ -377,24 +426,144 @@ func (s *Store) Migrate(ctx context.Context) ([]string, error) {
 		if done[m.version] {
 			continue
 		}
-		tx, err := conn.BeginTxx(ctx, nil)
-		if err != nil {
-			return ran, fmt.Errorf("migrate %s: begin: %w", m.name, err)
-		}
-		if _, err := tx.ExecContext(ctx, m.sql); err != nil {
-			_ = tx.Rollback()
+		if err := s.applyWithRetry(ctx, conn, m, opt); err != nil {
 			return ran, fmt.Errorf("migrate %s: %w", m.name, err)
-		}
-		if _, err := tx.ExecContext(ctx, "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name); err != nil {
-			_ = tx.Rollback()
-			return ran, fmt.Errorf("migrate %s: record: %w", m.name, err)
-		}
-		if err := tx.Commit(); err != nil {
-			return ran, fmt.Errorf("migrate %s: commit: %w", m.name, err)
 		}
 		ran = append(ran, m.name)
 	}
 	return ran, nil
+}
+
+// applyWithRetry applies m, again and again while it times out on a lock,
+// with a backoff between attempts, until ctx is done.
+func (s *Store) applyWithRetry(ctx context.Context, conn *sqlx.Conn, m migration, opt migrateOptions) error {
+	began := time.Now()
+	wait := opt.retryMin
+	blocked := "" // what the last attempt waited for
+	for attempt := 1; ; attempt++ {
+		err := applyMigration(ctx, conn, m, opt.lockTimeout)
+		if err == nil {
+			return nil
+		}
+		if !isLockTimeout(err) {
+			if ctx.Err() != nil && blocked != "" {
+				// Cancelled while waiting for the lock again.
+				return fmt.Errorf("%s; gave up after %d attempts in %s: %w (last attempt: %w)",
+					blocked, attempt, time.Since(began).Round(time.Second), context.Cause(ctx), err)
+			}
+			return err
+		}
+		blocked = describeLockWait(ctx, conn, m, opt.lockTimeout)
+		s.log.Warn("migration waiting for a lock; retrying",
+			"migration", m.name, "attempt", attempt, "retry_in", wait, "lock_timeout", opt.lockTimeout, "blocked_by", blocked)
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("%s; gave up after %d attempts in %s: %w (last attempt: %w)",
+				blocked, attempt, time.Since(began).Round(time.Second), context.Cause(ctx), err)
+		case <-t.C:
+		}
+		wait = min(2*wait, opt.retryMax)
+	}
+}
+
+// applyMigration runs m once, with its statements' waits for locks bounded
+// by lockTimeout, and records its version.
+func applyMigration(ctx context.Context, conn *sqlx.Conn, m migration, lockTimeout time.Duration) error {
+	tx, err := conn.BeginTxx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin: %w", err)
+	}
+	defer func() { _ = tx.Rollback() }() // after Commit, a no-op
+	// An integer lock_timeout is in milliseconds.
+	if _, err := tx.ExecContext(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", max(lockTimeout.Milliseconds(), 1))); err != nil {
+		return fmt.Errorf("set lock_timeout: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, m.sql); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", m.version, m.name); err != nil {
+		return fmt.Errorf("record: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	return nil
+}
+
+// isLockTimeout reports PostgreSQL giving up a wait for a lock
+// (lock_timeout): SQLSTATE 55P03, lock_not_available.
+func isLockTimeout(err error) bool {
+	var pe *pq.Error
+	return errors.As(err, &pe) && pe.Code == "55P03"
+}
+
+// describeLockWait says what a migration that timed out on a lock waited
+// for: the tables it names that other sessions hold locks on, with
+// transactions open for at least lockTimeout (the migration waited that
+// long for them), and those sessions. PostgreSQL's error names no table.
+// It never fails: it is only for the log and the error.
+func describeLockWait(ctx context.Context, conn *sqlx.Conn, m migration, lockTimeout time.Duration) string {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	var holders []struct {
+		Relation string  `db:"relation"`
+		PID      int     `db:"pid"`
+		State    string  `db:"state"`
+		App      string  `db:"app"`
+		Seconds  float64 `db:"seconds"`
+	}
+	err := conn.SelectContext(ctx, &holders, `
+		SELECT DISTINCT c.relname AS relation, a.pid, coalesce(a.state, '') AS state,
+		       coalesce(a.application_name, '') AS app,
+		       extract(epoch FROM now() - a.xact_start)::float8 AS seconds
+		FROM pg_locks l
+		JOIN pg_class c ON c.oid = l.relation
+		JOIN pg_stat_activity a ON a.pid = l.pid
+		WHERE l.granted AND l.pid <> pg_backend_pid()
+		  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+		  AND c.relkind IN ('r', 'p', 'm')
+		  AND a.xact_start <= now() - $1 * interval '1 millisecond'
+		ORDER BY relation, seconds DESC`, lockTimeout.Milliseconds())
+	const unknown = "waiting for a lock: another session holds a transaction open on a table the migration changes"
+	if err != nil || len(holders) == 0 {
+		return unknown
+	}
+	// The tables the migration names, if any of them is held; else all.
+	named := holders[:0:0]
+	for _, h := range holders {
+		if regexp.MustCompile(`(?i)\b` + regexp.QuoteMeta(h.Relation) + `\b`).MatchString(m.sql) {
+			named = append(named, h)
+		}
+	}
+	if len(named) > 0 {
+		holders = named
+	}
+	var tables, sessions []string
+	for _, h := range holders {
+		if len(tables) == 0 || tables[len(tables)-1] != h.Relation {
+			tables = append(tables, h.Relation)
+		}
+		desc := fmt.Sprintf("pid %d", h.PID)
+		if h.App != "" {
+			desc += fmt.Sprintf(" %q", h.App)
+		}
+		if h.State != "" {
+			desc += ", " + h.State
+		}
+		desc += fmt.Sprintf(", transaction open for %s", time.Duration(h.Seconds*float64(time.Second)).Round(time.Second))
+		sessions = append(sessions, h.Relation+": "+desc)
+	}
+	if len(tables) == 1 {
+		for i, d := range sessions {
+			sessions[i] = strings.TrimPrefix(d, tables[0]+": ")
+		}
+		return fmt.Sprintf("waiting for a lock on %s: another session holds a transaction open on it (%s)",
+			tables[0], strings.Join(sessions, "; "))
+	}
+	return fmt.Sprintf("waiting for a lock on %s: other sessions hold transactions open on them (%s)",
+		strings.Join(tables, ", "), strings.Join(sessions, "; "))
 }
 
 // lockIDs maps keys to advisory lock ids, without repeats, in ascending
