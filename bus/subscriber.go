@@ -690,6 +690,14 @@ type lane struct {
 
 // readLoop reads new entries until the subscription stops; the loop that
 // claims also claims idle entries every ClaimInterval.
+//
+// A due claim goes before the next read of either lane: it holds capMu,
+// so the other lane reserves no room meanwhile, and waits for window room
+// as a read does. Under a backlog the window is always full when a claim
+// comes due; a claim that gave way to the reads would wait until the
+// backlog is drained, and a dead replica's entries with it. A claim that
+// took all the room it had stays due: more idle entries may be waiting,
+// and they go first.
 func (sub *subscription) readLoop(ctx context.Context, l *lane, claims bool) {
 	s := sub.s
 	if l.conn != nil {
@@ -701,8 +709,13 @@ func (sub *subscription) readLoop(ctx context.Context, l *lane, claims bool) {
 		block := s.cfg.BlockTime
 		if claims {
 			if time.Since(lastClaim) >= s.cfg.ClaimInterval {
-				lastClaim = time.Now()
-				if err := sub.claimIdle(ctx); err != nil && !sub.stopped() {
+				sub.capMu.Lock()
+				more, err := sub.claimIdle(ctx)
+				sub.capMu.Unlock()
+				if !more || err != nil {
+					lastClaim = time.Now()
+				}
+				if err != nil && !sub.stopped() {
 					s.log.Warn("claim idle entries", "stream", sub.topic, "error", err)
 				}
 			}
@@ -847,8 +860,13 @@ func (sub *subscription) claimRoom() int {
 // Entries already read and waiting for the deliverer, and the room the
 // other lane reserved for its read, count as taken.
 func (sub *subscription) awaitCapacity(n int) int {
+	return sub.awaitRoom(n, sub.free)
+}
+
+// awaitRoom is awaitCapacity with free, the room to wait for, given: free
+// for a read, claimRoom for a claim.
+func (sub *subscription) awaitRoom(n int, free func() int) int {
 	s := sub.s
-	free := sub.free
 	for free() < 1 {
 		if sub.queued.Load() == 0 && sub.reserved.Load() == 0 {
 			// Wait for a slot to free up.
@@ -943,18 +961,23 @@ func (sub *subscription) readPending(ctx context.Context) (int, error) {
 	total := 0
 	for _, st := range res {
 		total += len(st.entries)
-		if len(st.entries) > 0 {
-			sub.cursors["pending:"+st.stream] = st.entries[len(st.entries)-1].id
-		}
 	}
 	if total == 0 {
 		return 0, nil
 	}
 	counts, err := sub.deliveryCounts(ctx, res)
 	if err != nil {
+		// The cursors stay where they were: the retry reads these
+		// entries again. Past them, they would wait for a claim after
+		// ClaimMinIdle.
 		return 0, err
 	}
 	sub.handOut(res, counts)
+	for _, st := range res {
+		if len(st.entries) > 0 {
+			sub.cursors["pending:"+st.stream] = st.entries[len(st.entries)-1].id
+		}
+	}
 	return total, nil
 }
 
@@ -985,27 +1008,33 @@ func (sub *subscription) deliveryCounts(ctx context.Context, res []streamEntries
 }
 
 // claimIdle takes over entries that other (presumably dead) consumers have
-// left idle for ClaimMinIdle, on the stream and on the retry stream.
-func (sub *subscription) claimIdle(ctx context.Context) error {
+// left idle for ClaimMinIdle, on the stream and on the retry stream. more
+// reports a claim that took as many entries as it had room for: more may
+// be idle.
+func (sub *subscription) claimIdle(ctx context.Context) (more bool, err error) {
 	for _, stream := range []string{sub.topic, sub.retry} {
-		if err := sub.claimIdleOf(ctx, stream); err != nil {
-			return err
+		full, err := sub.claimIdleOf(ctx, stream)
+		if err != nil {
+			return more, err
 		}
+		more = more || full
 	}
-	return nil
+	return more, nil
 }
 
-// claimIdleOf is claimIdle on one stream. It claims as many entries as the
-// window has room for, not counting the room a read lane has reserved for
-// its read: on an idle stream a lane holds that reservation through its
-// whole blocking read, and claims must not wait for it. So a claim and a
-// read may both fill the same room; the entries beyond the window then
-// wait for slots, kept alive by the heartbeats like any read batch.
-func (sub *subscription) claimIdleOf(ctx context.Context, stream string) error {
+// claimIdleOf is claimIdle on one stream. It waits for window room, as a
+// read does, and claims as many entries as the window has room for, not
+// counting the room a read lane has reserved for its read: on an idle
+// stream a lane holds that reservation through its whole blocking read,
+// and claims must not wait for it. So a claim and a read may both fill the
+// same room; the entries beyond the window then wait for slots, kept alive
+// by the heartbeats like any read batch. The caller holds capMu. full
+// reports that it claimed all n entries it asked for.
+func (sub *subscription) claimIdleOf(ctx context.Context, stream string) (full bool, err error) {
 	s := sub.s
-	n := min(s.cfg.BatchSize, sub.claimRoom())
-	if n < 1 {
-		return nil
+	n := sub.awaitRoom(s.cfg.BatchSize, sub.claimRoom)
+	if n == 0 {
+		return false, nil // stopping
 	}
 	start := sub.cursors["claim:"+stream]
 	if start == "" {
@@ -1021,13 +1050,13 @@ func (sub *subscription) claimIdleOf(ctx context.Context, stream string) error {
 	}).Result()
 	if err != nil {
 		if isNoGroup(err) {
-			return nil // the read loop re-creates the group
+			return false, nil // the read loop re-creates the group
 		}
-		return fmt.Errorf("xautoclaim %s: %w", stream, err)
+		return false, fmt.Errorf("xautoclaim %s: %w", stream, err)
 	}
 	sub.cursors["claim:"+stream] = next
 	if len(msgs) == 0 {
-		return nil
+		return false, nil
 	}
 	s.log.Info("claimed idle entries of another consumer", "stream", stream, "count", len(msgs))
 	if s.mClaimed != nil {
@@ -1040,7 +1069,7 @@ func (sub *subscription) claimIdleOf(ctx context.Context, stream string) error {
 		s.log.Warn("delivery counts of claimed entries", "stream", stream, "error", err)
 	}
 	sub.handOut(res, counts)
-	return nil
+	return len(msgs) == n, nil
 }
 
 // deliverAll hands out the entries of b, each once it has a window slot.
