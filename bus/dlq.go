@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -55,6 +57,9 @@ type DeadLetter struct {
 // replay and purge.
 type DeadLetters struct {
 	rdb redis.UniversalClient
+	// topology, if set, is the streams each consumer group reads: Replay
+	// keeps the letters of a stream their group does not read.
+	topology map[string][]string
 }
 
 // NewDeadLetters returns a DeadLetters on rdb (which it never closes).
@@ -143,27 +148,124 @@ func (d *DeadLetters) Get(ctx context.Context, group, id string) (DeadLetter, er
 	return parseDeadLetter(group, xs[0]), nil
 }
 
+// replayedTTL is how long the marker of a replayed dead letter lives: far
+// longer than any replay (or a rerun after one was interrupted) takes. A
+// replayed letter that fails again is dead-lettered under a new id, so the
+// marker never keeps it from being replayed again.
+const replayedTTL = 7 * 24 * time.Hour
+
+// replayedMarker is the key marking that the dead letter id of group was
+// added back to the retry stream of stream. It shares the retry stream's
+// hash tag: one script updates both, in Redis Cluster too.
+func replayedMarker(stream, group, id string) string {
+	return "conveyor:{" + stream + "}:" + group + ":replayed:" + id
+}
+
+// replayScript adds a replayed dead letter to its group's retry stream once:
+// only if the letter's marker was not set yet. The dead-letter stream is in
+// another hash slot, so the letter is deleted afterwards, by the caller: a
+// second replay of the same letter (run concurrently, or rerun after one
+// stopped between the two steps) finds the marker, adds nothing and only
+// deletes the letter. It recreates the group on the retry stream if it was
+// lost (BUSYGROUP, the usual reply, is ignored), and takes the marker back
+// if the add fails, so that the letter, kept, is added by the next replay.
+//
+// KEYS: marker, retry stream. ARGV: marker TTL in seconds, group, then the
+// entry's fields and values. It returns 1 if it added the entry, 0 if the
+// marker was already set.
+var replayScript = redis.NewScript(`
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+	return 0
+end
+redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
+local added = redis.pcall('XADD', KEYS[2], '*', unpack(ARGV, 3))
+if type(added) == 'table' and added.err then
+	redis.call('DEL', KEYS[1])
+	return added
+end
+return 1
+`)
+
+// ErrNotInTopology is returned by Replay, on a DeadLetters given a
+// topology (WithTopology), for dead letters whose group does not read their
+// stream: a retired group, or a mistyped one. Replayed, they would go to a
+// retry stream that no role reads, and vanish from the dead letters.
+var ErrNotInTopology = errors.New("not replayed")
+
+// WithTopology returns a DeadLetters like d whose Replay keeps in place,
+// instead of replaying, each dead letter whose group does not read its
+// stream in topology (consumer group to the streams it reads), and reports
+// them with ErrNotInTopology.
+func (d *DeadLetters) WithTopology(topology map[string][]string) *DeadLetters {
+	c := *d
+	c.topology = topology
+	return &c
+}
+
+// reads reports whether group reads stream in d's topology (always, without
+// one).
+func (d *DeadLetters) reads(group, stream string) bool {
+	if d.topology == nil {
+		return true
+	}
+	return slices.Contains(d.topology[group], stream)
+}
+
 // Replay puts dead letters back to work for their group only: each is added
 // to the group's retry stream with a fresh attempt count, then removed from
 // the dead-letter stream. ids empty means all. It returns how many it
-// replayed.
+// replayed: the letters it removed, so that concurrent replays of the same
+// letters add and count each once, between them.
+//
+// Each of ids is tried: those not found are reported together, with
+// ErrDeadLetterNotFound, after the others were replayed. So are letters of
+// a stream that group does not read, with ErrNotInTopology, if d was given
+// a topology; they are kept.
 func (d *DeadLetters) Replay(ctx context.Context, group string, ids ...string) (int, error) {
-	return d.each(ctx, group, ids, func(x redis.XMessage) error {
+	refused := map[string]int{} // by stream
+	n, err := d.each(ctx, group, ids, func(x redis.XMessage) (bool, error) {
 		fields, stream, err := replayFields(x)
 		if err != nil {
-			return err
+			return false, err
 		}
-		pipe := d.rdb.Pipeline()
-		pipe.XGroupCreateMkStream(ctx, RetryStream(stream, group), group, "0")
-		add := pipe.XAdd(ctx, &redis.XAddArgs{Stream: RetryStream(stream, group), Values: fields})
-		if _, err := pipe.Exec(ctx); err != nil && add.Err() != nil {
-			return fmt.Errorf("replay %s: %w", x.ID, add.Err())
+		if !d.reads(group, stream) {
+			refused[stream]++
+			return false, nil
 		}
-		if err := d.rdb.XDel(ctx, DeadLetterStream(group), x.ID).Err(); err != nil {
-			return fmt.Errorf("remove replayed %s: %w", x.ID, err)
+		marker := replayedMarker(stream, group, x.ID)
+		args := append([]any{int64(replayedTTL / time.Second), group}, fields...)
+		if err := replayScript.Run(ctx, d.rdb, []string{marker, RetryStream(stream, group)}, args...).Err(); err != nil {
+			return false, fmt.Errorf("replay %s: %w", x.ID, err)
 		}
-		return nil
+		// Added now or by an earlier replay: either way it is back at
+		// work, and the letter goes. Whoever removes it counts it.
+		removed, err := d.rdb.XDel(ctx, DeadLetterStream(group), x.ID).Result()
+		if err != nil {
+			return false, fmt.Errorf("remove replayed %s: %w", x.ID, err)
+		}
+		return removed == 1, nil
 	})
+	return n, errors.Join(err, d.refusal(group, refused))
+}
+
+// refusal describes the dead letters that Replay kept because group does
+// not read their stream, or is nil if there were none.
+func (d *DeadLetters) refusal(group string, refused map[string]int) error {
+	if len(refused) == 0 {
+		return nil
+	}
+	known := strings.Join(slices.Sorted(maps.Keys(d.topology)), ", ")
+	if streams, ok := d.topology[group]; ok {
+		known = "it reads " + strings.Join(streams, ", ") + "; known groups: " + known
+	} else {
+		known = "known groups: " + known
+	}
+	var errs []error
+	for _, stream := range slices.Sorted(maps.Keys(refused)) {
+		errs = append(errs, fmt.Errorf("%w: group %s does not read stream %s in any role (%s); %d dead letter(s) kept",
+			ErrNotInTopology, group, stream, known, refused[stream]))
+	}
+	return errors.Join(errs...)
 }
 
 // Purge deletes dead letters; ids empty means all, that is every one there
@@ -195,28 +297,41 @@ func (d *DeadLetters) Purge(ctx context.Context, group string, ids ...string) (i
 	return int(n), nil
 }
 
-// each calls fn for the listed dead letters, or for all of them, in pages.
+// each calls fn for the listed dead letters, or for all of them, in pages,
+// and returns how many calls reported done. Each of ids is tried; those not
+// found are reported together after the others, with ErrDeadLetterNotFound.
 // All is every one there when it starts: a replayed letter that fails
 // again comes back with a newer id, and must not be replayed again in the
-// same run.
-func (d *DeadLetters) each(ctx context.Context, group string, ids []string, fn func(redis.XMessage) error) (int, error) {
+// same run. An error of fn stops it.
+func (d *DeadLetters) each(ctx context.Context, group string, ids []string, fn func(redis.XMessage) (bool, error)) (int, error) {
 	done := 0
+	call := func(x redis.XMessage) error {
+		ok, err := fn(x)
+		if ok {
+			done++
+		}
+		return err
+	}
 	if err := checkIDs(ids); err != nil {
 		return 0, err
 	}
 	if len(ids) > 0 {
+		var missing []string
 		for _, id := range ids {
 			xs, err := d.rdb.XRange(ctx, DeadLetterStream(group), id, id).Result()
 			if err != nil {
 				return done, fmt.Errorf("read dead letter %s: %w", id, err)
 			}
 			if len(xs) == 0 {
-				return done, fmt.Errorf("%w: %s in group %s", ErrDeadLetterNotFound, id, group)
+				missing = append(missing, id)
+				continue
 			}
-			if err := fn(xs[0]); err != nil {
+			if err := call(xs[0]); err != nil {
 				return done, err
 			}
-			done++
+		}
+		if len(missing) > 0 {
+			return done, fmt.Errorf("%w: %s in group %s", ErrDeadLetterNotFound, strings.Join(missing, ", "), group)
 		}
 		return done, nil
 	}
@@ -234,10 +349,9 @@ func (d *DeadLetters) each(ctx context.Context, group string, ids []string, fn f
 			return done, nil
 		}
 		for _, x := range xs {
-			if err := fn(x); err != nil {
+			if err := call(x); err != nil {
 				return done, err
 			}
-			done++
 		}
 		start = "(" + xs[len(xs)-1].ID
 	}
@@ -336,6 +450,15 @@ func replayFields(x redis.XMessage) ([]any, string, error) {
 		fieldPayload, str(x.Values[fieldPayload]),
 		fieldOrigin, "dlq/" + x.ID,
 	}, stream, nil
+}
+
+// Exists reports whether group has a dead-letter stream, even an empty one.
+func (d *DeadLetters) Exists(ctx context.Context, group string) (bool, error) {
+	n, err := d.rdb.Exists(ctx, DeadLetterStream(group)).Result()
+	if err != nil {
+		return false, fmt.Errorf("look for the dead-letter stream of %s: %w", group, err)
+	}
+	return n == 1, nil
 }
 
 // Groups lists the consumer groups that have a dead-letter stream.

@@ -30,9 +30,9 @@ func TestDeadLettersAllMeansThoseThereAtTheStart(t *testing.T) {
 		add([]any{"i", i})
 	}
 	d := NewDeadLetters(rdb)
-	visited, err := d.each(ctx, group, nil, func(x redis.XMessage) error {
+	visited, err := d.each(ctx, group, nil, func(x redis.XMessage) (bool, error) {
 		add(x.Values) // it failed again
-		return nil
+		return true, nil
 	})
 	if err != nil || visited != n {
 		t.Fatalf("each visited %d letters (%v), want the %d there at its start", visited, err, n)

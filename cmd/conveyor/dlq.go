@@ -6,7 +6,9 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-
+	"maps"
+	"math"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -20,7 +22,19 @@ type dlqOpts struct {
 	limit *int64
 	after *string
 	all   *bool
+	force *bool
 	json  *bool
+}
+
+// defaultListLimit is the default of dlq list --limit.
+const defaultListLimit = 50
+
+// listedLetter is a dead letter as dlq list --json prints it. NextAfter,
+// on the last letter of a group's page when more follow, is the --after of
+// the next page.
+type listedLetter struct {
+	bus.DeadLetter
+	NextAfter string `json:"next_after,omitempty"`
 }
 
 func dlqCommand() *command {
@@ -32,21 +46,29 @@ func dlqCommand() *command {
                                                           dead letters, oldest first (all groups
                                                           without --group); --after pages on
   conveyor dlq show    --group G ID...                      one dead letter in full
-  conveyor dlq replay  --group G (ID... | --all)            back to work, for that group only
+  conveyor dlq replay  --group G (ID... | --all) [--force]  back to work, for that group only
   conveyor dlq purge   --group G (ID... | --all)            delete for good
 
 A message is dead-lettered after its last retry, at once for a permanent
 error, when it cannot be decoded, or when it crashed its consumer too often.
 Replay puts it on the group's retry stream with a fresh attempt count, so
-other groups of the stream are not affected.`,
+other groups of the stream are not affected. Replaying a letter twice (two
+replays at once, or one run again after it was interrupted) puts it back
+once. Replay keeps, and reports, a letter of a stream that its group does
+not read in any role (a retired group): nobody would read its retry
+stream. --force replays it anyway.
+
+When a page of list is full and more letters follow, list ends with the
+command for the next page (JSON: next_after on the page's last letter).`,
 		vars: []string{"REDIS_URL"},
 		args: true,
 		flags: func(fs *flag.FlagSet) any {
 			return &dlqOpts{
 				group: fs.String("group", "", "consumer group (document-processor, email-sender, projector, ...)"),
-				limit: fs.Int64("limit", 50, "list at most this many per group"),
+				limit: fs.Int64("limit", defaultListLimit, "list at most this many per group"),
 				after: fs.String("after", "", "list the dead letters after this id (the last one of the previous page); needs --group"),
 				all:   fs.Bool("all", false, "replay or purge every dead letter of the group"),
+				force: fs.Bool("force", false, "replay dead letters of a stream their group does not read in any role"),
 				json:  fs.Bool("json", false, "print JSON"),
 			}
 		},
@@ -102,13 +124,30 @@ func dlqVerb(ctx context.Context, env *environment, dl *bus.DeadLetters, opts *d
 			}
 			sort.Strings(groups)
 		}
-		all := []bus.DeadLetter{} // JSON [] when there are none
+		all := []listedLetter{} // JSON [] when there are none
+		var more []string       // the next-page commands
 		for _, g := range groups {
-			list, err := dl.List(ctx, g, *opts.after, *opts.limit)
+			// One more than the page tells whether more follow.
+			list, err := dl.List(ctx, g, *opts.after, min(*opts.limit, math.MaxInt64-1)+1)
 			if err != nil {
 				return err
 			}
-			all = append(all, list...)
+			full := int64(len(list)) > *opts.limit
+			if full {
+				list = list[:*opts.limit]
+			}
+			for _, d := range list {
+				all = append(all, listedLetter{DeadLetter: d})
+			}
+			if full {
+				last := list[len(list)-1].ID
+				all[len(all)-1].NextAfter = last
+				next := "conveyor dlq list --group " + g + " --after " + last
+				if *opts.limit != defaultListLimit {
+					next += fmt.Sprintf(" --limit %d", *opts.limit)
+				}
+				more = append(more, next)
+			}
 		}
 		if *opts.json {
 			return json.NewEncoder(env.stdout).Encode(all)
@@ -127,7 +166,13 @@ func dlqVerb(ctx context.Context, env *environment, dl *bus.DeadLetters, opts *d
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", d.Group, d.ID, d.Stream, event, d.Attempts,
 				d.LastFailedAt.Format(time.RFC3339), oneLine(d.Error, 80))
 		}
-		return tw.Flush()
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		for _, next := range more {
+			fmt.Fprintln(env.stdout, "more: "+next)
+		}
+		return nil
 	case "show":
 		if err := needGroup(); err != nil {
 			return err
@@ -157,9 +202,21 @@ func dlqVerb(ctx context.Context, env *environment, dl *bus.DeadLetters, opts *d
 		if len(ids) > 0 && *opts.all {
 			return fmt.Errorf("%w: give ids or --all, not both", errUsage)
 		}
+		if *opts.force && verb != "replay" {
+			return fmt.Errorf("%w: --force is for replay", errUsage)
+		}
+		if err := checkGroup(ctx, dl, *opts.group); err != nil {
+			return err
+		}
 		var n int
 		if verb == "replay" {
+			if !*opts.force {
+				dl = dl.WithTopology(topology())
+			}
 			n, err = dl.Replay(ctx, *opts.group, ids...)
+			if errors.Is(err, bus.ErrNotInTopology) {
+				err = fmt.Errorf("%w\n(--force replays them anyway)", err)
+			}
 		} else {
 			n, err = dl.Purge(ctx, *opts.group, ids...)
 		}
@@ -172,6 +229,22 @@ func dlqVerb(ctx context.Context, env *environment, dl *bus.DeadLetters, opts *d
 	default:
 		return fmt.Errorf("%w: unknown dlq command %q", errUsage, verb)
 	}
+}
+
+// checkGroup refuses a group that no role has and that has no dead-letter
+// stream: a mistyped --group would replay or purge nothing, and say so as if
+// all went well.
+func checkGroup(ctx context.Context, dl *bus.DeadLetters, group string) error {
+	topo := topology()
+	if _, ok := topo[group]; ok {
+		return nil
+	}
+	exists, err := dl.Exists(ctx, group)
+	if err != nil || exists {
+		return err
+	}
+	return fmt.Errorf("%w: no dead-letter stream for group %s (known: %s)", errUsage, group,
+		strings.Join(slices.Sorted(maps.Keys(topo)), ", "))
 }
 
 func oneLine(s string, n int) string {

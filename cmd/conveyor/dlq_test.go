@@ -2,6 +2,7 @@ package main_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"io"
@@ -119,9 +120,15 @@ func (d *deadLetters) retries(t *testing.T, stream, group string) int64 {
 func (d *deadLetters) reset(t *testing.T) {
 	t.Helper()
 	ctx := t.Context()
-	err := d.rdb.Del(ctx, bus.DeadLetterStream("document-processor"), bus.DeadLetterStream("email-sender"),
-		bus.RetryStream("document.uploaded", "document-processor"), bus.RetryStream("email.requested", "email-sender")).Err()
+	keys := []string{bus.DeadLetterStream("document-processor"), bus.DeadLetterStream("email-sender"),
+		bus.RetryStream("document.uploaded", "document-processor"), bus.RetryStream("email.requested", "email-sender")}
+	// A replay marks each letter it put back (the letters come back under
+	// the same ids here, which the pipeline never does).
+	replayed, err := d.rdb.Keys(ctx, "conveyor:{*}:*:replayed:*").Result()
 	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.rdb.Del(ctx, append(keys, replayed...)...).Err(); err != nil {
 		t.Fatal(err)
 	}
 	for g, xs := range d.snap {
@@ -352,5 +359,171 @@ func TestCommandFlagErrorsAnywhere(t *testing.T) {
 	stdout, stderr, code := conveyor(t, d.env, "schedules", "--json")
 	if code != 0 || !json.Valid([]byte(stdout)) {
 		t.Errorf("conveyor schedules --json: exit %d\n%s%s", code, stdout, stderr)
+	}
+}
+
+// `dlq replay` keeps, and reports with exit 1, the dead letters of a stream
+// that their group does not read in any role (a retired group), which would
+// go to a retry stream nobody reads; --force replays them. A group that no
+// role has and that has no dead-letter stream (a typo) is refused by replay
+// and purge. Replay by ids tries every id and names the missing ones.
+func TestDLQReplayRefusesWhatNoRoleReads(t *testing.T) {
+	t.Parallel()
+	d := startDeadLetters(t)
+	ctx := t.Context()
+	const retired = "retired-group"
+	letter := d.snap["email-sender"][0]
+	t.Cleanup(func() {
+		_ = d.rdb.Del(context.Background(), bus.DeadLetterStream(retired), bus.RetryStream("email.requested", retired)).Err()
+	})
+	retiredID, err := d.rdb.XAdd(ctx, &redis.XAddArgs{Stream: bus.DeadLetterStream(retired), Values: letter.Values}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"dlq", "replay", "--group", retired, "--all"},
+		{"dlq", "replay", "--group", retired, retiredID},
+	} {
+		stdout, stderr, code := conveyor(t, d.env, args...)
+		if code != 1 || strings.TrimSpace(stdout) != "replayed 0 dead letter(s) of "+retired ||
+			!strings.Contains(stderr, "group "+retired+" does not read stream email.requested in any role (known groups: document-processor, email-sender, projector)") ||
+			!strings.Contains(stderr, "--force") {
+			t.Errorf("conveyor %s: exit %d, want 1 and the group, stream and known groups named\n%s%s", strings.Join(args, " "), code, stdout, stderr)
+		}
+		if n := d.count(t, retired); n != 1 {
+			t.Errorf("conveyor %s: %d dead letters left in %s, want 1", strings.Join(args, " "), n, retired)
+		}
+		if n, _ := d.rdb.Exists(ctx, bus.RetryStream("email.requested", retired)).Result(); n != 0 {
+			t.Errorf("conveyor %s made a retry stream that no role reads", strings.Join(args, " "))
+		}
+	}
+
+	// A letter of email-sender from a stream it does not read stays; the
+	// others go.
+	d.reset(t)
+	stray := map[string]any{}
+	for k, v := range letter.Values {
+		stray[k] = v
+	}
+	stray["dlq_stream"] = "document.uploaded"
+	strayID, err := d.rdb.XAdd(ctx, &redis.XAddArgs{Stream: bus.DeadLetterStream("email-sender"), Values: stray}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, stderr, code := conveyor(t, d.env, "dlq", "replay", "--group", "email-sender", "--all")
+	if code != 1 || strings.TrimSpace(stdout) != "replayed 2 dead letter(s) of email-sender" ||
+		!strings.Contains(stderr, "group email-sender does not read stream document.uploaded in any role (it reads email.requested; known groups:") {
+		t.Errorf("replay of email-sender with a letter of document.uploaded: exit %d\n%s%s", code, stdout, stderr)
+	}
+	left, err := d.rdb.XRange(ctx, bus.DeadLetterStream("email-sender"), "-", "+").Result()
+	if err != nil || len(left) != 1 || left[0].ID != strayID || d.retries(t, "email.requested", "email-sender") != 2 {
+		t.Errorf("left %v (%v) in email-sender, want only %s", left, err, strayID)
+	}
+
+	// --force replays them anyway.
+	stdout, stderr, code = conveyor(t, d.env, "dlq", "replay", "--group", retired, "--all", "--force")
+	if code != 0 || strings.TrimSpace(stdout) != "replayed 1 dead letter(s) of "+retired {
+		t.Errorf("replay --force of %s: exit %d\n%s%s", retired, code, stdout, stderr)
+	}
+	if n := d.retries(t, "email.requested", retired); n != 1 || d.count(t, retired) != 0 {
+		t.Errorf("replay --force of %s: %d retries, %d dead letters; want 1 and 0", retired, n, d.count(t, retired))
+	}
+	// Its dead-letter stream is there, empty: no error.
+	if stdout, stderr, code := conveyor(t, d.env, "dlq", "purge", "--group", retired, "--all"); code != 0 {
+		t.Errorf("purge of %s, emptied: exit %d\n%s%s", retired, code, stdout, stderr)
+	}
+
+	// A mistyped group.
+	for _, args := range [][]string{
+		{"dlq", "replay", "--group", "email-sendr", "--all"},
+		{"dlq", "replay", "--group", "email-sendr", "--all", "--force"},
+		{"dlq", "replay", "--group", "email-sendr", letter.ID},
+		{"dlq", "purge", "--group", "email-sendr", "--all"},
+		{"dlq", "purge", "--group", "email-sendr", letter.ID},
+	} {
+		stdout, stderr, code := conveyor(t, d.env, args...)
+		if code == 0 || stdout != "" ||
+			!strings.Contains(stderr, "no dead-letter stream for group email-sendr (known: document-processor, email-sender, projector)") {
+			t.Errorf("conveyor %s: exit %d, want an error naming the known groups\n%s%s", strings.Join(args, " "), code, stdout, stderr)
+		}
+	}
+
+	// Every id is tried; the missing ones are named.
+	d.reset(t)
+	ids := d.ids("email-sender")
+	stdout, stderr, code = conveyor(t, d.env, "dlq", "replay", "--group", "email-sender", ids[0], "1-1", ids[1], "1-2")
+	if code != 1 || strings.TrimSpace(stdout) != "replayed 2 dead letter(s) of email-sender" ||
+		!strings.Contains(stderr, "dead letter not found: 1-1, 1-2 in group email-sender") {
+		t.Errorf("replay of two ids and two missing ones: exit %d\n%s%s", code, stdout, stderr)
+	}
+	if n, r := d.count(t, "email-sender"), d.retries(t, "email.requested", "email-sender"); n != 0 || r != 2 {
+		t.Errorf("replay of two ids and two missing ones: %d dead letters, %d retries; want 0 and 2", n, r)
+	}
+}
+
+// A full page of `dlq list` after which more letters follow ends with the
+// command for the next page (JSON: next_after on its last letter), and that
+// command lists the next page.
+func TestDLQListSaysWhenMoreFollow(t *testing.T) {
+	t.Parallel()
+	d := startDeadLetters(t)
+	ids := d.ids("email-sender")
+	next := "conveyor dlq list --group email-sender --after " + ids[0] + " --limit 1"
+	for _, tc := range []struct {
+		args  []string
+		lists []string // the ids of email-sender listed
+		more  []string // the more: lines, last
+	}{
+		{[]string{"dlq", "list", "--group", "email-sender", "--limit", "1"}, ids[:1], []string{next}},
+		// document-processor has one: a full page, and no more.
+		{[]string{"dlq", "list", "--limit", "1"}, ids[:1], []string{next}},
+		{[]string{"dlq", "list", "--group", "email-sender", "--limit", "2"}, ids, nil},
+		{[]string{"dlq", "list", "--group", "email-sender"}, ids, nil},
+		{strings.Fields(next)[1:], ids[1:], nil},
+	} {
+		stdout, stderr, code := conveyor(t, d.env, tc.args...)
+		lines := strings.Split(strings.TrimSpace(stdout), "\n")
+		var more []string
+		for _, l := range lines {
+			if m, ok := strings.CutPrefix(l, "more: "); ok {
+				more = append(more, m)
+			}
+		}
+		if code != 0 || !slices.Equal(more, tc.more) || (len(more) > 0 && lines[len(lines)-1] != "more: "+more[len(more)-1]) {
+			t.Errorf("conveyor %s: exit %d, more %q, want %q last\n%s%s", strings.Join(tc.args, " "), code, more, tc.more, stdout, stderr)
+		}
+		for _, id := range ids {
+			// By group and id: letters of two groups' streams may share an id.
+			listed := slices.ContainsFunc(lines, func(l string) bool {
+				f := strings.Fields(l)
+				return len(f) > 1 && f[0] == "email-sender" && f[1] == id
+			})
+			if listed != slices.Contains(tc.lists, id) {
+				t.Errorf("conveyor %s: lists %s: %v, want %v\n%s", strings.Join(tc.args, " "), id, listed, slices.Contains(tc.lists, id), stdout)
+			}
+		}
+	}
+	for _, tc := range []struct {
+		limit string
+		want  []string // next_after of each listed letter
+	}{
+		{"1", []string{ids[0]}},
+		{"2", []string{"", ""}},
+	} {
+		stdout, stderr, code := conveyor(t, d.env, "dlq", "list", "--group", "email-sender", "--json", "--limit", tc.limit)
+		var got []struct {
+			ID        string `json:"id"`
+			NextAfter string `json:"next_after"`
+		}
+		if code != 0 || json.Unmarshal([]byte(stdout), &got) != nil {
+			t.Fatalf("dlq list --json --limit %s: exit %d\n%s%s", tc.limit, code, stdout, stderr)
+		}
+		var nexts []string
+		for _, g := range got {
+			nexts = append(nexts, g.NextAfter)
+		}
+		if !slices.Equal(nexts, tc.want) {
+			t.Errorf("dlq list --json --limit %s: next_after %q, want %q\n%s", tc.limit, nexts, tc.want, stdout)
+		}
 	}
 }
