@@ -232,15 +232,39 @@ func Ops(mux *http.ServeMux, checks map[string]Check, reg *prometheus.Registry) 
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 }
 
-// ReadinessBody is the /readyz response.
+// ReadinessBody is the /readyz response. Status is "ready", "degraded"
+// (a soft check failed: see [Soft]) or "unavailable" (a check that is not
+// soft failed).
 type ReadinessBody struct {
 	Status string            `json:"status"`
 	Checks map[string]string `json:"checks,omitempty"`
 }
 
-// Readiness runs the checks concurrently, each with a short timeout. The
-// body says "ok" or "down" per check and never carries error text: it may
-// be public, and the logs have the details.
+// Soft marks a readiness check of a dependency the process works without for
+// a while: the api serves reads from PostgreSQL while the cache Redis is
+// down, and accepts work while PostgreSQL is down. Its failure leaves the
+// process ready, 200 with status "degraded": failing readiness would take
+// every replica out of its load balancer at once, an outage of everything,
+// for the outage of a part.
+func Soft(check Check) Check {
+	return func(ctx context.Context) error {
+		if err := check(ctx); err != nil {
+			return softError{err}
+		}
+		return nil
+	}
+}
+
+// softError is the error of a failed [Soft] check.
+type softError struct{ err error }
+
+func (e softError) Error() string { return e.err.Error() }
+func (e softError) Unwrap() error { return e.err }
+
+// Readiness runs the checks concurrently, each with a short timeout: 200
+// "ready" if all pass, 200 "degraded" if only [Soft] ones fail, 503
+// "unavailable" otherwise. The body says "ok" or "down" per check and never
+// carries error text: it may be public, and the logs have the details.
 func Readiness(ctx context.Context, checks map[string]Check) (int, ReadinessBody) {
 	type result struct {
 		name string
@@ -259,12 +283,20 @@ func Readiness(ctx context.Context, checks map[string]Check) (int, ReadinessBody
 	for range checks {
 		r := <-results
 		body.Checks[r.name] = "ok"
-		if r.err != nil {
-			body.Checks[r.name] = "down"
+		if r.err == nil {
+			continue
+		}
+		body.Checks[r.name] = "down"
+		var se softError
+		soft := errors.As(r.err, &se)
+		switch {
+		case !soft:
 			body.Status = "unavailable"
 			status = http.StatusServiceUnavailable
-			slog.Default().Warn("readiness check failed", "check", r.name, "error", r.err)
+		case status == http.StatusOK:
+			body.Status = "degraded"
 		}
+		slog.Default().Warn("readiness check failed", "check", r.name, "soft", soft, "error", r.err)
 	}
 	return status, body
 }

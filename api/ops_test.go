@@ -53,6 +53,41 @@ func TestReadyz(t *testing.T) {
 			want:   api.ReadinessBody{Status: "unavailable", Checks: map[string]string{"redis": "ok", "postgres": "down"}},
 		},
 		{
+			name: "soft check down",
+			checks: func(e *env) map[string]api.Check {
+				return map[string]api.Check{
+					"redis":    func(ctx context.Context) error { return e.rdb.Ping(ctx).Err() },
+					"postgres": api.Soft(func(context.Context) error { return errors.New("dial " + secret + ": connection refused") }),
+				}
+			},
+			status: http.StatusOK,
+			want:   api.ReadinessBody{Status: "degraded", Checks: map[string]string{"redis": "ok", "postgres": "down"}},
+		},
+		{
+			name: "soft check outlives its deadline",
+			checks: func(e *env) map[string]api.Check {
+				return map[string]api.Check{
+					"redis":    func(ctx context.Context) error { return e.rdb.Ping(ctx).Err() },
+					"postgres": api.Soft(func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }),
+				}
+			},
+			status: http.StatusOK,
+			want:   api.ReadinessBody{Status: "degraded", Checks: map[string]string{"redis": "ok", "postgres": "down"}},
+		},
+		{
+			// A soft check failing too does not make it merely degraded.
+			name: "hard and soft checks down",
+			checks: func(e *env) map[string]api.Check {
+				return map[string]api.Check{
+					"redis":       func(context.Context) error { return errors.New("connection refused") },
+					"cache_redis": api.Soft(func(context.Context) error { return errors.New("connection refused") }),
+					"postgres":    api.Soft(e.store.Ping),
+				}
+			},
+			status: http.StatusServiceUnavailable,
+			want:   api.ReadinessBody{Status: "unavailable", Checks: map[string]string{"redis": "down", "cache_redis": "down", "postgres": "ok"}},
+		},
+		{
 			name: "check outlives its deadline",
 			checks: func(e *env) map[string]api.Check {
 				return map[string]api.Check{

@@ -75,7 +75,7 @@ var Vars = []Var{
 	{"REDIS_URL", "(conveyor up: a local redis-server)", "Redis for streams and idempotency records: redis://[:password@]host:port/db, rediss:// for TLS, or unix:///path/redis.sock?db=0. Run it with AOF and maxmemory-policy noeviction."},
 	{"CACHE_REDIS_URL", "REDIS_URL", "Redis for the read cache; may be a separate instance with an LRU policy."},
 	{"DATABASE_URL", "(conveyor up: a local PostgreSQL)", "PostgreSQL for the read models: postgres://user:pass@host:5432/db?sslmode=disable, or postgres:///db?host=/var/run/postgresql for a Unix socket."},
-	{"HTTP_ADDR", ":8080", "Listen address of the role's HTTP server (the API for `api`; /healthz, /readyz and /metrics for every role)."},
+	{"HTTP_ADDR", ":8080", "Listen address of the role's HTTP server (the API for `api`; /healthz, /readyz and /metrics for every role). Unset, conveyor up listens on 127.0.0.1:8080 only: its API has no authentication."},
 	{"BLOB_DIR", "./data/blobs (conveyor up: CONVEYOR_DATA_DIR/blobs)", "Directory of uploaded bytes, shared by api, handler and scheduler replicas (the scheduler's blob retention removes expired bytes from it)."},
 	{"SMTP_URL", "(none: emails go to OUTBOX_DIR)", "smtp://[user:pass@]host:port (STARTTLS if offered; ?tls=required|none) or smtps://host:port. A user and password are sent only over TLS; add ?auth=plain-insecure to send them unencrypted (needed with tls=none)."},
 	{"SMTP_FROM", "Conveyor <conveyor@localhost>", "Sender address of emails."},
@@ -105,8 +105,11 @@ var Vars = []Var{
 }
 
 // Load reads the configuration through getenv (os.Getenv in production).
-func Load(getenv func(string) string) (Config, error) {
-	r := reader{getenv: getenv}
+// Each variable named in required must be set (see [Config.Require]): one
+// that is not is reported with every other problem, not after they are
+// fixed.
+func Load(getenv func(string) string, required ...string) (Config, error) {
+	r := reader{getenv: getenv, bad: map[string]bool{}}
 	c := Config{
 		RedisURL:             r.str("REDIS_URL", ""),
 		DatabaseURL:          r.str("DATABASE_URL", ""),
@@ -199,6 +202,15 @@ func Load(getenv func(string) string) (Config, error) {
 	if strings.ContainsAny(c.ConsumerName, " \t\r\n") {
 		r.fail("CONSUMER_NAME", "must not contain white space")
 	}
+	for _, n := range required {
+		// A variable whose value or file was refused is reported once.
+		if r.bad[n] || r.bad[n+"_FILE"] {
+			continue
+		}
+		if err := c.Require(n); err != nil {
+			r.errs = append(r.errs, err)
+		}
+	}
 	return c, errors.Join(r.errs...)
 }
 
@@ -221,9 +233,11 @@ func (c Config) Require(names ...string) error {
 type reader struct {
 	getenv func(string) string
 	errs   []error
+	bad    map[string]bool // names that errs reports
 }
 
 func (r *reader) fail(name, format string, args ...any) {
+	r.bad[name] = true
 	r.errs = append(r.errs, fmt.Errorf("%s: "+format, append([]any{name}, args...)...))
 }
 

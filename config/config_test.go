@@ -166,6 +166,43 @@ func TestRequire(t *testing.T) {
 	}
 }
 
+// TestLoadRequired: Load reports the required variables that are unset
+// together with every other problem, and a variable whose file it could not
+// read once, not also as unset.
+func TestLoadRequired(t *testing.T) {
+	t.Parallel()
+	missing := filepath.Join(t.TempDir(), "missing")
+	tests := []struct {
+		name string
+		env  map[string]string
+		want []string
+	}{
+		{name: "none set", env: nil, want: []string{"REDIS_URL is required", "DATABASE_URL is required"}},
+		{
+			name: "with another problem", env: map[string]string{"LOG_LEVEL": "loud", "REDIS_URL": "redis://r:6379/0"},
+			want: []string{`LOG_LEVEL: must be debug, info, warn or error, not "loud"`, "DATABASE_URL is required"},
+		},
+		{
+			name: "file not readable", env: map[string]string{"REDIS_URL_FILE": missing},
+			want: []string{"REDIS_URL_FILE: open " + missing + ": no such file or directory", "DATABASE_URL is required"},
+		},
+		{name: "all set", env: map[string]string{"REDIS_URL": "redis://r:6379/0", "DATABASE_URL": "postgres://db/x"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := config.Load(env(tt.env), "REDIS_URL", "DATABASE_URL")
+			got := ""
+			if err != nil {
+				got = err.Error()
+			}
+			if want := strings.Join(tt.want, "\n"); got != want {
+				t.Errorf("Load = %q, want %q", got, want)
+			}
+		})
+	}
+}
+
 func TestVarsAreDocumented(t *testing.T) {
 	t.Parallel()
 	seen := map[string]bool{}

@@ -65,6 +65,9 @@ type needs struct {
 // newLogger returns the process's logger, in LOG_FORMAT at LOG_LEVEL, and
 // makes it slog's default: code that logs through slog.Default() (the
 // readiness checks' warnings) writes in the same format, at the same level.
+// go-redis's own logger writes through it too (see redisLogger): it would
+// otherwise write plain-text lines to stderr, many a second while Redis is
+// down.
 func newLogger(cfg config.Config, w *os.File) *slog.Logger {
 	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
 	var l *slog.Logger
@@ -74,6 +77,7 @@ func newLogger(cfg config.Config, w *os.File) *slog.Logger {
 		l = slog.New(slog.NewJSONHandler(w, opts))
 	}
 	slog.SetDefault(l)
+	redis.SetLogger(newRedisLogger(l))
 	return l
 }
 
@@ -119,6 +123,20 @@ func redisOptions(url string) (*redis.Options, error) {
 // waited for Redis or PostgreSQL: exit status 0.
 var errStoppedWhileStarting = errors.New("stopped while starting")
 
+// startTimeout is the cause of the deadline of a command that gives up
+// waiting for its dependencies after a while (migrate): waitFor then says
+// it gave up, not that the command was stopped.
+type startTimeout time.Duration
+
+func (d startTimeout) Error() string {
+	return "gave up after " + time.Duration(d).String()
+}
+
+// withStartTimeout returns ctx ending after d, with a startTimeout cause.
+func withStartTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeoutCause(ctx, d, startTimeout(d))
+}
+
 // waitFor retries check with backoff until it succeeds or ctx ends: at
 // start a dependency may still be coming up, and a process that exits on
 // that only crash-loops.
@@ -134,6 +152,10 @@ func waitFor(ctx context.Context, log *slog.Logger, what string, check func(cont
 		log.Warn("waiting for "+what, "error", err, "retry_in", wait)
 		select {
 		case <-ctx.Done():
+			var d startTimeout
+			if errors.As(context.Cause(ctx), &d) {
+				return fmt.Errorf("gave up waiting for %s after %s: %w", what, time.Duration(d), err)
+			}
 			return fmt.Errorf("%w: %s not reachable: %w", errStoppedWhileStarting, what, err)
 		case <-time.After(wait):
 		}
@@ -146,8 +168,9 @@ func newApp(ctx context.Context, cfg config.Config, log *slog.Logger, n needs) (
 	if n.db {
 		required = append(required, "DATABASE_URL")
 	}
+	// run checked the command's requirements already; up fills them in.
 	if err := cfg.Require(required...); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", errConfig, err)
 	}
 	a = &app{cfg: cfg, log: log, reg: prometheus.NewRegistry()}
 	defer func() {
@@ -225,7 +248,28 @@ func (a *app) close() {
 	}
 }
 
-func (a *app) checks(router *bus.Router) map[string]api.Check {
+// softChecks names, per role, the readiness checks of dependencies the role
+// works without for a while (api.Soft): their failure leaves it ready, 200
+// "degraded". A role whose readiness failed for them would leave its load
+// balancer without replicas, an outage of everything for that of a part.
+// Every other check is hard (503), as are the api's "accepting" while it
+// stops and "starting" while it waits for its dependencies.
+//   - api: reads go to PostgreSQL while the cache Redis is down, and
+//     accepting work needs the streams Redis only.
+//   - handler: the summarizer's cache falls back to calling the summarizer.
+//   - scheduler: without PostgreSQL only its built-in maintenance jobs fail
+//     (it runs without DATABASE_URL too); it reads no cache.
+//   - projector: none: it writes PostgreSQL, and an event whose cache
+//     invalidation failed is retried. up: none, as it runs the projector.
+var softChecks = map[string][]string{
+	"api":       {"cache_redis", "postgres"},
+	"handler":   {"cache_redis"},
+	"scheduler": {"cache_redis", "postgres"},
+}
+
+// checks returns the readiness checks of role (a command's name). router,
+// if not nil, is the role's consumer router.
+func (a *app) checks(role string, router *bus.Router) map[string]api.Check {
 	c := map[string]api.Check{
 		"redis": func(ctx context.Context) error { return a.rdb.Ping(ctx).Err() },
 	}
@@ -244,6 +288,11 @@ func (a *app) checks(router *bus.Router) map[string]api.Check {
 				return errors.New("stopping")
 			}
 			return nil
+		}
+	}
+	for _, name := range softChecks[role] {
+		if check, ok := c[name]; ok {
+			c[name] = api.Soft(check)
 		}
 	}
 	return c

@@ -76,6 +76,13 @@ type command struct {
 	usage string
 	// vars lists the environment variables the command reads.
 	vars []string
+	// requires lists the variables the command cannot run without: one
+	// that is unset is a configuration error (exit status 2), reported
+	// with the others.
+	requires []string
+	// noConfig says the command reads no configuration (version): an
+	// invalid environment does not stop it.
+	noConfig bool
 	// flags adds the command's flags to fs.
 	flags func(fs *flag.FlagSet) any
 	// args says the command takes positional arguments; without it, any is
@@ -98,9 +105,11 @@ var allVars = []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADD
 	"RETRY_BACKOFF_MAX", "CLAIM_MIN_IDLE", "SHUTDOWN_TIMEOUT", "SHUTDOWN_DELAY", "SCHEDULES_FILE", "MAX_DELAY", "STUCK_AFTER", "BLOB_RETENTION", "INBOX_RETENTION"}
 
 func commands() []*command {
+	dlq := dlqCommand()
+	dlq.requires = []string{"REDIS_URL"} // checked at start, as for the other commands
 	return []*command{
 		apiCommand(), handlerCommand(), projectorCommand(), migrateCommand(), upCommand(),
-		schedulerCommand(), schedulesCommand(), healthcheckCommand(), statusCommand(), dlqCommand(), versionCommand(),
+		schedulerCommand(), schedulesCommand(), healthcheckCommand(), statusCommand(), dlq, versionCommand(),
 	}
 }
 
@@ -154,10 +163,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		fmt.Fprintf(stderr, "conveyor %s: unexpected argument %q (run `conveyor %s --help`)\n", cmd.name, fs.Arg(0), cmd.name)
 		return 2
 	}
-	cfg, err := config.Load(getenv)
-	if err != nil {
-		fmt.Fprintf(stderr, "conveyor %s: invalid configuration:\n%s\n", cmd.name, indent(err.Error()))
-		return 2
+	var cfg config.Config
+	if !cmd.noConfig {
+		var err error
+		if cfg, err = config.Load(getenv, cmd.requires...); err != nil {
+			fmt.Fprintf(stderr, "conveyor %s: invalid configuration:\n%s\n", cmd.name, indent(err.Error()))
+			return 2
+		}
 	}
 	env := &environment{cfg: cfg, getenv: getenv, stdout: stdout, stderr: stderr}
 	if err := cmd.run(ctx, env, opts, fs.Args()); err != nil {
@@ -321,8 +333,9 @@ func versionString() string {
 
 func versionCommand() *command {
 	return &command{
-		name:    "version",
-		summary: "print the version",
+		name:     "version",
+		summary:  "print the version",
+		noConfig: true,
 		run: func(_ context.Context, env *environment, _ any, _ []string) error {
 			fmt.Fprintf(env.stdout, "conveyor %s\n", versionString())
 			return nil

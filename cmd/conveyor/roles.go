@@ -24,7 +24,8 @@ func apiCommand() *command {
 POST /v1/emails, GET /v1/emails/{id}, POST /v1/events, POST /v1/events/batch,
 plus /healthz, /readyz and /metrics. On SIGTERM it stops accepting and lets
 running requests finish within SHUTDOWN_TIMEOUT.`,
-		vars: []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "BLOB_DIR", "MAX_UPLOAD_BYTES", "MAX_CONCURRENT_UPLOADS", "MAX_DELAY", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT", "SHUTDOWN_TIMEOUT", "SHUTDOWN_DELAY"},
+		vars:     []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "BLOB_DIR", "MAX_UPLOAD_BYTES", "MAX_CONCURRENT_UPLOADS", "MAX_DELAY", "CACHE_TTL", "LOG_LEVEL", "LOG_FORMAT", "SHUTDOWN_TIMEOUT", "SHUTDOWN_DELAY"},
+		requires: []string{"REDIS_URL", "DATABASE_URL"},
 		run: func(ctx context.Context, env *environment, _ any, _ []string) error {
 			log := newLogger(env.cfg, os.Stderr)
 			ln, err := listen(env.cfg.HTTPAddr)
@@ -37,7 +38,7 @@ running requests finish within SHUTDOWN_TIMEOUT.`,
 				return err
 			}
 			defer a.close()
-			h, err := a.apiHandler(nil)
+			h, err := a.apiHandler(a.checks("api", nil))
 			if err != nil {
 				return err
 			}
@@ -65,9 +66,8 @@ func (a *app) stopAfterDelay(ctx context.Context) context.Context {
 	return delayed
 }
 
-// apiHandler returns the api's handler. router, if not nil, is a router
-// running in the same process (conveyor up): readiness checks it too.
-func (a *app) apiHandler(router *bus.Router) (http.Handler, error) {
+// apiHandler returns the api's handler, with checks as its readiness checks.
+func (a *app) apiHandler(checks map[string]api.Check) (http.Handler, error) {
 	a.reg.MustRegister(bus.NewStatusCollector(a.rdb, topology()))
 	srv, err := api.New(api.Config{
 		Publisher:            a.pub,
@@ -79,7 +79,7 @@ func (a *app) apiHandler(router *bus.Router) (http.Handler, error) {
 		MaxUploadBytes:       a.cfg.MaxUploadBytes,
 		MaxConcurrentUploads: a.cfg.MaxConcurrentUploads,
 		MaxDelay:             a.cfg.MaxDelay,
-		Checks:               a.checks(router),
+		Checks:               checks,
 		Registry:             a.reg,
 		Logger:               a.log,
 	})
@@ -137,6 +137,7 @@ Handlers:
 		vars: []string{"REDIS_URL", "CACHE_REDIS_URL", "HTTP_ADDR", "BLOB_DIR", "SMTP_URL", "SMTP_FROM", "SMTP_TIMEOUT", "OUTBOX_DIR",
 			"CONSUMER_NAME", "MAX_UPLOAD_BYTES", "SUMMARIZER_URL", "SUMMARIZER_MODEL", "SUMMARIZER_API_KEY",
 			"RETRY_MAX_ATTEMPTS", "RETRY_BACKOFF_MIN", "RETRY_BACKOFF_MAX", "CLAIM_MIN_IDLE", "SHUTDOWN_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT"},
+		requires: []string{"REDIS_URL"},
 		flags: func(fs *flag.FlagSet) any {
 			return &handlerOpts{
 				handlers:    fs.String("handlers", "all", "comma-separated handlers to run: document, email, or all"),
@@ -171,7 +172,7 @@ Handlers:
 				return err
 			}
 			log.Info("handler running", "handlers", *opts.handlers, "concurrency", *opts.concurrency, "consumer", a.lease.Name())
-			return runRouterAndServer(ctx, a, router, newServer(env.cfg.HTTPAddr, opsHandler(a.checks(router), a.reg), log), ln)
+			return runRouterAndServer(ctx, a, router, newServer(env.cfg.HTTPAddr, opsHandler(a.checks("handler", router), a.reg), log), ln)
 		},
 	}
 }
@@ -190,6 +191,7 @@ with the inbox, then deleting the cache keys of changed rows. Serves /healthz,
 /readyz and /metrics on HTTP_ADDR.`,
 		vars: []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "CONSUMER_NAME", "RETRY_MAX_ATTEMPTS",
 			"RETRY_BACKOFF_MIN", "RETRY_BACKOFF_MAX", "CLAIM_MIN_IDLE", "SHUTDOWN_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT"},
+		requires: []string{"REDIS_URL", "DATABASE_URL"},
 		flags: func(fs *flag.FlagSet) any {
 			return &projectorOpts{concurrency: fs.Int("concurrency", 1024, "events in flight at once (they share transactions, up to 500 each)")}
 		},
@@ -219,7 +221,7 @@ with the inbox, then deleting the cache keys of changed rows. Serves /healthz,
 				return err
 			}
 			log.Info("projector running", "consumer", a.lease.Name())
-			return runRouterAndServer(ctx, a, router, newServer(env.cfg.HTTPAddr, opsHandler(a.checks(router), a.reg), log), ln)
+			return runRouterAndServer(ctx, a, router, newServer(env.cfg.HTTPAddr, opsHandler(a.checks("projector", router), a.reg), log), ln)
 		},
 	}
 }
@@ -228,16 +230,22 @@ func (a *app) projector() (*projector.Projector, error) {
 	return projector.New(projector.Config{Store: a.store, Cache: a.cache, Logger: a.log, Registerer: a.reg})
 }
 
+// migrateTimeout bounds a migrate run, waiting for Redis and PostgreSQL
+// included: a one-shot job that waits forever blocks what depends on it
+// without a word.
+var migrateTimeout = 2 * time.Minute
+
 func migrateCommand() *command {
 	return &command{
 		name:    "migrate",
 		summary: "apply database migrations and create consumer groups, then exit",
 		usage: `Applies the SQL migrations embedded in the binary (under an advisory lock, so
 concurrent runs are safe) and creates every consumer group on its streams.`,
-		vars: []string{"REDIS_URL", "DATABASE_URL", "LOG_LEVEL", "LOG_FORMAT"},
+		vars:     []string{"REDIS_URL", "DATABASE_URL", "LOG_LEVEL", "LOG_FORMAT"},
+		requires: []string{"REDIS_URL", "DATABASE_URL"},
 		run: func(ctx context.Context, env *environment, _ any, _ []string) error {
 			log := newLogger(env.cfg, os.Stderr)
-			ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+			ctx, cancel := withStartTimeout(ctx, migrateTimeout)
 			defer cancel()
 			a, err := newApp(ctx, env.cfg, log, needs{db: true})
 			if err != nil {
@@ -271,9 +279,11 @@ type healthOpts struct {
 func healthcheckCommand() *command {
 	return &command{
 		name:    "healthcheck",
-		summary: "exit 0 if the role on HTTP_ADDR is ready, 1 if not (for container HEALTHCHECK)",
-		usage:   `Calls GET /readyz of the role listening on HTTP_ADDR (or --url) and exits 0 on 200, 1 otherwise.`,
-		vars:    []string{"HTTP_ADDR"},
+		summary: "exit 0 if the role on HTTP_ADDR is ready (or degraded), 1 if not (for container HEALTHCHECK)",
+		usage: `Calls GET /readyz of the role listening on HTTP_ADDR (or --url) and exits 0 on 200
+(status ready, or degraded: a dependency the role works without is down), 1
+otherwise.`,
+		vars: []string{"HTTP_ADDR"},
 		flags: func(fs *flag.FlagSet) any {
 			return &healthOpts{
 				url:     fs.String("url", "", "readiness URL to call (default http://127.0.0.1:<port of HTTP_ADDR>/readyz)"),
@@ -331,7 +341,8 @@ func runAll(ctx context.Context, a *app, ln net.Listener) error {
 	if err := p.Register(router, bus.WithRetry(a.projectorRetry())); err != nil {
 		return err
 	}
-	h, err := a.apiHandler(router)
+	// The checks of up, whose router runs the projector too.
+	h, err := a.apiHandler(a.checks("up", router))
 	if err != nil {
 		return err
 	}

@@ -72,7 +72,8 @@ delayed events (POST /v1/events with deliver_at or delay, POST /v1/emails with
 send_at) into their streams when due. Replicas need no coordination: each tick
 is published exactly once, whichever replicas are alive. Serves /healthz,
 /readyz and /metrics on HTTP_ADDR.`,
-		vars: []string{"REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "SCHEDULES_FILE", "BLOB_DIR", "STUCK_AFTER", "RETRY_MAX_ATTEMPTS", "RETRY_BACKOFF_MIN", "RETRY_BACKOFF_MAX", "BLOB_RETENTION", "INBOX_RETENTION", "SHUTDOWN_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT"},
+		vars:     []string{"REDIS_URL", "DATABASE_URL", "HTTP_ADDR", "SCHEDULES_FILE", "BLOB_DIR", "STUCK_AFTER", "RETRY_MAX_ATTEMPTS", "RETRY_BACKOFF_MIN", "RETRY_BACKOFF_MAX", "BLOB_RETENTION", "INBOX_RETENTION", "SHUTDOWN_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT"},
+		requires: []string{"REDIS_URL"},
 		run: func(ctx context.Context, env *environment, _ any, _ []string) error {
 			if err := checkSchedulesFile(env.cfg); err != nil {
 				return err
@@ -104,7 +105,7 @@ is published exactly once, whichever replicas are alive. Serves /healthz,
 			g, gctx := errgroup.WithContext(ctx)
 			g.Go(func() error { return sc.Run(gctx) })
 			g.Go(func() error {
-				return serve(gctx, newServer(env.cfg.HTTPAddr, opsHandler(a.checks(nil), a.reg), log), ln, env.cfg.ShutdownTimeout, log)
+				return serve(gctx, newServer(env.cfg.HTTPAddr, opsHandler(a.checks("scheduler", nil), a.reg), log), ln, env.cfg.ShutdownTimeout, log)
 			})
 			return g.Wait()
 		},
@@ -122,7 +123,8 @@ func schedulesCommand() *command {
 		usage: `Validates SCHEDULES_FILE and lists every schedule with its next fire time, last tick,
 when and by which replica it fired, and the outcome. The built-in schedules
 are listed only with DATABASE_URL (and BLOB_DIR), as on the scheduler.`,
-		vars: []string{"REDIS_URL", "DATABASE_URL", "BLOB_DIR", "SCHEDULES_FILE"},
+		vars:     []string{"REDIS_URL", "DATABASE_URL", "BLOB_DIR", "SCHEDULES_FILE"},
+		requires: []string{"REDIS_URL"},
 		flags: func(fs *flag.FlagSet) any {
 			return &schedulesOpts{json: fs.Bool("json", false, "print JSON")}
 		},

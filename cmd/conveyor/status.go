@@ -26,15 +26,13 @@ time, and how many of them are past it: overdue means no scheduler moves them)
 and, per consumer group, the entries pending (delivered, not acknowledged),
 lagging (not yet delivered) and waiting for a retry, its consumers, and the
 dead letters per group with the cap their stream is trimmed to.`,
-		vars: []string{"REDIS_URL"},
+		vars:     []string{"REDIS_URL"},
+		requires: []string{"REDIS_URL"},
 		flags: func(fs *flag.FlagSet) any {
 			return &statusOpts{json: fs.Bool("json", false, "print JSON")}
 		},
 		run: func(ctx context.Context, env *environment, o any, _ []string) error {
 			opts := o.(*statusOpts)
-			if err := env.cfg.Require("REDIS_URL"); err != nil {
-				return err
-			}
 			rdb, err := cliRedisClient(env.cfg.RedisURL)
 			if err != nil {
 				return err

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/conveyor/conveyor/config"
 	"github.com/conveyor/conveyor/embedded"
 )
 
@@ -28,7 +29,8 @@ delayed events and emails) in one process, for a laptop.
 If REDIS_URL is unset it starts a local redis-server (AOF on) and if
 DATABASE_URL is unset a local PostgreSQL, both with their data under
 CONVEYOR_DATA_DIR (default ./.conveyor), reused on the next run. It applies
-migrations, prints the API URL, and on Ctrl-C stops everything it started.
+migrations, prints the API URL (127.0.0.1:8080 unless HTTP_ADDR is set),
+and on Ctrl-C stops everything it started.
 Uploaded bytes and outbox emails also live under CONVEYOR_DATA_DIR unless
 BLOB_DIR / OUTBOX_DIR are set. For the servers it started it prints an
 export line to paste into another shell, so that conveyor status, dlq and
@@ -43,14 +45,11 @@ schedules reach them (the local redis-server listens on a port of its own).`,
 
 func runUp(ctx context.Context, env *environment, o any, _ []string) error {
 	opts := o.(*upOpts)
-	cfg := env.cfg
 	// set reports whether the user set a variable, as X or as X_FILE.
 	set := func(name string) bool { return env.getenv(name) != "" || env.getenv(name+"_FILE") != "" }
+	cfg := upDefaults(env.cfg, set)
 	if *opts.dataDir != "" {
 		cfg.DataDir = *opts.dataDir
-	}
-	if cfg.LogFormat == "json" && !set("LOG_FORMAT") {
-		cfg.LogFormat = "text" // a laptop: readable logs unless asked otherwise
 	}
 	if err := checkSchedulesFile(cfg); err != nil {
 		return err
@@ -147,6 +146,22 @@ Emails go to %[2]s unless SMTP_URL is set. Press Ctrl-C to stop.
 		return errors.Join(cause, err)
 	}
 	return err
+}
+
+// upAddr is up's HTTP_ADDR unless one is set: this machine only, as the API
+// has no authentication (the roles' default, :8080, is for containers).
+const upAddr = "127.0.0.1:8080"
+
+// upDefaults applies up's own defaults, for a laptop, to what the user did
+// not set (set reports whether a variable was).
+func upDefaults(cfg config.Config, set func(name string) bool) config.Config {
+	if !set("LOG_FORMAT") {
+		cfg.LogFormat = "text" // readable logs unless asked otherwise
+	}
+	if !set("HTTP_ADDR") {
+		cfg.HTTPAddr = upAddr
+	}
+	return cfg
 }
 
 // watchServer stops up, through cancel, with the error of a local server

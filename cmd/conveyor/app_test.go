@@ -1,0 +1,186 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/logging"
+
+	"github.com/conveyor/conveyor/api"
+	"github.com/conveyor/conveyor/config"
+	"github.com/conveyor/conveyor/internal/harness"
+	"github.com/conveyor/conveyor/internal/testenv"
+	"github.com/conveyor/conveyor/store"
+)
+
+// TestRedisLoggerLimits: go-redis's lines go through slog at warn level, at
+// most one per format per interval; the next one written says how many were
+// left out.
+func TestRedisLoggerLimits(t *testing.T) {
+	t.Parallel()
+	var buf bytes.Buffer
+	l := newRedisLogger(slog.New(slog.NewJSONHandler(&buf, nil)))
+	now := time.Date(2026, 12, 7, 3, 0, 0, 0, time.UTC)
+	l.now = func() time.Time { return now }
+	const dial = "redis: connection pool: failed to dial after %d attempts: %v"
+	for range 100 {
+		l.Printf(t.Context(), dial, 5, "connection refused")
+		now = now.Add(50 * time.Millisecond) // 100 lines in 5 s
+	}
+	l.Printf(t.Context(), "redis: unknown message type: %T", 1) // another format: its own line
+	now = now.Add(redisLogEvery)
+	l.Printf(t.Context(), dial, 5, "connection refused")
+
+	var lines []map[string]any
+	for _, line := range strings.Split(strings.TrimSpace(buf.String()), "\n") {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			t.Fatalf("line %q is not JSON: %v", line, err)
+		}
+		lines = append(lines, m)
+	}
+	if len(lines) != 3 {
+		t.Fatalf("%d lines, want 3 (one per format, then one after the interval):\n%s", len(lines), buf.String())
+	}
+	for i, want := range []struct {
+		msg        string
+		suppressed any
+	}{
+		{"redis: connection pool: failed to dial after 5 attempts: connection refused", nil},
+		{"redis: unknown message type: int", nil},
+		{"redis: connection pool: failed to dial after 5 attempts: connection refused", float64(99)},
+	} {
+		if lines[i]["msg"] != want.msg || lines[i]["level"] != "WARN" || lines[i]["suppressed"] != want.suppressed {
+			t.Errorf("line %d = %v, want msg %q at WARN with suppressed %v", i, lines[i], want.msg, want.suppressed)
+		}
+	}
+}
+
+// TestReadinessPerRole: a role stays ready, degraded, while a dependency it
+// works without is down, and is unavailable while one it needs is down.
+func TestReadinessPerRole(t *testing.T) {
+	t.Parallel()
+	live := testenv.Redis(t)
+	dead := redis.NewClient(&redis.Options{Addr: "127.0.0.1:" + strconv.Itoa(harness.FreePort(t)), MaxRetries: -1})
+	t.Cleanup(func() { _ = dead.Close() })
+	deadDB, err := store.Open(store.Config{URL: "postgres://conveyor@127.0.0.1:" + strconv.Itoa(harness.FreePort(t)) + "/x?sslmode=disable"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = deadDB.Close() })
+	liveDB, err := store.Open(store.Config{URL: testenv.DatabaseURL(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = liveDB.Close() })
+
+	tests := []struct {
+		name   string
+		role   string
+		rdb    *redis.Client
+		cache  *redis.Client
+		db     *store.Store // nil: the role has no database (handler)
+		status int
+		word   string
+	}{
+		{name: "api without cache and postgres", role: "api", rdb: live, cache: dead, db: deadDB, status: http.StatusOK, word: "degraded"},
+		{name: "api without postgres", role: "api", rdb: live, cache: live, db: deadDB, status: http.StatusOK, word: "degraded"},
+		{name: "api without streams redis", role: "api", rdb: dead, cache: live, db: liveDB, status: http.StatusServiceUnavailable, word: "unavailable"},
+		{name: "api with everything", role: "api", rdb: live, cache: live, db: liveDB, status: http.StatusOK, word: "ready"},
+		{name: "handler without cache", role: "handler", rdb: live, cache: dead, status: http.StatusOK, word: "degraded"},
+		{name: "handler without streams redis", role: "handler", rdb: dead, cache: live, status: http.StatusServiceUnavailable, word: "unavailable"},
+		{name: "projector without postgres", role: "projector", rdb: live, cache: live, db: deadDB, status: http.StatusServiceUnavailable, word: "unavailable"},
+		{name: "projector without cache", role: "projector", rdb: live, cache: dead, db: liveDB, status: http.StatusServiceUnavailable, word: "unavailable"},
+		{name: "scheduler without postgres", role: "scheduler", rdb: live, cache: live, db: deadDB, status: http.StatusOK, word: "degraded"},
+		{name: "scheduler without streams redis", role: "scheduler", rdb: dead, cache: live, db: liveDB, status: http.StatusServiceUnavailable, word: "unavailable"},
+		{name: "up without postgres", role: "up", rdb: live, cache: live, db: deadDB, status: http.StatusServiceUnavailable, word: "unavailable"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			// A cache Redis that is not the streams one is checked apart;
+			// here a live one is a second client of the same server.
+			cache := tt.cache
+			if cache == live {
+				cache = redis.NewClient(live.Options())
+				t.Cleanup(func() { _ = cache.Close() })
+			}
+			a := &app{rdb: tt.rdb, cacheRdb: cache, store: tt.db}
+			status, body := api.Readiness(t.Context(), a.checks(tt.role, nil))
+			if status != tt.status || body.Status != tt.word {
+				t.Errorf("readiness = %d %+v, want %d %s", status, body, tt.status, tt.word)
+			}
+		})
+	}
+}
+
+// TestUpListensOnLoopback: conveyor up listens on 127.0.0.1:8080 unless
+// HTTP_ADDR is set (its API has no authentication); the roles keep :8080.
+func TestUpListensOnLoopback(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		name string
+		env  map[string]string
+		want string
+	}{
+		{name: "unset", env: map[string]string{}, want: "127.0.0.1:8080"},
+		{name: "set", env: map[string]string{"HTTP_ADDR": ":9090"}, want: ":9090"},
+		{name: "set to the roles' default", env: map[string]string{"HTTP_ADDR": ":8080"}, want: ":8080"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			getenv := func(k string) string { return tt.env[k] }
+			cfg, err := config.Load(getenv)
+			if err != nil {
+				t.Fatal(err)
+			}
+			set := func(name string) bool { return getenv(name) != "" || getenv(name+"_FILE") != "" }
+			if got := upDefaults(cfg, set).HTTPAddr; got != tt.want {
+				t.Errorf("up's HTTP_ADDR = %q, want %q", got, tt.want)
+			}
+			if tt.name == "unset" && cfg.HTTPAddr != ":8080" {
+				t.Errorf("the roles' HTTP_ADDR = %q, want :8080", cfg.HTTPAddr)
+			}
+		})
+	}
+}
+
+// TestMigrateGivesUp: migrate that reaches its deadline waiting for Redis
+// says it gave up, and fails (status 1): it was not stopped.
+func TestMigrateGivesUp(t *testing.T) {
+	// Not parallel: it shortens migrateTimeout, and the command sets the
+	// process's loggers (restored after).
+	old, oldLog := migrateTimeout, slog.Default()
+	migrateTimeout = time.Second
+	t.Cleanup(func() {
+		migrateTimeout = old
+		slog.SetDefault(oldLog)
+		logging.Enable()
+	})
+	env := map[string]string{
+		"REDIS_URL":    "redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t)),
+		"DATABASE_URL": "postgres://127.0.0.1:1/x",
+		"LOG_LEVEL":    "error",
+	}
+	var stdout, stderr bytes.Buffer
+	start := time.Now()
+	code := run(t.Context(), []string{"migrate"}, func(k string) string { return env[k] }, &stdout, &stderr)
+	if code != 1 {
+		t.Errorf("exit status %d, want 1", code)
+	}
+	want := fmt.Sprintf("conveyor migrate: gave up waiting for redis after %s: ", time.Second)
+	if got := stderr.String(); !strings.HasPrefix(got, want) || strings.Contains(got, "stopped") {
+		t.Errorf("stderr = %q, want it to start with %q", got, want)
+	}
+	if took := time.Since(start); took > 30*time.Second {
+		t.Errorf("took %s with a 1s deadline", took)
+	}
+}
