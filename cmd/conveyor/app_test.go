@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -182,5 +183,64 @@ func TestMigrateGivesUp(t *testing.T) {
 	}
 	if took := time.Since(start); took > 30*time.Second {
 		t.Errorf("took %s with a 1s deadline", took)
+	}
+}
+
+// TestSchedulesGivesUp: conveyor schedules is a listing, and gives up on a
+// Redis that does not answer (it waited for it forever, as a server does).
+func TestSchedulesGivesUp(t *testing.T) {
+	// Not parallel: it shortens schedulesTimeout, and the command sets the
+	// process's loggers (restored after).
+	old, oldLog := schedulesTimeout, slog.Default()
+	schedulesTimeout = time.Second
+	t.Cleanup(func() {
+		schedulesTimeout = old
+		slog.SetDefault(oldLog)
+		logging.Enable()
+	})
+	env := map[string]string{
+		"REDIS_URL": "redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t)),
+		"LOG_LEVEL": "error",
+	}
+	var stdout, stderr bytes.Buffer
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	code := run(ctx, []string{"schedules"}, func(k string) string { return env[k] }, &stdout, &stderr)
+	if code != 1 || !strings.Contains(stderr.String(), "gave up waiting for redis") || ctx.Err() != nil {
+		t.Errorf("exit status %d (ctx %v), stderr %q: want 1 and that it gave up waiting for redis", code, ctx.Err(), stderr.String())
+	}
+}
+
+// TestInterruptedOneShotFails: a signal that cuts a one-shot command short
+// (here while it waits for Redis) exits 130, so that a script or compose's
+// service_completed_successfully does not take it for finished; a server
+// role stopped the same way exits 0.
+func TestInterruptedOneShotFails(t *testing.T) {
+	oldLog := slog.Default()
+	t.Cleanup(func() {
+		slog.SetDefault(oldLog)
+		logging.Enable()
+	})
+	env := map[string]string{
+		"REDIS_URL":    "redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t)),
+		"DATABASE_URL": "postgres://127.0.0.1:1/x",
+		"LOG_LEVEL":    "error",
+		"HTTP_ADDR":    "127.0.0.1:" + strconv.Itoa(harness.FreePort(t)),
+	}
+	for _, tc := range []struct {
+		args []string
+		want int
+	}{
+		{[]string{"migrate"}, 130},
+		{[]string{"schedules"}, 130},
+		{[]string{"projector"}, 0},
+	} {
+		ctx, cancel := context.WithTimeout(t.Context(), 500*time.Millisecond)
+		var stdout, stderr bytes.Buffer
+		code := run(ctx, tc.args, func(k string) string { return env[k] }, &stdout, &stderr)
+		cancel()
+		if code != tc.want {
+			t.Errorf("conveyor %s interrupted: exit status %d, want %d; stderr %q", tc.args[0], code, tc.want, stderr.String())
+		}
 	}
 }

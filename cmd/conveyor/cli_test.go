@@ -79,11 +79,14 @@ func TestLogsStayJSONWhileRedisIsDown(t *testing.T) {
 	t.Parallel()
 	dead := "redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t))
 	start := time.Now()
-	p := harness.Start(t, "migrate", []string{"REDIS_URL=" + dead, "DATABASE_URL=postgres://127.0.0.1:1/x", "LOG_FORMAT=json"}, "migrate")
+	// A server role: stopped while it waits, it exits 0 (a one-shot
+	// command such as migrate exits 130).
+	p := harness.Start(t, "projector", []string{"REDIS_URL=" + dead, "DATABASE_URL=postgres://127.0.0.1:1/x", "LOG_FORMAT=json",
+		"HTTP_ADDR=127.0.0.1:" + strconv.Itoa(harness.FreePort(t))}, "projector")
 	deadline := time.Now().Add(time.Minute)
 	for strings.Count(p.Log(), "waiting for redis") < 3 {
 		if time.Now().After(deadline) || p.Exited() {
-			t.Fatalf("migrate is not waiting for Redis (exited: %v):\n%s", p.Exited(), p.Log())
+			t.Fatalf("projector is not waiting for Redis (exited: %v):\n%s", p.Exited(), p.Log())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

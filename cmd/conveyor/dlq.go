@@ -40,6 +40,7 @@ type listedLetter struct {
 func dlqCommand() *command {
 	return &command{
 		name:    "dlq",
+		oneShot: true,
 		summary: "list, show, replay or purge dead letters",
 		usage: `Usage:
   conveyor dlq list    [--group G [--after ID]] [--limit N] [--json]

@@ -83,6 +83,13 @@ type command struct {
 	// noConfig says the command reads no configuration (version): an
 	// invalid environment does not stop it.
 	noConfig bool
+	// oneShot says the command does a job and exits (migrate, status,
+	// dlq, schedules, healthcheck): a signal that cuts it short is a
+	// failure (exit status 130), not the graceful stop it is for a
+	// server, so that `conveyor dlq replay --all && ...` or compose's
+	// service_completed_successfully does not take an interrupted run for
+	// a finished one.
+	oneShot bool
 	// flags adds the command's flags to fs.
 	flags func(fs *flag.FlagSet) any
 	// args says the command takes positional arguments; without it, any is
@@ -174,6 +181,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	env := &environment{cfg: cfg, getenv: getenv, stdout: stdout, stderr: stderr}
 	if err := cmd.run(ctx, env, opts, fs.Args()); err != nil {
 		if ctx.Err() != nil && (errors.Is(err, errStoppedWhileStarting) || errors.Is(err, context.Canceled)) {
+			if cmd.oneShot {
+				fmt.Fprintf(stderr, "conveyor %s: interrupted, not finished: %v\n", cmd.name, err)
+				return 130
+			}
 			// Stopped by a signal while it started (waited for its
 			// dependencies, created groups, leased its name): as graceful
 			// as any stop.

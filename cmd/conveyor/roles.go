@@ -238,6 +238,7 @@ var migrateTimeout = 2 * time.Minute
 func migrateCommand() *command {
 	return &command{
 		name:    "migrate",
+		oneShot: true,
 		summary: "apply database migrations and create consumer groups, then exit",
 		usage: `Applies the SQL migrations embedded in the binary (under an advisory lock, so
 concurrent runs are safe) and creates every consumer group on its streams.`,
@@ -279,6 +280,7 @@ type healthOpts struct {
 func healthcheckCommand() *command {
 	return &command{
 		name:    "healthcheck",
+		oneShot: true,
 		summary: "exit 0 if the role on HTTP_ADDR is ready (or degraded), 1 if not (for container HEALTHCHECK)",
 		usage: `Calls GET /readyz of the role listening on HTTP_ADDR (or --url) and exits 0 on 200
 (status ready, or degraded: a dependency the role works without is down), 1

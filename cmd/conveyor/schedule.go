@@ -116,9 +116,14 @@ type schedulesOpts struct {
 	json *bool
 }
 
+// schedulesTimeout bounds conveyor schedules, waiting for its servers
+// included.
+var schedulesTimeout = 15 * time.Second
+
 func schedulesCommand() *command {
 	return &command{
 		name:    "schedules",
+		oneShot: true,
 		summary: "list schedules with their next and last fire times and outcomes",
 		usage: `Validates SCHEDULES_FILE and lists every schedule with its next fire time, last tick,
 when and by which replica it fired, and the outcome. The built-in schedules
@@ -131,6 +136,11 @@ are listed only with DATABASE_URL (and BLOB_DIR), as on the scheduler.`,
 		run: func(ctx context.Context, env *environment, o any, _ []string) error {
 			opts := o.(*schedulesOpts)
 			log := newLogger(env.cfg, os.Stderr)
+			// A listing: it gives up on a Redis or PostgreSQL that does
+			// not answer, as status and dlq do, instead of waiting for it
+			// as a server does.
+			ctx, cancel := withStartTimeout(ctx, schedulesTimeout)
+			defer cancel()
 			withDB := env.cfg.DatabaseURL != ""
 			a, err := newApp(ctx, env.cfg, log, needs{db: withDB, blobs: withDB})
 			if err != nil {

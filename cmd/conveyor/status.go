@@ -21,6 +21,7 @@ type statusOpts struct {
 func statusCommand() *command {
 	return &command{
 		name:    "status",
+		oneShot: true,
 		summary: "show streams, consumer groups, lag, retries, delayed events and dead letters",
 		usage: `Prints every stream with its length, its delayed events (held until their
 time, and how many of them are past it: overdue means no scheduler moves them)
