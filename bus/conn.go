@@ -325,6 +325,10 @@ const replyTimeout = 10 * time.Second
 // the read's reply is parsed. Whether the acks were written is reported by
 // whether ackWritten was called. On an I/O or framing error, or an error
 // reply to the read other than NOGROUP, the connection is closed.
+//
+// Cancelling ctx ends the wait for the replies at once (Close must not
+// wait out BLOCK plus replyTimeout for a Redis that stopped answering);
+// the connection is then closed, since a reply may be half read.
 func (c *readConn) exchange(ctx context.Context, acked []*delivery, group, consumer string, ids []string, count int, block time.Duration, ackWritten func()) ([]streamEntries, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -351,6 +355,17 @@ func (c *readConn) exchange(ctx context.Context, acked []*delivery, group, consu
 		c.close()
 		return nil, err
 	}
+	// Registered after send, which sets the deadlines: a ctx cancelled
+	// before runs the func at once, and its deadline stands.
+	nc := c.nc
+	stop := context.AfterFunc(ctx, func() { _ = nc.SetReadDeadline(time.Now()) })
+	defer func() {
+		if !stop() {
+			// The deadline was cut short, perhaps after the replies
+			// were read: don't reuse the connection with it.
+			c.close()
+		}
+	}()
 	// An error reply to an ack (a missing permission, a key of the wrong
 	// type) leaves the acks unconfirmed, for the ack loop to retry and
 	// report; the connection is fine and the read's reply follows.
@@ -381,9 +396,9 @@ func (c *readConn) exchange(ctx context.Context, acked []*delivery, group, consu
 	return res, err
 }
 
-// appendAcks appends the XACKs of acked (and the XDELs of those of retry
-// streams, which belong to this group alone) and returns how many commands
-// it appended.
+// appendAcks appends the XACKs of acked (and the XDELs of those of their
+// subscription's retry stream, which belongs to this group alone) and
+// returns how many commands it appended.
 func (c *readConn) appendAcks(acked []*delivery, group string) int {
 	cmds := 0
 	for i, d := range acked {
@@ -405,11 +420,24 @@ func (c *readConn) appendAcks(acked []*delivery, group string) int {
 		c.bulk(group)
 		c.ids(run)
 		cmds++
-		if isRetryStream(d.stream) {
-			c.array(2 + n)
+		// Only entries of a subscription's own retry stream are deleted
+		// (delivery.ofRetry), never by the stream's name: a topic named
+		// like one is read by other groups too.
+		del := 0
+		for _, e := range run {
+			if e.ofRetry {
+				del++
+			}
+		}
+		if del > 0 {
+			c.array(2 + del)
 			c.bulk("XDEL")
 			c.bulk(d.stream)
-			c.ids(run)
+			for _, e := range run {
+				if e.ofRetry {
+					c.bulk(e.id)
+				}
+			}
 			cmds++
 		}
 	}

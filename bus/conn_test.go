@@ -138,7 +138,7 @@ func TestExchangeWritesAcksAheadOfTheRead(t *testing.T) {
 	var acked []*delivery
 	for _, st := range res {
 		for _, e := range st.entries {
-			acked = append(acked, &delivery{stream: st.stream, id: e.id})
+			acked = append(acked, &delivery{stream: st.stream, id: e.id, ofRetry: st.stream == retry})
 		}
 	}
 	if len(acked) != 5 {

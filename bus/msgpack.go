@@ -3,6 +3,7 @@ package bus
 import (
 	"encoding/binary"
 	"errors"
+	"strings"
 
 	"github.com/vmihailenco/msgpack/v5"
 )
@@ -81,8 +82,21 @@ func decodeMetadataPairs(b string) ([]string, error) {
 	if err == nil {
 		return pairs, nil
 	}
-	var md map[string]string
-	if err := msgpack.Unmarshal([]byte(b), &md); err != nil {
+	if errors.Is(err, errShortMsgpack) {
+		// Cut short, or a map that declares more entries than its bytes
+		// can hold: the library can do no better, and would first size
+		// a map for the declared count (up to a million entries, some
+		// 80 MB from a 5-byte field).
+		return nil, err
+	}
+	// Decoded into a map made here (the library sizes only a nil map by
+	// the declared count), from b itself, not a copy.
+	md := map[string]string{}
+	dec := msgpack.GetDecoder()
+	dec.Reset(strings.NewReader(b))
+	err = dec.Decode(&md)
+	msgpack.PutDecoder(dec)
+	if err != nil {
 		return nil, err
 	}
 	pairs = make([]string, 0, 2*len(md))
@@ -107,16 +121,19 @@ func decodeMetadataFast(b string) ([]string, error) {
 	default:
 		return nil, errors.New("msgpack: not a map")
 	}
-	if n > len(b) { // each entry needs at least two bytes
+	if n > (len(b)-i)/2 { // each entry needs at least two bytes
 		return nil, errShortMsgpack
 	}
-	pairs := make([]string, 2*n)
+	// Sized for the declared count only up to a usual envelope's: a map
+	// that declares more than it holds (its first value not a string, say)
+	// must not allocate for what it declares.
+	pairs := make([]string, 0, min(2*n, 64))
 	for j := 0; j < 2*n; j++ {
 		v, next, err := readStr(b, i)
 		if err != nil {
 			return nil, err
 		}
-		pairs[j], i = v, next
+		pairs, i = append(pairs, v), next
 	}
 	if i != len(b) {
 		return nil, errors.New("msgpack: trailing bytes")

@@ -26,6 +26,14 @@ func FuzzMetadataCodec(f *testing.F) {
 		fast := pairsMap(pairs)
 		libMD := map[string]string{}
 		libErr := msgpack.Unmarshal(b, &libMD)
+		// The decoder as a whole (fast path, else the library) reads
+		// whatever the library reads, the same way.
+		if libErr == nil {
+			all, err := decodeMetadata(string(b))
+			if err != nil || len(all) != len(libMD) || len(all) > 0 && !reflect.DeepEqual(all, libMD) {
+				t.Fatalf("decoded %x as %v (%v); the library reads %v", b, all, err, libMD)
+			}
+		}
 		if fastErr == nil {
 			if libErr != nil {
 				t.Fatalf("fast path accepted %x, which msgpack refuses: %v", b, libErr)

@@ -149,7 +149,9 @@ type handlerOptions struct {
 }
 
 // WithRetry sets the group's retry policy (per handler max attempts and
-// backoff). All handlers of one group share it; the first one set wins.
+// backoff). All handlers of one group share one policy: the policy of its
+// first handler, which is RouterConfig.Retry without WithRetry. Handle
+// refuses a WithRetry that differs from the policy its group already has.
 func WithRetry(p RetryPolicy) HandlerOption {
 	return func(o *handlerOptions) { o.retry = &p }
 }
@@ -157,12 +159,18 @@ func WithRetry(p RetryPolicy) HandlerOption {
 func (r *Router) group(name string, o handlerOptions) (*groupState, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if g, ok := r.groups[name]; ok {
-		return g, nil
-	}
 	retry := r.cfg.Retry
 	if o.retry != nil {
 		retry = *o.retry
+	}
+	if g, ok := r.groups[name]; ok {
+		if o.retry != nil {
+			retry.setDefaults()
+			if retry != g.retry {
+				return nil, fmt.Errorf("bus: group %s: retry policy %+v differs from the one its handlers registered before have (%+v); a group has one", name, retry, g.retry)
+			}
+		}
+		return g, nil
 	}
 	sub, err := NewSubscriber(SubscriberConfig{
 		Client:         r.cfg.Client,

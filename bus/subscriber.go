@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -53,8 +54,9 @@ type SubscriberConfig struct {
 	// while another replica is idle. Entries read ahead stay pending on
 	// Close like those handed back. Defaults to 5ms; negative turns it off.
 	ReadAhead time.Duration
-	// BlockTime is how long one XREADGROUP waits for new entries. It bounds
-	// how long Close waits for a reader. Defaults to 1s.
+	// BlockTime is how long one XREADGROUP waits for new entries. Close
+	// does not wait it out: it cuts a read over the subscription's own
+	// connection short. Defaults to 1s.
 	BlockTime time.Duration
 	// ClaimMinIdle is how long an entry of another consumer must be idle
 	// before this one claims it: the time to recover the work of a crashed
@@ -78,7 +80,9 @@ type SubscriberConfig struct {
 	MaxDeliveries int
 	// DrainTimeout is how long Close waits for handed-out messages to be
 	// acked or nacked before it hands them back (leaves them pending, to be
-	// re-read on restart or claimed by another replica). Defaults to 20s.
+	// re-read on restart or claimed by another replica), counted from the
+	// call of Close: it also bounds the wait for readers still inside a
+	// call to a Redis that stopped answering. Defaults to 20s.
 	DrainTimeout time.Duration
 	// DeadLetterMaxLen caps each dead-letter stream (approximately).
 	// Defaults to 100000.
@@ -199,6 +203,9 @@ type Subscriber struct {
 	// under mu), so no handler holds an entry Close hands back.
 	unsent map[entryKey]struct{}
 	closed bool
+	// handOutStopped is set by Close when it stops waiting: nothing is
+	// handed out after, even by a reader Close no longer waits for.
+	handOutStopped bool
 
 	// Counters of Metrics for this group, looked up once.
 	mDelivered prometheus.Counter
@@ -235,7 +242,12 @@ type delivery struct {
 	sub    *subscription
 	stream string
 	id     string
-	em     entryMessage
+	// ofRetry: stream is the subscription's retry stream, which only this
+	// group reads, so the entry is deleted once acknowledged. A topic
+	// that is merely named like a retry stream is not: other groups read
+	// it too.
+	ofRetry bool
+	em      entryMessage
 	// msg is the Watermill message: made at once for a Subscribe, and
 	// on first use (message) for the Router's.
 	msg     *message.Message
@@ -255,6 +267,10 @@ type delivery struct {
 	// failure is recorded by the handler wrapper before it nacks.
 	failMu  sync.Mutex
 	failure error
+	// next is the retry of a nack, made once: a write repeated after an
+	// error (perhaps applied, its reply lost) writes the same one. Only
+	// the nack loop uses it.
+	next *nextAttempt
 }
 
 // message returns d's Watermill message, making it for a Router delivery
@@ -1151,7 +1167,7 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 	}
 
 	msgCtx, cancel := context.WithCancel(sub.base)
-	d := &delivery{sub: sub, stream: stream, id: e.id, em: em, ctx: msgCtx, attempt: attemptOf(&em), cancel: cancel, start: now, tag: sub.tag}
+	d := &delivery{sub: sub, stream: stream, id: e.id, ofRetry: stream == sub.retry, em: em, ctx: msgCtx, attempt: attemptOf(&em), cancel: cancel, start: now, tag: sub.tag}
 	d.beat.Store(beat)
 	var msg *message.Message
 	if !sub.managed {
@@ -1161,6 +1177,14 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 	}
 
 	s.mu.Lock()
+	if s.handOutStopped {
+		// Close is past its wait for the readers (this one was stuck
+		// in a call to Redis): the entry stays pending, and comes back.
+		s.mu.Unlock()
+		cancel()
+		s.release(1)
+		return true
+	}
 	s.inflight[key] = d
 	if len(s.unsent) > 0 {
 		// Read again (its own pending entries, after a new Subscribe, or
@@ -1290,18 +1314,26 @@ func (s *Subscriber) ackLoop() {
 
 func (s *Subscriber) flushAcks(batch []*delivery) {
 	byStream := map[string][]string{}
+	var retries map[string][]string
 	for _, d := range batch {
 		byStream[d.stream] = append(byStream[d.stream], d.id)
+		if d.ofRetry {
+			if retries == nil {
+				retries = map[string][]string{}
+			}
+			retries[d.stream] = append(retries[d.stream], d.id)
+		}
 	}
 	b := newBackoff(20*time.Millisecond, 2*time.Second)
 	for {
 		pipe := s.cfg.Client.Pipeline()
 		for stream, ids := range byStream {
 			pipe.XAck(context.Background(), stream, s.cfg.ConsumerGroup, ids...)
-			if isRetryStream(stream) {
-				// Retry entries belong to this group alone: delete them
-				// once done so the retry stream stays small.
-				pipe.XDel(context.Background(), stream, ids...)
+			if del := retries[stream]; len(del) > 0 {
+				// Entries of the group's retry stream belong to this
+				// group alone: delete them once done so the retry
+				// stream stays small.
+				pipe.XDel(context.Background(), stream, del...)
 			}
 		}
 		cmds, err := pipe.Exec(context.Background())
@@ -1334,10 +1366,6 @@ func onlyNoGroup(cmds []redis.Cmder) bool {
 		}
 	}
 	return true
-}
-
-func isRetryStream(stream string) bool {
-	return len(stream) > 6 && stream[len(stream)-6:] == ":retry"
 }
 
 // nackLoop schedules retries and writes dead letters.
@@ -1413,11 +1441,22 @@ func truncate(s string, n int) string {
 	return s[:n] + "…"
 }
 
-// scheduleRetry acks the entry and, in the same MULTI, stores its next
-// attempt in the retry set (or straight in the retry stream when there is
-// no delay). Both keys share the stream's hash slot.
-func (sub *subscription) scheduleRetry(ctx context.Context, d *delivery, reason string) error {
-	s := sub.s
+// nextAttempt is the retry of a nacked delivery: the entry of its next
+// attempt, and, unless it is due at once, the retry set's member and score.
+type nextAttempt struct {
+	fields []string
+	member []byte // msgpack of fields; nil: added to the retry stream at once
+	score  float64
+	delay  time.Duration
+}
+
+// nextAttempt makes d's retry, once: repeated, the write is the same
+// (metadata encoded in key order, one first_failed_at, one jittered due
+// time), so a ZADD done twice leaves one member.
+func (d *delivery) nextAttempt(backoff func(int) time.Duration, reason string) *nextAttempt {
+	if d.next != nil {
+		return d.next
+	}
 	now := time.Now()
 	msg := d.message()
 	md := make(map[string]string, len(msg.Metadata)+3)
@@ -1429,37 +1468,103 @@ func (sub *subscription) scheduleRetry(ctx context.Context, d *delivery, reason 
 		md[MetaFirstFailedAt] = now.UTC().Format(time.RFC3339Nano)
 	}
 	md[MetaLastError] = truncate(reason, maxErrorText)
-	mdb, err := msgpack.Marshal(md)
-	if err != nil {
-		return fmt.Errorf("marshal metadata: %w", err)
+	kv := make([]string, 0, 2*len(md))
+	for _, k := range slices.Sorted(maps.Keys(md)) {
+		kv = append(kv, k, md[k])
 	}
-	fields := []string{
-		fieldUUID, msg.UUID,
-		fieldMetadata, string(mdb),
-		fieldPayload, string(msg.Payload),
-		fieldOrigin, d.stream + "/" + d.id,
+	n := &nextAttempt{
+		fields: []string{
+			fieldUUID, msg.UUID,
+			fieldMetadata, string(encodePairs(kv)),
+			fieldPayload, string(msg.Payload),
+			fieldOrigin, d.stream + "/" + d.id,
+		},
+		delay: backoff(d.attempt),
 	}
-	delay := s.cfg.Retry.Backoff(d.attempt)
-	pipe := s.cfg.Client.TxPipeline()
-	if delay <= 0 {
-		pipe.XAdd(ctx, &redis.XAddArgs{Stream: sub.retry, Values: fields})
+	if n.delay > 0 {
+		// msgpack of a list of strings: the same bytes every time.
+		n.member, _ = msgpack.Marshal(n.fields)
+		n.score = float64(now.Add(n.delay).UnixMilli())
+	}
+	d.next = n
+	return n
+}
+
+// retryScript stores a nacked entry's next attempt in the group's retry
+// set (or, due at once, in its retry stream) and acknowledges the entry,
+// in one step, and only while the entry is still pending in the group:
+//
+//   - a write repeated after an error that hid its success (a lost reply)
+//     finds the entry acknowledged and adds no second retry;
+//   - a consumer whose entry another consumer claimed and finished adds
+//     none either;
+//   - if the retry cannot be stored (out of memory, a key of another
+//     type), the entry is not acknowledged: it stays pending.
+//
+// A missing group (NOGROUP: Redis restarted empty, or the group was
+// deleted) leaves nothing to do: the read loop re-creates the group.
+//
+// KEYS[1] = the entry's stream, KEYS[2] = the retry set, or the retry
+// stream; ARGV[1] = group, ARGV[2] = entry id, ARGV[3] = '1' to delete the
+// entry (it is in the retry stream), ARGV[4] = 'z' (then ARGV[5] = score,
+// ARGV[6] = member) or 'x' (then ARGV[5..] = the entry's fields).
+// Returns 1 if scheduled, 0 if the entry was not pending.
+//
+// Redis Cluster: the stream S, conveyor:{S}:G:delayed and
+// conveyor:{S}:G:retry share S's slot as long as S holds no '}' (so no
+// hash tag of its own), which stream names (prefix and event type) don't.
+var retryScript = redis.NewScript(`
+local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if type(p) == 'table' and p.err then
+  if string.sub(p.err, 1, 7) == 'NOGROUP' then return 0 end
+  return p
+end
+if not p[1] then return 0 end
+local r
+if ARGV[4] == 'z' then
+  r = redis.pcall('ZADD', KEYS[2], ARGV[5], ARGV[6])
+else
+  r = redis.pcall('XADD', KEYS[2], '*', unpack(ARGV, 5))
+end
+if type(r) == 'table' and r.err then return r end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
+return 1
+`)
+
+// scheduleRetry stores the entry's next attempt and acks it, in one step
+// (retryScript). It is safe to repeat after any error.
+func (sub *subscription) scheduleRetry(ctx context.Context, d *delivery, reason string) error {
+	s := sub.s
+	n := d.nextAttempt(s.cfg.Retry.Backoff, reason)
+	del := "0"
+	if d.ofRetry {
+		del = "1"
+	}
+	keys := []string{d.stream, sub.delayed}
+	args := make([]any, 0, 5+len(n.fields))
+	args = append(args, s.cfg.ConsumerGroup, d.id, del)
+	if n.member != nil {
+		args = append(args, "z", n.score, n.member)
 	} else {
-		member, err := msgpack.Marshal(fields)
-		if err != nil {
-			return fmt.Errorf("marshal retry: %w", err)
+		keys[1] = sub.retry
+		args = append(args, "x")
+		for _, f := range n.fields {
+			args = append(args, f)
 		}
-		pipe.ZAdd(ctx, sub.delayed, redis.Z{Score: float64(now.Add(delay).UnixMilli()), Member: member})
 	}
-	pipe.XAck(ctx, d.stream, s.cfg.ConsumerGroup, d.id)
-	if d.stream == sub.retry {
-		pipe.XDel(ctx, d.stream, d.id)
-	}
-	if _, err := pipe.Exec(ctx); err != nil {
+	done, err := retryScript.Run(ctx, s.cfg.Client, keys, args...).Int()
+	if err != nil {
 		return fmt.Errorf("schedule retry of %s/%s: %w", d.stream, d.id, err)
 	}
 	s.setErr(nil)
+	if done == 0 {
+		s.log.Debug("nacked entry no longer pending; no retry added (an earlier try whose reply was lost wrote it, or another consumer took the entry)",
+			"stream", d.stream, "entry_id", d.id, "event_id", d.em.uuid)
+		return nil
+	}
 	s.log.Debug("message will be retried", "stream", sub.topic, "entry_id", d.id, "event_id", d.em.uuid,
-		"attempt", d.attempt, "retry_in", delay, "error", reason)
+		"attempt", d.attempt, "retry_in", n.delay, "error", reason)
 	select {
 	case sub.wake <- struct{}{}:
 	default:
@@ -1511,14 +1616,32 @@ func (sub *subscription) writeDeadLetter(ctx context.Context, stream, id string,
 	// The entry is acknowledged only once its dead letter is written: in
 	// one pipeline, an XACK runs even when the XADD before it is refused
 	// (out of memory under maxmemory, a key of another type), and the
-	// entry would be in neither place. A crash between the two leaves it
-	// in both: it comes back, and is dead-lettered again.
-	err := s.cfg.Client.XAdd(ctx, &redis.XAddArgs{
-		Stream: DeadLetterStream(s.cfg.ConsumerGroup),
-		MaxLen: s.cfg.DeadLetterMaxLen,
-		Approx: true,
-		Values: fields,
-	}).Err()
+	// entry would be in neither place. The dead-letter stream is in
+	// another Redis Cluster slot than the entry's stream, so the two
+	// cannot be one script either. Instead the letter is written with a
+	// marker (deadLetterScript): a write repeated after an error that hid
+	// its success (a lost reply), or after the entry came back unacked
+	// (a crash between the two), adds no second letter.
+	dlq := DeadLetterStream(s.cfg.ConsumerGroup)
+	var err error
+	if marker, ok := deadLetterMarker(s.cfg.ConsumerGroup, stream, id); ok {
+		args := make([]any, 0, 2+len(fields))
+		args = append(args, deadLetterMarkerTTL.Milliseconds(), s.cfg.DeadLetterMaxLen)
+		args = append(args, fields...)
+		var n int
+		n, err = deadLetterScript.Run(ctx, s.cfg.Client, []string{marker, dlq}, args...).Int()
+		if err == nil && n == 0 {
+			s.log.Info("dead letter was written already (by an earlier try whose reply was lost, or before the entry came back); acknowledging it",
+				"stream", stream, "entry_id", id)
+		}
+	} else {
+		err = s.cfg.Client.XAdd(ctx, &redis.XAddArgs{
+			Stream: dlq,
+			MaxLen: s.cfg.DeadLetterMaxLen,
+			Approx: true,
+			Values: fields,
+		}).Err()
+	}
 	if err != nil {
 		return fmt.Errorf("dead-letter %s/%s: %w", stream, id, err)
 	}
@@ -1540,6 +1663,52 @@ func (sub *subscription) writeDeadLetter(ctx context.Context, stream, id string,
 	return nil
 }
 
+// deadLetterScript appends a dead letter unless its marker is set, and sets
+// the marker in the same step. A refused append removes the marker again,
+// so a marker always means the letter was written.
+// KEYS[1] = marker, KEYS[2] = dead-letter stream; ARGV[1] = marker TTL
+// (ms), ARGV[2] = MAXLEN (approximate), ARGV[3..] = fields.
+// Returns 1 if written, 0 if the marker was set (written before).
+var deadLetterScript = redis.NewScript(`
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  local r = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+  if type(r) == 'table' and r.err then
+    redis.call('DEL', KEYS[1])
+    return r
+  end
+  return 1
+end
+return 0`)
+
+// deadLetterMarkerTTL is how long a dead letter's marker is kept: far
+// longer than an entry left unacknowledged takes to come back (claimed
+// after ClaimMinIdle, or re-read when its consumer restarts).
+const deadLetterMarkerTTL = 24 * time.Hour
+
+// deadLetterMarker names the marker of the dead letter of entry id of
+// stream: a key in the hash slot of the group's dead-letter stream, so
+// that one script checks it and appends the letter in Redis Cluster too.
+// ok is false for a group name that leaves no such name (a '}' that forms
+// no hash tag): its letters are written without a marker.
+func deadLetterMarker(group, stream, id string) (string, bool) {
+	tag := hashTag(DeadLetterStream(group))
+	if strings.IndexByte(tag, '}') >= 0 {
+		return "", false
+	}
+	return "conveyor:{" + tag + "}:dlq-written:" + stream + "/" + id, true
+}
+
+// hashTag returns what Redis Cluster hashes of key: the text between its
+// first '{' and the first '}' after it, if not empty, else the whole key.
+func hashTag(key string) string {
+	if i := strings.IndexByte(key, '{'); i >= 0 {
+		if j := strings.IndexByte(key[i+1:], '}'); j > 0 {
+			return key[i+1 : i+1+j]
+		}
+	}
+	return key
+}
+
 // ackDeadLettered acknowledges an entry whose dead letter is written (and
 // deletes it from the retry stream, where nothing else reads it).
 func (sub *subscription) ackDeadLettered(ctx context.Context, stream, id string) error {
@@ -1548,7 +1717,11 @@ func (sub *subscription) ackDeadLettered(ctx context.Context, stream, id string)
 	if stream == sub.retry {
 		pipe.XDel(ctx, stream, id)
 	}
-	_, err := pipe.Exec(ctx)
+	cmds, err := pipe.Exec(ctx)
+	if err != nil && onlyNoGroup(cmds) {
+		// The group is gone, and the entry's pending record with it.
+		return nil
+	}
 	return err
 }
 
@@ -1864,6 +2037,13 @@ func (s *Subscriber) beatWaiting(batches []*readBatch) {
 // The entries it read and never handed out it makes claimable by the other
 // consumers at once (handBack). It does not close the Redis client. Close
 // is safe to call more than once.
+//
+// DrainTimeout counts from the call: a reader still waiting for a Redis
+// that stopped answering (a read through go-redis waits up to BlockTime
+// plus 10s; one over the own connection is cut short at once) is waited
+// for no longer than that, so a Close takes about DrainTimeout at most,
+// plus the time the ack and nack loops' last writes and handBack take to
+// fail against such a Redis (the client's timeouts).
 func (s *Subscriber) Close() error {
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()
@@ -1876,23 +2056,42 @@ func (s *Subscriber) Close() error {
 	s.mu.Unlock()
 
 	close(s.closing)
-	s.readers.Wait()
-
-	drained := make(chan struct{})
-	go func() {
-		s.outstanding.Wait()
-		close(drained)
-	}()
 	t := time.NewTimer(s.cfg.DrainTimeout)
-	select {
-	case <-drained:
-		t.Stop()
-	case <-t.C:
-		s.mu.Lock()
-		n := len(s.inflight)
-		s.mu.Unlock()
-		s.log.Warn("drain timeout: handing back messages still being worked on", "count", n)
+	defer t.Stop()
+	readersDone := make(chan struct{})
+	go func() {
+		s.readers.Wait()
+		close(readersDone)
+	}()
+	// drained may only wait once nothing more can be handed out (a
+	// WaitGroup's Add must not race its Wait): the readers are done, or
+	// handOutStopped is set.
+	drain := func() <-chan struct{} {
+		drained := make(chan struct{})
+		go func() {
+			s.outstanding.Wait()
+			close(drained)
+		}()
+		return drained
 	}
+	var drained <-chan struct{}
+	select {
+	case <-readersDone:
+		drained = drain()
+		select {
+		case <-drained:
+		case <-t.C:
+			s.mu.Lock()
+			n := len(s.inflight)
+			s.mu.Unlock()
+			s.log.Warn("drain timeout: handing back messages still being worked on", "count", n)
+		}
+	case <-t.C:
+		s.log.Warn("drain timeout: a reader is still waiting for Redis; handing back messages still being worked on")
+	}
+	s.mu.Lock()
+	s.handOutStopped = true
+	s.mu.Unlock()
 	// Cancels the contexts of handlers still running and hands their
 	// entries back; acks and nacks received until now are flushed first by
 	// the loops, which finish their current batch.
@@ -1910,6 +2109,9 @@ func (s *Subscriber) Close() error {
 			// outcome of the handler is still acked if the loops run.
 			s.finish(d, outcomeHandedBack)
 		}
+	}
+	if drained == nil {
+		drained = drain()
 	}
 	<-drained
 	close(s.stopWork)
