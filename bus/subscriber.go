@@ -1492,12 +1492,13 @@ func (d *delivery) nextAttempt(backoff func(int) time.Duration, reason string) *
 
 // retryScript stores a nacked entry's next attempt in the group's retry
 // set (or, due at once, in its retry stream) and acknowledges the entry,
-// in one step, and only while the entry is still pending in the group:
+// in one step, and only while the entry is still pending in the group with
+// this consumer:
 //
 //   - a write repeated after an error that hid its success (a lost reply)
 //     finds the entry acknowledged and adds no second retry;
-//   - a consumer whose entry another consumer claimed and finished adds
-//     none either;
+//   - a consumer whose entry another consumer claimed (its heartbeat lost
+//     it) adds none either: the entry is the other's now, running or done;
 //   - if the retry cannot be stored (out of memory, a key of another
 //     type), the entry is not acknowledged: it stays pending.
 //
@@ -1506,9 +1507,10 @@ func (d *delivery) nextAttempt(backoff func(int) time.Duration, reason string) *
 //
 // KEYS[1] = the entry's stream, KEYS[2] = the retry set, or the retry
 // stream; ARGV[1] = group, ARGV[2] = entry id, ARGV[3] = '1' to delete the
-// entry (it is in the retry stream), ARGV[4] = 'z' (then ARGV[5] = score,
-// ARGV[6] = member) or 'x' (then ARGV[5..] = the entry's fields).
-// Returns 1 if scheduled, 0 if the entry was not pending.
+// entry (it is in the retry stream), ARGV[4] = consumer, ARGV[5] = 'z'
+// (then ARGV[6] = score, ARGV[7] = member) or 'x' (then ARGV[6..] = the
+// entry's fields). Returns 1 if scheduled, 0 if the entry was not pending
+// with the consumer.
 //
 // Redis Cluster: the stream S, conveyor:{S}:G:delayed and
 // conveyor:{S}:G:retry share S's slot as long as S holds no '}' (so no
@@ -1519,12 +1521,12 @@ if type(p) == 'table' and p.err then
   if string.sub(p.err, 1, 7) == 'NOGROUP' then return 0 end
   return p
 end
-if not p[1] then return 0 end
+if not p[1] or p[1][2] ~= ARGV[4] then return 0 end
 local r
-if ARGV[4] == 'z' then
-  r = redis.pcall('ZADD', KEYS[2], ARGV[5], ARGV[6])
+if ARGV[5] == 'z' then
+  r = redis.pcall('ZADD', KEYS[2], ARGV[6], ARGV[7])
 else
-  r = redis.pcall('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  r = redis.pcall('XADD', KEYS[2], '*', unpack(ARGV, 6))
 end
 if type(r) == 'table' and r.err then return r end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
@@ -1542,8 +1544,8 @@ func (sub *subscription) scheduleRetry(ctx context.Context, d *delivery, reason 
 		del = "1"
 	}
 	keys := []string{d.stream, sub.delayed}
-	args := make([]any, 0, 5+len(n.fields))
-	args = append(args, s.cfg.ConsumerGroup, d.id, del)
+	args := make([]any, 0, 6+len(n.fields))
+	args = append(args, s.cfg.ConsumerGroup, d.id, del, s.cfg.Consumer)
 	if n.member != nil {
 		args = append(args, "z", n.score, n.member)
 	} else {
