@@ -164,6 +164,11 @@ func TestNackWrittenOnceWhenItsReplyIsLost(t *testing.T) {
 			if n, err := bus.NewDeadLetters(f.rdb).Count(t.Context(), f.group); err != nil || n != int64(tt.letters) {
 				t.Errorf("%d dead letters (%v); want %d", n, err, tt.letters)
 			}
+			// A letter's marker goes once its entry is acknowledged: left to
+			// their TTL, markers would pile up whatever the stream's cap.
+			if keys, err := f.rdb.Keys(t.Context(), "*dlq-written:"+f.topic+"/*").Result(); err != nil || len(keys) > 0 {
+				t.Errorf("dead-letter markers left: %q (%v)", keys, err)
+			}
 		})
 	}
 }
@@ -176,6 +181,36 @@ func entryID(t *testing.T, f *fixture) string {
 		t.Fatalf("entries of %s: %v, %v", f.topic, xs, err)
 	}
 	return xs[0].ID
+}
+
+// A consumer whose entry another consumer claimed and still runs writes no
+// dead letter for it, and leaves it pending with the other.
+func TestDeadLetterOfEntryAnotherConsumerRunsIsNotWritten(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	// c2 never heartbeats: c1 must not claim the entry back meanwhile.
+	s := f.subscriber("c1", func(c *bus.SubscriberConfig) { c.ClaimMinIdle, c.ClaimInterval = time.Hour, time.Hour })
+	ch := f.subscribe(s)
+	f.publish(1)
+	m := receive(t, ch)
+	ctx := t.Context()
+	ids, err := f.rdb.XClaimJustID(ctx, &redis.XClaimArgs{Stream: f.topic, Group: f.group, Consumer: "c2", Messages: []string{entryID(t, f)}}).Result()
+	if err != nil || len(ids) != 1 {
+		t.Fatalf("claim as c2: %v, %v", ids, err)
+	}
+	bus.RecordFailure(m, bus.Permanent(errors.New("bad input")))
+	m.Nack()
+	deadline := time.Now().Add(2 * time.Second)
+	for time.Now().Before(deadline) {
+		if n, err := bus.NewDeadLetters(f.rdb).Count(ctx, f.group); err != nil || n > 0 {
+			t.Fatalf("%d dead letters (%v) for an entry another consumer runs", n, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	p, err := f.rdb.XPendingExt(ctx, &redis.XPendingExtArgs{Stream: f.topic, Group: f.group, Start: "-", End: "+", Count: 10}).Result()
+	if err != nil || len(p) != 1 || p[0].Consumer != "c2" {
+		t.Errorf("pending %+v (%v); want the entry pending with c2", p, err)
+	}
 }
 
 // A consumer nacking an entry that another consumer claimed and still runs

@@ -1624,9 +1624,22 @@ func (sub *subscription) writeDeadLetter(ctx context.Context, stream, id string,
 	// marker (deadLetterScript): a write repeated after an error that hid
 	// its success (a lost reply), or after the entry came back unacked
 	// (a crash between the two), adds no second letter.
+	// Only the entry's owner writes its letter: a consumer whose entry
+	// another consumer claimed (its heartbeat lost it) leaves the entry to
+	// that one, as a nack does (retryScript). This check cannot be one step
+	// with the write (another slot), so it narrows the window to a round
+	// trip rather than closing it.
+	if owned, err := sub.owns(ctx, stream, id); err != nil {
+		return fmt.Errorf("dead-letter %s/%s: %w", stream, id, err)
+	} else if !owned {
+		s.log.Info("entry to dead-letter is no longer pending with this consumer (another consumer took it, or an earlier try acknowledged it); leaving it",
+			"stream", stream, "entry_id", id)
+		return nil
+	}
 	dlq := DeadLetterStream(s.cfg.ConsumerGroup)
+	marker, withMarker := deadLetterMarker(s.cfg.ConsumerGroup, stream, id)
 	var err error
-	if marker, ok := deadLetterMarker(s.cfg.ConsumerGroup, stream, id); ok {
+	if withMarker {
 		args := make([]any, 0, 2+len(fields))
 		args = append(args, deadLetterMarkerTTL.Milliseconds(), s.cfg.DeadLetterMaxLen)
 		args = append(args, fields...)
@@ -1660,6 +1673,14 @@ func (sub *subscription) writeDeadLetter(ctx context.Context, stream, id string,
 	}
 	if ackErr != nil {
 		return errUnacked{fmt.Errorf("dead-letter %s/%s: written, but not acknowledged: %w", stream, id, ackErr)}
+	}
+	if withMarker {
+		// Acknowledged: the entry cannot come back, and its marker has
+		// done its work. Left to its TTL, markers would add up to the
+		// dead-letter rate times a day, whatever the stream's cap.
+		if err := s.cfg.Client.Del(ctx, marker).Err(); err != nil {
+			s.log.Warn("remove dead letter's marker (it expires in a day)", "stream", stream, "entry_id", id, "error", err)
+		}
 	}
 	s.log.Error("message dead-lettered", "stream", origin, "entry_id", id, "attempts", attempts, "error", reason)
 	return nil
@@ -1725,6 +1746,22 @@ func (sub *subscription) ackDeadLettered(ctx context.Context, stream, id string)
 		return nil
 	}
 	return err
+}
+
+// owns reports whether entry id of stream is pending with this consumer.
+// With the group gone (NOGROUP) there is no owner, and it reports true:
+// the letter is written, and the acknowledgement finds nothing to do.
+func (sub *subscription) owns(ctx context.Context, stream, id string) (bool, error) {
+	p, err := sub.s.cfg.Client.XPendingExt(ctx, &redis.XPendingExtArgs{
+		Stream: stream, Group: sub.s.cfg.ConsumerGroup, Start: id, End: id, Count: 1,
+	}).Result()
+	if isNoGroup(err) {
+		return true, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("xpending: %w", err)
+	}
+	return len(p) == 1 && p[0].Consumer == sub.s.cfg.Consumer, nil
 }
 
 // errUnacked is a dead letter written whose entry was not acknowledged:

@@ -96,8 +96,9 @@ var applyModes = []struct {
 }
 
 // TestEarliestOutcomeWins: of two final outcomes of one row (processed or
-// failed for a document, sent or failed for an email), the one with the
-// earliest event time wins, whatever the order they arrive in and whether
+// failed for a document, sent or failed for an email), a success beats a
+// failure and, of two of one kind, the one with the earliest event time
+// wins, whatever the order they arrive in and whether
 // they are applied one at a time, in one transaction, or in one batch of
 // the projector (which applies processed before failed, sent before
 // failed); the row holds the winner's facts alone.
@@ -163,7 +164,7 @@ func TestEarliestOutcomeWins(t *testing.T) {
 		{name: "document processed before it failed", isDoc: true,
 			events: []func(string) events.Event{upload, proc(early, "s"), fail(late, "r")}, doc: docProcessed(early, "s")},
 		{name: "document failed before it was processed", isDoc: true,
-			events: []func(string) events.Event{upload, proc(late, "s"), fail(early, "r")}, doc: docFailedRow(early, "r")},
+			events: []func(string) events.Event{upload, proc(late, "s"), fail(early, "r")}, doc: docProcessed(late, "s")},
 		{name: "document processed twice", isDoc: true,
 			events: []func(string) events.Event{upload, proc(late, "second"), proc(early, "first")}, doc: docProcessed(early, "first")},
 		{name: "document failed twice", isDoc: true,
@@ -171,7 +172,7 @@ func TestEarliestOutcomeWins(t *testing.T) {
 		{name: "email sent before it failed",
 			events: []func(string) events.Event{request, snt(early, "<m>"), mfail(late, "r")}, mail: mailSent(early, "<m>")},
 		{name: "email failed before it was sent",
-			events: []func(string) events.Event{request, snt(late, "<m>"), mfail(early, "r")}, mail: mailFailedRow(early, "r")},
+			events: []func(string) events.Event{request, snt(late, "<m>"), mfail(early, "r")}, mail: mailSent(late, "<m>")},
 		{name: "email sent twice",
 			events: []func(string) events.Event{request, snt(late, "<second>"), snt(early, "<first>")}, mail: mailSent(early, "<first>")},
 		{name: "email failed twice",

@@ -67,16 +67,16 @@ const (
 )
 
 // Document statuses. A status only moves forward: processing → processed
-// or failed. A final outcome gives way only to an outcome with an earlier
-// event time (see ApplyDocumentsProcessed).
+// or failed. A failure gives way to a success, and an outcome to an
+// earlier one of its kind (see ApplyDocumentsProcessed).
 const (
 	DocumentProcessing = "processing"
 	DocumentProcessed  = "processed"
 	DocumentFailed     = "failed"
 )
 
-// Email statuses: scheduled → queued → sent or failed. A final outcome
-// gives way only to an outcome with an earlier event time (see
+// Email statuses: scheduled → queued → sent or failed. A failure gives way
+// to a send, and an outcome to an earlier one of its kind (see
 // ApplyEmailsSent).
 const (
 	EmailScheduled = "scheduled"
@@ -450,21 +450,24 @@ var qApplyDocumentsProcessed = readModelWrite(`
 		  error = NULL,
 		  processed_at = EXCLUDED.processed_at,
 		  updated_at = now()
-		WHERE documents.status = 'processing' OR documents.processed_at > EXCLUDED.processed_at`)
+		WHERE documents.status IN ('processing', 'failed')
+		   OR documents.processed_at > EXCLUDED.processed_at`)
 
-// ApplyDocumentsProcessed moves documents to processed, unless they already
-// hold an outcome (processed or failed) whose time is earlier than this
-// one's or the same. It may arrive before the upload's event: the row is
-// created and the upload fills in the rest later.
+// ApplyDocumentsProcessed moves documents to processed, unless they are
+// processed already at a time earlier than this one's or the same. It may
+// arrive before the upload's event: the row is created and the upload
+// fills in the rest later.
 //
-// Of a document's outcomes the earliest one wins, by event time
-// (processed_at holds either outcome's), not the first one applied: the
-// projector applies processed before failed within a batch, so "the first
-// applied wins" would give a different row for the same two events
-// depending on whether they shared a batch. A tie keeps the row as it is.
-// The winner writes every outcome column (processed clears error, failed
-// clears words, lines and summary), so the row holds the winner's facts
-// alone, whichever outcome it replaced.
+// Of a document's outcomes, a success beats a failure, and of two of one
+// kind the earlier by event time wins (processed_at holds either
+// outcome's), whatever order they come in: the projector applies processed
+// before failed within a batch, so "the first applied wins" would give a
+// different row for the same two events depending on whether they shared a
+// batch. Both outcomes exist when a replica gives up on its last attempt
+// (a missing blob, say) while another, which claimed the entry, processes
+// it: the document was processed. A tie keeps the row as it is. The winner
+// writes every outcome column (processed clears error, failed clears words,
+// lines and summary), so the row holds the winner's facts alone.
 func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.DocumentProcessed) error {
 	evs, later := splitRepeats(evs, func(e *events.DocumentProcessed) string { return strings.ToLower(e.DocID) })
 	var id, ct, sum, at []string
@@ -498,12 +501,12 @@ var qApplyDocumentsFailed = readModelWrite(`
 		  error = EXCLUDED.error,
 		  processed_at = EXCLUDED.processed_at,
 		  updated_at = now()
-		WHERE documents.status = 'processing' OR documents.processed_at > EXCLUDED.processed_at`)
+		WHERE documents.status = 'processing'
+		   OR (documents.status = 'failed' AND documents.processed_at > EXCLUDED.processed_at)`)
 
-// ApplyDocumentsFailed moves documents to failed, unless they already hold
-// an outcome whose time is earlier than this failure's or the same (see
-// ApplyDocumentsProcessed). A failure that replaces a later processed
-// outcome clears its words, lines and summary.
+// ApplyDocumentsFailed moves documents to failed, unless they are processed,
+// or failed at a time earlier than this failure's or the same (see
+// ApplyDocumentsProcessed).
 func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentProcessingFailed) error {
 	evs, later := splitRepeats(evs, func(e *events.DocumentProcessingFailed) string { return strings.ToLower(e.DocID) })
 	var id, ct, reason, at []string
@@ -600,16 +603,17 @@ var qApplyEmailsSent = readModelWrite(`
 		  error = NULL,
 		  failed_at = NULL,
 		  updated_at = now()
-		WHERE emails.status IN ('scheduled', 'queued')
-		   OR CASE emails.status WHEN 'sent' THEN emails.sent_at ELSE emails.failed_at END > EXCLUDED.sent_at`)
+		WHERE emails.status IN ('scheduled', 'queued', 'failed')
+		   OR (emails.status = 'sent' AND emails.sent_at > EXCLUDED.sent_at)`)
 
-// ApplyEmailsSent moves emails to sent unless they already hold an outcome
-// (sent or failed) whose time (sent_at or failed_at) is earlier than this
-// send's or the same: as with documents (see ApplyDocumentsProcessed), the
-// earliest outcome wins whatever the order or batching of its events, and
-// a tie keeps the row. A send that replaces a later failure clears its
-// error and failed_at. A losing send changes nothing, not even a missing
-// recipient: the request fills that in.
+// ApplyEmailsSent moves emails to sent unless they are sent already at a
+// time earlier than this send's or the same: as with documents (see
+// ApplyDocumentsProcessed), a send beats a failure (a replica gave up on
+// its last attempt while another, which claimed the entry, sent it: the
+// email went out), and of two sends the earlier wins, whatever the order
+// or batching of the events; a tie keeps the row. A send that replaces a
+// failure clears its error and failed_at. A losing send changes nothing,
+// not even a missing recipient: the request fills that in.
 func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) error {
 	evs, later := splitRepeats(evs, func(e *events.EmailSent) string { return strings.ToLower(e.EmailID) })
 	var id, to, mid, at []string
@@ -643,12 +647,10 @@ var qApplyEmailsFailed = readModelWrite(`
 		  sent_at = NULL,
 		  updated_at = now()
 		WHERE emails.status IN ('scheduled', 'queued')
-		   OR CASE emails.status WHEN 'sent' THEN emails.sent_at ELSE emails.failed_at END > EXCLUDED.failed_at`)
+		   OR (emails.status = 'failed' AND emails.failed_at > EXCLUDED.failed_at)`)
 
-// ApplyEmailsFailed moves emails to failed unless they already hold an
-// outcome whose time is earlier than this failure's or the same (see
-// ApplyEmailsSent). A failure that replaces a later send clears its
-// message_id and sent_at.
+// ApplyEmailsFailed moves emails to failed unless they are sent, or failed
+// at a time earlier than this failure's or the same (see ApplyEmailsSent).
 func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) error {
 	evs, later := splitRepeats(evs, func(e *events.EmailFailed) string { return strings.ToLower(e.EmailID) })
 	var id, reason, at []string
@@ -675,7 +677,7 @@ func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) 
 // repeats by one after that), each event of a row after the one before, as
 // when they arrive one at a time: an update of a later event wins, a
 // repeated outcome replaces the one before only if its event time is
-// earlier (so the earliest wins, as across batches), and PostgreSQL still
+// earlier (so the earliest of a kind wins, as across batches), and PostgreSQL still
 // checks every event's data.
 func splitRepeats[T any](in []T, key func(T) string) (first, later []T) {
 	if len(in) < 2 {
