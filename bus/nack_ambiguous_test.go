@@ -183,64 +183,42 @@ func entryID(t *testing.T, f *fixture) string {
 	return xs[0].ID
 }
 
-// A consumer whose entry another consumer claimed and still runs writes no
-// dead letter for it, and leaves it pending with the other.
-func TestDeadLetterOfEntryAnotherConsumerRunsIsNotWritten(t *testing.T) {
+// A consumer whose entry another consumer claimed and still runs (its
+// heartbeat lost the entry) adds no retry and writes no dead letter for it,
+// and leaves it pending with the other: the other's run decides.
+func TestNackOfEntryAnotherConsumerRunsChangesNothing(t *testing.T) {
 	t.Parallel()
-	f := newFixture(t)
-	// c2 never heartbeats: c1 must not claim the entry back meanwhile.
-	s := f.subscriber("c1", func(c *bus.SubscriberConfig) { c.ClaimMinIdle, c.ClaimInterval = time.Hour, time.Hour })
-	ch := f.subscribe(s)
-	f.publish(1)
-	m := receive(t, ch)
-	ctx := t.Context()
-	ids, err := f.rdb.XClaimJustID(ctx, &redis.XClaimArgs{Stream: f.topic, Group: f.group, Consumer: "c2", Messages: []string{entryID(t, f)}}).Result()
-	if err != nil || len(ids) != 1 {
-		t.Fatalf("claim as c2: %v, %v", ids, err)
-	}
-	bus.RecordFailure(m, bus.Permanent(errors.New("bad input")))
-	m.Nack()
-	deadline := time.Now().Add(2 * time.Second)
-	for time.Now().Before(deadline) {
-		if n, err := bus.NewDeadLetters(f.rdb).Count(ctx, f.group); err != nil || n > 0 {
-			t.Fatalf("%d dead letters (%v) for an entry another consumer runs", n, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	p, err := f.rdb.XPendingExt(ctx, &redis.XPendingExtArgs{Stream: f.topic, Group: f.group, Start: "-", End: "+", Count: 10}).Result()
-	if err != nil || len(p) != 1 || p[0].Consumer != "c2" {
-		t.Errorf("pending %+v (%v); want the entry pending with c2", p, err)
-	}
-}
-
-// A consumer nacking an entry that another consumer claimed and still runs
-// (its heartbeat lost the entry) adds no retry and leaves the entry pending
-// with the other: the other's run decides.
-func TestNackOfEntryAnotherConsumerRunsAddsNoRetry(t *testing.T) {
-	t.Parallel()
-	f := newFixture(t)
-	// c2 never heartbeats: c1 must not claim the entry back meanwhile.
-	s := f.subscriber("c1", func(c *bus.SubscriberConfig) { c.ClaimMinIdle, c.ClaimInterval = time.Hour, time.Hour })
-	ch := f.subscribe(s)
-	f.publish(1)
-	m := receive(t, ch)
-	ctx := t.Context()
-	ids, err := f.rdb.XClaimJustID(ctx, &redis.XClaimArgs{Stream: f.topic, Group: f.group, Consumer: "c2", Messages: []string{entryID(t, f)}}).Result()
-	if err != nil || len(ids) != 1 {
-		t.Fatalf("claim as c2: %v, %v", ids, err)
-	}
-	bus.RecordFailure(m, errors.New("flaky"))
-	m.Nack()
-	retrySet, retryStream := bus.RetrySet(f.topic, f.group), bus.RetryStream(f.topic, f.group)
-	deadline := time.Now().Add(2 * time.Second)
-	for time.Now().Before(deadline) {
-		if f.rdb.ZCard(ctx, retrySet).Val() > 0 || f.rdb.XLen(ctx, retryStream).Val() > 0 {
-			t.Fatal("a retry was added for an entry another consumer runs")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	p, err := f.rdb.XPendingExt(ctx, &redis.XPendingExtArgs{Stream: f.topic, Group: f.group, Start: "-", End: "+", Count: 10}).Result()
-	if err != nil || len(p) != 1 || p[0].Consumer != "c2" {
-		t.Errorf("pending %+v (%v); want the entry pending with c2", p, err)
+	for _, fail := range []error{errors.New("flaky"), bus.Permanent(errors.New("bad input"))} {
+		t.Run(fail.Error(), func(t *testing.T) {
+			t.Parallel()
+			f := newFixture(t)
+			// c2 never heartbeats: c1 must not claim the entry back meanwhile.
+			s := f.subscriber("c1", func(c *bus.SubscriberConfig) { c.ClaimMinIdle, c.ClaimInterval = time.Hour, time.Hour })
+			ch := f.subscribe(s)
+			f.publish(1)
+			m := receive(t, ch)
+			ctx := t.Context()
+			ids, err := f.rdb.XClaimJustID(ctx, &redis.XClaimArgs{Stream: f.topic, Group: f.group, Consumer: "c2", Messages: []string{entryID(t, f)}}).Result()
+			if err != nil || len(ids) != 1 {
+				t.Fatalf("claim as c2: %v, %v", ids, err)
+			}
+			bus.RecordFailure(m, fail)
+			m.Nack()
+			retrySet, retryStream := bus.RetrySet(f.topic, f.group), bus.RetryStream(f.topic, f.group)
+			deadline := time.Now().Add(2 * time.Second)
+			for time.Now().Before(deadline) {
+				if f.rdb.ZCard(ctx, retrySet).Val() > 0 || f.rdb.XLen(ctx, retryStream).Val() > 0 {
+					t.Fatal("a retry was added for an entry another consumer runs")
+				}
+				if n, err := bus.NewDeadLetters(f.rdb).Count(ctx, f.group); err != nil || n > 0 {
+					t.Fatalf("%d dead letters (%v) for an entry another consumer runs", n, err)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			p, err := f.rdb.XPendingExt(ctx, &redis.XPendingExtArgs{Stream: f.topic, Group: f.group, Start: "-", End: "+", Count: 10}).Result()
+			if err != nil || len(p) != 1 || p[0].Consumer != "c2" {
+				t.Errorf("pending %+v (%v); want the entry pending with c2", p, err)
+			}
+		})
 	}
 }
