@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -267,10 +266,6 @@ type delivery struct {
 	// failure is recorded by the handler wrapper before it nacks.
 	failMu  sync.Mutex
 	failure error
-	// next is the retry of a nack, made once: a write repeated after an
-	// error (perhaps applied, its reply lost) writes the same one. Only
-	// the nack loop uses it.
-	next *nextAttempt
 }
 
 // message returns d's Watermill message, making it for a Router delivery
@@ -1441,55 +1436,6 @@ func truncate(s string, n int) string {
 	return s[:n] + "…"
 }
 
-// nextAttempt is the retry of a nacked delivery: the entry of its next
-// attempt, and, unless it is due at once, the retry set's member and score.
-type nextAttempt struct {
-	fields []string
-	member []byte // msgpack of fields; nil: added to the retry stream at once
-	score  float64
-	delay  time.Duration
-}
-
-// nextAttempt makes d's retry, once: repeated, the write is the same
-// (metadata encoded in key order, one first_failed_at, one jittered due
-// time), so a ZADD done twice leaves one member.
-func (d *delivery) nextAttempt(backoff func(int) time.Duration, reason string) *nextAttempt {
-	if d.next != nil {
-		return d.next
-	}
-	now := time.Now()
-	msg := d.message()
-	md := make(map[string]string, len(msg.Metadata)+3)
-	for k, v := range msg.Metadata {
-		md[k] = v
-	}
-	md[MetaAttempt] = strconv.Itoa(d.attempt + 1)
-	if md[MetaFirstFailedAt] == "" {
-		md[MetaFirstFailedAt] = now.UTC().Format(time.RFC3339Nano)
-	}
-	md[MetaLastError] = truncate(reason, maxErrorText)
-	kv := make([]string, 0, 2*len(md))
-	for _, k := range slices.Sorted(maps.Keys(md)) {
-		kv = append(kv, k, md[k])
-	}
-	n := &nextAttempt{
-		fields: []string{
-			fieldUUID, msg.UUID,
-			fieldMetadata, string(encodePairs(kv)),
-			fieldPayload, string(msg.Payload),
-			fieldOrigin, d.stream + "/" + d.id,
-		},
-		delay: backoff(d.attempt),
-	}
-	if n.delay > 0 {
-		// msgpack of a list of strings: the same bytes every time.
-		n.member, _ = msgpack.Marshal(n.fields)
-		n.score = float64(now.Add(n.delay).UnixMilli())
-	}
-	d.next = n
-	return n
-}
-
 // retryScript stores a nacked entry's next attempt in the group's retry
 // set (or, due at once, in its retry stream) and acknowledges the entry,
 // in one step, and only while the entry is still pending in the group with
@@ -1535,23 +1481,49 @@ return 1
 `)
 
 // scheduleRetry stores the entry's next attempt and acks it, in one step
-// (retryScript). It is safe to repeat after any error.
+// (retryScript). It is safe to repeat after any error: a repeat whose first
+// try was applied finds the entry no longer pending, and adds nothing.
 func (sub *subscription) scheduleRetry(ctx context.Context, d *delivery, reason string) error {
 	s := sub.s
-	n := d.nextAttempt(s.cfg.Retry.Backoff, reason)
+	now := time.Now()
+	msg := d.message()
+	md := make(map[string]string, len(msg.Metadata)+3)
+	for k, v := range msg.Metadata {
+		md[k] = v
+	}
+	md[MetaAttempt] = strconv.Itoa(d.attempt + 1)
+	if md[MetaFirstFailedAt] == "" {
+		md[MetaFirstFailedAt] = now.UTC().Format(time.RFC3339Nano)
+	}
+	md[MetaLastError] = truncate(reason, maxErrorText)
+	mdb, err := msgpack.Marshal(md)
+	if err != nil {
+		return fmt.Errorf("marshal metadata: %w", err)
+	}
+	fields := []string{
+		fieldUUID, msg.UUID,
+		fieldMetadata, string(mdb),
+		fieldPayload, string(msg.Payload),
+		fieldOrigin, d.stream + "/" + d.id,
+	}
 	del := "0"
 	if d.ofRetry {
 		del = "1"
 	}
 	keys := []string{d.stream, sub.delayed}
-	args := make([]any, 0, 6+len(n.fields))
+	args := make([]any, 0, 6+len(fields))
 	args = append(args, s.cfg.ConsumerGroup, d.id, del, s.cfg.Consumer)
-	if n.member != nil {
-		args = append(args, "z", n.score, n.member)
+	delay := s.cfg.Retry.Backoff(d.attempt)
+	if delay > 0 {
+		member, err := msgpack.Marshal(fields)
+		if err != nil {
+			return fmt.Errorf("marshal retry: %w", err)
+		}
+		args = append(args, "z", float64(now.Add(delay).UnixMilli()), member)
 	} else {
 		keys[1] = sub.retry
 		args = append(args, "x")
-		for _, f := range n.fields {
+		for _, f := range fields {
 			args = append(args, f)
 		}
 	}
@@ -1566,7 +1538,7 @@ func (sub *subscription) scheduleRetry(ctx context.Context, d *delivery, reason 
 		return nil
 	}
 	s.log.Debug("message will be retried", "stream", sub.topic, "entry_id", d.id, "event_id", d.em.uuid,
-		"attempt", d.attempt, "retry_in", n.delay, "error", reason)
+		"attempt", d.attempt, "retry_in", delay, "error", reason)
 	select {
 	case sub.wake <- struct{}{}:
 	default:
