@@ -159,12 +159,15 @@ func Inspect(ctx context.Context, rdb redis.UniversalClient, topology map[string
 	for i, s := range names {
 		r := &sr[i]
 		ss := StreamStatus{Stream: s}
+		// Here as in the second round trip, a reply such as WRONGTYPE (a
+		// key of another type under one of these names) leaves a figure at
+		// zero; only a read that failed fails the whole.
 		n, err := r.length.Result()
-		if err != nil {
+		if readFailed(err) {
 			return st, fmt.Errorf("length of %s: %w", s, err)
 		}
 		ss.Length = n
-		if err := cmp.Or(r.held.Err(), r.overdue.Err(), r.unreadable.Err()); err != nil {
+		if err := cmp.Or(r.held.Err(), r.overdue.Err(), r.unreadable.Err()); readFailed(err) {
 			return st, fmt.Errorf("delayed events of %s: %w", s, err)
 		}
 		ss.Delayed, ss.DelayedOverdue, ss.DelayedUnreadable = r.held.Val(), r.overdue.Val(), r.unreadable.Val()
@@ -175,8 +178,8 @@ func Inspect(ctx context.Context, rdb redis.UniversalClient, topology map[string
 		case readFailed(err):
 			return st, fmt.Errorf("stream %s: %w", s, err)
 		}
-		infos, err := r.groups.Result()
-		if err != nil && !strings.Contains(err.Error(), "no such key") {
+		infos, err := r.groups.Result() // "no such key" leaves the groups missing
+		if readFailed(err) {
 			return st, fmt.Errorf("groups of %s: %w", s, err)
 		}
 		known := map[string]redis.XInfoGroup{}
@@ -239,7 +242,7 @@ func Inspect(ctx context.Context, rdb redis.UniversalClient, topology map[string
 	}
 	for i, g := range groupNames {
 		n, err := dead[i].Result()
-		if err != nil {
+		if readFailed(err) {
 			return st, fmt.Errorf("dead letters of %s: %w", g, err)
 		}
 		st.DeadLetters[g] = n

@@ -238,3 +238,35 @@ func TestInspectRoundTrips(t *testing.T) {
 		})
 	}
 }
+
+// A key of another type under one of the names Inspect reads (a stray SET
+// on the delay set's name, say) leaves that figure at zero, in either round
+// trip, and the rest of the status is still read: one wrong key does not
+// blank every stream's and group's figures.
+func TestInspectToleratesKeysOfAnotherType(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	ctx := t.Context()
+	topo := groupsOnTopic(t, f, f.group)
+	if err := f.rdb.XAdd(ctx, &redis.XAddArgs{Stream: f.topic, Values: []string{"k", "v"}}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{
+		bus.DelayedSet(f.topic), bus.UnreadableKey(bus.DelayedSet(f.topic)), // first round trip
+		bus.RetrySet(f.topic, f.group), // second
+	} {
+		if err := f.rdb.Set(ctx, key, "x", time.Hour).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, err := bus.Inspect(ctx, f.rdb, topo)
+	if err != nil {
+		t.Fatalf("Inspect: %v", err)
+	}
+	if s := st.Streams[0]; s.Length != 1 || s.Delayed != 0 || s.DelayedUnreadable != 0 {
+		t.Errorf("stream %+v: want length 1, nothing delayed", s)
+	}
+	if g := groupOf(t, st, f.topic, f.group); g.Lag != 1 || g.Retrying != 0 {
+		t.Errorf("group %+v: want lag 1, nothing retrying", g)
+	}
+}
