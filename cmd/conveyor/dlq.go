@@ -61,8 +61,9 @@ stream. --force replays it anyway.
 
 When a page of list is full and more letters follow, list ends with the
 command for the next page (JSON: next_after on the page's last letter).`,
-		vars: []string{"REDIS_URL"},
-		args: true,
+		vars:     []string{"REDIS_URL"},
+		requires: []string{"REDIS_URL"},
+		args:     true,
 		flags: func(fs *flag.FlagSet) any {
 			return &dlqOpts{
 				group: fs.String("group", "", "consumer group (document-processor, email-sender, projector, ...)"),
@@ -81,9 +82,6 @@ func runDLQ(ctx context.Context, env *environment, o any, args []string) error {
 	opts := o.(*dlqOpts)
 	if len(args) == 0 {
 		return fmt.Errorf("%w: say list, show, replay or purge", errUsage)
-	}
-	if err := env.cfg.Require("REDIS_URL"); err != nil {
-		return err
 	}
 	rdb, err := cliRedisClient(env.cfg.RedisURL)
 	if err != nil {

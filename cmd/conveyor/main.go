@@ -112,11 +112,9 @@ var allVars = []string{"REDIS_URL", "CACHE_REDIS_URL", "DATABASE_URL", "HTTP_ADD
 	"RETRY_BACKOFF_MAX", "CLAIM_MIN_IDLE", "SHUTDOWN_TIMEOUT", "SHUTDOWN_DELAY", "SCHEDULES_FILE", "MAX_DELAY", "STUCK_AFTER", "BLOB_RETENTION", "INBOX_RETENTION"}
 
 func commands() []*command {
-	dlq := dlqCommand()
-	dlq.requires = []string{"REDIS_URL"} // checked at start, as for the other commands
 	return []*command{
 		apiCommand(), handlerCommand(), projectorCommand(), migrateCommand(), upCommand(),
-		schedulerCommand(), schedulesCommand(), healthcheckCommand(), statusCommand(), dlq, versionCommand(),
+		schedulerCommand(), schedulesCommand(), healthcheckCommand(), statusCommand(), dlqCommand(), versionCommand(),
 	}
 }
 
