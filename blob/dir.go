@@ -86,6 +86,8 @@ type Dir struct {
 	root       string
 	tmp        string
 	tempMaxAge time.Duration
+	// damagedMu is this process's half of the damage lock (lockDamaged).
+	damagedMu sync.Mutex
 }
 
 var _ Store = (*Dir)(nil)
@@ -204,16 +206,20 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 	if err != nil {
 		return Info{}, fmt.Errorf("put blob: create temp file: %w", err)
 	}
-	closed := false
+	closed, removeTemp := false, true
 	defer func() {
 		if !closed {
 			_ = tmp.Close() // the write already failed; that error is the one returned
 		}
-		// The temp name goes on every path. After a successful publish the
-		// bytes live on under the final name (a hard link to the same
-		// inode). If this removal fails, the start-up sweep removes the
-		// file later; the Put itself is still correct, so it is not failed.
-		_ = os.Remove(tmp.Name())
+		// The temp name goes on every path but one (replaceDamaged renamed
+		// it: the name is free, and may be another Put's by now). After a
+		// successful publish the bytes live on under the final name (a hard
+		// link to the same inode). If this removal fails, the start-up sweep
+		// removes the file later; the Put itself is still correct, so it is
+		// not failed.
+		if removeTemp {
+			_ = os.Remove(tmp.Name())
+		}
 	}()
 
 	sum, size, err := copyHashed(ctx, tmp, r, maxBytes)
@@ -260,20 +266,27 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 		return Info{}, fmt.Errorf("put blob %s: %w", sum, err)
 	}
 
-	// A hard link, unlike a rename, fails if the final name exists. That
-	// makes publishing a create-if-absent step that is atomic across
-	// goroutines and processes, so exactly one concurrent Put of the same
-	// bytes reports Created; a rename would silently replace the file and
-	// let every writer claim it. If the file another Put published is
-	// removed before it is touched (the cleanup of that Put's failed
-	// upload), this Put publishes its own.
 	if damaged {
-		if err := d.removeDamaged(final, size); err != nil {
-			return Info{}, fmt.Errorf("put blob %s: replace damaged file: %w", sum, err)
-		}
+		out, renamed, err := d.replaceDamaged(info, tmp.Name(), final, written)
+		removeTemp = !renamed
+		return out, err
 	}
+	return d.link(info, tmp.Name(), final, written)
+}
+
+// link publishes the bytes of the temp file tmp at final with a hard link.
+//
+// A hard link, unlike a rename, fails if the final name exists. That makes
+// publishing a create-if-absent step that is atomic across goroutines and
+// processes, so exactly one concurrent Put of the same bytes reports
+// Created; a rename would silently replace the file and let every writer
+// claim it. If the file another Put published is removed before it is
+// touched (the cleanup of that Put's failed upload), this Put publishes its
+// own.
+func (d *Dir) link(info Info, tmp, final string, written os.FileInfo) (Info, error) {
+	var err error
 	for attempt := 1; ; attempt++ {
-		err = os.Link(tmp.Name(), final)
+		err = os.Link(tmp, final)
 		if !errors.Is(err, fs.ErrExist) {
 			break
 		}
@@ -285,12 +298,12 @@ func (d *Dir) Put(ctx context.Context, r io.Reader, maxBytes int64) (Info, error
 		}
 	}
 	if err != nil {
-		return Info{}, fmt.Errorf("put blob %s: publish: %w", sum, err)
+		return Info{}, fmt.Errorf("put blob %s: publish: %w", info.Key, err)
 	}
 	// Make the new directory entry durable before the caller reports the
 	// upload as accepted.
 	if err := syncDir(filepath.Dir(final)); err != nil {
-		return Info{}, fmt.Errorf("put blob %s: %w", sum, err)
+		return Info{}, fmt.Errorf("put blob %s: %w", info.Key, err)
 	}
 	info.Created, info.LastPut = true, written.ModTime()
 	return info, nil
@@ -307,31 +320,69 @@ func (d *Dir) existing(info Info, final string) (Info, error) {
 	return info, nil
 }
 
-// removeDamaged takes the file at final, found damaged (not of size
-// bytes), out of its name, so that the Put's link publishes its bytes in
-// its place; the link still settles races, so exactly one of several Puts
-// replacing it reports Created. A file that turns out to be whole (another
-// Put replaced the damaged one first) is put back under its name.
-func (d *Dir) removeDamaged(final string, size int64) error {
-	f, err := os.CreateTemp(d.tmp, tempPrefix+"damaged-*")
+// replaceDamaged publishes the bytes of the temp file tmp at final, where
+// Put found a file of another size (damaged), and reports whether it
+// renamed tmp. Its check and its rename run under the Dir's damage lock,
+// which other processes sharing the directory take too (see lockDamaged):
+// of several Puts replacing the same damaged file, exactly one renames its
+// bytes over it and reports Created, and the others find the whole bytes
+// and touch them, as over a stored file. The rename replaces the file in
+// one step, so a reader never finds the name empty.
+func (d *Dir) replaceDamaged(info Info, tmp, final string, written os.FileInfo) (out Info, renamed bool, err error) {
+	unlock, err := d.lockDamaged()
 	if err != nil {
-		return err
+		return Info{}, false, fmt.Errorf("put blob %s: replace damaged file: %w", info.Key, err)
 	}
-	aside := f.Name()
-	_ = f.Close()
-	defer os.Remove(aside)
-	if err := os.Rename(final, aside); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil // another Put took it out first
-		}
-		return err
+	defer unlock()
+	fi, err := os.Stat(final)
+	if errors.Is(err, fs.ErrNotExist) {
+		// Removed meanwhile (a failed upload's cleanup): publish as any
+		// Put does, since a Put that found no file may be linking too.
+		out, err := d.link(info, tmp, final, written)
+		return out, false, err
 	}
-	if fi, err := os.Stat(aside); err == nil && fi.Size() == size {
-		if err := os.Link(aside, final); err != nil && !errors.Is(err, fs.ErrExist) {
-			return err
-		}
+	if err != nil {
+		return Info{}, false, fmt.Errorf("put blob %s: replace damaged file: %w", info.Key, err)
 	}
-	return nil
+	if fi.Size() == info.Size && touch(final) {
+		out, err := d.existing(info, final) // replaced by another Put
+		return out, false, err
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		return Info{}, false, fmt.Errorf("put blob %s: replace damaged file: %w", info.Key, err)
+	}
+	if err := syncDir(filepath.Dir(final)); err != nil {
+		return Info{}, true, fmt.Errorf("put blob %s: %w", info.Key, err)
+	}
+	info.Created, info.LastPut = true, written.ModTime()
+	return info, true, nil
+}
+
+// damageLockName is the file in Dir/tmp that lockDamaged locks. The
+// start-up sweep leaves it alone: it has no temp prefix.
+const damageLockName = "damaged.lock"
+
+// lockDamaged takes the Dir's damage lock: a mutex for the goroutines of
+// this process, and an exclusive flock(2) on Dir/tmp/damaged.lock for the
+// processes that share the directory where the platform has one (see
+// flockFile). Damaged files are rare, so one lock for every key costs
+// nothing that matters.
+func (d *Dir) lockDamaged() (unlock func(), err error) {
+	d.damagedMu.Lock()
+	f, err := os.OpenFile(filepath.Join(d.tmp, damageLockName), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		d.damagedMu.Unlock()
+		return nil, err
+	}
+	if err := flockFile(f); err != nil {
+		_ = f.Close()
+		d.damagedMu.Unlock()
+		return nil, fmt.Errorf("lock %s: %w", f.Name(), err)
+	}
+	return func() {
+		_ = f.Close() // closing the file releases the flock
+		d.damagedMu.Unlock()
+	}, nil
 }
 
 // touch records that a Put stored the bytes at path again, by moving the
