@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"strconv"
 	"time"
 
@@ -39,14 +41,41 @@ const MaxRedrives = 3
 // Documents that used up their re-drives stay stuck until an operator acts;
 // the job reads past them, page by page, so that they never hide newer
 // stuck documents, and re-drives at most redrivesPerRun per run.
-func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, after time.Duration, log *slog.Logger) Job {
+//
+// queues names the consumer groups, and the event types they read, that a
+// document's events pass through on the way to its read model (the
+// processor's, the projector's). A document uploaded after the oldest
+// entry any of them has not finished may simply be waiting in that
+// backlog (uploads faster than the handlers, a projector held up by a
+// PostgreSQL outage): it is not re-driven, since re-driving it would only
+// add work behind the backlog and use up the re-drives it may need later.
+func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, after time.Duration, queues map[string][]string, log *slog.Logger) Job {
+	topology := make(map[string][]string, len(queues))
+	for g, types := range queues {
+		for _, typ := range types {
+			topology[g] = append(topology[g], pub.Stream(typ))
+		}
+	}
 	return func(ctx context.Context, tick time.Time) error {
+		cutoff := tick.Add(-after)
+		backlog, err := oldestUnfinished(ctx, rdb, topology)
+		if err != nil {
+			return fmt.Errorf("read the backlog of %v: %w", slices.Sorted(maps.Keys(queues)), err)
+		}
+		if backlog > 0 {
+			// Less a margin for the clocks of the api (uploaded_at) and
+			// of Redis (entry ids).
+			if queued := time.Now().Add(-backlog - clockMargin); queued.Before(cutoff) {
+				log.Info("stuck-document re-drive leaves out documents uploaded after the oldest unfinished entry of its queues", "oldest_unfinished_age", backlog.Round(time.Second), "uploaded_after", queued)
+				cutoff = queued
+			}
+		}
 		var errs []error
 		redriven := 0
 		var lastAt time.Time
 		var lastID string
 		for redriven < redrivesPerRun && ctx.Err() == nil {
-			docs, err := st.StuckDocuments(ctx, tick.Add(-after), lastAt, lastID, redrivePage)
+			docs, err := st.StuckDocuments(ctx, cutoff, lastAt, lastID, redrivePage)
 			if err != nil {
 				return errors.Join(append(errs, err)...)
 			}
@@ -124,6 +153,28 @@ func Redrive(st *store.Store, pub *bus.Publisher, rdb redis.UniversalClient, aft
 		}
 		return errors.Join(errs...)
 	}
+}
+
+// clockMargin is how far the clocks of the api and of Redis are assumed
+// to differ at most.
+const clockMargin = time.Minute
+
+// oldestUnfinished returns the age of the oldest entry that a group of
+// topology has not finished (waiting or pending), 0 if none.
+func oldestUnfinished(ctx context.Context, rdb redis.UniversalClient, topology map[string][]string) (time.Duration, error) {
+	st, err := bus.Inspect(ctx, rdb, topology)
+	if err != nil {
+		return 0, err
+	}
+	var oldest float64
+	for _, s := range st.Streams {
+		for _, g := range s.Groups {
+			if _, ours := topology[g.Group]; ours {
+				oldest = max(oldest, g.OldestWaitingSeconds, g.OldestPendingSeconds)
+			}
+		}
+	}
+	return time.Duration(oldest * float64(time.Second)), nil
 }
 
 func redriveKey(docID string) string { return "conveyor:redrive:" + docID }

@@ -57,7 +57,7 @@ func TestRedriveRepublishesStuckDocumentsUnderTheirUploadID(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	job := scheduler.Redrive(st, pub, rdb, 15*time.Minute, logger())
+	job := scheduler.Redrive(st, pub, rdb, 15*time.Minute, nil, logger())
 	for i := 0; i < scheduler.MaxRedrives+2; i++ {
 		if err := job(ctx, now); err != nil {
 			t.Fatal(err)
@@ -230,7 +230,7 @@ func TestRedriveReadsPastDocumentsThatUsedUpTheirRedrives(t *testing.T) {
 			rdb.Del(ctx, "conveyor:redrive:"+up.DocID)
 		}
 	})
-	if err := scheduler.Redrive(st, pub, rdb, 15*time.Minute, logger())(ctx, now); err != nil {
+	if err := scheduler.Redrive(st, pub, rdb, 15*time.Minute, nil, logger())(ctx, now); err != nil {
 		t.Fatal(err)
 	}
 	xs, err := rdb.XRange(ctx, prefix+events.TypeDocumentUploaded, "-", "+").Result()
@@ -351,4 +351,47 @@ func redriveFixture(t *testing.T) (*store.Store, *redis.Client, string, *bus.Pub
 	rdb := testenv.Redis(t)
 	prefix := testenv.Prefix(t)
 	return st, rdb, prefix, publisher(t, rdb, prefix)
+}
+
+// TestRedriveLeavesDocumentsTheQueuesMayHold: a document uploaded after the
+// oldest entry a group of its queues has not finished may be waiting in
+// that backlog, and is not re-driven; one uploaded before it is.
+func TestRedriveLeavesDocumentsTheQueuesMayHold(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	st, rdb, prefix, pub := redriveFixture(t)
+	key := strings.Repeat("ef", 32)
+	now := time.Now()
+	// An upload an hour ago that the processor has not read yet: a
+	// backlog an hour deep.
+	stream := prefix + events.TypeDocumentUploaded
+	waiting := fmt.Sprintf("%d-0", now.Add(-time.Hour).UnixMilli())
+	if err := rdb.XAdd(ctx, &redis.XAddArgs{Stream: stream, ID: waiting, Values: []any{"payload", "{}"}}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.XGroupCreate(ctx, stream, "document-processor", "0").Err(); err != nil {
+		t.Fatal(err)
+	}
+	before, queued := events.NewID(), events.NewID()
+	beforeEvent, queuedEvent := events.NewID(), events.NewID()
+	err := st.WithTx(ctx, func(tx *store.Tx) error {
+		return tx.ApplyDocumentsUploaded(ctx,
+			[]*events.DocumentUploaded{upload(before, key, now.Add(-2*time.Hour)), upload(queued, key, now.Add(-time.Hour))},
+			[]string{beforeEvent, queuedEvent})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Del(ctx, "conveyor:redrive:"+before, "conveyor:redrive:"+queued) })
+	queues := map[string][]string{"document-processor": {events.TypeDocumentUploaded}}
+	if err := scheduler.Redrive(st, pub, rdb, 15*time.Minute, queues, logger())(ctx, now); err != nil {
+		t.Fatal(err)
+	}
+	xs, err := rdb.XRange(ctx, stream, "("+waiting, "+").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(xs) != 1 || xs[0].Values["_watermill_message_uuid"] != beforeEvent {
+		t.Fatalf("re-drives %v, want one: the document uploaded before the backlog (%s), not the one it may hold (%s)", xs, beforeEvent, queuedEvent)
+	}
 }

@@ -13,6 +13,8 @@ import (
 
 	"github.com/conveyor/conveyor/config"
 	"github.com/conveyor/conveyor/events"
+	"github.com/conveyor/conveyor/handlers"
+	"github.com/conveyor/conveyor/projector"
 	"github.com/conveyor/conveyor/scheduler"
 )
 
@@ -176,6 +178,16 @@ are listed only with DATABASE_URL (and BLOB_DIR), as on the scheduler.`,
 	}
 }
 
+// documentQueues are the groups, and the event types they read, that a
+// document's events pass through to its read model: the stuck-document
+// re-drive leaves alone what may be waiting in them.
+func documentQueues() map[string][]string {
+	return map[string][]string{
+		handlers.DocumentGroup: {events.TypeDocumentUploaded},
+		projector.Group:        {events.TypeDocumentUploaded, events.TypeDocumentProcessed, events.TypeDocumentProcessingFailed},
+	}
+}
+
 // builtinSchedules are the maintenance schedules; they need the database
 // and the blob folder, so a scheduler without DATABASE_URL runs none.
 func (a *app) builtinSchedules() []scheduler.Builtin {
@@ -184,7 +196,7 @@ func (a *app) builtinSchedules() []scheduler.Builtin {
 	}
 	return []scheduler.Builtin{
 		{Name: scheduler.BuiltinStuckDocuments, Cron: "*/5 * * * *",
-			Job: scheduler.Redrive(a.store, a.pub, a.rdb, stuckAfter(a.cfg), a.log)},
+			Job: scheduler.Redrive(a.store, a.pub, a.rdb, stuckAfter(a.cfg), documentQueues(), a.log)},
 		{Name: scheduler.BuiltinBlobRetention, Cron: "@hourly",
 			Job: scheduler.BlobRetention(a.store, a.blobs, a.cfg.BlobRetention, a.log)},
 		{Name: scheduler.BuiltinInboxRetention, Cron: "* * * * *",
