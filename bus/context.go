@@ -3,6 +3,7 @@ package bus
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"regexp"
 	"strconv"
 	"sync"
@@ -100,8 +101,8 @@ func Attempt(ctx context.Context) int {
 // in one pass over the metadata pairs: a key given twice ends with its
 // last value, as entryMessage.Get returns it. fallbackType is used when
 // the publisher set no event_type (a plain Watermill publisher): the
-// stream names the type.
-func entryEnvelope(em *entryMessage, fallbackType string) events.Envelope {
+// stream names the type. The error is envelope's.
+func entryEnvelope(em *entryMessage, fallbackType string) (events.Envelope, error) {
 	var f envelopeFields
 	for i := 0; i+1 < len(em.meta); i += 2 {
 		f.set(em.meta[i], em.meta[i+1])
@@ -111,7 +112,7 @@ func entryEnvelope(em *entryMessage, fallbackType string) events.Envelope {
 
 // messageEnvelope reads it out of a Watermill message, as a middleware
 // passes it on.
-func messageEnvelope(msg *message.Message, fallbackType string) events.Envelope {
+func messageEnvelope(msg *message.Message, fallbackType string) (events.Envelope, error) {
 	var f envelopeFields
 	for k, v := range msg.Metadata {
 		f.set(k, v)
@@ -124,8 +125,11 @@ type envelopeFields struct {
 	typ, correlation, causation, source, traceparent, attempt, version, occurredAt string
 }
 
-// envelope parses the fields into the envelope of the message id.
-func (f *envelopeFields) envelope(id, fallbackType string) events.Envelope {
+// envelope parses the fields into the envelope of the message id. Other
+// fields that are malformed are left zero, but an event_version that is
+// present and not a version is a permanent error (see parseVersion); the
+// envelope is returned with it, without the version, for the logs.
+func (f *envelopeFields) envelope(id, fallbackType string) (events.Envelope, error) {
 	env := events.Envelope{
 		ID:            id,
 		Type:          f.typ,
@@ -140,17 +144,34 @@ func (f *envelopeFields) envelope(id, fallbackType string) events.Envelope {
 	}
 	// Missing values are left zero without a parse (whose error would
 	// be allocated).
+	var err error
 	if f.version != "" {
-		if v, err := strconv.Atoi(f.version); err == nil {
-			env.Version = v
-		}
+		env.Version, err = parseVersion(f.version)
 	}
 	if f.occurredAt != "" {
 		if t, err := time.Parse(time.RFC3339Nano, f.occurredAt); err == nil {
 			env.OccurredAt = t
 		}
 	}
-	return env
+	return env, err
+}
+
+// parseVersion reads a present event_version: decimal digits only, of a
+// value of at least 1, as the Publisher writes it. Anything else ("2.0",
+// "v2", " 2", "+2", "0") is a permanent error. Read as no version, such an
+// entry would be decoded as the handler's own version, while its producer
+// says it is some other one.
+func parseVersion(s string) (int, error) {
+	// Atoi alone would take a sign.
+	digits := true
+	for i := 0; i < len(s); i++ {
+		digits = digits && '0' <= s[i] && s[i] <= '9'
+	}
+	n, err := strconv.Atoi(s)
+	if !digits || err != nil || n < 1 {
+		return 0, Permanent(fmt.Errorf("%s %q is not a version (a whole number from 1, digits only)", MetaEventVersion, events.Clip(s)))
+	}
+	return n, nil
 }
 
 func (f *envelopeFields) set(key, value string) {

@@ -3,6 +3,7 @@ package bus
 import (
 	"context"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -45,7 +46,9 @@ func TestHandlerContext(t *testing.T) {
 
 // entryEnvelope and messageEnvelope read the same envelope from an entry's metadata pairs and
 // from a message's metadata map: every field, a key given twice as its
-// last value (as Get does), and defaults for what is missing or malformed.
+// last value (as Get does), and defaults for what is missing or malformed,
+// except an event_version that is present and not a version, which is a
+// permanent error.
 func TestEnvelopeOfPairsAndMap(t *testing.T) {
 	at := time.Date(2026, 12, 6, 15, 4, 5, 123456789, time.UTC)
 	full := []string{
@@ -55,22 +58,37 @@ func TestEnvelopeOfPairsAndMap(t *testing.T) {
 		"unrelated", "x", MetaAttempt, "3", // the last of a key given twice
 	}
 	tests := []struct {
-		name string
-		meta []string
-		want events.Envelope
+		name       string
+		meta       []string
+		want       events.Envelope
+		badVersion bool
 	}{
 		{"every field", full, events.Envelope{ID: "id-1", Type: "email.requested", Version: 1, OccurredAt: at,
 			CorrelationID: "corr", CausationID: "cause", Source: "api",
-			Traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", Attempt: 3}},
-		{"nothing set", nil, events.Envelope{ID: "id-1", Type: "fallback.type", Attempt: 1}},
+			Traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", Attempt: 3}, false},
+		{"nothing set", nil, events.Envelope{ID: "id-1", Type: "fallback.type", Attempt: 1}, false},
 		{"malformed", []string{MetaEventType, "", MetaEventVersion, "one", MetaOccurredAt, "yesterday", MetaAttempt, "-2"},
-			events.Envelope{ID: "id-1", Type: "fallback.type", Attempt: 1}},
+			events.Envelope{ID: "id-1", Type: "fallback.type", Attempt: 1}, true},
+		{"version of two digits", []string{MetaEventVersion, "12"}, events.Envelope{ID: "id-1", Type: "fallback.type", Version: 12, Attempt: 1}, false},
+	}
+	for _, v := range []string{"2.0", "v2", " 2", "2 ", "+2", "-2", "0", "99999999999999999999"} {
+		tests = append(tests, struct {
+			name       string
+			meta       []string
+			want       events.Envelope
+			badVersion bool
+		}{"version " + v, []string{MetaEventVersion, v}, events.Envelope{ID: "id-1", Type: "fallback.type", Attempt: 1}, true})
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			em := &entryMessage{uuid: "id-1", meta: tt.meta}
-			fromPairs := entryEnvelope(em, "fallback.type")
-			fromMap := messageEnvelope(em.message(true), "fallback.type")
+			fromPairs, pairsErr := entryEnvelope(em, "fallback.type")
+			fromMap, mapErr := messageEnvelope(em.message(true), "fallback.type")
+			for _, err := range []error{pairsErr, mapErr} {
+				if tt.badVersion != (err != nil) || err != nil && (!IsPermanent(err) || !strings.Contains(err.Error(), MetaEventVersion)) {
+					t.Fatalf("error = %v, want a permanent error naming %s: %v", err, MetaEventVersion, tt.badVersion)
+				}
+			}
 			for _, got := range []events.Envelope{fromPairs, fromMap} {
 				want := tt.want
 				if !got.OccurredAt.Equal(want.OccurredAt) {

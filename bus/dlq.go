@@ -28,6 +28,11 @@ const (
 	// dlqRaw holds every field of an entry that could not be decoded,
 	// exactly as it was, as a msgpack map of strings.
 	dlqRaw = "dlq_raw"
+	// dlqTruncatedFrom, set on the letter of an entry too large to keep
+	// whole (MaxPayloadBytes), is the size in bytes of its payload (of
+	// the whole entry, for one that could not be decoded either), of
+	// which the letter keeps only the start.
+	dlqTruncatedFrom = "dlq_truncated_from"
 )
 
 // DeadLetter is one entry of a group's dead-letter stream.
@@ -45,12 +50,17 @@ type DeadLetter struct {
 	Metadata  map[string]string `json:"metadata,omitempty"`
 	Payload   string            `json:"payload,omitempty"`
 	// Raw holds the fields of an entry that could not be decoded.
-	Raw           map[string]string `json:"raw,omitempty"`
-	Error         string            `json:"error"`
-	Attempts      int               `json:"attempts"`
-	FirstFailedAt time.Time         `json:"first_failed_at,omitzero"`
-	LastFailedAt  time.Time         `json:"last_failed_at"`
-	Consumer      string            `json:"consumer"`
+	Raw map[string]string `json:"raw,omitempty"`
+	// TruncatedFrom, when not zero, is the size in bytes of the payload
+	// (or, with Raw, of the entry) that was too large to keep whole
+	// (MaxPayloadBytes): Payload (or each of Raw) holds only its first
+	// 64 KiB. Replay refuses such a letter.
+	TruncatedFrom int64     `json:"truncated_from,omitempty"`
+	Error         string    `json:"error"`
+	Attempts      int       `json:"attempts"`
+	FirstFailedAt time.Time `json:"first_failed_at,omitzero"`
+	LastFailedAt  time.Time `json:"last_failed_at"`
+	Consumer      string    `json:"consumer"`
 }
 
 // DeadLetters gives operators the dead-letter streams: list, inspect,
@@ -218,12 +228,18 @@ func (d *DeadLetters) reads(group, stream string) bool {
 // letters add and count each once, between them.
 //
 // Each of ids is tried: those not found are reported together, with
-// ErrDeadLetterNotFound, after the others were replayed. So are letters of
-// a stream that group does not read, with ErrNotInTopology, if d was given
-// a topology; they are kept.
+// ErrDeadLetterNotFound, after the others were replayed. So are letters
+// that keep only the start of a payload too large to keep whole, with
+// ErrTruncated, and letters of a stream that group does not read, with
+// ErrNotInTopology, if d was given a topology; both are kept.
 func (d *DeadLetters) Replay(ctx context.Context, group string, ids ...string) (int, error) {
 	refused := map[string]int{} // by stream
+	var truncated []string
 	n, err := d.each(ctx, group, ids, func(x redis.XMessage) (bool, error) {
+		if str(x.Values[dlqTruncatedFrom]) != "" {
+			truncated = append(truncated, x.ID)
+			return false, nil
+		}
 		fields, stream, err := replayFields(x)
 		if err != nil {
 			return false, err
@@ -245,7 +261,27 @@ func (d *DeadLetters) Replay(ctx context.Context, group string, ids ...string) (
 		}
 		return removed == 1, nil
 	})
-	return n, errors.Join(err, d.refusal(group, refused))
+	return n, errors.Join(err, truncatedRefusal(group, truncated), d.refusal(group, refused))
+}
+
+// ErrTruncated is returned by Replay for dead letters that keep only the
+// start of a payload too large to keep whole (MaxPayloadBytes). Replayed,
+// the rest of the payload missing, they could only fail to decode and be
+// dead-lettered again.
+var ErrTruncated = errors.New("not replayed")
+
+// truncatedRefusal describes the dead letters that Replay kept because
+// they are truncated (at most ten by id), or is nil if there were none.
+func truncatedRefusal(group string, ids []string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	named := strings.Join(ids[:min(len(ids), 10)], ", ")
+	if len(ids) > 10 {
+		named += fmt.Sprintf(" and %d more", len(ids)-10)
+	}
+	return fmt.Errorf("%w: %d dead letter(s) of %s keep only the first %d bytes of a payload too large to keep whole, "+
+		"and would only be dead-lettered again (%s); they are kept", ErrTruncated, len(ids), group, truncatedPayloadBytes, named)
 }
 
 // refusal describes the dead letters that Replay kept because group does
@@ -375,6 +411,7 @@ func parseDeadLetter(group string, x redis.XMessage) DeadLetter {
 		Consumer: str(v[dlqConsumer]),
 	}
 	dl.Attempts, _ = strconv.Atoi(str(v[dlqAttempts]))
+	dl.TruncatedFrom, _ = strconv.ParseInt(str(v[dlqTruncatedFrom]), 10, 64)
 	dl.FirstFailedAt, _ = time.Parse(time.RFC3339Nano, str(v[dlqFirstFailedAt]))
 	dl.LastFailedAt, _ = time.Parse(time.RFC3339Nano, str(v[dlqLastFailedAt]))
 	if dl.FirstFailedAt.IsZero() {

@@ -210,7 +210,8 @@ type eventPtr[E any] interface {
 // Permanent(err) (dead-letter now). It never sees Redis or Watermill.
 //
 // P's type and version must be registered in package events. An entry of
-// another version of the type is dead-lettered; an entry without a version
+// another version of the type is dead-lettered, and so is one whose
+// event_version is not a version ("2.0", "v2"); an entry without a version
 // (from a plain Watermill publisher) is read as P's.
 func Handle[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.Context, ev P) error, opts ...HandlerOption) error {
 	return register[E, P](r, group, h, nil, opts)
@@ -282,8 +283,13 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 		return t
 	}
 	// decode checks a delivery's type and version (see Handle) and
-	// decodes its payload into a P.
-	decode := func(env events.Envelope, payload []byte) (P, error) {
+	// decodes its payload into a P. envErr is what reading the envelope
+	// found wrong (a malformed event_version), which decides before the
+	// payload is looked at.
+	decode := func(env events.Envelope, envErr error, payload []byte) (P, error) {
+		if envErr != nil {
+			return nil, envErr
+		}
 		if env.Type != typ {
 			return nil, Permanent(fmt.Errorf("event type %q arrived on the stream of %q", env.Type, typ))
 		}
@@ -324,7 +330,7 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 		}
 	}
 	// run handles one delivery: its context, envelope and payload.
-	run := func(mctx context.Context, env events.Envelope, payload []byte) (err error) {
+	run := func(mctx context.Context, env events.Envelope, envErr error, payload []byte) (err error) {
 		start := now()
 		defer func() {
 			if p := recover(); p != nil {
@@ -333,7 +339,7 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 			}
 			report(env, start, err)
 		}()
-		ev, err := decode(env, payload)
+		ev, err := decode(env, envErr, payload)
 		if err != nil {
 			return err
 		}
@@ -344,7 +350,8 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 	case len(r.cfg.Middlewares) > 0:
 		// A middleware sees the Watermill message.
 		hf := func(msg *message.Message) ([]*message.Message, error) {
-			return nil, run(msg.Context(), messageEnvelope(msg, typ), msg.Payload)
+			env, envErr := messageEnvelope(msg, typ)
+			return nil, run(msg.Context(), env, envErr, msg.Payload)
 		}
 		for i := len(r.cfg.Middlewares) - 1; i >= 0; i-- {
 			hf = r.cfg.Middlewares[i](hf)
@@ -357,14 +364,15 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 		// Without middleware, no Watermill message is made: the envelope
 		// is read from the entry's metadata pairs.
 		rt.start = func(d *delivery) {
-			f := &asyncDone{d: d, env: entryEnvelope(&d.em, typ), start: now(), report: report}
+			env, envErr := entryEnvelope(&d.em, typ)
+			f := &asyncDone{d: d, env: env, start: now(), report: report}
 			defer func() {
 				if p := recover(); p != nil {
 					log.Error("handler panicked", "event_id", f.env.ID, "panic", p, "stack", string(debug.Stack()))
 					f.done(fmt.Errorf("handler panicked: %v", p))
 				}
 			}()
-			ev, err := decode(f.env, readOnlyBytes(d.em.payload))
+			ev, err := decode(f.env, envErr, readOnlyBytes(d.em.payload))
 			if err != nil {
 				f.done(err)
 				return
@@ -373,7 +381,8 @@ func register[E any, P eventPtr[E]](r *Router, group string, h func(ctx context.
 		}
 	default:
 		rt.call = func(d *delivery) error {
-			return run(d.ctx, entryEnvelope(&d.em, typ), readOnlyBytes(d.em.payload))
+			env, envErr := entryEnvelope(&d.em, typ)
+			return run(d.ctx, env, envErr, readOnlyBytes(d.em.payload))
 		}
 	}
 	r.mu.Lock()

@@ -235,6 +235,195 @@ func TestTypedHandlerVersions(t *testing.T) {
 	}
 }
 
+// An entry whose event_version is present but not a version ("v2", "2.0",
+// " 2") is dead-lettered at once, naming it, and its handler never runs:
+// read as no version, it would be decoded as the handler's own version
+// while its producer says it is another. So it is whether the handler is
+// synchronous, asynchronous or behind a middleware.
+func TestMalformedVersionIsDeadLettered(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		name   string
+		router func(*testing.T, *fixture) *bus.Router
+		async  bool
+	}{
+		{name: "handle", router: func(t *testing.T, f *fixture) *bus.Router { return newRouter(t, f, 5*time.Second) }},
+		{name: "handle async", async: true, router: func(t *testing.T, f *fixture) *bus.Router { return newRouter(t, f, 5*time.Second) }},
+		{name: "middleware", router: func(t *testing.T, f *fixture) *bus.Router {
+			return newMiddlewareRouter(t, f, func(h message.HandlerFunc) message.HandlerFunc { return h })
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f := newFixture(t)
+			r := tt.router(t, f)
+			pub := routerPublisher(t, f)
+			got := make(chan *events.EmailRequested, 10)
+			var err error
+			if tt.async {
+				err = bus.HandleAsync(r, f.group, func(ctx context.Context, ev *events.EmailRequested, done func(error)) {
+					got <- ev
+					done(nil)
+				})
+			} else {
+				err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailRequested) error {
+					got <- ev
+					return nil
+				})
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			stop := runRouter(t, r)
+			defer stop()
+
+			stream := f.topic + ":" + events.TypeEmailRequested
+			publish := func(version string) string {
+				ev := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now().UTC()}
+				payload, err := json.Marshal(ev)
+				if err != nil {
+					t.Fatal(err)
+				}
+				msg := message.NewMessage(watermill.NewUUID(), payload)
+				msg.Metadata.Set(bus.MetaEventType, events.TypeEmailRequested)
+				msg.Metadata.Set(bus.MetaEventVersion, version)
+				if err := pub.Publish(stream, msg); err != nil {
+					t.Fatal(err)
+				}
+				return ev.EmailID
+			}
+			bad := map[string]string{} // event id to version
+			for _, v := range []string{"v2", "2.0", " 2"} {
+				bad[publish(v)] = v
+			}
+			good := publish("1")
+			select {
+			case ev := <-got:
+				if ev.EmailID != good {
+					t.Fatalf("handled %s, of version %q; want only the entry of version 1", ev.EmailID, bad[ev.EmailID])
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatal("the entry of version 1 was not handled")
+			}
+			dl := bus.NewDeadLetters(f.rdb)
+			eventually(t, "the entries of malformed versions dead-lettered", func() bool {
+				n, _ := dl.Count(t.Context(), f.group)
+				return n == int64(len(bad))
+			})
+			list, err := dl.List(t.Context(), f.group, "", 10)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, d := range list {
+				v := d.Metadata[bus.MetaEventVersion]
+				if d.Attempts != 1 || !strings.Contains(d.Error, fmt.Sprintf("event_version %q is not a version", v)) {
+					t.Errorf("dead letter of version %q: attempts %d, error %q; want one attempt, naming the version", v, d.Attempts, d.Error)
+				}
+			}
+			select {
+			case ev := <-got:
+				t.Fatalf("handler ran for %s, of version %q", ev.EmailID, bad[ev.EmailID])
+			default:
+			}
+		})
+	}
+}
+
+// An entry whose payload is over bus.MaxPayloadBytes is dead-lettered at
+// once as too large, without being decoded: the handler never runs, even
+// though this one would decode (its bulk is a member the event does not
+// have, which decoding ignores). Its dead letter keeps the first 64 KiB of
+// the payload and records its size, and replay refuses it, since the rest
+// is gone. An entry as large that cannot be decoded at all is kept
+// truncated as well.
+func TestOversizedPayloadIsDeadLetteredTruncated(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	r := newRouter(t, f, 5*time.Second)
+	pub := routerPublisher(t, f)
+	handled := make(chan string, 10)
+	if err := bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailRequested) error {
+		handled <- ev.EmailID
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	stream := f.topic + ":" + events.TypeEmailRequested
+	t.Cleanup(func() { _ = f.rdb.Del(context.Background(), stream, bus.DeadLetterStream(f.group)).Err() })
+	stop := runRouter(t, r)
+	defer stop()
+
+	const kept = 64 << 10
+	ev := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now().UTC()}
+	small, err := json.Marshal(ev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload := string(small[:len(small)-1]) + `,"padding":"` + strings.Repeat("x", 5<<20) + `"}`
+	big := message.NewMessage(watermill.NewUUID(), []byte(payload))
+	big.Metadata.Set(bus.MetaEventType, events.TypeEmailRequested)
+	big.Metadata.Set(bus.MetaEventVersion, "1")
+	if err := pub.Publish(stream, big); err != nil {
+		t.Fatal(err)
+	}
+	// Written straight into Redis, without the field that names the
+	// message: undecodable, and as large.
+	if err := f.rdb.XAdd(t.Context(), &redis.XAddArgs{Stream: stream, Values: []any{"payload", payload}}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	ok := &events.EmailRequested{EmailID: events.NewID(), To: "a@example.com", Subject: "s", Body: "b", RequestedAt: time.Now().UTC()}
+	if _, err := pub.PublishEvent(t.Context(), ok); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case id := <-handled:
+		if id != ok.EmailID {
+			t.Fatalf("handled %s; want only the event of a normal size, %s", id, ok.EmailID)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the event of a normal size was not handled")
+	}
+
+	dl := bus.NewDeadLetters(f.rdb)
+	eventually(t, "both large entries dead-lettered", func() bool { n, _ := dl.Count(t.Context(), f.group); return n == 2 })
+	list, err := dl.List(t.Context(), f.group, "", 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	letter, raw := list[0], list[1]
+	if letter.Raw != nil {
+		letter, raw = raw, letter
+	}
+	if letter.EventID != big.UUID || letter.EventType != events.TypeEmailRequested || letter.Attempts != 1 ||
+		!strings.Contains(letter.Error, "too large") || !strings.Contains(letter.Error, fmt.Sprint(len(payload))) {
+		t.Errorf("dead letter = id %s, type %s, %d attempts, error %q; want %s, one attempt, too large, naming its size",
+			letter.EventID, letter.EventType, letter.Attempts, letter.Error, big.UUID)
+	}
+	if letter.Payload != payload[:kept] || letter.TruncatedFrom != int64(len(payload)) {
+		t.Errorf("dead letter keeps %d bytes of the payload (its start: %v), truncated from %d; want the first %d, truncated from %d",
+			len(letter.Payload), strings.HasPrefix(payload, letter.Payload), letter.TruncatedFrom, kept, len(payload))
+	}
+	if raw.Raw["payload"] != payload[:kept] || raw.TruncatedFrom != int64(len("payload")+len(payload)) ||
+		!strings.Contains(raw.Error, "too large") {
+		t.Errorf("undecodable dead letter keeps %d bytes of the payload, truncated from %d, error %q; want %d, from %d, too large",
+			len(raw.Raw["payload"]), raw.TruncatedFrom, raw.Error, kept, len("payload")+len(payload))
+	}
+	select {
+	case id := <-handled:
+		t.Fatalf("handler ran for %s", id)
+	default:
+	}
+
+	// Replayed, a truncated payload could only be dead-lettered again.
+	n, err := dl.Replay(t.Context(), f.group)
+	if n != 0 || !errors.Is(err, bus.ErrTruncated) || !strings.Contains(err.Error(), letter.ID) || !strings.Contains(err.Error(), raw.ID) {
+		t.Errorf("replay of the truncated letters = %d, %v; want 0, refused, naming both", n, err)
+	}
+	if count, _ := dl.Count(t.Context(), f.group); count != 2 {
+		t.Errorf("%d dead letters after the refused replay; want both kept", count)
+	}
+}
+
 // unregistered is an event that package events does not know.
 type unregistered struct{}
 

@@ -1151,6 +1151,16 @@ func (sub *subscription) deliverOne(ctx context.Context, stream string, e entry,
 		s.release(1)
 		return true // a dead letter is written: read the clock again
 	}
+	if len(em.payload) > MaxPayloadBytes {
+		// No producer of Conveyor's makes such a payload, and no retry
+		// makes it smaller: it is dead-lettered before anything decodes
+		// or copies it.
+		if sub.deadLetterTooLarge(ctx, stream, e.id, &em) == nil {
+			s.deadLettered()
+		}
+		s.release(1)
+		return true // a dead letter is written: read the clock again
+	}
 	if c := deliveryCount(counts, stream, e.id); c > int64(s.cfg.MaxDeliveries) {
 		if sub.deadLetter(ctx, stream, e.id, em.message(true), fmt.Sprintf(
 			"delivered %d times without being acknowledged: its consumer probably crashes or hangs on it", c),
@@ -1558,11 +1568,59 @@ func (sub *subscription) deadLetter(ctx context.Context, stream, id string, msg 
 	}, reason, attempts)
 }
 
+// MaxPayloadBytes bounds the payload of an entry that consumers take. An
+// entry with a larger one is dead-lettered as permanent, undecoded, with
+// only its first truncatedPayloadBytes kept (deadLetterTooLarge).
+//
+// It is four times the api's limit on JSON bodies (1 MiB), which bounds
+// every event it publishes, one or a batch of them: a payload encoded
+// again from a body can grow somewhat (an invalid UTF-8 byte decodes to
+// the three bytes of U+FFFD), never fourfold. The events the handlers
+// publish are smaller still.
+const MaxPayloadBytes = 4 << 20
+
+// truncatedPayloadBytes is how much of a payload over MaxPayloadBytes its
+// dead letter keeps: enough to tell what the entry was. Whole copies would
+// not do: the dead-letter stream's cap counts entries, not bytes.
+const truncatedPayloadBytes = 64 << 10
+
+// deadLetterTooLarge moves an entry whose payload is over MaxPayloadBytes
+// to the dead letters, keeping its id and metadata and the start of its
+// payload, and the payload's size (dlqTruncatedFrom), which makes Replay
+// refuse it: the rest of the payload is gone.
+func (sub *subscription) deadLetterTooLarge(ctx context.Context, stream, id string, em *entryMessage) error {
+	meta := make(map[string]string, len(em.meta)/2)
+	for i := 0; i+1 < len(em.meta); i += 2 {
+		meta[em.meta[i]] = em.meta[i+1]
+	}
+	md, _ := msgpack.Marshal(meta)
+	return sub.writeDeadLetter(ctx, stream, id, []any{
+		fieldUUID, em.uuid,
+		fieldMetadata, md,
+		fieldPayload, em.payload[:truncatedPayloadBytes],
+		dlqFirstFailedAt, em.Get(MetaFirstFailedAt),
+		dlqTruncatedFrom, strconv.Itoa(len(em.payload)),
+	}, fmt.Sprintf("payload too large: %d bytes, over the limit of %d (bus.MaxPayloadBytes); not decoded, and only its first %d bytes are kept",
+		len(em.payload), MaxPayloadBytes, truncatedPayloadBytes), attemptOf(em))
+}
+
 // deadLetterRaw moves an entry that could not be decoded, with all its
-// fields as they were.
+// fields as they were; but of an entry larger than MaxPayloadBytes, as of
+// a payload that large, only the first truncatedPayloadBytes of each field
+// are kept.
 func (sub *subscription) deadLetterRaw(ctx context.Context, stream string, e entry, reason string, attempts int) {
-	raw := encodeMetadata(e.valueMap())
-	err := sub.writeDeadLetter(ctx, stream, e.id, []any{dlqRaw, raw}, reason, attempts)
+	values := e.valueMap()
+	var truncated []any
+	if size := e.size(); size > MaxPayloadBytes {
+		for k, v := range values {
+			values[k] = v[:min(len(v), truncatedPayloadBytes)]
+		}
+		truncated = []any{dlqTruncatedFrom, strconv.Itoa(size)}
+		reason += fmt.Sprintf("; the entry is too large: %d bytes, over the limit of %d (bus.MaxPayloadBytes), and only the first %d bytes of each field are kept",
+			size, MaxPayloadBytes, truncatedPayloadBytes)
+	}
+	raw := encodeMetadata(values)
+	err := sub.writeDeadLetter(ctx, stream, e.id, append([]any{dlqRaw, raw}, truncated...), reason, attempts)
 	if err != nil {
 		// It stays pending; the claim loop brings it back to try again.
 		sub.s.log.Error("dead-letter undecodable entry", "stream", stream, "entry_id", e.id, "error", err)

@@ -30,6 +30,15 @@ func (e entry) valueMap() map[string]string {
 	return m
 }
 
+// size returns the bytes of the entry's field names and values.
+func (e entry) size() int {
+	n := 0
+	for _, f := range e.fields {
+		n += len(f)
+	}
+	return n
+}
+
 // streamEntries are the entries a read returned from one stream.
 type streamEntries struct {
 	stream  string

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -57,7 +58,9 @@ type Schedule struct {
 	Event string `yaml:"event"`
 	// Data is the event payload. In string values, ${tick_id} becomes a
 	// UUID unique to the tick (for ids such as email_id) and ${tick_time}
-	// the tick's time in RFC 3339.
+	// the tick's time in RFC 3339. The id of what the event creates
+	// (perTickIDs: email_id, doc_id) must contain ${tick_id}; left out, it
+	// is set to what ${tick_id} gives.
 	Data map[string]any `yaml:"data"`
 	// Missed is skip (default) or catch_up.
 	Missed string `yaml:"missed"`
@@ -173,11 +176,49 @@ func (s *Schedule) prepare() error {
 	if s.job == nil {
 		if events.LatestVersion(s.Event) == 0 {
 			fail("unknown event type %q (known: %s)", s.Event, strings.Join(events.Types(), ", "))
-		} else if _, err := s.event(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)); err != nil {
-			fail("data: %v", err)
+		} else {
+			if id, ok := perTickIDs[s.Event]; ok {
+				for _, k := range s.idKeys(id.field) {
+					if v, isString := s.Data[k].(string); !isString || !strings.Contains(v, "${tick_id}") {
+						fail("data.%s must contain ${tick_id}, or be left out to get a new id at every tick: %s", k, id.why)
+					}
+				}
+			}
+			if _, err := s.event(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)); err != nil {
+				fail("data: %v", err)
+			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// perTickIDs names, by event type, the member of data that identifies what
+// the event creates, and why a fixed value there is refused. Consumers
+// deduplicate on that id, so a schedule that gives every tick the same one
+// would act on its first tick only; the events that merely report on an
+// existing email or document (email.sent, document.processed, ...) name it
+// on purpose and are not listed.
+var perTickIDs = map[string]struct{ field, why string }{
+	events.TypeEmailRequested: {"email_id", "the email sender sends each email_id once (its sent mark lasts 7 days), " +
+		"so every later tick would send nothing and still publish email.sent"},
+	events.TypeEmailScheduled: {"email_id", "every tick would name the same email, " +
+		"which keeps the status its first tick gave it"},
+	events.TypeDocumentUploaded: {"doc_id", "every tick would name the same document, " +
+		"whose record each tick would overwrite instead of adding its own"},
+}
+
+// idKeys returns the keys of Data that decode into the member field.
+// encoding/json matches member names without regard to case, so "Email_ID"
+// sets email_id as well, and must be checked as well.
+func (s *Schedule) idKeys(field string) []string {
+	var keys []string
+	for k := range s.Data {
+		if strings.EqualFold(k, field) {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	return keys
 }
 
 func (s *Schedule) enabled() bool { return s.Enabled == nil || *s.Enabled }
@@ -305,16 +346,27 @@ func (s *Schedule) tickID(tick time.Time) string {
 }
 
 // event builds the tick's event from Data.
+//
+// Data is decoded strictly, as the API decodes what clients send: a member
+// the event does not have (a misspelt "subjet", an unsupported "cc") is an
+// error naming it, not dropped in silence at every tick.
 func (s *Schedule) event(tick time.Time) (events.Event, error) {
+	tickID := events.DerivedIDAt(tick, s.tickKey(tick)+"/data")
 	data := substitute(s.Data, map[string]string{
-		"${tick_id}":   events.DerivedIDAt(tick, s.tickKey(tick)+"/data"),
+		"${tick_id}":   tickID,
 		"${tick_time}": tick.UTC().Format(time.RFC3339),
-	})
+	}).(map[string]any)
+	// Left out, the id of what the event creates is the tick's own: the
+	// same in every replica and when a tick is fired again, so that
+	// consumers still deduplicate a repeat, and new at every tick.
+	if id, ok := perTickIDs[s.Event]; ok && len(s.idKeys(id.field)) == 0 {
+		data[id.field] = tickID
+	}
 	raw, err := json.Marshal(data)
 	if err != nil {
 		return nil, err
 	}
-	return events.Decode(s.Event, 0, raw)
+	return events.DecodeStrict(s.Event, 0, raw)
 }
 
 func substitute(v any, repl map[string]string) any {

@@ -230,3 +230,63 @@ func TestFileValidate(t *testing.T) {
 		})
 	}
 }
+
+// TestFileValidateChecksDataAsTheAPIDoes: a schedule's data is refused, with
+// an error naming the member, when it fixes the id of what its event
+// creates (consumers deduplicate on that id, so only the first tick would
+// take effect: an email.requested schedule would send one email and then
+// report every later one sent), or when it has a member the event does not
+// have (dropped in silence otherwise). An id left out is filled in per tick,
+// and events that report on an existing email or document may name it.
+func TestFileValidateChecksDataAsTheAPIDoes(t *testing.T) {
+	t.Parallel()
+	const fixed = "0190d4c6-8a0a-7cc8-b3a1-5d1f9ac4e2b7"
+	email := func(extra string) string {
+		return "schedules:\n  - name: digest\n    cron: \"@daily\"\n    event: email.requested\n" +
+			"    data: {to: ops@example.com, subject: s, body: b, requested_at: \"${tick_time}\"" + extra + "}\n"
+	}
+	for _, tt := range []struct {
+		name, yaml string
+		want       []string // empty: accepted
+	}{
+		{name: "fixed email_id", yaml: email(", email_id: " + fixed),
+			want: []string{`"digest"`, "data.email_id", "${tick_id}", "email.sent"}},
+		{name: "fixed email_id in other letter case", yaml: email(", EMAIL_ID: " + fixed),
+			want: []string{`"digest"`, "data.EMAIL_ID", "${tick_id}"}},
+		{name: "fixed email_id of a scheduled email", yaml: "schedules:\n  - {name: later, cron: \"@daily\", event: email.scheduled, " +
+			"data: {email_id: " + fixed + ", to: ops@example.com, send_at: \"${tick_time}\", scheduled_at: \"${tick_time}\"}}\n",
+			want: []string{`"later"`, "data.email_id", "${tick_id}"}},
+		{name: "fixed doc_id", yaml: "schedules:\n  - {name: upload, cron: \"@daily\", event: document.uploaded, data: {doc_id: " + fixed +
+			", filename: a.txt, size: 1, sha256: " + strings.Repeat("a", 64) + ", blob_key: " + strings.Repeat("a", 64) + ", uploaded_at: \"${tick_time}\"}}\n",
+			want: []string{`"upload"`, "data.doc_id", "${tick_id}"}},
+		{name: "unknown member", yaml: email(", email_id: \"${tick_id}\", cc: boss@example.com"),
+			want: []string{`"digest"`, "cc", "not a known field"}},
+		{name: "email_id per tick", yaml: email(", email_id: \"${tick_id}\"")},
+		{name: "email_id left out", yaml: email("")},
+		{name: "a report on an existing email names it", yaml: "schedules:\n  - {name: report, cron: \"@daily\", event: email.sent, " +
+			"data: {email_id: " + fixed + ", attempts: 1, sent_at: \"${tick_time}\"}}\n"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			f, err := scheduler.ParseFile([]byte(tt.yaml), "test.yaml")
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = f.Validate()
+			if len(tt.want) == 0 {
+				if err != nil {
+					t.Fatalf("Validate = %v, want it accepted", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("Validate accepted it, want an error naming %q", tt.want)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("Validate = %q, lacks %q", err, w)
+				}
+			}
+		})
+	}
+}

@@ -57,7 +57,10 @@ other groups of the stream are not affected. Replaying a letter twice (two
 replays at once, or one run again after it was interrupted) puts it back
 once. Replay keeps, and reports, a letter of a stream that its group does
 not read in any role (a retired group): nobody would read its retry
-stream. --force replays it anyway.
+stream. --force replays it anyway. It also keeps, and reports, a letter
+of a payload too large to take (over 4 MiB), which keeps only the first
+64 KiB of it (show prints its size as truncated_from): replayed, it would
+only be dead-lettered again, --force or not.
 
 When a page of list is full and more letters follow, list ends with the
 command for the next page (JSON: next_after on the page's last letter).`,
@@ -213,6 +216,9 @@ func dlqVerb(ctx context.Context, env *environment, dl *bus.DeadLetters, opts *d
 				dl = dl.WithTopology(topology())
 			}
 			n, err = dl.Replay(ctx, *opts.group, ids...)
+			if errors.Is(err, bus.ErrTruncated) {
+				err = fmt.Errorf("%w\n(dlq show prints what a truncated letter keeps; dlq purge removes it)", err)
+			}
 			if errors.Is(err, bus.ErrNotInTopology) {
 				err = fmt.Errorf("%w\n(--force replays them anyway)", err)
 			}
