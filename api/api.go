@@ -13,6 +13,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"path"
 	"strconv"
 	"strings"
 	"time"
@@ -76,6 +77,13 @@ type Config struct {
 	MaxUploadBytes int64
 	// MaxJSONBytes bounds JSON bodies. Defaults to 1 MiB.
 	MaxJSONBytes int64
+	// JSONBodyTimeout bounds how long a JSON route waits for its body,
+	// from the moment it starts reading it: the server's read timeout is
+	// set for uploads (minutes), far longer than a body of at most
+	// MaxJSONBytes needs, and a client that trickles one in must not hold
+	// its connection and handler that long. Defaults to
+	// DefaultJSONBodyTimeout.
+	JSONBodyTimeout time.Duration
 	// MaxConcurrentUploads bounds the uploads received at once: each holds
 	// up to about 3.3 MiB of buffers while its body streams in, so this
 	// bounds the memory of a burst (or of many slow clients). One more
@@ -109,6 +117,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxJSONBytes == 0 {
 		c.MaxJSONBytes = 1 << 20
+	}
+	if c.JSONBodyTimeout == 0 {
+		c.JSONBodyTimeout = DefaultJSONBodyTimeout
 	}
 	if c.MaxConcurrentUploads == 0 {
 		c.MaxConcurrentUploads = 64
@@ -157,8 +168,15 @@ func (c *Config) Validate() error {
 	if c.UploadWait < 0 {
 		errs = append(errs, errors.New("api: UploadWait must not be negative"))
 	}
+	if c.JSONBodyTimeout < 0 {
+		errs = append(errs, errors.New("api: JSONBodyTimeout must be positive"))
+	}
 	return errors.Join(errs...)
 }
+
+// DefaultJSONBodyTimeout is the default of Config.JSONBodyTimeout: a
+// JSON body of 1 MiB arrives well within it even on a slow mobile link.
+const DefaultJSONBodyTimeout = 30 * time.Second
 
 // API serves Conveyor's HTTP API v1.
 type API struct {
@@ -191,7 +209,32 @@ func (a *API) Handler() http.Handler {
 	a.route(mux, "POST /v1/events/batch", a.postEventBatch)
 	Ops(mux, a.cfg.Checks, a.cfg.Registry)
 	mux.Handle("/", a.metrics.wrap(unmatchedRoute, unrouted(mux)))
-	return a.recoverer(mux)
+	return a.recoverer(cleanPathsOnly(mux, a.metrics.wrap(unmatchedRoute, http.HandlerFunc(notFound))))
+}
+
+// cleanPathsOnly serves a request whose path is clean with next, and any
+// other (a doubled or trailing slash, a "." or ".." segment) with
+// unclean. http.ServeMux would answer such a path with a redirect to its
+// clean form, without a body and unseen by the metrics, and a client that
+// followed it would send its request to a route it did not name
+// (/v1/emails/../events is /v1/events). No route ends in a slash, so a
+// trailing one is not clean either; "/" itself is. The path is looked at
+// as it was sent (escaped), as the mux matches it: an escaped slash is
+// part of a segment, not a separator (/v1/documents/..%2fx asks for the
+// document "../x", a malformed id).
+func cleanPathsOnly(next, unclean http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p := r.URL.EscapedPath(); p != "/" && path.Clean(p) != p {
+			unclean.ServeHTTP(w, r)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// notFound answers a path the API does not have.
+func notFound(w http.ResponseWriter, r *http.Request) {
+	writeError(w, http.StatusNotFound, "not_found", "no such endpoint: "+r.Method+" "+r.URL.Path)
 }
 
 // unrouted answers, in JSON, what no other pattern of mux matches: 405
@@ -214,7 +257,7 @@ func unrouted(mux *http.ServeMux) http.HandlerFunc {
 				r.Method+" is not allowed on "+r.URL.Path+"; allowed: "+strings.Join(allow, ", "))
 			return
 		}
-		writeError(w, http.StatusNotFound, "not_found", "no such endpoint: "+r.Method+" "+r.URL.Path)
+		notFound(w, r)
 	}
 }
 

@@ -402,12 +402,8 @@ func (a *API) uploadReadError(err error) (int, any) {
 	if errors.Is(err, blob.ErrTooLarge) || errors.As(err, &mbe) {
 		return errResp(http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("the document exceeds the limit of %d bytes", limit))
 	}
-	if errors.Is(err, context.Canceled) {
-		return errResp(499, "client_closed", "the client went away")
-	}
-	var perr interface{ Timeout() bool }
-	if errors.As(err, &perr) && perr.Timeout() {
-		return errResp(http.StatusRequestTimeout, "timeout", "the upload took too long")
+	if status, resp, ok := clientReadError(err, "the upload took too long"); ok {
+		return status, resp
 	}
 	// A part header that is not valid MIME (a control character in a
 	// filename, say) is the client's error, as is a body cut short.
@@ -421,6 +417,26 @@ func (a *API) uploadReadError(err error) (int, any) {
 	}
 	a.log.Error("cannot store an upload", "error", err)
 	return errResp(http.StatusServiceUnavailable, "unavailable", "cannot store the document right now; retry later")
+}
+
+// clientReadError is the answer to a request whose body could not be read
+// through its client's doing, and ok is false for any other error: a
+// client that went away gets 499 (only the logs and metrics see it), one
+// that sent its body too slowly for the read deadline gets 408 with
+// message slow. A deadline that passed fails the read with a net.Error
+// whose Timeout is true (os.ErrDeadlineExceeded, wrapped), which is how it
+// is told apart.
+func clientReadError(err error, slow string) (status int, resp any, ok bool) {
+	if errors.Is(err, context.Canceled) {
+		status, resp = errResp(499, "client_closed", "the client went away")
+		return status, resp, true
+	}
+	var perr interface{ Timeout() bool }
+	if errors.As(err, &perr) && perr.Timeout() {
+		status, resp = errResp(http.StatusRequestTimeout, "timeout", slow)
+		return status, resp, true
+	}
+	return 0, nil, false
 }
 
 // cleanFilename keeps the base name, without control characters, at most

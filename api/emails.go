@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"reflect"
 	"strings"
+	"syscall"
 	"time"
 
 	fastjson "github.com/goccy/go-json"
@@ -61,6 +62,28 @@ type emailRequest struct {
 	SendAt *jsonTime `json:"send_at,omitempty"`
 }
 
+// fingerprint identifies the request for its Idempotency-Key by what was
+// decoded, not by the JSON it came in: the decoder matches member names
+// without regard to case and keeps the last of those that match, so
+// {"to":A,"TO":B} and {"TO":B,"to":A} are one JSON value (two members each)
+// but two emails, to B and to A. A retry that encodes the same request
+// again, its members in another order or its send_at in another zone, has
+// the same fingerprint.
+func (r emailRequest) fingerprint() string {
+	decoded := struct {
+		To      string     `json:"to"`
+		Subject string     `json:"subject"`
+		Body    string     `json:"body"`
+		SendAt  *time.Time `json:"send_at"`
+	}{To: r.To, Subject: r.Subject, Body: r.Body}
+	if r.SendAt != nil {
+		at := r.SendAt.UTC()
+		decoded.SendAt = &at
+	}
+	b, _ := json.Marshal(decoded) // strings and a time: cannot fail
+	return fingerprint(append([]byte("email\x00"), b...))
+}
+
 type acceptedEmail struct {
 	EmailID string     `json:"email_id"`
 	Status  string     `json:"status"`
@@ -72,13 +95,18 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	// A record written before fingerprints were of the JSON as a value
-	// holds that of the bytes: a retry of it must still match.
-	a.idempotent(w, r, "email", []string{jsonFingerprint(body), fingerprint(body)}, nil, func(r *http.Request) (int, any) {
-		var req emailRequest
-		if status, resp, ok := decodeStrict(body, &req); !ok {
-			return status, resp
-		}
+	// Decoded before the Idempotency-Key is looked at, so that the key is
+	// held to what was decoded (see emailRequest.fingerprint).
+	var req emailRequest
+	if status, resp, ok := decodeStrict(body, &req); !ok {
+		writeJSON(w, status, resp)
+		return
+	}
+	// Records written before fingerprints were of the decoded request hold
+	// that of the JSON as a value, or before that of the bytes: a retry of
+	// one must still match.
+	fps := []string{req.fingerprint(), jsonFingerprint(body), fingerprint(body)}
+	a.idempotent(w, r, "email", fps, nil, func(r *http.Request) (int, any) {
 		ev := &events.EmailRequested{
 			EmailID:     events.NewID(),
 			To:          strings.TrimSpace(req.To),
@@ -140,7 +168,12 @@ func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, send
 		held.DeliverAt, held.Then = &sendAt, notice
 		held.ViewKey, held.View = acceptedEmailKey(ev.EmailID), rawView
 		rawResp, _ := json.Marshal(resp)
-		if err := a.cfg.Idem.Prepare(ctx, call.key, idem.Record{Fingerprint: call.fingerprint, Owner: call.owner, Status: http.StatusAccepted, Body: rawResp, Pending: held}); err != nil {
+		// The record and the once-markers are kept until sendAt plus
+		// their usual time, as /v1/events keeps a held-back event's id:
+		// send_at may lie further ahead than that time, and a retry
+		// that found neither would schedule the email a second time.
+		call.retainUntil = &sendAt
+		if err := a.cfg.Idem.Prepare(ctx, call.key, idem.Record{Fingerprint: call.fingerprint, Owner: call.owner, Status: http.StatusAccepted, Body: rawResp, Pending: held, RetainUntil: &sendAt}); err != nil {
 			if errors.Is(err, idem.ErrClaimLost) {
 				out := a.claimLost(call.key)
 				return out.status, out.body
@@ -149,14 +182,14 @@ func (a *API) scheduleEmail(ctx context.Context, ev *events.EmailRequested, send
 			return unavailable()
 		}
 		call.prepared = true
-		if err := a.publishPrepared(ctx, held, ev); err != nil {
+		if err := a.publishPrepared(ctx, held, ev, &sendAt); err != nil {
 			a.log.Error("schedule email", "email_id", ev.EmailID, "error", err)
 			return unavailable()
 		}
 		// The email is held back and will be sent: the notice that shows it
 		// as scheduled is worth a few more tries (appended once by its id)
 		// before answering 503, which a retry under the key would finish.
-		if err := a.retryFor(ctx, settleFor, func(ctx context.Context) error { return a.publishPrepared(ctx, notice, sched) }); err != nil {
+		if err := a.retryFor(ctx, settleFor, func(ctx context.Context) error { return a.publishPrepared(ctx, notice, sched, &sendAt) }); err != nil {
 			a.log.Error("schedule email: held back, but its notice is not published; a retry under the key finishes it", "email_id", ev.EmailID, "error", err)
 			return unavailable()
 		}
@@ -221,7 +254,9 @@ func (a *API) getEmail(w http.ResponseWriter, r *http.Request) {
 // jsonFingerprint is the fingerprint of a JSON body as a value: a retry
 // whose client encoded the same request again, with its members in another
 // order or other white space, has the same one. A body that is not JSON
-// has that of its bytes.
+// has that of its bytes. Emails were fingerprinted so before their
+// fingerprint was of the decoded request; it only matches records written
+// then.
 func jsonFingerprint(body []byte) string {
 	var v any
 	if json.Unmarshal(body, &v) == nil {
@@ -234,6 +269,15 @@ func jsonFingerprint(body []byte) string {
 
 // readJSONBody checks the content type and reads a bounded JSON body,
 // answering the error itself when it returns false.
+//
+// The body is read under a deadline of its own, JSONBodyTimeout: the
+// server's read timeout is long enough for an upload, and a client that
+// trickles in a small body must not hold a handler that long. Once the body
+// is read, the deadline is lifted, so that it bounds the body only: net/http
+// reads the connection in the background while a request is served (to
+// notice a client that goes away; from the start for a request without a
+// body), and that read failing on the deadline would cancel the context of
+// a request still being served.
 func (a *API) readJSONBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		mt, _, err := mime.ParseMediaType(ct)
@@ -242,17 +286,36 @@ func (a *API) readJSONBody(w http.ResponseWriter, r *http.Request) ([]byte, bool
 			return nil, false
 		}
 	}
+	rc := http.NewResponseController(w)
+	// A writer that cannot set deadlines (http.ErrNotSupported) leaves the
+	// server's read timeout in force, which still bounds the read.
+	_ = rc.SetReadDeadline(time.Now().Add(a.cfg.JSONBodyTimeout))
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, a.cfg.MaxJSONBytes))
-	if err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			writeError(w, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("the JSON body exceeds %d bytes", a.cfg.MaxJSONBytes))
-			return nil, false
-		}
-		writeError(w, http.StatusBadRequest, "bad_request", "cannot read the body")
+	if err == nil {
+		_ = rc.SetReadDeadline(time.Time{})
+		return body, true
+	}
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		writeError(w, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("the JSON body exceeds %d bytes", a.cfg.MaxJSONBytes))
 		return nil, false
 	}
-	return body, true
+	if status, resp, ok := clientReadError(err, fmt.Sprintf("the body did not arrive within %s", a.cfg.JSONBodyTimeout)); ok {
+		writeJSON(w, status, resp)
+		return nil, false
+	}
+	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) {
+		// The connection ended before the body did: the client went
+		// away, as when its request is cancelled. (An upload answers an
+		// unexpected end with 400 bad_multipart, since there the
+		// multipart parser also reports a body that lacks its closing
+		// boundary; a JSON body is read whole before it is parsed, so
+		// here the end can only be the connection's.)
+		writeError(w, 499, "client_closed", "the client went away")
+		return nil, false
+	}
+	writeError(w, http.StatusBadRequest, "bad_request", "cannot read the body")
+	return nil, false
 }
 
 // decodeStrict decodes one JSON object with no unknown fields.

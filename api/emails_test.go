@@ -1,13 +1,17 @@
 package api_test
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -321,6 +325,113 @@ func TestPostEmail_idempotencyKey(t *testing.T) {
 	wantAcceptedEmail(t, e.postJSON(t, "/v1/emails", `{"to":"ann@example.com","subject":"s","body":"b"}`, "Idempotency-Key", "email-2"))
 }
 
+// TestPostEmail_claimSentTwiceByTheClient: the Redis client sends the
+// claim of the Idempotency-Key (SET NX) again, as after a connection that
+// broke once Redis had run it, and the second attempt finds the request's
+// own placeholder. The request still holds its key: it is accepted, not
+// answered 409 with its key blocked for the lease, and a retry replays it.
+func TestPostEmail_claimSentTwiceByTheClient(t *testing.T) {
+	t.Parallel()
+	claim := &rerunFirst{match: func(cmd redis.Cmder) bool {
+		args := cmdArgs(cmd)
+		return args[0] == "set" && strings.Contains(args[1], "key:email:") && slices.ContainsFunc(args[3:], func(a string) bool { return strings.EqualFold(a, "nx") })
+	}}
+	e := newEnv(t, withIdemRedis(hookedRedis(t, claim)))
+	req := `{"to":"ann@example.com","subject":"Once","body":"only once"}`
+	first := e.postJSON(t, "/v1/emails", req, "Idempotency-Key", "twice-1")
+	if !claim.ran() {
+		t.Fatal("the claim was not sent twice")
+	}
+	id := wantAcceptedEmail(t, first)
+	again := e.postJSON(t, "/v1/emails", req, "Idempotency-Key", "twice-1")
+	if got := wantAcceptedEmail(t, again); got != id {
+		t.Errorf("retry answered %s, want %s", got, id)
+	}
+	if again.header.Get("Idempotent-Replayed") != "true" || strings.TrimSpace(string(again.body)) != strings.TrimSpace(string(first.body)) {
+		t.Errorf("retry answered %s (Idempotent-Replayed %q), want the replay of %s", again.body, again.header.Get("Idempotent-Replayed"), first.body)
+	}
+	if n := len(e.entries(t, events.TypeEmailRequested)); n != 1 {
+		t.Errorf("%d email.requested entries, want 1", n)
+	}
+}
+
+// TestPostEmail_keyHeldToWhatWasDecoded: the decoder matches member names
+// without regard to case, the last match winning, so these two bodies,
+// one JSON value with its members in another order, are emails to two
+// different recipients. Under one Idempotency-Key the second is refused as
+// another request, not answered with the first one's replay.
+func TestPostEmail_keyHeldToWhatWasDecoded(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	toBob := `{"to":"ann@example.com","TO":"bob@example.com","subject":"s","body":"b"}`
+	toAnn := `{"TO":"bob@example.com","to":"ann@example.com","subject":"s","body":"b"}`
+	id := wantAcceptedEmail(t, e.postJSON(t, "/v1/emails", toBob, "Idempotency-Key", "case-1"))
+	wantError(t, e.postJSON(t, "/v1/emails", toAnn, "Idempotency-Key", "case-1"), http.StatusUnprocessableEntity, "idempotency_key_reused")
+	es := e.entries(t, events.TypeEmailRequested)
+	if len(es) != 1 {
+		t.Fatalf("%d email.requested entries, want 1", len(es))
+	}
+	var ev events.EmailRequested
+	if err := json.Unmarshal(es[0].Payload, &ev); err != nil || ev.EmailID != id || ev.To != "bob@example.com" {
+		t.Errorf("published %s (%v), want email %s to bob@example.com", es[0].Payload, err, id)
+	}
+	// The same request encoded again, its send_at in another zone, is
+	// still the same request.
+	at := time.Now().Add(time.Hour).UTC().Truncate(time.Second)
+	utc := `{"to":"ann@example.com","subject":"s","body":"b","send_at":"` + at.Format(time.RFC3339) + `"}`
+	berlin := `{"send_at":"` + at.In(time.FixedZone("CEST", 2*3600)).Format(time.RFC3339) + `","body":"b","subject":"s","to":"ann@example.com"}`
+	first := e.postJSON(t, "/v1/emails", utc, "Idempotency-Key", "case-2")
+	wantStatus(t, first, http.StatusAccepted)
+	again := e.postJSON(t, "/v1/emails", berlin, "Idempotency-Key", "case-2")
+	wantStatus(t, again, http.StatusAccepted)
+	if again.header.Get("Idempotent-Replayed") != "true" {
+		t.Errorf("the request encoded again answered %s, want the replay of %s", again.body, first.body)
+	}
+}
+
+// TestPostEmail_scheduledKeyOutlivesSendAt: under an Idempotency-Key, an
+// email scheduled 20 days ahead keeps its record, and the markers that
+// make its writes once, until 7 days after send_at, not 7 days after the
+// request: a retry on day 8 must not schedule it a second time.
+func TestPostEmail_scheduledKeyOutlivesSendAt(t *testing.T) {
+	t.Parallel()
+	const day = 24 * time.Hour
+	e := newEnv(t)
+	sendAt := time.Now().Add(20 * day).UTC().Truncate(time.Second)
+	req := `{"to":"ann@example.com","subject":"Later","body":"b","send_at":"` + sendAt.Format(time.RFC3339) + `"}`
+	r := e.postJSON(t, "/v1/emails", req, "Idempotency-Key", "far-1")
+	wantStatus(t, r, http.StatusAccepted)
+	id, _ := decodeJSON[map[string]any](t, r)["email_id"].(string)
+	keys := map[string]string{
+		"the key's record":        e.prefix + "idem:key:email:far-1",
+		"the held email's marker": bus.OnceKey(e.prefix+events.TypeEmailRequested, id),
+	}
+	notices, err := e.rdb.Keys(t.Context(), bus.OnceKey(e.prefix+events.TypeEmailScheduled, "*")).Result()
+	if err != nil || len(notices) != 1 {
+		t.Fatalf("%d markers of email.scheduled (%v), want 1", len(notices), err)
+	}
+	keys["the notice's marker"] = notices[0]
+	want := 7*day + time.Until(sendAt)
+	for name, key := range keys {
+		ttl, err := e.rdb.PTTL(t.Context(), key).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ttl < want-time.Minute || ttl > want+time.Minute {
+			t.Errorf("%s is kept %v, want until 7 days after send_at (%v)", name, ttl.Round(time.Second), want.Round(time.Second))
+		}
+	}
+	// A retry replays the first answer; nothing is held back twice.
+	again := e.postJSON(t, "/v1/emails", req, "Idempotency-Key", "far-1")
+	wantStatus(t, again, http.StatusAccepted)
+	if again.header.Get("Idempotent-Replayed") != "true" {
+		t.Errorf("retry answered %s, want the replay of %s", again.body, r.body)
+	}
+	if n, err := e.rdb.ZCard(t.Context(), bus.DelayedSet(e.prefix+events.TypeEmailRequested)).Result(); err != nil || n != 1 {
+		t.Errorf("%d held-back email.requested (%v), want 1", n, err)
+	}
+}
+
 func TestGetEmail(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
@@ -556,4 +667,79 @@ func TestPostEmail_keyOfARecordWithTheBytesFingerprint(t *testing.T) {
 	if got := wantAcceptedEmail(t, e.postJSON(t, "/v1/emails", body, "Idempotency-Key", "legacy-1")); got != id {
 		t.Errorf("retry answered %s, want the replay of %s", got, id)
 	}
+}
+
+// slowPublisher is a real Publisher whose PublishEvent first waits, as
+// over a slow link to Redis.
+type slowPublisher struct {
+	api.Publisher
+	wait time.Duration
+}
+
+func (p slowPublisher) PublishEvent(ctx context.Context, ev events.Event, opts ...bus.PublishOption) (string, error) {
+	time.Sleep(p.wait)
+	return p.Publisher.PublishEvent(ctx, ev, opts...)
+}
+
+// TestJSONBody_slowOrCut: a JSON route reads its body under a deadline of
+// its own (JSONBodyTimeout; the server's read timeout is set for uploads):
+// a body that has not arrived by then gets 408 timeout, and one whose
+// connection ends before it does 499 client_closed, both as JSON errors. A
+// body read in time is served however long its request takes after it.
+func TestJSONBody_slowOrCut(t *testing.T) {
+	t.Parallel()
+	const timeout = 300 * time.Millisecond
+	e := newEnv(t, withJSONBodyTimeout(timeout),
+		withPublisher(func(p api.Publisher) api.Publisher { return slowPublisher{Publisher: p, wait: 3 * timeout} }))
+	tests := []struct {
+		name   string
+		cut    bool
+		status int
+		code   string
+	}{
+		{name: "slow", status: http.StatusRequestTimeout, code: "timeout"},
+		{name: "cut", cut: true, status: 499, code: "client_closed"},
+	}
+	for _, path := range []string{"/v1/emails", "/v1/events", "/v1/events/batch"} {
+		for _, tt := range tests {
+			t.Run(tt.name+" "+path, func(t *testing.T) {
+				t.Parallel()
+				conn, err := net.Dial("tcp", e.srv.Listener.Addr().String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer conn.Close()
+				if err := conn.SetDeadline(time.Now().Add(liveness)); err != nil {
+					t.Fatal(err)
+				}
+				start := time.Now()
+				// 100 bytes announced, 6 sent.
+				if _, err := io.WriteString(conn, "POST "+path+" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"to\":"); err != nil {
+					t.Fatal(err)
+				}
+				if tt.cut {
+					if err := conn.(*net.TCPConn).CloseWrite(); err != nil {
+						t.Fatal(err)
+					}
+				}
+				res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+				if err != nil {
+					t.Fatalf("no answer: %v", err)
+				}
+				body, err := io.ReadAll(res.Body)
+				res.Body.Close()
+				if err != nil {
+					t.Fatal(err)
+				}
+				wantError(t, response{status: res.StatusCode, header: res.Header, body: body}, tt.status, tt.code)
+				if took := time.Since(start); !tt.cut && took < timeout {
+					t.Errorf("answered after %v, before the deadline of %v", took, timeout)
+				}
+			})
+		}
+	}
+	t.Run("served past the deadline", func(t *testing.T) {
+		t.Parallel()
+		wantAcceptedEmail(t, e.postJSON(t, "/v1/emails", `{"to":"ann@example.com","subject":"s","body":"b"}`))
+	})
 }

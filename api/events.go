@@ -374,7 +374,10 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 		a.log.Error("publish events of a batch", "failed", len(failed), "of", len(outcomes), "event_ids", failed[:min(len(failed), 10)], "error", firstErr)
 	}
 	for i, j := range sameAs {
-		results[i].Status, results[i].Error = results[j].Status, results[j].Error
+		// The whole result (status, error, deliver_at): a copy answered
+		// with less, say without the deliver_at its event is held back
+		// until, would contradict its first copy about the one event.
+		results[i] = results[j]
 	}
 	resp := batchResponse{Results: results}
 	for _, res := range results {

@@ -629,3 +629,53 @@ func TestPostEventBatch_results(t *testing.T) {
 		t.Errorf("held-back event posted again: %+v, want a duplicate without deliver_at", d)
 	}
 }
+
+// TestPostEvent_publishSentTwiceIsNotADuplicate: the Redis client sends the
+// hold of a new event with its own id a second time, as after a connection
+// that broke once Redis had run it. The second run finds the marker of the
+// first: the event is answered as held back (with deliver_at), not as a
+// duplicate, and is held once. A real second request with the id is a
+// duplicate.
+func TestPostEvent_publishSentTwiceIsNotADuplicate(t *testing.T) {
+	t.Parallel()
+	script := &rerunFirst{match: func(cmd redis.Cmder) bool {
+		name := cmdArgs(cmd)[0]
+		return name == "eval" || name == "evalsha"
+	}}
+	e := newEnv(t, withPublisherRedis(hookedRedis(t, script)))
+	id := events.NewID()
+	body := `{"type":"email.requested","id":"` + id + `","delay":"1h","data":` + emailData("ann@example.com") + `}`
+	first := wantAcceptedEvent(t, e.postJSON(t, "/v1/events", body))
+	if !script.ran() {
+		t.Fatal("the hold was not sent twice")
+	}
+	if first.Duplicate || first.DeliverAt == nil || first.EventID != id {
+		t.Errorf("first answer %+v, want event %s held back, not a duplicate", first, id)
+	}
+	if n, err := e.rdb.ZCard(t.Context(), bus.DelayedSet(e.prefix+events.TypeEmailRequested)).Result(); err != nil || n != 1 {
+		t.Errorf("%d held-back events (%v), want 1", n, err)
+	}
+	if again := wantAcceptedEvent(t, e.postJSON(t, "/v1/events", body)); !again.Duplicate || again.DeliverAt != nil {
+		t.Errorf("second request: %+v, want a duplicate without deliver_at", again)
+	}
+}
+
+// TestPostEventBatch_repeatGetsTheWholeResult: a repeated id within a batch
+// gets the result of its first copy, deliver_at included.
+func TestPostEventBatch_repeatGetsTheWholeResult(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ev := `{"type":"email.requested","id":"` + events.NewID() + `","delay":"1h","data":` + emailData("ann@example.com") + `}`
+	a := e.postBatch(t, ev, ev)
+	if a.Accepted != 2 || a.Results[0].DeliverAt == nil {
+		t.Fatalf("answer %+v, want both accepted, the first held back", a)
+	}
+	first, repeat := a.Results[0], a.Results[1]
+	if repeat.EventID != first.EventID || repeat.Status != first.Status || string(repeat.Error) != string(first.Error) ||
+		repeat.DeliverAt == nil || !repeat.DeliverAt.Equal(*first.DeliverAt) {
+		t.Errorf("repeat's result %+v, want the first copy's %+v", repeat, first)
+	}
+	if n, err := e.rdb.ZCard(t.Context(), bus.DelayedSet(e.prefix+events.TypeEmailRequested)).Result(); err != nil || n != 1 {
+		t.Errorf("%d held-back events (%v), want 1", n, err)
+	}
+}

@@ -26,6 +26,9 @@ type idemCall struct {
 	// prepared is set once the record names the event to publish: from
 	// then on the key is kept even if the request fails.
 	prepared bool
+	// retainUntil is set by an operation whose work is held back until
+	// then: its record is kept that much longer (idem.Record.RetainUntil).
+	retainUntil *time.Time
 }
 
 type idemCallKey struct{}
@@ -116,7 +119,7 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope string, f
 	bg := context.WithoutCancel(r.Context())
 	switch {
 	case status >= 200 && status < 300:
-		if err := a.cfg.Idem.Complete(bg, rkey, idem.Record{Fingerprint: fp, BodyFingerprint: call.bodyFingerprint, Owner: call.owner, Status: status, Body: raw}); err != nil {
+		if err := a.cfg.Idem.Complete(bg, rkey, idem.Record{Fingerprint: fp, BodyFingerprint: call.bodyFingerprint, Owner: call.owner, Status: status, Body: raw, RetainUntil: call.retainUntil}); err != nil {
 			// A prepared record still answers retries correctly.
 			a.log.Error("store idempotent response", "error", err)
 		}
@@ -162,6 +165,10 @@ func (a *API) claimLost(key string) acceptOutcome {
 // response.
 func (a *API) finishPending(w http.ResponseWriter, r *http.Request, rkey string, rec idem.Record) {
 	p := rec.Pending
+	if rec.RetainUntil == nil {
+		// Written before records kept held-back work longer.
+		rec.RetainUntil = p.DeliverAt
+	}
 	ctx := r.Context()
 	for q := p; q != nil; q = q.Then {
 		ev, err := events.Decode(q.EventType, 0, q.Payload)
@@ -170,7 +177,7 @@ func (a *API) finishPending(w http.ResponseWriter, r *http.Request, rkey string,
 			writeError(w, http.StatusInternalServerError, "internal", "internal error")
 			return
 		}
-		if err := a.publishPrepared(ctx, q, ev); err != nil {
+		if err := a.publishPrepared(ctx, q, ev, rec.RetainUntil); err != nil {
 			a.log.Error("publish prepared work", "event_type", q.EventType, "event_id", q.EventID, "error", err)
 			writeError(w, http.StatusServiceUnavailable, "unavailable", "cannot accept work right now; retry later")
 			return
@@ -190,9 +197,19 @@ func (a *API) finishPending(w http.ResponseWriter, r *http.Request, rkey string,
 
 // publishPrepared publishes (or holds back until p.DeliverAt) the prepared
 // event ev, at most once by its id: a publish that happened before counts
-// as done.
-func (a *API) publishPrepared(ctx context.Context, p *idem.Pending, ev events.Event) error {
-	opts := []bus.PublishOption{bus.WithID(p.EventID), bus.WithOnce(eventIDTTL)}
+// as done. The id is remembered as long as the record that names it is
+// kept (see idem.Record.RetainUntil, given as retainUntil), and at least
+// eventIDTTL after its delivery: a retry that finds the record must not
+// find the id forgotten, and publish the event a second time.
+func (a *API) publishPrepared(ctx context.Context, p *idem.Pending, ev events.Event, retainUntil *time.Time) error {
+	var until time.Time // the later of retainUntil and p.DeliverAt
+	if retainUntil != nil {
+		until = *retainUntil
+	}
+	if p.DeliverAt != nil && p.DeliverAt.After(until) {
+		until = *p.DeliverAt
+	}
+	opts := []bus.PublishOption{bus.WithID(p.EventID), onceOption(until, time.Now())}
 	var err error
 	if p.DeliverAt != nil {
 		_, err = a.cfg.Publisher.PublishAt(ctx, *p.DeliverAt, ev, opts...)

@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -84,6 +85,8 @@ type envConfig struct {
 	// UploadWait; 0 means their defaults.
 	maxUploads int
 	uploadWait time.Duration
+	// jsonBodyTimeout is the API's JSONBodyTimeout; 0 means its default.
+	jsonBodyTimeout time.Duration
 	// wrapPub, if set, wraps the API's Publisher (to make a call fail).
 	wrapPub func(api.Publisher) api.Publisher
 	// sharing, if set, is an env whose Redis prefix, database and blob
@@ -119,6 +122,11 @@ func withIdempotencyLease(d time.Duration) envOption {
 // withUploadLimit sets the API's MaxConcurrentUploads and UploadWait.
 func withUploadLimit(n int, wait time.Duration) envOption {
 	return func(cfg *envConfig) { cfg.maxUploads, cfg.uploadWait = n, wait }
+}
+
+// withJSONBodyTimeout sets the API's JSONBodyTimeout.
+func withJSONBodyTimeout(d time.Duration) envOption {
+	return func(cfg *envConfig) { cfg.jsonBodyTimeout = d }
 }
 
 // withPublisher wraps the API's Publisher (to make a call fail, say).
@@ -202,6 +210,7 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 		MaxBatch:             maxBatch,
 		MaxConcurrentUploads: cfg.maxUploads,
 		UploadWait:           cfg.uploadWait,
+		JSONBodyTimeout:      cfg.jsonBodyTimeout,
 		Checks:               checks,
 		Registry:             prometheus.NewRegistry(),
 		Logger:               discard,
@@ -579,4 +588,57 @@ func wantError(t testing.TB, r response, status int, code string) apiError {
 		t.Errorf("error.code = %q, want %q (message %q)", detail.Code, code, detail.Message)
 	}
 	return detail
+}
+
+// rerunFirst is a go-redis hook that runs the first command that match
+// accepts, and that Redis answered without an error, a second time, as the
+// client does when a connection breaks after Redis ran a command and before
+// its reply arrived: the caller sees the second run's reply.
+type rerunFirst struct {
+	match func(redis.Cmder) bool
+	done  atomic.Bool
+}
+
+func (h *rerunFirst) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *rerunFirst) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if err := next(ctx, cmd); err != nil || !h.match(cmd) || !h.done.CompareAndSwap(false, true) {
+			return err
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (h *rerunFirst) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// ran reports whether the hook ran a command twice.
+func (h *rerunFirst) ran() bool { return h.done.Load() }
+
+// hookedRedis returns a client of the test's Redis with hook added.
+func hookedRedis(t testing.TB, hook redis.Hook) *redis.Client {
+	t.Helper()
+	opt, err := redis.ParseURL(testenv.RedisURL(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := redis.NewClient(opt)
+	c.AddHook(hook)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// cmdArgs returns cmd's arguments as strings, the command's name in lower
+// case first.
+func cmdArgs(cmd redis.Cmder) []string {
+	out := make([]string, len(cmd.Args()))
+	for i, a := range cmd.Args() {
+		out[i] = fmt.Sprint(a)
+	}
+	if len(out) > 0 {
+		out[0] = strings.ToLower(out[0])
+	}
+	return out
 }

@@ -146,20 +146,21 @@ func TestMetrics(t *testing.T) {
 	}
 }
 
-// Requests no route takes (404, 405) are counted under one route label,
-// whatever their path, and a handler's panic is counted as the 500 it is
-// answered with.
+// Requests no route takes (404, 405, a path not in clean form) are counted
+// under one route label, whatever their path, and a handler's panic is
+// counted as the 500 it is answered with.
 func TestMetricsCountUnmatchedAndPanics(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, withBlobs(func(s blob.Store) blob.Store { return panickingStore{s} }))
 	wantError(t, e.get(t, "/v1/nothing"), http.StatusNotFound, "not_found")
 	wantError(t, e.get(t, "/v1/other"), http.StatusNotFound, "not_found")
+	wantError(t, e.postJSON(t, "/v1//emails", `{}`), http.StatusNotFound, "not_found")
 	wantError(t, e.do(t, e.request(t, http.MethodPut, "/v1/emails", nil)), http.StatusMethodNotAllowed, "method_not_allowed")
 	wantError(t, e.upload(t, []part{filePart("a.txt", []byte("hello"))}), http.StatusInternalServerError, "internal")
 	r := e.get(t, "/metrics")
 	wantStatus(t, r, http.StatusOK)
 	for _, line := range []string{
-		`conveyor_http_requests_total{code="404",route="unmatched"} 2`,
+		`conveyor_http_requests_total{code="404",route="unmatched"} 3`,
 		`conveyor_http_requests_total{code="405",route="unmatched"} 1`,
 		`conveyor_http_requests_total{code="500",route="POST /v1/documents"} 1`,
 		`conveyor_http_request_duration_seconds_count{route="POST /v1/documents"} 1`,
@@ -197,6 +198,14 @@ func TestUnknownEndpoints(t *testing.T) {
 		{name: "wrong method on a write", method: http.MethodPut, path: "/v1/emails", allow: "POST"},
 		{name: "GET of a collection", method: http.MethodGet, path: "/v1/events", allow: "POST"},
 		{name: "POST to health", method: http.MethodPost, path: "/healthz", allow: "GET, HEAD"},
+		// Paths not in clean form: not redirected to a route they did not
+		// name.
+		{name: "doubled slash", method: http.MethodPost, path: "/v1//emails"},
+		{name: "dot segment", method: http.MethodPost, path: "/v1/./emails"},
+		{name: "dot-dot segment", method: http.MethodPost, path: "/v1/emails/../events"},
+		{name: "leading doubled slash", method: http.MethodPost, path: "//v1/events/batch"},
+		{name: "trailing slash", method: http.MethodPost, path: "/v1/emails/"},
+		{name: "doubled slash in a read", method: http.MethodGet, path: "/v1/documents//0190a0c0-0000-7000-8000-000000000001"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -457,13 +457,14 @@ func (c *readConn) ids(ds []*delivery) {
 // neither a string nor bytes.
 func (c *readConn) appendPublish(r *pubReq) bool {
 	if r.onceKey != "" {
-		c.array(6 + len(r.fields))
+		c.array(7 + len(r.fields))
 		c.bulk("EVAL")
 		c.bulk(publishOnceSource)
 		c.bulk("2")
 		c.bulk(r.onceKey)
 		c.bulk(r.stream)
 		c.bulkInt(r.onceTTL.Milliseconds())
+		c.bulk(r.onceNonce)
 	} else {
 		c.array(3 + len(r.fields))
 		c.bulk("XADD")

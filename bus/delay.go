@@ -34,7 +34,7 @@ func (p *Publisher) PublishAt(ctx context.Context, at time.Time, ev events.Event
 	stream := p.Stream(ev.EventType())
 	if ttl := onceOf(opts); ttl > 0 {
 		n, err := delayOnceScript.Run(ctx, p.cfg.Client, []string{OnceKey(stream, id), DelayedSet(stream)},
-			ttl.Milliseconds(), at.UnixMilli(), member).Int()
+			ttl.Milliseconds(), p.onceNonce(), at.UnixMilli(), member).Int()
 		if err != nil {
 			return "", fmt.Errorf("delay %s until %s: %w", ev.EventType(), at.Format(time.RFC3339), err)
 		}
@@ -88,19 +88,24 @@ func stringFields(fields []any) []string {
 
 // delayOnceScript holds an event back unless its once-marker exists,
 // setting the marker in the same step. KEYS[1] = marker, KEYS[2] = delay
-// set; ARGV[1] = marker TTL (ms), ARGV[2] = due (ms), ARGV[3] = member.
+// set; ARGV[1] = marker TTL (ms), ARGV[2] = the call's nonce (see
+// onceNonce), ARGV[3] = due (ms), ARGV[4] = member.
 // A script is not rolled back when a command in it fails, so a failed ZADD
 // (the key holds another type) removes the marker again before it fails:
-// a marker always means the event is held.
+// a marker always means the event is held. The marker holds the nonce, so
+// that the same call run again (its reply was lost and the client sent it
+// again) succeeds as its first run did, adding nothing: only a marker of
+// another call means the event was published before.
 var delayOnceScript = redis.NewScript(`
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  local r = redis.pcall('ZADD', KEYS[2], ARGV[2], ARGV[3])
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[1]) then
+  local r = redis.pcall('ZADD', KEYS[2], ARGV[3], ARGV[4])
   if type(r) == 'table' and r.err then
     redis.call('DEL', KEYS[1])
     return r
   end
   return 1
 end
+if redis.pcall('GET', KEYS[1]) == ARGV[2] then return 1 end
 return 0`)
 
 // MoveDue appends at most limit due delayed events of stream to it,
@@ -112,20 +117,23 @@ func MoveDue(ctx context.Context, rdb redis.Scripter, stream string, limit int) 
 
 // publishOnceScript appends an entry unless its marker exists, setting the
 // marker in the same step. KEYS[1] = marker, KEYS[2] = stream; ARGV[1] =
-// marker TTL (ms), ARGV[2..] = fields.
+// marker TTL (ms), ARGV[2] = the call's nonce (see onceNonce), ARGV[3..] =
+// fields.
 // As in delayOnceScript, a failed append removes the marker again, so a
-// marker always means the entry is in the stream.
+// marker always means the entry is in the stream, and a marker holding
+// this call's nonce means that this call appended it in an earlier run.
 var publishOnceScript = redis.NewScript(publishOnceSource)
 
 const publishOnceSource = `
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  local r = redis.pcall('XADD', KEYS[2], '*', unpack(ARGV, 2))
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[1]) then
+  local r = redis.pcall('XADD', KEYS[2], '*', unpack(ARGV, 3))
   if type(r) == 'table' and r.err then
     redis.call('DEL', KEYS[1])
     return r
   end
   return 1
 end
+if redis.pcall('GET', KEYS[1]) == ARGV[2] then return 1 end
 return 0`
 
 // OnceKey is the marker key of PublishOnce for stream and key. It carries
@@ -146,7 +154,7 @@ func (p *Publisher) PublishOnce(ctx context.Context, key string, ttl time.Durati
 		return false, "", err
 	}
 	stream := p.Stream(ev.EventType())
-	args := append([]any{ttl.Milliseconds()}, fields...)
+	args := append([]any{ttl.Milliseconds(), p.onceNonce()}, fields...)
 	n, err := publishOnceScript.Run(ctx, p.cfg.Client, []string{OnceKey(stream, key), stream}, args...).Int()
 	if err != nil {
 		return false, "", fmt.Errorf("publish %s once as %s: %w", ev.EventType(), key, err)

@@ -3,6 +3,7 @@ package bus
 import (
 	"bufio"
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -230,5 +231,37 @@ func TestFlushOwnBreakMidBatch(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestFlushOwnOnceSentAgain: flushOwn appended a publish made once, but
+// its reply was lost (the connection broke after Redis ran it), so go-redis
+// sends the same request again. That succeeds as the first run did and
+// appends nothing more; another publish with the id is refused.
+func TestFlushOwnOnceSentAgain(t *testing.T) {
+	rdb := testenv.Redis(t)
+	p, conn := newOwnPublisher(t, rdb)
+	stream := testenv.Prefix(t) + "s"
+	once := func() *pubReq {
+		r := appendReq(stream)
+		r.onceKey, r.onceTTL, r.onceNonce = OnceKey(stream, "id"), time.Minute, p.onceNonce()
+		return r
+	}
+	r := once()
+	rest := p.flushOwn([]*pubReq{r}, conn, time.Now().Add(10*time.Second))
+	if done := finished(r); len(rest) != 0 || !done || r.err != nil {
+		t.Fatalf("over the own connection: %d left, finished %v, %v; want it published", len(rest), done, r.err)
+	}
+	p.flush([]*pubReq{r}, nil, nil) // through go-redis, with the same nonce
+	if done := finished(r); !done || r.err != nil {
+		t.Errorf("sent again: finished %v, %v; want the success of its first run", done, r.err)
+	}
+	other := once()
+	p.flush([]*pubReq{other}, nil, nil)
+	if done := finished(other); !done || !errors.Is(other.err, ErrAlreadyPublished) {
+		t.Errorf("another publish with the id: finished %v, %v; want ErrAlreadyPublished", done, other.err)
+	}
+	if n, err := rdb.XLen(t.Context(), stream).Result(); err != nil || n != 1 {
+		t.Errorf("stream holds %d entries (%v), want 1", n, err)
 	}
 }

@@ -2,12 +2,15 @@ package bus
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -93,6 +96,9 @@ type Publisher struct {
 	// workers still run, or refused.
 	mu       sync.RWMutex
 	isClosed bool
+	// noncePrefix and nonces make the nonces of onceNonce.
+	noncePrefix string
+	nonces      atomic.Uint64
 }
 
 type pubReq struct {
@@ -103,9 +109,13 @@ type pubReq struct {
 	// this marker key is absent, and sets it, in one atomic step.
 	onceKey string
 	onceTTL time.Duration
-	id      string // resulting entry id
-	err     error
-	done    chan struct{}
+	// onceNonce names this publish in its marker (see onceNonce): every
+	// send of this request, over the own connection or through go-redis,
+	// carries the same one.
+	onceNonce string
+	id        string // resulting entry id
+	err       error
+	done      chan struct{}
 }
 
 var pubReqPool = sync.Pool{New: func() any { return &pubReq{done: make(chan struct{}, 1)} }}
@@ -117,11 +127,26 @@ func NewPublisher(cfg PublisherConfig) (*Publisher, error) {
 		return nil, err
 	}
 	p := &Publisher{cfg: cfg, reqs: make(chan *pubReq, cfg.MaxBatch*cfg.Pipelines), closed: make(chan struct{})}
+	var prefix [12]byte
+	_, _ = rand.Read(prefix[:]) // never fails (crypto/rand)
+	p.noncePrefix = base64.RawURLEncoding.EncodeToString(prefix[:]) + ":"
 	for i := 0; i < cfg.Pipelines; i++ {
 		p.workers.Add(1)
 		go p.work()
 	}
 	return p, nil
+}
+
+// onceNonce returns a new nonce for one publish made with WithOnce. Its
+// marker holds it, so that the once-scripts can tell the same call run
+// again (the Redis client sends a command again when a connection broke
+// after Redis ran it, and flushOwn hands go-redis the appends whose replies
+// it did not read) from another call with the same id: the first succeeds
+// as the first run did, adding nothing; only the second is refused with
+// ErrAlreadyPublished. A random prefix per Publisher and a counter make it
+// unique across processes without a random read per publish.
+func (p *Publisher) onceNonce() string {
+	return p.noncePrefix + strconv.FormatUint(p.nonces.Add(1), 36)
 }
 
 // ErrPublisherClosed is returned by publishes after Close.
@@ -172,9 +197,9 @@ func (p *Publisher) submitOnce(ctx context.Context, stream string, fields []any,
 	}
 	r := pubReqPool.Get().(*pubReq)
 	r.ctx, r.stream, r.fields, r.id, r.err = ctx, stream, fields, "", nil
-	r.onceKey, r.onceTTL = "", 0
+	r.onceKey, r.onceTTL, r.onceNonce = "", 0, ""
 	if ttl > 0 {
-		r.onceKey, r.onceTTL = OnceKey(stream, id), ttl
+		r.onceKey, r.onceTTL, r.onceNonce = OnceKey(stream, id), ttl, p.onceNonce()
 	}
 	select {
 	case p.reqs <- r:
@@ -248,7 +273,7 @@ func (p *Publisher) flush(batch []*pubReq, cmds []redis.Cmder, conn *readConn) {
 	bg := context.Background()
 	for _, r := range live {
 		if r.onceKey != "" {
-			args := append([]any{r.onceTTL.Milliseconds()}, r.fields...)
+			args := append([]any{r.onceTTL.Milliseconds(), r.onceNonce}, r.fields...)
 			cmds = append(cmds, publishOnceScript.Eval(bg, pipe, []string{r.onceKey, r.stream}, args...))
 		} else {
 			cmds = append(cmds, pipe.XAdd(bg, &redis.XAddArgs{Stream: r.stream, Values: r.fields}))
@@ -418,7 +443,9 @@ func (p *Publisher) Published(ctx context.Context, eventType, id string) (bool, 
 }
 
 // ErrAlreadyPublished is returned by a publish with WithOnce whose key was
-// used before: nothing was appended.
+// used before by another call: nothing was appended. The same call sent
+// again (a retry of a command whose reply was lost) is not refused: it
+// reports the success of its first run.
 var ErrAlreadyPublished = errors.New("already published")
 
 // Close stops the publisher after in-flight publishes finished. It does not

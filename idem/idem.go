@@ -140,6 +140,14 @@ func (s *Store) Claim(ctx context.Context, key, fingerprint string, lease time.D
 		if err != nil {
 			return Record{}, false, fmt.Errorf("idempotency key record: %w", err)
 		}
+		if !rec.Done && rec.Pending == nil && rec.Owner == placeholder.Owner {
+			// Our own placeholder: the Redis client sent the SET NX again
+			// after a connection broke under a first attempt that Redis
+			// had run, and the retry found what that attempt stored. The
+			// owner token is new to this call, so no other request can
+			// have written it: the claim is ours.
+			return placeholder, true, nil
+		}
 		return rec, false, nil
 	}
 }
@@ -193,9 +201,20 @@ func (s *Store) Keep(ctx context.Context, key, owner string, lease time.Duration
 	return s.owned(ctx, "keep", key, owner, "keep", "", lease)
 }
 
-// Complete stores the response of an operation under key for TTL, if the
-// key is still owned by rec.Owner (the claim's owner, or the owner of a
-// prepared record that a retry finishes).
+// ttlOf is how long rec is kept from now: TTL, and if rec.RetainUntil is
+// later than now, TTL after then.
+func (s *Store) ttlOf(rec Record) time.Duration {
+	if rec.RetainUntil != nil {
+		if d := time.Until(*rec.RetainUntil); d > 0 {
+			return s.ttl + d
+		}
+	}
+	return s.ttl
+}
+
+// Complete stores the response of an operation under key for TTL (see
+// Record.RetainUntil), if the key is still owned by rec.Owner (the claim's
+// owner, or the owner of a prepared record that a retry finishes).
 //
 // A prepared record written by a replica that predates owners has none; a
 // retry that finishes it completes it unconditionally, as those replicas
@@ -204,13 +223,14 @@ func (s *Store) Complete(ctx context.Context, key string, rec Record) error {
 	rec.Done = true
 	rec.Pending = nil
 	if rec.Owner == "" {
-		return s.Put(ctx, key, rec.encode(), 0)
+		return s.Put(ctx, key, rec.encode(), s.ttlOf(rec))
 	}
-	return s.owned(ctx, "complete", key, rec.Owner, "set", rec.encode(), s.ttl)
+	return s.owned(ctx, "complete", key, rec.Owner, "set", rec.encode(), s.ttlOf(rec))
 }
 
 // Prepare records, under a key claimed by rec.Owner, the event the
-// operation is about to publish and the response it will give, for TTL.
+// operation is about to publish and the response it will give, for TTL
+// (see Record.RetainUntil).
 // From then on the key is never released: the publish may have happened
 // even if it reported an error, so a retry must finish it rather than
 // start over. It returns ErrClaimLost if the claim is no longer the
@@ -220,7 +240,7 @@ func (s *Store) Prepare(ctx context.Context, key string, rec Record) error {
 		return errors.New("prepare idempotency key: no pending event")
 	}
 	rec.Done = false
-	return s.owned(ctx, "prepare", key, rec.Owner, "set", rec.encode(), s.ttl)
+	return s.owned(ctx, "prepare", key, rec.Owner, "set", rec.encode(), s.ttlOf(rec))
 }
 
 // Release drops a claim of owner whose operation failed before it was

@@ -193,3 +193,39 @@ func TestLockAs(t *testing.T) {
 		t.Fatalf("LockAs after the unlock = %v, %v; want it taken", got, err)
 	}
 }
+
+// TestRetainUntil: a record of work held back until a time is kept for
+// the TTL after that time, prepared and completed; others for the TTL.
+func TestRetainUntil(t *testing.T) {
+	t.Parallel()
+	s, full := newStore(t)
+	rdb := testenv.Redis(t)
+	ctx := t.Context()
+	later := time.Now().Add(20 * 24 * time.Hour)
+	tests := []struct {
+		name   string
+		retain *time.Time
+		want   time.Duration
+	}{
+		{name: "held back", retain: &later, want: idem.DefaultTTL + time.Until(later)},
+		{name: "not held back", want: idem.DefaultTTL},
+	}
+	for _, tt := range tests {
+		claim, claimed, err := s.Claim(ctx, tt.name, "fp", time.Minute)
+		if err != nil || !claimed {
+			t.Fatalf("%s: claim: %v, %v", tt.name, claimed, err)
+		}
+		rec := idem.Record{Fingerprint: "fp", Owner: claim.Owner, Status: 202, Pending: pending(tt.name), RetainUntil: tt.retain}
+		for step, write := range []func() error{
+			func() error { return s.Prepare(ctx, tt.name, rec) },
+			func() error { return s.Complete(ctx, tt.name, rec) },
+		} {
+			if err := write(); err != nil {
+				t.Fatalf("%s: write %d: %v", tt.name, step, err)
+			}
+			if ttl := rdb.PTTL(ctx, full(tt.name)).Val(); ttl < tt.want-time.Minute || ttl > tt.want {
+				t.Errorf("%s: after write %d the record is kept %s, want %s", tt.name, step, ttl, tt.want)
+			}
+		}
+	}
+}

@@ -24,6 +24,11 @@ type Record struct {
 	// Status and Body are the stored response.
 	Status int             `json:"status,omitempty"`
 	Body   json.RawMessage `json:"body,omitempty"`
+	// RetainUntil, if set, keeps the record until then plus the Store's
+	// TTL, instead of for the TTL from its last write: the record of work
+	// held back until a time must answer retries for as long after that
+	// time as other records do after their work.
+	RetainUntil *time.Time `json:"retain_until,omitempty"`
 	// Pending, on a record that is not Done, is the event the first
 	// request was about to publish when it recorded it. Whether that
 	// publish happened may be unknown (a connection lost mid-write), so a

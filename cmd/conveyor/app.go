@@ -328,6 +328,14 @@ func newServer(addr string, h http.Handler, log *slog.Logger) *http.Server {
 
 // serve runs srv until ctx ends, then shuts it down gracefully: it stops
 // accepting and lets running requests finish within timeout.
+//
+// Requests still running at the timeout are cut (their connections
+// closed), and that is logged as an error, which an operator must see:
+// their clients get no answer and retry. It is not a failure of the
+// process, though: the stop was asked for and went as configured, as for
+// consumers whose handlers outlast the same timeout, so serve returns nil
+// and the process exits 0 (a failure status would make a supervisor take a
+// routine stop during a long upload for a crash).
 func serve(ctx context.Context, srv *http.Server, ln net.Listener, timeout time.Duration, log *slog.Logger) error {
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
@@ -339,7 +347,13 @@ func serve(ctx context.Context, srv *http.Server, ln net.Listener, timeout time.
 	log.Info("shutting down http server", "addr", ln.Addr().String())
 	sctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil {
+	err := srv.Shutdown(sctx)
+	if errors.Is(err, context.DeadlineExceeded) {
+		log.Error("http server did not drain within SHUTDOWN_TIMEOUT; cutting the requests still running", "addr", ln.Addr().String(), "timeout", timeout)
+		if err := srv.Close(); err != nil {
+			log.Warn("close http server", "error", err)
+		}
+	} else if err != nil {
 		return fmt.Errorf("http shutdown: %w", err)
 	}
 	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {

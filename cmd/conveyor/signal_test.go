@@ -201,3 +201,44 @@ func TestShutdownDelay(t *testing.T) {
 		t.Errorf("exit = %v, want 0", err)
 	}
 }
+
+// TestDrainTimeoutCutsRequestsAndExitsZero: a SIGTERM during an upload
+// whose body never ends waits SHUTDOWN_TIMEOUT for it, then cuts it (its
+// connection is closed), says so in an error line, and exits 0, as a
+// stopped server does: the stop went as configured.
+func TestDrainTimeoutCutsRequestsAndExitsZero(t *testing.T) {
+	t.Parallel()
+	p := harness.Start(t, "api", []string{
+		"REDIS_URL=" + testenv.RedisURL(t), "DATABASE_URL=" + testenv.DatabaseURL(t),
+		"BLOB_DIR=" + t.TempDir(), "SHUTDOWN_TIMEOUT=1s",
+	}, "api")
+	p.WaitReady(t, time.Minute)
+	conn, err := net.Dial("tcp", p.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, "POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if err := p.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if !p.Wait(30 * time.Second) {
+		t.Fatal("still running 30 s after SIGTERM with SHUTDOWN_TIMEOUT=1s")
+	}
+	if err := p.ExitErr(); err != nil {
+		t.Errorf("exit = %v, want status 0", err)
+	}
+	log := p.Log()
+	if !strings.Contains(log, "level=ERROR") || !strings.Contains(log, "did not drain within SHUTDOWN_TIMEOUT") {
+		t.Errorf("no error line about the requests cut at the drain timeout:\n%s", log)
+	}
+	if err := conn.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := conn.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the cut upload's connection: read %d bytes, %v; want it closed", n, err)
+	}
+}
