@@ -216,11 +216,17 @@ func (a *API) postEvent(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusAccepted, res)
 }
 
+// errNotAttempted marks the held-back events of a batch that were not tried
+// after an earlier one failed; it wraps that failure.
+var errNotAttempted = errors.New("not attempted")
+
 // unpublished says what became of an event whose publish failed with err,
 // and whether sending it again is safe: a write cut off mid-way may have
 // been appended, and only an event with its own id is appended once.
 func unpublished(err error, ownID bool) string {
 	switch {
+	case errors.Is(err, errNotAttempted):
+		return "not published, since an earlier held-back event of the batch failed; send it again"
 	case !bus.MaybeWritten(err):
 		return "not published; send it again"
 	case ownID:
@@ -335,18 +341,27 @@ func (a *API) postEventBatch(w http.ResponseWriter, r *http.Request) {
 		pubEvs, pubOpts, pubIdx = evs, opts, idx
 	}
 	// Held-back events go to their delay set one by one; the rest share
-	// pipelined writes.
+	// pipelined writes. After a held-back event failed, the others are not
+	// tried: against a Redis that hangs, each would wait out the client's
+	// timeouts in turn, and a batch of 1,000 would outlast the request.
 	var nowEvs []events.Event
 	var nowOpts [][]bus.PublishOption
 	var nowIdx []int
 	var outcomes []error
 	var outIdx []int
+	var stopped error
 	for k, i := range pubIdx {
 		if dues[i].IsZero() {
 			nowEvs, nowOpts, nowIdx = append(nowEvs, pubEvs[k]), append(nowOpts, pubOpts[k]), append(nowIdx, i)
 			continue
 		}
-		_, err := a.cfg.Publisher.PublishAt(ctx, dues[i], pubEvs[k], pubOpts[k]...)
+		err := stopped
+		if err == nil {
+			_, err = a.cfg.Publisher.PublishAt(ctx, dues[i], pubEvs[k], pubOpts[k]...)
+			if err != nil && !errors.Is(err, bus.ErrAlreadyPublished) {
+				stopped = fmt.Errorf("%w: %w", errNotAttempted, err)
+			}
+		}
 		outcomes, outIdx = append(outcomes, err), append(outIdx, i)
 	}
 	for k, res := range a.cfg.Publisher.PublishBatch(ctx, nowEvs, nowOpts) {
