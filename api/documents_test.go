@@ -849,10 +849,14 @@ func TestPostDocument_idempotencyKey(t *testing.T) {
 	// after several leases still finds it in progress.
 	t.Run("an upload slower than the key's lease keeps its key", func(t *testing.T) {
 		t.Parallel()
-		const lease = 600 * time.Millisecond
+		// The claim is kept every second: only a keep stalled for two
+		// seconds loses it.
+		const lease = 3 * time.Second
 		e := newEnv(t, withIdempotencyLease(lease))
 		finish := e.startSlowUpload(t, "slow")
-		time.Sleep(3 * lease)
+		// The upload outlasts its claim's first lease: the claim lives on
+		// only as it is kept.
+		testenv.WaitRenewed(t, e.rdb, e.prefix+"idem:key:upload:slow", lease, 2)
 		r := e.upload(t, []part{filePart("slow.txt", []byte("other"))}, "Idempotency-Key", "slow")
 		wantError(t, r, http.StatusConflict, "request_in_progress")
 		e.acceptedOnce(t, finish(), "slow")

@@ -9,7 +9,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"mime/multipart"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/textproto"
@@ -239,18 +238,12 @@ func closedRedis(t testing.TB) redis.UniversalClient {
 }
 
 // deadRedis returns a client of a port where nothing listens: every command
-// fails to connect, as when Redis is down.
+// fails to connect, as when Redis is down. Port 1 (tcpmux) is privileged
+// and unused, so its connections are refused at once; a port taken from a
+// listener and closed again may meanwhile be another test's.
 func deadRedis(t testing.TB) redis.UniversalClient {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	if err := ln.Close(); err != nil {
-		t.Fatal(err)
-	}
-	c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1, DialTimeout: 2 * time.Second})
+	c := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1", MaxRetries: -1, DialTimeout: 2 * time.Second})
 	t.Cleanup(func() { _ = c.Close() })
 	return c
 }

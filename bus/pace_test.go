@@ -36,19 +36,20 @@ func TestReadAheadIsCappedAndCanBeTurnedOff(t *testing.T) {
 	now := time.Now().UnixNano()
 	s.pace.rate(now-int64(20*time.Millisecond), 0)
 	s.released.Store(100) // 100 in 20ms: 5,000/s, so 25 in 5ms
-	// (a little slower than 5,000/s: the 20ms end when readAhead runs,
-	// later on a loaded machine)
-	if got := s.readAhead(); got < 20 || got > 25 {
-		t.Errorf("read-ahead at 5,000/s = %d, want 25 (or a little less)", got)
+	if got := s.readAheadAt(now); got != 25 {
+		t.Errorf("read-ahead at 5,000/s = %d, want 25", got)
 	}
 	s.pace = pace{}
 	s.pace.rate(now-int64(20*time.Millisecond), 0)
 	s.released.Store(1_000_000)
-	if got := s.readAhead(); got != 100 {
+	if got := s.readAheadAt(now); got != 100 {
 		t.Errorf("read-ahead at 50M/s = %d, want BatchSize 100", got)
 	}
 	s.cfg.ReadAhead = -1
 	if got := s.readAhead(); got != 0 {
 		t.Errorf("read-ahead turned off = %d, want 0", got)
+	}
+	if got := s.readAheadAt(now); got != 0 {
+		t.Errorf("read-ahead turned off, at a given time = %d, want 0", got)
 	}
 }

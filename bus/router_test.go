@@ -630,12 +630,17 @@ func TestWaitingEntriesAreNotClaimed(t *testing.T) {
 		t.Fatalf("read %v, %v", read, err)
 	}
 
+	// Heartbeats every ClaimMinIdle/3 keep the entries' idle time under a
+	// second, so c2 could claim one only if c1's heartbeat stalled for
+	// another second.
+	const minIdle = 2 * time.Second
 	var mu sync.Mutex
 	handled := map[string][]string{} // event id -> consumers
+	calls := 0
 	start := func(consumer string) (stop func()) {
 		r, err := bus.NewRouter(bus.RouterConfig{
 			Client: f.rdb, Consumer: consumer, StreamPrefix: f.topic + ":", Concurrency: 1,
-			ClaimMinIdle: 600 * time.Millisecond, DrainTimeout: 5 * time.Second, Logger: testLogger(),
+			ClaimMinIdle: minIdle, DrainTimeout: 5 * time.Second, Logger: testLogger(),
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -644,9 +649,15 @@ func TestWaitingEntriesAreNotClaimed(t *testing.T) {
 			env, _ := bus.EnvelopeFrom(ctx)
 			mu.Lock()
 			handled[env.ID] = append(handled[env.ID], consumer)
+			calls++
+			first := calls == 1
 			mu.Unlock()
+			if !first {
+				return nil
+			}
+			// The other entry waits for the window meanwhile.
 			select {
-			case <-time.After(2 * time.Second):
+			case <-time.After(3 * minIdle):
 				return nil
 			case <-ctx.Done():
 				return ctx.Err()
@@ -666,6 +677,14 @@ func TestWaitingEntriesAreNotClaimed(t *testing.T) {
 		}
 	}
 	stop1 := start("c1")
+	// c2 starts once c1 has re-read the entries it holds: until then they
+	// stay idle since the read above, and another consumer may claim
+	// them, as after a crash.
+	eventually(t, "c1 handling an entry", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return calls > 0
+	})
 	stop2 := start("c2")
 	eventually(t, "both handled and acked", func() bool {
 		mu.Lock()

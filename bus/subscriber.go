@@ -848,9 +848,19 @@ func (sub *subscription) free() int {
 // (ReadAhead).
 func (s *Subscriber) readAhead() int {
 	if s.cfg.ReadAhead <= 0 {
+		return 0 // without reading the clock
+	}
+	return s.readAheadAt(time.Now().UnixNano())
+}
+
+// readAheadAt is readAhead at now (unix nanos). It takes the time so that
+// a test can give the pace an exact interval: one that reads the clock
+// itself measures a slower pace when the machine pauses it.
+func (s *Subscriber) readAheadAt(now int64) int {
+	if s.cfg.ReadAhead <= 0 {
 		return 0
 	}
-	perSec := s.pace.rate(time.Now().UnixNano(), s.released.Load())
+	perSec := s.pace.rate(now, s.released.Load())
 	return min(s.cfg.BatchSize, int(perSec*s.cfg.ReadAhead.Seconds()))
 }
 

@@ -425,8 +425,13 @@ func TestRestartedConsumerRereadsItsPendingEntries(t *testing.T) {
 func TestHeartbeatKeepsSlowJobFromBeingStolen(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
+	// Heartbeats every ClaimMinIdle/3 keep the entry's idle time under a
+	// second, so b could claim the job only if a's heartbeat stalled for
+	// another second. b looks for idle entries every 100 ms: it would
+	// claim the job soon after it went idle.
+	const minIdle = 2 * time.Second
 	fast := func(c *bus.SubscriberConfig) {
-		c.ClaimMinIdle = 600 * time.Millisecond
+		c.ClaimMinIdle = minIdle
 		c.ClaimInterval = 100 * time.Millisecond
 	}
 	a := f.subscribe(f.subscriber("a", fast))
@@ -436,7 +441,7 @@ func TestHeartbeatKeepsSlowJobFromBeingStolen(t *testing.T) {
 	select {
 	case stolen := <-b:
 		t.Fatalf("slow job stolen by b: %s", stolen.UUID)
-	case <-time.After(3 * time.Second): // five times ClaimMinIdle
+	case <-time.After(3 * minIdle):
 	}
 	m.Ack()
 	eventually(t, "acked", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })

@@ -170,7 +170,7 @@ func TestEmailServerDown(t *testing.T) {
 	t.Parallel()
 	f := newBus(t)
 	marks := newMarks(t, f)
-	s := newSender(t, f, newSMTP(t, "smtp://"+closedPort(t)+"?tls=none"), marks)
+	s := newSender(t, f, newSMTP(t, "smtp://"+refusedAddr+"?tls=none"), marks)
 	req := request("reader@example.com", "Hello", "Body.")
 	ctx, _ := handling(t, events.TypeEmailRequested)
 	err := s.Handle(ctx, req)
@@ -257,7 +257,7 @@ func TestEmailThroughRouter(t *testing.T) {
 		},
 		{
 			name:         "server down: failed after the retries",
-			url:          "smtp://" + closedPort(t) + "?tls=none",
+			url:          "smtp://" + refusedAddr + "?tls=none",
 			to:           "reader@allowed.test",
 			outcome:      events.TypeEmailFailed,
 			suffix:       "failed",
@@ -446,7 +446,7 @@ func TestEmailConcurrentDeliveries(t *testing.T) {
 	}
 
 	// A failed send lets the next delivery send at once.
-	down := newSender(t, f, newSMTP(t, "smtp://"+closedPort(t)+"?tls=none"), marks)
+	down := newSender(t, f, newSMTP(t, "smtp://"+refusedAddr+"?tls=none"), marks)
 	other := request("reader@example.com", "Hello", "Body.")
 	ctx, _ = handling(t, events.TypeEmailRequested)
 	if err := down.Handle(ctx, other); err == nil || !strings.Contains(err.Error(), "send email") {
@@ -498,14 +498,18 @@ func TestEmailCancelledAfterAcceptance(t *testing.T) {
 // send) ends with its lease, and the email is sent by the redelivery.
 func TestEmailLockLease(t *testing.T) {
 	t.Parallel()
-	const lease = time.Second
+	// The lock is renewed every second: only a renewal stalled for two
+	// seconds loses it.
+	const lease = 3 * time.Second
 	f := newBus(t)
 	marks := newMarks(t, f)
 	mailer := &countingMailer{hold: make(chan struct{})}
 	s := newSenderWithLease(t, f, mailer, marks, lease)
 	req := request("reader@example.com", "Hello", "Body.")
 	first := sendingHeld(t, s, mailer, req)
-	time.Sleep(3 * lease)
+	// The send outlasts its lock's first lease: the lock lives on only as
+	// it is renewed.
+	testenv.WaitRenewed(t, f.rdb, f.prefix+"idem:email-sending:"+strings.ToLower(req.EmailID), lease, 2)
 	ctx, _ := handling(t, events.TypeEmailRequested)
 	if err := s.Handle(ctx, req); err == nil || !strings.Contains(err.Error(), "another delivery of this email is sending it") {
 		t.Errorf("a delivery during a send longer than the lock's lease: %v, want a retryable error", err)

@@ -179,19 +179,10 @@ func newBlobs(t *testing.T) *blob.Dir {
 	return d
 }
 
-// closedPort returns an address of 127.0.0.1 where nothing listens.
-func closedPort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	if err := l.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return addr
-}
+// refusedAddr is an address where nothing listens, so a connection is
+// refused at once: port 1 (tcpmux) is privileged and unused. A port taken
+// from a listener and closed again may meanwhile be another test's.
+const refusedAddr = "127.0.0.1:1"
 
 // runRouter runs r until the test ends, and waits for it to run.
 func runRouter(t *testing.T, r *bus.Router) {

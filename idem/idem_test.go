@@ -99,14 +99,24 @@ func TestKeep(t *testing.T) {
 	rdb := testenv.Redis(t)
 	ctx := t.Context()
 
-	rec, claimed, err := s.Claim(ctx, "k", "fp", 300*time.Millisecond)
+	// The lease is long against the 500 ms between keeps: only a stall of
+	// a second and a half loses the claim. Ten keeps take it past two
+	// leases.
+	const lease = 2 * time.Second
+	rec, claimed, err := s.Claim(ctx, "k", "fp", lease)
 	if err != nil || !claimed {
 		t.Fatalf("claim: %v, %v", claimed, err)
 	}
-	for range 6 { // 600 ms: twice the lease
-		time.Sleep(100 * time.Millisecond)
-		if err := s.Keep(ctx, "k", rec.Owner, 300*time.Millisecond); err != nil {
-			t.Fatalf("keep: %v", err)
+	for i := range 10 {
+		time.Sleep(500 * time.Millisecond)
+		before := rdb.PTTL(ctx, full("k")).Val()
+		if err := s.Keep(ctx, "k", rec.Owner, lease); err != nil {
+			t.Fatalf("keep %d: %v", i+1, err)
+		}
+		// The TTL only falls while nothing renews it: a higher one than
+		// before the keep is the keep's doing, however long each step took.
+		if after := rdb.PTTL(ctx, full("k")).Val(); after <= before || after > lease {
+			t.Fatalf("claim's TTL %s after keep %d (%s before it), want it pushed back up to at most the lease %s", after, i+1, before, lease)
 		}
 	}
 	if got, claimed, err := s.Claim(ctx, "k", "fp", time.Minute); err != nil || claimed || got.Owner != rec.Owner {
@@ -117,7 +127,7 @@ func TestKeep(t *testing.T) {
 	if err := s.Prepare(ctx, "k", rec); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Keep(ctx, "k", rec.Owner, 300*time.Millisecond); err != nil {
+	if err := s.Keep(ctx, "k", rec.Owner, lease); err != nil {
 		t.Fatalf("keep of a prepared record: %v", err)
 	}
 	if ttl := rdb.PTTL(ctx, full("k")).Val(); ttl < time.Hour {

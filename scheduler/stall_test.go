@@ -304,6 +304,7 @@ func TestBuiltinJobRunsNeverOverlap(t *testing.T) {
 		return nil
 	}
 	clock := scheduler.NewFakeClock(time.Date(2030, 1, 1, 0, 0, 0, 500_000_000, time.UTC))
+	const lease = 3 * time.Second
 	var logs logBuffer
 	for _, id := range []string{"x", "y"} {
 		sc := fakeTimed(t, rdb, prefix, clock, scheduler.Config{
@@ -311,7 +312,10 @@ func TestBuiltinJobRunsNeverOverlap(t *testing.T) {
 			Identity: id,
 			Logger:   slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo})),
 		})
-		scheduler.UseJobLease(sc, 300*time.Millisecond)
+		// The lock is renewed every second (a third of the lease), each
+		// try given a second: only a renewal stalled for two seconds
+		// loses it.
+		scheduler.UseJobLease(sc, lease)
 		defer running(t, sc)()
 	}
 	waitStarted := func() {
@@ -327,8 +331,9 @@ func TestBuiltinJobRunsNeverOverlap(t *testing.T) {
 	clock.Advance(time.Second) // one replica runs the job
 	waitStarted()
 	clock.WaitSleepers(t, 1) // the other found the tick taken
-	// Three leases: the lock must be renewed meanwhile.
-	time.Sleep(time.Second)
+	// The job runs past its first lease, so its lock lives only as long
+	// as it is renewed.
+	testenv.WaitRenewed(t, rdb, scheduler.RunLock(name), lease, 2)
 	clock.Advance(time.Second) // the job still runs
 	for clock.Sleepers() < 1 && runs.Load() == 1 {
 		time.Sleep(time.Millisecond)

@@ -70,9 +70,12 @@ func TestRedisLoggerLimits(t *testing.T) {
 func TestReadinessPerRole(t *testing.T) {
 	t.Parallel()
 	live := testenv.Redis(t)
-	dead := redis.NewClient(&redis.Options{Addr: "127.0.0.1:" + strconv.Itoa(harness.FreePort(t)), MaxRetries: -1})
+	// Nothing listens on port 1 (tcpmux, privileged and unused): its
+	// connections are refused. A port found free may be another test's by
+	// the time it is dialled.
+	dead := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1", MaxRetries: -1})
 	t.Cleanup(func() { _ = dead.Close() })
-	deadDB, err := store.Open(store.Config{URL: "postgres://conveyor@127.0.0.1:" + strconv.Itoa(harness.FreePort(t)) + "/x?sslmode=disable"})
+	deadDB, err := store.Open(store.Config{URL: "postgres://conveyor@127.0.0.1:1/x?sslmode=disable"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,11 +111,13 @@ func TestReadinessPerRole(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 			// A cache Redis that is not the streams one is checked apart;
-			// here a live one is a second client of the same server.
+			// here a live one is a second client of the same server. It is
+			// not made from live.Options(): go-redis writes to a client's
+			// options while it connects, which the parallel subtests do,
+			// and copying them then is a data race.
 			cache := tt.cache
 			if cache == live {
-				cache = redis.NewClient(live.Options())
-				t.Cleanup(func() { _ = cache.Close() })
+				cache = testenv.Redis(t)
 			}
 			a := &app{rdb: tt.rdb, cacheRdb: cache, store: tt.db}
 			status, body := api.Readiness(t.Context(), a.checks(tt.role, nil))
@@ -168,7 +173,7 @@ func TestOneShotGivesUp(t *testing.T) {
 		logging.Enable()
 	})
 	env := map[string]string{
-		"REDIS_URL":    "redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t)),
+		"REDIS_URL":    "redis://127.0.0.1:1",
 		"DATABASE_URL": "postgres://127.0.0.1:1/x",
 		"LOG_LEVEL":    "error",
 	}
@@ -198,7 +203,7 @@ func TestInterruptedOneShotFails(t *testing.T) {
 		logging.Enable()
 	})
 	env := map[string]string{
-		"REDIS_URL":    "redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t)),
+		"REDIS_URL":    "redis://127.0.0.1:1",
 		"DATABASE_URL": "postgres://127.0.0.1:1/x",
 		"LOG_LEVEL":    "error",
 		"HTTP_ADDR":    "127.0.0.1:" + strconv.Itoa(harness.FreePort(t)),

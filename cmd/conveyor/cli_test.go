@@ -20,7 +20,7 @@ import (
 // the others, under the command's name.
 func TestConfigErrors(t *testing.T) {
 	t.Parallel()
-	redisURL := "REDIS_URL=redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t))
+	redisURL := "REDIS_URL=redis://127.0.0.1:1"
 	tests := []struct {
 		name string
 		env  []string
@@ -77,7 +77,7 @@ func TestVersionAndHelpNeedNoConfig(t *testing.T) {
 // rate-limited.
 func TestLogsStayJSONWhileRedisIsDown(t *testing.T) {
 	t.Parallel()
-	dead := "redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t))
+	dead := "redis://127.0.0.1:1" // nothing listens on port 1
 	start := time.Now()
 	// A server role: stopped while it waits, it exits 0 (a one-shot
 	// command such as migrate exits 130).

@@ -260,7 +260,7 @@ func TestSchedulerRefusesBadSchedules(t *testing.T) {
 	}
 	// Refused at once as a configuration error, though Redis is down:
 	// not only once the scheduler reaches it, which may be never.
-	dead := "redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t))
+	dead := "redis://127.0.0.1:1" // nothing listens on port 1
 	for _, cmd := range []string{"scheduler", "up"} {
 		ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 		out, err := harness.Run(t, ctx, []string{"REDIS_URL=" + dead, "DATABASE_URL=postgres://127.0.0.1:1/x", "SCHEDULES_FILE=" + file, "HTTP_ADDR=127.0.0.1:0"}, cmd)

@@ -89,7 +89,7 @@ func TestHangup(t *testing.T) {
 // exit status 0.
 func TestStartingProcessAnswersLiveness(t *testing.T) {
 	t.Parallel()
-	dead := "redis://127.0.0.1:" + strconv.Itoa(harness.FreePort(t))
+	dead := "redis://127.0.0.1:1" // nothing listens on port 1
 	p := harness.Start(t, "handler", []string{"REDIS_URL=" + dead}, "handler")
 	client := &http.Client{Timeout: 10 * time.Second} // a process that never answers fails the test
 	get := func(path string) (int, string) {
@@ -143,7 +143,7 @@ func TestSecondSignalExitsAtOnce(t *testing.T) {
 	if _, err := io.WriteString(conn, "POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(200 * time.Millisecond)
+	waitUploadsInFlight(t, p, 1)
 	if err := p.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +221,7 @@ func TestDrainTimeoutCutsRequestsAndExitsZero(t *testing.T) {
 	if _, err := io.WriteString(conn, "POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(200 * time.Millisecond)
+	waitUploadsInFlight(t, p, 1)
 	if err := p.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -240,5 +240,23 @@ func TestDrainTimeoutCutsRequestsAndExitsZero(t *testing.T) {
 	}
 	if n, err := conn.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("the cut upload's connection: read %d bytes, %v; want it closed", n, err)
+	}
+}
+
+// waitUploadsInFlight waits until p's /metrics shows n uploads in progress.
+// A test that signals p during an upload waits for it first: that the
+// request was written says nothing of whether p's handler reads it yet.
+func waitUploadsInFlight(t *testing.T, p *harness.Proc, n float64) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		got := p.Metric(t, "conveyor_http_uploads_in_flight")
+		if got == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("uploads in flight = %v after 30 s, want %v\n%s", got, n, p.Log())
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }

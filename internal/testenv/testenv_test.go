@@ -4,6 +4,7 @@ import (
 	"database/sql"
 	"strings"
 	"testing"
+	"time"
 
 	_ "github.com/lib/pq" // the postgres driver for database/sql
 	"go.uber.org/goleak"
@@ -31,6 +32,39 @@ func TestRedis(t *testing.T) {
 	}
 	if testenv.RedisURL(t) != testenv.RedisURL(t) {
 		t.Error("RedisURL changed between calls; want one server per test binary")
+	}
+}
+
+// WaitRenewed returns once a renewed key outlived its lease. The key is
+// renewed far more often than its lease needs, so that a stalled renewer
+// does not lose it on a loaded machine.
+func TestWaitRenewed(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	c := testenv.Redis(t)
+	key := testenv.Prefix(t) + "lock"
+	const lease = 3 * time.Second
+	if err := c.Set(ctx, key, "holder", lease).Err(); err != nil {
+		t.Fatalf("SET: %v", err)
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+				c.PExpire(ctx, key, lease)
+			}
+		}
+	}()
+	defer func() { close(stop); <-done }()
+	start := time.Now()
+	testenv.WaitRenewed(t, c, key, lease, 2)
+	if d := time.Since(start); d <= lease {
+		t.Errorf("WaitRenewed returned after %s, want more than the lease %s", d, lease)
 	}
 }
 
