@@ -129,21 +129,8 @@ func TestStartingProcessAnswersLiveness(t *testing.T) {
 // after SHUTDOWN_TIMEOUT.
 func TestSecondSignalExitsAtOnce(t *testing.T) {
 	t.Parallel()
-	p := harness.Start(t, "api", []string{
-		"REDIS_URL=" + testenv.RedisURL(t), "DATABASE_URL=" + testenv.DatabaseURL(t),
-		"BLOB_DIR=" + t.TempDir(), "SHUTDOWN_TIMEOUT=10m",
-	}, "api")
-	p.WaitReady(t, time.Minute)
 	// An upload whose body never ends: the graceful stop waits for it.
-	conn, err := net.Dial("tcp", p.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	if _, err := io.WriteString(conn, "POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"); err != nil {
-		t.Fatal(err)
-	}
-	waitUploadsInFlight(t, p, 1)
+	p, _ := apiWithEndlessUpload(t, "10m")
 	if err := p.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -208,20 +195,7 @@ func TestShutdownDelay(t *testing.T) {
 // stopped server does: the stop went as configured.
 func TestDrainTimeoutCutsRequestsAndExitsZero(t *testing.T) {
 	t.Parallel()
-	p := harness.Start(t, "api", []string{
-		"REDIS_URL=" + testenv.RedisURL(t), "DATABASE_URL=" + testenv.DatabaseURL(t),
-		"BLOB_DIR=" + t.TempDir(), "SHUTDOWN_TIMEOUT=1s",
-	}, "api")
-	p.WaitReady(t, time.Minute)
-	conn, err := net.Dial("tcp", p.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	if _, err := io.WriteString(conn, "POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"); err != nil {
-		t.Fatal(err)
-	}
-	waitUploadsInFlight(t, p, 1)
+	p, conn := apiWithEndlessUpload(t, "1s")
 	if err := p.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -241,6 +215,28 @@ func TestDrainTimeoutCutsRequestsAndExitsZero(t *testing.T) {
 	if n, err := conn.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("the cut upload's connection: read %d bytes, %v; want it closed", n, err)
 	}
+}
+
+// apiWithEndlessUpload starts an api with SHUTDOWN_TIMEOUT=shutdownTimeout
+// and sends it an upload whose body never ends, over conn (closed at the
+// test's end), returning once the api reads it.
+func apiWithEndlessUpload(t *testing.T, shutdownTimeout string) (*harness.Proc, net.Conn) {
+	t.Helper()
+	p := harness.Start(t, "api", []string{
+		"REDIS_URL=" + testenv.RedisURL(t), "DATABASE_URL=" + testenv.DatabaseURL(t),
+		"BLOB_DIR=" + t.TempDir(), "SHUTDOWN_TIMEOUT=" + shutdownTimeout,
+	}, "api")
+	p.WaitReady(t, time.Minute)
+	conn, err := net.Dial("tcp", p.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	if _, err := io.WriteString(conn, "POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	waitUploadsInFlight(t, p, 1)
+	return p, conn
 }
 
 // waitUploadsInFlight waits until p's /metrics shows n uploads in progress.
