@@ -122,7 +122,7 @@ func (a *API) postDocument(w http.ResponseWriter, r *http.Request) {
 	r = r.WithContext(context.WithValue(r.Context(), bodyReadKey{}, func() {
 		_ = rc.SetWriteDeadline(time.Now().Add(replyTime))
 	}))
-	a.idempotent(w, r, "upload", []string{""}, a.verifyUpload, a.upload)
+	a.idempotent(w, r, "upload", func() []string { return []string{""} }, a.verifyUpload, a.upload)
 }
 
 // uploadSlot takes one of the MaxConcurrentUploads slots, waiting up to

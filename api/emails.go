@@ -105,7 +105,7 @@ func (a *API) postEmail(w http.ResponseWriter, r *http.Request) {
 	// Records written before fingerprints were of the decoded request hold
 	// that of the JSON as a value, or before that of the bytes: a retry of
 	// one must still match.
-	fps := []string{req.fingerprint(), jsonFingerprint(body), fingerprint(body)}
+	fps := func() []string { return []string{req.fingerprint(), jsonFingerprint(body), fingerprint(body)} }
 	a.idempotent(w, r, "email", fps, nil, func(r *http.Request) (int, any) {
 		ev := &events.EmailRequested{
 			EmailID:     events.NewID(),

@@ -41,9 +41,10 @@ func idemCallFrom(ctx context.Context) *idemCall {
 // idempotent runs op at most once per Idempotency-Key header value. The
 // first request runs op; its response is stored (if 2xx) and replayed to
 // later requests with the same key. A key reused with a different request
-// gets 422: a request is the same if its fingerprint is one of fps (the
-// first is recorded; the others are earlier forms of it, which records
-// written before may hold).
+// gets 422: a request is the same if its fingerprint is one of those
+// fingerprints returns (the first is recorded; the others are earlier forms
+// of it, which records written before may hold); it runs only for a request
+// with a key.
 //
 // Accepting work ends in a publish whose outcome can be unknown (Redis
 // went away mid-write). So before publishing, accept records the event
@@ -59,8 +60,7 @@ func idemCallFrom(ctx context.Context) *idemCall {
 // recorded one (want), or gets verify's error response (keyReused if they
 // differ). pending says the later request will finish the prepared first
 // one.
-func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope string, fps []string, verify func(r *http.Request, want string, pending bool) (int, any), op func(*http.Request) (int, any)) {
-	fp := fps[0]
+func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope string, fingerprints func() []string, verify func(r *http.Request, want string, pending bool) (int, any), op func(*http.Request) (int, any)) {
 	keys := r.Header.Values("Idempotency-Key")
 	if len(keys) > 1 || len(keys) == 1 && strings.TrimSpace(keys[0]) == "" {
 		// A client that sends the header means to be safe to retry; an
@@ -79,6 +79,8 @@ func (a *API) idempotent(w http.ResponseWriter, r *http.Request, scope string, f
 		writeError(w, http.StatusBadRequest, "bad_idempotency_key", "Idempotency-Key must be at most 255 characters")
 		return
 	}
+	fps := fingerprints()
+	fp := fps[0]
 	rkey := "key:" + scope + ":" + key
 	rec, claimed, err := a.cfg.Idem.Claim(r.Context(), rkey, fp, a.cfg.IdempotencyLease)
 	if err != nil {
