@@ -39,14 +39,13 @@ const (
 	defaultTTL    = 60 * time.Second
 	defaultJitter = 0.1
 
-	// versionTTL is how long a version key outlives its last invalidation.
-	// The guard only needs a version to survive the longest load it
-	// guards (a load that straddles an invalidation must still see the new
-	// version when it tries to store), and Fetch does not store what a
-	// load longer than half of it returned. Every invalidated key holds a
-	// version key (about 165 bytes in Redis) this long: at 1,000
-	// invalidations per second, 10 minutes is about 100 MB, where a day
-	// was 14 GB.
+	// versionTTL is how long a version key outlives the load that made
+	// it or its last invalidation. The guard only needs a version to
+	// survive the longest load it guards (a load that straddles an
+	// invalidation must still see the new version when it tries to
+	// store), and Fetch does not store what a load longer than half of it
+	// returned. Only keys loaded on a miss hold a version (about 165 bytes
+	// in Redis), each this long after its last load or invalidation.
 	versionTTL = 10 * time.Minute
 
 	defaultRedisTimeout = 250 * time.Millisecond
@@ -232,14 +231,20 @@ func (c *Client) Set(ctx context.Context, key string, v any, ttl time.Duration) 
 // committed: an invalidation before the commit lets a reader cache the old
 // row again.
 //
-// For each key it gives the key a new version (a random number, with a fresh
-// expiry) and only then deletes the value: two commands per key. The order
-// matters: a guarded store that lands between the two commands sees the new
-// version and is refused; one that lands before both is deleted. A random
-// version, unlike a counter, never comes back: a counter whose key was
-// evicted starts again at 1 and may repeat a version that a running load
-// read. The versions are integers, so an older process that increments them
-// during a rolling upgrade still works.
+// For each key it replaces the key's version, if it has one, with a new one
+// (a random number, with a fresh expiry), and only then deletes the value:
+// two commands per key. A key has a version only if a [Fetch] missed it in
+// the last 10 minutes (a load gives the key one before it reads), so a key
+// that nobody read costs Redis no new key, only two lookups; before, every
+// invalidation created a version key for 10 minutes, which at the
+// projector's rates (tens of thousands of rows a second, most of them never
+// read) was most of the cache Redis's memory and work. The order matters: a
+// guarded store that lands between the two commands sees the new version
+// and is refused; one that lands before both is deleted. A random version,
+// unlike a counter, never comes back: a counter whose key was evicted
+// starts again at 1 and may repeat a version that a running load read. The
+// versions are integers, so an older process that increments them during a
+// rolling upgrade still works.
 func (c *Client) Invalidate(ctx context.Context, keys ...string) error {
 	if len(keys) == 0 {
 		return nil
@@ -253,7 +258,7 @@ func (c *Client) Invalidate(ctx context.Context, keys ...string) error {
 	// slots, and the per-key order above is all the guard needs.
 	pipe := c.rdb.Pipeline()
 	for _, key := range keys {
-		pipe.Set(ctx, c.versionKey(key), newVersion(), versionTTL)
+		pipe.SetXX(ctx, c.versionKey(key), newVersion(), versionTTL)
 		pipe.Del(ctx, c.valueKey(key))
 	}
 	if _, err := pipe.Exec(ctx); err != nil {

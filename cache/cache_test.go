@@ -1,6 +1,7 @@
 package cache_test
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"math"
@@ -260,17 +261,52 @@ func TestInvalidateVersionExpires(t *testing.T) {
 	t.Parallel()
 	rdb := testenv.Redis(t)
 	c := newClient(t, cache.Config{Redis: rdb})
-	if err := c.Invalidate(t.Context(), "k"); err != nil {
+	ctx := t.Context()
+	pttl := func() time.Duration {
+		t.Helper()
+		ttl, err := rdb.PTTL(ctx, c.VersionKey("k")).Result()
+		if err != nil {
+			t.Fatalf("PTTL: %v", err)
+		}
+		return ttl
+	}
+	version := func() string {
+		t.Helper()
+		v, err := rdb.Get(ctx, c.VersionKey("k")).Result()
+		if err != nil {
+			t.Fatalf("GET the version: %v", err)
+		}
+		return v
+	}
+	// A key nobody loaded gets no version from an invalidation: the
+	// projector invalidates every row it updates, and most are never read.
+	if err := c.Invalidate(ctx, "k"); err != nil {
 		t.Fatalf("Invalidate: %v", err)
 	}
-	// Versions must not accumulate (every invalidated key holds one for
-	// as long as it lives), yet must outlive every load whose value is
-	// stored.
-	ttl, err := rdb.PTTL(t.Context(), c.VersionKey("k")).Result()
-	if err != nil {
-		t.Fatalf("PTTL: %v", err)
+	if n, err := rdb.Exists(ctx, c.VersionKey("k"), c.ValueKey("k")).Result(); err != nil || n != 0 {
+		t.Fatalf("after invalidating a key never loaded, %d of its keys exist (%v); want none", n, err)
 	}
-	if ttl <= c.GuardedLoad() || ttl > cache.VersionTTL || cache.VersionTTL > time.Hour {
+	// A load gives the key a version, which an invalidation replaces.
+	if _, err := cache.Fetch(ctx, c, "k", 0, func(context.Context) (string, error) { return "v", nil }); err != nil {
+		t.Fatalf("Fetch: %v", err)
+	}
+	loaded := version()
+	if ttl := pttl(); ttl <= c.GuardedLoad() || ttl > cache.VersionTTL {
+		t.Errorf("version key PTTL after a load = %s, want more than %s and at most %s", ttl, c.GuardedLoad(), cache.VersionTTL)
+	}
+	if err := rdb.PExpire(ctx, c.VersionKey("k"), time.Minute).Err(); err != nil {
+		t.Fatalf("PEXPIRE: %v", err)
+	}
+	if err := c.Invalidate(ctx, "k"); err != nil {
+		t.Fatalf("Invalidate: %v", err)
+	}
+	if v := version(); v == loaded {
+		t.Errorf("the version is still %s after an invalidation; want a new one", v)
+	}
+	// Versions must not accumulate (every key loaded holds one for as
+	// long as it lives), yet must outlive every load whose value is
+	// stored; an invalidation gives the version its whole life again.
+	if ttl := pttl(); ttl <= c.GuardedLoad() || ttl > cache.VersionTTL || cache.VersionTTL > time.Hour {
 		t.Errorf("version key PTTL = %s, want more than the longest stored load (%s) and at most %s (at most an hour)",
 			ttl, c.GuardedLoad(), cache.VersionTTL)
 	}

@@ -9,7 +9,7 @@ func (c *Client) ValueKey(key string) string { return c.valueKey(key) }
 // VersionKey exposes the Redis key that holds key's version.
 func (c *Client) VersionKey(key string) string { return c.versionKey(key) }
 
-// VersionTTL is how long a version key outlives its last invalidation.
+// VersionTTL is how long a version key outlives the last load or invalidation of its key.
 const VersionTTL = versionTTL
 
 // GuardedLoad returns the longest load whose value c stores.

@@ -18,10 +18,27 @@ import (
 // request but must not be remembered, such as an empty LLM response.
 var ErrNotCacheable = errors.New("cache: not cacheable")
 
+// readForLoad reads a value and its version before a load, giving the key a
+// version if it has none, so that an invalidation during the load, which
+// replaces only a version that exists, finds one. KEYS[1] is the value key
+// and KEYS[2] its version key (one slot, thanks to the hash tag). ARGV[1] is
+// the version to give a key without one and ARGV[2] its expiry in
+// milliseconds. It returns the value (nil if none) and the version.
+var readForLoad = redis.NewScript(`
+local val = redis.call('GET', KEYS[1])
+local v = redis.call('GET', KEYS[2])
+if v == false then
+  v = ARGV[1]
+  redis.call('SET', KEYS[2], v, 'PX', ARGV[2])
+end
+return {val, v}
+`)
+
 // setIfVersion stores a value only if the key's version is still the one
 // read before the load. KEYS[1] is the value key and KEYS[2] its version key
 // (one slot, thanks to the hash tag). ARGV[1] is the version read before the
-// load, "" if there was none (a version is never ""), ARGV[2] the value and
+// load ("" for none: a reader of an older release, which did not give keys a
+// version, may still run this script), ARGV[2] the value and
 // ARGV[3] the expiry in milliseconds. It returns 1 if it stored the value.
 var setIfVersion = redis.NewScript(`
 local v = redis.call('GET', KEYS[2])
@@ -66,12 +83,16 @@ return 1
 // Without a guard, this interleaving leaves a stale value for a whole TTL:
 // a reader misses and loads the old row; the projector commits the new row
 // and invalidates the key; the reader then stores the old row. To prevent it,
-// every key has a version, which [Client.Invalidate] replaces. Before
-// calling load, Fetch reads the version (in the same round trip as its second
-// look at the value); after load, it stores the value only if the version is
-// unchanged, atomically, in a Lua script over the two keys, which share a
-// slot. An invalidation that lands anywhere between the read and the store
-// therefore makes the store a no-op, and the next Fetch loads the new row.
+// a key being loaded has a version, which [Client.Invalidate] replaces. Before
+// calling load, Fetch reads the version, giving the key one if it has none
+// (in one script with its second look at the value); after load, it stores
+// the value only if the version is unchanged, atomically, in a Lua script
+// over the two keys, which share a slot. An invalidation that lands anywhere
+// between the read and the store therefore makes the store a no-op, and the
+// next Fetch loads the new row. Invalidate replaces only a version that
+// exists: a key that no load is reading needs none, and if the version
+// expired or was evicted during the load, the store finds none and is
+// refused as well.
 //
 // The guard rests on these assumptions:
 //   - load reads its data after Fetch read the version, which holds because
@@ -171,9 +192,9 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 		}
 	}()
 
-	// The version must be read before load runs; the value comes along in
-	// the same round trip (both keys share a slot), in case a flight that
-	// ended just before this one stored it.
+	// The version must be read, and made if missing, before load runs; the
+	// value comes along in the same script (both keys share a slot), in
+	// case a flight that ended just before this one stored it.
 	var version string
 	var versionRead time.Time
 	versionKnown := false
@@ -182,8 +203,12 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 		// (a pool, retries) counts against the guard too.
 		start := time.Now()
 		rctx, cancel := context.WithTimeout(ctx, c.redisTimeout)
-		vals, err := c.rdb.MGet(rctx, c.valueKey(key), c.versionKey(key)).Result()
+		keys := []string{c.valueKey(key), c.versionKey(key)}
+		vals, err := readForLoad.Run(rctx, c.rdb, keys, newVersion(), versionTTL.Milliseconds()).Slice()
 		cancel()
+		if err == nil && len(vals) != 2 {
+			err = fmt.Errorf("read for load: %d replies, want 2", len(vals))
+		}
 		if err != nil {
 			// Without a version the store cannot be guarded, so it is skipped.
 			c.failed(ctx, failRead, key, err)
@@ -191,8 +216,8 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 			if cached, ok := vals[0].(string); ok && usable([]byte(cached)) {
 				return []byte(cached), nil
 			}
-			version, _ = vals[1].(string) // no version yet reads as ""
-			versionKnown, versionRead = true, start
+			version, _ = vals[1].(string)
+			versionKnown, versionRead = version != "", start
 		}
 	}
 
