@@ -188,7 +188,7 @@ func (tx *Tx) LockAndInbox(ctx context.Context, keys []string, entries []InboxEn
 		ids[i], types[i] = e.EventID, e.EventType
 		out[e.EventID] = true
 	}
-	args := []any{pq.Array(ids), pq.Array(types), pq.Array(lockIDs(keys))}
+	args := []any{array(ids), array(types), array(lockIDs(keys))}
 	var n int64
 	var err error
 	allNew := false
@@ -207,7 +207,7 @@ func (tx *Tx) LockAndInbox(ctx context.Context, keys []string, entries []InboxEn
 		clear(out)
 	default:
 		var mine []string
-		if err := tx.selectAll(ctx, &mine, qInsertedHere, pq.Array(ids)); err != nil {
+		if err := tx.selectAll(ctx, &mine, qInsertedHere, array(ids)); err != nil {
 			return nil, fmt.Errorf("find the %d new of %d events in inbox: %w", n, len(entries), err)
 		}
 		// Rows an earlier call of this transaction inserted are this
@@ -351,7 +351,7 @@ func (tx *Tx) applyFirst(ctx context.Context, q creating, key func(id string) st
 			earlier = append(earlier, id)
 		}
 	}
-	if err := tx.exec(ctx, q.guarded, append(args[:len(args):len(args)], pq.Array(earlier))...); err != nil {
+	if err := tx.exec(ctx, q.guarded, append(args[:len(args):len(args)], array(earlier))...); err != nil {
 		return fmt.Errorf("upsert the rows that existed: %w", err)
 	}
 	return nil
@@ -423,7 +423,7 @@ func (tx *Tx) ApplyDocumentsUploaded(ctx context.Context, evs []*events.Document
 		size, evID = append(size, e.Size), append(evID, r.id)
 	}
 	err := tx.applyFirst(ctx, qApplyDocumentsUploaded, DocumentKey, id,
-		pq.Array(id), pq.Array(fn), pq.Array(size), pq.Array(dct), pq.Array(sha), pq.Array(key), pq.Array(notify), pq.Array(up), pq.Array(evID))
+		array(id), array(fn), array(size), array(dct), array(sha), array(key), array(notify), array(up), array(evID))
 	if err != nil {
 		return fmt.Errorf("apply %d document uploads: %w", len(rows), err)
 	}
@@ -478,7 +478,7 @@ func (tx *Tx) ApplyDocumentsProcessed(ctx context.Context, evs []*events.Documen
 	}
 	defer tx.wrote(DocumentKey, id)
 	err := tx.exec(ctx, qApplyDocumentsProcessed,
-		pq.Array(id), pq.Array(ct), pq.Array(words), pq.Array(lines), pq.Array(sum), pq.Array(at))
+		array(id), array(ct), array(words), array(lines), array(sum), array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d processed documents: %w", len(evs), err)
 	}
@@ -515,7 +515,7 @@ func (tx *Tx) ApplyDocumentsFailed(ctx context.Context, evs []*events.DocumentPr
 	}
 	defer tx.wrote(DocumentKey, id)
 	err := tx.exec(ctx, qApplyDocumentsFailed,
-		pq.Array(id), pq.Array(ct), pq.Array(reason), pq.Array(at))
+		array(id), array(ct), array(reason), array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d failed documents: %w", len(evs), err)
 	}
@@ -549,7 +549,7 @@ func (tx *Tx) ApplyEmailsRequested(ctx context.Context, evs []*events.EmailReque
 		id, to, subj, doc, at = append(id, e.EmailID), append(to, e.To), append(subj, e.Subject), append(doc, e.DocID), append(at, ts(e.RequestedAt))
 	}
 	err := tx.applyFirst(ctx, qApplyEmailsRequested, EmailKey, id,
-		pq.Array(id), pq.Array(to), pq.Array(subj), pq.Array(doc), pq.Array(at))
+		array(id), array(to), array(subj), array(doc), array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d requested emails: %w", len(evs), err)
 	}
@@ -580,7 +580,7 @@ func (tx *Tx) ApplyEmailsScheduled(ctx context.Context, evs []*events.EmailSched
 		sendAt, at = append(sendAt, ts(e.SendAt)), append(at, ts(e.ScheduledAt))
 	}
 	err := tx.applyFirst(ctx, qApplyEmailsScheduled, EmailKey, id,
-		pq.Array(id), pq.Array(to), pq.Array(subj), pq.Array(doc), pq.Array(sendAt), pq.Array(at))
+		array(id), array(to), array(subj), array(doc), array(sendAt), array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d scheduled emails: %w", len(evs), err)
 	}
@@ -624,7 +624,7 @@ func (tx *Tx) ApplyEmailsSent(ctx context.Context, evs []*events.EmailSent) erro
 	}
 	defer tx.wrote(EmailKey, id)
 	err := tx.exec(ctx, qApplyEmailsSent,
-		pq.Array(id), pq.Array(to), pq.Array(mid), pq.Array(attempts), pq.Array(at))
+		array(id), array(to), array(mid), array(attempts), array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d sent emails: %w", len(evs), err)
 	}
@@ -661,7 +661,7 @@ func (tx *Tx) ApplyEmailsFailed(ctx context.Context, evs []*events.EmailFailed) 
 	}
 	defer tx.wrote(EmailKey, id)
 	err := tx.exec(ctx, qApplyEmailsFailed,
-		pq.Array(id), pq.Array(reason), pq.Array(attempts), pq.Array(at))
+		array(id), array(reason), array(attempts), array(at))
 	if err != nil {
 		return fmt.Errorf("apply %d failed emails: %w", len(evs), err)
 	}
@@ -763,7 +763,7 @@ func (s *Store) UnreferencedBlobKeys(ctx context.Context, keys []string) ([]stri
 	var out []string
 	err := s.db.SelectContext(ctx, &out, `
 		SELECT k FROM unnest($1::text[]) AS k
-		WHERE NOT EXISTS (SELECT 1 FROM documents d WHERE d.blob_key = k)`, pq.Array(keys))
+		WHERE NOT EXISTS (SELECT 1 FROM documents d WHERE d.blob_key = k)`, array(keys))
 	if err != nil {
 		return nil, fmt.Errorf("unreferenced blob keys: %w", err)
 	}
