@@ -39,13 +39,13 @@ const (
 	defaultTTL    = 60 * time.Second
 	defaultJitter = 0.1
 
-	// versionTTL is how long a version key outlives the load that made
-	// it or its last invalidation. The guard only needs a version to
-	// survive the longest load it guards (a load that straddles an
-	// invalidation must still see the new version when it tries to
-	// store), and Fetch does not store what a load longer than half of it
-	// returned. Only keys loaded on a miss hold a version (about 165 bytes
-	// in Redis), each this long after its last load or invalidation.
+	// versionTTL is how long a version key lives after the load that made
+	// it (an invalidation replaces the version but keeps its expiry).
+	// Only keys loaded on a miss get a version (about 165 bytes in Redis),
+	// so this bounds the versions' memory by the misses of the last 10
+	// minutes. A version that expires during a load makes its store fail
+	// (see Fetch), so its length only trades memory for stores refused:
+	// the value of a load that took longer than half of it is not stored.
 	versionTTL = 10 * time.Minute
 
 	defaultRedisTimeout = 250 * time.Millisecond
@@ -232,11 +232,11 @@ func (c *Client) Set(ctx context.Context, key string, v any, ttl time.Duration) 
 // row again.
 //
 // For each key it replaces the key's version, if it has one, with a new one
-// (a random number, with a fresh expiry), and only then deletes the value:
-// two commands per key. A key has a version only if a [Fetch] missed it in
-// the last 10 minutes (a load gives the key one before it reads), so a key
-// that nobody read costs Redis no new key, only two lookups; before, every
-// invalidation created a version key for 10 minutes, which at the
+// (a random number; the version keeps its expiry), and only then deletes the
+// value: two commands per key. A key has a version only if a [Fetch] loaded
+// it in the last 10 minutes (a load gives the key one before it reads), so a
+// key that nobody read costs Redis no new key, only two lookups; before,
+// every invalidation created a version key for 10 minutes, which at the
 // projector's rates (tens of thousands of rows a second, most of them never
 // read) was most of the cache Redis's memory and work. The order matters: a
 // guarded store that lands between the two commands sees the new version
@@ -258,10 +258,22 @@ func (c *Client) Invalidate(ctx context.Context, keys ...string) error {
 	// slots, and the per-key order above is all the guard needs.
 	pipe := c.rdb.Pipeline()
 	for _, key := range keys {
-		pipe.SetXX(ctx, c.versionKey(key), newVersion(), versionTTL)
+		pipe.SetArgs(ctx, c.versionKey(key), newVersion(), redis.SetArgs{Mode: "XX", KeepTTL: true})
 		pipe.Del(ctx, c.valueKey(key))
 	}
-	if _, err := pipe.Exec(ctx); err != nil {
+	cmds, err := pipe.Exec(ctx)
+	if errors.Is(err, redis.Nil) {
+		// A SET XX of a key without a version replies nil: nothing to
+		// replace. Any other command's error still counts.
+		err = nil
+		for _, cmd := range cmds {
+			if e := cmd.Err(); e != nil && !errors.Is(e, redis.Nil) {
+				err = e
+				break
+			}
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("cache: invalidate %d keys: %w", len(keys), err)
 	}
 	// Callers in this process that arrive from now on must not join a load

@@ -1,6 +1,9 @@
 package cache
 
-import "time"
+import (
+	"context"
+	"time"
+)
 
 // ValueKey exposes the Redis key that holds key's value, for tests that
 // inspect Redis directly.
@@ -9,7 +12,7 @@ func (c *Client) ValueKey(key string) string { return c.valueKey(key) }
 // VersionKey exposes the Redis key that holds key's version.
 func (c *Client) VersionKey(key string) string { return c.versionKey(key) }
 
-// VersionTTL is how long a version key outlives the last load or invalidation of its key.
+// VersionTTL is how long a version key lives after the load that made it.
 const VersionTTL = versionTTL
 
 // GuardedLoad returns the longest load whose value c stores.
@@ -20,3 +23,8 @@ func (c *Client) SetGuardedLoad(d time.Duration) { c.guardedLoad = d }
 
 // SetRedisPause sets how long Fetch leaves Redis alone after a failed call.
 func (c *Client) SetRedisPause(d time.Duration) { c.redisPause = d }
+
+// ReadForLoad runs the read that precedes a load (see fill).
+func (c *Client) ReadForLoad(ctx context.Context, key string, force bool) ([]byte, string, error) {
+	return c.readForLoad(ctx, key, force)
+}

@@ -19,15 +19,17 @@ import (
 var ErrNotCacheable = errors.New("cache: not cacheable")
 
 // readForLoad reads a value and its version before a load, giving the key a
-// version if it has none, so that an invalidation during the load, which
-// replaces only a version that exists, finds one. KEYS[1] is the value key
-// and KEYS[2] its version key (one slot, thanks to the hash tag). ARGV[1] is
-// the version to give a key without one and ARGV[2] its expiry in
-// milliseconds. It returns the value (nil if none) and the version.
+// version if it has none and no value is cached (or ARGV[3] is "1": the
+// cached value does not decode, and the load will replace it), so that an
+// invalidation during the load, which replaces only a version that exists,
+// finds one. KEYS[1] is the value key and KEYS[2] its version key (one
+// slot, thanks to the hash tag). ARGV[1] is the version to give a key
+// without one and ARGV[2] its expiry in milliseconds. It returns the value
+// (nil if none) and the version (nil if none).
 var readForLoad = redis.NewScript(`
 local val = redis.call('GET', KEYS[1])
 local v = redis.call('GET', KEYS[2])
-if v == false then
+if v == false and (val == false or ARGV[3] == '1') then
   v = ARGV[1]
   redis.call('SET', KEYS[2], v, 'PX', ARGV[2])
 end
@@ -85,7 +87,8 @@ return 1
 // and invalidates the key; the reader then stores the old row. To prevent it,
 // a key being loaded has a version, which [Client.Invalidate] replaces. Before
 // calling load, Fetch reads the version, giving the key one if it has none
-// (in one script with its second look at the value); after load, it stores
+// (in one script with its second look at the value, which makes no version
+// if that look finds the value after all); after load, it stores
 // the value only if the version is unchanged, atomically, in a Lua script
 // over the two keys, which share a slot. An invalidation that lands anywhere
 // between the read and the store therefore makes the store a no-op, and the
@@ -98,13 +101,13 @@ return 1
 //   - load reads its data after Fetch read the version, which holds because
 //     Fetch calls load only after that read;
 //   - the writer invalidates after its commit is visible to readers;
-//   - a version key is not lost while a load is running: it outlives its last
-//     invalidation by 10 minutes, and the value of a load that took longer
-//     than 5 minutes (from the version read to the store) is returned but
-//     not stored, so every stored value's load was within a version's life;
-//     an LRU eviction of a version key created by that very invalidation, or
-//     a Redis failover that loses the new version, could still let one stale
-//     value in, for at most one TTL (the TTL is the final bound on
+//   - a version read before a load is never empty, and a version never comes
+//     back (a random number), so a version key that expires or is evicted
+//     during the load makes the store fail, as an invalidation does; the
+//     value of a load that took longer than 5 minutes (from the version read
+//     to the store) is not stored either. A Redis failover that loses an
+//     invalidation's new version but keeps the old one could still let one
+//     stale value in, for at most one TTL (the TTL is the final bound on
 //     staleness, as it is when an invalidation fails outright);
 //   - writers that use [Client.Set] bypass the guard.
 //
@@ -202,21 +205,22 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 		// The load is timed from before the read: the read's own wait
 		// (a pool, retries) counts against the guard too.
 		start := time.Now()
-		rctx, cancel := context.WithTimeout(ctx, c.redisTimeout)
-		keys := []string{c.valueKey(key), c.versionKey(key)}
-		vals, err := readForLoad.Run(rctx, c.rdb, keys, newVersion(), versionTTL.Milliseconds()).Slice()
-		cancel()
-		if err == nil && len(vals) != 2 {
-			err = fmt.Errorf("read for load: %d replies, want 2", len(vals))
+		cached, v, err := c.readForLoad(ctx, key, false)
+		if err == nil && cached != nil && v == "" {
+			if usable(cached) {
+				return cached, nil
+			}
+			// The load replaces an undecodable value: it needs a version.
+			cached, v, err = c.readForLoad(ctx, key, true)
 		}
 		if err != nil {
 			// Without a version the store cannot be guarded, so it is skipped.
 			c.failed(ctx, failRead, key, err)
 		} else {
-			if cached, ok := vals[0].(string); ok && usable([]byte(cached)) {
-				return []byte(cached), nil
+			if cached != nil && usable(cached) {
+				return cached, nil
 			}
-			version, _ = vals[1].(string)
+			version = v
 			versionKnown, versionRead = version != "", start
 		}
 	}
@@ -251,11 +255,36 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 		c.failed(ctx, failStore, key, err)
 	case stored == 0:
 		c.recovered(ctx, failStore)
-		c.logger.DebugContext(ctx, "cache store skipped: key invalidated during load", "key", key)
+		c.logger.DebugContext(ctx, "cache store skipped: key invalidated during load, or its version expired", "key", key)
 	default:
 		c.recovered(ctx, failStore)
 	}
 	return raw, nil
+}
+
+// readForLoad runs the script of that name (force: give the key a version
+// even if a value is cached). It returns the cached value (nil if none) and
+// the version ("" if none).
+func (c *Client) readForLoad(ctx context.Context, key string, force bool) (cached []byte, version string, err error) {
+	rctx, cancel := context.WithTimeout(ctx, c.redisTimeout)
+	defer cancel()
+	keys := []string{c.valueKey(key), c.versionKey(key)}
+	forced := "0"
+	if force {
+		forced = "1"
+	}
+	vals, err := readForLoad.Run(rctx, c.rdb, keys, newVersion(), versionTTL.Milliseconds(), forced).Slice()
+	if err == nil && len(vals) != 2 {
+		err = fmt.Errorf("read for load: %d replies, want 2", len(vals))
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	if s, ok := vals[0].(string); ok {
+		cached = []byte(s)
+	}
+	version, _ = vals[1].(string)
+	return cached, version, nil
 }
 
 func decode[T any](raw []byte) (T, error) {

@@ -216,6 +216,45 @@ func TestFetchPanic(t *testing.T) {
 	}
 }
 
+// TestReadForLoadVersions: the read before a load gives the key a version
+// only when the load will store: when no value is cached, or when the one
+// cached does not decode (force). A read that finds the value after all
+// (another flight stored it) leaves no version behind.
+func TestReadForLoadVersions(t *testing.T) {
+	t.Parallel()
+	rdb := testenv.Redis(t)
+	c := newClient(t, cache.Config{Redis: rdb})
+	ctx := t.Context()
+	hasVersion := func(key string) bool {
+		t.Helper()
+		n, err := rdb.Exists(ctx, c.VersionKey(key)).Result()
+		if err != nil {
+			t.Fatalf("EXISTS: %v", err)
+		}
+		return n == 1
+	}
+
+	cached, v, err := c.ReadForLoad(ctx, "absent", false)
+	if err != nil || cached != nil || v == "" || !hasVersion("absent") {
+		t.Errorf("ReadForLoad(absent) = %q, %q, %v, version key %v; want no value and a new version", cached, v, err, hasVersion("absent"))
+	}
+	if _, v2, err := c.ReadForLoad(ctx, "absent", false); err != nil || v2 != v {
+		t.Errorf("a second ReadForLoad(absent) = version %q, %v; want the first one, %q", v2, err, v)
+	}
+
+	if err := c.Set(ctx, "cached", "x", 0); err != nil {
+		t.Fatalf("Set: %v", err)
+	}
+	cached, v, err = c.ReadForLoad(ctx, "cached", false)
+	if err != nil || string(cached) != `"x"` || v != "" || hasVersion("cached") {
+		t.Errorf("ReadForLoad(cached) = %q, %q, %v, version key %v; want the value and no version", cached, v, err, hasVersion("cached"))
+	}
+	cached, v, err = c.ReadForLoad(ctx, "cached", true)
+	if err != nil || string(cached) != `"x"` || v == "" || !hasVersion("cached") {
+		t.Errorf("ReadForLoad(cached, force) = %q, %q, %v, version key %v; want the value and a new version", cached, v, err, hasVersion("cached"))
+	}
+}
+
 func TestFetchUndecodableValue(t *testing.T) {
 	t.Parallel()
 	c := newClient(t, cache.Config{})
@@ -267,6 +306,14 @@ func TestFetchStaleSetRace(t *testing.T) {
 			c := newClient(t, cache.Config{Redis: rdb})
 			ctx := t.Context()
 			if tt.invalidateFirst {
+				// An earlier load gave the key a version, which the
+				// invalidation replaces (with the value it deletes).
+				if _, err := cache.Fetch(ctx, c, "doc", 0, func(context.Context) (string, error) { return "older", nil }); err != nil {
+					t.Fatalf("earlier Fetch: %v", err)
+				}
+				if n, err := rdb.Exists(ctx, c.VersionKey("doc")).Result(); err != nil || n != 1 {
+					t.Fatalf("the earlier load left %d version keys (%v), want 1", n, err)
+				}
 				if err := c.Invalidate(ctx, "doc"); err != nil {
 					t.Fatalf("Invalidate: %v", err)
 				}
