@@ -258,22 +258,10 @@ func (c *Client) Invalidate(ctx context.Context, keys ...string) error {
 	// slots, and the per-key order above is all the guard needs.
 	pipe := c.rdb.Pipeline()
 	for _, key := range keys {
-		pipe.SetArgs(ctx, c.versionKey(key), newVersion(), redis.SetArgs{Mode: "XX", KeepTTL: true})
+		pipe.SetXX(ctx, c.versionKey(key), newVersion(), redis.KeepTTL)
 		pipe.Del(ctx, c.valueKey(key))
 	}
-	cmds, err := pipe.Exec(ctx)
-	if errors.Is(err, redis.Nil) {
-		// A SET XX of a key without a version replies nil: nothing to
-		// replace. Any other command's error still counts.
-		err = nil
-		for _, cmd := range cmds {
-			if e := cmd.Err(); e != nil && !errors.Is(e, redis.Nil) {
-				err = e
-				break
-			}
-		}
-	}
-	if err != nil {
+	if _, err := pipe.Exec(ctx); err != nil {
 		return fmt.Errorf("cache: invalidate %d keys: %w", len(keys), err)
 	}
 	// Callers in this process that arrive from now on must not join a load

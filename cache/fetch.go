@@ -206,20 +206,19 @@ func (c *Client) fill(ctx context.Context, key string, ttl time.Duration, cacheU
 		// (a pool, retries) counts against the guard too.
 		start := time.Now()
 		cached, v, err := c.readForLoad(ctx, key, false)
-		if err == nil && cached != nil && v == "" {
+		if err == nil && cached != nil {
 			if usable(cached) {
 				return cached, nil
 			}
-			// The load replaces an undecodable value: it needs a version.
-			cached, v, err = c.readForLoad(ctx, key, true)
+			if v == "" {
+				// The load replaces an undecodable value: it needs a version.
+				_, v, err = c.readForLoad(ctx, key, true)
+			}
 		}
 		if err != nil {
 			// Without a version the store cannot be guarded, so it is skipped.
 			c.failed(ctx, failRead, key, err)
 		} else {
-			if cached != nil && usable(cached) {
-				return cached, nil
-			}
 			version = v
 			versionKnown, versionRead = version != "", start
 		}
