@@ -87,17 +87,17 @@ func (t *tracker) expect(key string, accepted time.Time, record bool) {
 	t.mu.Unlock()
 }
 
-// count counts an event applied to key's row (sent tells its type), if err
-// (what Apply returned) is nil, and returns err.
-func (t *tracker) count(key string, sent bool, err error) error {
+// count counts an event applied to the row of emailID (sent tells its
+// type), if err (what Apply returned) is nil, and returns err.
+func (t *tracker) count(emailID string, sent bool, err error) error {
 	if err == nil {
-		t.applied(key, sent)
+		t.applied(emailID, sent)
 	}
 	return err
 }
 
-// applied counts an event applied to key's row.
-func (t *tracker) applied(key string, sent bool) {
+// applied counts an event applied to the row of emailID.
+func (t *tracker) applied(emailID string, sent bool) {
 	if !t.timed {
 		if sent {
 			t.sent.Add(1)
@@ -107,6 +107,7 @@ func (t *tracker) applied(key string, sent bool) {
 		return
 	}
 	now := time.Now()
+	key := store.EmailKey(emailID)
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	v, ok := t.visits[key]
@@ -222,12 +223,10 @@ func startPipeline(ctx context.Context, b *bench, prefix string, timed bool) (p 
 	// as proj.Register adds them, each counting what it applied.
 	err = errors.Join(
 		bus.HandleAsync(prouter, projector.Group, func(ctx context.Context, ev *events.EmailRequested, done func(error)) {
-			key := store.EmailKey(ev.EmailID)
-			proj.ApplyAsync(ctx, ev, func(err error) { done(p.tracker.count(key, false, err)) })
+			proj.ApplyAsync(ctx, ev, func(err error) { done(p.tracker.count(ev.EmailID, false, err)) })
 		}),
 		bus.HandleAsync(prouter, projector.Group, func(ctx context.Context, ev *events.EmailSent, done func(error)) {
-			key := store.EmailKey(ev.EmailID)
-			proj.ApplyAsync(ctx, ev, func(err error) { done(p.tracker.count(key, true, err)) })
+			proj.ApplyAsync(ctx, ev, func(err error) { done(p.tracker.count(ev.EmailID, true, err)) })
 		}),
 	)
 	if err != nil {
