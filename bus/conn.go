@@ -1,13 +1,13 @@
 package bus
 
 import (
-	"bufio"
+	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"strconv"
 	"time"
 
@@ -34,9 +34,18 @@ import (
 type readConn struct {
 	opt  *redis.Options
 	nc   net.Conn
-	br   *bufio.Reader
+	src  io.Reader // nc, which replies are read from
 	wbuf []byte
+	// in holds what was read from src: in[:next] is framed, in[next:] not
+	// yet (replies pipelined after the last one framed).
+	in   []byte
+	next int
+	// rbuf is the last reply framed: a window of in, valid until the
+	// next readReply.
 	rbuf []byte
+	// stack is readReply's count of elements still to frame at each
+	// level of nesting, kept for its storage.
+	stack []int
 	// noDialUntil: after a failed dial, reads go through go-redis until
 	// then.
 	noDialUntil time.Time
@@ -115,12 +124,8 @@ func (c *readConn) dial(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	c.nc = nc
-	if c.br == nil {
-		c.br = bufio.NewReaderSize(nc, 32<<10)
-	} else {
-		c.br.Reset(nc)
-	}
+	c.nc, c.src = nc, nc
+	c.in, c.next, c.rbuf = c.in[:0], 0, nil
 	if err := c.handshake(dctx); err != nil {
 		c.close()
 		return fmt.Errorf("set up connection: %w", err)
@@ -183,9 +188,10 @@ func (c *readConn) close() {
 		_ = c.nc.Close()
 		c.nc = nil
 	}
-	if cap(c.rbuf) > maxKeptReadBuffer {
-		c.rbuf = nil
+	if cap(c.in) > maxKeptReadBuffer {
+		c.in = nil
 	}
+	c.in, c.next, c.rbuf = c.in[:0], 0, nil
 }
 
 // command appends a command to the write buffer.
@@ -232,70 +238,151 @@ func (c *readConn) send(writeBy, readBy time.Time) error {
 	return err
 }
 
-// readReply reads one whole reply into rbuf.
-func (c *readConn) readReply() error {
-	c.rbuf = c.rbuf[:0]
-	return c.frame()
-}
+// readBufSize is the size of a connection's read buffer, and of each read
+// from the socket: a batch of a hundred entries of a few hundred bytes
+// comes in one or two reads.
+const readBufSize = 64 << 10
 
-// frame appends the next RESP value, nested ones included, to rbuf.
-func (c *readConn) frame() error {
-	start := len(c.rbuf)
-	for {
-		line, err := c.br.ReadSlice('\n')
-		c.rbuf = append(c.rbuf, line...)
-		if err == nil {
-			break
+// maxHeaderLine bounds a header line (type, length, or a simple string
+// such as an error message).
+const maxHeaderLine = 64 << 10
+
+// readReply reads one whole reply, nested values included, into rbuf.
+//
+// Replies are read off the socket in large chunks into in and framed
+// there: a header line is found with one IndexByte, and a bulk string is
+// skipped by its length, not read. What follows the reply (the next
+// pipelined reply) stays in in for the next call.
+func (c *readConn) readReply() error {
+	// What was framed before is done with: move what follows it to the
+	// front.
+	c.in = c.in[:copy(c.in, c.in[c.next:])]
+	c.next, c.rbuf = 0, nil
+	pos := 0
+	stack := append(c.stack[:0], 1) // one value, the reply
+	defer func() { c.stack = stack[:0] }()
+	for len(stack) > 0 {
+		if stack[len(stack)-1] == 0 {
+			stack = stack[:len(stack)-1]
+			continue
 		}
-		if !errors.Is(err, bufio.ErrBufferFull) {
+		end, more, err := frameOne(c.in, pos, &stack)
+		if err != nil {
 			return err
 		}
-		if len(c.rbuf)-start > 64<<10 {
-			return fmt.Errorf("%w: header line too long", errBadReply)
+		if more {
+			if err := c.fill(); err != nil {
+				return err
+			}
+			continue
 		}
+		pos = end
 	}
-	line := c.rbuf[start:]
+	c.rbuf, c.next = c.in[:pos:pos], pos
+	return nil
+}
+
+// trim lets go of a read buffer grown past maxKeptReadBuffer by a large
+// reply, once every reply in it was framed: a connection waiting for its
+// next round trip keeps no more than that.
+func (c *readConn) trim() {
+	if cap(c.in) > maxKeptReadBuffer && c.next == len(c.in) {
+		c.in, c.next, c.rbuf = nil, 0, nil
+	}
+}
+
+// frameOne frames the value whose header starts at in[pos]: it returns
+// the end of its header, or of a bulk string its end, and counts it off
+// the top of stack, pushing the elements of an aggregate. more means in
+// does not hold the whole header or string yet; nothing is changed then.
+func frameOne(in []byte, pos int, stack *[]int) (end int, more bool, err error) {
+	nl := bytes.IndexByte(in[pos:], '\n')
+	if nl < 0 {
+		if len(in)-pos > maxHeaderLine {
+			return 0, false, fmt.Errorf("%w: header line too long", errBadReply)
+		}
+		return 0, true, nil
+	}
+	line := in[pos : pos+nl+1]
+	end = pos + nl + 1
 	if len(line) < 3 || line[len(line)-2] != '\r' {
-		return fmt.Errorf("%w: bad line %q", errBadReply, truncate(string(line), 40))
+		return 0, false, fmt.Errorf("%w: bad line %q", errBadReply, truncate(string(line), 40))
 	}
 	typ := line[0]
+	n := 0
 	switch typ {
 	case '+', '-', ':', '_', ',', '#', '(':
-		return nil
 	case '$', '!', '=', '*', '%', '~', '>':
+		var ok bool
+		if n, ok = parseLength(line[1 : len(line)-2]); !ok {
+			return 0, false, fmt.Errorf("%w: length %q", errBadReply, truncate(string(line), 40))
+		}
 	default:
-		return fmt.Errorf("%w: type %q", errBadReply, typ)
-	}
-	n, err := strconv.Atoi(string(line[1 : len(line)-2]))
-	if err != nil || n < -1 {
-		return fmt.Errorf("%w: length %q", errBadReply, truncate(string(line), 40))
-	}
-	if n < 0 {
-		return nil
+		return 0, false, fmt.Errorf("%w: type %q", errBadReply, typ)
 	}
 	switch typ {
 	case '$', '!', '=':
 		if n > maxBulkLen {
-			return fmt.Errorf("%w: string of %d bytes", errBadReply, n)
+			return 0, false, fmt.Errorf("%w: string of %d bytes", errBadReply, n)
 		}
-		at := len(c.rbuf)
-		c.rbuf = append(c.rbuf, make([]byte, n+2)...)
-		if _, err := io.ReadFull(c.br, c.rbuf[at:]); err != nil {
-			return err
+		if n >= 0 {
+			if len(in)-end < n+2 {
+				return 0, true, nil
+			}
+			end += n + 2
+			if in[end-2] != '\r' || in[end-1] != '\n' {
+				return 0, false, fmt.Errorf("%w: string of %d bytes not followed by CRLF", errBadReply, n)
+			}
 		}
-		if end := c.rbuf[len(c.rbuf)-2:]; end[0] != '\r' || end[1] != '\n' {
-			return fmt.Errorf("%w: string of %d bytes not followed by CRLF", errBadReply, n)
-		}
-		return nil
 	case '%':
 		n *= 2
 	}
-	for range n {
-		if err := c.frame(); err != nil {
-			return err
-		}
+	s := *stack
+	s[len(s)-1]--
+	if n > 0 && (typ == '*' || typ == '%' || typ == '~' || typ == '>') {
+		s = append(s, n)
 	}
-	return nil
+	*stack = s
+	return end, false, nil
+}
+
+// parseLength parses the length of a header line: -1 (a null) or a
+// whole number of at most 18 digits.
+func parseLength[T string | []byte](b T) (int, bool) {
+	if len(b) == 2 && b[0] == '-' && b[1] == '1' {
+		return -1, true
+	}
+	if len(b) == 0 || len(b) > 18 {
+		return 0, false
+	}
+	n := 0
+	for i := range len(b) {
+		c := b[i]
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int(c-'0')
+	}
+	return n, true
+}
+
+// fill reads more of the connection into in, growing it if it is nearly
+// full.
+func (c *readConn) fill() error {
+	if cap(c.in)-len(c.in) < 4<<10 {
+		c.in = slices.Grow(c.in, max(readBufSize, len(c.in)))
+	}
+	n, err := c.src.Read(c.in[len(c.in):cap(c.in)])
+	c.in = c.in[:len(c.in)+n]
+	switch {
+	case n > 0:
+		return nil
+	case err == nil:
+		return io.ErrNoProgress
+	case err == io.EOF:
+		return io.ErrUnexpectedEOF
+	}
+	return err
 }
 
 // replyErr returns the error reply in rbuf, or nil.
@@ -387,9 +474,7 @@ func (c *readConn) exchange(ctx context.Context, acked []*delivery, group, consu
 		return nil, err
 	}
 	res, err := parseXRead(c.rbuf)
-	if cap(c.rbuf) > maxKeptReadBuffer {
-		c.rbuf = nil
-	}
+	c.trim()
 	if err != nil && !isNoGroup(err) {
 		c.close()
 	}

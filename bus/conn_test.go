@@ -1,11 +1,14 @@
 package bus
 
 import (
-	"bufio"
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"strconv"
 	"strings"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -222,10 +225,23 @@ func TestExchangeWritesAcksAheadOfTheRead(t *testing.T) {
 func TestFrameRejectsMalformedReplies(t *testing.T) {
 	t.Parallel()
 	good := "*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-1\r\n*2\r\n$1\r\nk\r\n$1\r\nv\r\n"
-	frame := func(in string) (string, error) {
-		c := &readConn{br: bufio.NewReaderSize(strings.NewReader(in), 16)}
+	// Framed as it comes off the socket in one read, and a byte a read,
+	// which cuts every header and string short at each byte.
+	frameWith := func(in string, chunked bool) (string, error) {
+		var src io.Reader = strings.NewReader(in)
+		if chunked {
+			src = iotest.OneByteReader(src)
+		}
+		c := &readConn{src: src}
 		err := c.readReply()
 		return string(c.rbuf), err
+	}
+	frame := func(in string) (string, error) {
+		got, err := frameWith(in, false)
+		if got1, err1 := frameWith(in, true); got1 != got || (err1 == nil) != (err == nil) {
+			t.Errorf("frame(%q) read whole = %q, %v; a byte a read = %q, %v", in, got, err, got1, err1)
+		}
+		return got, err
 	}
 	if got, err := frame(good + "+OK\r\n"); err != nil || got != good {
 		t.Fatalf("frame(good) = %q, %v", got, err)
@@ -237,7 +253,22 @@ func TestFrameRejectsMalformedReplies(t *testing.T) {
 	}
 	long := "+" + strings.Repeat("x", 100) + "\r\n"
 	if got, err := frame(long); err != nil || got != long {
-		t.Fatalf("a status line longer than the read buffer: %q, %v", got, err)
+		t.Fatalf("a long status line: %q, %v", got, err)
+	}
+	if _, err := frameWith("+"+strings.Repeat("x", maxHeaderLine+1), false); !errors.Is(err, errBadReply) {
+		t.Fatalf("a header line over %d bytes: %v; want errBadReply", maxHeaderLine, err)
+	}
+	// A reply bigger than the read buffer, and replies pipelined behind
+	// one another, each framed whole.
+	big := "$" + strconv.Itoa(3*readBufSize) + "\r\n" + strings.Repeat("b", 3*readBufSize) + "\r\n"
+	c := &readConn{src: strings.NewReader(good + big + "+OK\r\n" + "$0\r\n\r\n")}
+	for i, want := range []string{good, big, "+OK\r\n", "$0\r\n\r\n"} {
+		if err := c.readReply(); err != nil || string(c.rbuf) != want {
+			t.Fatalf("pipelined reply %d = %.40q (%d bytes), %v; want %.40q (%d bytes)", i, c.rbuf, len(c.rbuf), err, want, len(want))
+		}
+	}
+	if err := c.readReply(); !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("reading past the last reply: %v; want io.ErrUnexpectedEOF", err)
 	}
 	for _, in := range []string{"?1\r\n", "$x\r\n", "*-2\r\n", "$1\n", "\r\n", "$99999999999\r\n", fmt.Sprintf("$%d\r\n", maxBulkLen+1)} {
 		if _, err := frame(in); err == nil {
@@ -250,12 +281,34 @@ func TestFrameRejectsMalformedReplies(t *testing.T) {
 			t.Errorf("frame(%q) = %q, %v", in, got, err)
 		}
 	}
-	c := &readConn{rbuf: []byte("-NOGROUP no such group\r\n")}
+	c = &readConn{rbuf: []byte("-NOGROUP no such group\r\n")}
 	if err := c.replyErr(); !isNoGroup(err) {
 		t.Fatalf("replyErr = %v; want NOGROUP", err)
 	}
 	c.rbuf = []byte(":1\r\n")
 	if err := c.replyErr(); err != nil {
 		t.Fatalf("replyErr(:1) = %v", err)
+	}
+}
+
+// TestReadBufferIsTrimmed: a connection lets go of a read buffer that one
+// large reply grew, once nothing in it is left to frame, and not before.
+func TestReadBufferIsTrimmed(t *testing.T) {
+	t.Parallel()
+	big := "$" + strconv.Itoa(maxKeptReadBuffer) + "\r\n" + strings.Repeat("b", maxKeptReadBuffer) + "\r\n"
+	c := &readConn{src: strings.NewReader(big + "+OK\r\n")}
+	if err := c.readReply(); err != nil || len(c.rbuf) != len(big) {
+		t.Fatalf("big reply: %d bytes, %v", len(c.rbuf), err)
+	}
+	if left := len(c.in) - c.next; left != len("+OK\r\n") {
+		t.Fatalf("%d bytes read past the big reply; the test wants the next reply read with it", left)
+	}
+	c.trim() // the next reply is still in the buffer: kept
+	if err := c.readReply(); err != nil || string(c.rbuf) != "+OK\r\n" {
+		t.Fatalf("reply after the big one = %q, %v", c.rbuf, err)
+	}
+	c.trim()
+	if cap(c.in) > maxKeptReadBuffer {
+		t.Fatalf("kept a read buffer of %d bytes after its replies were framed", cap(c.in))
 	}
 }

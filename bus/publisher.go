@@ -369,9 +369,7 @@ func (p *Publisher) flushOwn(live []*pubReq, conn *readConn, deadline time.Time)
 	if len(rest) > 0 {
 		conn.backOff()
 	}
-	if cap(conn.rbuf) > maxKeptReadBuffer {
-		conn.rbuf = nil
-	}
+	conn.trim()
 	return rest
 }
 

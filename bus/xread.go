@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strconv"
 	"strings"
 	"time"
 
@@ -247,14 +246,17 @@ const ownStringsAbove = 1 << 20
 
 // line returns the next line without its CRLF.
 func (r *resp) line() (string, error) {
-	for j := r.i; j+1 < len(r.s); j++ {
-		if r.s[j] == '\r' && r.s[j+1] == '\n' {
-			l := r.s[r.i:j]
-			r.i = j + 2
-			return l, nil
-		}
+	j := strings.IndexByte(r.s[r.i:], '\n')
+	if j < 0 {
+		return "", fmt.Errorf("%w: truncated", errBadReply)
 	}
-	return "", fmt.Errorf("%w: truncated", errBadReply)
+	j += r.i
+	if j == r.i || r.s[j-1] != '\r' {
+		return "", fmt.Errorf("%w: line not ended by CRLF", errBadReply)
+	}
+	l := r.s[r.i : j-1]
+	r.i = j + 1
+	return l, nil
 }
 
 // header reads a type line. n is its length (for arrays, maps, strings and
@@ -271,8 +273,8 @@ func (r *resp) header() (typ byte, n int, rest string, err error) {
 	typ, rest = l[0], l[1:]
 	switch typ {
 	case '*', '%', '$', '!':
-		n, err = strconv.Atoi(rest)
-		if err != nil || n < -1 {
+		var ok bool
+		if n, ok = parseLength(rest); !ok {
 			return 0, 0, "", fmt.Errorf("%w: length %q", errBadReply, l)
 		}
 		if (typ == '*' || typ == '%') && n > len(r.s)-r.i {
