@@ -42,8 +42,8 @@ func TestReadAheadIsCappedAndCanBeTurnedOff(t *testing.T) {
 	s.pace = pace{}
 	s.pace.rate(now-int64(20*time.Millisecond), 0)
 	s.released.Store(1_000_000)
-	if got := s.readAheadAt(now); got != 100 {
-		t.Errorf("read-ahead at 50M/s = %d, want BatchSize 100", got)
+	if got := s.readAheadAt(now); got != 200 {
+		t.Errorf("read-ahead at 50M/s = %d, want 2×BatchSize, 200 (a read for each lane)", got)
 	}
 	s.cfg.ReadAhead = -1
 	if got := s.readAhead(); got != 0 {

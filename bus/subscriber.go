@@ -44,9 +44,10 @@ type SubscriberConfig struct {
 	// ReadAhead is how far past MaxInFlight a subscription reads, in time:
 	// a read may ask for the entries its handlers would take within
 	// ReadAhead at their pace of the last moments, never more than
-	// BatchSize (COUNT, so up to BatchSize from each of the topic and its
-	// retry stream). Fast handlers then find the next entries already read
-	// when a slot frees. Handlers that turn slow or get stuck stop it
+	// 2×BatchSize: a full read for each of its two read loops (COUNT, so
+	// up to that many from each of the topic and its retry stream). Fast
+	// handlers then find the next entries already read when a slot frees,
+	// and each read loop reads whole batches. Handlers that turn slow or get stuck stop it
 	// within about 20ms: only what was read ahead before waits for their
 	// slots (kept alive by the heartbeats, so not claimed by another
 	// replica meanwhile); after that nothing waits here behind a slow job
@@ -375,7 +376,7 @@ type subscription struct {
 	readIDs []string // streams, then > for each
 	// lanes are the read loops of new entries: two, so that one read is
 	// under way while the other's reply is parsed and handed out.
-	lanes [2]lane
+	lanes [readLanes]lane
 	// capMu makes a lane's capacity check and reservation (reserved) one
 	// step.
 	capMu   sync.Mutex
@@ -409,6 +410,9 @@ type subscription struct {
 	// progress is poked when the deliverer finishes a batch.
 	progress chan struct{}
 }
+
+// readLanes is how many read loops of new entries a subscription runs.
+const readLanes = 2
 
 // readBatch is one read's entries on their way to the deliverer. No window
 // slot is held for them: each takes one as it is handed out, so a batch
@@ -861,7 +865,7 @@ func (s *Subscriber) readAheadAt(now int64) int {
 		return 0
 	}
 	perSec := s.pace.rate(now, s.released.Load())
-	return min(s.cfg.BatchSize, int(perSec*s.cfg.ReadAhead.Seconds()))
+	return min(readLanes*s.cfg.BatchSize, int(perSec*s.cfg.ReadAhead.Seconds()))
 }
 
 // claimRoom is what the window has room for, without the lanes'

@@ -745,25 +745,26 @@ func TestSlowJobsReadNothingAhead(t *testing.T) {
 	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
 }
 
-// Fast handlers read ahead at most one batch past the window; when the jobs
-// turn slow, the replica stops reading, and the rest goes to another one.
+// Fast handlers read ahead at most two batches past the window (one per read
+// lane); when the jobs turn slow, the replica stops reading, and the rest
+// goes to another one.
 func TestReadAheadStopsWhenJobsTurnSlow(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
 	ahead := func(c *bus.SubscriberConfig) {
 		c.MaxInFlight, c.BatchSize = 2, 10
-		c.ReadAhead = time.Second // a fast pace reads a whole batch ahead
+		c.ReadAhead = time.Second // a fast pace reads two whole batches ahead
 	}
 	a := f.subscribe(f.subscriber("a", ahead))
 	ids := f.publish(200)
 	// About 1ms a job for 100 jobs: many pace samples of about 1,000/s,
-	// so a read-ahead of min(BatchSize, 1,000/s × 1s) = 10.
+	// so a read-ahead of min(2×BatchSize, 1,000/s × 1s) = 20.
 	work(t, a, 100, time.Millisecond)
 	held := []*message.Message{receive(t, a), receive(t, a)}
 	time.Sleep(300 * time.Millisecond)
 	n := pendingOf(t, f.rdb, f.topic, f.group, "a")
-	if n <= 2 || n > 2+10 {
-		t.Fatalf("a holds %d entries with 2 slow jobs, want 3 to 12 (the window and up to one batch read ahead while the jobs were fast)", n)
+	if n <= 2 || n > 2+20 {
+		t.Fatalf("a holds %d entries with 2 slow jobs, want 3 to 22 (the window and up to two batches read ahead while the jobs were fast)", n)
 	}
 	time.Sleep(200 * time.Millisecond)
 	if again := pendingOf(t, f.rdb, f.topic, f.group, "a"); again != n {
@@ -785,14 +786,15 @@ func TestReadAheadFallsWhenJobsSlowDown(t *testing.T) {
 	f := newFixture(t)
 	ahead := func(c *bus.SubscriberConfig) {
 		c.MaxInFlight, c.BatchSize = 2, 10
-		// About 1,000 jobs/s read 10 ahead (capped by BatchSize); one job
-		// in 60ms reads nothing ahead (17/s × 20ms < 1).
+		// About 1,000 jobs/s read 20 ahead (1,000/s × 20ms, and the cap
+		// of 2×BatchSize); one job in 60ms reads nothing ahead (17/s ×
+		// 20ms < 1).
 		c.ReadAhead = 20 * time.Millisecond
 	}
 	a := f.subscribe(f.subscriber("a", ahead))
 	f.publish(200)
 	work(t, a, 100, time.Millisecond)
-	work(t, a, 20, 60*time.Millisecond) // more than what was read ahead
+	work(t, a, 25, 60*time.Millisecond) // more than what was read ahead
 	held := []*message.Message{receive(t, a), receive(t, a)}
 	time.Sleep(300 * time.Millisecond)
 	if n := pendingOf(t, f.rdb, f.topic, f.group, "a"); n != 2 {
@@ -801,7 +803,7 @@ func TestReadAheadFallsWhenJobsSlowDown(t *testing.T) {
 	for _, m := range held {
 		m.Ack()
 	}
-	for range 200 - 100 - 20 - len(held) {
+	for range 200 - 100 - 25 - len(held) {
 		receive(t, a).Ack()
 	}
 	eventually(t, "nothing pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == 0 })
