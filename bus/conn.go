@@ -36,8 +36,9 @@ type readConn struct {
 	nc   net.Conn
 	src  io.Reader // nc, which replies are read from
 	wbuf []byte
-	// in holds what was read from src: in[:next] is framed, in[next:] not
-	// yet (replies pipelined after the last one framed).
+	// in holds what was read from src: in[:next] is framed (done with
+	// once the next reply is framed), in[next:] not yet (replies
+	// pipelined after the last one framed).
 	in   []byte
 	next int
 	// rbuf is the last reply framed: a window of in, valid until the
@@ -254,11 +255,14 @@ const maxHeaderLine = 64 << 10
 // skipped by its length, not read. What follows the reply (the next
 // pipelined reply) stays in in for the next call.
 func (c *readConn) readReply() error {
-	// What was framed before is done with: move what follows it to the
-	// front.
-	c.in = c.in[:copy(c.in, c.in[c.next:])]
-	c.next, c.rbuf = 0, nil
-	pos := 0
+	c.rbuf = nil
+	if c.next == len(c.in) {
+		// Everything read was framed: start the buffer over.
+		c.in, c.next = c.in[:0], 0
+	}
+	// The reply starts at base; replies pipelined behind it are framed
+	// where they lie, so that many small ones are not moved each time.
+	base, pos := c.next, c.next
 	stack := append(c.stack[:0], 1) // one value, the reply
 	defer func() { c.stack = stack[:0] }()
 	for len(stack) > 0 {
@@ -271,14 +275,16 @@ func (c *readConn) readReply() error {
 			return err
 		}
 		if more {
-			if err := c.fill(); err != nil {
+			moved, err := c.fill(base)
+			if err != nil {
 				return err
 			}
+			base, pos = base-moved, pos-moved
 			continue
 		}
 		pos = end
 	}
-	c.rbuf, c.next = c.in[:pos:pos], pos
+	c.rbuf, c.next = c.in[base:pos:pos], pos
 	return nil
 }
 
@@ -366,23 +372,32 @@ func parseLength[T string | []byte](b T) (int, bool) {
 	return n, true
 }
 
-// fill reads more of the connection into in, growing it if it is nearly
-// full.
-func (c *readConn) fill() error {
+// fill reads more of the connection into in. The reply being framed
+// starts at base: when in is nearly full, what comes before it is dropped
+// (in moves down by moved bytes), and in grows only if that leaves too
+// little room.
+func (c *readConn) fill(base int) (moved int, err error) {
 	if cap(c.in)-len(c.in) < 4<<10 {
-		c.in = slices.Grow(c.in, max(readBufSize, len(c.in)))
+		if base > 0 {
+			c.in = c.in[:copy(c.in, c.in[base:])]
+			moved = base
+		}
+		if cap(c.in)-len(c.in) < 4<<10 {
+			// A big reply doubles the buffer.
+			c.in = slices.Grow(c.in, max(readBufSize, len(c.in)))
+		}
 	}
 	n, err := c.src.Read(c.in[len(c.in):cap(c.in)])
 	c.in = c.in[:len(c.in)+n]
 	switch {
 	case n > 0:
-		return nil
+		return moved, nil
 	case err == nil:
-		return io.ErrNoProgress
+		return moved, io.ErrNoProgress
 	case err == io.EOF:
-		return io.ErrUnexpectedEOF
+		return moved, io.ErrUnexpectedEOF
 	}
-	return err
+	return moved, err
 }
 
 // replyErr returns the error reply in rbuf, or nil.

@@ -258,17 +258,31 @@ func TestFrameRejectsMalformedReplies(t *testing.T) {
 	if _, err := frameWith("+"+strings.Repeat("x", maxHeaderLine+1), false); !errors.Is(err, errBadReply) {
 		t.Fatalf("a header line over %d bytes: %v; want errBadReply", maxHeaderLine, err)
 	}
-	// A reply bigger than the read buffer, and replies pipelined behind
-	// one another, each framed whole.
+	// Replies pipelined behind one another, each framed whole: small
+	// ones, and one bigger than the read buffer that arrives behind them
+	// (the buffer drops what was framed before it, then grows), read in
+	// chunks as large as the buffer has room for, in halves of that, and
+	// a byte at a time.
 	big := "$" + strconv.Itoa(3*readBufSize) + "\r\n" + strings.Repeat("b", 3*readBufSize) + "\r\n"
-	c := &readConn{src: strings.NewReader(good + big + "+OK\r\n" + "$0\r\n\r\n")}
-	for i, want := range []string{good, big, "+OK\r\n", "$0\r\n\r\n"} {
-		if err := c.readReply(); err != nil || string(c.rbuf) != want {
-			t.Fatalf("pipelined reply %d = %.40q (%d bytes), %v; want %.40q (%d bytes)", i, c.rbuf, len(c.rbuf), err, want, len(want))
-		}
+	replies := []string{good, big, "+OK\r\n", "$0\r\n\r\n"}
+	for range 2000 {
+		replies = append(replies, ":1\r\n")
 	}
-	if err := c.readReply(); !errors.Is(err, io.ErrUnexpectedEOF) {
-		t.Fatalf("reading past the last reply: %v; want io.ErrUnexpectedEOF", err)
+	replies = append(replies, big, good)
+	all := strings.Join(replies, "")
+	for name, src := range map[string]io.Reader{
+		"whole": strings.NewReader(all), "halves": iotest.HalfReader(strings.NewReader(all)),
+		"bytes": iotest.OneByteReader(strings.NewReader(all)),
+	} {
+		c := &readConn{src: src}
+		for i, want := range replies {
+			if err := c.readReply(); err != nil || string(c.rbuf) != want {
+				t.Fatalf("%s: pipelined reply %d = %.40q (%d bytes), %v; want %.40q (%d bytes)", name, i, c.rbuf, len(c.rbuf), err, want, len(want))
+			}
+		}
+		if err := c.readReply(); !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Fatalf("%s: reading past the last reply: %v; want io.ErrUnexpectedEOF", name, err)
+		}
 	}
 	for _, in := range []string{"?1\r\n", "$x\r\n", "*-2\r\n", "$1\n", "\r\n", "$99999999999\r\n", fmt.Sprintf("$%d\r\n", maxBulkLen+1)} {
 		if _, err := frame(in); err == nil {
@@ -281,7 +295,7 @@ func TestFrameRejectsMalformedReplies(t *testing.T) {
 			t.Errorf("frame(%q) = %q, %v", in, got, err)
 		}
 	}
-	c = &readConn{rbuf: []byte("-NOGROUP no such group\r\n")}
+	c := &readConn{rbuf: []byte("-NOGROUP no such group\r\n")}
 	if err := c.replyErr(); !isNoGroup(err) {
 		t.Fatalf("replyErr = %v; want NOGROUP", err)
 	}

@@ -74,3 +74,22 @@ func BenchmarkParseXRead(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkReadReplyPipelined measures framing the replies of a
+// publisher's pipelined batch (512 XADDs), one after another.
+func BenchmarkReadReplyPipelined(b *testing.B) {
+	const n = 512
+	reply := "$15\r\n1765000000000-0\r\n"
+	c := &readConn{src: &replayReader{b: []byte(strings.Repeat(reply, n))}}
+	b.ReportAllocs()
+	for b.Loop() {
+		for range n {
+			if err := c.readReply(); err != nil {
+				b.Fatal(err)
+			}
+			if len(c.rbuf) != len(reply) {
+				b.Fatalf("framed %q", c.rbuf)
+			}
+		}
+	}
+}

@@ -814,7 +814,7 @@ func TestRouterStopHandsBackWhatItReadAhead(t *testing.T) {
 	stuck := make(chan struct{}, 2)
 	err = bus.Handle(r, f.group, func(ctx context.Context, ev *events.EmailSent) error {
 		if calls.Add(1) <= 100 {
-			time.Sleep(time.Millisecond) // a pace that reads a whole batch ahead
+			time.Sleep(time.Millisecond) // a pace that reads two whole batches ahead
 			return nil
 		}
 		stuck <- struct{}{}

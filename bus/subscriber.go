@@ -928,6 +928,12 @@ func (sub *subscription) awaitRoom(n int, free func() int) int {
 			}
 		}
 	}
+	if sub.stopped() {
+		// Room may have come free because the subscription stopped (the
+		// deliverer gave up what it held): a read now would make Redis
+		// hand this consumer entries that Close never hands back.
+		return 0
+	}
 	return min(n, max(1, free()))
 }
 

@@ -824,12 +824,28 @@ func TestCloseHandsBackWhatItReadAhead(t *testing.T) {
 	aSub := f.subscriber("a", func(c *bus.SubscriberConfig) {
 		slowClaims(c)
 		c.MaxInFlight, c.BatchSize = 2, 10
-		c.ReadAhead = time.Second // a fast pace reads a whole batch ahead
+		c.ReadAhead = time.Second // a fast pace reads two whole batches ahead
 		c.DrainTimeout = 100 * time.Millisecond
 	})
 	a := f.subscribe(aSub)
 	f.publish(200)
-	work(t, a, 100, time.Millisecond)
+	// Fast jobs until a holds at least three entries read ahead (a busy
+	// machine can leave it with fewer at a given moment), so that some
+	// are still read ahead once two are held. The acks of the jobs done
+	// are written within a millisecond: then a's pending entries are
+	// those it read ahead.
+	worked := 0
+	readAhead := func() int {
+		time.Sleep(5 * time.Millisecond)
+		return pendingOf(t, f.rdb, f.topic, f.group, "a")
+	}
+	for worked < 100 || readAhead() < 3 {
+		if worked >= 150 {
+			t.Fatalf("after %d fast jobs a holds %d entries: it never read ahead", worked, pendingOf(t, f.rdb, f.topic, f.group, "a"))
+		}
+		work(t, a, 10, time.Millisecond)
+		worked += 10
+	}
 	held := []*message.Message{receive(t, a), receive(t, a)} // never acked
 	time.Sleep(300 * time.Millisecond)
 	n := pendingOf(t, f.rdb, f.topic, f.group, "a")
@@ -847,7 +863,7 @@ func TestCloseHandsBackWhatItReadAhead(t *testing.T) {
 	// b claims the handed-back entries at once (its ClaimMinIdle is an hour
 	// too) and reads the rest.
 	b := f.subscribe(f.subscriber("b", slowClaims))
-	for range 200 - 100 - len(held) {
+	for range 200 - worked - len(held) {
 		receive(t, b).Ack()
 	}
 	eventually(t, "only the held entries pending", func() bool { return pendingCount(t, f.rdb, f.topic, f.group) == int64(len(held)) })
