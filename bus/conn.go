@@ -125,8 +125,9 @@ func (c *readConn) dial(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The read buffer is empty: a connection is dialled only when it has
+	// none, first or after close.
 	c.nc, c.src = nc, nc
-	c.in, c.next, c.rbuf = c.in[:0], 0, nil
 	if err := c.handshake(dctx); err != nil {
 		c.close()
 		return fmt.Errorf("set up connection: %w", err)

@@ -47,9 +47,9 @@ type SubscriberConfig struct {
 	// 2×BatchSize: a full read for each of its two read loops (COUNT, so
 	// up to that many from each of the topic and its retry stream). Fast
 	// handlers then find the next entries already read when a slot frees,
-	// and each read loop reads whole batches. Handlers that turn slow or get stuck stop it
-	// within about 20ms: only what was read ahead before waits for their
-	// slots (kept alive by the heartbeats, so not claimed by another
+	// and each read loop reads whole batches. Handlers that turn slow or
+	// get stuck stop it within about 20ms: only what was read ahead before
+	// waits for their slots (kept alive by the heartbeats, so not claimed by another
 	// replica meanwhile); after that nothing waits here behind a slow job
 	// while another replica is idle. Entries read ahead stay pending on
 	// Close like those handed back. Defaults to 5ms; negative turns it off.
